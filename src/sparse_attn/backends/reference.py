@@ -1,0 +1,99 @@
+"""Exact block-sparse attention in plain PyTorch: the reference every kernel is tested against.
+
+Works on CPU and GPU, supports autograd, and keeps memory at O(rows x kept keys) by walking the
+query blocks in chunks and gathering only the kept key blocks of each chunk. Softmax runs in
+float32 (float64 for float64 inputs); rows with nothing to attend give output 0 and LSE ``-inf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..layout import BlockSparseLayout
+
+# Upper bound on gathered key elements per chunk (chunk rows x kept keys x head dim).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float,
+                        chunk_elements: int = _CHUNK_ELEMENTS):
+    """Block-sparse attention; returns ``(out (B, H, Sq, D), lse (B, H, Sq) float32, natural log)``.
+
+    ``q``: ``(B, H, Sq, D)``; ``k``, ``v``: ``(B, Hkv, Skv, D)`` with ``Hkv`` dividing ``H``. K/V are
+    gathered per kept block through flat indices, never repeated per query head.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    group = heads // kv_heads
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lay = layout.expand(batch=batch, heads=heads)  # broadcast views of the small index tensors
+    counts, indices = lay.kv_num_blocks, lay.kv_indices
+    bq, bk, nq, width = layout.q_block, layout.kv_block, layout.num_q_blocks, indices.shape[-1]
+    device = q.device
+    offset = layout.q_offset if layout.causal else 0
+
+    q_pad = torch.nn.functional.pad(q, (0, 0, 0, nq * bq - q_len)).view(batch, heads, nq, bq, dim)
+    k_flat = k.reshape(batch * kv_heads * kv_len, dim)
+    v_flat = v.reshape(batch * kv_heads * kv_len, dim_v)
+    # Row of (b, h) in the flat K/V for the kv head serving query head h.
+    base = (torch.arange(batch, device=device)[:, None] * kv_heads
+            + torch.arange(heads, device=device)[None, :] // group) * kv_len  # (B, H)
+    key_in_block = torch.arange(bk, device=device)
+    slot = torch.arange(width, device=device)
+
+    per_block = batch * heads * width * bk * (dim + bq)
+    step = max(1, min(nq, chunk_elements // max(per_block, 1)))
+    outs, lses = [], []
+    for start in range(0, nq, step):
+        stop = min(nq, start + step)
+        idx = indices[:, :, start:stop].long()  # (B, H, C, W)
+        kept = slot < counts[:, :, start:stop, None]  # (B, H, C, W)
+        kpos = (idx[..., None] * bk + key_in_block).flatten(-2)  # (B, H, C, W*bk)
+        kvalid = (kept[..., None] & (idx[..., None] * bk + key_in_block < kv_len)).flatten(-2)
+        flat = base[:, :, None, None] + kpos.clamp(max=kv_len - 1)
+        k_blk = k_flat[flat].to(compute_dtype)  # (B, H, C, W*bk, D)
+        v_blk = v_flat[flat].to(compute_dtype)
+        q_blk = q_pad[:, :, start:stop].to(compute_dtype)  # (B, H, C, bq, D)
+        scores = torch.einsum("bhcqd,bhckd->bhcqk", q_blk, k_blk) * scale
+        allowed = kvalid[:, :, :, None, :]
+        if layout.causal:
+            qpos = (torch.arange(start, stop, device=device)[:, None] * bq
+                    + torch.arange(bq, device=device)[None, :] + offset)  # (C, bq)
+            allowed = allowed & (kpos[:, :, :, None, :] <= qpos[None, None, :, :, None])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        probs = torch.exp(scores - row_max)
+        row_sum = probs.sum(-1, keepdim=True)
+        safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        out = torch.einsum("bhcqk,bhckd->bhcqd", probs, v_blk) / safe_sum
+        lse = torch.where(row_sum > 0, row_max + torch.log(safe_sum), float("-inf")).squeeze(-1)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs, dim=2).reshape(batch, heads, nq * bq, dim_v)[:, :, :q_len]
+    lse = torch.cat(lses, dim=2).reshape(batch, heads, nq * bq)[:, :, :q_len]
+    return out.to(q.dtype), lse.float()
+
+
+def naive_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None):
+    """Dense softmax attention under a token mask ``(B|1, H|Hkv|1, Sq, Skv)``, in the inputs' dtype.
+
+    O(Sq x Skv) memory: the golden model for tests on small shapes (call it on float64 inputs).
+    Fully masked rows give output 0 and LSE ``-inf``.
+    """
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if mask.shape[1] not in (1, heads):
+        mask = mask.repeat_interleave(heads // mask.shape[1], dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, v)
+    return out, lse

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparse_attn import LayoutError, sparse_attention, which_backend
+from sparse_attn.backends.reference import naive_masked_attention
+from utils import TOLERANCE, make_qkv, random_layout, rel_error
+
+HEAD_SHAPES = [(2, 2), (4, 2), (4, 1), (8, 1)]
+
+
+def golden(q, k, v, layout, scale=None):
+    """float64 dense masked softmax with the layout's token mask."""
+    mask = layout.to_token_mask()
+    return naive_masked_attention(q.double(), k.double(), v.double(), mask, scale)
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_SHAPES)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_naive_heads_dims(heads, kv_heads, dim, causal):
+    q, k, v = make_qkv(2, heads, kv_heads, 100, 100, dim)
+    layout = random_layout(2, kv_heads, 100, 100, block=32, causal=causal)
+    out, lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
+    ref_out, ref_lse = golden(q, k, v, layout)
+    assert rel_error(out, ref_out) < TOLERANCE[torch.float64]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 257), (63, 63), (65, 1000), (1000, 1000),
+                                          (200, 130)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout_heads", ["one", "kv", "q"])
+def test_reference_lengths_and_layout_heads(q_len, kv_len, causal, layout_heads):
+    heads, kv_heads = 4, 2
+    q, k, v = make_qkv(1, heads, kv_heads, q_len, kv_len, 32)
+    n = {"one": 1, "kv": kv_heads, "q": heads}[layout_heads]
+    layout = random_layout(1, n, q_len, kv_len, block=64, causal=causal, density=0.6)
+    out = sparse_attention(q, k, v, layout, backend="reference")
+    assert rel_error(out, golden(q, k, v, layout)[0]) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_low_precision(dtype):
+    q, k, v = make_qkv(2, 4, 2, 150, 150, 64, dtype=dtype)
+    layout = random_layout(1, 2, 150, 150, block=32)
+    out = sparse_attention(q, k, v, layout, backend="reference")
+    assert out.dtype == dtype
+    assert rel_error(out, golden(q, k, v, layout)[0]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_gradients_match_naive(heads, kv_heads, causal):
+    q, k, v = make_qkv(2, heads, kv_heads, 70, 90, 32, requires_grad=True)
+    layout = random_layout(2, heads, 70, 90, block=16, causal=causal)
+    grad = torch.randn(2, heads, 70, 32, dtype=torch.float64)
+    out = sparse_attention(q, k, v, layout, backend="reference")
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = golden(q, k, v, layout)[0]
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w, name in zip(got, want, "qkv"):
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        assert rel_error(g, w) < 1e-10, name
+
+
+def test_empty_rows_give_zero_and_finite_gradients():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 32, requires_grad=True)
+    dense = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    dense[0, 0, 3, 0] = True  # one row of head 0 keeps a block; everything else is empty
+    from sparse_attn import BlockSparseLayout
+
+    layout = BlockSparseLayout.from_dense(dense, 64, 64, 16)
+    out, lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert torch.isinf(lse[0, 1]).all() and (lse[0, 1] < 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 1)])
+@pytest.mark.parametrize("q_len,kv_len,causal", [(100, 100, True), (40, 130, True), (77, 50, False)])
+def test_flex_backend_matches_naive(heads, kv_heads, q_len, kv_len, causal):
+    q, k, v = make_qkv(1, heads, kv_heads, q_len, kv_len, 32, dtype=torch.float32)
+    layout = random_layout(1, kv_heads, q_len, kv_len, block=16, causal=causal)
+    out, lse = sparse_attention(q, k, v, layout, backend="flex", return_lse=True)
+    ref_out, ref_lse = golden(q, k, v, layout)
+    assert rel_error(out, ref_out) < TOLERANCE[torch.float32]
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-4)
+
+
+def test_auto_picks_reference_on_cpu_and_explains():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 32, dtype=torch.float32)
+    layout = random_layout(1, 1, 64, 64, block=16)
+    name, skipped = which_backend(q, k, v, layout)
+    assert name == "reference"
+    assert any(reason for _, reason in skipped)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), kv_heads=st.integers(1, 2),
+    q_len=st.integers(1, 300), extra_kv=st.integers(0, 200), block=st.sampled_from([16, 32, 64]),
+    causal=st.booleans(), density=st.floats(0.0, 1.0),
+)
+def test_reference_property(batch, group, kv_heads, q_len, extra_kv, block, causal, density):
+    heads, kv_len = kv_heads * group, q_len + extra_kv
+    q, k, v = make_qkv(batch, heads, kv_heads, q_len, kv_len, 16)
+    layout = random_layout(batch, heads, q_len, kv_len, block=block, causal=causal, density=density)
+    out = sparse_attention(q, k, v, layout, backend="reference")
+    ref = golden(q, k, v, layout)[0]
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = make_qkv(1, 4, 2, 64, 64, 32, dtype=torch.float32)
+    layout = random_layout(1, 2, 64, 64, block=16)
+    with pytest.raises(ValueError, match="4-D"):
+        sparse_attention(q[0], k, v, layout)
+    with pytest.raises(ValueError, match="share a dtype"):
+        sparse_attention(q, k.half(), v, layout)
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        sparse_attention(q.long(), k, v, layout)
+    with pytest.raises(ValueError, match="must divide"):
+        sparse_attention(q[:, :3], k, v, random_layout(1, 1, 64, 64, block=16))
+    with pytest.raises(ValueError, match="head_dim"):
+        sparse_attention(q, k[..., :16], v, layout)
+    with pytest.raises(LayoutError, match="q_len=64"):
+        sparse_attention(q[:, :, :60], k, v, layout)
+    with pytest.raises(LayoutError, match="heads"):
+        sparse_attention(q, k, v, random_layout(1, 3, 64, 64, block=16))
+    with pytest.raises(LayoutError, match="causal=False disagrees"):
+        sparse_attention(q, k, v, layout, causal=False)
+    with pytest.raises(ValueError, match="backend='nope'"):
+        sparse_attention(q, k, v, layout, backend="nope")
+    with pytest.raises(TypeError, match="layout must be"):
+        sparse_attention(q, k, v, None)
+
+
+def test_scale_argument():
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 32)
+    layout = random_layout(1, 2, 40, 40, block=16)
+    out = sparse_attention(q, k, v, layout, scale=0.3, backend="reference")
+    assert rel_error(out, golden(q, k, v, layout, scale=0.3)[0]) < 1e-10
+    assert not torch.allclose(out, sparse_attention(q, k, v, layout, backend="reference"))
+    assert math.isclose(1.0, 1.0)
