@@ -11,7 +11,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, tor
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     assert not torch.isnan(out).any(), "output has NaN"
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 

@@ -1,6 +1,6 @@
 """sparse_attn: block-sparse attention for long contexts, one layout for every method and backend."""
 
-from .attention import sparse_attention, which_backend
+from .attention import sparse_attention, sparse_attention_varlen, which_backend
 from .layout import BlockSparseLayout, KVMajorLayout, LayoutError
 from .patterns import (
     dense_layout,
@@ -14,7 +14,7 @@ from .patterns import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "sparse_attention", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
+    "sparse_attention", "sparse_attention_varlen", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout",
     "layout_from_mask_mod",
 ]

@@ -82,3 +82,89 @@ def which_backend(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) ->
     """What ``backend="auto"`` would run for these inputs, and why each faster one was skipped."""
     check_attention_inputs(q, k, v, layout)
     return explain_choice(q, k, v, layout)
+
+
+def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                            cu_seqlens_k: Tensor, layout: BlockSparseLayout, *,
+                            scale: Optional[float] = None, backend: str = "auto",
+                            return_lse: bool = False):
+    """Block-sparse attention over a packed batch of variable-length sequences (training).
+
+    Args:
+        q: ``(total_q, H, D)``; k, v: ``(total_k, Hkv, D)``, sequences concatenated.
+        cu_seqlens_q, cu_seqlens_k: int ``(num_seqs + 1,)`` cumulative lengths starting at 0.
+        layout: built for the longest sequence (``q_len >= max len_q``, ``kv_len >= max len_k``),
+            batch 1 (shared) or ``num_seqs``; sequence ``i`` uses its top-left corner, and its
+            causal offset is ``len_k_i - len_q_i``.
+        backend: ``"triton"`` (GPU), ``"reference"`` (loops over sequences) or ``"auto"``.
+
+    Returns ``out (total_q, H, D)`` and, with ``return_lse``, ``lse (H, total_q)``.
+    """
+    from .backends import BACKENDS
+    from .backends.triton import triton_can_run_fast, triton_varlen_forward
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D packed tensor (total, heads, head_dim)")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int tensor of num_seqs + 1 offsets")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if starts_q[0] != 0 or starts_q[-1] != q.shape[0] or starts_k[0] != 0 or starts_k[-1] != k.shape[0]:
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the packed lengths (q {q.shape[0]}, k {k.shape[0]})"
+        )
+    lens_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
+    lens_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
+    if min(lens_q) < 0 or min(lens_k) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    num_seqs = len(lens_q)
+    # Check shapes and the layout through the padded-batch checks on a (1, H, L, D) view.
+    check_attention_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                           v.transpose(0, 1)[None], _as_single(layout, q.shape[0], k.shape[0]))
+    if layout.batch not in (1, num_seqs):
+        raise LayoutError(f"layout batch {layout.batch} must be 1 or the number of sequences {num_seqs}")
+    if max(lens_q) > layout.q_len or max(lens_k) > layout.kv_len:
+        raise LayoutError(
+            f"layout (q_len={layout.q_len}, kv_len={layout.kv_len}) is shorter than the longest "
+            f"sequence (q {max(lens_q)}, k {max(lens_k)})"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    view = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
+    use_triton = backend == "triton" or (backend == "auto" and triton_can_run_fast(*view) is None)
+    if use_triton:
+        if backend == "triton":
+            select_backend("triton", *view)
+        out, lse = triton_varlen_forward(q, k, v, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device),
+                                         layout, scale)
+    elif backend in ("auto", "reference", "flex"):
+        run = BACKENDS["reference" if backend == "auto" else backend].forward
+        outs, lses = [], []
+        for i in range(num_seqs):
+            qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
+            ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+            vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+            if lens_q[i] == 0:
+                continue
+            if lens_k[i] == 0:
+                outs.append(torch.zeros_like(qi[0].transpose(0, 1)))
+                lses.append(torch.full((q.shape[1], lens_q[i]), float("-inf"), device=q.device))
+                continue
+            o, l_ = run(qi, ki, vi, layout.crop(i, lens_q[i], lens_k[i]), scale)
+            outs.append(o[0].transpose(0, 1))
+            lses.append(l_[0])
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    else:
+        raise ValueError(f"backend={backend!r} is not available for varlen; use auto, triton or reference")
+    return (out, lse) if return_lse else out
+
+
+def _as_single(layout: BlockSparseLayout, total_q: int, total_k: int) -> BlockSparseLayout:
+    """A stand-in layout with the packed lengths, so shape checks can reuse check_attention_inputs."""
+    nq = math.ceil(total_q / layout.q_block)
+    cnt = torch.zeros(1, layout.heads, nq, dtype=torch.int32, device=layout.device)
+    idx = torch.zeros(1, layout.heads, nq, 1, dtype=torch.int32, device=layout.device)
+    return BlockSparseLayout(cnt, idx, total_q, total_k, layout.q_block, layout.kv_block,
+                             layout.causal, check=False)

@@ -274,6 +274,23 @@ class BlockSparseLayout:
             check=False,
         )
 
+    def crop(self, batch_index: int, q_len: int, kv_len: int) -> "BlockSparseLayout":
+        """The layout of one sequence of a packed batch, cut to its own lengths.
+
+        Rows past ``q_len`` and key blocks past ``kv_len`` are dropped (a varlen layout is built for
+        the longest sequence; shorter ones use its top-left corner).
+        """
+        if q_len > self.q_len or kv_len > self.kv_len:
+            raise LayoutError(
+                f"cannot crop a layout of q_len={self.q_len}, kv_len={self.kv_len} to "
+                f"q_len={q_len}, kv_len={kv_len}"
+            )
+        nq, nk = math.ceil(q_len / self.q_block), math.ceil(kv_len / self.kv_block)
+        dense = self.to_dense()[min(batch_index, self.batch - 1)][None, :, :nq, :nk]
+        cnt, idx = _dense_to_csr(dense)
+        return dataclasses.replace(self, kv_num_blocks=cnt, kv_indices=idx, q_len=q_len,
+                                   kv_len=kv_len, check=False)
+
     def expand(self, batch: Optional[int] = None, heads: Optional[int] = None) -> "BlockSparseLayout":
         """Broadcast to ``batch`` and ``heads`` (a per-KV-group layout repeats each row ``heads/Hl`` times)."""
         cnt, idx = self.kv_num_blocks, self.kv_indices

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..layout import BlockSparseLayout
 from .flex import flex_attention_forward, flex_available
 from .reference import reference_attention
+from .triton import triton_can_run, triton_can_run_fast, triton_forward
 
 CanRun = Callable[[Tensor, Tensor, Tensor, BlockSparseLayout], Optional[str]]
 Forward = Callable[..., tuple]
@@ -52,10 +53,15 @@ def _flex_can_run_fast(q, k, v, layout):
 BACKENDS: dict = {
     "reference": Backend("reference", _reference_can_run, reference_attention),
     "flex": Backend("flex", _flex_can_run, flex_attention_forward),
+    "triton": Backend("triton", triton_can_run, triton_forward),
 }
 
 # Backends `auto` may choose, fastest first, each with the check used for the automatic choice.
-AUTO_ORDER: list = [("flex", _flex_can_run_fast), ("reference", _reference_can_run)]
+AUTO_ORDER: list = [
+    ("triton", triton_can_run_fast),
+    ("flex", _flex_can_run_fast),
+    ("reference", _reference_can_run),
+]
 
 
 def register_backend(backend: Backend, auto_position: Optional[int] = None,

@@ -1,0 +1,51 @@
+"""Triton block-sparse FlashAttention backend (forward + backward, GQA, varlen).
+
+Nothing here touches the GPU or imports Triton at import time; :func:`triton_can_run` imports it
+lazily and explains why it cannot run a call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def triton_can_run(q, k, v, layout) -> str | None:
+    """None when the Triton kernels can run this call, else the reason they cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "q is not on a CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton kernels; use float16 or bfloat16"
+    dim = q.shape[-1]
+    if dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != dim:
+        return (f"head_dim {dim} (v: {v.shape[-1]}) is not supported by the Triton kernels; "
+                f"supported: {SUPPORTED_HEAD_DIMS} with equal q/k/v head dims")
+    return None
+
+
+def triton_can_run_fast(q, k, v, layout) -> str | None:
+    """For ``auto``: the interpreter is exact but slow, so only real GPUs qualify."""
+    reason = triton_can_run(q, k, v, layout)
+    if reason is None and not q.is_cuda:
+        return "Triton would run in the CPU interpreter (slow); only chosen when named"
+    return reason
+
+
+def triton_forward(q, k, v, layout, scale):
+    from .ops import triton_attention
+
+    return triton_attention(q, k, v, layout, scale)
+
+
+def triton_varlen_forward(q, k, v, cu_q, cu_k, layout, scale):
+    from .ops import triton_attention_varlen
+
+    return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale)

@@ -1,0 +1,306 @@
+"""Triton kernels for block-sparse FlashAttention-2: forward, and backward (dK/dV, dQ).
+
+Conventions shared by all kernels:
+* Scores are computed in base 2: ``s = q.k * scale * log2(e)``, so softmax uses ``exp2``; the
+  saved LSE is in the same base (``m + log2(l)``); the host converts it to natural log.
+* One program handles ``BLOCK_M`` query rows (a slice of one layout query block, so
+  ``Q_BLOCK % BLOCK_M == 0``) against key blocks of ``BLOCK_N == kv_block`` keys.
+* GQA: query head ``h`` reads KV head ``h // GROUP``; its layout row is head ``h // LAYOUT_HDIV``
+  (``LAYOUT_HDIV = H // layout_heads``). Layout batch stride 0 broadcasts one layout over the batch.
+* Variable length (``VARLEN``): batch ``b`` is the packed slice ``CU_Q[b]:CU_Q[b+1]`` (and
+  ``CU_K``); its causal offset is ``len_k - len_q``.
+* Offsets are int64 so long sequences do not overflow.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. ``UPCAST`` feeds fp32 operands: Triton's CPU interpreter
+    computes bf16 dots wrongly (seen with triton 3.9), so interpreter runs set it for bf16."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN: tl.constexpr):
+    """Start row and length of batch ``b``'s queries and keys."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)).to(tl.int32)
+        k_start = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - tl.load(CU_K + b)).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        seqlen_q = q_len
+        seqlen_k = kv_len
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _count_unmasked_blocks(IDX_ROW, n_blocks, q_first_abs, seqlen_k,
+                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SCAN: tl.constexpr):
+    """How many leading kept blocks need no mask (entirely visible, no key tail).
+
+    Indices are sorted, so those blocks are a prefix; counted by scanning the row in SCAN chunks.
+    """
+    limit = seqlen_k // BLOCK_N  # blocks below this index hold no key tail
+    if CAUSAL:
+        # The first query of the tile (the most restricted) must see the block's last key.
+        limit = tl.minimum(limit, (q_first_abs + 1) // BLOCK_N)
+    count = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n_blocks, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        idx = tl.load(IDX_ROW + offs, mask=offs < n_blocks, other=2147483647)
+        count += tl.sum((idx < limit).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KV_CNT, KV_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_iq,
+    q_len, kv_len, scale_log2,
+    H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    kvh = h // GROUP
+    qb = (pid_m * BLOCK_M) // Q_BLOCK
+    hl = h // LAYOUT_HDIV
+    n_blocks = tl.load(KV_CNT + b * stride_cb + hl * stride_ch + qb)
+    idx_row = KV_IDX + b.to(tl.int64) * stride_ib + hl * stride_ih + qb.to(tl.int64) * stride_iq
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offset = seqlen_k - seqlen_q if CAUSAL else 0
+    q_pos = offs_m + offset
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+        + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    n_full = _count_unmasked_blocks(idx_row, n_blocks, pid_m * BLOCK_M + offset, seqlen_k,
+                                    BLOCK_N, CAUSAL, 128)
+    # Blocks wholly visible to every row of the tile: no mask.
+    for j in range(0, n_full):
+        kb = tl.load(idx_row + j).to(tl.int64)
+        cols = kb * BLOCK_N + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    # Blocks crossing the causal diagonal or holding the key tail: masked.
+    for j in range(n_full, n_blocks):
+        kb = tl.load(idx_row + j).to(tl.int64)
+        cols = kb * BLOCK_N + offs_n
+        in_range = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+        keep = in_range[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    row_ok = offs_m < seqlen_q
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KV_CNT, KV_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_lb, stride_lh,
+    stride_cb, stride_ch,
+    stride_ib, stride_ih, stride_iq,
+    q_len, kv_len, scale_log2, scale,
+    H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dQ for one tile of query rows, walking the same kept-block list as the forward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
+    if pid_m * BLOCK_M >= seqlen_q:
+        return
+    kvh = h // GROUP
+    qb = (pid_m * BLOCK_M) // Q_BLOCK
+    hl = h // LAYOUT_HDIV
+    n_blocks = tl.load(KV_CNT + b * stride_cb + hl * stride_ch + qb)
+    idx_row = KV_IDX + b.to(tl.int64) * stride_ib + hl * stride_ih + qb.to(tl.int64) * stride_iq
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offset = seqlen_k - seqlen_q if CAUSAL else 0
+    q_pos = offs_m + offset
+    row_ok = offs_m < seqlen_q
+
+    bh_q = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + bh_q + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + (q_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, n_blocks):
+        kb = tl.load(idx_row + j).to(tl.int64)
+        cols = kb * BLOCK_N + offs_n
+        in_range = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+        keep = in_range[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, QT_CNT, QT_IDX, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    stride_lb, stride_lh,
+    stride_tcb, stride_tch,
+    stride_tib, stride_tih, stride_tik,
+    q_len, kv_len, scale_log2, scale,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """dK, dV for one key block of one KV head: keeps K/V in registers, walks the GROUP query heads
+    and, for each, the kv-major list of query blocks that use this key block. Written once, no
+    atomics."""
+    kb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // KV_HEADS
+    kvh = pid_bh % KV_HEADS
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
+    if kb * BLOCK_N >= seqlen_k:
+        return
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seqlen_k
+    offset = seqlen_k - seqlen_q if CAUSAL else 0
+
+    k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+                + (k_start + offs_n[:, None]) * stride_ks + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+                + (k_start + offs_n[:, None]) * stride_vs + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    SUB: tl.constexpr = Q_BLOCK // BLOCK_M
+
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        hl = h // LAYOUT_HDIV
+        n_q = tl.load(QT_CNT + b * stride_tcb + hl * stride_tch + kb)
+        q_row = QT_IDX + b.to(tl.int64) * stride_tib + hl * stride_tih + kb.to(tl.int64) * stride_tik
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
+        lse_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        for t in range(0, n_q * SUB):
+            qb = tl.load(q_row + t // SUB)
+            offs_m = qb * Q_BLOCK + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < seqlen_q
+            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(LSE + lse_base + offs_m, mask=row_ok, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(DELTA + lse_base + offs_m, mask=row_ok, other=0.0)
+            # Transposed scores (keys x queries) so dK/dV accumulate without transposing outputs.
+            s_t = _dot(k, tl.trans(q), UPCAST) * scale_log2
+            keep = col_ok[:, None] & row_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
+            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += _dot(p_t.to(do.dtype), do, UPCAST)
+            dp_t = _dot(v, tl.trans(do), UPCAST)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, UPCAST)
+
+    tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
+             + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
+             + (k_start + offs_n[:, None]) * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])

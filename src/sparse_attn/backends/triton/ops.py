@@ -1,0 +1,199 @@
+"""Host side of the Triton kernels: launchers, autotuning, and the autograd.Function."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from ...layout import BlockSparseLayout
+from . import kernels
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(q_block: int, kind: str):
+    """Autotune space; one small config under the CPU interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": min(16, q_block)}, num_warps=4, num_stages=1)]
+    sizes = [m for m in (64, 128) if q_block % m == 0] or [q_block]
+    if kind == "dkdv":
+        sizes = [m for m in (32, 64) if q_block % m == 0] or [q_block]
+    return [
+        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
+        for m in sizes for w in (4, 8) for s in (2, 3)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kind: str, q_block: int):
+    kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
+              "dkdv": kernels._bwd_dkdv_kernel}[kind]
+    key = ["HEAD_DIM", "Q_BLOCK", "BLOCK_N", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV"]
+    return triton.autotune(configs=_configs(q_block, kind), key=key)(kernel)
+
+
+class _Packed:
+    """Uniform (batch, head, seq) strides for padded ``(B, H, S, D)`` and packed ``(T, H, D)`` tensors."""
+
+    def __init__(self, t: Tensor, varlen: bool):
+        if varlen:  # (total, heads, dim): batch offset comes from cu_seqlens
+            self.strides = (0, t.stride(1), t.stride(0))
+        else:
+            self.strides = (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _layout_args(layout: BlockSparseLayout, cnt: Tensor, idx: Tensor):
+    stride_b = cnt.stride(0) if cnt.shape[0] > 1 else 0
+    stride_ib = idx.stride(0) if idx.shape[0] > 1 else 0
+    return (stride_b, cnt.stride(1)), (stride_ib, idx.stride(1), idx.stride(2))
+
+
+def _transposed(layout: BlockSparseLayout):
+    """The layout's kv-major lists, computed once per layout object."""
+    cached = getattr(layout, "_kv_major_cache", None)
+    if cached is None:
+        cached = layout.transpose()
+        object.__setattr__(layout, "_kv_major_cache", cached)
+    return cached
+
+
+def _upcast(q: Tensor) -> bool:
+    """fp32 dot operands: only for bf16 in the CPU interpreter (see kernels._dot)."""
+    return interpreting() and q.dtype == torch.bfloat16
+
+
+def _dummy(device):
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
+    """Launch the forward kernel. Padded: q ``(B, H, S, D)``; varlen: q ``(T, H, D)`` + cu_seqlens.
+
+    Returns ``(out, lse_log2)`` with ``lse_log2`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
+    """
+    varlen = cu_q is not None
+    if varlen:
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+        lse = torch.empty(1, heads, q.shape[0], device=q.device, dtype=torch.float32)
+        lse_strides = (0, lse.stride(1))
+    else:
+        batch, heads, _, dim = q.shape
+        kv_heads = k.shape[1]
+        lse = torch.empty(batch, heads, q.shape[2], device=q.device, dtype=torch.float32)
+        lse_strides = (lse.stride(0), lse.stride(1))
+    out = torch.empty_like(q)
+    cnt, idx = layout.kv_num_blocks, layout.kv_indices
+    cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
+    qs, ks, vs, os_ = (_Packed(t, varlen).strides for t in (q, k, v, out))
+    cu_q = _dummy(q.device) if cu_q is None else cu_q
+    cu_k = _dummy(q.device) if cu_k is None else cu_k
+    grid = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
+                         batch * heads)
+    _tuned("fwd", layout.q_block)[grid](
+        q, k, v, out, lse, cnt, idx, cu_q, cu_k,
+        *qs, *ks, *vs, *os_, *lse_strides, *cnt_strides, *idx_strides,
+        layout.q_len, layout.kv_len, scale * LOG2E,
+        H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
+        HEAD_DIM=dim, Q_BLOCK=layout.q_block, BLOCK_N=layout.kv_block,
+        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q),
+    )
+    return out, (lse[0] if varlen else lse)
+
+
+def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=None, batch=None):
+    """dQ, dK, dV from the saved output and base-2 LSE."""
+    varlen = cu_q is not None
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = (out.float() * do.float()).sum(-1)  # (B, H, S) or (T, H)
+    if varlen:
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
+        delta = delta.t().contiguous()[None]  # (1, H, T)
+        lse = lse[None]
+        lse_strides = (0, lse.stride(1))
+    else:
+        batch, heads, _, dim = q.shape
+        kv_heads = k.shape[1]
+        lse_strides = (lse.stride(0), lse.stride(1))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cnt, idx = layout.kv_num_blocks, layout.kv_indices
+    cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
+    kv_major = _transposed(layout)
+    t_strides, ti_strides = _layout_args(layout, kv_major.q_num_blocks, kv_major.q_indices)
+    strides = {name: _Packed(t, varlen).strides for name, t in
+               (("q", q), ("k", k), ("v", v), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
+    cu_q = _dummy(q.device) if cu_q is None else cu_q
+    cu_k = _dummy(q.device) if cu_k is None else cu_k
+    common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
+                  Q_BLOCK=layout.q_block, BLOCK_N=layout.kv_block, CAUSAL=layout.causal,
+                  VARLEN=varlen, UPCAST=_upcast(q))
+    grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
+                            batch * heads)
+    _tuned("dq", layout.q_block)[grid_dq](
+        q, k, v, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
+        *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
+        *lse_strides, *cnt_strides, *idx_strides,
+        layout.q_len, layout.kv_len, scale * LOG2E, scale, H=heads, **common,
+    )
+    grid_kv = (layout.num_kv_blocks, batch * kv_heads)
+    _tuned("dkdv", layout.q_block)[grid_kv](
+        q, k, v, do, dk, dv, lse, delta, kv_major.q_num_blocks, kv_major.q_indices, cu_q, cu_k,
+        *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
+        *lse_strides, *t_strides, *ti_strides,
+        layout.q_len, layout.kv_len, scale * LOG2E, scale, KV_HEADS=kv_heads, **common,
+    )
+    return dq, dk, dv
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward runs the dQ and dK/dV kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, scale, cu_q, cu_k, batch):
+        out, lse2 = attention_forward(q, k, v, layout, scale, cu_q, cu_k, batch)
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.layout, ctx.scale, ctx.cu, ctx.batch = layout, scale, (cu_q, cu_k), batch
+        ctx.mark_non_differentiable(lse2)
+        return out, lse2
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse2 = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse2, ctx.layout, ctx.scale, *ctx.cu,
+                                        batch=ctx.batch)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def triton_attention(q, k, v, layout, scale):
+    """Padded-batch entry used by the backend registry; returns ``(out, lse natural log)``."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout = _on_device(layout, q.device)
+    out, lse2 = BlockSparseAttentionFunction.apply(q, k, v, layout, scale, None, None, q.shape[0])
+    return out, lse2 * LN2
+
+
+def triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale):
+    """Packed variable-length entry: q ``(T, H, D)``; returns ``(out (T, H, D), lse (H, T))``."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout = _on_device(layout, q.device)
+    batch = cu_q.numel() - 1
+    out, lse2 = BlockSparseAttentionFunction.apply(q, k, v, layout, scale, cu_q.int(), cu_k.int(),
+                                                   batch)
+    return out, lse2 * LN2
+
+
+def _on_device(layout: BlockSparseLayout, device) -> BlockSparseLayout:
+    return layout if layout.device == device else layout.to(device)
+

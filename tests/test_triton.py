@@ -1,0 +1,152 @@
+"""Triton kernels against the float64 golden, in the CPU interpreter (or on a GPU when present).
+
+The kernel's error must stay within 2x the reference backend's own error on the same low-precision
+inputs (plus a small floor), the habit of FlashAttention's tests.
+"""
+
+import pytest
+import torch
+
+from sparse_attn import BlockSparseLayout, sparse_attention, sparse_attention_varlen
+from sparse_attn.backends.reference import naive_masked_attention
+from sparse_attn.backends.triton import triton_can_run
+from utils import TOLERANCE, random_layout, rel_error
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    """Fresh outputs start as NaN, so a block the kernel forgets to write fails the test."""
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+
+    def nan_empty_like(t, *a, **kw):
+        out = real_empty_like(t, *a, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    def nan_empty(*a, **kw):
+        out = real_empty(*a, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, grad=False):
+    def make(h, s):
+        return torch.randn(batch, h, s, dim, device=DEVICE, dtype=dtype).requires_grad_(grad)
+    return make(heads, q_len), make(kv_heads, kv_len), make(kv_heads, kv_len)
+
+
+def _check_close(got, ref_lowp, golden, dtype, what):
+    bound = 2 * rel_error(ref_lowp, golden) + FLOOR[dtype]
+    err = rel_error(got, golden)
+    assert err <= bound, f"{what}: kernel error {err:.2e} > bound {bound:.2e}"
+    assert err < TOLERANCE[dtype], f"{what}: {err:.2e} over the {dtype} target"
+
+
+CASES = [
+    # batch, heads, kv_heads, q_len, kv_len, dim, q_block, kv_block, causal, layout_heads
+    (1, 2, 2, 64, 64, 32, 16, 16, True, "q"),
+    (2, 4, 2, 100, 100, 32, 32, 16, True, "kv"),
+    (1, 8, 2, 37, 130, 16, 16, 32, True, "one"),
+    (2, 4, 1, 70, 45, 64, 16, 16, False, "q"),
+    (1, 2, 1, 1, 90, 32, 16, 16, True, "kv"),
+    (1, 2, 2, 33, 33, 128, 16, 16, True, "q"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_and_backward_match_golden(case, dtype):
+    batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
+    n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
+    layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,
+                           causal=causal, density=0.6).to(DEVICE)
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, grad=True)
+    out, lse = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    ref, ref_lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    gold, gold_lse = naive_masked_attention(q64, k64, v64, layout.to_token_mask())
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    _check_close(out, ref, gold, dtype, "out")
+    finite = torch.isfinite(gold_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), gold_lse[finite], atol=2e-2)
+
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want_lowp = torch.autograd.grad(ref, (q, k, v), grad)
+    want = torch.autograd.grad(gold, (q64, k64, v64), grad.double())
+    for g, r, w, name in zip(got, want_lowp, want, ("dq", "dk", "dv")):
+        assert g.shape == w.shape and g.dtype == dtype
+        _check_close(g, r, w, dtype, name)
+
+
+def test_empty_rows_zero_output_and_finite_grads():
+    dense = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    dense[0, 0, 2, :2] = True
+    layout = BlockSparseLayout.from_dense(dense, 64, 64, 16).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float16, grad=True)
+    out, lse = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
+    assert (lse[0, 1] == float("-inf")).all()
+    out.float().sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(k.grad[0, 1], torch.zeros_like(k.grad[0, 1]))  # head 1 keeps nothing
+
+
+def test_strided_inputs_from_bshd_views():
+    base_q = torch.randn(2, 50, 4, 32, device=DEVICE, dtype=torch.float16)  # (B, S, H, D), HF-style
+    base_k = torch.randn(2, 50, 2, 32, device=DEVICE, dtype=torch.float16)
+    q, k, v = base_q.transpose(1, 2), base_k.transpose(1, 2), base_k.transpose(1, 2)
+    layout = random_layout(2, 2, 50, 50, block=16).to(DEVICE)
+    out = sparse_attention(q, k, v, layout, backend="triton")
+    ref = sparse_attention(q, k, v, layout, backend="reference")
+    assert rel_error(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_matches_per_sequence_reference(dtype, causal):
+    lens_q, lens_k = [37, 64, 5], [37, 90, 20] if causal else [50, 64, 17]
+    heads, kv_heads, dim = 4, 2, 32
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lens_q), heads, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lens_k), kv_heads, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lens_k), kv_heads, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    layout = random_layout(3, kv_heads, max(lens_q), max(lens_k), block=16, causal=causal,
+                           density=0.7).to(DEVICE)
+    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="triton", return_lse=True)
+    ref, ref_lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="reference",
+                                           return_lse=True)
+    assert out.shape == q.shape and lse.shape == (heads, sum(lens_q))
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 2 * TOLERANCE[dtype]
+
+
+def test_triton_refuses_unsupported_inputs_clearly():
+    layout = random_layout(1, 2, 32, 32, block=16).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 32, 32, 48, torch.float16)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        sparse_attention(q, k, v, layout, backend="triton")
+    q, k, v = _inputs(1, 2, 2, 32, 32, 32, torch.float32)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        sparse_attention(q, k, v, layout, backend="triton")
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 16, 16, dtype=torch.float16)
+    reason = triton_can_run(q, q, q, random_layout(1, 1, 16, 16, block=16))
+    assert reason is not None and "CUDA" in reason
