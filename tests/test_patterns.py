@@ -179,3 +179,14 @@ def test_mask_mod_exact_block_mask_needs_no_warning():
 def test_per_head_lists_are_checked():
     with pytest.raises(ValueError, match="window has 3 entries"):
         sliding_window_layout(128, window=[16, 16, 16], num_heads=2, block_size=16)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_random_layout_density_and_diagonal(density):
+    from sparse_attn import random_layout
+
+    layout = random_layout(4096, density=density, num_heads=4, block_size=64, seed=1)
+    assert layout.density() == pytest.approx(density, abs=0.04)
+    dense = layout.to_dense()[0]
+    assert dense.diagonal(dim1=-2, dim2=-1).all()
+    assert not torch.equal(dense[0], dense[1]) or density == 1.0  # heads differ

@@ -7,6 +7,7 @@ from .patterns import (
     layout_from_mask_mod,
     neighborhood_layout,
     power_layout,
+    random_layout,
     sliding_window_layout,
     strided_layout,
 )
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sparse_attention", "sparse_attention_varlen", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
-    "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout",
+    "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",
     "layout_from_mask_mod",
 ]

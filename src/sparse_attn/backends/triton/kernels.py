@@ -77,7 +77,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -171,7 +171,7 @@ def _bwd_dq_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ for one tile of query rows, walking the same kept-block list as the forward."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
