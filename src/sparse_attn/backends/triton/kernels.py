@@ -4,7 +4,8 @@ Conventions shared by all kernels:
 * Scores are computed in base 2: ``s = q.k * scale * log2(e)``, so softmax uses ``exp2``; the
   saved LSE is in the same base (``m + log2(l)``); the host converts it to natural log.
 * One program handles ``BLOCK_M`` query rows (a slice of one layout query block, so
-  ``Q_BLOCK % BLOCK_M == 0``) against key blocks of ``BLOCK_N == kv_block`` keys.
+  ``Q_BLOCK % BLOCK_M == 0``); each kept key block of ``KV_BLOCK`` keys is walked in tiles of
+  ``BLOCK_N`` keys (``KV_BLOCK % BLOCK_N == 0``). Tile sizes are autotuned; layout blocks are not.
 * GQA: query head ``h`` reads KV head ``h // GROUP``; its layout row is head ``h // LAYOUT_HDIV``
   (``LAYOUT_HDIV = H // layout_heads``). Layout batch stride 0 broadcasts one layout over the batch.
 * Variable length (``VARLEN``): batch ``b`` is the packed slice ``CU_Q[b]:CU_Q[b+1]`` (and
@@ -45,15 +46,15 @@ def _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN: tl.constexpr):
 
 @triton.jit
 def _count_unmasked_blocks(IDX_ROW, n_blocks, q_first_abs, seqlen_k,
-                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SCAN: tl.constexpr):
+                           KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, SCAN: tl.constexpr):
     """How many leading kept blocks need no mask (entirely visible, no key tail).
 
     Indices are sorted, so those blocks are a prefix; counted by scanning the row in SCAN chunks.
     """
-    limit = seqlen_k // BLOCK_N  # blocks below this index hold no key tail
+    limit = seqlen_k // KV_BLOCK  # blocks below this index hold no key tail
     if CAUSAL:
         # The first query of the tile (the most restricted) must see the block's last key.
-        limit = tl.minimum(limit, (q_first_abs + 1) // BLOCK_N)
+        limit = tl.minimum(limit, (q_first_abs + 1) // KV_BLOCK)
     count = tl.zeros([], dtype=tl.int32)
     for start in range(0, n_blocks, SCAN):
         offs = start + tl.arange(0, SCAN)
@@ -74,11 +75,13 @@ def _fwd_kernel(
     stride_ib, stride_ih, stride_iq,
     q_len, kv_len, scale_log2,
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
+    SUBN: tl.constexpr = KV_BLOCK // BLOCK_N
     b = pid_bh // H
     h = pid_bh % H
     q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
@@ -107,11 +110,12 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_full = _count_unmasked_blocks(idx_row, n_blocks, pid_m * BLOCK_M + offset, seqlen_k,
-                                    BLOCK_N, CAUSAL, 128)
+                                    KV_BLOCK, CAUSAL, 128)
+    # Each kept block is walked in SUBN tiles of BLOCK_N keys.
     # Blocks wholly visible to every row of the tile: no mask.
-    for j in range(0, n_full):
-        kb = tl.load(idx_row + j).to(tl.int64)
-        cols = kb * BLOCK_N + offs_n
+    for j in range(0, n_full * SUBN):
+        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
+        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
         s = _dot(q, tl.trans(k), UPCAST) * scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -122,9 +126,9 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     # Blocks crossing the causal diagonal or holding the key tail: masked.
-    for j in range(n_full, n_blocks):
-        kb = tl.load(idx_row + j).to(tl.int64)
-        cols = kb * BLOCK_N + offs_n
+    for j in range(n_full * SUBN, n_blocks * SUBN):
+        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
+        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
         in_range = cols < seqlen_k
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
                     other=0.0)
@@ -167,12 +171,14 @@ def _bwd_dq_kernel(
     stride_ib, stride_ih, stride_iq,
     q_len, kv_len, scale_log2, scale,
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ for one tile of query rows, walking the same kept-block list as the forward."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
+    SUBN: tl.constexpr = KV_BLOCK // BLOCK_N
     b = pid_bh // H
     h = pid_bh % H
     q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
@@ -205,9 +211,9 @@ def _bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in range(0, n_blocks):
-        kb = tl.load(idx_row + j).to(tl.int64)
-        cols = kb * BLOCK_N + offs_n
+    for j in range(0, n_blocks * SUBN):
+        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
+        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
         in_range = cols < seqlen_k
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
                     other=0.0)
@@ -240,20 +246,23 @@ def _bwd_dkdv_kernel(
     stride_tib, stride_tih, stride_tik,
     q_len, kv_len, scale_log2, scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
-    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV for one key block of one KV head: keeps K/V in registers, walks the GROUP query heads
     and, for each, the kv-major list of query blocks that use this key block. Written once, no
     atomics."""
-    kb = tl.program_id(0)
+    SUBN: tl.constexpr = KV_BLOCK // BLOCK_N
+    kb = tl.program_id(0) // SUBN  # this program owns keys [n0, n0 + BLOCK_N) of key block kb
+    n0 = kb * KV_BLOCK + (tl.program_id(0) % SUBN) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // KV_HEADS
     kvh = pid_bh % KV_HEADS
     q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(CU_Q, CU_K, b, q_len, kv_len, VARLEN)
-    if kb * BLOCK_N >= seqlen_k:
+    if n0 >= seqlen_k:
         return
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seqlen_k
     offset = seqlen_k - seqlen_q if CAUSAL else 0

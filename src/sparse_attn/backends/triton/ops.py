@@ -20,25 +20,35 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(q_block: int, kind: str):
-    """Autotune space; one small config under the CPU interpreter."""
+def _configs(q_block: int, kv_block: int, kind: str):
+    """Autotune space (tiles divide the layout blocks); one small config in the CPU interpreter."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": min(16, q_block)}, num_warps=4, num_stages=1)]
-    sizes = [m for m in (64, 128) if q_block % m == 0] or [q_block]
-    if kind == "dkdv":
-        sizes = [m for m in (32, 64) if q_block % m == 0] or [q_block]
-    return [
-        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
-        for m in sizes for w in (4, 8) for s in (2, 3)
-    ]
+        return [triton.Config({"BLOCK_M": min(16, q_block), "BLOCK_N": min(16, kv_block)},
+                              num_warps=4, num_stages=1)]
+    space = {
+        # kind: (BLOCK_M choices, BLOCK_N choices, num_stages choices)
+        "fwd": ((64, 128), (64, 128), (2, 3, 4)),
+        "dq": ((64, 128), (32, 64), (2, 3)),
+        "dkdv": ((32, 64), (64, 128), (2, 3)),
+    }[kind]
+    ms = [m for m in space[0] if q_block % m == 0] or [q_block]
+    ns = [n for n in space[1] if kv_block % n == 0] or [kv_block]
+    configs = []
+    for m in ms:
+        for n in ns:
+            for stages in space[2]:
+                warps = (4, 8) if kind == "dkdv" else ((8,) if max(m, n) >= 128 else (4,))
+                configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
+                            for w in warps]
+    return configs
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, q_block: int):
+def _tuned(kind: str, q_block: int, kv_block: int):
     kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
               "dkdv": kernels._bwd_dkdv_kernel}[kind]
-    key = ["HEAD_DIM", "Q_BLOCK", "BLOCK_N", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV"]
-    return triton.autotune(configs=_configs(q_block, kind), key=key)(kernel)
+    key = ["HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV"]
+    return triton.autotune(configs=_configs(q_block, kv_block, kind), key=key)(kernel)
 
 
 class _Packed:
@@ -71,8 +81,15 @@ def _upcast(q: Tensor) -> bool:
     return interpreting() and q.dtype == torch.bfloat16
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(device):
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    """A placeholder cu_seqlens pointer for padded batches (cached: no allocation per call)."""
+    key = str(device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMIES[key]
 
 
 def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
@@ -98,12 +115,12 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     grid = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                          batch * heads)
-    _tuned("fwd", layout.q_block)[grid](
+    _tuned("fwd", layout.q_block, layout.kv_block)[grid](
         q, k, v, out, lse, cnt, idx, cu_q, cu_k,
         *qs, *ks, *vs, *os_, *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
-        HEAD_DIM=dim, Q_BLOCK=layout.q_block, BLOCK_N=layout.kv_block,
+        HEAD_DIM=dim, Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block,
         CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q),
     )
     return out, (lse[0] if varlen else lse)
@@ -133,18 +150,19 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     cu_q = _dummy(q.device) if cu_q is None else cu_q
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-                  Q_BLOCK=layout.q_block, BLOCK_N=layout.kv_block, CAUSAL=layout.causal,
+                  Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, CAUSAL=layout.causal,
                   VARLEN=varlen, UPCAST=_upcast(q))
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
-    _tuned("dq", layout.q_block)[grid_dq](
+    _tuned("dq", layout.q_block, layout.kv_block)[grid_dq](
         q, k, v, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
         *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E, scale, H=heads, **common,
     )
-    grid_kv = (layout.num_kv_blocks, batch * kv_heads)
-    _tuned("dkdv", layout.q_block)[grid_kv](
+    grid_kv = lambda meta: (layout.num_kv_blocks * (layout.kv_block // meta["BLOCK_N"]),  # noqa: E731
+                            batch * kv_heads)
+    _tuned("dkdv", layout.q_block, layout.kv_block)[grid_kv](
         q, k, v, do, dk, dv, lse, delta, kv_major.q_num_blocks, kv_major.q_indices, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
         *lse_strides, *t_strides, *ti_strides,
