@@ -29,8 +29,15 @@ def flex_available() -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
+    """Compiled Flex. Every new length or layout geometry is a recompile; past dynamo's limit (8)
+    Flex silently falls back to eager, which materializes S x S scores and runs out of memory at
+    long context (seen at 128K on torch 2.11), so the limit is raised to 64."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(flex_attention, dynamic=False)
 
 
