@@ -2,6 +2,8 @@
 
 from .attention import sparse_attention, sparse_attention_varlen, which_backend
 from .layout import BlockSparseLayout, KVMajorLayout, LayoutError
+from .methods import CostModel, Method, attend, get_method
+from .metrics import attention_recall, output_relative_error
 from .patterns import (
     dense_layout,
     layout_from_mask_mod,
@@ -15,6 +17,7 @@ from .patterns import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
     "sparse_attention", "sparse_attention_varlen", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",
     "layout_from_mask_mod",

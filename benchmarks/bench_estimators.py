@@ -1,0 +1,84 @@
+"""Estimation cost of each dynamic method vs attention time, on one GPU run.
+
+For each S: dense cuDNN causal attention time, then per method the estimation time, the density it
+chose, our sparse attention time at that density, and the ratios estimate/dense and
+estimate/sparse. Target from the issue: estimation <= 5% of dense time at 128K.
+
+Inputs are random (no sparse structure), so densities are high; the point here is cost. Accuracy
+on structured inputs is the evaluation harness's job.
+
+    python benchmarks/bench_estimators.py --lengths 32768 131072 --out results/estimators
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from sparse_attn import get_method, sparse_attention  # noqa: E402
+
+METHODS = {
+    "pooled_topp": {"top_p": 0.9},
+    "xattention": {"threshold": 0.9, "stride": 8},
+    "vertical_slash": {"vertical_size": 1000, "slash_size": 6096},
+    "flexprefill": {"gamma": 0.9, "tau": 0.1},
+    "oracle": {"top_p": 0.95},
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--out", default="results/estimators")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_estimators: no CUDA device; this benchmark could not run.")
+        return 1
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def bench(fn):
+        return float(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"))
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat()}
+    rows = []
+    for seq in args.lengths:
+        q = torch.randn(1, args.heads, seq, args.dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, args.kv_heads, seq, args.dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        group = args.heads // args.kv_heads
+        kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))
+        del kr, vr
+        for name in args.methods:
+            method = get_method(name, **METHODS[name], measure_cost=False)
+            layout = method.estimate(q, k)
+            est_ms = bench(lambda: method.estimate(q, k))
+            sparse_ms = bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))
+            row = {"seq": seq, "method": name, "density": layout.density(), "estimate_ms": est_ms,
+                   "sparse_ms": sparse_ms, "dense_cudnn_ms": dense_ms,
+                   "estimate_over_dense": est_ms / dense_ms, "estimate_over_sparse": est_ms / sparse_ms}
+            rows.append(row)
+            print(f"| {seq} | {name} | {row['density']:.3f} | {est_ms:.2f} | {sparse_ms:.2f} | {dense_ms:.2f} | "
+                  f"{row['estimate_over_dense']:.3f} | {row['estimate_over_sparse']:.3f} |", flush=True)
+            with open(args.out + ".json", "w") as fh:
+                json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

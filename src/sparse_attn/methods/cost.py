@@ -1,0 +1,134 @@
+"""When does sparse pay? A small cost model and ``attend``, which estimates, decides and runs.
+
+Every peer is slower than dense attention below roughly 8-10K tokens. ``CostModel`` predicts dense
+and sparse times from a few per-device constants and picks per call; ``attend`` says what it chose.
+The defaults come from our H100 measurements (docs/benchmarks.md, 2026-11-23: dense cuDNN causal
+~606 TF/s; our kernel ~1.39x cuDNN's time at density 1; ~0.1 ms fixed cost per sparse call).
+:func:`calibrate` re-measures them on the current device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..attention import sparse_attention
+from ..layout import BlockSparseLayout
+
+
+@dataclass
+class CostModel:
+    """Predicts prefill attention times; all times in milliseconds."""
+
+    min_kv_len: int = 8192  # below this, dense without even estimating
+    dense_tflops: float = 606.0  # dense causal attention rate (FLOPs counted over the causal half)
+    sparse_slowdown: float = 1.39  # our kernel's time at density 1 over dense time
+    sparse_fixed_ms: float = 0.1  # per-call overhead of the sparse path
+    device_name: str = "NVIDIA H100 80GB HBM3 (defaults)"
+    measured: dict = field(default_factory=dict)
+
+    def dense_ms(self, batch: int, heads: int, q_len: int, kv_len: int, dim: int) -> float:
+        causal_pairs = q_len * kv_len - q_len * (q_len - 1) / 2  # bottom-right causal
+        return 4.0 * batch * heads * causal_pairs * dim / (self.dense_tflops * 1e9)
+
+    def sparse_ms(self, density: float, dense_ms: float) -> float:
+        return self.sparse_fixed_ms + self.sparse_slowdown * density * dense_ms
+
+    def worth_estimating(self, kv_len: int) -> tuple[bool, str]:
+        if kv_len < self.min_kv_len:
+            return False, f"kv_len {kv_len} < min_kv_len {self.min_kv_len}: dense"
+        return True, ""
+
+    def choose(self, density: float, estimate_ms: float, batch: int, heads: int, q_len: int,
+               kv_len: int, dim: int) -> tuple[bool, str]:
+        dense = self.dense_ms(batch, heads, q_len, kv_len, dim)
+        sparse = self.sparse_ms(density, dense)
+        if sparse + estimate_ms < dense:
+            return True, f"sparse: predicted {sparse:.2f} ms + estimate {estimate_ms:.2f} ms < dense {dense:.2f} ms"
+        return False, f"dense: predicted sparse {sparse:.2f} ms + estimate {estimate_ms:.2f} ms >= dense {dense:.2f} ms"
+
+
+@dataclass
+class AttendReport:
+    used_sparse: bool
+    reason: str
+    density: Optional[float]
+    estimate_ms: float
+    layout: Optional[BlockSparseLayout]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
+           cost_model: Optional[CostModel] = None, backend: str = "auto", scale=None):
+    """Estimate with ``method``, let ``cost_model`` (None: always sparse) decide, and run.
+
+    Returns ``(out, AttendReport)``. The dense path is exact causal attention (SDPA).
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    if cost_model is not None:
+        ok, reason = cost_model.worth_estimating(kv_len)
+        if not ok:
+            return _dense(q, k, v, scale), AttendReport(False, reason, None, 0.0, None)
+    layout = method.estimate(q, k, layer_idx=layer_idx, scale=scale)
+    report = method.last_report
+    estimate_ms = report.seconds * 1e3
+    use_sparse, reason = True, "sparse: no cost model"
+    if cost_model is not None:
+        use_sparse, reason = cost_model.choose(report.density, estimate_ms, batch, heads, q_len, kv_len, dim)
+    if not use_sparse:
+        return _dense(q, k, v, scale), AttendReport(False, reason, report.density, estimate_ms, layout)
+    out = sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+    return out, AttendReport(True, reason, report.density, estimate_ms, layout)
+
+
+def _dense(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    q_len, kv_len = q.shape[2], k.shape[2]
+    mask = None
+    if q_len != kv_len:
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+    k = k.repeat_interleave(group, 1) if group > 1 else k
+    v = v.repeat_interleave(group, 1) if group > 1 else v
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                            scale=scale)
+
+
+def calibrate(device="cuda", seq_len: int = 16384, heads: int = 32, kv_heads: int = 8, dim: int = 128,
+              repeats: int = 5) -> CostModel:
+    """Measure this device's dense rate and our sparse slowdown and overhead; returns a CostModel."""
+    from ..patterns import dense_layout, random_layout
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    q = torch.randn(1, heads, seq_len, dim, device=device, dtype=dtype)
+    k = torch.randn(1, kv_heads, seq_len, dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+
+    def timed(fn):
+        fn()
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3 / repeats
+
+    model = CostModel(device_name=torch.cuda.get_device_name() if q.is_cuda else "cpu")
+    dense_ms = timed(lambda: _dense(q, k, v, None))
+    block = 128 if seq_len >= 1024 else 16
+    full = dense_layout(seq_len, block_size=block, device=device)
+    sparse_full_ms = timed(lambda: sparse_attention(q, k, v, full))
+    tenth = random_layout(seq_len, density=0.1, num_heads=heads, block_size=block, device=device)
+    sparse_tenth_ms = timed(lambda: sparse_attention(q, k, v, tenth))
+    model.dense_tflops = model.dense_ms(1, heads, seq_len, seq_len, dim) * model.dense_tflops / dense_ms
+    slope = max((sparse_full_ms - sparse_tenth_ms) / (1.0 - tenth.density()), 1e-6)
+    model.sparse_slowdown = slope / dense_ms
+    model.sparse_fixed_ms = max(sparse_full_ms - slope, 0.0)
+    model.measured = {"dense_ms": dense_ms, "sparse_d1_ms": sparse_full_ms, "sparse_d0.1_ms": sparse_tenth_ms,
+                      "seq_len": seq_len}
+    return model

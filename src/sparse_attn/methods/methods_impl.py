@@ -1,0 +1,203 @@
+"""The estimators: pooled top-k / top-p, oracle, XAttention, vertical-slash (MInference), FlexPrefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..patterns._build import BlockGrid
+from .base import Method, register_method
+from .kernels import block_mass, top_p_mask
+from .scoring import (
+    diagonal_sums,
+    jensen_shannon,
+    last_rows_attention,
+    lines_to_blocks,
+    pooled_block_probs,
+    select_top_k,
+)
+
+Knob = Union[float, Sequence[float]]
+
+
+@register_method
+@dataclass
+class PooledTopP(Method):
+    """Mean-pooled Q and K block summaries (what SeerAttention's gate learns from); per query block
+    keep the fewest key blocks whose softmax share reaches ``top_p``."""
+
+    name = "pooled_topp"
+    top_p: Knob = 0.9
+
+    def select(self, q, k, grid, scale):
+        probs = pooled_block_probs(q, k, grid, scale)
+        return top_p_mask(probs, self.row_values(self.top_p, probs, k.shape[1]))
+
+
+@register_method
+@dataclass
+class PooledTopK(Method):
+    """Mean-pooled block scores; keep the ``top_k`` best key blocks per query block."""
+
+    name = "pooled_topk"
+    top_k: Knob = 8
+
+    def select(self, q, k, grid, scale):
+        probs = pooled_block_probs(q, k, grid, scale)
+        return select_top_k(probs, self.row_values(self.top_k, probs, k.shape[1]).long(),
+                            valid=grid.reachable)
+
+
+@register_method
+@dataclass
+class Oracle(Method):
+    """Exact block attention mass (computed blockwise), top-p of it: the upper bound for estimators."""
+
+    name = "oracle"
+    top_p: Knob = 0.95
+
+    def select(self, q, k, grid, scale):
+        mass = block_mass(q, k, grid.q_block, grid.kv_block, scale, causal=True)
+        return top_p_mask(mass, self.row_values(self.top_p, mass, k.shape[1]))
+
+
+def antidiagonal_reshape(q: Tensor, k: Tensor, stride: int):
+    """XAttention's reshaping: row ``a`` of the result concatenates ``q[a*s + s-1-i]`` (queries) and
+    ``k[a*s + i]`` (keys) over ``i``, so one dot product sums an antidiagonal of an ``s x s`` tile."""
+    def pad(x):
+        extra = (-x.shape[2]) % stride
+        return torch.nn.functional.pad(x, (0, 0, 0, extra))
+
+    q, k = pad(q), pad(k)
+    q_r = torch.cat([q[:, :, stride - 1 - i::stride] for i in range(stride)], dim=-1)
+    k_r = torch.cat([k[:, :, i::stride] for i in range(stride)], dim=-1)
+    return q_r, k_r
+
+
+@register_method
+@dataclass
+class XAttention(Method):
+    """XAttention: antidiagonal scores with stride ``stride`` inside each block pair, softmax over
+    the row, then per query block the fewest key blocks whose mass reaches ``threshold``."""
+
+    name = "xattention"
+    threshold: Knob = 0.9
+    stride: int = 8
+
+    def select(self, q, k, grid, scale):
+        if grid.q_block % self.stride or grid.kv_block % self.stride:
+            raise ValueError(f"xattention: block_size {grid.q_block} must be a multiple of stride {self.stride}")
+        q_r, k_r = antidiagonal_reshape(q, k, self.stride)
+        mass = block_mass(q_r, k_r, grid.q_block // self.stride, grid.kv_block // self.stride,
+                          scale / self.stride, causal=True)
+        nq, nk = grid.reachable.shape
+        mass = mass[..., :nq, :nk]
+        return top_p_mask(mass, self.row_values(self.threshold, mass, k.shape[1]))
+
+
+def _vertical_slash_blocks(attn: Tensor, grid: BlockGrid, vertical: Tensor, slash: Tensor) -> Tensor:
+    """Blocks crossed by the top ``vertical`` columns and ``slash`` diagonals of last-rows attention.
+
+    ``vertical`` / ``slash``: per-head counts ``(H,)`` (int tensors)."""
+    kv_len = attn.shape[-1]
+    v_scores = attn.sum(-2)  # (B, H, Skv)
+    s_scores = diagonal_sums(attn, kv_len)
+    v_keep = select_top_k(v_scores, vertical.view(1, -1).expand(v_scores.shape[:-1]))
+    s_keep = select_top_k(s_scores, slash.view(1, -1).expand(s_scores.shape[:-1]))
+    return lines_to_blocks(grid, v_keep, s_keep)
+
+
+@register_method
+@dataclass
+class VerticalSlash(Method):
+    """MInference's vertical-slash pattern: the last ``last_q`` queries score all keys; keep the
+    ``vertical_size`` strongest key columns and ``slash_size`` strongest diagonals per head, then
+    cover them with blocks (block granularity: a kept column costs its whole key block)."""
+
+    name = "vertical_slash"
+    vertical_size: Knob = 1000
+    slash_size: Knob = 6096
+    last_q: int = 64
+
+    def select(self, q, k, grid, scale):
+        attn = last_rows_attention(q, k, self.last_q, scale, causal=True)
+        heads, kv_heads = q.shape[1], k.shape[1]
+        vertical = self.head_values(self.vertical_size, heads, kv_heads, q.device).flatten().long()
+        slash = self.head_values(self.slash_size, heads, kv_heads, q.device).flatten().long()
+        return _vertical_slash_blocks(attn, grid, vertical, slash)
+
+
+def lines_covering(attn: Tensor, gamma: Tensor, min_lines: int):
+    """Fewest vertical + slash lines (strongest first, from one merged ranking) whose union covers a
+    ``gamma`` share of ``attn (B, H, R, Skv)`` (the last rows' attention).
+
+    A column's score and a diagonal's score are both sums of the same attention, so they rank on
+    one scale; coverage counts a point on a kept column and a kept diagonal once. The prefix length
+    is found by binary search per (batch, head). Returns bool ``(vertical, slash)``, each
+    ``(B, H, Skv)``.
+    """
+    b, h, rows, kv_len = attn.shape
+    merged = torch.cat([attn.sum(-2), diagonal_sums(attn, kv_len)], -1)  # (B, H, 2*Skv)
+    rank = torch.empty_like(merged, dtype=torch.long)
+    rank.scatter_(-1, torch.argsort(merged, -1, descending=True),
+                  torch.arange(2 * kv_len, device=attn.device).expand(b, h, -1).contiguous())
+    q_pos = torch.arange(kv_len - rows, kv_len, device=attn.device)
+    distance = (q_pos[:, None] - torch.arange(kv_len, device=attn.device)[None, :]).clamp(min=0)
+    total = attn.sum((-1, -2)).clamp_min(1e-30)
+
+    def coverage(n):  # n: (B, H) lines kept
+        keep = rank < n[..., None]
+        vertical, slash = keep[..., :kv_len], keep[..., kv_len:]
+        on_slash = torch.gather(slash, -1, distance.reshape(1, 1, -1).expand(b, h, -1)).view(b, h, rows, kv_len)
+        covered = vertical[:, :, None, :] | on_slash
+        return (attn * covered).sum((-1, -2)) / total
+
+    lo = torch.zeros(b, h, dtype=torch.long, device=attn.device)  # coverage(lo) < gamma
+    hi = torch.full((b, h), 2 * kv_len, dtype=torch.long, device=attn.device)  # coverage(hi) >= gamma
+    gamma = gamma.expand(b, h)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        ok = coverage(mid) >= gamma
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    keep = rank < hi.clamp(min=min_lines)[..., None]
+    return keep[..., :kv_len], keep[..., kv_len:]
+
+
+@register_method
+@dataclass
+class FlexPrefill(Method):
+    """FlexPrefill: per head, compare the pooled block estimate of the last query block with its
+    exact block distribution (sqrt of Jensen-Shannon divergence). Below ``tau`` the head is
+    query-aware (pooled block scores, cumulative mass ``gamma`` per row, at least ``min_budget``
+    tokens of blocks); otherwise it takes the vertical-slash pattern: the fewest vertical and slash
+    lines covering a ``gamma`` share of the last block's attention (see :func:`lines_covering`)."""
+
+    name = "flexprefill"
+    gamma: Knob = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+
+    def select(self, q, k, grid, scale):
+        heads, kv_heads = q.shape[1], k.shape[1]
+        attn = last_rows_attention(q, k, grid.q_block, scale, causal=True)  # last query block
+        pooled = pooled_block_probs(q, k, grid, scale)  # (B, H, NQ, NK)
+        nk = grid.reachable.shape[1]
+        padded = torch.nn.functional.pad(attn.mean(-2), (0, nk * grid.kv_block - attn.shape[-1]))
+        truth = padded.view(*attn.shape[:2], nk, grid.kv_block).sum(-1)  # (B, H, NK)
+        divergence = jensen_shannon(truth, pooled[:, :, -1]).clamp_min(0).sqrt()  # (B, H)
+        query_aware = divergence < self.tau
+        min_blocks = max(1, -(-self.min_budget // grid.kv_block))
+        # Query-aware heads: cumulative mass on pooled block scores, at least min_blocks.
+        qa = top_p_mask(pooled, self.row_values(self.gamma, pooled, kv_heads),
+                        min_keep=min_blocks) & grid.reachable
+        # Vertical-slash heads: the fewest lines covering a gamma share of the last block's
+        # attention, at least min_budget tokens' worth of lines.
+        g = self.head_values(self.gamma, heads, kv_heads, q.device).view(1, heads)
+        v_keep, s_keep = lines_covering(attn, g, max(1, self.min_budget // grid.q_block))
+        vs = lines_to_blocks(grid, v_keep, s_keep)
+        self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used
+        return torch.where(query_aware[..., None, None], qa, vs)

@@ -1,0 +1,157 @@
+"""Plain-PyTorch building blocks shared by the estimators: pooling, block scores, selection.
+
+Everything here works on block-level tensors ``(..., NQ, NK)`` or on a bounded number of query rows,
+never on a full ``q_len x kv_len`` matrix. GQA is handled by viewing queries as
+``(B, Hkv, G, S, D)`` against keys ``(B, Hkv, S, D)``: keys are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..patterns._build import BlockGrid
+
+
+def group_queries(q: Tensor, kv_heads: int) -> Tensor:
+    """``(B, H, S, D)`` -> ``(B, Hkv, G, S, D)`` view (query head ``h`` -> KV head ``h // G``)."""
+    b, h, s, d = q.shape
+    return q.view(b, kv_heads, h // kv_heads, s, d)
+
+
+def mean_pool(x: Tensor, block: int) -> Tensor:
+    """Mean over each block of ``block`` tokens along dim -2 (the tail block averages its real tokens)."""
+    *lead, length, dim = x.shape
+    nblocks = -(-length // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nblocks * block - length))
+    sums = padded.view(*lead, nblocks, block, dim).sum(-2)
+    counts = torch.full((nblocks,), float(block), device=x.device)
+    counts[-1] = length - (nblocks - 1) * block
+    return sums / counts[:, None]
+
+
+def pooled_block_probs(q: Tensor, k: Tensor, grid: BlockGrid, scale: float) -> Tensor:
+    """Softmax over reachable key blocks of mean-pooled query/key block scores.
+
+    Returns ``(B, H, NQ, NK)`` float32 (per query head; 0 on unreachable blocks).
+    """
+    kv_heads = k.shape[1]
+    qp = mean_pool(group_queries(q, kv_heads), grid.q_block)  # (B, Hkv, G, NQ, D)
+    kp = mean_pool(k, grid.kv_block)  # (B, Hkv, NK, D)
+    scores = torch.einsum("bngqd,bnkd->bngqk", qp, kp) * scale
+    scores = scores.masked_fill(~grid.reachable, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs.flatten(1, 2)
+
+
+def last_rows_attention(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool) -> Tensor:
+    """Exact softmax attention of the last ``rows`` queries over all keys: ``(B, H, rows, Skv)``.
+
+    Queries are bottom-right aligned against the keys (chunked prefill) when causal.
+    """
+    kv_heads, q_len, kv_len = k.shape[1], q.shape[2], k.shape[2]
+    rows = min(rows, q_len)
+    q_last = group_queries(q[:, :, q_len - rows:], kv_heads).float()
+    scores = torch.einsum("bngqd,bnkd->bngqk", q_last, k.float()) * scale
+    if causal:
+        q_pos = torch.arange(kv_len - rows, kv_len, device=q.device)
+        future = torch.arange(kv_len, device=q.device)[None, :] > q_pos[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1).flatten(1, 2)
+
+
+def diagonal_sums(attn: Tensor, kv_len: int) -> Tensor:
+    """Sum ``attn (B, H, R, Skv)`` of the last ``R`` queries along diagonals.
+
+    Returns ``(B, H, Skv)``: entry ``o`` is the mass at distance ``o = query_pos - key_pos``.
+    """
+    rows = attn.shape[-2]
+    q_pos = torch.arange(kv_len - rows, kv_len, device=attn.device)
+    offset = (q_pos[:, None] - torch.arange(kv_len, device=attn.device)[None, :]).clamp(min=0)
+    out = torch.zeros(*attn.shape[:2], kv_len, device=attn.device, dtype=attn.dtype)
+    index = offset.expand(*attn.shape[:2], -1, -1).reshape(*attn.shape[:2], -1)
+    return out.scatter_add_(-1, index, attn.reshape(*attn.shape[:2], -1))
+
+
+def select_top_p(scores: Tensor, p, min_keep=1, valid: Tensor | None = None) -> Tensor:
+    """Per row, the fewest entries (largest first) whose share of the row total reaches ``p``.
+
+    ``scores (..., N)`` non-negative; ``p`` a float or a tensor broadcastable to ``scores[..., :1]``;
+    ``min_keep`` entries are always kept (if valid). Returns a bool mask. Reference of
+    :func:`sparse_attn.methods.kernels.top_p_mask`.
+    """
+    if valid is not None:
+        scores = scores.masked_fill(~valid, 0.0)
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    total = sorted_scores.sum(-1, keepdim=True).clamp_min(1e-30)
+    before = (torch.cumsum(sorted_scores, -1) - sorted_scores) / total  # mass of strictly larger ones
+    p = torch.as_tensor(p, device=scores.device, dtype=scores.dtype)
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    keep_sorted = (before < p) | (rank < min_keep)
+    keep_sorted &= sorted_scores > 0 if valid is None else torch.ones_like(keep_sorted)
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return mask if valid is None else mask & valid
+
+
+def select_top_k(scores: Tensor, k, valid: Tensor | None = None) -> Tensor:
+    """Per row, the ``k`` largest entries (``k`` int or a per-row tensor). Returns a bool mask."""
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    k = torch.as_tensor(k, device=scores.device)
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    keep_sorted = (rank < k[..., None] if k.dim() else rank < k).expand_as(order)
+    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return mask if valid is None else mask & valid
+
+
+def lines_to_blocks(grid: BlockGrid, vertical: Tensor, slash: Tensor) -> Tensor:
+    """Block mask ``(B, H, NQ, NK)`` covering token-level vertical columns and slash diagonals.
+
+    ``vertical``: bool ``(B, H, Skv)`` kept key columns; ``slash``: bool ``(B, H, Skv)`` kept
+    diagonals by distance ``o = query_pos - key_pos``. A block is kept when a kept line crosses it
+    at an allowed (causal) position. Cost O(NQ x kept lines), no token matrix.
+    """
+    b, h, kv_len = vertical.shape
+    nq, nk = grid.reachable.shape
+    dev = vertical.device
+    # Vertical column j hits block (qb, j // kv_block) for every reachable query block.
+    padded = torch.nn.functional.pad(vertical, (0, nk * grid.kv_block - kv_len))
+    col_blocks = padded.view(b, h, nk, grid.kv_block).any(-1)
+    blocks = col_blocks[:, :, None, :].expand(b, h, nq, nk).clone()
+    # Slash o crosses key range [q_first - o, q_last - o] in query block qb.
+    offsets = slash.nonzero(as_tuple=False)  # (n, 3): batch, head, o
+    if offsets.numel():
+        bi, hi, o = offsets[:, 0], offsets[:, 1], offsets[:, 2]
+        q_first = grid.q_first.to(dev)  # (NQ,) absolute positions
+        q_last = grid.q_last.to(dev)
+        lo = (q_first[None, :] - o[:, None]).clamp(min=0)  # (n, NQ)
+        hi_pos = q_last[None, :] - o[:, None]
+        ok = hi_pos >= 0
+        lo_blk = lo // grid.kv_block
+        hi_blk = hi_pos.clamp(min=0, max=kv_len - 1) // grid.kv_block
+        qb = torch.arange(nq, device=dev).expand_as(lo_blk)
+        span = int((hi_blk - lo_blk).max().item()) + 1 if ok.any() else 0
+        for step in range(span):
+            kb = lo_blk + step
+            hit = ok & (kb <= hi_blk)
+            blocks[bi[:, None].expand_as(kb)[hit], hi[:, None].expand_as(kb)[hit], qb[hit], kb[hit]] = True
+    return blocks & grid.reachable
+
+
+def jensen_shannon(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """Jensen-Shannon divergence (natural log) between distributions along the last dim."""
+    p = p / p.sum(-1, keepdim=True).clamp_min(eps)
+    q = q / q.sum(-1, keepdim=True).clamp_min(eps)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return (a * (torch.log(a.clamp_min(eps)) - torch.log(b.clamp_min(eps)))).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def default_scale(q: Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])

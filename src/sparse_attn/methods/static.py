@@ -1,0 +1,75 @@
+"""Static patterns as methods, so the HF integration and the harness treat every layout alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+from ..patterns import dense_layout, power_layout, sliding_window_layout, strided_layout
+from .base import Method, register_method
+
+
+@dataclass
+class StaticPattern(Method):
+    """A layout that depends only on the shapes (cached per shape), not on q and k."""
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        raise NotImplementedError
+
+    def select(self, q, k, grid, scale):
+        layout = self.build(q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.device)
+        return layout.expand(batch=q.shape[0], heads=q.shape[1]).to_dense()
+
+
+@register_method
+@dataclass
+class Dense(StaticPattern):
+    """Every reachable block (the baseline; also what ``patch`` uses to check exactness)."""
+
+    name = "dense"
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        return dense_layout(q_len, kv_len, block_size=self.block_size, device=device)
+
+
+@register_method
+@dataclass
+class SlidingWindow(StaticPattern):
+    """Sliding window + sinks (StreamingLLM, MInference A-shape); ``window`` in tokens."""
+
+    name = "sliding_window"
+    window: int = 4096
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        return sliding_window_layout(q_len, kv_len, window=self.window, sink=self.sink,
+                                     block_size=self.block_size, device=device)
+
+
+@register_method
+@dataclass
+class Strided(StaticPattern):
+    """S2-Attention shards per query head plus a local window of ``local_blocks``."""
+
+    name = "strided"
+    stride: int = 4
+    local_blocks: int = 4
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        return strided_layout(q_len, kv_len, stride=self.stride, num_heads=heads,
+                              local_blocks=self.local_blocks, sink=self.sink,
+                              block_size=self.block_size, device=device)
+
+
+@register_method
+@dataclass
+class Power(StaticPattern):
+    """PowerAttention: power-of-two block distances plus a local window."""
+
+    name = "power"
+    local_blocks: int = 2
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        return power_layout(q_len, kv_len, local_blocks=self.local_blocks, sink=self.sink,
+                            block_size=self.block_size, device=device)
+
+
