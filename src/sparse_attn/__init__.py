@@ -16,8 +16,22 @@ from .patterns import (
 
 __version__ = "0.1.0"
 
+
+def patch(model, method=None, config=None, **knobs):
+    """Make a transformers model's prefill sparse (see :mod:`sparse_attn.integrations.hf`)."""
+    from .integrations.hf import patch as _patch
+
+    return _patch(model, method=method, config=config, **knobs)
+
+
+def unpatch(model):
+    """Undo :func:`patch`."""
+    from .integrations.hf import unpatch as _unpatch
+
+    return _unpatch(model)
+
 __all__ = [
-    "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
+    "patch", "unpatch", "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
     "sparse_attention", "sparse_attention_varlen", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",
     "layout_from_mask_mod",

@@ -1,0 +1,179 @@
+"""Make a Hugging Face transformers model sparse through its attention-function registry.
+
+``patch(model, method=...)`` registers one attention function (``"sparse_attn"``) with
+transformers' ``AttentionInterface`` and the matching mask function with
+``AttentionMaskInterface``, then switches the model to it with ``set_attn_implementation``. No model
+class is copied or monkey-patched, so new transformers releases keep working as long as the
+registry does. Per-model settings live on the attention modules (``module._sparse_attn_state``),
+so several models can be patched differently in one process; ``unpatch`` restores everything.
+
+Routing per call: prefill (``q_len > 1``, with or without a KV cache already present) goes through
+the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method; layers configured
+dense, short sequences, masks that are not plain causal (padding, sliding windows) and unsupported
+features (softcapping, dropout in training) run transformers' own SDPA path, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ...methods.cost import attend
+from .config import SparseConfig
+
+ATTN_NAME = "sparse_attn"
+
+
+@dataclass
+class SparseState:
+    """What ``patch`` attached to a model: its config, original implementation and records."""
+
+    config: SparseConfig
+    original_implementation: str
+    records: list = field(default_factory=list)
+
+    def summary(self) -> list:
+        """Per-layer mean density and estimation time over the recorded sparse calls."""
+        by_layer: dict = {}
+        for r in self.records:
+            by_layer.setdefault(r["layer"], []).append(r)
+        out = []
+        for layer, rs in sorted(by_layer.items()):
+            sparse = [r for r in rs if r["sparse"]]
+            out.append({
+                "layer": layer, "calls": len(rs), "sparse_calls": len(sparse),
+                "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
+                "estimate_ms": sum(r["estimate_ms"] for r in sparse),
+                "reasons": sorted({r["reason"] for r in rs}),
+            })
+        return out
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, sparse_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def _attention_modules(model):
+    """The self-attention modules: the ones carrying a ``layer_idx`` and named ``*Attention``."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
+
+
+def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = None, **knobs):
+    """Route ``model``'s attention through sparse_attn; returns the :class:`SparseState`.
+
+    ``patch(model, method="xattention", threshold=0.9)`` or ``patch(model, config=SparseConfig(...))``
+    (``config`` may also be a dict or a path to a JSON/YAML file).
+    """
+    if getattr(model, "config", None) is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError("patch() needs a transformers PreTrainedModel (with .config and set_attn_implementation)")
+    if config is not None and (method is not None or knobs):
+        raise ValueError("pass either config=... or method=/knobs, not both")
+    if config is None:
+        settings = {"method": method or "xattention"}
+        for name in ("layers", "dense_first_layers", "min_kv_len", "fallback", "decode", "record", "backend"):
+            if name in knobs:
+                settings[name] = knobs.pop(name)
+        config = SparseConfig(knobs=knobs, **settings)
+    elif isinstance(config, dict):
+        config = SparseConfig.from_dict(config)
+    elif not isinstance(config, SparseConfig):
+        config = SparseConfig.from_file(config)
+    modules = _attention_modules(model)
+    if not modules:
+        raise TypeError(f"{type(model).__name__} has no attention modules with a layer_idx to patch")
+    config.check_layers(1 + max(int(m.layer_idx) for m in modules))
+    if is_patched(model):
+        unpatch(model)
+    _register()
+    state = SparseState(config, model.config._attn_implementation)
+    model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise RuntimeError(f"{type(model).__name__} does not support switching its attention implementation")
+    for module in modules:
+        module._sparse_attn_state = state
+    model._sparse_attn_state = state
+    return state
+
+
+def unpatch(model) -> None:
+    """Restore the attention implementation the model had before :func:`patch`."""
+    state = getattr(model, "_sparse_attn_state", None)
+    if state is None:
+        return
+    model.set_attn_implementation(state.original_implementation)
+    for module in model.modules():
+        if hasattr(module, "_sparse_attn_state"):
+            del module._sparse_attn_state
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_sparse_attn_state", None) is not None
+
+
+def _is_plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """True if a boolean mask is exactly bottom-right causal for every row (no padding/window)."""
+    if mask.dtype != torch.bool:
+        return False
+    expected = torch.arange(kv_len, device=mask.device)[None, :] <= torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+    return bool((mask == expected).all())
+
+
+def _dense(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: Optional[float] = None, **kwargs):
+    """The function registered as ``attn_implementation="sparse_attn"``.
+
+    query ``(B, H, q_len, D)``, key/value ``(B, Hkv, kv_len, D)`` (cache already updated); returns
+    ``((B, q_len, H, D), None)`` like transformers' own attention functions.
+    """
+    state: Optional[SparseState] = getattr(module, "_sparse_attn_state", None)
+    dense_kwargs = dict(dropout=dropout, scaling=scaling, **kwargs)
+    if state is None:
+        warnings.warn("sparse_attn attention called on an unpatched module; running dense SDPA", stacklevel=2)
+        return _dense(module, query, key, value, attention_mask, **dense_kwargs)
+    config = state.config
+    layer = int(module.layer_idx)
+    q_len, kv_len = query.shape[2], key.shape[2]
+
+    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0):
+        if config.record:
+            state.records.append({"layer": layer, "q_len": q_len, "kv_len": kv_len, "sparse": sparse,
+                                  "reason": reason, "density": density, "estimate_ms": estimate_ms})
+
+    def dense(reason: str):
+        record(False, reason)
+        return _dense(module, query, key, value, attention_mask, **dense_kwargs)
+
+    if q_len == 1:
+        method = getattr(config, "_decode_method", None)
+        if method is None:
+            return dense("decode: dense")
+    else:
+        method = config.method_for(layer)
+        if method is None:
+            return dense("layer configured dense")
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
+        return dense("softcap/output_attentions need dense attention")
+    if dropout > 0.0 and module.training:
+        return dense("attention dropout in training runs dense")
+    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
+        return dense("mask is not plain causal (padding or sliding window): dense")
+    if config.fallback != "never" and kv_len < config.min_kv_len:
+        return dense(f"kv_len {kv_len} < min_kv_len {config.min_kv_len}")
+    cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
+    out, report = attend(query, key, value, method, layer_idx=layer, cost_model=cost_model,
+                         backend=config.backend, scale=scaling)
+    record(report.used_sparse, report.reason, report.density, report.estimate_ms)
+    return out.transpose(1, 2).contiguous(), None

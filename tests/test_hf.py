@@ -1,0 +1,221 @@
+"""transformers integration on tiny random-weight models built from local configs (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparse_attn import patch, unpatch  # noqa: E402
+from sparse_attn.integrations.hf import SparseConfig, is_patched  # noqa: E402
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _tiny(family):
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(**COMMON)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**COMMON)
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(head_dim=16, **COMMON)
+    elif family == "mistral":
+        config = transformers.MistralConfig(sliding_window=None, **COMMON)
+    else:
+        raise ValueError(family)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.float().eval()
+
+
+def _ids(length=100, batch=1, seed=1):
+    return torch.randint(0, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+EXACT = dict(block_size=16, min_kv_len=0, fallback="never")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_layout_reproduces_the_model_exactly(family):
+    model = _tiny(family)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        state = patch(model, method="dense", record=True, **EXACT)
+        got = model(ids).logits
+    assert model.config._attn_implementation == "sparse_attn"
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    assert len(state.records) == COMMON["num_hidden_layers"] and all(r["sparse"] for r in state.records)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("method,knobs", [
+    ("xattention", {"threshold": 0.999, "stride": 4}),
+    ("flexprefill", {"gamma": 0.999, "min_budget": 32}),
+    ("vertical_slash", {"vertical_size": 64, "slash_size": 64}),
+    ("pooled_topp", {"top_p": 0.999}),
+    ("oracle", {"top_p": 0.999}),
+    ("sliding_window", {"window": 128}),
+])
+def test_methods_give_finite_logits_close_to_dense(family, method, knobs):
+    model = _tiny(family)
+    ids = _ids(length=160)
+    with torch.no_grad():
+        want = model(ids).logits
+        state = patch(model, method=method, record=True, sink=16, **knobs, **EXACT)
+        got = model(ids).logits
+    assert torch.isfinite(got).all()
+    rel = float((got - want).norm() / want.norm())
+    densities = [r["density"] for r in state.records]
+    assert rel < 0.05, (rel, densities)
+    assert all(0 < d <= 1 for d in densities)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_with_dense_layout_matches_dense_tokens(family):
+    model = _tiny(family)
+    ids = _ids(length=40)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kwargs)
+    state = patch(model, method="dense", record=True, **EXACT)
+    got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    decode = [r for r in state.records if r["q_len"] == 1]
+    assert decode and all(r["reason"] == "decode: dense" for r in decode)
+
+
+def test_chunked_prefill_against_a_cache_matches_dense():
+    model = _tiny("llama")
+    ids = _ids(length=120)
+    with torch.no_grad():
+        want = model(ids).logits[:, 64:]
+        state = patch(model, method="dense", record=True, **EXACT)
+        cache = transformers.DynamicCache()
+        model(ids[:, :64], past_key_values=cache, use_cache=True)
+        got = model(ids[:, 64:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    chunk = [r for r in state.records if r["q_len"] == 56]
+    assert chunk and all(r["kv_len"] == 120 and r["sparse"] for r in chunk)
+
+
+def test_padded_batch_works_through_the_dense_fallback():
+    model = _tiny("llama")
+    ids = _ids(length=50, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0  # left padding on the first sequence
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        state = patch(model, method="oracle", record=True, top_p=0.5, **EXACT)
+        got = model(ids, attention_mask=mask).logits
+    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
+    assert all(not r["sparse"] and "padding" in r["reason"] for r in state.records)
+
+
+def test_unpatch_restores_the_original_behaviour():
+    model = _tiny("qwen2")
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+        patch(model, method="sliding_window", window=16, **EXACT)
+        sparse = model(ids).logits
+        unpatch(model)
+        got = model(ids).logits
+    assert not torch.allclose(sparse, want, atol=1e-4)  # the patch really changed attention
+    assert torch.equal(got, want)
+    assert model.config._attn_implementation == "sdpa" and not is_patched(model)
+    assert not any(hasattr(m, "_sparse_attn_state") for m in model.modules())
+
+
+def test_per_layer_config_dense_first_layers_and_min_length(tmp_path):
+    model = _tiny("llama")
+    ids = _ids(length=64)
+    path = tmp_path / "sparse.json"
+    path.write_text(json.dumps({"method": "sliding_window", "knobs": {"window": 16, "block_size": 16, "sink": 0},
+                                "dense_first_layers": 1, "min_kv_len": 0, "fallback": "never",
+                                "record": True}))
+    state = patch(model, config=str(path))
+    with torch.no_grad():
+        model(ids)
+    by_layer = {r["layer"]: r for r in state.records}
+    assert not by_layer[0]["sparse"] and by_layer[0]["reason"] == "layer configured dense"
+    assert by_layer[1]["sparse"] and by_layer[1]["density"] < 1
+    summary = state.summary()
+    assert summary[1]["sparse_calls"] == 1 and summary[0]["sparse_calls"] == 0
+
+    state = patch(model, method="sliding_window", window=16, block_size=16, min_kv_len=1000, record=True)
+    with torch.no_grad():
+        model(ids)
+    assert all("min_kv_len" in r["reason"] for r in state.records)
+
+    state = patch(model, config=SparseConfig(method="oracle", knobs={"block_size": 16}, min_kv_len=0,
+                                             layers={1: {"method": "dense"}}, record=True))
+    with torch.no_grad():
+        model(ids)
+    assert [r["sparse"] for r in sorted(state.records, key=lambda r: r["layer"])] == [True, False]
+
+
+def test_wrong_configs_raise_clear_errors():
+    model = _tiny("llama")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        patch(model, method="nope")
+    with pytest.raises(ValueError, match="no knob"):
+        patch(model, method="xattention", gamma=0.2)
+    with pytest.raises(ValueError, match=r"layers \[7\] do not exist"):
+        patch(model, config=SparseConfig(layers={7: {"method": "dense"}}))
+    with pytest.raises(ValueError, match="fallback"):
+        SparseConfig(fallback="sometimes")
+    with pytest.raises(ValueError, match="unknown SparseConfig field"):
+        SparseConfig.from_dict({"methd": "oracle"})
+    with pytest.raises(ValueError, match="either config"):
+        patch(model, method="oracle", config=SparseConfig())
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch(torch.nn.Linear(2, 2), method="oracle")
+    assert model.config._attn_implementation == "sdpa"  # failed patches leave the model alone
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = SparseConfig(method="xattention", knobs={"threshold": [0.9, 0.95]}, layers={3: {"method": "dense"}},
+                          dense_first_layers=2, min_kv_len=4096)
+    config.save(tmp_path / "c.json")
+    back = SparseConfig.from_file(tmp_path / "c.json")
+    assert back.to_dict() == config.to_dict()
+
+
+def test_cli_generate_on_a_local_model(tmp_path):
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+    from sparse_attn.integrations.hf.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    result = CliRunner().invoke(main, [
+        "generate", "--model", str(tmp_path / "model"), "--method", "oracle", "--knob", "top_p=0.9",
+        "--knob", "block_size=16", "--prompt-file", str(prompt), "--max-new-tokens", "5", "--min-kv-len", "0",
+    ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "prefill dense" in result.output and "layer 0: density" in result.output
+    assert "output:" in result.output
+
+    bad = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "model"), "--method", "nope",
+                                    "--prompt-file", str(prompt)])
+    assert bad.exit_code != 0 and "unknown method 'nope'" in str(bad.exception)
+
+
+def test_byte_tokenizer_round_trips_text():
+    from sparse_attn.integrations.hf.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "héllo, wörld! 123\n\ttabs"
+    ids = tok(text).input_ids
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
