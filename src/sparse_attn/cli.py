@@ -113,5 +113,84 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
     click.echo(f"output: {text}")
 
 
+def _csv(value: str, cast=str) -> list:
+    return [cast(v) for v in value.split(",") if v.strip()]
+
+
+@main.command("eval")
+@click.option("--model", "model_path", default="canary", show_default=True,
+              help="local transformers model directory, or 'canary' for the shipped canary model")
+@click.option("--methods", default="xattention,flexprefill,vertical_slash", show_default=True)
+@click.option("--lengths", default="1024,2048", show_default=True)
+@click.option("--tasks", default="passkey,multikey,multivalue,vartrack", show_default=True)
+@click.option("--samples", default=2, show_default=True, help="samples per task and length")
+@click.option("--block-size", default=64, show_default=True)
+@click.option("--out", default="results/eval", show_default=True, help="output prefix (.json, .md, .png)")
+@click.option("--device", default=None)
+def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, device):
+    """Accuracy vs density vs speed: dense and each method over its knob range."""
+    import datetime
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .eval.canary import resolve_model
+    from .eval.report import write_report
+    from .eval.runner import SWEEPS, evaluate
+
+    try:
+        path = resolve_model(model_path)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    method_list, length_list, task_list = _csv(methods), _csv(lengths, int), _csv(tasks)
+    configs = 1 + sum(len(SWEEPS.get(m, [])) for m in method_list)
+    total = configs * len(length_list) * len(task_list) * samples
+    with click.progressbar(length=total, label="sparse-attn eval") as bar:
+        rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,
+                        progress=bar.update)
+    meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
+    result = write_report(rows, meta, out)
+    click.echo(result["table"])
+    click.echo(f"\nwrote {out}.json, {out}.md" + "".join(f", {p}" for p in result["plots"]))
+
+
+@main.command("train-canary")
+@click.option("--out", default="src/sparse_attn/eval/canary", show_default=True)
+@click.option("--minutes", default=10.0, show_default=True)
+@click.option("--seq-len", default=8192, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--max-steps", default=None, type=int)
+@click.option("--device", default=None)
+def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device):
+    """Train the byte-level canary model (dense attention) and save it in HF format."""
+    from .eval.canary import train
+
+    total = max_steps or int(minutes * 60)
+    with click.progressbar(length=total, label="train-canary",
+                           item_show_func=lambda x: x) as bar:
+        last = {"t": 0}
+
+        def progress(step, loss):
+            import time as _time
+
+            if max_steps:
+                bar.update(1, f"loss {loss:.3f}")
+            else:
+                now = int(_time.time())
+                if now != last["t"]:
+                    bar.update(1, f"step {step} loss {loss:.3f}")
+                    last["t"] = now
+
+        log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
+                    max_steps=max_steps, progress=progress)
+    click.echo(json.dumps(log, indent=1))
+
+
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ class SparseConfig:
       only applies ``min_kv_len``, ``"never"`` always runs the sparse path.
     * ``decode``: ``"dense"`` (default) or a method name for decode steps (``q_len == 1``).
     * ``record``: keep per-forward, per-layer density and estimation cost in the state.
+    * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
+      32 sampled query rows per layer; costs a little extra).
     * ``backend``: attention backend for the sparse path (``"auto"`` picks Triton on GPUs).
     """
 
@@ -37,6 +39,7 @@ class SparseConfig:
     fallback: str = "auto"
     decode: str = "dense"
     record: bool = False
+    measure_recall: bool = False
     backend: str = "auto"
 
     def __post_init__(self):

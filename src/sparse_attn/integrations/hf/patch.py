@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from ...methods.cost import attend
+from ...metrics import attention_recall
 from .config import SparseConfig
 
 ATTN_NAME = "sparse_attn"
@@ -147,10 +148,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     layer = int(module.layer_idx)
     q_len, kv_len = query.shape[2], key.shape[2]
 
-    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0):
+    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None):
         if config.record:
             state.records.append({"layer": layer, "q_len": q_len, "kv_len": kv_len, "sparse": sparse,
-                                  "reason": reason, "density": density, "estimate_ms": estimate_ms})
+                                  "reason": reason, "density": density, "estimate_ms": estimate_ms,
+                                  "recall": recall})
 
     def dense(reason: str):
         record(False, reason)
@@ -175,5 +177,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
     out, report = attend(query, key, value, method, layer_idx=layer, cost_model=cost_model,
                          backend=config.backend, scale=scaling)
-    record(report.used_sparse, report.reason, report.density, report.estimate_ms)
+    recall = None
+    if config.record and config.measure_recall and report.used_sparse:
+        recall = float(attention_recall(query, key, report.layout, num_rows=32, scale=scaling).mean())
+    record(report.used_sparse, report.reason, report.density, report.estimate_ms, recall)
     return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,94 @@
+"""The evaluation harness: dense and every method over its knob range, on retrieval tasks.
+
+For each context length and configuration it records task accuracy (exact match of greedy
+generation), attention recall and density per layer (from the patched model's records), estimation
+cost, and prefill time. ``evaluate`` returns plain dicts; :mod:`.report` turns them into JSON, a
+markdown table and plots.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from ..integrations.hf import SparseConfig, patch, unpatch
+from .tasks import TASKS, make_sample, score
+
+# Knob ranges swept per method (block size is set by the harness).
+SWEEPS = {
+    "xattention": [{"threshold": t, "stride": 8} for t in (0.8, 0.9, 0.95)],
+    "flexprefill": [{"gamma": g, "min_budget": 256} for g in (0.8, 0.9, 0.95)],
+    "vertical_slash": [{"vertical_size": v, "slash_size": s} for v, s in ((32, 128), (64, 256), (128, 512))],
+    "pooled_topp": [{"top_p": p} for p in (0.8, 0.9, 0.95)],
+    "oracle": [{"top_p": p} for p in (0.8, 0.9, 0.95)],
+    "sliding_window": [{"window": w} for w in (256, 1024)],
+    "strided": [{"stride": 4, "local_blocks": 4}],
+    "power": [{"local_blocks": 2}],
+}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, block_size: int = 64,
+             sweeps: Optional[dict] = None, progress=None) -> list:
+    """Rows of results, one per (length, configuration); ``progress(advance)`` is called per sample."""
+    sweeps = {**SWEEPS, **(sweeps or {})}
+    unknown = [m for m in methods if m not in sweeps]
+    if unknown:
+        raise ValueError(f"no knob range for {unknown}; known: {sorted(sweeps)} (or pass sweeps=)")
+    device = next(model.parameters()).device
+    configs = [("dense", {})] + [(m, knobs) for m in methods for knobs in sweeps[m]]
+    rows = []
+    for length in lengths:
+        batch = [make_sample(task, tokenizer, length, seed=i) for task in tasks for i in range(samples)]
+        for name, knobs in configs:
+            state = None
+            if name == "dense":
+                unpatch(model)
+            else:
+                state = patch(model, config=SparseConfig(
+                    method=name, knobs={"block_size": block_size, **knobs}, min_kv_len=0,
+                    fallback="never", record=True, measure_recall=True))
+            correct, prefill_ms, per_task = 0, [], {}
+            for sample in batch:
+                ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+                answer_len = len(tokenizer(" " + sample.answer, add_special_tokens=False).input_ids)
+                with torch.no_grad():
+                    _sync(device)
+                    start = time.perf_counter()
+                    model(ids)
+                    _sync(device)
+                    prefill_ms.append((time.perf_counter() - start) * 1e3)
+                    out = model.generate(ids, max_new_tokens=answer_len + 3, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                ok = score(sample, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+                correct += ok
+                per_task.setdefault(sample.task, []).append(ok)
+                if progress:
+                    progress(1)
+            row = {"length": length, "method": name, "knobs": knobs, "accuracy": correct / len(batch),
+                   "per_task": {t: sum(v) / len(v) for t, v in per_task.items()},
+                   "prefill_ms": sum(prefill_ms) / len(prefill_ms), "samples": len(batch)}
+            if state is not None:
+                prefills = [r for r in state.records if r["q_len"] > 1 and r["sparse"]]
+                layers = sorted({r["layer"] for r in prefills})
+                row["density"] = _mean(r["density"] for r in prefills)
+                row["recall"] = _mean(r["recall"] for r in prefills)
+                row["estimate_ms_per_prefill"] = sum(r["estimate_ms"] for r in prefills) / max(len(prefills) / max(len(layers), 1), 1)
+                row["density_per_layer"] = {l: _mean(r["density"] for r in prefills if r["layer"] == l) for l in layers}
+                row["recall_per_layer"] = {l: _mean(r["recall"] for r in prefills if r["layer"] == l) for l in layers}
+            else:
+                row.update(density=1.0, recall=1.0, estimate_ms_per_prefill=0.0)
+            rows.append(row)
+    unpatch(model)
+    return rows
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None

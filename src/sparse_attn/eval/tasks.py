@@ -1,0 +1,111 @@
+"""Retrieval tasks in the RULER / needle-in-a-haystack tradition, for any HF tokenizer.
+
+Each sample hides one or more "needles" at random depths in real text (the haystack) so that the
+whole prompt is ``length`` tokens, then asks for them; the answer is scored by exact match on the
+model's greedy continuation.
+
+* ``passkey``: one number to recall.
+* ``multikey``: several key -> number needles; one key is asked (the others are distractors).
+* ``multivalue``: one key with several numbers; all are asked, in order of appearance.
+* ``vartrack``: a chain of variable assignments (``VAR B = VAR A``) from one value; all names
+  holding that value are asked, in chain order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from .corpus import haystack_text
+
+TASKS = ("passkey", "multikey", "multivalue", "vartrack")
+_SYLLABLES = ["ka", "lo", "mi", "ru", "te", "zan", "vo", "pel", "dri", "sho", "nu", "gax", "bel", "fi", "tor"]
+
+
+@dataclass
+class Sample:
+    task: str
+    prompt: str
+    answer: str
+    length: int
+    depths: list = field(default_factory=list)
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYLLABLES) for _ in range(3))
+
+
+def _number(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def _needles(task: str, rng: random.Random):
+    """(needle sentences, question, answer) for one sample."""
+    if task == "passkey":
+        key = _number(rng, 5)
+        return [f" The pass key is {key}. Remember it. {key} is the pass key. "], \
+            "What is the pass key? The pass key is", key
+    if task == "multikey":
+        words = []
+        while len(words) < 4:
+            w = _word(rng)
+            if w not in words:
+                words.append(w)
+        values = [_number(rng, 6) for _ in words]
+        asked = rng.randrange(len(words))
+        needles = [f" One of the special magic numbers for {w} is: {v}. " for w, v in zip(words, values)]
+        return needles, f"What is the special magic number for {words[asked]}? The special magic " \
+                        f"number for {words[asked]} is:", values[asked]
+    if task == "multivalue":
+        word = _word(rng)
+        values = [_number(rng, 6) for _ in range(3)]
+        needles = [f" One of the special magic numbers for {word} is: {v}. " for v in values]
+        return needles, f"What are all the special magic numbers for {word}? They are:", ", ".join(values)
+    if task == "vartrack":
+        names = []
+        while len(names) < 4:
+            n = _word(rng).upper()[:5]
+            if n not in names:
+                names.append(n)
+        value = _number(rng, 5)
+        needles = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
+        return needles, f"Which variables are assigned the value {value}? They are:", ", ".join(names)
+    raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
+
+
+def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str | None = None) -> Sample:
+    """A prompt of about ``length`` tokens (by ``tokenizer``) with needles at random depths."""
+    rng = random.Random(f"{task}-{length}-{seed}")
+    needles, question, answer = _needles(task, rng)
+    text = haystack_text() if haystack is None else haystack
+    fixed = sum(len(tokenizer(n, add_special_tokens=False).input_ids) for n in needles)
+    fixed += len(tokenizer("\n\n" + question, add_special_tokens=False).input_ids) + 1
+    budget = length - fixed
+    if budget < 16:
+        raise ValueError(f"length {length} is too short for task {task!r}: its needles and question "
+                         f"take {fixed} tokens (need at least {fixed + 16})")
+    start = rng.randrange(0, max(1, len(text) - 8 * budget))
+    ids = tokenizer(text[start:start + 8 * budget + 64], add_special_tokens=False).input_ids[:budget]
+    filler = tokenizer.decode(ids)
+    depths = sorted(rng.random() for _ in needles)
+    if task in ("vartrack", "multivalue"):
+        needle_order = needles  # chains and lists keep their order of appearance
+    else:
+        needle_order = rng.sample(needles, len(needles))
+    pieces, last = [], 0
+    for depth, needle in zip(depths, needle_order):
+        cut = int(depth * len(filler))
+        pieces += [filler[last:cut], needle]
+        last = cut
+    pieces.append(filler[last:])
+    prompt = "".join(pieces) + "\n\n" + question
+    return Sample(task, prompt, answer, length, depths)
+
+
+def score(sample: Sample, generated: str) -> bool:
+    """Exact match: the continuation, stripped, starts with the answer (then ends or punctuation)."""
+    text = generated.strip()
+    if not text.startswith(sample.answer):
+        return False
+    rest = text[len(sample.answer):]
+    return rest == "" or not rest[0].isalnum()

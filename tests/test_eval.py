@@ -1,0 +1,127 @@
+"""Evaluation harness pieces on CPU: tasks, scoring, the runner on a tiny model, canary training."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparse_attn.eval import TASKS, make_sample, score  # noqa: E402
+from sparse_attn.eval.corpus import haystack_text  # noqa: E402
+from sparse_attn.eval.report import markdown_table, write_report  # noqa: E402
+from sparse_attn.eval.runner import evaluate  # noqa: E402
+from sparse_attn.integrations.hf.tokenizer import byte_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def test_haystack_is_real_text():
+    text = haystack_text()
+    assert len(text) > 1_000_000 and "In the beginning" in text
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [600, 2000])
+def test_samples_hit_the_length_and_hold_the_answer(tokenizer, task, length):
+    sample = make_sample(task, tokenizer, length, seed=5)
+    n = len(tokenizer(sample.prompt).input_ids)
+    assert abs(n - length) <= 8
+    for part in sample.answer.split(", "):
+        assert part in sample.prompt
+    assert make_sample(task, tokenizer, length, seed=5).prompt == sample.prompt  # reproducible
+    assert make_sample(task, tokenizer, length, seed=6).prompt != sample.prompt
+
+
+def test_too_short_lengths_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="too short for task 'multikey'"):
+        make_sample("multikey", tokenizer, 100)
+
+
+def test_scoring_is_exact_match():
+    sample = make_sample("passkey", byte_tokenizer(), 200, seed=1)
+    assert score(sample, f" {sample.answer}. Remember")
+    assert not score(sample, f" {sample.answer}1")
+    assert not score(sample, " 0")
+
+
+def test_tasks_work_with_another_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(haystack_text()[:20000].split()))
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    sample = make_sample("multikey", word_tok, 500, seed=2)
+    assert abs(len(word_tok(sample.prompt).input_ids) - 500) <= 20
+
+
+def _tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=1024)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def test_runner_records_accuracy_recall_density_and_time(tokenizer, tmp_path):
+    model = _tiny_model(tokenizer)
+    calls = []
+    rows = evaluate(model, tokenizer, ["oracle", "sliding_window"], [256], tasks=["passkey"], samples=1,
+                    block_size=32, sweeps={"oracle": [{"top_p": 0.5}, {"top_p": 0.99}],
+                                           "sliding_window": [{"window": 64, "sink": 0}]},
+                    progress=calls.append)
+    assert [r["method"] for r in rows] == ["dense", "oracle", "oracle", "sliding_window"]
+    assert len(calls) == 4
+    dense, low, high, window = rows
+    assert dense["density"] == 1.0 and dense["recall"] == 1.0
+    assert 0 < low["density"] < high["density"] <= 1
+    assert 0 < low["recall"] <= high["recall"] <= 1
+    assert window["density"] < 1 and set(window["density_per_layer"]) == {0, 1}
+    assert all(0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 for r in rows)
+    assert not hasattr(model, "_sparse_attn_state") or model._sparse_attn_state is None or \
+        model.config._attn_implementation == "sdpa"
+    result = write_report(rows, {"model": "tiny"}, str(tmp_path / "eval"))
+    assert "| 256 | oracle | top_p=0.5 |" in result["table"]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert len(saved["rows"]) == 4
+    assert markdown_table(rows).count("\n") == 5
+
+
+def test_canary_training_smoke(tmp_path):
+    from sparse_attn.eval.canary import train
+
+    log = train(str(tmp_path / "canary"), seq_len=512, batch_size=2, max_steps=12, lr=3e-3, device="cpu",
+                eval_lengths=(512,), eval_samples=2, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert log["steps"] == 12 and log["final_loss"] < log["first_loss"]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "canary")
+    assert saved.config.num_key_value_heads == 1
+    assert (tmp_path / "canary" / "training_log.json").exists()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "canary")
+    assert tok.decode(tok("abc").input_ids) == "abc"
+
+
+def test_eval_cli_on_a_local_model_and_missing_canary(tokenizer, tmp_path):
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+
+    model = _tiny_model(tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "m"), "--methods", "power",
+                                       "--lengths", "200", "--tasks", "passkey", "--samples", "1",
+                                       "--block-size", "32", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| 200 | power |" in result.output and (tmp_path / "r.json").exists()
+    from sparse_attn.eval.canary import canary_dir
+
+    if not (canary_dir() / "config.json").exists():
+        missing = CliRunner().invoke(main, ["eval", "--model", "canary"])
+        assert missing.exit_code != 0 and "train-canary" in missing.output
