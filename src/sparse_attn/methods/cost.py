@@ -86,15 +86,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
 
 
 def _dense(q, k, v, scale):
-    group = q.shape[1] // k.shape[1]
+    """Exact causal attention (bottom-right aligned) through SDPA, GQA without repeating K/V."""
     q_len, kv_len = q.shape[2], k.shape[2]
     mask = None
     if q_len != kv_len:
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
-    k = k.repeat_interleave(group, 1) if group > 1 else k
-    v = v.repeat_interleave(group, 1) if group > 1 else v
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                            scale=scale)
+        positions = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= positions
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def calibrate(device="cuda", seq_len: int = 16384, heads: int = 32, kv_heads: int = 8, dim: int = 128,
