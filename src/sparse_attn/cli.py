@@ -141,7 +141,7 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     try:
         path = resolve_model(model_path)
     except FileNotFoundError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -79,9 +79,10 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
                 layers = sorted({r["layer"] for r in prefills})
                 row["density"] = _mean(r["density"] for r in prefills)
                 row["recall"] = _mean(r["recall"] for r in prefills)
-                row["estimate_ms_per_prefill"] = sum(r["estimate_ms"] for r in prefills) / max(len(prefills) / max(len(layers), 1), 1)
-                row["density_per_layer"] = {l: _mean(r["density"] for r in prefills if r["layer"] == l) for l in layers}
-                row["recall_per_layer"] = {l: _mean(r["recall"] for r in prefills if r["layer"] == l) for l in layers}
+                prefill_count = max(len(prefills) // max(len(layers), 1), 1)  # each prefill records every layer
+                row["estimate_ms_per_prefill"] = sum(r["estimate_ms"] for r in prefills) / prefill_count
+                row["density_per_layer"] = {i: _mean(r["density"] for r in prefills if r["layer"] == i) for i in layers}
+                row["recall_per_layer"] = {i: _mean(r["recall"] for r in prefills if r["layer"] == i) for i in layers}
             else:
                 row.update(density=1.0, recall=1.0, estimate_ms_per_prefill=0.0)
             rows.append(row)

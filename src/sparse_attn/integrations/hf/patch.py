@@ -122,7 +122,8 @@ def _is_plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
     """True if a boolean mask is exactly bottom-right causal for every row (no padding/window)."""
     if mask.dtype != torch.bool:
         return False
-    expected = torch.arange(kv_len, device=mask.device)[None, :] <= torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+    positions = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+    expected = torch.arange(kv_len, device=mask.device)[None, :] <= positions
     return bool((mask == expected).all())
 
 
