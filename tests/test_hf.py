@@ -31,7 +31,8 @@ def _tiny(family):
 
 
 def _ids(length=100, batch=1, seed=1):
-    return torch.randint(0, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    # Token 0 is the pad id given to generate(), so prompts never contain it.
+    return torch.randint(1, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
@@ -85,6 +86,8 @@ def test_generate_with_dense_layout_matches_dense_tokens(family):
     assert torch.equal(got, want)
     decode = [r for r in state.records if r["q_len"] == 1]
     assert decode and all(r["reason"] == "decode: dense" for r in decode)
+    prefill = [r for r in state.records if r["q_len"] > 1]
+    assert prefill and all(r["sparse"] for r in prefill)
 
 
 def test_chunked_prefill_against_a_cache_matches_dense():
@@ -219,3 +222,19 @@ def test_byte_tokenizer_round_trips_text():
     ids = tok(text).input_ids
     assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
     assert tok.decode(ids) == text
+
+
+def test_decode_hook_routes_single_token_steps_to_a_method():
+    model = _tiny("llama")
+    ids = _ids(length=40)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kwargs)
+    state = patch(model, config=SparseConfig(method="dense", knobs={"block_size": 16}, decode="dense",
+                                             min_kv_len=0, fallback="never", record=True))
+    assert torch.equal(model.generate(ids, **kwargs), want)
+    state = patch(model, config=SparseConfig(method="dense", knobs={"block_size": 16}, min_kv_len=0,
+                                             fallback="never", record=True, decode="oracle"))
+    got = model.generate(ids, **kwargs)
+    decode = [r for r in state.records if r["q_len"] == 1]
+    assert decode and all(r["sparse"] for r in decode), {r["reason"] for r in decode}  # the hook ran the method
+    assert got.shape == want.shape
