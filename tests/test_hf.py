@@ -238,3 +238,10 @@ def test_decode_hook_routes_single_token_steps_to_a_method():
     decode = [r for r in state.records if r["q_len"] == 1]
     assert decode and all(r["sparse"] for r in decode), {r["reason"] for r in decode}  # the hook ran the method
     assert got.shape == want.shape
+    state = patch(model, config=SparseConfig(method="dense", knobs={"block_size": 16}, min_kv_len=0,
+                                             fallback="never", record=True,
+                                             decode={"method": "quest", "top_k": 1, "block_size": 16, "sink": 0,
+                                                     "granularity": "head"}))
+    model.generate(ids, **kwargs)
+    decode = [r for r in state.records if r["q_len"] == 1]
+    assert all(r["sparse"] and r["density"] < 1 for r in decode), [(r["sparse"], r["density"], r["kv_len"]) for r in decode]

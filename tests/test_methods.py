@@ -226,3 +226,21 @@ def test_calibrate_measures_this_device():
     assert model.device_name == "cpu"
     assert model.dense_tflops > 0 and model.sparse_slowdown > 0 and model.sparse_fixed_ms >= 0
     assert set(model.measured) >= {"dense_ms", "sparse_d1_ms", "sparse_d0.1_ms"}
+
+
+def test_quest_bound_is_an_upper_bound_and_finds_a_decode_needle():
+    from sparse_attn.methods import Quest
+
+    q, k, planted_mask = planted("needle", q_len=1024, dim=64)
+    q_last = q[:, :, -1:]  # one decode step against 1024 cached keys
+    layout = get_method("quest", block_size=64, sink=0, top_k=2).estimate(q_last, k)
+    assert layout.q_len == 1 and layout.density() <= 3 / 16
+    assert planted_recall(q_last, k, layout, planted_mask[-1:]) >= 0.95
+    # The page bound is >= every true score inside the page.
+    grid_scores = torch.einsum("bhd,bhkd->bhk", q_last[:, ::2, 0].float(), k.float())  # head 0 of each group
+    kmax = k.float().view(1, 2, 16, 64, 64).amax(3)
+    kmin = k.float().view(1, 2, 16, 64, 64).amin(3)
+    qh = q_last[:, ::2, 0].float()
+    bound = (qh.clamp(min=0)[:, :, None] * kmax + qh.clamp(max=0)[:, :, None] * kmin).sum(-1)
+    assert (bound.repeat_interleave(64, -1) >= grid_scores - 1e-4).all()
+    assert Quest.name == "quest"

@@ -2,10 +2,10 @@
 
 from .base import METHODS, EstimateReport, Method, get_method, register_method
 from .cost import CostModel, attend
-from .methods_impl import FlexPrefill, Oracle, PooledTopK, PooledTopP, VerticalSlash, XAttention
+from .methods_impl import FlexPrefill, Oracle, PooledTopK, PooledTopP, Quest, VerticalSlash, XAttention
 from .static import StaticPattern
 
 __all__ = [
     "METHODS", "Method", "EstimateReport", "get_method", "register_method", "CostModel", "attend",
-    "PooledTopP", "PooledTopK", "Oracle", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
+    "PooledTopP", "PooledTopK", "Oracle", "Quest", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
 ]

@@ -1,4 +1,5 @@
-"""The estimators: pooled top-k / top-p, oracle, XAttention, vertical-slash (MInference), FlexPrefill."""
+"""The estimators: pooled top-k / top-p, oracle, XAttention, vertical-slash (MInference), FlexPrefill,
+and Quest (decode-time page selection)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .base import Method, register_method
 from .kernels import block_mass, top_p_mask
 from .scoring import (
     diagonal_sums,
+    group_queries,
     jensen_shannon,
     last_rows_attention,
     lines_to_blocks,
@@ -201,3 +203,35 @@ class FlexPrefill(Method):
         vs = lines_to_blocks(grid, v_keep, s_keep)
         self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used
         return torch.where(query_aware[..., None, None], qa, vs)
+
+
+@register_method
+@dataclass
+class Quest(Method):
+    """Quest's query-aware page selection (for decode and short chunks): each key block (page)
+    keeps the elementwise min and max of its keys; ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` bounds
+    every score in the page from above, and the ``top_k`` pages with the largest bound are kept
+    (max of the bound over the query block's rows). Min/max are recomputed per call here; a cache
+    that keeps them per page is the next step for long decodes."""
+
+    name = "quest"
+    top_k: Knob = 16
+
+    def select(self, q, k, grid, scale):
+        nq, nk = grid.reachable.shape
+        batch, kv_heads, kv_len, dim = k.shape
+        pad = nk * grid.kv_block - kv_len
+        kf = k.float()
+        kmax = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("-inf")).view(
+            batch, kv_heads, nk, grid.kv_block, dim).amax(3)
+        kmin = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=float("inf")).view(
+            batch, kv_heads, nk, grid.kv_block, dim).amin(3)
+        qg = group_queries(q, kv_heads).float()  # (B, Hkv, G, Sq, D)
+        bound = torch.einsum("bngsd,bnkd->bngsk", qg.clamp(min=0), kmax) + \
+            torch.einsum("bngsd,bnkd->bngsk", qg.clamp(max=0), kmin)
+        rows = q.shape[2]
+        pad_rows = nq * grid.q_block - rows
+        bound = torch.nn.functional.pad(bound, (0, 0, 0, pad_rows), value=float("-inf"))
+        bound = bound.view(*bound.shape[:3], nq, grid.q_block, nk).amax(4).flatten(1, 2)  # (B, H, NQ, NK)
+        kk = self.row_values(self.top_k, bound, kv_heads).long()
+        return select_top_k(bound, kk, valid=grid.reachable)

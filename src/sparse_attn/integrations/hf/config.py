@@ -24,7 +24,8 @@ class SparseConfig:
     * ``min_kv_len``: below this many keys attention stays dense (sparse does not pay there).
     * ``fallback``: ``"auto"`` also asks the cost model after estimating (CUDA only), ``"length"``
       only applies ``min_kv_len``, ``"never"`` always runs the sparse path.
-    * ``decode``: ``"dense"`` (default) or a method name for decode steps (``q_len == 1``).
+    * ``decode``: ``"dense"`` (default), or a method for decode steps (``q_len == 1``): a name or
+      ``{"method": name, **knobs}``, e.g. ``{"method": "quest", "top_k": 32}``.
     * ``record``: keep per-forward, per-layer density and estimation cost in the state.
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
@@ -37,7 +38,7 @@ class SparseConfig:
     dense_first_layers: int = 0
     min_kv_len: int = 8192
     fallback: str = "auto"
-    decode: str = "dense"
+    decode: Union[str, dict] = "dense"
     record: bool = False
     measure_recall: bool = False
     backend: str = "auto"
@@ -54,7 +55,8 @@ class SparseConfig:
         for idx in self.layers:
             self.method_for(idx)
         if self.decode != "dense":
-            self._decode_method = get_method(self.decode)
+            spec = {"method": self.decode} if isinstance(self.decode, str) else dict(self.decode)
+            self._decode_method = get_method(spec.pop("method"), **spec)
 
     def method_for(self, layer_idx: Optional[int]) -> Optional[Method]:
         """The method for a layer, or None when the layer stays dense."""
