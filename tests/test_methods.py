@@ -244,3 +244,14 @@ def test_quest_bound_is_an_upper_bound_and_finds_a_decode_needle():
     bound = (qh.clamp(min=0)[:, :, None] * kmax + qh.clamp(max=0)[:, :, None] * kmin).sum(-1)
     assert (bound.repeat_interleave(64, -1) >= grid_scores - 1e-4).all()
     assert Quest.name == "quest"
+
+
+def test_flexprefill_head_chunking_does_not_change_the_layout(monkeypatch):
+    import sparse_attn.methods.methods_impl as impl
+
+    q, k, _ = planted("slash", heads=8, kv_heads=4, q_len=512, dim=32)
+    method = get_method("flexprefill", block_size=32, min_budget=64, gamma=0.9)
+    monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 4)
+    whole = method.estimate(q, k).to_dense()
+    monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 1)
+    assert torch.equal(method.estimate(q, k).to_dense(), whole)

@@ -116,7 +116,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         losses.append(float(loss.detach()))
         step += 1
         if progress:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     model.eval()
     accuracy = {}
     for length in eval_lengths:

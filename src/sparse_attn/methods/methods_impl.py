@@ -23,6 +23,7 @@ from .scoring import (
 )
 
 Knob = Union[float, Sequence[float]]
+KV_HEADS_PER_CHUNK = 2  # FlexPrefill's exact last-block attention is computed this many KV groups at a time
 
 
 @register_method
@@ -185,24 +186,32 @@ class FlexPrefill(Method):
 
     def select(self, q, k, grid, scale):
         heads, kv_heads = q.shape[1], k.shape[1]
-        attn = last_rows_attention(q, k, grid.q_block, scale, causal=True)  # last query block
+        group = heads // kv_heads
         pooled = pooled_block_probs(q, k, grid, scale)  # (B, H, NQ, NK)
-        nk = grid.reachable.shape[1]
-        padded = torch.nn.functional.pad(attn.mean(-2), (0, nk * grid.kv_block - attn.shape[-1]))
-        truth = padded.view(*attn.shape[:2], nk, grid.kv_block).sum(-1)  # (B, H, NK)
-        divergence = jensen_shannon(truth, pooled[:, :, -1]).clamp_min(0).sqrt()  # (B, H)
-        query_aware = divergence < self.tau
         min_blocks = max(1, -(-self.min_budget // grid.kv_block))
         # Query-aware heads: cumulative mass on pooled block scores, at least min_blocks.
         qa = top_p_mask(pooled, self.row_values(self.gamma, pooled, kv_heads),
                         min_keep=min_blocks) & grid.reachable
-        # Vertical-slash heads: the fewest lines covering a gamma share of the last block's
-        # attention, at least min_budget tokens' worth of lines.
-        g = self.head_values(self.gamma, heads, kv_heads, q.device).view(1, heads)
-        v_keep, s_keep = lines_covering(attn, g, max(1, self.min_budget // grid.q_block))
-        vs = lines_to_blocks(grid, v_keep, s_keep)
+        gamma = self.head_values(self.gamma, heads, kv_heads, q.device)
+        nk = grid.reachable.shape[1]
+        aware, vs = [], []
+        # The last block's exact attention is (B, heads, q_block, Skv) floats: done a few KV groups at
+        # a time so memory stays bounded at long context (2 GB for 32 heads at 128K otherwise).
+        for first in range(0, kv_heads, KV_HEADS_PER_CHUNK):
+            last = min(kv_heads, first + KV_HEADS_PER_CHUNK)
+            rows = slice(first * group, last * group)
+            attn = last_rows_attention(q[:, rows], k[:, first:last], grid.q_block, scale, causal=True)
+            padded = torch.nn.functional.pad(attn.mean(-2), (0, nk * grid.kv_block - attn.shape[-1]))
+            truth = padded.view(*attn.shape[:2], nk, grid.kv_block).sum(-1)  # (B, h, NK)
+            divergence = jensen_shannon(truth, pooled[:, rows, -1]).clamp_min(0).sqrt()  # (B, h)
+            aware.append(divergence < self.tau)
+            # Vertical-slash heads: the fewest lines covering a gamma share of the last block's
+            # attention, at least min_budget tokens' worth of lines.
+            v_keep, s_keep = lines_covering(attn, gamma[rows].view(1, -1), max(1, self.min_budget // grid.q_block))
+            vs.append(lines_to_blocks(grid, v_keep, s_keep))
+        query_aware = torch.cat(aware, 1)
         self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used
-        return torch.where(query_aware[..., None, None], qa, vs)
+        return torch.where(query_aware[..., None, None], qa, torch.cat(vs, 1))
 
 
 @register_method

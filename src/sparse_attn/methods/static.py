@@ -53,6 +53,7 @@ class Strided(StaticPattern):
     name = "strided"
     stride: int = 4
     local_blocks: int = 4
+    granularity: str = "head"  # each query head keeps its own shard (merging a GQA group would union them)
 
     def build(self, q_len, kv_len, heads, kv_heads, device):
         return strided_layout(q_len, kv_len, stride=self.stride, num_heads=heads,
