@@ -49,7 +49,7 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
     from transformers import LlamaConfig
 
     shape = {**CANARY_SHAPE, **overrides}
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=seq_len, tie_word_embeddings=True,
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=seq_len + 64, tie_word_embeddings=True,
                        bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
 
 
