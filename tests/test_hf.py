@@ -245,3 +245,19 @@ def test_decode_hook_routes_single_token_steps_to_a_method():
     model.generate(ids, **kwargs)
     decode = [r for r in state.records if r["q_len"] == 1]
     assert all(r["sparse"] and r["density"] < 1 for r in decode), [(r["sparse"], r["density"], r["kv_len"]) for r in decode]
+
+
+def test_training_through_the_patch_matches_dense_gradients():
+    model = _tiny("qwen2").train()
+    ids = _ids(length=80)
+    loss = model(ids, labels=ids).loss
+    want = torch.autograd.grad(loss, [p for p in model.parameters()])
+    patch(model, method="dense", **EXACT)
+    loss_sparse = model(ids, labels=ids).loss
+    got = torch.autograd.grad(loss_sparse, [p for p in model.parameters()])
+    assert torch.allclose(loss_sparse, loss, atol=1e-6)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+    patch(model, method="sliding_window", window=32, sink=0, **EXACT)
+    model(ids, labels=ids).loss.backward()  # a sparse layout trains too
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

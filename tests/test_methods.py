@@ -255,3 +255,17 @@ def test_flexprefill_head_chunking_does_not_change_the_layout(monkeypatch):
     whole = method.estimate(q, k).to_dense()
     monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 1)
     assert torch.equal(method.estimate(q, k).to_dense(), whole)
+
+
+@pytest.mark.parametrize("length,block", [(100, 16), (64, 32), (33, 64)])
+def test_mean_pool_kernel_matches_reference(length, block):
+    from sparse_attn.methods.kernels import block_mean_pool
+    from sparse_attn.methods.scoring import mean_pool
+
+    x = torch.randn(2, 3, length, 32)
+    got = block_mean_pool(x, block, use_triton=True)
+    want = mean_pool(x, block)
+    assert got.shape == want.shape == (2, 3, -(-length // block), 32)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(want[:, :, 0], x[:, :, :block].mean(2), atol=1e-6)
+    assert torch.allclose(want[:, :, -1], x[:, :, (want.shape[2] - 1) * block:].mean(2), atol=1e-6)

@@ -5,6 +5,8 @@
   antidiagonally reshaped inputs it is XAttention's block score.
 * :func:`top_p_mask`: per row, the fewest largest entries reaching a share ``p`` of the row total
   (reference: :func:`.scoring.select_top_p`).
+* :func:`block_mean_pool`: mean of every block of tokens, the pooled Q/K summaries behind pooled
+  block scores (reference: :func:`.scoring.mean_pool`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .naive import block_mass_reference
-from .scoring import select_top_p
+from .scoring import mean_pool, select_top_p
 
 LOG2E = 1.4426950408889634
 
@@ -83,3 +85,23 @@ def top_p_mask(scores: Tensor, p, min_keep: int = 1, use_triton: bool | None = N
     top_p_kernel[(flat.shape[0],)](flat, out, p_rows.reshape(-1).contiguous(), n_cols, min_keep,
                                    BLOCK=max(16, 1 << math.ceil(math.log2(n_cols))))
     return out.view(scores.shape).bool()
+
+
+def block_mean_pool(x: Tensor, block: int, use_triton: bool | None = None) -> Tensor:
+    """``(B, H, S, D)`` -> ``(B, H, ceil(S / block), D)`` float32 block means (tail: its real tokens)."""
+    use_triton = _triton_usable(x) if use_triton is None else use_triton
+    dim = x.shape[-1]
+    if not use_triton or dim & (dim - 1) or dim < 16:
+        return mean_pool(x, block)
+    _require_triton(x)
+    from . import _triton_kernels
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    batch, heads, length, _ = x.shape
+    nblocks = -(-length // block)
+    out = torch.empty(batch, heads, nblocks, dim, device=x.device, dtype=torch.float32)
+    _triton_kernels.mean_pool_kernel[(nblocks, batch * heads)](
+        x, out, x.stride(0), x.stride(1), x.stride(2), length, H=heads, NBLOCKS=nblocks,
+        BLOCK=block, DIM=dim, ROWS=min(block, 16),
+    )
+    return out

@@ -22,14 +22,17 @@ def group_queries(q: Tensor, kv_heads: int) -> Tensor:
 
 
 def mean_pool(x: Tensor, block: int) -> Tensor:
-    """Mean over each block of ``block`` tokens along dim -2 (the tail block averages its real tokens)."""
+    """Mean over each block of ``block`` tokens along dim -2, in float32 (the tail block averages
+    its real tokens). Reference of :func:`sparse_attn.methods.kernels.block_mean_pool`; sums
+    without an fp32 copy of ``x``."""
     *lead, length, dim = x.shape
-    nblocks = -(-length // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nblocks * block - length))
-    sums = padded.view(*lead, nblocks, block, dim).sum(-2)
-    counts = torch.full((nblocks,), float(block), device=x.device)
-    counts[-1] = length - (nblocks - 1) * block
-    return sums / counts[:, None]
+    full = length // block
+    parts = []
+    if full:
+        parts.append(x[..., :full * block, :].reshape(*lead, full, block, dim).sum(-2, dtype=torch.float32) / block)
+    if length % block:
+        parts.append(x[..., full * block:, :].mean(-2, dtype=torch.float32, keepdim=True))
+    return torch.cat(parts, dim=-2)
 
 
 def pooled_block_probs(q: Tensor, k: Tensor, grid: BlockGrid, scale: float) -> Tensor:
@@ -37,9 +40,11 @@ def pooled_block_probs(q: Tensor, k: Tensor, grid: BlockGrid, scale: float) -> T
 
     Returns ``(B, H, NQ, NK)`` float32 (per query head; 0 on unreachable blocks).
     """
+    from .kernels import block_mean_pool
+
     kv_heads = k.shape[1]
-    qp = mean_pool(group_queries(q, kv_heads), grid.q_block)  # (B, Hkv, G, NQ, D)
-    kp = mean_pool(k, grid.kv_block)  # (B, Hkv, NK, D)
+    qp = group_queries(block_mean_pool(q, grid.q_block), kv_heads)  # (B, Hkv, G, NQ, D)
+    kp = block_mean_pool(k, grid.kv_block)  # (B, Hkv, NK, D)
     scores = torch.einsum("bngqd,bnkd->bngqk", qp, kp) * scale
     scores = scores.masked_fill(~grid.reachable, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
