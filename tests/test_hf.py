@@ -104,17 +104,36 @@ def test_chunked_prefill_against_a_cache_matches_dense():
     assert chunk and all(r["kv_len"] == 120 and r["sparse"] for r in chunk)
 
 
-def test_padded_batch_works_through_the_dense_fallback():
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_runs_sparse_per_sequence(side):
     model = _tiny("llama")
     ids = _ids(length=50, batch=2)
     mask = torch.ones_like(ids)
-    mask[0, :10] = 0  # left padding on the first sequence
+    if side == "left":
+        mask[0, :10] = 0
+    else:
+        mask[0, -10:] = 0
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        state = patch(model, method="oracle", record=True, top_p=0.5, **EXACT)
+        state = patch(model, method="dense", record=True, **EXACT)
         got = model(ids, attention_mask=mask).logits
-    assert torch.allclose(got[mask.bool()], want[mask.bool()], atol=1e-5)
-    assert all(not r["sparse"] and "padding" in r["reason"] for r in state.records)
+    valid = mask.bool()
+    assert torch.allclose(got[valid], want[valid], atol=1e-5)
+    assert all(r["sparse"] for r in state.records)
+    assert sorted({r["q_len"] for r in state.records}) == [40, 50]  # each sequence on its own span
+
+
+def test_sliding_window_masks_run_dense_with_a_reason():
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(sliding_window=16, **COMMON)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    ids = _ids(length=48)
+    with torch.no_grad():
+        want = model(ids).logits
+        state = patch(model, method="oracle", record=True, top_p=0.5, **EXACT)
+        got = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(not r["sparse"] and "sliding window" in r["reason"] for r in state.records)
 
 
 def test_unpatch_restores_the_original_behaviour():
@@ -261,3 +280,15 @@ def test_training_through_the_patch_matches_dense_gradients():
     patch(model, method="sliding_window", window=32, sink=0, **EXACT)
     model(ids, labels=ids).loss.backward()  # a sparse layout trains too
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_batched_generate_with_left_padding_matches_dense():
+    model = _tiny("qwen3")
+    ids = _ids(length=30, batch=2)
+    ids[0, :6] = 0  # pad id
+    mask = (ids != 0).long()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want = model.generate(ids, **kwargs)
+    state = patch(model, method="dense", record=True, **EXACT)
+    assert torch.equal(model.generate(ids, **kwargs), want)
+    assert any(r["sparse"] and r["q_len"] == 24 for r in state.records)

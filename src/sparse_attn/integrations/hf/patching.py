@@ -9,8 +9,9 @@ so several models can be patched differently in one process; ``unpatch`` restore
 
 Routing per call: prefill (``q_len > 1``, with or without a KV cache already present) goes through
 the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method; layers configured
-dense, short sequences, masks that are not plain causal (padding, sliding windows) and unsupported
-features (softcapping, dropout in training) run transformers' own SDPA path, with the reason recorded.
+dense, short sequences, masks other than causal or causal-with-padding (sliding windows) and
+unsupported features (softcapping, dropout in training) run transformers' own SDPA path, with the
+reason recorded. A padded batch (left or right padding) runs each sequence on its own unpadded span.
 """
 
 from __future__ import annotations
@@ -149,9 +150,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     layer = int(module.layer_idx)
     q_len, kv_len = query.shape[2], key.shape[2]
 
-    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None):
+    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=kv_len):
         if config.record:
-            state.records.append({"layer": layer, "q_len": q_len, "kv_len": kv_len, "sparse": sparse,
+            state.records.append({"layer": layer, "q_len": rows, "kv_len": keys, "sparse": sparse,
                                   "reason": reason, "density": density, "estimate_ms": estimate_ms,
                                   "recall": recall})
 
@@ -171,15 +172,60 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         return dense("softcap/output_attentions need dense attention")
     if dropout > 0.0 and module.training:
         return dense("attention dropout in training runs dense")
+    spans = None
     if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
-        return dense("mask is not plain causal (padding or sliding window): dense")
+        spans = _padding_spans(attention_mask, q_len, kv_len)
+        if spans is None:
+            return dense("mask is neither causal nor causal with padding (e.g. sliding window): dense")
     if config.fallback != "never" and kv_len < config.min_kv_len:
         return dense(f"kv_len {kv_len} < min_kv_len {config.min_kv_len}")
     cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
-    out, report = attend(query, key, value, method, layer_idx=layer, cost_model=cost_model,
-                         backend=config.backend, scale=scaling)
-    recall = None
-    if config.record and config.measure_recall and report.used_sparse:
-        recall = float(attention_recall(query, key, report.layout, num_rows=32, scale=scaling).mean())
-    record(report.used_sparse, report.reason, report.density, report.estimate_ms, recall)
-    return out.transpose(1, 2).contiguous(), None
+
+    def run(q, k, v):
+        out, report = attend(q, k, v, method, layer_idx=layer, cost_model=cost_model,
+                             backend=config.backend, scale=scaling)
+        recall = None
+        if config.record and config.measure_recall and report.used_sparse:
+            recall = float(attention_recall(q, k, report.layout, num_rows=32, scale=scaling).mean())
+        record(report.used_sparse, report.reason, report.density, report.estimate_ms, recall,
+               rows=q.shape[2], keys=k.shape[2])
+        return out
+
+    if spans is None:
+        return run(query, key, value).transpose(1, 2).contiguous(), None
+    # Padded batch: each sequence runs on its own unpadded span; padded query rows get zeros.
+    out = query.new_zeros(query.shape[0], q_len, query.shape[1], query.shape[3])
+    offset = kv_len - q_len
+    for b, (start, end) in enumerate(spans):
+        q0, q1 = max(start - offset, 0), max(end - offset, 0)
+        if q1 > q0:
+            part = run(query[b:b + 1, :, q0:q1], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end])
+            out[b, q0:q1] = part[0].transpose(0, 1)
+    return out, None
+
+
+def _padding_spans(mask: torch.Tensor, q_len: int, kv_len: int):
+    """For a boolean mask that is causal restricted to one contiguous run of valid keys per sequence
+    (left or right padding), ``[(start, end)]`` per batch row; None for any other mask.
+
+    Only the rows of valid positions are checked: padded query rows are dropped anyway.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
+        return None
+    offset = kv_len - q_len
+    keys = torch.arange(kv_len, device=mask.device)
+    positions = torch.arange(q_len, device=mask.device) + offset
+    causal = keys[None, :] <= positions[:, None]
+    spans = []
+    for row_mask in mask[:, 0]:
+        valid = row_mask.any(0)  # keys some query may read
+        idx = valid.nonzero().flatten()
+        if idx.numel() == 0:
+            return None
+        start, end = int(idx[0]), int(idx[-1]) + 1
+        span = (keys >= start) & (keys < end)
+        rows = (positions >= start) & (positions < end)
+        if not bool(valid[start:end].all()) or not torch.equal(row_mask[rows], (causal & span)[rows]):
+            return None
+        spans.append((start, end))
+    return spans
