@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparse_attn import LayoutError, sparse_attention, which_backend
+from sparse_attn import BlockSparseLayout, LayoutError, sparse_attention, which_backend
 from sparse_attn.backends.reference import naive_masked_attention
 from utils import TOLERANCE, make_qkv, random_layout, rel_error
 
@@ -72,8 +72,6 @@ def test_empty_rows_give_zero_and_finite_gradients():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 32, requires_grad=True)
     dense = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
     dense[0, 0, 3, 0] = True  # one row of head 0 keeps a block; everything else is empty
-    from sparse_attn import BlockSparseLayout
-
     layout = BlockSparseLayout.from_dense(dense, 64, 64, 16)
     out, lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
     assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1]))
@@ -149,3 +147,22 @@ def test_scale_argument():
     assert rel_error(out, golden(q, k, v, layout, scale=0.3)[0]) < 1e-10
     assert not torch.allclose(out, sparse_attention(q, k, v, layout, backend="reference"))
     assert math.isclose(1.0, 1.0)
+
+
+@pytest.mark.parametrize("layout_heads", [1, 2])
+def test_flex_coarse_block_mask_is_exact(layout_heads):
+    """The 128-key-block BlockMask used for Flex backward on CUDA keeps the fine layout's tokens."""
+    from sparse_attn.backends.flex import _exact_coarse_block_mask
+
+    layout = random_layout(1, layout_heads, 100, 300, block=32, causal=True, density=0.5)
+    block_mask = _exact_coarse_block_mask(layout, 4, kv_block=128)
+    assert block_mask.BLOCK_SIZE == (32, 128)
+    coarse = BlockSparseLayout.from_flex_block_mask(block_mask).to_dense()  # (1, H, NQ, NK_coarse)
+    want = layout.expand(heads=4).to_token_mask()[0]
+    for h in range(4):
+        got = torch.zeros(100, 300, dtype=torch.bool)
+        for i in range(100):
+            keys = torch.arange(300)
+            in_block = coarse[0, h % coarse.shape[1], i // 32][keys // 128]
+            got[i] = in_block & block_mask.mask_mod(torch.tensor(0), torch.tensor(h), torch.tensor(i), keys)
+        assert torch.equal(got, want[h]), h
