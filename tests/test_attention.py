@@ -166,3 +166,14 @@ def test_flex_coarse_block_mask_is_exact(layout_heads):
             in_block = coarse[0, h % coarse.shape[1], i // 32][keys // 128]
             got[i] = in_block & block_mask.mask_mod(torch.tensor(0), torch.tensor(h), torch.tensor(i), keys)
         assert torch.equal(got, want[h]), h
+
+
+def test_sparse_attention_inside_torch_compile():
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 16, dtype=torch.float32)
+    layout = random_layout(1, 1, 64, 64, block=16)
+
+    def block(q, k, v):
+        return torch.relu(sparse_attention(q, k, v, layout, backend="reference")) * 2
+
+    compiled = torch.compile(block, backend="eager")
+    assert torch.allclose(compiled(q, k, v), block(q, k, v))

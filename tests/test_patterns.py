@@ -190,3 +190,18 @@ def test_random_layout_density_and_diagonal(density):
     dense = layout.to_dense()[0]
     assert dense.diagonal(dim1=-2, dim2=-1).all()
     assert not torch.equal(dense[0], dense[1]) or density == 1.0  # heads differ
+
+
+def test_mask_mod_may_depend_on_batch_and_head():
+    lengths = torch.tensor([40, 100])
+
+    def per_sequence_prefix(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx < lengths[b]) & ((h == 0) | (kv_idx >= 32))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layout = layout_from_mask_mod(per_sequence_prefix, 2, 2, 128, 128, block_size=32)
+    dense = layout.to_dense()
+    assert layout.batch == 2 and layout.heads == 2
+    assert not dense[0, 0, 3, 2] and dense[1, 0, 3, 2]  # keys 64..95 exist only in sequence 1
+    assert dense[0, 0, 3, 0] and not dense[0, 1, 3, 0]  # head 1 skips the first 32 keys

@@ -46,6 +46,10 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
     layout.check_compatible(batch, heads, kv_heads, q_len, k.shape[2], q.device)
 
 
+_compiler_disable = getattr(torch.compiler, "disable", lambda fn=None, **_: fn)
+
+
+@_compiler_disable
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, *,
                      causal: Optional[bool] = None, scale: Optional[float] = None,
                      backend: str = "auto", return_lse: bool = False):
@@ -64,7 +68,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
 
     Rows with no kept key get output 0 and LSE ``-inf``. Gradients flow through every backend
-    that supports them (``reference`` always).
+    that supports them (``reference`` always). Under ``torch.compile`` this call is a graph break
+    (``torch.compiler.disable``): the layout checks and the Triton autotuner stay in eager mode.
     """
     check_attention_inputs(q, k, v, layout)
     if causal is not None and bool(causal) != layout.causal:
@@ -84,6 +89,7 @@ def which_backend(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) ->
     return explain_choice(q, k, v, layout)
 
 
+@_compiler_disable
 def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                             cu_seqlens_k: Tensor, layout: BlockSparseLayout, *,
                             scale: Optional[float] = None, backend: str = "auto",
