@@ -1,8 +1,9 @@
 """Estimation cost of each dynamic method vs attention time, on one GPU run.
 
-For each S: dense cuDNN causal attention time, then per method the estimation time, the density it
-chose, our sparse attention time at that density, and the ratios estimate/dense and
-estimate/sparse. Target from the issue: estimation <= 5% of dense time at 128K.
+For each S: dense cuDNN causal attention time, then per method (with its heavy steps in PyTorch,
+then in Triton, checking both choose the same blocks) the estimation time, the density it chose,
+our sparse attention time at that density, and the ratios estimate/dense and estimate/sparse.
+Target from the issue: estimation <= 5% of dense time at 128K.
 
 Inputs are random (no sparse structure), so densities are high; the point here is cost. Accuracy
 on structured inputs is the evaluation harness's job.
@@ -23,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sparse_attn import get_method, sparse_attention  # noqa: E402
+from sparse_attn.methods import kernels as estimator_kernels  # noqa: E402
 
 METHODS = {
     "pooled_topp": {"top_p": 0.9},
@@ -65,16 +67,24 @@ def main(argv=None):
             dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))
         del kr, vr
         for name in args.methods:
-            method = get_method(name, **METHODS[name], measure_cost=False)
-            layout = method.estimate(q, k)
-            est_ms = bench(lambda: method.estimate(q, k))
-            sparse_ms = bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))
-            row = {"seq": seq, "method": name, "density": layout.density(), "estimate_ms": est_ms,
-                   "sparse_ms": sparse_ms, "dense_cudnn_ms": dense_ms,
-                   "estimate_over_dense": est_ms / dense_ms, "estimate_over_sparse": est_ms / sparse_ms}
-            rows.append(row)
-            print(f"| {seq} | {name} | {row['density']:.3f} | {est_ms:.2f} | {sparse_ms:.2f} | {dense_ms:.2f} | "
-                  f"{row['estimate_over_dense']:.3f} | {row['estimate_over_sparse']:.3f} |", flush=True)
+            for triton_steps in (False, True):  # estimator steps in PyTorch, then in Triton
+                estimator_kernels.TRITON_ON_CUDA = triton_steps
+                method = get_method(name, **METHODS[name], measure_cost=False)
+                layout = method.estimate(q, k)
+                if triton_steps:  # the Triton steps must choose the same blocks as the references
+                    same = bool(torch.equal(layout.to_dense(), reference_dense))
+                else:
+                    reference_dense, same = layout.to_dense(), True
+                est_ms = bench(lambda: method.estimate(q, k))
+                sparse_ms = bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))
+                row = {"seq": seq, "method": name, "estimator_steps": "triton" if triton_steps else "torch",
+                       "same_layout_as_torch": same, "density": layout.density(), "estimate_ms": est_ms,
+                       "sparse_ms": sparse_ms, "dense_cudnn_ms": dense_ms,
+                       "estimate_over_dense": est_ms / dense_ms, "estimate_over_sparse": est_ms / sparse_ms}
+                rows.append(row)
+                print(f"| {seq} | {name} | {row['estimator_steps']} | {same} | {row['density']:.3f} | "
+                      f"{est_ms:.2f} | {sparse_ms:.2f} | {dense_ms:.2f} | {row['estimate_over_dense']:.3f} | "
+                      f"{row['estimate_over_sparse']:.3f} |", flush=True)
             with open(args.out + ".json", "w") as fh:
                 json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     return 0
