@@ -269,3 +269,13 @@ def test_mean_pool_kernel_matches_reference(length, block):
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(want[:, :, 0], x[:, :, :block].mean(2), atol=1e-6)
     assert torch.allclose(want[:, :, -1], x[:, :, (want.shape[2] - 1) * block:].mean(2), atol=1e-6)
+
+
+def test_estimator_kernels_refuse_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 1, 32, 16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        block_mass(q, q, 16, 16, 0.25, use_triton=True)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        top_p_mask(torch.rand(2, 8), 0.5, use_triton=True)
+    assert block_mass(q, q, 16, 16, 0.25).shape == (1, 1, 2, 2)  # automatic choice: the reference
