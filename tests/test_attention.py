@@ -25,10 +25,14 @@ def test_reference_matches_naive_heads_dims(heads, kv_heads, dim, causal):
     layout = random_layout(2, kv_heads, 100, 100, block=32, causal=causal)
     out, lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
     ref_out, ref_lse = golden(q, k, v, layout)
-    assert rel_error(out, ref_out) < TOLERANCE[torch.float64]
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-5)
+    # Verbose on failure: this test once failed in a fresh CI clone and was never reproduced since.
+    context = (f"layout counts {layout.kv_num_blocks.tolist()}, threads {torch.get_num_threads()}, "
+               f"lse finite mismatch {int((torch.isfinite(lse) != finite).sum())}")
+    assert rel_error(out, ref_out) < TOLERANCE[torch.float64], (rel_error(out, ref_out), context)
+    assert torch.equal(torch.isfinite(lse), finite), context
+    lse_gap = float((lse[finite].double() - ref_lse[finite]).abs().max()) if finite.any() else 0.0
+    assert lse_gap <= 1e-5, (lse_gap, context)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 257), (63, 63), (65, 1000), (1000, 1000),
