@@ -1,4 +1,4 @@
-"""Accuracy metrics for layouts: attention recall, output error, density statistics.
+"""Accuracy metrics for layouts: attention recall and output error (density: ``layout.density_per_head()``).
 
 None of them builds a ``q_len x kv_len`` matrix: recall works on sampled query rows.
 """
@@ -55,8 +55,3 @@ def output_relative_error(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLa
     dense_out = sparse_attention(q, k, v, dense, backend=backend).float()
     return (sparse_out - dense_out).norm(dim=(-1, -2)) / dense_out.norm(dim=(-1, -2)).clamp_min(1e-12)
 
-
-def density_report(layout: BlockSparseLayout) -> dict:
-    """Density overall and per head (averaged over the batch)."""
-    per_head = layout.density_per_head()
-    return {"density": float(per_head.mean()), "per_head": per_head.mean(0).tolist()}

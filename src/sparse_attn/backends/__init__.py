@@ -27,7 +27,6 @@ class Backend:
     name: str
     can_run: CanRun  # returns None when it can run, else the reason it cannot
     forward: Forward  # (q, k, v, layout, scale) -> (out, lse)
-    exact_on_cpu: bool = True
 
 
 def _reference_can_run(q, k, v, layout):

@@ -60,7 +60,6 @@ class Method:
     """Base class. Subclasses set ``name`` and implement :meth:`select`."""
 
     name: ClassVar[str] = "method"
-    causal_only: ClassVar[bool] = True
 
     block_size: int = 128
     granularity: str = "kv"
