@@ -163,32 +163,34 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--out", default="src/sparse_attn/eval/canary", show_default=True)
 @click.option("--minutes", default=10.0, show_default=True)
 @click.option("--seq-len", default=8192, show_default=True)
-@click.option("--batch-size", default=4, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--device", default=None)
-def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device):
+@click.option("--eval-samples", default=8, show_default=True, help="dense-accuracy prompts per length after training")
+@click.option("--log-every", default=30.0, show_default=True, help="seconds between log lines")
+def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every):
     """Train the byte-level canary model (dense attention) and save it in HF format."""
     from .eval.canary import train
 
     total = max_steps or int(minutes * 60)
-    with click.progressbar(length=total, label="train-canary",
-                           item_show_func=lambda x: x) as bar:
-        last = {"t": 0}
+    start = time.time()
+    with click.progressbar(length=total, label="train-canary", item_show_func=lambda x: x) as bar:
+        state = {"shown": 0, "logged": start}
 
-        def progress(step, loss):
-            import time as _time
-
-            if max_steps:
-                bar.update(1, f"loss {loss:.3f}")
-            else:
-                now = int(_time.time())
-                if now != last["t"]:
-                    bar.update(1, f"step {step} loss {loss:.3f}")
-                    last["t"] = now
+        def progress(step, loss, answer_loss):
+            now = time.time()
+            done = step if max_steps else int(now - start)
+            if done > state["shown"]:
+                bar.update(done - state["shown"], f"step {step} loss {loss:.3f} answer {answer_loss:.3f}")
+                state["shown"] = done
+            if now - state["logged"] >= log_every:
+                click.echo(f"\n[{now - start:6.0f}s] step {step} loss {loss:.3f} answer loss {answer_loss:.3f}",
+                           err=True)
+                state["logged"] = now
 
         log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
-                    max_steps=max_steps, progress=progress)
+                    max_steps=max_steps, eval_samples=eval_samples, progress=progress)
     click.echo(json.dumps(log, indent=1))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from importlib import resources
@@ -53,41 +54,125 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
                        bos_token_id=None, eos_token_id=None, pad_token_id=None, **shape)
 
 
+# Token roles in a training episode: padding (no loss), text (language-model loss), answer
+# (retrieval loss). The two losses are averaged separately and added, so a few answer tokens in
+# 8K tokens of text still carry half the gradient.
+PAD, TEXT, ANSWER = 0, 1, 2
+
+
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float):
-    """Token ids and per-token loss weights for one training sequence."""
+    """Token ids and per-token roles (``TEXT``/``ANSWER``) for one training sequence.
+
+    A retrieval episode is a task prompt, its answer, then any follow-up questions about the same
+    needles with their answers (so one sequence supervises several retrievals). "drill" episodes are
+    multikey samples with 8-32 keys, all asked: the haystack text is small enough to be memorized,
+    so without dense retrieval supervision the model learns the text and never learns to look up.
+    """
     if rng.random() >= task_share:
         start = rng.randrange(0, len(text) - 4 * seq_len)
         ids = tokenizer(text[start:start + 2 * seq_len], add_special_tokens=False).input_ids[:seq_len]
-        return ids, [1.0] * len(ids)
-    task = rng.choice(TASKS)
-    sample = make_sample(task, tokenizer, seq_len - 32, seed=rng.randrange(1 << 30), haystack=text)
-    prompt = tokenizer(sample.prompt, add_special_tokens=False).input_ids
-    answer = tokenizer(" " + sample.answer + ".", add_special_tokens=False).input_ids
-    ids = (prompt + answer)[-seq_len:]
-    weights = [1.0] * (len(ids) - len(answer)) + [5.0] * len(answer)  # the answer carries retrieval
-    return ids, weights
+        return ids, [TEXT] * len(ids)
+    task = rng.choice(TASKS + ("drill",))
+    if task == "drill":  # many keys, every one asked: dense supervision for learning to look things up
+        most = max(2, min(32, seq_len // 256))  # a needle plus its question take ~110 tokens
+        keys = rng.randint(min(8, most), most)
+        reserve = 105 * keys
+        sample = make_sample("multikey", tokenizer, seq_len - reserve, seed=rng.randrange(1 << 30),
+                             haystack=text, keys=keys)
+    else:
+        reserve = min(400, seq_len // 4) if task == "multikey" else 40
+        sample = make_sample(task, tokenizer, seq_len - reserve, seed=rng.randrange(1 << 30), haystack=text)
+    ids = tokenizer(sample.prompt, add_special_tokens=False).input_ids
+    roles = [TEXT] * len(ids)
+    for question, answer in [(None, sample.answer)] + list(sample.followups):
+        if question is not None:
+            asked = tokenizer("\n\n" + question, add_special_tokens=False).input_ids
+            ids, roles = ids + asked, roles + [TEXT] * len(asked)
+        answer_ids = tokenizer(" " + answer + ".", add_special_tokens=False).input_ids
+        ids, roles = ids + answer_ids, roles + [ANSWER] * len(answer_ids)
+    return ids[:seq_len], roles[:seq_len]
 
 
-def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 4, lr: float = 1e-3,
-          task_share: float = 0.6, device: Optional[str] = None, max_steps: Optional[int] = None,
+class _Episodes(torch.utils.data.IterableDataset):
+    """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
+
+    def __init__(self, seq_len: int, task_share: float, seed: int):
+        self.seq_len, self.task_share, self.seed = seq_len, task_share, seed
+
+    def __iter__(self):
+        from ..integrations.hf.tokenizer import byte_tokenizer
+
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}-{self.seq_len}-{info.id if info else 0}")
+        tokenizer, text = byte_tokenizer(), haystack_text()
+        while True:
+            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share)
+            yield torch.tensor(ids), torch.tensor(roles)
+
+
+def _pad_batch(episodes):
+    width = max(len(ids) for ids, _ in episodes)
+    ids = torch.zeros(len(episodes), width, dtype=torch.long)
+    roles = torch.full((len(episodes), width), PAD, dtype=torch.long)
+    for i, (e_ids, e_roles) in enumerate(episodes):
+        ids[i, :len(e_ids)] = e_ids
+        roles[i, :len(e_roles)] = e_roles
+    return ids, roles
+
+
+def _loader(seq_len: int, batch_size: int, task_share: float, seed: int, workers: int, pin: bool):
+    return iter(torch.utils.data.DataLoader(
+        _Episodes(seq_len, task_share, seed), batch_size=batch_size, collate_fn=_pad_batch,
+        num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
+
+
+def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
+    """Greedy exact-match accuracy of ``model`` on ``samples`` retrieval prompts per length."""
+    from .tasks import score
+
+    use_bf16 = torch.device(device).type == "cuda"
+    accuracy = {}
+    for length in lengths:
+        hits = 0
+        for i in range(samples):
+            sample = make_sample(TASKS[i % len(TASKS)], tokenizer, length, seed=10_000 + i)
+            prompt = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                out = model.generate(prompt, max_new_tokens=len(sample.answer) + 4, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            hits += score(sample, tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
+        accuracy[length] = hits / samples
+    return accuracy
+
+
+def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
+          task_share: float = 0.75, device: Optional[str] = None, max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
-          **shape_overrides) -> dict:
-    """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log."""
+          workers: Optional[int] = None, short_share: float = 0.3, **shape_overrides) -> dict:
+    """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
+
+    Curriculum: the first ``short_share`` of the budget trains on episodes a quarter as long
+    (4x the batch, same tokens per step), where retrieval is found sooner; the rest at ``seq_len``.
+    Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
+    the GPU never waits on tokenization. ``progress(step, loss, answer_loss)`` is called every step.
+    """
     from transformers import AutoModelForCausalLM
 
     from ..integrations.hf.tokenizer import byte_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = torch.device(device).type == "cuda"
+    if workers is None:
+        workers = min(8, max((os.cpu_count() or 1) - 2, 0)) if use_bf16 else 0
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     tokenizer = byte_tokenizer()
     config = canary_config(seq_len, len(tokenizer), **shape_overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    text = haystack_text()
-    use_bf16 = device.startswith("cuda")
+    short_len = max(seq_len // 4, 512)
+    loader, loader_len = None, None
     budget_s = minutes * 60
-    start, step, losses = time.time(), 0, []
+    start, step, losses, answer_losses = time.time(), 0, [], []
     warmup = 100
     while True:
         elapsed = time.time() - start
@@ -97,49 +182,42 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        episodes = [_episode(tokenizer, seq_len, rng, text, task_share) for _ in range(batch_size)]
-        width = max(len(ids) for ids, _ in episodes)
-        ids = torch.zeros(batch_size, width, dtype=torch.long)
-        weights = torch.zeros(batch_size, width)
-        for i, (e_ids, e_w) in enumerate(episodes):
-            ids[i, :len(e_ids)] = torch.tensor(e_ids)
-            weights[i, :len(e_w)] = torch.tensor(e_w)
-        ids, weights = ids.to(device), weights.to(device)
+        want = short_len if frac < short_share and short_len < seq_len else seq_len
+        if want != loader_len:
+            factor = seq_len // want
+            loader, loader_len = _loader(want, batch_size * factor, task_share, seed, workers, use_bf16), want
+        ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(ids[:, :-1]).logits.float()
         token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (token_loss * weights[:, 1:]).sum() / weights[:, 1:].sum()
+        roles = roles[:, 1:]
+        text, answer = (roles == TEXT).float(), (roles == ANSWER).float()
+        text_loss = (token_loss * text).sum() / text.sum().clamp_min(1)
+        answer_loss = (token_loss * answer).sum() / answer.sum().clamp_min(1)
+        loss = text_loss + answer_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(text_loss.detach()))
+        answer_losses.append(float(answer_loss.detach()) if bool(answer.any()) else float("nan"))
         step += 1
         if progress:
-            progress(step, losses[-1])
+            progress(step, losses[-1], answer_losses[-1])
     model.eval()
-    accuracy = {}
-    for length in eval_lengths:
-        if length > seq_len:
-            continue
-        hits = 0
-        for i in range(eval_samples):
-            sample = make_sample(TASKS[i % len(TASKS)], tokenizer, length, seed=10_000 + i)
-            prompt = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = model.generate(prompt, max_new_tokens=len(sample.answer) + 4, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            from .tasks import score
-
-            hits += score(sample, tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
-        accuracy[length] = hits / eval_samples
+    accuracy = dense_accuracy(model, tokenizer, [n for n in eval_lengths if n <= seq_len], eval_samples, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    recent = [x for x in answer_losses[-50:] if x == x]
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
-           "final_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1), "first_loss": losses[0] if losses else None,
+           "short_len": short_len, "short_share": short_share,
+           "final_text_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
+           "first_text_loss": losses[0] if losses else None,
+           "final_answer_loss": sum(recent) / len(recent) if recent else None,
            "dense_accuracy": accuracy, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",
-           "parameters": sum(p.numel() for p in model.parameters())}
+           "parameters": sum(p.numel() for p in model.parameters()), "shape": {**CANARY_SHAPE, **shape_overrides},
+           "lr": lr, "task_share": task_share}
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     return log

@@ -29,6 +29,9 @@ class Sample:
     answer: str
     length: int
     depths: list = field(default_factory=list)
+    # Further (question, answer) pairs about the same needles; training appends them after the
+    # answer so one long episode supervises several retrievals. Evaluation asks ``question`` only.
+    followups: list = field(default_factory=list)
 
 
 def _word(rng: random.Random) -> str:
@@ -39,28 +42,32 @@ def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
-def _needles(task: str, rng: random.Random):
-    """(needle sentences, question, answer) for one sample."""
+def _needles(task: str, rng: random.Random, keys: int = 4):
+    """(needle sentences, question, answer, follow-up (question, answer) pairs) for one sample."""
     if task == "passkey":
         key = _number(rng, 5)
         return [f" The pass key is {key}. Remember it. {key} is the pass key. "], \
-            "What is the pass key? The pass key is", key
+            "What is the pass key? The pass key is", key, []
     if task == "multikey":
         words = []
-        while len(words) < 4:
+        while len(words) < keys:
             w = _word(rng)
             if w not in words:
                 words.append(w)
         values = [_number(rng, 6) for _ in words]
         asked = rng.randrange(len(words))
         needles = [f" One of the special magic numbers for {w} is: {v}. " for w, v in zip(words, values)]
-        return needles, f"What is the special magic number for {words[asked]}? The special magic " \
-                        f"number for {words[asked]} is:", values[asked]
+
+        def ask(i):
+            return f"What is the special magic number for {words[i]}? The special magic number for {words[i]} is:"
+
+        others = [i for i in rng.sample(range(len(words)), len(words)) if i != asked]
+        return needles, ask(asked), values[asked], [(ask(i), values[i]) for i in others]
     if task == "multivalue":
         word = _word(rng)
         values = [_number(rng, 6) for _ in range(3)]
         needles = [f" One of the special magic numbers for {word} is: {v}. " for v in values]
-        return needles, f"What are all the special magic numbers for {word}? They are:", ", ".join(values)
+        return needles, f"What are all the special magic numbers for {word}? They are:", ", ".join(values), []
     if task == "vartrack":
         names = []
         while len(names) < 4:
@@ -69,14 +76,18 @@ def _needles(task: str, rng: random.Random):
                 names.append(n)
         value = _number(rng, 5)
         needles = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
-        return needles, f"Which variables are assigned the value {value}? They are:", ", ".join(names)
+        return needles, f"Which variables are assigned the value {value}? They are:", ", ".join(names), []
     raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
 
 
-def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str | None = None) -> Sample:
-    """A prompt of about ``length`` tokens (by ``tokenizer``) with needles at random depths."""
-    rng = random.Random(f"{task}-{length}-{seed}")
-    needles, question, answer = _needles(task, rng)
+def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str | None = None,
+                keys: int = 4) -> Sample:
+    """A prompt of about ``length`` tokens (by ``tokenizer``) with needles at random depths.
+
+    ``keys``: how many key -> number needles ``multikey`` hides (the training drills use many).
+    """
+    rng = random.Random(f"{task}-{length}-{seed}" + ("" if keys == 4 else f"-{keys}"))
+    needles, question, answer, followups = _needles(task, rng, keys)
     text = haystack_text() if haystack is None else haystack
     fixed = sum(len(tokenizer(n, add_special_tokens=False).input_ids) for n in needles)
     fixed += len(tokenizer("\n\n" + question, add_special_tokens=False).input_ids) + 1
@@ -99,7 +110,7 @@ def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str 
         last = cut
     pieces.append(filler[last:])
     prompt = "".join(pieces) + "\n\n" + question
-    return Sample(task, prompt, answer, length, depths)
+    return Sample(task, prompt, answer, length, depths, followups)
 
 
 def score(sample: Sample, generated: str) -> bool:
