@@ -28,14 +28,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from sparse_attn import get_method, sparse_attention  # noqa: E402
 from sparse_attn.methods import kernels as estimator_kernels  # noqa: E402
 
-METHODS = {
-    "pooled_topp": {"top_p": 0.9},
-    "xattention": {"threshold": 0.9, "stride": 8},
-    "vertical_slash": {"vertical_size": 1000, "slash_size": 6096},
-    "flexprefill": {"gamma": 0.9, "tau": 0.1},
-    "oracle": {"top_p": 0.95},
+METHODS = {  # label -> (method, knobs)
+    "pooled_topp": ("pooled_topp", {"top_p": 0.9}),
+    "xattention": ("xattention", {"threshold": 0.9, "stride": 8}),
+    "xattention_s16": ("xattention", {"threshold": 0.9, "stride": 16}),
+    "vertical_slash": ("vertical_slash", {"vertical_size": 1000, "slash_size": 6096}),
+    "flexprefill": ("flexprefill", {"gamma": 0.9, "tau": 0.1}),
+    "flexprefill_union": ("flexprefill", {"gamma": 0.9, "tau": 0.1, "line_search": "union"}),
+    "oracle": ("oracle", {"top_p": 0.95}),
 }
-
 
 def structured_qk(heads: int, kv_heads: int, seq: int, dim: int, device: str, scale: float = 1.5):
     """q, k with a shared per-KV-group direction plus noise, rotated by RoPE (theta 1e4): local,
@@ -91,10 +92,11 @@ def main(argv=None):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True))
         del kr, vr
-        for name in args.methods:
+        for label in args.methods:
+            name, knobs = METHODS[label]
             for triton_steps in (False, True):  # estimator steps in PyTorch, then in Triton
                 estimator_kernels.TRITON_ON_CUDA = triton_steps
-                method = get_method(name, **METHODS[name], measure_cost=False)
+                method = get_method(name, **knobs, measure_cost=False)
                 layout = method.estimate(q, k)
                 if triton_steps:  # the Triton steps must choose the same blocks as the references
                     same = bool(torch.equal(layout.to_dense(), reference_dense))
@@ -102,12 +104,12 @@ def main(argv=None):
                     reference_dense, same = layout.to_dense(), True
                 est_ms = bench(lambda: method.estimate(q, k))
                 sparse_ms = bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))
-                row = {"seq": seq, "method": name, "estimator_steps": "triton" if triton_steps else "torch",
+                row = {"seq": seq, "method": label, "estimator_steps": "triton" if triton_steps else "torch",
                        "same_layout_as_torch": same, "density": layout.density(), "estimate_ms": est_ms,
                        "sparse_ms": sparse_ms, "dense_cudnn_ms": dense_ms,
                        "estimate_over_dense": est_ms / dense_ms, "estimate_over_sparse": est_ms / sparse_ms}
                 rows.append(row)
-                print(f"| {seq} | {name} | {row['estimator_steps']} | {same} | {row['density']:.3f} | "
+                print(f"| {seq} | {label} | {row['estimator_steps']} | {same} | {row['density']:.3f} | "
                       f"{est_ms:.2f} | {sparse_ms:.2f} | {dense_ms:.2f} | {row['estimate_over_dense']:.3f} | "
                       f"{row['estimate_over_sparse']:.3f} |", flush=True)
             with open(args.out + ".json", "w") as fh:

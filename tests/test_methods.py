@@ -95,7 +95,7 @@ CASES = [
 @pytest.mark.parametrize("structure,gain,name,knobs", CASES, ids=lambda c: str(c))
 def test_planted_structure_is_recovered(structure, gain, name, knobs):
     q, k, planted_mask = planted(structure, q_len=1024, dim=64, gain=gain)
-    extra = {"min_budget": 64} if name == "flexprefill" else {}
+    extra = {"min_budget": 64, "line_search": "union"} if name == "flexprefill" else {}
     layout = get_method(name, block_size=64, sink=0, **knobs, **extra).estimate(q, k)
     recall = planted_recall(q, k, layout, planted_mask)
     assert recall >= 0.95, (structure, name, recall)
@@ -103,6 +103,20 @@ def test_planted_structure_is_recovered(structure, gain, name, knobs):
     # planted key spread their mass over other blocks).
     need = needed_density(layout, planted_mask)
     assert layout.density() <= need + 0.15, (layout.density(), need)
+
+
+@pytest.mark.parametrize("structure", ["vertical", "slash", "band", "needle"])
+def test_flexprefill_paper_line_search_recovers_planted_mass(structure):
+    """The paper's rule (columns and diagonals each reach gamma alone) recovers the planted mass too;
+    it is the cheap rule, not the tight one, so its density is no lower than the union search's."""
+    q, k, planted_mask = planted(structure, q_len=1024, dim=64, gain=16)
+    kwargs = dict(block_size=64, sink=0, gamma=0.97, min_budget=64)
+    separate = get_method("flexprefill", **kwargs).estimate(q, k)
+    union = get_method("flexprefill", line_search="union", **kwargs).estimate(q, k)
+    assert planted_recall(q, k, separate, planted_mask) >= 0.95
+    assert separate.density() >= union.density() - 1e-9
+    with pytest.raises(ValueError, match="line_search"):
+        get_method("flexprefill", line_search="greedy")
 
 
 def test_gqa_native_selection_merges_group_heads():
@@ -279,3 +293,33 @@ def test_estimator_kernels_refuse_cpu_without_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         top_p_mask(torch.rand(2, 8), 0.5, use_triton=True)
     assert block_mass(q, q, 16, 16, 0.25).shape == (1, 1, 2, 2)  # automatic choice: the reference
+
+
+@pytest.mark.parametrize("q_len,kv_len,blocks", [(200, 200, (32, 32)), (100, 333, (16, 64)), (77, 500, (32, 16))])
+def test_line_helpers_match_token_level_brute_force(q_len, kv_len, blocks):
+    """diagonal_sums and lines_to_blocks (prefix-count form) against token-by-token constructions."""
+    from sparse_attn.methods.scoring import diagonal_sums, lines_to_blocks
+    from sparse_attn.patterns._build import BlockGrid
+
+    gen = torch.Generator().manual_seed(q_len)
+    rows = 9
+    attn = torch.rand(2, 3, rows, kv_len, generator=gen, dtype=torch.float64)
+    expected = torch.zeros(2, 3, kv_len, dtype=torch.float64)
+    for r in range(rows):
+        pos = kv_len - rows + r
+        for j in range(kv_len):
+            expected[..., max(pos - j, 0)] += attn[..., r, j]
+    torch.testing.assert_close(diagonal_sums(attn, kv_len), expected)
+
+    grid = BlockGrid(q_len, kv_len, blocks, True)
+    vertical = torch.rand(2, 3, kv_len, generator=gen) < 0.03
+    slash = torch.rand(2, 3, kv_len, generator=gen) < 0.03
+    q_abs = torch.arange(kv_len - q_len, kv_len)[:, None]
+    keys = torch.arange(kv_len)[None, :]
+    distance = (q_abs - keys).clamp(min=0)
+    tokens = (keys <= q_abs) & (vertical[:, :, None, :] | slash[:, :, distance])  # (2, 3, Sq, Skv)
+    bq, bk = blocks
+    nq, nk = -(-q_len // bq), -(-kv_len // bk)
+    padded = torch.nn.functional.pad(tokens, (0, nk * bk - kv_len, 0, nq * bq - q_len))
+    expected_blocks = padded.view(2, 3, nq, bq, nk, bk).any(5).any(3)
+    assert torch.equal(lines_to_blocks(grid, vertical, slash), expected_blocks)

@@ -20,6 +20,7 @@ from .scoring import (
     lines_to_blocks,
     pooled_block_probs,
     select_top_k,
+    select_top_p,
 )
 
 Knob = Union[float, Sequence[float]]
@@ -176,13 +177,25 @@ class FlexPrefill(Method):
     """FlexPrefill: per head, compare the pooled block estimate of the last query block with its
     exact block distribution (sqrt of Jensen-Shannon divergence). Below ``tau`` the head is
     query-aware (pooled block scores, cumulative mass ``gamma`` per row, at least ``min_budget``
-    tokens of blocks); otherwise it takes the vertical-slash pattern: the fewest vertical and slash
-    lines covering a ``gamma`` share of the last block's attention (see :func:`lines_covering`)."""
+    tokens of blocks); otherwise it takes the vertical-slash pattern from the last block's attention:
+
+    * ``line_search="separate"`` (the paper's rule, default): the fewest columns whose mass reaches
+      ``gamma`` and, on their own, the fewest diagonals whose mass reaches ``gamma``. Two sorts.
+    * ``line_search="union"``: the fewest lines from one merged ranking whose *union* covers ``gamma``
+      (see :func:`lines_covering`): fewer blocks for the same coverage, but a bisection that reduces
+      the last block's attention ~2·log2(Skv) times (0.55x dense time at 128K on an H100).
+    """
 
     name = "flexprefill"
     gamma: Knob = 0.9
     tau: float = 0.1
     min_budget: int = 1024
+    line_search: str = "separate"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.line_search not in ("separate", "union"):
+            raise ValueError(f"flexprefill: line_search must be 'separate' or 'union', got {self.line_search!r}")
 
     def select(self, q, k, grid, scale):
         heads, kv_heads = q.shape[1], k.shape[1]
@@ -207,7 +220,13 @@ class FlexPrefill(Method):
             aware.append(divergence < self.tau)
             # Vertical-slash heads: the fewest lines covering a gamma share of the last block's
             # attention, at least min_budget tokens' worth of lines.
-            v_keep, s_keep = lines_covering(attn, gamma[rows].view(1, -1), max(1, self.min_budget // grid.q_block))
+            min_lines = max(1, self.min_budget // grid.q_block)
+            if self.line_search == "union":
+                v_keep, s_keep = lines_covering(attn, gamma[rows].view(1, -1), min_lines)
+            else:
+                share = gamma[rows].view(1, -1, 1)
+                v_keep = select_top_p(attn.sum(-2), share, min_lines)
+                s_keep = select_top_p(diagonal_sums(attn, attn.shape[-1]), share, min_lines)
             vs.append(lines_to_blocks(grid, v_keep, s_keep))
         query_aware = torch.cat(aware, 1)
         self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used

@@ -70,14 +70,20 @@ def last_rows_attention(q: Tensor, k: Tensor, rows: int, scale: float, causal: b
 def diagonal_sums(attn: Tensor, kv_len: int) -> Tensor:
     """Sum ``attn (B, H, R, Skv)`` of the last ``R`` queries along diagonals.
 
-    Returns ``(B, H, Skv)``: entry ``o`` is the mass at distance ``o = query_pos - key_pos``.
+    Returns ``(B, H, Skv)``: entry ``o`` is the mass at distance ``o = query_pos - key_pos``
+    (entries right of a row's own position, zero under a causal mask, count at ``o = 0``). One
+    shifted add per row: O(R x Skv) work and no index tensor (a scatter index would be 8 bytes per
+    attention entry, 2 GB for 32 heads x 64 rows at 128K).
     """
     rows = attn.shape[-2]
-    q_pos = torch.arange(kv_len - rows, kv_len, device=attn.device)
-    offset = (q_pos[:, None] - torch.arange(kv_len, device=attn.device)[None, :]).clamp(min=0)
     out = torch.zeros(*attn.shape[:2], kv_len, device=attn.device, dtype=attn.dtype)
-    index = offset.expand(*attn.shape[:2], -1, -1).reshape(*attn.shape[:2], -1)
-    return out.scatter_add_(-1, index, attn.reshape(*attn.shape[:2], -1))
+    for r in range(rows):
+        pos = kv_len - rows + r  # this row's query position
+        row = attn[..., r, :]
+        out[..., :pos + 1] += row[..., :pos + 1].flip(-1)
+        if pos + 1 < kv_len:
+            out[..., 0] += row[..., pos + 1:].sum(-1)
+    return out
 
 
 def select_top_p(scores: Tensor, p, min_keep=1, valid: Tensor | None = None) -> Tensor:
@@ -117,33 +123,27 @@ def lines_to_blocks(grid: BlockGrid, vertical: Tensor, slash: Tensor) -> Tensor:
 
     ``vertical``: bool ``(B, H, Skv)`` kept key columns; ``slash``: bool ``(B, H, Skv)`` kept
     diagonals by distance ``o = query_pos - key_pos``. A block is kept when a kept line crosses it
-    at an allowed (causal) position. Cost O(NQ x kept lines), no token matrix.
+    at an allowed (causal) position. Each test is a range query on prefix counts of the kept lines,
+    so every block is answered at once: O(NQ x NK + Skv) work whatever the number of lines.
     """
     b, h, kv_len = vertical.shape
     nq, nk = grid.reachable.shape
     dev = vertical.device
-    # Vertical column j hits block (qb, j // kv_block) for every reachable query block.
-    padded = torch.nn.functional.pad(vertical, (0, nk * grid.kv_block - kv_len))
-    col_blocks = padded.view(b, h, nk, grid.kv_block).any(-1)
-    blocks = col_blocks[:, :, None, :].expand(b, h, nq, nk).clone()
-    # Slash o crosses key range [q_first - o, q_last - o] in query block qb.
-    offsets = slash.nonzero(as_tuple=False)  # (n, 3): batch, head, o
-    if offsets.numel():
-        bi, hi, o = offsets[:, 0], offsets[:, 1], offsets[:, 2]
-        q_first = grid.q_first.to(dev)  # (NQ,) absolute positions
-        q_last = grid.q_last.to(dev)
-        lo = (q_first[None, :] - o[:, None]).clamp(min=0)  # (n, NQ)
-        hi_pos = q_last[None, :] - o[:, None]
-        ok = hi_pos >= 0
-        lo_blk = lo // grid.kv_block
-        hi_blk = hi_pos.clamp(min=0, max=kv_len - 1) // grid.kv_block
-        qb = torch.arange(nq, device=dev).expand_as(lo_blk)
-        span = int((hi_blk - lo_blk).max().item()) + 1 if ok.any() else 0
-        for step in range(span):
-            kb = lo_blk + step
-            hit = ok & (kb <= hi_blk)
-            blocks[bi[:, None].expand_as(kb)[hit], hi[:, None].expand_as(kb)[hit], qb[hit], kb[hit]] = True
-    return blocks & grid.reachable
+    q_first, q_last = grid.q_first.to(dev)[:, None], grid.q_last.to(dev)[:, None]  # (NQ, 1)
+    k_first, k_last = grid.k_first.to(dev)[None, :], grid.k_last.to(dev)[None, :]  # (1, NK)
+
+    def any_kept(kept: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Per block, whether ``kept (B, H, Skv)`` has an entry in ``[lo, hi]`` ((NQ, NK) bounds)."""
+        counts = torch.nn.functional.pad(kept.to(torch.int32).cumsum(-1), (1, 0))  # counts[i]: kept < i
+        lo, hi = lo.clamp(0, kv_len), (hi + 1).clamp(0, kv_len)
+        between = counts.gather(-1, hi.flatten().expand(b, h, -1)) - counts.gather(-1, lo.flatten().expand(b, h, -1))
+        return (between > 0).view(b, h, nq, nk) & (hi > lo)
+
+    # Column j meets block (qb, kb) at an allowed position iff k_first <= j <= min(k_last, q_last);
+    # diagonal o iff q_first - k_last <= o <= q_last - k_first (o >= 0: causal).
+    columns = any_kept(vertical, k_first.expand(nq, nk), torch.minimum(k_last, q_last))
+    diagonals = any_kept(slash, (q_first - k_last).clamp(min=0), q_last - k_first)
+    return (columns | diagonals) & grid.reachable
 
 
 def jensen_shannon(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
