@@ -167,15 +167,19 @@ def test_unknown_method_and_knob_errors():
 
 @pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,q_block,kv_block,causal", [
     (4, 2, 70, 100, 16, 32, True), (2, 2, 64, 64, 16, 16, False), (2, 1, 33, 200, 32, 16, True),
+    (2, 1, 150, 150, 8, 8, True),  # several small blocks per 64-row tile, causal tile skipping
+    (1, 1, 130, 300, 128, 64, True),  # oracle-sized blocks, q shorter than kv
 ])
 def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal):
-    q, k = torch.randn(2, heads, q_len, 32), torch.randn(2, kv_heads, kv_len, 32)
-    got = block_mass(q, k, q_block, kv_block, 0.2, causal, use_triton=True)
+    q, k = torch.randn(2, heads, q_len, 32, dtype=torch.float64), torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
     want = block_mass_reference(q, k, q_block, kv_block, 0.2, causal)
-    assert torch.allclose(got, want, atol=1e-5)
+    q, k = q.float(), k.float()
+    got = block_mass(q, k, q_block, kv_block, 0.2, causal, use_triton=True)
+    assert torch.allclose(got, want.float(), atol=1e-5)
     rows = want.sum(-1)
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
     # The reference agrees with a dense softmax computed directly.
+    want = want.float()
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(heads // kv_heads, 1)) * 0.2
     if causal:
         scores = scores.masked_fill(torch.arange(kv_len)[None] > torch.arange(q_len)[:, None] + kv_len - q_len,
@@ -183,6 +187,22 @@ def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_b
     probs = torch.softmax(scores, -1)
     first = probs[:, :, :q_block, :kv_block].sum(-1).mean(-1)
     assert torch.allclose(want[:, :, 0, 0], first, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
+def test_block_mass_kernel_on_xattention_inputs(dtype, atol):
+    """XAttention's reshaped rows (stride x head_dim wide, 16-row blocks) in half precision: the
+    kernel's block masses match the float64 reference within the stated tolerance, and so does the
+    layout XAttention builds from them."""
+    from sparse_attn.methods.methods_impl import antidiagonal_reshape
+
+    q = torch.randn(1, 2, 300, 32, dtype=torch.float64)
+    k = torch.randn(1, 1, 300, 32, dtype=torch.float64)
+    q_r, k_r = antidiagonal_reshape(q, k, 4)  # rows of 128 = 4 x 32
+    want = block_mass_reference(q_r, k_r, 16, 16, 0.25 / 4, True)
+    got = block_mass(q_r.to(dtype), k_r.to(dtype), 16, 16, 0.25 / 4, True, use_triton=True)
+    assert (got - want.float()).abs().max() < atol
+    assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-3)
 
 
 @pytest.mark.parametrize("n_cols", [5, 37, 130])

@@ -5,60 +5,82 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_scores(q_base, k_base, kb, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
-           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
-           KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """Base-2 scores of the query tile against key block ``kb``; masked entries are -inf."""
-    cols = kb * KV_BLOCK + tl.arange(0, KV_BLOCK)
-    s = tl.zeros([Q_BLOCK, KV_BLOCK], dtype=tl.float32)
+def _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores of a BLOCK_M-row query tile against the BLOCK_N keys ``cols`` (fp32, -inf where
+    not ``keep``). Operands stay in their own dtype (bf16/fp16 tensor cores, fp32 accumulation)
+    unless UPCAST (the CPU interpreter's bf16 dot is wrong)."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_rows = k_base + cols[:, None].to(tl.int64) * stride_ks
     for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        qt = tl.load(q_base + dd[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        kt = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + dd[None, :],
-                     mask=cols[:, None] < kv_len, other=0.0).to(tl.float32)
+        qt = tl.load(q_rows + dd[None, :], mask=row_ok[:, None], other=0.0)
+        kt = tl.load(k_rows + dd[None, :], mask=cols[:, None] < kv_len, other=0.0)
+        if UPCAST:
+            qt, kt = qt.to(tl.float32), kt.to(tl.float32)
         s += tl.dot(qt, tl.trans(kt))
-    keep = cols[None, :] < kv_len
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= rows[:, None] + offset)
     return tl.where(keep, s * scale_log2, float("-inf"))
 
 
 @triton.jit
 def block_mass_kernel(Q, K, OUT, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
                       stride_ks, q_len, kv_len, offset, scale_log2,
-                      H: tl.constexpr, GROUP: tl.constexpr, NK: tl.constexpr,
+                      H: tl.constexpr, GROUP: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, Q_BLOCK: tl.constexpr,
-                      KV_BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    qb = tl.program_id(0)
+                      KV_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """Mean softmax mass per (query block, key block) for BLOCK_M query rows (BLOCK_M / Q_BLOCK
+    query blocks) of one (batch, head): pass 1 finds each row's max and normalizer over the keys it
+    may see, pass 2 sums normalized probabilities per block pair by reshaping each BLOCK_M x BLOCK_N
+    tile into (query block, row, key block, key) and reducing. Key tiles past the tile's last
+    allowed key are skipped (causal), so the work is about half of the full rectangle."""
+    tile = tl.program_id(0)
     b = tl.program_id(1) // H
     h = tl.program_id(1) % H
-    rows = qb * Q_BLOCK + tl.arange(0, Q_BLOCK)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs
+    q_rows = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs
     k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    last = tl.minimum(q_len, (qb + 1) * Q_BLOCK) - 1 + offset
-    n_reach = tl.cdiv(kv_len, KV_BLOCK)
+    key_end = kv_len
     if CAUSAL:
-        n_reach = tl.minimum(n_reach, tl.maximum(last, -1) // KV_BLOCK + 1)
-    m_i = tl.full([Q_BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([Q_BLOCK], dtype=tl.float32)
-    for kb in range(0, n_reach):  # pass 1: row max and normalizer
-        s = _tile_scores(q_base, k_base, kb, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
-                   HEAD_DIM, BLOCK_D, Q_BLOCK, KV_BLOCK, CAUSAL)
+        key_end = tl.minimum(kv_len, tl.minimum(q_len, (tile + 1) * BLOCK_M) + offset)
+    n_tiles = tl.cdiv(tl.maximum(key_end, 0), BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for t in range(0, n_tiles):  # pass 1: row max and normalizer
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep = row_ok[:, None] & (cols[None, :] < kv_len)
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + offset)
+        s = _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0)
-    inv_l = tl.where(row_ok, inv_l, 0.0)
-    n_rows = tl.minimum(q_len - qb * Q_BLOCK, Q_BLOCK).to(tl.float32)
-    out_row = OUT + tl.program_id(1).to(tl.int64) * (tl.num_programs(0) * NK) + qb * NK
-    for kb in range(0, n_reach):  # pass 2: block sums of normalized probabilities
-        s = _tile_scores(q_base, k_base, kb, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
-                   HEAD_DIM, BLOCK_D, Q_BLOCK, KV_BLOCK, CAUSAL)
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    # Mean over each query block's real rows.
+    MB: tl.constexpr = BLOCK_M // Q_BLOCK
+    NB: tl.constexpr = BLOCK_N // KV_BLOCK
+    q_blocks = tile * MB + tl.arange(0, MB)
+    n_rows = tl.minimum(q_len - q_blocks * Q_BLOCK, Q_BLOCK).to(tl.float32)
+    inv_rows = tl.where(n_rows > 0, 1.0 / tl.maximum(n_rows, 1.0), 0.0)
+    out_base = OUT + tl.program_id(1).to(tl.int64) * (NQ * NK)
+    for t in range(0, n_tiles):  # pass 2: block sums of normalized probabilities
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep = row_ok[:, None] & (cols[None, :] < kv_len)
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + offset)
+        s = _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST)
         p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
-        tl.store(out_row + kb, tl.sum(tl.sum(p, 1), 0) / n_rows)
+        sums = tl.sum(tl.sum(tl.reshape(p, [MB, Q_BLOCK, NB, KV_BLOCK]), 3), 1)  # (MB, NB)
+        k_blocks = t * NB + tl.arange(0, NB)
+        ptrs = out_base + q_blocks[:, None] * NK + k_blocks[None, :]
+        ok = (q_blocks[:, None] < NQ) & (k_blocks[None, :] < NK)
+        tl.store(ptrs, sums * inv_rows[:, None], mask=ok)
 
 
 @triton.jit

@@ -29,6 +29,10 @@ LOG2E = 1.4426950408889634
 TRITON_ON_CUDA = False
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def _triton_usable(t: Tensor) -> bool:
     """Automatic choice: Triton on CUDA once enabled (the CPU interpreter is exact but slow; tests
     ask for it explicitly with ``use_triton=True``)."""
@@ -61,18 +65,20 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     _require_triton(q)
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    if q_block < 16 or kv_block < 16 or dim < 16 or dim & (dim - 1):
+    if not (_pow2(q_block) and _pow2(kv_block) and _pow2(dim)) or dim < 16 or max(q_block, kv_block) > 128:
         return block_mass_reference(q, k, q_block, kv_block, scale, causal)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
+    block_m, block_n = max(64, q_block), max(64, kv_block)  # several blocks per tile when blocks are small
     out = torch.zeros(batch, heads, nq, nk, device=q.device, dtype=torch.float32)
     block_mass_kernel, _ = _get_kernels()
-    block_mass_kernel[(nq, batch * heads)](
+    block_mass_kernel[(-(-q_len // block_m), batch * heads)](
         q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_len, kv_len, kv_len - q_len if causal else 0, scale * LOG2E,
-        H=heads, GROUP=heads // kv_heads, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
-        Q_BLOCK=q_block, KV_BLOCK=kv_block, CAUSAL=causal,
+        H=heads, GROUP=heads // kv_heads, NQ=nq, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
+        Q_BLOCK=q_block, KV_BLOCK=kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        UPCAST=not q.is_cuda and q.dtype != torch.float32, num_warps=4 if block_m * block_n <= 4096 else 8,
     )
     return out
 
