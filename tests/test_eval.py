@@ -128,8 +128,8 @@ def test_eval_cli_on_a_local_model_and_missing_canary(tokenizer, tmp_path):
 
 
 def test_training_episodes_supervise_every_answer(tokenizer):
-    """Retrieval episodes mark exactly the answers (first question, follow-ups, drills) for the
-    retrieval loss; the rest is text; nothing exceeds the training length."""
+    """Retrieval episodes mark exactly the answers (first question, follow-ups, drills, the echoed
+    first question) for the retrieval loss; the rest is text; nothing exceeds the training length."""
     import random
 
     from sparse_attn.eval.canary import ANSWER, TEXT, _episode
@@ -144,7 +144,7 @@ def test_training_episodes_supervise_every_answer(tokenizer):
         spans = [a.strip(" .") for a in answers.split(". ") if a.strip(" .")]
         assert spans and all(span in full for span in spans)
         seen.add(min(len(spans), 5))
-    assert 1 in seen and max(seen) >= 4  # single answers and multi-question episodes both occur
+    assert 2 in seen and max(seen) >= 4  # one question + its echo, and multi-question episodes
     plain, plain_roles = _episode(tokenizer, 512, random.Random(1), text, task_share=0.0)
     assert set(plain_roles) == {TEXT} and len(plain) == 512
 

@@ -76,15 +76,19 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     if task == "drill":  # many keys, every one asked: dense supervision for learning to look things up
         most = max(2, min(32, seq_len // 256))  # a needle plus its question take ~110 tokens
         keys = rng.randint(min(8, most), most)
-        reserve = 105 * keys
+        reserve = 105 * keys + (130 if seq_len >= 2048 else 0)  # + the echoed question
         sample = make_sample("multikey", tokenizer, seq_len - reserve, seed=rng.randrange(1 << 30),
                              haystack=text, keys=keys)
     else:
-        reserve = min(400, seq_len // 4) if task == "multikey" else 40
+        reserve = (min(400, seq_len // 4) if task == "multikey" else 40) + (130 if seq_len >= 2048 else 0)
         sample = make_sample(task, tokenizer, seq_len - reserve, seed=rng.randrange(1 << 30), haystack=text)
     ids = tokenizer(sample.prompt, add_special_tokens=False).input_ids
     roles = [TEXT] * len(ids)
-    for question, answer in [(None, sample.answer)] + list(sample.followups):
+    # The first question is asked once more at the end ("echo"): copying its answer from a few
+    # hundred tokens back is the easy, short-range case of the same lookup, which gets the copying
+    # circuit going before long-range retrieval can pay off.
+    asks = [(None, sample.answer)] + list(sample.followups) + [(sample.question, sample.answer)]
+    for question, answer in asks:
         if question is not None:
             asked = tokenizer("\n\n" + question, add_special_tokens=False).input_ids
             ids, roles = ids + asked, roles + [TEXT] * len(asked)

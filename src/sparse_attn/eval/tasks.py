@@ -29,6 +29,7 @@ class Sample:
     answer: str
     length: int
     depths: list = field(default_factory=list)
+    question: str = ""
     # Further (question, answer) pairs about the same needles; training appends them after the
     # answer so one long episode supervises several retrievals. Evaluation asks ``question`` only.
     followups: list = field(default_factory=list)
@@ -110,7 +111,7 @@ def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str 
         last = cut
     pieces.append(filler[last:])
     prompt = "".join(pieces) + "\n\n" + question
-    return Sample(task, prompt, answer, length, depths, followups)
+    return Sample(task, prompt, answer, length, depths, question, followups)
 
 
 def score(sample: Sample, generated: str) -> bool:
