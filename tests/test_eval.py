@@ -155,3 +155,15 @@ def test_multikey_followups_ask_every_other_key(tokenizer):
     asked = {sample.answer} | {answer for _, answer in sample.followups}
     assert len(asked) == 6 and all(value in sample.prompt for value in asked)
     assert make_sample("passkey", tokenizer, 500, seed=2).followups == []
+
+
+def test_canary_training_probes_retrieval_while_training(tmp_path):
+    from sparse_attn.eval.canary import train
+
+    seen = []
+    log = train(str(tmp_path / "canary"), seq_len=512, batch_size=1, max_steps=2, device="cpu", eval_lengths=(),
+                probe_every_s=1e-9, on_probe=lambda step, seconds, acc: seen.append((step, acc)),
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    assert [p["step"] for p in log["probes"]] == [1, 2] == [step for step, _ in seen]
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in log["probes"])

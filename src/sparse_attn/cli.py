@@ -169,7 +169,9 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--device", default=None)
 @click.option("--eval-samples", default=8, show_default=True, help="dense-accuracy prompts per length after training")
 @click.option("--log-every", default=30.0, show_default=True, help="seconds between log lines")
-def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every):
+@click.option("--probe-every", default=60.0, show_default=True,
+              help="seconds between greedy retrieval probes during training (0: none)")
+def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every, probe_every):
     """Train the byte-level canary model (dense attention) and save it in HF format."""
     from .eval.canary import train
 
@@ -189,8 +191,12 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
                            err=True)
                 state["logged"] = now
 
+        def on_probe(step, seconds, accuracy):
+            click.echo(f"\n[{seconds:6.0f}s] step {step} retrieval probe accuracy {accuracy:.2f}", err=True)
+
         log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
-                    max_steps=max_steps, eval_samples=eval_samples, progress=progress)
+                    max_steps=max_steps, eval_samples=eval_samples, progress=progress,
+                    probe_every_s=probe_every or None, on_probe=on_probe)
     click.echo(json.dumps(log, indent=1))
 
 
