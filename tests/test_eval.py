@@ -167,3 +167,29 @@ def test_canary_training_probes_retrieval_while_training(tmp_path):
                 num_key_value_heads=1, head_dim=16)
     assert [p["step"] for p in log["probes"]] == [1, 2] == [step for step, _ in seen]
     assert all(0.0 <= p["accuracy"] <= 1.0 for p in log["probes"])
+
+
+def test_copy_episodes_mark_only_repeats_of_earlier_codes(tokenizer):
+    import random
+
+    from sparse_attn.eval.canary import ANSWER, _copy_episode, _episode
+    from sparse_attn.eval.corpus import haystack_text
+
+    text = haystack_text()
+    ids, roles = _copy_episode(tokenizer, 1024, random.Random(4), text)
+    assert len(ids) == len(roles) <= 1024 and roles.count(ANSWER) > 0
+    runs, start = [], None  # contiguous ANSWER spans
+    for i, role in enumerate(roles + [None]):
+        if role == ANSWER and start is None:
+            start = i
+        elif role != ANSWER and start is not None:
+            runs.append((start, i))
+            start = None
+    for a, b in runs:  # each span repeats tokens seen earlier (its first occurrence)
+        span = tokenizer.decode(ids[a:b])
+        assert span.strip() and span in tokenizer.decode(ids[:a]), span
+    rng = random.Random(4)
+    copy_ids, _ = _episode(tokenizer, 1024, rng, text, task_share=0.0, copy_share=1.0)  # one draw picks the kind
+    rng = random.Random(4)
+    rng.random()
+    assert copy_ids == _copy_episode(tokenizer, 1024, rng, text)[0]

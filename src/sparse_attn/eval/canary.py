@@ -60,17 +60,55 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
 PAD, TEXT, ANSWER = 0, 1, 2
 
 
-def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float):
+_CODE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
+    start = rng.randrange(0, len(text) - 4 * n)
+    return tokenizer(text[start:start + 2 * n], add_special_tokens=False).input_ids[:n]
+
+
+def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
+    """Real text with random codes that each occur twice: the repeat (after its first character) is
+    the retrieval target. Dense, unmemorizable copy targets at every distance are what grows the
+    induction (copy-what-followed-last-time) circuit that needle retrieval is built on; a tiny Llama
+    learns plain copying within ~150 steps here, while needle episodes alone never started it."""
+    pairs = rng.randint(2, max(2, min(24, seq_len // 128)))
+    codes = [tokenizer(" " + "".join(rng.choice(_CODE_CHARS) for _ in range(rng.randint(6, 40))) + " ",
+                       add_special_tokens=False).input_ids for _ in range(pairs)]
+    events = []
+    for i in range(pairs):
+        first, second = sorted(rng.random() for _ in range(2))
+        events += [(first, i, TEXT), (second, i, ANSWER)]
+    events.sort()
+    filler = _text_ids(tokenizer, text, max(seq_len - 2 * sum(len(c) for c in codes), 16), rng)
+    ids, roles, last = [], [], 0
+    for depth, i, role in events:
+        cut = int(depth * len(filler))
+        ids += filler[last:cut] + codes[i]
+        roles += [TEXT] * (cut - last) + ([TEXT, TEXT] + [role] * (len(codes[i]) - 2))
+        last = cut
+    ids += filler[last:]
+    roles += [TEXT] * (len(filler) - last)
+    return ids[:seq_len], roles[:seq_len]
+
+
+def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
+             copy_share: float = 0.0):
     """Token ids and per-token roles (``TEXT``/``ANSWER``) for one training sequence.
 
-    A retrieval episode is a task prompt, its answer, then any follow-up questions about the same
+    With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
+    retrieval episode: a task prompt, its answer, then any follow-up questions about the same
     needles with their answers (so one sequence supervises several retrievals). "drill" episodes are
     multikey samples with 8-32 keys, all asked: the haystack text is small enough to be memorized,
     so without dense retrieval supervision the model learns the text and never learns to look up.
+    Otherwise plain text.
     """
-    if rng.random() >= task_share:
-        start = rng.randrange(0, len(text) - 4 * seq_len)
-        ids = tokenizer(text[start:start + 2 * seq_len], add_special_tokens=False).input_ids[:seq_len]
+    draw = rng.random()
+    if draw < copy_share:
+        return _copy_episode(tokenizer, seq_len, rng, text)
+    if draw >= copy_share + task_share:
+        ids = _text_ids(tokenizer, text, seq_len, rng)
         return ids, [TEXT] * len(ids)
     task = rng.choice(TASKS + ("drill",))
     if task == "drill":  # many keys, every one asked: dense supervision for learning to look things up
@@ -100,8 +138,8 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
 class _Episodes(torch.utils.data.IterableDataset):
     """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
 
-    def __init__(self, seq_len: int, task_share: float, seed: int):
-        self.seq_len, self.task_share, self.seed = seq_len, task_share, seed
+    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int):
+        self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -110,7 +148,7 @@ class _Episodes(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}-{self.seq_len}-{info.id if info else 0}")
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
-            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share)
+            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -124,9 +162,10 @@ def _pad_batch(episodes):
     return ids, roles
 
 
-def _loader(seq_len: int, batch_size: int, task_share: float, seed: int, workers: int, pin: bool):
+def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
+            pin: bool):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, seed), batch_size=batch_size, collate_fn=_pad_batch,
+        _Episodes(seq_len, task_share, copy_share, seed), batch_size=batch_size, collate_fn=_pad_batch,
         num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
@@ -150,7 +189,7 @@ def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
 
 
 def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
-          task_share: float = 0.75, device: Optional[str] = None, max_steps: Optional[int] = None,
+          task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None, max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
           workers: Optional[int] = None, short_share: float = 0.3, probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
@@ -194,7 +233,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         want = short_len if frac < short_share and short_len < seq_len else seq_len
         if want != loader_len:
             factor = seq_len // want
-            loader, loader_len = _loader(want, batch_size * factor, task_share, seed, workers, use_bf16), want
+            loader = _loader(want, batch_size * factor, task_share, copy_share, seed, workers, use_bf16)
+            loader_len = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(ids[:, :-1]).logits.float()
@@ -236,6 +276,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
            "final_answer_loss": sum(recent) / len(recent) if recent else None,
            "dense_accuracy": accuracy, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",
            "parameters": sum(p.numel() for p in model.parameters()), "shape": {**CANARY_SHAPE, **shape_overrides},
-           "lr": lr, "task_share": task_share, "probes": probes}
+           "lr": lr, "task_share": task_share, "copy_share": copy_share,
+           "probes": probes}
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     return log
