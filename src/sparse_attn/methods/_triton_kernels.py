@@ -5,12 +5,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
+def _tile_scores(q_rows, k_base, t, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 scores of a BLOCK_M-row query tile against the BLOCK_N keys ``cols`` (fp32, -inf where
-    not ``keep``). Operands stay in their own dtype (bf16/fp16 tensor cores, fp32 accumulation)
-    unless UPCAST (the CPU interpreter's bf16 dot is wrong)."""
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores of a BLOCK_M-row query tile against key tile ``t`` (fp32, -inf where masked).
+    Operands stay in their own dtype (bf16/fp16 tensor cores, fp32 accumulation) unless UPCAST
+    (the CPU interpreter's bf16 dot is wrong)."""
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = row_ok[:, None] & (cols[None, :] < kv_len)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + offset)
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_rows = k_base + cols[:, None].to(tl.int64) * stride_ks
     for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
@@ -49,12 +53,8 @@ def block_mass_kernel(Q, K, OUT, stride_qb, stride_qh, stride_qs, stride_kb, str
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t in range(0, n_tiles):  # pass 1: row max and normalizer
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        keep = row_ok[:, None] & (cols[None, :] < kv_len)
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + offset)
-        s = _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST)
+        s = _tile_scores(q_rows, k_base, t, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -69,12 +69,8 @@ def block_mass_kernel(Q, K, OUT, stride_qb, stride_qh, stride_qs, stride_kb, str
     inv_rows = tl.where(n_rows > 0, 1.0 / tl.maximum(n_rows, 1.0), 0.0)
     out_base = OUT + tl.program_id(1).to(tl.int64) * (NQ * NK)
     for t in range(0, n_tiles):  # pass 2: block sums of normalized probabilities
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        keep = row_ok[:, None] & (cols[None, :] < kv_len)
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + offset)
-        s = _tile_scores(q_rows, k_base, cols, row_ok, stride_ks, keep, scale_log2, kv_len,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, UPCAST)
+        s = _tile_scores(q_rows, k_base, t, rows, row_ok, stride_ks, kv_len, offset, scale_log2,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, UPCAST)
         p = tl.exp2(s - m_safe[:, None]) * inv_l[:, None]
         sums = tl.sum(tl.sum(tl.reshape(p, [MB, Q_BLOCK, NB, KV_BLOCK]), 3), 1)  # (MB, NB)
         k_blocks = t * NB + tl.arange(0, NB)
