@@ -23,7 +23,7 @@ for step in "${@:-attention}"; do
       # A 7M-parameter model leaves an H100 mostly idle (launch-bound), so three recipes train side by
       # side for the same 6 minutes; the one with the best dense accuracy is kept.
       work=$(mktemp -d)
-      for spec in "a --lr 1e-3" "b --lr 2e-3" "c --lr 1e-3 --copy-share 0.5 --task-share 0.45"; do
+      for spec in "a --lr 1e-3" "b --lr 2e-3" "c --lr 1e-3 --copy-share 0.5 --task-share 0.5"; do
         read -r name args <<< "$spec"
         # shellcheck disable=SC2086  # $args holds several options
         timeout 480 python3 -m sparse_attn train-canary --out "$work/$name" --minutes 6 --seq-len 8192 \

@@ -193,3 +193,13 @@ def test_copy_episodes_mark_only_repeats_of_earlier_codes(tokenizer):
     rng = random.Random(4)
     rng.random()
     assert copy_ids == _copy_episode(tokenizer, 1024, rng, text)[0]
+
+
+def test_repeat_episodes_are_a_string_twice(tokenizer):
+    import random
+
+    from sparse_attn.eval.canary import ANSWER, TEXT, _episode
+
+    ids, roles = _episode(tokenizer, 256, random.Random(0), "", task_share=1.0, repeat=True)
+    assert len(ids) == 256 and ids[:128] == ids[128:]
+    assert roles == [TEXT] * 129 + [ANSWER] * 127

@@ -69,13 +69,14 @@ def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
 
 
 def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
-    """Real text with random codes that each occur twice: the repeat (after its first character) is
-    the retrieval target. Dense, unmemorizable copy targets at every distance are what grows the
-    induction (copy-what-followed-last-time) circuit that needle retrieval is built on; a tiny Llama
-    learns plain copying within ~150 steps here, while needle episodes alone never started it."""
-    pairs = rng.randint(2, max(2, min(24, seq_len // 128)))
-    codes = [tokenizer(" " + "".join(rng.choice(_CODE_CHARS) for _ in range(rng.randint(6, 40))) + " ",
-                       add_special_tokens=False).input_ids for _ in range(pairs)]
+    """Real text with 1-4 long random codes (L/32 to L/8 characters) that each occur twice: the
+    repeat (after its first character) is the target. Dense, unmemorizable copy targets at every
+    distance grow the induction (copy-what-followed-last-time) circuit that needle retrieval is built
+    on: a tiny Llama learns plain copying within ~150 steps, while needle episodes alone, or short
+    codes sparsely spread through text, left it at the no-copy loss for 600-1400 steps on CPU."""
+    pairs = rng.randint(1, 4)  # long codes: about half of the episode is copy targets
+    codes = [tokenizer(" " + "".join(rng.choice(_CODE_CHARS) for _ in range(rng.randint(seq_len // 32, seq_len // 8)))
+                       + " ", add_special_tokens=False).input_ids for _ in range(pairs)]
     events = []
     for i in range(pairs):
         first, second = sorted(rng.random() for _ in range(2))
@@ -93,8 +94,15 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
     return ids[:seq_len], roles[:seq_len]
 
 
+def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
+    """A random code string followed by itself; the second copy is the target. The plain induction
+    task: every target is a copy, so the circuit appears within ~150 steps (used as a warm-up)."""
+    half = tokenizer("".join(rng.choice(_CODE_CHARS) for _ in range(seq_len // 2)), add_special_tokens=False).input_ids
+    return half + half, [TEXT] * (len(half) + 1) + [ANSWER] * (len(half) - 1)
+
+
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
-             copy_share: float = 0.0):
+             copy_share: float = 0.0, repeat: bool = False):
     """Token ids and per-token roles (``TEXT``/``ANSWER``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -102,8 +110,10 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     needles with their answers (so one sequence supervises several retrievals). "drill" episodes are
     multikey samples with 8-32 keys, all asked: the haystack text is small enough to be memorized,
     so without dense retrieval supervision the model learns the text and never learns to look up.
-    Otherwise plain text.
+    Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up).
     """
+    if repeat:
+        return _repeat_episode(tokenizer, seq_len, rng)
     draw = rng.random()
     if draw < copy_share:
         return _copy_episode(tokenizer, seq_len, rng, text)
@@ -138,8 +148,9 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
 class _Episodes(torch.utils.data.IterableDataset):
     """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
 
-    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int):
+    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False):
         self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
+        self.repeat = repeat
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -148,7 +159,8 @@ class _Episodes(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}-{self.seq_len}-{info.id if info else 0}")
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
-            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share)
+            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share,
+                                  self.repeat)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -163,9 +175,9 @@ def _pad_batch(episodes):
 
 
 def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
-            pin: bool):
+            pin: bool, repeat: bool = False):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed), batch_size=batch_size, collate_fn=_pad_batch,
+        _Episodes(seq_len, task_share, copy_share, seed, repeat), batch_size=batch_size, collate_fn=_pad_batch,
         num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
@@ -191,12 +203,14 @@ def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
 def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
           task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None, max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
-          workers: Optional[int] = None, short_share: float = 0.3, probe_every_s: Optional[float] = None,
+          workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.05,
+          probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
-    Curriculum: the first ``short_share`` of the budget trains on episodes a quarter as long
-    (4x the batch, same tokens per step), where retrieval is found sooner; the rest at ``seq_len``.
+    Curriculum: the first ``warmup_share`` of the budget is plain induction (512-token repeat
+    episodes), the next ``short_share`` trains on episodes a quarter as long (4x the batch, same
+    tokens per step), where retrieval is found sooner; the rest at ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
     the GPU never waits on tokenization. ``progress(step, loss, answer_loss)`` is called every step.
     Every ``probe_every_s`` seconds (if set) greedy accuracy on 8 prompts at 1/4 of ``seq_len`` is
@@ -230,10 +244,16 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        want = short_len if frac < short_share and short_len < seq_len else seq_len
+        if frac < warmup_share:
+            want = ("repeat", min(512, seq_len))
+        elif frac < warmup_share + short_share and short_len < seq_len:
+            want = ("mix", short_len)
+        else:
+            want = ("mix", seq_len)
         if want != loader_len:
-            factor = seq_len // want
-            loader = _loader(want, batch_size * factor, task_share, copy_share, seed, workers, use_bf16)
+            factor = max(seq_len // want[1], 1)
+            loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
+                             repeat=want[0] == "repeat")
             loader_len = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -270,7 +290,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     tokenizer.save_pretrained(out)
     recent = [x for x in answer_losses[-50:] if x == x]
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
-           "short_len": short_len, "short_share": short_share,
+           "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
            "final_text_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
            "first_text_loss": losses[0] if losses else None,
            "final_answer_loss": sum(recent) / len(recent) if recent else None,
