@@ -16,7 +16,8 @@ for step in "${@:-attention}"; do
   case $step in
     attention)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3
-      timeout 400 python3 benchmarks/bench_attention.py --lengths 131072 --out "$out/attention128k" ;;
+      timeout 400 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 1.0 0.2 0.5 0.05 \
+        --out "$out/attention128k" ;;
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)
