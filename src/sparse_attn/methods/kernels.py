@@ -73,12 +73,14 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     block_m, block_n = max(64, q_block), max(64, kv_block)  # several blocks per tile when blocks are small
     out = torch.zeros(batch, heads, nq, nk, device=q.device, dtype=torch.float32)
     block_mass_kernel, _ = _get_kernels()
+    from ..backends.triton.ops import _upcast  # the interpreter's bf16-dot workaround, one rule for all kernels
+
     block_mass_kernel[(-(-q_len // block_m), batch * heads)](
         q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_len, kv_len, kv_len - q_len if causal else 0, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, NQ=nq, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
         Q_BLOCK=q_block, KV_BLOCK=kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        UPCAST=not q.is_cuda and q.dtype != torch.float32, num_warps=4 if block_m * block_n <= 4096 else 8,
+        UPCAST=_upcast(q), num_warps=4 if block_m * block_n <= 4096 else 8,
     )
     return out
 
