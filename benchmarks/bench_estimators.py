@@ -38,6 +38,7 @@ METHODS = {  # label -> (method, knobs)
     "oracle": ("oracle", {"top_p": 0.95}),
 }
 
+
 def structured_qk(heads: int, kv_heads: int, seq: int, dim: int, device: str, scale: float = 1.5):
     """q, k with a shared per-KV-group direction plus noise, rotated by RoPE (theta 1e4): local,
     distance-decaying attention with per-head strength, like a real model's early layers."""

@@ -201,7 +201,8 @@ def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
 
 
 def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
-          task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None, max_steps: Optional[int] = None,
+          task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None,
+          max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
           workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.05,
           probe_every_s: Optional[float] = None,
@@ -231,7 +232,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     short_len = max(seq_len // 4, 512)
-    loader, loader_len = None, None
+    loader, phase = None, None
     budget_s = minutes * 60
     start, step, losses, answer_losses, probes = time.time(), 0, [], [], []
     last_probe = start
@@ -250,11 +251,11 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             want = ("mix", short_len)
         else:
             want = ("mix", seq_len)
-        if want != loader_len:
+        if want != phase:
             factor = max(seq_len // want[1], 1)
             loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
                              repeat=want[0] == "repeat")
-            loader_len = want
+            phase = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(ids[:, :-1]).logits.float()
@@ -275,8 +276,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             progress(step, losses[-1], answer_losses[-1])
         if probe_every_s and time.time() - last_probe >= probe_every_s:
             model.eval()
-            probe_len = max(short_len, 512)
-            accuracy = dense_accuracy(model, tokenizer, [probe_len], 8, device)[probe_len]
+            accuracy = dense_accuracy(model, tokenizer, [short_len], 8, device)[short_len]
             model.train()
             last_probe = time.time()
             probes.append({"step": step, "seconds": round(last_probe - start, 1), "accuracy": accuracy})
