@@ -190,17 +190,18 @@ def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_b
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
-def test_block_mass_kernel_on_xattention_inputs(dtype, atol):
-    """XAttention's reshaped rows (stride x head_dim wide, 16-row blocks) in half precision: the
-    kernel's block masses match the float64 reference within the stated tolerance, and so does the
-    layout XAttention builds from them."""
+@pytest.mark.parametrize("stride", [4, 8])  # rows of 128 (unrolled head-dim loop) and 256 (rolled loop)
+def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride):
+    """XAttention's reshaped rows (stride x head_dim wide, 64-token blocks) in half precision: the
+    kernel's block masses match the float64 reference within the stated tolerance."""
     from sparse_attn.methods.methods_impl import antidiagonal_reshape
 
     q = torch.randn(1, 2, 300, 32, dtype=torch.float64)
     k = torch.randn(1, 1, 300, 32, dtype=torch.float64)
-    q_r, k_r = antidiagonal_reshape(q, k, 4)  # rows of 128 = 4 x 32
-    want = block_mass_reference(q_r, k_r, 16, 16, 0.25 / 4, True)
-    got = block_mass(q_r.to(dtype), k_r.to(dtype), 16, 16, 0.25 / 4, True, use_triton=True)
+    q_r, k_r = antidiagonal_reshape(q, k, stride)
+    block = 64 // stride
+    want = block_mass_reference(q_r, k_r, block, block, 0.25 / stride, True)
+    got = block_mass(q_r.to(dtype), k_r.to(dtype), block, block, 0.25 / stride, True, use_triton=True)
     assert (got - want.float()).abs().max() < atol
     assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-3)
 
