@@ -3,8 +3,9 @@
 # 8 files back from $OUT). Each step has its own time box, and every benchmark writes its JSON row
 # by row, so a step cut short still returns what it measured.
 #   bash benchmarks/gpu_session.sh attention    # GPU kernel tests + attention benchmark at 128K (~8 min)
+#   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation-cost benchmark, Triton vs torch steps (~6 min)
-#   bash benchmarks/gpu_session.sh canary       # train 3 canary recipes at once (6 min), keep the best, sweep at 8K
+#   bash benchmarks/gpu_session.sh canary       # train 3 canary recipes at once (7.5 min), keep the best
 #   bash benchmarks/gpu_session.sh pending      # the pending backward patch: tests + fwd/bwd at 32K (~4 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
 # src/sparse_attn/eval/canary). Copy the tables into docs/benchmarks.md with the device and date.
@@ -18,25 +19,35 @@ for step in "${@:-attention}"; do
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3
       timeout 400 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 1.0 0.2 0.5 0.05 \
         --out "$out/attention128k" ;;
+    evidence)
+      # One call for the estimator costs and the 128K attention rows, then the GPU kernel tests.
+      timeout 200 python3 benchmarks/bench_estimators.py --lengths 131072 --out "$out/estimators128k"
+      timeout 80 python3 benchmarks/bench_estimators.py --lengths 32768 --out "$out/estimators32k"
+      timeout 200 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 0.2 1.0 \
+        --out "$out/attention128k"
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_methods.py \
+        -k "kernel or triton" 2>&1 | tail -3 ;;
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)
       # A 7M-parameter model leaves an H100 mostly idle (launch-bound), so three recipes train side by
       # side for the same 6 minutes; the one with the best dense accuracy is kept.
       work=$(mktemp -d)
-      for spec in "a --lr 1e-3" "b --lr 2e-3" "c --lr 1e-3 --copy-share 0.5 --task-share 0.5"; do
+      # b and c keep 10% plain repeat episodes after a longer warm-up and spend half the time at 2K
+      for spec in "a --lr 1e-3" \
+          "b --lr 2e-3 --copy-share 0.4 --task-share 0.5 --repeat-share 0.1 --warmup-share 0.1 --short-share 0.5" \
+          "c --lr 1e-3 --batch-size 4 --copy-share 0.4 --task-share 0.5 --repeat-share 0.1 --warmup-share 0.1 --short-share 0.5"; do
         read -r name args <<< "$spec"
         # shellcheck disable=SC2086  # $args holds several options
-        timeout 480 python3 -m sparse_attn train-canary --out "$work/$name" --minutes 6 --seq-len 8192 \
-          --eval-samples 16 --workers 4 $args > "$out/train_$name.log" 2>&1 &
+        timeout 530 python3 -m sparse_attn train-canary --out "$work/$name" --minutes 7.5 --seq-len 8192 \
+          --eval-samples 16 --workers 4 --probe-every 45 $args > "$out/train_$name.log" 2>&1 &
       done
       wait
       best=$(python3 benchmarks/pick_canary.py "$work"/a "$work"/b "$work"/c)
       [ -n "$best" ] || { echo "no canary finished"; continue; }
       echo "best recipe: $best"; mv "$work/$best" "$work/canary"
       tar czf "$out/canary.tgz" -C "$work" canary
-      timeout 100 python3 -m sparse_attn eval --model "$work/canary" --lengths 8192 --samples 2 \
-        --methods xattention,flexprefill,vertical_slash,oracle --out "$out/eval" ;;
+      for log in "$out"/train_*.log; do grep -a "probe\|accuracy\|answer_loss" "$log" | tail -14; done ;;
     pending)
       patched=$(mktemp -d)
       cp -r src tests benchmarks pyproject.toml "$patched"/
@@ -44,6 +55,6 @@ for step in "${@:-attention}"; do
       (cd "$patched" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3)
       (cd "$patched" && timeout 200 python3 benchmarks/bench_attention.py --lengths 32768 \
         --densities 1.0 0.2 0.05 --out "$out/attention_pending") ;;
-    *) echo "unknown step $step (attention, estimators, canary, pending)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, pending)" ;;
   esac
 done

@@ -97,7 +97,7 @@ def test_canary_training_smoke(tmp_path):
     from sparse_attn.eval.canary import train
 
     log = train(str(tmp_path / "canary"), seq_len=512, batch_size=2, max_steps=12, lr=3e-3, device="cpu",
-                eval_lengths=(512,), eval_samples=2, hidden_size=32, intermediate_size=64,
+                eval_lengths=(512,), eval_samples=2, repeat_share=0.3, hidden_size=32, intermediate_size=64,
                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     assert log["steps"] == 12 and log["final_text_loss"] < log["first_text_loss"]
     saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "canary")

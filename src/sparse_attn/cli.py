@@ -173,10 +173,14 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
               help="seconds between greedy retrieval probes during training (0: none)")
 @click.option("--task-share", default=0.6, show_default=True, help="share of retrieval-task episodes")
 @click.option("--copy-share", default=0.25, show_default=True, help="share of copy episodes (rest: plain text)")
+@click.option("--repeat-share", default=0.0, show_default=True,
+              help="share of plain repeat (induction) episodes kept after the warm-up")
+@click.option("--warmup-share", default=0.05, show_default=True, help="share of the budget on repeat episodes first")
+@click.option("--short-share", default=0.3, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
 def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every, probe_every,
-                 task_share, copy_share, workers, seed):
+                 task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed):
     """Train the byte-level canary model (dense attention) and save it in HF format."""
     from .eval.canary import train
 
@@ -202,7 +206,8 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
         log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
                     max_steps=max_steps, eval_samples=eval_samples, progress=progress,
                     probe_every_s=probe_every or None, on_probe=on_probe, task_share=task_share,
-                    copy_share=copy_share, workers=workers, seed=seed)
+                    copy_share=copy_share, repeat_share=repeat_share, warmup_share=warmup_share,
+                    short_share=short_share, workers=workers, seed=seed)
     click.echo(json.dumps(log, indent=1))
 
 

@@ -102,7 +102,7 @@ def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
 
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
-             copy_share: float = 0.0, repeat: bool = False):
+             copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0):
     """Token ids and per-token roles (``TEXT``/``ANSWER``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -110,9 +110,10 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     needles with their answers (so one sequence supervises several retrievals). "drill" episodes are
     multikey samples with 8-32 keys, all asked: the haystack text is small enough to be memorized,
     so without dense retrieval supervision the model learns the text and never learns to look up.
-    Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up).
+    Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up);
+    ``repeat_share``: the share of repeat episodes kept in the mix after it.
     """
-    if repeat:
+    if repeat or (repeat_share and rng.random() < repeat_share):
         return _repeat_episode(tokenizer, seq_len, rng)
     draw = rng.random()
     if draw < copy_share:
@@ -148,9 +149,10 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
 class _Episodes(torch.utils.data.IterableDataset):
     """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
 
-    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False):
+    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False,
+                 repeat_share: float = 0.0):
         self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
-        self.repeat = repeat
+        self.repeat, self.repeat_share = repeat, repeat_share
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -160,7 +162,7 @@ class _Episodes(torch.utils.data.IterableDataset):
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
             ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share,
-                                  self.repeat)
+                                  self.repeat, self.repeat_share)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -175,9 +177,9 @@ def _pad_batch(episodes):
 
 
 def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
-            pin: bool, repeat: bool = False):
+            pin: bool, repeat: bool = False, repeat_share: float = 0.0):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed, repeat), batch_size=batch_size, collate_fn=_pad_batch,
+        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share), batch_size=batch_size, collate_fn=_pad_batch,
         num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
@@ -205,7 +207,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
           max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
           workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.05,
-          probe_every_s: Optional[float] = None,
+          repeat_share: float = 0.0, probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
@@ -213,7 +215,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     episodes), the next ``short_share`` trains on episodes a quarter as long (4x the batch, same
     tokens per step), where retrieval is found sooner; the rest at ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
-    the GPU never waits on tokenization. ``progress(step, loss, answer_loss)`` is called every step.
+    the GPU never waits on tokenization. ``repeat_share`` keeps that share of repeat episodes in the
+    mix after the warm-up. ``progress(step, loss, answer_loss)`` is called every step.
     Every ``probe_every_s`` seconds (if set) greedy accuracy on 8 prompts at 1/4 of ``seq_len`` is
     measured, logged under ``"probes"`` and passed to ``on_probe(step, seconds, accuracy)``: a run
     that is not learning to retrieve shows it within minutes.
@@ -254,7 +257,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         if want != phase:
             factor = max(seq_len // want[1], 1)
             loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
-                             repeat=want[0] == "repeat")
+                             repeat=want[0] == "repeat", repeat_share=repeat_share)
             phase = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -291,6 +294,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     recent = [x for x in answer_losses[-50:] if x == x]
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
+           "repeat_share": repeat_share,
            "final_text_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
            "first_text_loss": losses[0] if losses else None,
            "final_answer_loss": sum(recent) / len(recent) if recent else None,
