@@ -23,10 +23,11 @@ from .scoring import mean_pool, select_top_p
 LOG2E = 1.4426950408889634
 
 
-# These kernels pass the interpreter tests but have not been compiled on a GPU yet, so the automatic
-# choice stays on the PyTorch references until benchmarks/bench_estimators.py has checked and timed
-# them on one (it flips this flag for its Triton rows).
-TRITON_ON_CUDA = False
+# Automatic choice on CUDA tensors. benchmarks/bench_estimators.py times both paths (it flips this
+# flag per row): on an H100 (2026-11-23) the Triton steps chose the same blocks as the references in
+# every row and were faster (XAttention 5x, oracle 25x; docs/benchmarks.md). Set False to force the
+# PyTorch references.
+TRITON_ON_CUDA = True
 
 
 def _pow2(n: int) -> bool:
