@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation-cost benchmark, Triton vs torch steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train 3 canary recipes at once (7.5 min), keep the best
+#   bash benchmarks/gpu_session.sh canary1      # one canary recipe (6 min) + GPU kernel tests beside it
 #   bash benchmarks/gpu_session.sh pending      # the pending backward patch: tests + fwd/bwd at 32K (~4 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
 # src/sparse_attn/eval/canary). Copy the tables into docs/benchmarks.md with the device and date.
@@ -48,6 +49,23 @@ for step in "${@:-attention}"; do
       echo "best recipe: $best"; mv "$work/$best" "$work/canary"
       tar czf "$out/canary.tgz" -C "$work" canary
       for log in "$out"/train_*.log; do grep -a "probe\|accuracy\|answer_loss" "$log" | tail -14; done ;;
+    canary1)
+      # One recipe with the whole GPU (more steps), the GPU kernel tests running beside it (they only
+      # check correctness, so sharing the GPU does not matter), then a short sweep if it retrieves.
+      timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_methods.py \
+        -k "kernel or triton" > "$out/gpu_tests.log" 2>&1 &
+      work=$(mktemp -d)
+      timeout 430 python3 -m sparse_attn train-canary --out "$work/canary" --minutes 6 --seq-len 8192 \
+        --eval-samples 16 --workers 6 --probe-every 45 --lr 2e-3 --copy-share 0.4 --task-share 0.45 \
+        --warmup-share 0 --short-share 0.5 > "$out/train_canary.log" 2>&1
+      wait
+      tail -3 "$out/gpu_tests.log"
+      grep -a "probe\|answer loss" "$out/train_canary.log" | tr -d '\r' | tail -24
+      [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
+      tar czf "$out/canary.tgz" -C "$work" canary
+      python3 -c "import json; print(json.load(open('$work/canary/training_log.json'))['dense_accuracy'])"
+      timeout 45 python3 -m sparse_attn eval --model "$work/canary" --lengths 8192 --samples 1 \
+        --methods xattention,flexprefill,vertical_slash,oracle --out "$out/eval" ;;
     pending)
       patched=$(mktemp -d)
       cp -r src tests benchmarks pyproject.toml "$patched"/
@@ -55,6 +73,6 @@ for step in "${@:-attention}"; do
       (cd "$patched" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3)
       (cd "$patched" && timeout 200 python3 benchmarks/bench_attention.py --lengths 32768 \
         --densities 1.0 0.2 0.05 --out "$out/attention_pending") ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, pending)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, canary1, pending)" ;;
   esac
 done

@@ -60,7 +60,7 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
 PAD, TEXT, ANSWER = 0, 1, 2
 
 
-_CODE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_CODE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the plain repeat warm-up's alphabet
 
 
 def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
@@ -69,25 +69,27 @@ def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
 
 
 def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
-    """Real text with 1-4 long random codes (L/32 to L/8 characters) that each occur twice: the
-    repeat (after its first character) is the target. Dense, unmemorizable copy targets at every
-    distance grow the induction (copy-what-followed-last-time) circuit that needle retrieval is built
-    on: a tiny Llama learns plain copying within ~150 steps, while needle episodes alone, or short
-    codes sparsely spread through text, left it at the no-copy loss for 600-1400 steps on CPU."""
-    pairs = rng.randint(1, 4)  # long codes: about half of the episode is copy targets
-    codes = [tokenizer(" " + "".join(rng.choice(_CODE_CHARS) for _ in range(rng.randint(seq_len // 32, seq_len // 8)))
-                       + " ", add_special_tokens=False).input_ids for _ in range(pairs)]
-    events = []
-    for i in range(pairs):
-        first, second = sorted(rng.random() for _ in range(2))
-        events += [(first, i, TEXT), (second, i, ANSWER)]
-    events.sort()
+    """Real text with random byte strings (8-48 bytes, about one per 128 tokens) that each occur
+    twice at random places; the second copy (after its first byte) is the target.
+
+    This is the data that grows an induction circuit (find where the current token occurred before,
+    predict what followed it), which needle retrieval is built on. The codes use all 256 byte values,
+    so one matching byte nearly always identifies the earlier copy and copying pays from the first
+    step; codes over a small alphabet (36 letters and digits, tried on an H100 in 2026-11) stayed at
+    the no-copy loss, because matching one character there points at dozens of places. Random
+    distances keep the model from learning a fixed-offset shortcut instead.
+    """
+    pairs = rng.randint(1, max(1, seq_len // 128))
+    codes = [[rng.randrange(256) for _ in range(rng.randint(8, 48))] for _ in range(pairs)]
+    events = sorted([(rng.random(), i) for i in range(pairs)] + [(rng.random(), i) for i in range(pairs)])
     filler = _text_ids(tokenizer, text, max(seq_len - 2 * sum(len(c) for c in codes), 16), rng)
-    ids, roles, last = [], [], 0
-    for depth, i, role in events:
+    ids, roles, last, seen = [], [], 0, set()
+    for depth, i in events:
         cut = int(depth * len(filler))
+        role = ANSWER if i in seen else TEXT
+        seen.add(i)
         ids += filler[last:cut] + codes[i]
-        roles += [TEXT] * (cut - last) + ([TEXT, TEXT] + [role] * (len(codes[i]) - 2))
+        roles += [TEXT] * (cut - last) + [TEXT] + [role] * (len(codes[i]) - 1)
         last = cut
     ids += filler[last:]
     roles += [TEXT] * (len(filler) - last)
