@@ -84,6 +84,8 @@ def test_runner_records_accuracy_recall_density_and_time(tokenizer, tmp_path):
     assert 0 < low["recall"] <= high["recall"] <= 1
     assert window["density"] < 1 and set(window["density_per_layer"]) == {0, 1}
     assert all(0 <= r["accuracy"] <= 1 and r["prefill_ms"] > 0 for r in rows)
+    # Estimation cost comes from the timed prefills (recall off); dense has none.
+    assert dense["estimate_ms_per_prefill"] == 0.0 and low["estimate_ms_per_prefill"] > 0
     assert not hasattr(model, "_sparse_attn_state") or model._sparse_attn_state is None or \
         model.config._attn_implementation == "sdpa"
     result = write_report(rows, {"model": "tiny"}, str(tmp_path / "eval"))
