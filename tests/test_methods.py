@@ -178,7 +178,8 @@ def test_unknown_method_and_knob_errors():
     (1, 1, 130, 300, 128, 64, True),  # oracle-sized blocks, q shorter than kv
 ])
 def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal):
-    q, k = torch.randn(2, heads, q_len, 32, dtype=torch.float64), torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
+    q = torch.randn(2, heads, q_len, 32, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
     want = block_mass_reference(q, k, q_block, kv_block, 0.2, causal)
     q, k = q.float(), k.float()
     got = block_mass(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), q_block, kv_block, 0.2, causal, use_triton=True)

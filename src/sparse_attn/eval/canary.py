@@ -181,8 +181,8 @@ def _pad_batch(episodes):
 def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
             pin: bool, repeat: bool = False, repeat_share: float = 0.0):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share), batch_size=batch_size, collate_fn=_pad_batch,
-        num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
+        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share), batch_size=batch_size,
+        collate_fn=_pad_batch, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
 def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
