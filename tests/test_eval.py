@@ -174,17 +174,17 @@ def test_canary_training_probes_retrieval_while_training(tmp_path):
 def test_copy_episodes_mark_only_repeats_of_earlier_codes(tokenizer):
     import random
 
-    from sparse_attn.eval.canary import ANSWER, _copy_episode, _episode
+    from sparse_attn.eval.canary import COPY, _copy_episode, _episode
     from sparse_attn.eval.corpus import haystack_text
 
     text = haystack_text()
     ids, roles = _copy_episode(tokenizer, 1024, random.Random(4), text)
-    assert len(ids) == len(roles) <= 1024 and roles.count(ANSWER) > 0
-    runs, start = [], None  # contiguous ANSWER spans
+    assert len(ids) == len(roles) <= 1024 and roles.count(COPY) > 0
+    runs, start = [], None  # contiguous COPY spans
     for i, role in enumerate(roles + [None]):
-        if role == ANSWER and start is None:
+        if role == COPY and start is None:
             start = i
-        elif role != ANSWER and start is not None:
+        elif role != COPY and start is not None:
             runs.append((start, i))
             start = None
     def occurs_in(seq, sub):
@@ -199,11 +199,20 @@ def test_copy_episodes_mark_only_repeats_of_earlier_codes(tokenizer):
     assert copy_ids == _copy_episode(tokenizer, 1024, rng, text)[0]
 
 
-def test_repeat_episodes_are_a_string_twice(tokenizer):
+def test_repeat_episodes_are_a_code_followed_by_itself_at_a_varying_distance(tokenizer):
     import random
 
-    from sparse_attn.eval.canary import ANSWER, TEXT, _episode
+    from sparse_attn.eval.canary import COPY, PAD, _episode
 
-    ids, roles = _episode(tokenizer, 256, random.Random(0), "", task_share=1.0, repeat=True)
-    assert len(ids) == 256 and ids[:128] == ids[128:]
-    assert roles == [TEXT] * 129 + [ANSWER] * 127
+    distances = set()
+    rng = random.Random(0)
+    for _ in range(5):
+        ids, roles = _episode(tokenizer, 256, rng, "", task_share=1.0, repeat=True)
+        assert len(ids) == len(roles) == 256 and set(roles) == {PAD, COPY}
+        first = roles.index(COPY)  # the copy's second byte
+        length = roles.count(COPY) + 1
+        assert roles[first:first + length - 1] == [COPY] * (length - 1)
+        start = first - 1 - length  # where the original code begins
+        assert ids[start:start + length] == ids[start + length:start + 2 * length]
+        distances.add(length)
+    assert len(distances) > 1  # the copy distance (= code length) varies: no positional shortcut

@@ -175,7 +175,8 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--copy-share", default=0.25, show_default=True, help="share of copy episodes (rest: plain text)")
 @click.option("--repeat-share", default=0.0, show_default=True,
               help="share of plain repeat (induction) episodes kept after the warm-up")
-@click.option("--warmup-share", default=0.05, show_default=True, help="share of the budget on repeat episodes first")
+@click.option("--warmup-share", default=0.15, show_default=True,
+              help="at most this share of the budget on pure induction episodes first (ends once copying works)")
 @click.option("--short-share", default=0.3, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
@@ -189,15 +190,15 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
     with click.progressbar(length=total, label="train-canary", item_show_func=lambda x: x) as bar:
         state = {"shown": 0, "logged": start}
 
-        def progress(step, loss, answer_loss):
+        def progress(step, text_loss, answer_loss, copy_loss):
             now = time.time()
             done = step if max_steps else int(now - start)
+            losses = f"text {text_loss:.3f} answer {answer_loss:.3f} copy {copy_loss:.3f}"
             if done > state["shown"]:
-                bar.update(done - state["shown"], f"step {step} loss {loss:.3f} answer {answer_loss:.3f}")
+                bar.update(done - state["shown"], f"step {step} {losses}")
                 state["shown"] = done
             if now - state["logged"] >= log_every:
-                click.echo(f"\n[{now - start:6.0f}s] step {step} loss {loss:.3f} answer loss {answer_loss:.3f}",
-                           err=True)
+                click.echo(f"\n[{now - start:6.0f}s] step {step} losses {losses}", err=True)
                 state["logged"] = now
 
         def on_probe(step, seconds, accuracy):

@@ -55,9 +55,10 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
 
 
 # Token roles in a training episode: padding (no loss), text (language-model loss), answer
-# (retrieval loss). The two losses are averaged separately and added, so a few answer tokens in
-# 8K tokens of text still carry half the gradient.
-PAD, TEXT, ANSWER = 0, 1, 2
+# (retrieval answers) and copy (second occurrences of random codes). Text is averaged on its own and
+# answer + copy tokens together, and the two means are added, so a few targets in 8K tokens of text
+# still carry half the gradient; answer and copy losses are also logged apart.
+PAD, TEXT, ANSWER, COPY = 0, 1, 2, 3
 
 
 _CODE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the plain repeat warm-up's alphabet
@@ -86,7 +87,7 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
     ids, roles, last, seen = [], [], 0, set()
     for depth, i in events:
         cut = int(depth * len(filler))
-        role = ANSWER if i in seen else TEXT
+        role = COPY if i in seen else TEXT
         seen.add(i)
         ids += filler[last:cut] + codes[i]
         roles += [TEXT] * (cut - last) + [TEXT] + [role] * (len(codes[i]) - 1)
@@ -97,10 +98,19 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
 
 
 def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
-    """A random code string followed by itself; the second copy is the target. The plain induction
-    task: every target is a copy, so the circuit appears within ~150 steps (used as a warm-up)."""
-    half = tokenizer("".join(rng.choice(_CODE_CHARS) for _ in range(seq_len // 2)), add_special_tokens=False).input_ids
-    return half + half, [TEXT] * (len(half) + 1) + [ANSWER] * (len(half) - 1)
+    """Pure induction: random bytes, in which a random code (L/8 to L/2 bytes) is followed at once
+    by itself at a random place; the copy (after its first byte) is the target, the rest carries no
+    loss. The code length, hence the copy distance, varies, so only content matching (find the
+    current byte earlier, predict what followed it) solves it: a fixed distance was solved by a
+    positional shortcut that did not transfer (H100 runs, 2026-11-23). A 2-layer width-128 model
+    leaves the no-copy plateau after ~650 steps of 32 x 256 tokens on CPU."""
+    length = rng.randint(max(2, seq_len // 8), max(2, seq_len // 2))
+    code = [rng.randrange(256) for _ in range(length)]
+    start = rng.randint(0, seq_len - 2 * length)
+    ids = [rng.randrange(256) for _ in range(start)] + code + code
+    ids += [rng.randrange(256) for _ in range(seq_len - len(ids))]
+    roles = [PAD] * (start + length + 1) + [COPY] * (length - 1) + [PAD] * (seq_len - start - 2 * length)
+    return ids, roles
 
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
@@ -204,21 +214,34 @@ def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
     return accuracy
 
 
+def _masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _recent_mean(history: list, count: int) -> Optional[float]:
+    """Mean of the last ``count`` entries that are not NaN (None if there are none)."""
+    recent = [x for x in history[-count:] if x == x]
+    return sum(recent) / len(recent) if recent else None
+
+
 def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
           task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None,
           max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
-          workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.05,
+          workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.15,
           repeat_share: float = 0.0, probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
-    Curriculum: the first ``warmup_share`` of the budget is plain induction (512-token repeat
-    episodes), the next ``short_share`` trains on episodes a quarter as long (4x the batch, same
-    tokens per step), where retrieval is found sooner; the rest at ``seq_len``.
+    Curriculum: first pure induction (512-token :func:`_repeat_episode`) until the copy loss falls
+    below 1 nat (the circuit has formed; text would otherwise be memorized first and the circuit
+    never form), for at most ``warmup_share`` of the budget; the next ``short_share`` trains on
+    episodes a quarter as long (4x the batch, same tokens per step), where retrieval is found
+    sooner; the rest at ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
     the GPU never waits on tokenization. ``repeat_share`` keeps that share of repeat episodes in the
-    mix after the warm-up. ``progress(step, loss, answer_loss)`` is called every step.
+    mix after the warm-up. ``progress(step, text_loss, answer_loss, copy_loss)`` is called every step
+    (NaN where a batch had no such tokens).
     Every ``probe_every_s`` seconds (if set) greedy accuracy on 8 prompts at 1/4 of ``seq_len`` is
     measured, logged under ``"probes"`` and passed to ``on_probe(step, seconds, accuracy)``: a run
     that is not learning to retrieve shows it within minutes.
@@ -239,9 +262,10 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     short_len = max(seq_len // 4, 512)
     loader, phase = None, None
     budget_s = minutes * 60
-    start, step, losses, answer_losses, probes = time.time(), 0, [], [], []
+    start, step, losses, answer_losses, copy_losses, probes = time.time(), 0, [], [], [], []
     last_probe = start
     warmup = 100
+    induction_step = None  # the step at which the warm-up's copy loss fell below 1 nat
     while True:
         elapsed = time.time() - start
         if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed > budget_s):
@@ -250,7 +274,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.05)
-        if frac < warmup_share:
+        if induction_step is None and frac < warmup_share:
             want = ("repeat", min(512, seq_len))
         elif frac < warmup_share + short_share and short_len < seq_len:
             want = ("mix", short_len)
@@ -266,19 +290,23 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             logits = model(ids[:, :-1]).logits.float()
         token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         roles = roles[:, 1:]
-        text, answer = (roles == TEXT).float(), (roles == ANSWER).float()
-        text_loss = (token_loss * text).sum() / text.sum().clamp_min(1)
-        answer_loss = (token_loss * answer).sum() / answer.sum().clamp_min(1)
-        loss = text_loss + answer_loss
+        masks = {role: (roles == role).float() for role in (TEXT, ANSWER, COPY)}
+        target = masks[ANSWER] + masks[COPY]
+        loss = _masked_mean(token_loss, masks[TEXT]) + _masked_mean(token_loss, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(text_loss.detach()))
-        answer_losses.append(float(answer_loss.detach()) if bool(answer.any()) else float("nan"))
+        with torch.no_grad():
+            for history, role in ((losses, TEXT), (answer_losses, ANSWER), (copy_losses, COPY)):
+                present = bool(masks[role].any())
+                history.append(float(_masked_mean(token_loss, masks[role])) if present else float("nan"))
         step += 1
+        recent_copy = _recent_mean(copy_losses, 20)
+        if want[0] == "repeat" and len(copy_losses) >= 20 and recent_copy is not None and recent_copy < 1.0:
+            induction_step = step
         if progress:
-            progress(step, losses[-1], answer_losses[-1])
+            progress(step, losses[-1], answer_losses[-1], copy_losses[-1])
         if probe_every_s and time.time() - last_probe >= probe_every_s:
             model.eval()
             accuracy = dense_accuracy(model, tokenizer, [short_len], 8, device)[short_len]
@@ -293,13 +321,13 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    recent = [x for x in answer_losses[-50:] if x == x]
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
-           "repeat_share": repeat_share,
-           "final_text_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1),
-           "first_text_loss": losses[0] if losses else None,
-           "final_answer_loss": sum(recent) / len(recent) if recent else None,
+           "repeat_share": repeat_share, "induction_step": induction_step,
+           "final_text_loss": _recent_mean(losses, 20),
+           "first_text_loss": next((x for x in losses if x == x), None),
+           "final_answer_loss": _recent_mean(answer_losses, 50),
+           "final_copy_loss": _recent_mean(copy_losses, 50),
            "dense_accuracy": accuracy, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",
            "parameters": sum(p.numel() for p in model.parameters()), "shape": {**CANARY_SHAPE, **shape_overrides},
            "lr": lr, "task_share": task_share, "copy_share": copy_share,
