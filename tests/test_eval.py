@@ -171,6 +171,21 @@ def test_canary_training_probes_retrieval_while_training(tmp_path):
     assert all(0.0 <= p["accuracy"] <= 1.0 for p in log["probes"])
 
 
+def test_episodes_fit_every_supported_length_and_short_lengths_are_refused(tokenizer, tmp_path):
+    import random
+
+    from sparse_attn.eval.canary import _episode, train
+    from sparse_attn.eval.corpus import haystack_text
+
+    rng, text = random.Random(0), haystack_text()
+    for length in (512, 1024):
+        for _ in range(40):  # every task kind, drills from 1024 on
+            ids, roles = _episode(tokenizer, length, rng, text, task_share=1.0)
+            assert len(ids) == len(roles) <= length
+    with pytest.raises(ValueError, match="seq_len must be at least 512"):
+        train(str(tmp_path / "x"), seq_len=256, max_steps=1, device="cpu")
+
+
 def test_copy_episodes_mark_only_repeats_of_earlier_codes(tokenizer):
     import random
 

@@ -133,7 +133,7 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     if draw >= copy_share + task_share:
         ids = _text_ids(tokenizer, text, seq_len, rng)
         return ids, [TEXT] * len(ids)
-    task = rng.choice(TASKS + ("drill",))
+    task = rng.choice(TASKS + (("drill",) if seq_len >= 1024 else ()))  # 8+ needles need ~1K tokens
     if task == "drill":  # many keys, every one asked: dense supervision for learning to look things up
         most = max(2, min(32, seq_len // 256))  # a needle plus its question take ~110 tokens
         keys = rng.randint(min(8, most), most)
@@ -250,6 +250,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
 
     from ..integrations.hf.tokenizer import byte_tokenizer
 
+    if seq_len < 512:
+        raise ValueError(f"train: seq_len must be at least 512 (the retrieval episodes need it), got {seq_len}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = torch.device(device).type == "cuda"
     if workers is None:
