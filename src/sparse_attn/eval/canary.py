@@ -235,7 +235,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
 
     Curriculum: first pure induction (512-token :func:`_repeat_episode`) until the copy loss falls
     below 1 nat (the circuit has formed; text would otherwise be memorized first and the circuit
-    never form), for at most ``warmup_share`` of the budget; the next ``short_share`` trains on
+    never form), for at most ``warmup_share`` of the budget, at the full learning rate (cosine decay
+    over the rest); the next ``short_share`` trains on
     episodes a quarter as long (4x the batch, same tokens per step), where retrieval is found
     sooner; the rest at ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
@@ -268,15 +269,20 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     last_probe = start
     warmup = 100
     induction_step = None  # the step at which the warm-up's copy loss fell below 1 nat
+    decay_from = 0.0  # budget share at which the learning-rate decay starts (the warm-up's end)
     while True:
         elapsed = time.time() - start
         if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed > budget_s):
             break
         frac = step / max_steps if max_steps else elapsed / budget_s
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        in_warmup = induction_step is None and frac < warmup_share
+        if in_warmup:  # full learning rate until the copy circuit forms: decay lengthens the plateau
+            decay_from, scale = frac, 1.0
+        else:  # then a cosine over the rest of the budget
+            scale = 0.5 * (1 + math.cos(math.pi * min((frac - decay_from) / max(1 - decay_from, 1e-9), 1.0)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 0.05)
-        if induction_step is None and frac < warmup_share:
+            group["lr"] = lr * max(min(1.0, (step + 1) / warmup) * scale, 0.05)
+        if in_warmup:
             want = ("repeat", min(512, seq_len))
         elif frac < warmup_share + short_share and short_len < seq_len:
             want = ("mix", short_len)
