@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_session.sh attention    # GPU kernel tests + attention benchmark at 128K (~8 min)
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation-cost benchmark, Triton vs torch steps (~6 min)
-#   bash benchmarks/gpu_session.sh canary       # train 3 canary recipes at once (7.5 min), keep the best
-#   bash benchmarks/gpu_session.sh canary1      # one canary recipe (6 min) + GPU kernel tests beside it
+#   bash benchmarks/gpu_session.sh canary       # train the canary (6 min) + GPU kernel tests beside it
+#   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 2K-8K (~9 min)
 #   bash benchmarks/gpu_session.sh pending      # the pending backward patch: tests + fwd/bwd at 32K (~4 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
 # src/sparse_attn/eval/canary). Copy the tables into docs/benchmarks.md with the device and date.
@@ -31,27 +31,9 @@ for step in "${@:-attention}"; do
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)
-      # A 7M-parameter model leaves an H100 mostly idle (launch-bound), so three recipes train side by
-      # side for the same 6 minutes; the one with the best dense accuracy is kept.
-      work=$(mktemp -d)
-      # b and c keep 10% plain repeat episodes after a longer warm-up and spend half the time at 2K
-      for spec in "a --lr 1e-3" \
-          "b --lr 2e-3 --copy-share 0.4 --task-share 0.5 --repeat-share 0.1 --warmup-share 0.1 --short-share 0.5" \
-          "c --lr 1e-3 --batch-size 4 --copy-share 0.4 --task-share 0.5 --repeat-share 0.1 --warmup-share 0.1 --short-share 0.5"; do
-        read -r name args <<< "$spec"
-        # shellcheck disable=SC2086  # $args holds several options
-        timeout 530 python3 -m sparse_attn train-canary --out "$work/$name" --minutes 7.5 --seq-len 8192 \
-          --eval-samples 16 --workers 4 --probe-every 45 $args > "$out/train_$name.log" 2>&1 &
-      done
-      wait
-      best=$(python3 benchmarks/pick_canary.py "$work"/a "$work"/b "$work"/c)
-      [ -n "$best" ] || { echo "no canary finished"; continue; }
-      echo "best recipe: $best"; mv "$work/$best" "$work/canary"
-      tar czf "$out/canary.tgz" -C "$work" canary
-      for log in "$out"/train_*.log; do grep -a "probe\|accuracy\|answer_loss" "$log" | tail -14; done ;;
-    canary1)
-      # One recipe with the whole GPU (more steps), the GPU kernel tests running beside it (they only
-      # check correctness, so sharing the GPU does not matter), then a short sweep if it retrieves.
+      # One recipe with the whole GPU, the GPU kernel tests running beside it (they only check
+      # correctness, so sharing the GPU does not matter), then a short sweep. The curriculum starts
+      # with 128-token induction episodes until copying works (see docs/benchmarks.md).
       timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_methods.py \
         -k "kernel or triton" > "$out/gpu_tests.log" 2>&1 &
       work=$(mktemp -d)
@@ -66,6 +48,11 @@ for step in "${@:-attention}"; do
       python3 -c "import json; print(json.load(open('$work/canary/training_log.json'))['dense_accuracy'])"
       timeout 45 python3 -m sparse_attn eval --model "$work/canary" --lengths 8192 --samples 1 \
         --methods xattention,flexprefill,vertical_slash,oracle --out "$out/eval" ;;
+    sweep)
+      # The evidence run for the shipped canary (src/sparse_attn/eval/canary): every method over its
+      # knob range at 2K-8K, then prefill time patched vs dense at 8K is in the same table.
+      timeout 560 python3 -m sparse_attn eval --model canary --lengths 2048,4096,8192 --samples 4 \
+        --methods xattention,flexprefill,vertical_slash,pooled_topp,oracle --out "$out/eval_canary" ;;
     pending)
       patched=$(mktemp -d)
       cp -r src tests benchmarks pyproject.toml "$patched"/
@@ -73,6 +60,6 @@ for step in "${@:-attention}"; do
       (cd "$patched" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3)
       (cd "$patched" && timeout 200 python3 benchmarks/bench_attention.py --lengths 32768 \
         --densities 1.0 0.2 0.05 --out "$out/attention_pending") ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, canary1, pending)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, sweep, pending)" ;;
   esac
 done
