@@ -38,8 +38,7 @@ for step in "${@:-attention}"; do
         -k "kernel or triton" > "$out/gpu_tests.log" 2>&1 &
       work=$(mktemp -d)
       timeout 430 python3 -m sparse_attn train-canary --out "$work/canary" --minutes 6 --seq-len 8192 \
-        --eval-samples 16 --workers 6 --probe-every 45 --lr 2e-3 --copy-share 0.4 --task-share 0.45 \
-        --repeat-share 0.1 --warmup-share 0.3 --short-share 0.4 > "$out/train_canary.log" 2>&1
+        --eval-samples 16 --workers 6 --probe-every 45 > "$out/train_canary.log" 2>&1
       wait
       tail -3 "$out/gpu_tests.log"
       grep -a "probe\|losses" "$out/train_canary.log" | tr -d '\r' | tail -24

@@ -164,20 +164,20 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--minutes", default=10.0, show_default=True)
 @click.option("--seq-len", default=8192, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--device", default=None)
 @click.option("--eval-samples", default=8, show_default=True, help="dense-accuracy prompts per length after training")
 @click.option("--log-every", default=30.0, show_default=True, help="seconds between log lines")
 @click.option("--probe-every", default=60.0, show_default=True,
               help="seconds between greedy retrieval probes during training (0: none)")
-@click.option("--task-share", default=0.6, show_default=True, help="share of retrieval-task episodes")
-@click.option("--copy-share", default=0.25, show_default=True, help="share of copy episodes (rest: plain text)")
-@click.option("--repeat-share", default=0.0, show_default=True,
+@click.option("--task-share", default=0.45, show_default=True, help="share of retrieval-task episodes")
+@click.option("--copy-share", default=0.4, show_default=True, help="share of copy episodes (rest: plain text)")
+@click.option("--repeat-share", default=0.1, show_default=True,
               help="share of plain repeat (induction) episodes kept after the warm-up")
-@click.option("--warmup-share", default=0.15, show_default=True,
+@click.option("--warmup-share", default=0.3, show_default=True,
               help="at most this share of the budget on pure induction episodes first (ends once copying works)")
-@click.option("--short-share", default=0.3, show_default=True, help="share of the budget at a quarter of --seq-len")
+@click.option("--short-share", default=0.4, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
 def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every, probe_every,

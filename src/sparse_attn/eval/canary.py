@@ -231,12 +231,12 @@ def _recent_mean(history: list, count: int) -> Optional[float]:
     return sum(recent) / len(recent) if recent else None
 
 
-def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 1e-3,
-          task_share: float = 0.6, copy_share: float = 0.25, device: Optional[str] = None,
+def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: int = 8, lr: float = 2e-3,
+          task_share: float = 0.45, copy_share: float = 0.4, device: Optional[str] = None,
           max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
-          workers: Optional[int] = None, short_share: float = 0.3, warmup_share: float = 0.15,
-          repeat_share: float = 0.0, probe_every_s: Optional[float] = None,
+          workers: Optional[int] = None, short_share: float = 0.4, warmup_share: float = 0.3,
+          repeat_share: float = 0.1, probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
