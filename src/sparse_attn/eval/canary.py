@@ -109,8 +109,8 @@ def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
     by itself at a random place; the copy (after its first byte) is the target, the rest carries no
     loss. The code length, hence the copy distance, varies, so only content matching (find the
     current byte earlier, predict what followed it) solves it: a fixed distance was solved by a
-    positional shortcut that did not transfer (H100 runs, 2026-11-23). A 2-layer width-128 model
-    leaves the no-copy plateau after ~650 steps of 32 x 256 tokens on CPU."""
+    positional shortcut that did not transfer (H100 runs, 2026-11-23). The warm-up uses it at
+    ``INDUCTION_LEN`` tokens; the mix keeps some at full length (long-range copying)."""
     length = rng.randint(max(2, seq_len // 8), max(2, seq_len // 2))
     code = [rng.randrange(256) for _ in range(length)]
     start = rng.randint(0, seq_len - 2 * length)
@@ -241,12 +241,11 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
     Curriculum: first pure induction (``INDUCTION_LEN``-token :func:`_repeat_episode`, the batch
-    scaled to keep the tokens per step) until the copy loss falls
-    below 1 nat (the circuit has formed; text would otherwise be memorized first and the circuit
-    never form), for at most ``warmup_share`` of the budget, at the full learning rate (cosine decay
-    over the rest); the next ``short_share`` trains on
-    episodes a quarter as long (4x the batch, same tokens per step), where retrieval is found
-    sooner; the rest at ``seq_len``.
+    scaled to keep the tokens per step) at the full learning rate until the copy loss falls below
+    1 nat (the circuit has formed; otherwise the haystack text is memorized first and the circuit
+    never forms), for at most ``warmup_share`` of the budget; then a cosine decay over the rest:
+    ``short_share`` of the budget on episodes a quarter as long (4x the batch), where retrieval is
+    found sooner, then ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
     the GPU never waits on tokenization. ``repeat_share`` keeps that share of repeat episodes in the
     mix after the warm-up. ``progress(step, text_loss, answer_loss, copy_loss)`` is called every step
