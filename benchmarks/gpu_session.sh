@@ -41,7 +41,7 @@ for step in "${@:-attention}"; do
         --eval-samples 16 --workers 6 --probe-every 45 > "$out/train_canary.log" 2>&1
       wait
       tail -3 "$out/gpu_tests.log"
-      grep -a "probe\|losses" "$out/train_canary.log" | tr -d '\r' | tail -24
+      grep -a "probe\|losses\|induction_step" "$out/train_canary.log" | tr -d "\r" | tail -24
       [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
       tar czf "$out/canary.tgz" -C "$work" canary
       python3 -c "import json; print(json.load(open('$work/canary/training_log.json'))['dense_accuracy'])"
