@@ -61,9 +61,6 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
 PAD, TEXT, ANSWER, COPY = 0, 1, 2, 3
 
 
-_CODE_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the plain repeat warm-up's alphabet
-
-
 def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
     start = rng.randrange(0, len(text) - 4 * n)
     return tokenizer(text[start:start + 2 * n], add_special_tokens=False).input_ids[:n]
@@ -104,7 +101,7 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
 INDUCTION_LEN = 128
 
 
-def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
+def _repeat_episode(seq_len: int, rng: random.Random):
     """Pure induction: random bytes, in which a random code (L/8 to L/2 bytes) is followed at once
     by itself at a random place; the copy (after its first byte) is the target, the rest carries no
     loss. The code length, hence the copy distance, varies, so only content matching (find the
@@ -122,7 +119,7 @@ def _repeat_episode(tokenizer, seq_len: int, rng: random.Random):
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
              copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0):
-    """Token ids and per-token roles (``TEXT``/``ANSWER``) for one training sequence.
+    """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
     retrieval episode: a task prompt, its answer, then any follow-up questions about the same
@@ -133,7 +130,7 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     ``repeat_share``: the share of repeat episodes kept in the mix after it.
     """
     if repeat or (repeat_share and rng.random() < repeat_share):
-        return _repeat_episode(tokenizer, seq_len, rng)
+        return _repeat_episode(seq_len, rng)
     draw = rng.random()
     if draw < copy_share:
         return _copy_episode(tokenizer, seq_len, rng, text)
