@@ -106,9 +106,8 @@ def _vertical_slash_blocks(attn: Tensor, grid: BlockGrid, vertical: Tensor, slas
     """Blocks crossed by the top ``vertical`` columns and ``slash`` diagonals of last-rows attention.
 
     ``vertical`` / ``slash``: per-head counts ``(H,)`` (int tensors)."""
-    kv_len = attn.shape[-1]
     v_scores = attn.sum(-2)  # (B, H, Skv)
-    s_scores = diagonal_sums(attn, kv_len)
+    s_scores = diagonal_sums(attn)
     v_keep = select_top_k(v_scores, vertical.view(1, -1).expand(v_scores.shape[:-1]))
     s_keep = select_top_k(s_scores, slash.view(1, -1).expand(s_scores.shape[:-1]))
     return lines_to_blocks(grid, v_keep, s_keep)
@@ -144,7 +143,7 @@ def lines_covering(attn: Tensor, gamma: Tensor, min_lines: int):
     ``(B, H, Skv)``.
     """
     b, h, rows, kv_len = attn.shape
-    merged = torch.cat([attn.sum(-2), diagonal_sums(attn, kv_len)], -1)  # (B, H, 2*Skv)
+    merged = torch.cat([attn.sum(-2), diagonal_sums(attn)], -1)  # (B, H, 2*Skv)
     rank = torch.empty_like(merged, dtype=torch.long)
     rank.scatter_(-1, torch.argsort(merged, -1, descending=True),
                   torch.arange(2 * kv_len, device=attn.device).expand(b, h, -1).contiguous())
@@ -226,7 +225,7 @@ class FlexPrefill(Method):
             else:
                 share = gamma[rows].view(1, -1, 1)
                 v_keep = select_top_p(attn.sum(-2), share, min_lines)
-                s_keep = select_top_p(diagonal_sums(attn, attn.shape[-1]), share, min_lines)
+                s_keep = select_top_p(diagonal_sums(attn), share, min_lines)
             vs.append(lines_to_blocks(grid, v_keep, s_keep))
         query_aware = torch.cat(aware, 1)
         self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used

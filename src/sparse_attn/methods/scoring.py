@@ -67,7 +67,7 @@ def last_rows_attention(q: Tensor, k: Tensor, rows: int, scale: float, causal: b
     return torch.softmax(scores, dim=-1).flatten(1, 2)
 
 
-def diagonal_sums(attn: Tensor, kv_len: int) -> Tensor:
+def diagonal_sums(attn: Tensor) -> Tensor:
     """Sum ``attn (B, H, R, Skv)`` of the last ``R`` queries along diagonals.
 
     Returns ``(B, H, Skv)``: entry ``o`` is the mass at distance ``o = query_pos - key_pos``
@@ -77,9 +77,7 @@ def diagonal_sums(attn: Tensor, kv_len: int) -> Tensor:
     handful of whole-tensor ops (a per-row loop was ~600 launches per call, most of FlexPrefill's
     fixed cost on a GPU) and no index tensor (8 bytes per attention entry, 2 GB at 128K).
     """
-    rows, width = attn.shape[-2], attn.shape[-1]
-    if width != kv_len:
-        raise ValueError(f"diagonal_sums: attn has {width} keys, expected kv_len={kv_len}")
+    rows, kv_len = attn.shape[-2], attn.shape[-1]
     lead = attn.shape[:-2]
     padded = torch.nn.functional.pad(attn.flip(-1), (0, rows))  # (..., R, Skv + R)
     flat = padded.reshape(*lead, rows * (kv_len + rows))[..., : rows * (kv_len + rows - 1)]
