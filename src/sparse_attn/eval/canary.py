@@ -94,11 +94,25 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
     return ids[:seq_len], roles[:seq_len]
 
 
-# Length of the warm-up's induction episodes. Short sequences leave the copy plateau sooner (a
+# Length of the warm-up's first induction episodes. Short sequences leave the copy plateau sooner (a
 # near-uniform attention spreads the useful gradient over every earlier position): on CPU, a
 # 2-layer width-128 model needed ~370 steps at 128 tokens, ~620 at 256 and more than 950 at 512,
 # with the same number of tokens per step.
 INDUCTION_LEN = 128
+
+
+def induction_lengths(seq_len: int) -> list:
+    """Episode lengths of the warm-up: ``INDUCTION_LEN`` doubled up to ``seq_len``.
+
+    A copy circuit formed at 128 tokens breaks when the length jumps: on an H100 a jump from 128
+    to 2048 tokens put the copy loss back at ln 256 for 7000 steps, and on CPU a jump to 2048 stayed
+    there for 100+ steps, while each doubling (256, 512, ... 4096) took 20-63 steps to get back
+    below 1 nat (2026-11-23, see docs/benchmarks.md).
+    """
+    lengths = [INDUCTION_LEN]
+    while lengths[-1] < seq_len:
+        lengths.append(min(2 * lengths[-1], seq_len))
+    return lengths
 
 
 def _repeat_episode(seq_len: int, rng: random.Random):
@@ -107,7 +121,7 @@ def _repeat_episode(seq_len: int, rng: random.Random):
     loss. The code length, hence the copy distance, varies, so only content matching (find the
     current byte earlier, predict what followed it) solves it: a fixed distance was solved by a
     positional shortcut that did not transfer (H100 runs, 2026-11-23). The warm-up uses it at
-    ``INDUCTION_LEN`` tokens; the mix keeps some at full length (long-range copying)."""
+    lengths of :func:`induction_lengths`; the mix keeps some at full length (long-range copying)."""
     length = rng.randint(max(2, seq_len // 8), max(2, seq_len // 2))
     code = [rng.randrange(256) for _ in range(length)]
     start = rng.randint(0, seq_len - 2 * length)
@@ -200,7 +214,8 @@ def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float,
 
 
 def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
-    """Greedy exact-match accuracy of ``model`` on ``samples`` retrieval prompts per length."""
+    """Greedy accuracy (RULER scoring, :func:`.tasks.score`) of ``model`` on ``samples`` retrieval
+    prompts per length."""
     from .tasks import score
 
     use_bf16 = torch.device(device).type == "cuda"
@@ -237,10 +252,11 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
-    Curriculum: first pure induction (``INDUCTION_LEN``-token :func:`_repeat_episode`, the batch
-    scaled to keep the tokens per step) at the full learning rate until the copy loss falls below
-    1 nat (the circuit has formed; otherwise the haystack text is memorized first and the circuit
-    never forms), for at most ``warmup_share`` of the budget; then a cosine decay over the rest:
+    Curriculum: first pure induction (:func:`_repeat_episode` at each length of
+    :func:`induction_lengths`, the batch scaled to keep the tokens per step) at the full learning
+    rate, moving to the next length once the copy loss falls below 1 nat (the circuit has formed;
+    otherwise the haystack text is memorized first and the circuit never forms), for at most
+    ``warmup_share`` of the budget; then a cosine decay over the rest:
     ``short_share`` of the budget on episodes a quarter as long (4x the batch), where retrieval is
     found sooner, then ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
@@ -272,7 +288,10 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     start, step, losses, answer_losses, copy_losses, probes = time.time(), 0, [], [], [], []
     last_probe = start
     warmup = 100
-    induction_step = None  # the step at which the warm-up's copy loss fell below 1 nat
+    warmup_lengths = induction_lengths(seq_len)
+    induction_steps = {}  # warm-up length -> the step at which its copy loss fell below 1 nat
+    induction_step = None  # the step at which the warm-up ended at full length
+    stage_start = 0  # index into copy_losses where the current warm-up length began
     decay_from = 0.0  # budget share at which the learning-rate decay starts (the warm-up's end)
     while True:
         elapsed = time.time() - start
@@ -287,7 +306,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         for group in optimizer.param_groups:
             group["lr"] = lr * max(min(1.0, (step + 1) / warmup) * scale, 0.05)
         if in_warmup:
-            want = ("repeat", INDUCTION_LEN)
+            want = ("repeat", warmup_lengths[len(induction_steps)])
         elif frac < warmup_share + short_share and short_len < seq_len:
             want = ("mix", short_len)
         else:
@@ -314,9 +333,13 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
                 present = bool(masks[role].any())
                 history.append(float(_masked_mean(token_loss, masks[role])) if present else float("nan"))
         step += 1
-        recent_copy = _recent_mean(copy_losses, 20)
-        if want[0] == "repeat" and len(copy_losses) >= 20 and recent_copy is not None and recent_copy < 1.0:
-            induction_step = step
+        stage_copy = copy_losses[stage_start:]
+        stage_mean = _recent_mean(stage_copy, 20) if len(stage_copy) >= 20 else None
+        if want[0] == "repeat" and stage_mean is not None and stage_mean < 1.0:
+            induction_steps[want[1]] = step
+            stage_start = len(copy_losses)
+            if len(induction_steps) == len(warmup_lengths):
+                induction_step = step
         if progress:
             progress(step, losses[-1], answer_losses[-1], copy_losses[-1])
         if probe_every_s and time.time() - last_probe >= probe_every_s:
@@ -335,7 +358,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     tokenizer.save_pretrained(out)
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
-           "repeat_share": repeat_share, "induction_step": induction_step,
+           "repeat_share": repeat_share, "induction_step": induction_step, "induction_steps": induction_steps,
            "final_text_loss": _recent_mean(losses, 20),
            "first_text_loss": next((x for x in losses if x == x), None),
            "final_answer_loss": _recent_mean(answer_losses, 50),

@@ -1,8 +1,8 @@
 """The evaluation harness: dense and every method over its knob range, on retrieval tasks.
 
-For each context length and configuration it records task accuracy (exact match of greedy
-generation), attention recall and density per layer (from the patched model's records), estimation
-cost, and prefill time. ``evaluate`` returns plain dicts; :mod:`.report` turns them into JSON, a
+For each context length and configuration it records task accuracy (greedy generation, RULER's
+``string_match_all`` scoring: :func:`.tasks.score`), attention recall and density per layer (from
+the patched model's records), estimation cost, and prefill time. ``evaluate`` returns plain dicts; :mod:`.report` turns them into JSON, a
 markdown table and plots.
 
 Timing is separate from the accuracy pass: per (length, configuration), one untimed warm-up prefill

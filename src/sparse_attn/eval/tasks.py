@@ -1,8 +1,9 @@
 """Retrieval tasks in the RULER / needle-in-a-haystack tradition, for any HF tokenizer.
 
 Each sample hides one or more "needles" at random depths in real text (the haystack) so that the
-whole prompt is ``length`` tokens, then asks for them; the answer is scored by exact match on the
-model's greedy continuation.
+whole prompt is ``length`` tokens, then asks for them; the model's greedy continuation is scored as
+RULER scores it (``string_match_all``): the share of the expected items (one number, or every value
+or variable name) found in it, each as a whole word, in any order.
 
 * ``passkey``: one number to recall.
 * ``multikey``: several key -> number needles; one key is asked (the others are distractors).
@@ -14,6 +15,7 @@ model's greedy continuation.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 from .corpus import haystack_text
@@ -30,6 +32,8 @@ class Sample:
     length: int
     depths: list = field(default_factory=list)
     question: str = ""
+    # The items scored (RULER's references): the answer's values or names, or the answer itself.
+    references: list = field(default_factory=list)
     # Further (question, answer) pairs about the same needles; training appends them after the
     # answer so one long episode supervises several retrievals. Evaluation asks ``question`` only.
     followups: list = field(default_factory=list)
@@ -111,13 +115,16 @@ def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str 
         last = cut
     pieces.append(filler[last:])
     prompt = "".join(pieces) + "\n\n" + question
-    return Sample(task, prompt, answer, length, depths, question, followups)
+    references = answer.split(", ") if task in ("multivalue", "vartrack") else [answer]
+    return Sample(task, prompt, answer, length, depths, question, references=references, followups=followups)
 
 
-def score(sample: Sample, generated: str) -> bool:
-    """Exact match: the continuation, stripped, starts with the answer (then ends or punctuation)."""
-    text = generated.strip()
-    if not text.startswith(sample.answer):
-        return False
-    rest = text[len(sample.answer):]
-    return rest == "" or not rest[0].isalnum()
+def score(sample: Sample, generated: str) -> float:
+    """RULER's ``string_match_all``: the share of ``sample.references`` found in ``generated``
+    (case-insensitive), each as a whole word (``12345`` does not count inside ``123456``), in any
+    order. 1.0 or 0.0 for the single-answer tasks."""
+    references = sample.references or [sample.answer]
+    text = generated.lower()
+    found = sum(re.search(rf"(?<![0-9a-z]){re.escape(ref.lower())}(?![0-9a-z])", text) is not None
+                for ref in references)
+    return found / len(references)
