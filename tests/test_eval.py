@@ -274,3 +274,41 @@ def test_induction_warmup_doubles_the_length_up_to_the_training_length():
     assert induction_lengths(8192) == [128, 256, 512, 1024, 2048, 4096, 8192]
     assert induction_lengths(3000) == [128, 256, 512, 1024, 2048, 3000]
     assert induction_lengths(INDUCTION_LEN) == [INDUCTION_LEN]
+
+
+def test_lookup_episodes_ask_keys_whose_answers_follow_them(tokenizer):
+    """The lookup warm-up's episodes: key -> number lines, text, then questions whose answer digits
+    (the only targets) are the number on that key's line; lengths double from 512."""
+    import random
+    import re
+
+    from sparse_attn.eval.canary import ANSWER, LOOKUP_MAX_KEYS, _episode, lookup_lengths
+    from sparse_attn.eval.corpus import haystack_text
+
+    assert lookup_lengths(8192) == [512, 1024, 2048, 4096, 8192] and lookup_lengths(256) == []
+    rng = random.Random(3)
+    for length in (512, 8192):
+        ids, roles = _episode(tokenizer, length, rng, haystack_text(), task_share=1.0, lookup=True)
+        assert len(ids) == len(roles) == length
+        full = tokenizer.decode(ids)
+        lines = re.findall(r"The number for (\w+) is: (\d+)\.", full)
+        table = dict(lines[:len(set(k for k, _ in lines))])
+        questions = lines[len(table):]
+        assert 4 <= len(table) <= LOOKUP_MAX_KEYS and len(questions) >= 4
+        assert all(table[key] == value for key, value in questions)
+        digits = tokenizer.decode([i for i, r in zip(ids, roles) if r == ANSWER])
+        assert digits == "".join(value for _, value in questions)
+
+
+def test_warmup_stages_run_in_order_and_are_logged(tmp_path, monkeypatch):
+    """With thresholds every stage meets, each stage lasts its 20-step window: induction at 128,
+    256, 512, 1024, then lookup at 512 and 1024, then the mix."""
+    from sparse_attn.eval import canary
+
+    monkeypatch.setattr(canary, "INDUCTION_COPY_LOSS", 100.0)
+    monkeypatch.setattr(canary, "LOOKUP_ANSWER_LOSS", 100.0)
+    log = canary.train(str(tmp_path / "c"), seq_len=1024, batch_size=1, max_steps=124, device="cpu",
+                       eval_lengths=(), warmup_share=1.0, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert log["induction_steps"] == {128: 20, 256: 40, 512: 60, 1024: 80}
+    assert log["induction_step"] == 80 and log["lookup_steps"] == {512: 100, 1024: 120}

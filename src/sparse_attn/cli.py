@@ -176,7 +176,7 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--repeat-share", default=0.1, show_default=True,
               help="share of plain repeat (induction) episodes kept after the warm-up")
 @click.option("--warmup-share", default=0.3, show_default=True,
-              help="at most this share of the budget on pure induction episodes first (ends once copying works)")
+              help="at most this share of the budget on the warm-up first: induction, then lookup episodes")
 @click.option("--short-share", default=0.4, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)

@@ -99,6 +99,7 @@ def _copy_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
 # 2-layer width-128 model needed ~370 steps at 128 tokens, ~620 at 256 and more than 950 at 512,
 # with the same number of tokens per step.
 INDUCTION_LEN = 128
+INDUCTION_COPY_LOSS = 1.0  # nats per copied byte: below it, copying works at that length
 
 
 def induction_lengths(seq_len: int) -> list:
@@ -113,6 +114,64 @@ def induction_lengths(seq_len: int) -> list:
     while lengths[-1] < seq_len:
         lengths.append(min(2 * lengths[-1], seq_len))
     return lengths
+
+
+# The lookup warm-up: :func:`_lookup_episode` at 512 tokens, doubled up to seq_len, each length
+# until the loss on the answer digits is below this many nats per digit. A copy circuit alone picks
+# the needle at random (the shipped canary: every wrong multikey answer was another key's value);
+# on CPU a 4-layer width-128 model trained on these episodes at 512 tokens went from 0.21 to 0.95
+# first-digit accuracy in ~350 steps (digit loss 1.5 -> 0.14), while on drill episodes in haystack
+# text (multikey, 4 keys at 1K, every key asked) the answer loss was still 0.21 nats per token after
+# 500 steps, about what picking one of 4 needles at random costs (2026-11-23).
+LOOKUP_ANSWER_LOSS = 0.25
+LOOKUP_FIRST_LEN = 512
+LOOKUP_MAX_KEYS = 32
+
+
+def lookup_lengths(seq_len: int) -> list:
+    """Episode lengths of the lookup warm-up: ``LOOKUP_FIRST_LEN`` doubled up to ``seq_len``."""
+    if seq_len < LOOKUP_FIRST_LEN:
+        return []
+    lengths = [LOOKUP_FIRST_LEN]
+    while lengths[-1] < seq_len:
+        lengths.append(min(2 * lengths[-1], seq_len))
+    return lengths
+
+
+def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
+    """Multi-query associative recall with multi-byte keys: lines ``The number for KEY is: VALUE.``
+    (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS``, up to
+    half the sequence), haystack text, then questions ``The number for KEY is:`` answered with the
+    value. Only the digits are ``ANSWER`` targets. Every question ends in the same bytes (``is:``),
+    so only matching the whole key finds the right line: the step the copy circuit alone lacks."""
+    from .tasks import _number, _word
+
+    def encode(piece):
+        return tokenizer(piece, add_special_tokens=False).input_ids
+
+    pairs, ids = {}, []
+    while len(pairs) < LOOKUP_MAX_KEYS:
+        key, value = _word(rng), _number(rng, 6)
+        line = encode(f" The number for {key} is: {value}.")
+        if key in pairs or len(ids) + len(line) > seq_len // 2:
+            break
+        pairs[key], ids = value, ids + line
+    roles = [TEXT] * len(ids)
+    questions = []
+    while True:
+        key = rng.choice(list(pairs))
+        asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key]}.")
+        if sum(len(q) + len(a) for q, a in questions) + len(asked) + len(answer) > seq_len - len(ids) - 16:
+            break
+        questions.append((asked, answer))
+        if len(questions) >= 2 * len(pairs):
+            break
+    filler = _text_ids(tokenizer, text, seq_len - len(ids) - sum(len(q) + len(a) for q, a in questions), rng)
+    ids, roles = ids + filler, roles + [TEXT] * len(filler)
+    for asked, answer in questions:
+        ids += asked + answer
+        roles += [TEXT] * len(asked) + [TEXT] + [ANSWER] * (len(answer) - 2) + [TEXT]
+    return ids[:seq_len], roles[:seq_len]
 
 
 def _repeat_episode(seq_len: int, rng: random.Random):
@@ -132,7 +191,8 @@ def _repeat_episode(seq_len: int, rng: random.Random):
 
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
-             copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0):
+             copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0,
+             lookup: bool = False):
     """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -141,8 +201,11 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     multikey samples with 8-32 keys, all asked: the haystack text is small enough to be memorized,
     so without dense retrieval supervision the model learns the text and never learns to look up.
     Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up);
-    ``repeat_share``: the share of repeat episodes kept in the mix after it.
+    ``repeat_share``: the share of repeat episodes kept in the mix after it. ``lookup``: always a
+    :func:`_lookup_episode` (the second warm-up).
     """
+    if lookup:
+        return _lookup_episode(tokenizer, seq_len, rng, text)
     if repeat or (repeat_share and rng.random() < repeat_share):
         return _repeat_episode(seq_len, rng)
     draw = rng.random()
@@ -180,9 +243,9 @@ class _Episodes(torch.utils.data.IterableDataset):
     """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
 
     def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False,
-                 repeat_share: float = 0.0):
+                 repeat_share: float = 0.0, lookup: bool = False):
         self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
-        self.repeat, self.repeat_share = repeat, repeat_share
+        self.repeat, self.repeat_share, self.lookup = repeat, repeat_share, lookup
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -192,7 +255,7 @@ class _Episodes(torch.utils.data.IterableDataset):
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
             ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share,
-                                  self.repeat, self.repeat_share)
+                                  self.repeat, self.repeat_share, self.lookup)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -207,9 +270,9 @@ def _pad_batch(episodes):
 
 
 def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
-            pin: bool, repeat: bool = False, repeat_share: float = 0.0):
+            pin: bool, repeat: bool = False, repeat_share: float = 0.0, lookup: bool = False):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share), batch_size=batch_size,
+        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share, lookup), batch_size=batch_size,
         collate_fn=_pad_batch, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
@@ -255,8 +318,10 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     Curriculum: first pure induction (:func:`_repeat_episode` at each length of
     :func:`induction_lengths`, the batch scaled to keep the tokens per step) at the full learning
     rate, moving to the next length once the copy loss falls below 1 nat (the circuit has formed;
-    otherwise the haystack text is memorized first and the circuit never forms), for at most
-    ``warmup_share`` of the budget; then a cosine decay over the rest:
+    otherwise the haystack text is memorized first and the circuit never forms); then lookup
+    (:func:`_lookup_episode` at each length of :func:`lookup_lengths` until the answer-digit loss
+    is below ``LOOKUP_ANSWER_LOSS``); the whole warm-up takes at most ``warmup_share`` of the budget; then a
+    cosine decay over the rest:
     ``short_share`` of the budget on episodes a quarter as long (4x the batch), where retrieval is
     found sooner, then ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
@@ -288,17 +353,19 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     start, step, losses, answer_losses, copy_losses, probes = time.time(), 0, [], [], [], []
     last_probe = start
     warmup = 100
-    warmup_lengths = induction_lengths(seq_len)
-    induction_steps = {}  # warm-up length -> the step at which its copy loss fell below 1 nat
-    induction_step = None  # the step at which the warm-up ended at full length
-    stage_start = 0  # index into copy_losses where the current warm-up length began
+    # Warm-up stages: (kind, length, the loss history that ends it, below what)
+    stages = [("repeat", n, copy_losses, INDUCTION_COPY_LOSS) for n in induction_lengths(seq_len)]
+    stages += [("lookup", n, answer_losses, LOOKUP_ANSWER_LOSS) for n in lookup_lengths(seq_len)]
+    stages_done = []  # (kind, length, step) of each finished stage
+    induction_step = None  # the step at which the induction stages ended (at full length)
+    stage_start = 0  # the step at which the current stage began
     decay_from = 0.0  # budget share at which the learning-rate decay starts (the warm-up's end)
     while True:
         elapsed = time.time() - start
         if (max_steps is not None and step >= max_steps) or (max_steps is None and elapsed > budget_s):
             break
         frac = step / max_steps if max_steps else elapsed / budget_s
-        in_warmup = induction_step is None and frac < warmup_share
+        in_warmup = len(stages_done) < len(stages) and frac < warmup_share
         if in_warmup:  # full learning rate until the copy circuit forms: decay lengthens the plateau
             decay_from, scale = frac, 1.0
         else:  # then a cosine over the rest of the budget
@@ -306,7 +373,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         for group in optimizer.param_groups:
             group["lr"] = lr * max(min(1.0, (step + 1) / warmup) * scale, 0.05)
         if in_warmup:
-            want = ("repeat", warmup_lengths[len(induction_steps)])
+            want = stages[len(stages_done)][:2]
         elif frac < warmup_share + short_share and short_len < seq_len:
             want = ("mix", short_len)
         else:
@@ -314,7 +381,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
         if want != phase:
             factor = max(seq_len // want[1], 1)
             loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
-                             repeat=want[0] == "repeat", repeat_share=repeat_share)
+                             repeat=want[0] == "repeat", repeat_share=repeat_share,
+                             lookup=want[0] == "lookup")
             phase = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -333,13 +401,14 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
                 present = bool(masks[role].any())
                 history.append(float(_masked_mean(token_loss, masks[role])) if present else float("nan"))
         step += 1
-        stage_copy = copy_losses[stage_start:]
-        stage_mean = _recent_mean(stage_copy, 20) if len(stage_copy) >= 20 else None
-        if want[0] == "repeat" and stage_mean is not None and stage_mean < 1.0:
-            induction_steps[want[1]] = step
-            stage_start = len(copy_losses)
-            if len(induction_steps) == len(warmup_lengths):
-                induction_step = step
+        if in_warmup:
+            kind, length, history, goal = stages[len(stages_done)]
+            stage_mean = _recent_mean(history[stage_start:], 20) if step - stage_start >= 20 else None
+            if stage_mean is not None and stage_mean < goal:
+                stages_done.append((kind, length, step))
+                stage_start = step
+                if kind == "repeat" and length == seq_len:
+                    induction_step = step
         if progress:
             progress(step, losses[-1], answer_losses[-1], copy_losses[-1])
         if probe_every_s and time.time() - last_probe >= probe_every_s:
@@ -358,7 +427,9 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     tokenizer.save_pretrained(out)
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
-           "repeat_share": repeat_share, "induction_step": induction_step, "induction_steps": induction_steps,
+           "repeat_share": repeat_share, "induction_step": induction_step,
+           "induction_steps": {n: at for kind, n, at in stages_done if kind == "repeat"},
+           "lookup_steps": {n: at for kind, n, at in stages_done if kind == "lookup"},
            "final_text_loss": _recent_mean(losses, 20),
            "first_text_loss": next((x for x in losses if x == x), None),
            "final_answer_loss": _recent_mean(answer_losses, 50),

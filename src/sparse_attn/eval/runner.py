@@ -2,8 +2,8 @@
 
 For each context length and configuration it records task accuracy (greedy generation, RULER's
 ``string_match_all`` scoring: :func:`.tasks.score`), attention recall and density per layer (from
-the patched model's records), estimation cost, and prefill time. ``evaluate`` returns plain dicts; :mod:`.report` turns them into JSON, a
-markdown table and plots.
+the patched model's records), estimation cost, and prefill time. ``evaluate`` returns plain dicts;
+:mod:`.report` turns them into JSON, a markdown table and plots.
 
 Timing is separate from the accuracy pass: per (length, configuration), one untimed warm-up prefill
 (compilation, autotuning, allocator), then the median of ``timing_repeats`` prefills of the first
