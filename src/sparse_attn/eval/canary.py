@@ -320,8 +320,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     rate, moving to the next length once the copy loss falls below 1 nat (the circuit has formed;
     otherwise the haystack text is memorized first and the circuit never forms); then lookup
     (:func:`_lookup_episode` at each length of :func:`lookup_lengths` until the answer-digit loss
-    is below ``LOOKUP_ANSWER_LOSS``); the whole warm-up takes at most ``warmup_share`` of the budget; then a
-    cosine decay over the rest:
+    is below ``LOOKUP_ANSWER_LOSS``); the whole warm-up takes at most ``warmup_share`` of the
+    budget; then a cosine decay over the rest:
     ``short_share`` of the budget on episodes a quarter as long (4x the batch), where retrieval is
     found sooner, then ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
