@@ -100,6 +100,8 @@ def test_runner_records_accuracy_recall_density_and_time(tokenizer, tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert len(saved["rows"]) == 4
     assert markdown_table(rows).count("\n") == 5
+    oracle_line = result["table"].splitlines()[3]
+    assert "passkey " in oracle_line and f"{low['prefill_ms'] / dense['prefill_ms']:.2f}x |" in oracle_line
 
 
 def test_canary_training_smoke(tmp_path):

@@ -11,13 +11,19 @@ def _knobs(knobs: dict) -> str:
 
 
 def markdown_table(rows: list) -> str:
-    lines = ["| length | method | knobs | accuracy | recall | density | estimate ms | prefill ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One line per row: accuracy (and per task), recall, density, estimation and prefill time, and
+    prefill time as a ratio to dense at the same length (where the rows have a dense one)."""
+    dense_ms = {r["length"]: r["prefill_ms"] for r in rows if r["method"] == "dense"}
+    lines = ["| length | method | knobs | accuracy | per task | recall | density | estimate ms | prefill ms "
+             "| vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         recall = "n/a" if r.get("recall") is None else f"{r['recall']:.3f}"
         density = "n/a" if r.get("density") is None else f"{r['density']:.3f}"
-        lines.append(f"| {r['length']} | {r['method']} | {_knobs(r['knobs'])} | {r['accuracy']:.2f} | {recall} | "
-                     f"{density} | {r['estimate_ms_per_prefill']:.1f} | {r['prefill_ms']:.1f} |")
+        per_task = ", ".join(f"{task} {acc:.2f}" for task, acc in r.get("per_task", {}).items()) or "-"
+        ratio = f"{r['prefill_ms'] / dense_ms[r['length']]:.2f}x" if dense_ms.get(r["length"]) else "-"
+        lines.append(f"| {r['length']} | {r['method']} | {_knobs(r['knobs'])} | {r['accuracy']:.2f} | {per_task} | "
+                     f"{recall} | {density} | {r['estimate_ms_per_prefill']:.1f} | {r['prefill_ms']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
