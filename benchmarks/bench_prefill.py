@@ -3,7 +3,7 @@
 For each length: the prompt is a passkey sample of that many tokens (real haystack text); dense
 runs through SDPA with the flash and the cuDNN backend forced in turn, then each method (one knob
 setting, sparse on every call: ``fallback="never"``). Each time is the median of ``--repeats``
-forward passes after one untimed warm-up (the evaluation harness's ``_timed_prefills``); the density
+forward passes after one untimed warm-up (the evaluation harness's ``timed_prefills``); the density
 and the estimation share come from the same run. The canary was trained at 8K, so above that its
 answers are meaningless, but its prefill time is not: this measures what sparse attention saves
 in a whole model (embeddings, MLPs and the LM head included).
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sparse_attn.eval.canary import resolve_model  # noqa: E402
-from sparse_attn.eval.runner import _timed_prefills  # noqa: E402
+from sparse_attn.eval.runner import timed_prefills  # noqa: E402
 from sparse_attn.eval.tasks import make_sample  # noqa: E402
 from sparse_attn.integrations.hf import SparseConfig, patch, unpatch  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
         for label, backend in _dense_backends(device).items():
             try:
                 with backend():
-                    dense[label], _ = _timed_prefills(model, ids, device, None, args.repeats)
+                    dense[label], _ = timed_prefills(model, ids, device, None, args.repeats)
                 rows.append({"length": length, "config": label, "prefill_ms": dense[label], "density": 1.0})
             except RuntimeError as exc:  # a backend that does not run here says so
                 rows.append({"length": length, "config": label, "error": str(exc).splitlines()[0]})
@@ -94,7 +94,7 @@ def main() -> None:
             prefills = [r for r in state.records if r["sparse"]]
             density = sum(r["density"] for r in prefills) / max(len(prefills), 1)
             state.records.clear()
-            prefill_ms, estimate_ms = _timed_prefills(model, ids, device, state, args.repeats)
+            prefill_ms, estimate_ms = timed_prefills(model, ids, device, state, args.repeats)
             unpatch(model)
             rows.append({"length": length, "config": method, "knobs": METHODS[method], "prefill_ms": prefill_ms,
                          "estimate_ms": estimate_ms, "density": density})

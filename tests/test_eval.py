@@ -118,7 +118,7 @@ def test_canary_training_smoke(tmp_path):
     assert tok.decode(tok("abc").input_ids) == "abc"
 
 
-def test_eval_cli_on_a_local_model_and_missing_canary(tokenizer, tmp_path):
+def test_eval_cli_on_a_local_model(tokenizer, tmp_path):
     from click.testing import CliRunner
 
     from sparse_attn.cli import main

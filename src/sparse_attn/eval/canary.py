@@ -102,6 +102,14 @@ INDUCTION_LEN = 128
 INDUCTION_COPY_LOSS = 1.0  # nats per copied byte: below it, copying works at that length
 
 
+def _doubling_lengths(first: int, seq_len: int) -> list:
+    """``first``, doubled until ``seq_len`` (the last entry is ``seq_len``); empty if ``seq_len < first``."""
+    lengths = [first] if seq_len >= first else []
+    while lengths and lengths[-1] < seq_len:
+        lengths.append(min(2 * lengths[-1], seq_len))
+    return lengths
+
+
 def induction_lengths(seq_len: int) -> list:
     """Episode lengths of the warm-up: ``INDUCTION_LEN`` doubled up to ``seq_len``.
 
@@ -110,10 +118,7 @@ def induction_lengths(seq_len: int) -> list:
     there for 100+ steps, while each doubling (256, 512, ... 4096) took 20-63 steps to get back
     below 1 nat (2026-11-23, see docs/benchmarks.md).
     """
-    lengths = [INDUCTION_LEN]
-    while lengths[-1] < seq_len:
-        lengths.append(min(2 * lengths[-1], seq_len))
-    return lengths
+    return _doubling_lengths(INDUCTION_LEN, seq_len)
 
 
 # The lookup warm-up: :func:`_lookup_episode` at 512 tokens, doubled up to seq_len, each length
@@ -130,12 +135,7 @@ LOOKUP_MAX_KEYS = 32
 
 def lookup_lengths(seq_len: int) -> list:
     """Episode lengths of the lookup warm-up: ``LOOKUP_FIRST_LEN`` doubled up to ``seq_len``."""
-    if seq_len < LOOKUP_FIRST_LEN:
-        return []
-    lengths = [LOOKUP_FIRST_LEN]
-    while lengths[-1] < seq_len:
-        lengths.append(min(2 * lengths[-1], seq_len))
-    return lengths
+    return _doubling_lengths(LOOKUP_FIRST_LEN, seq_len)
 
 
 def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
@@ -157,16 +157,15 @@ def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
             break
         pairs[key], ids = value, ids + line
     roles = [TEXT] * len(ids)
-    questions = []
-    while True:
+    questions, asked_len = [], 0
+    while len(questions) < 2 * len(pairs):
         key = rng.choice(list(pairs))
         asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key]}.")
-        if sum(len(q) + len(a) for q, a in questions) + len(asked) + len(answer) > seq_len - len(ids) - 16:
+        if asked_len + len(asked) + len(answer) > seq_len - len(ids) - 16:
             break
         questions.append((asked, answer))
-        if len(questions) >= 2 * len(pairs):
-            break
-    filler = _text_ids(tokenizer, text, seq_len - len(ids) - sum(len(q) + len(a) for q, a in questions), rng)
+        asked_len += len(asked) + len(answer)
+    filler = _text_ids(tokenizer, text, seq_len - len(ids) - asked_len, rng)
     ids, roles = ids + filler, roles + [TEXT] * len(filler)
     for asked, answer in questions:
         ids += asked + answer

@@ -38,7 +38,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_prefills(model, ids, device, state, repeats: int):
+def timed_prefills(model, ids, device, state, repeats: int):
     """(median prefill ms, mean estimation ms per prefill) after one warm-up, recall off."""
     saved = None
     if state is not None:
@@ -109,7 +109,7 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
             else:
                 row.update(density=1.0, recall=1.0)
             first_ids = tokenizer(batch[0].prompt, return_tensors="pt").input_ids.to(device)
-            row["prefill_ms"], row["estimate_ms_per_prefill"] = _timed_prefills(model, first_ids, device, state,
+            row["prefill_ms"], row["estimate_ms_per_prefill"] = timed_prefills(model, first_ids, device, state,
                                                                                 timing_repeats)
             rows.append(row)
     unpatch(model)
