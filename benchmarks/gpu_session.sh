@@ -34,14 +34,14 @@ for step in "${@:-attention}"; do
     canary)
       # One recipe with the whole GPU (7.5 minutes of training, then its own 16-prompt eval). The
       # curriculum starts with induction episodes at 128 tokens, doubled up to 8K, then lookup
-      # episodes at 512 doubled up to 8K, each until the first answer token is right (docs/benchmarks.md).
+      # episodes at 512 doubled up to 8K (docs/benchmarks.md).
       work=$(mktemp -d)
       timeout 530 python3 -m sparse_attn train-canary --out "$work/canary" --minutes 7.5 --seq-len 8192 \
         --eval-samples 16 --workers 6 --probe-every 60 > "$out/train_canary.log" 2>&1
       grep -a "probe\|losses" "$out/train_canary.log" | tr -d "\r" | tail -24
       [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
       tar czf "$out/canary.tgz" -C "$work" canary
-      python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l.get('final_first_answer_loss'), l['dense_accuracy'])" ;;
+      python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])" ;;
     sweep)
       # The evidence run for the shipped canary (src/sparse_attn/eval/canary): every method over its
       # knob range at 8K, 4K and 2K (one box per length, so a cut run keeps the lengths it finished);

@@ -175,15 +175,13 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--copy-share", default=0.4, show_default=True, help="share of copy episodes (rest: plain text)")
 @click.option("--repeat-share", default=0.1, show_default=True,
               help="share of plain repeat (induction) episodes kept after the warm-up")
-@click.option("--lookup-share", default=0.15, show_default=True,
-              help="share of lookup (associative recall) episodes kept after the warm-up")
-@click.option("--warmup-share", default=0.45, show_default=True,
+@click.option("--warmup-share", default=0.3, show_default=True,
               help="at most this share of the budget on the warm-up first: induction, then lookup episodes")
 @click.option("--short-share", default=0.4, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
 def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every, probe_every,
-                 task_share, copy_share, repeat_share, lookup_share, warmup_share, short_share, workers, seed):
+                 task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed):
     """Train the byte-level canary model (dense attention) and save it in HF format."""
     from .eval.canary import train
 
@@ -192,11 +190,10 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
     with click.progressbar(length=total, label="train-canary", item_show_func=lambda x: x) as bar:
         state = {"shown": 0, "logged": start}
 
-        def progress(step, text_loss, answer_loss, copy_loss, first_answer_loss):
+        def progress(step, text_loss, answer_loss, copy_loss):
             now = time.time()
             done = step if max_steps else int(now - start)
-            losses = (f"text {text_loss:.3f} answer {answer_loss:.3f} (first {first_answer_loss:.3f}) "
-                      f"copy {copy_loss:.3f}")
+            losses = f"text {text_loss:.3f} answer {answer_loss:.3f} copy {copy_loss:.3f}"
             if done > state["shown"]:
                 bar.update(done - state["shown"], f"step {step} {losses}")
                 state["shown"] = done
@@ -210,8 +207,7 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
         log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
                     max_steps=max_steps, eval_samples=eval_samples, progress=progress,
                     probe_every_s=probe_every or None, on_probe=on_probe, task_share=task_share,
-                    copy_share=copy_share, repeat_share=repeat_share, lookup_share=lookup_share,
-                    warmup_share=warmup_share,
+                    copy_share=copy_share, repeat_share=repeat_share, warmup_share=warmup_share,
                     short_share=short_share, workers=workers, seed=seed)
     click.echo(json.dumps(log, indent=1))
 

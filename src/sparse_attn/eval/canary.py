@@ -122,15 +122,13 @@ def induction_lengths(seq_len: int) -> list:
 
 
 # The lookup warm-up: :func:`_lookup_episode` at 512 tokens, doubled up to seq_len, each length
-# until the loss on the first token of each answer (the one that needs the right key; the rest is
-# copying) is below this many nats. A copy circuit alone picks the needle at random (every wrong
-# multikey answer of the canaries was another key's value). The mean loss over all answer digits
-# was too lax a test: an H100 canary passed every stage with it (digit loss < 0.25) and ended at 0.22
-# first-digit accuracy; fine-tuned on these episodes at 512 on CPU it sat at first-digit loss 1.7
-# (accuracy 0.30, digit loss 0.37) for 120 steps, then broke to 0.11 (accuracy 0.96) by step 200.
-# On drill episodes in haystack text alone a CPU toy stayed at chance for 500 steps (2026-11-23).
-LOOKUP_FIRST_LOSS = 0.5
-LOOKUP_MULTI_SHARE = 0.25
+# until the loss on the answer digits is below this many nats per digit. A copy circuit alone picks
+# the needle at random (the shipped canary: every wrong multikey answer was another key's value);
+# on CPU a 4-layer width-128 model trained on these episodes at 512 tokens went from 0.21 to 0.95
+# first-digit accuracy in ~350 steps (digit loss 1.5 -> 0.14), while on drill episodes in haystack
+# text (multikey, 4 keys at 1K, every key asked) the answer loss was still 0.21 nats per token after
+# 500 steps, about what picking one of 4 needles at random costs (2026-11-23).
+LOOKUP_ANSWER_LOSS = 0.25
 LOOKUP_FIRST_LEN = 512
 LOOKUP_MAX_KEYS = 32
 
@@ -142,54 +140,33 @@ def lookup_lengths(seq_len: int) -> list:
 
 def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
     """Multi-query associative recall with multi-byte keys: lines ``The number for KEY is: VALUE.``
-    (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS`` keys,
-    lines in random order, up to half the sequence), haystack text, then questions. A key with one
-    line is asked ``The number for KEY is:``, one with 2-3 lines (``LOOKUP_MULTI_SHARE`` of keys)
-    ``All the numbers for KEY are:``, answered with its values in order of appearance (the multivalue
-    task). Only the answers (digits and their separators) are ``ANSWER`` targets. Every question ends
-    in the same bytes, so only matching the whole key finds the right line: the step the copy circuit
-    alone lacks."""
+    (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS``, up to
+    half the sequence), haystack text, then questions ``The number for KEY is:`` answered with the
+    value. Only the digits are ``ANSWER`` targets. Every question ends in the same bytes (``is:``),
+    so only matching the whole key finds the right line: the step the copy circuit alone lacks."""
     from .tasks import _number, _word
 
     def encode(piece):
         return tokenizer(piece, add_special_tokens=False).input_ids
 
-    lines, keys, used = [], set(), 0
-    for _ in range(4 * LOOKUP_MAX_KEYS):
-        if len(keys) == LOOKUP_MAX_KEYS:
+    pairs, ids = {}, []
+    while len(pairs) < LOOKUP_MAX_KEYS:
+        key, value = _word(rng), _number(rng, 6)
+        line = encode(f" The number for {key} is: {value}.")
+        if key in pairs or len(ids) + len(line) > seq_len // 2:
             break
-        key = _word(rng)
-        if key in keys:
-            continue
-        count = rng.choice((2, 3)) if rng.random() < LOOKUP_MULTI_SHARE else 1
-        new = [(key, encode(f" The number for {key} is: {value}.")) for value in
-               (_number(rng, 6) for _ in range(count))]
-        size = sum(len(line) for _, line in new)
-        if used + size > seq_len // 2:
-            break
-        keys.add(key)
-        lines += new
-        used += size
-    rng.shuffle(lines)
-    values = {}  # key -> its values in order of appearance
-    for key, line in lines:
-        values.setdefault(key, []).append(tokenizer.decode(line).rsplit(" ", 1)[1].rstrip("."))
-    ids = [token for _, line in lines for token in line]
+        pairs[key], ids = value, ids + line
+    roles = [TEXT] * len(ids)
     questions, asked_len = [], 0
-    while len(questions) < 2 * len(values):
-        key = rng.choice(sorted(values))
-        if len(values[key]) == 1:
-            asked = encode(f" The number for {key} is:")
-        else:
-            asked = encode(f" All the numbers for {key} are:")
-        answer = encode(" " + ", ".join(values[key]) + ".")
+    while len(questions) < 2 * len(pairs):
+        key = rng.choice(list(pairs))
+        asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key]}.")
         if asked_len + len(asked) + len(answer) > seq_len - len(ids) - 16:
             break
         questions.append((asked, answer))
         asked_len += len(asked) + len(answer)
     filler = _text_ids(tokenizer, text, seq_len - len(ids) - asked_len, rng)
-    roles = [TEXT] * (len(ids) + len(filler))
-    ids = ids + filler
+    ids, roles = ids + filler, roles + [TEXT] * len(filler)
     for asked, answer in questions:
         ids += asked + answer
         roles += [TEXT] * len(asked) + [TEXT] + [ANSWER] * (len(answer) - 2) + [TEXT]
@@ -214,7 +191,7 @@ def _repeat_episode(seq_len: int, rng: random.Random):
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
              copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0,
-             lookup: bool = False, lookup_share: float = 0.0):
+             lookup: bool = False):
     """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -224,11 +201,9 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     so without dense retrieval supervision the model learns the text and never learns to look up.
     Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up);
     ``repeat_share``: the share of repeat episodes kept in the mix after it. ``lookup``: always a
-    :func:`_lookup_episode` (the second warm-up); ``lookup_share``: the share of lookup episodes kept
-    in the mix after it (without them the skill faded: the canary of 2026-11-23 passed the lookup
-    warm-up and ended at 0.22 first-digit accuracy on them).
+    :func:`_lookup_episode` (the second warm-up).
     """
-    if lookup or (lookup_share and rng.random() < lookup_share):
+    if lookup:
         return _lookup_episode(tokenizer, seq_len, rng, text)
     if repeat or (repeat_share and rng.random() < repeat_share):
         return _repeat_episode(seq_len, rng)
@@ -267,9 +242,9 @@ class _Episodes(torch.utils.data.IterableDataset):
     """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
 
     def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False,
-                 repeat_share: float = 0.0, lookup: bool = False, lookup_share: float = 0.0):
+                 repeat_share: float = 0.0, lookup: bool = False):
         self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
-        self.repeat, self.repeat_share, self.lookup, self.lookup_share = repeat, repeat_share, lookup, lookup_share
+        self.repeat, self.repeat_share, self.lookup = repeat, repeat_share, lookup
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -279,7 +254,7 @@ class _Episodes(torch.utils.data.IterableDataset):
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
             ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share,
-                                  self.repeat, self.repeat_share, self.lookup, self.lookup_share)
+                                  self.repeat, self.repeat_share, self.lookup)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -294,11 +269,9 @@ def _pad_batch(episodes):
 
 
 def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
-            pin: bool, repeat: bool = False, repeat_share: float = 0.0, lookup: bool = False,
-            lookup_share: float = 0.0):
+            pin: bool, repeat: bool = False, repeat_share: float = 0.0, lookup: bool = False):
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share, lookup, lookup_share),
-        batch_size=batch_size,
+        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share, lookup), batch_size=batch_size,
         collate_fn=_pad_batch, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
@@ -336,8 +309,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
           task_share: float = 0.45, copy_share: float = 0.4, device: Optional[str] = None,
           max_steps: Optional[int] = None,
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
-          workers: Optional[int] = None, short_share: float = 0.4, warmup_share: float = 0.45,
-          repeat_share: float = 0.1, lookup_share: float = 0.15, probe_every_s: Optional[float] = None,
+          workers: Optional[int] = None, short_share: float = 0.4, warmup_share: float = 0.3,
+          repeat_share: float = 0.1, probe_every_s: Optional[float] = None,
           on_probe=None, **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
@@ -345,15 +318,14 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     :func:`induction_lengths`, the batch scaled to keep the tokens per step) at the full learning
     rate, moving to the next length once the copy loss falls below 1 nat (the circuit has formed;
     otherwise the haystack text is memorized first and the circuit never forms); then lookup
-    (:func:`_lookup_episode` at each length of :func:`lookup_lengths` until the first-answer-token loss
-    is below ``LOOKUP_FIRST_LOSS``); the whole warm-up takes at most ``warmup_share`` of the
+    (:func:`_lookup_episode` at each length of :func:`lookup_lengths` until the answer-digit loss
+    is below ``LOOKUP_ANSWER_LOSS``); the whole warm-up takes at most ``warmup_share`` of the
     budget; then a cosine decay over the rest:
     ``short_share`` of the budget on episodes a quarter as long (4x the batch), where retrieval is
     found sooner, then ``seq_len``.
     Episodes are built by DataLoader workers (``workers``; default: up to 8 on CUDA, none on CPU) so
-    the GPU never waits on tokenization. ``repeat_share`` and ``lookup_share`` keep those shares of
-    repeat and lookup episodes in the mix after the warm-up.
-    ``progress(step, text_loss, answer_loss, copy_loss, first_answer_loss)`` is called every step
+    the GPU never waits on tokenization. ``repeat_share`` keeps that share of repeat episodes in the
+    mix after the warm-up. ``progress(step, text_loss, answer_loss, copy_loss)`` is called every step
     (NaN where a batch had no such tokens).
     Every ``probe_every_s`` seconds (if set) greedy accuracy on 8 prompts at 1/4 of ``seq_len`` is
     measured, logged under ``"probes"`` and passed to ``on_probe(step, seconds, accuracy)``: a run
@@ -378,12 +350,11 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     loader, phase = None, None
     budget_s = minutes * 60
     start, step, losses, answer_losses, copy_losses, probes = time.time(), 0, [], [], [], []
-    first_losses = []  # the loss on each answer's first token: the one that needs the right needle
     last_probe = start
     warmup = 100
     # Warm-up stages: (kind, length, the loss history that ends it, below what)
     stages = [("repeat", n, copy_losses, INDUCTION_COPY_LOSS) for n in induction_lengths(seq_len)]
-    stages += [("lookup", n, first_losses, LOOKUP_FIRST_LOSS) for n in lookup_lengths(seq_len)]
+    stages += [("lookup", n, answer_losses, LOOKUP_ANSWER_LOSS) for n in lookup_lengths(seq_len)]
     stages_done = []  # (kind, length, step) of each finished stage
     induction_step = None  # the step at which the induction stages ended (at full length)
     stage_start = 0  # the step at which the current stage began
@@ -410,7 +381,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             factor = max(seq_len // want[1], 1)
             loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
                              repeat=want[0] == "repeat", repeat_share=repeat_share,
-                             lookup=want[0] == "lookup", lookup_share=lookup_share)
+                             lookup=want[0] == "lookup")
             phase = want
         ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -428,8 +399,6 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             for history, role in ((losses, TEXT), (answer_losses, ANSWER), (copy_losses, COPY)):
                 present = bool(masks[role].any())
                 history.append(float(_masked_mean(token_loss, masks[role])) if present else float("nan"))
-            first = masks[ANSWER] * (1 - torch.nn.functional.pad(masks[ANSWER][:, :-1], (1, 0)))
-            first_losses.append(float(_masked_mean(token_loss, first)) if bool(first.any()) else float("nan"))
         step += 1
         if in_warmup:
             kind, length, history, goal = stages[len(stages_done)]
@@ -440,7 +409,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
                 if kind == "repeat" and length == seq_len:
                     induction_step = step
         if progress:
-            progress(step, losses[-1], answer_losses[-1], copy_losses[-1], first_losses[-1])
+            progress(step, losses[-1], answer_losses[-1], copy_losses[-1])
         if probe_every_s and time.time() - last_probe >= probe_every_s:
             model.eval()
             accuracy = dense_accuracy(model, tokenizer, [short_len], 8, device)[short_len]
@@ -457,13 +426,12 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     tokenizer.save_pretrained(out)
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
-           "repeat_share": repeat_share, "lookup_share": lookup_share, "induction_step": induction_step,
+           "repeat_share": repeat_share, "induction_step": induction_step,
            "induction_steps": {n: at for kind, n, at in stages_done if kind == "repeat"},
            "lookup_steps": {n: at for kind, n, at in stages_done if kind == "lookup"},
            "final_text_loss": _recent_mean(losses, 20),
            "first_text_loss": next((x for x in losses if x == x), None),
            "final_answer_loss": _recent_mean(answer_losses, 50),
-           "final_first_answer_loss": _recent_mean(first_losses, 50),
            "final_copy_loss": _recent_mean(copy_losses, 50),
            "dense_accuracy": accuracy, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",
            "parameters": sum(p.numel() for p in model.parameters()), "shape": {**CANARY_SHAPE, **shape_overrides},
