@@ -8,7 +8,6 @@
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
 #   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
 #   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
-#   bash benchmarks/gpu_session.sh pending      # the pending backward patch: tests + fwd/bwd at 32K (~4 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
 # src/sparse_attn/eval/canary). Copy the tables into docs/benchmarks.md with the device and date.
 set -uo pipefail
@@ -56,13 +55,6 @@ for step in "${@:-attention}"; do
     prefill)
       timeout 330 python3 benchmarks/bench_prefill.py --model canary --lengths 32768 131072 65536 \
         --out "$out/prefill_canary" ;;
-    pending)
-      patched=$(mktemp -d)
-      cp -r src tests benchmarks pyproject.toml "$patched"/
-      (cd "$patched" && git apply benchmarks/pending/backward_mask_skip.patch) || { echo "patch does not apply"; continue; }
-      (cd "$patched" && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3)
-      (cd "$patched" && timeout 200 python3 benchmarks/bench_attention.py --lengths 32768 \
-        --densities 1.0 0.2 0.05 --out "$out/attention_pending") ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, sweep, prefill, pending)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, sweep, prefill)" ;;
   esac
 done

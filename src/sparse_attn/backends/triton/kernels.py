@@ -64,6 +64,41 @@ def _count_unmasked_blocks(IDX_ROW, n_blocks, q_first_abs, seqlen_k,
 
 
 @triton.jit
+def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+              stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+              SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update with one key tile; only partial blocks pay for masking."""
+    kb = tl.load(idx_row + j // SUBN).to(tl.int64)
+    cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
+    if MASKED:
+        in_range = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+    s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+    if MASKED:
+        keep = in_range[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen only masked keys keeps m = -inf; use 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_CNT, KV_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
@@ -111,41 +146,16 @@ def _fwd_kernel(
 
     n_full = _count_unmasked_blocks(idx_row, n_blocks, pid_m * BLOCK_M + offset, seqlen_k,
                                     KV_BLOCK, CAUSAL, 128)
-    # Each kept block is walked in SUBN tiles of BLOCK_N keys.
-    # Blocks wholly visible to every row of the tile: no mask.
+    # Each kept block is walked in SUBN tiles of BLOCK_N keys: first the blocks wholly visible to
+    # every row of the tile (no mask), then those crossing the diagonal or holding the key tail.
     for j in range(0, n_full * SUBN):
-        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
-        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
-        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
-    # Blocks crossing the causal diagonal or holding the key tail: masked.
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+                                  stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+                                  SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST)
     for j in range(n_full * SUBN, n_blocks * SUBN):
-        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
-        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-        in_range = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
-        keep = in_range[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= q_pos[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+                                  stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+                                  SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST)
 
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -156,6 +166,35 @@ def _fwd_kernel(
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+             stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+             SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate one key tile's contribution to dQ (masked only on partial blocks)."""
+    kb = tl.load(idx_row + j // SUBN).to(tl.int64)
+    cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
+    if MASKED:
+        in_range = cols < seqlen_k
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
+                    other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        keep = in_range[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= q_pos[:, None])
+        p = tl.where(keep, p, 0.0)
+    dp = _dot(do, tl.trans(v), UPCAST)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, UPCAST)
 
 
 @triton.jit
@@ -211,22 +250,16 @@ def _bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in range(0, n_blocks * SUBN):
-        kb = tl.load(idx_row + j // SUBN).to(tl.int64)
-        cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-        in_range = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST) * scale_log2
-        keep = in_range[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= q_pos[:, None])
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    n_full = _count_unmasked_blocks(idx_row, n_blocks, pid_m * BLOCK_M + offset, seqlen_k,
+                                    KV_BLOCK, CAUSAL, 128)
+    for j in range(0, n_full * SUBN):
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+                      stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+                      SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST)
+    for j in range(n_full * SUBN, n_blocks * SUBN):
+        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+                      stride_ks, stride_vs, scale_log2, offs_n, offs_d,
+                      SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -301,7 +334,13 @@ def _bwd_dkdv_kernel(
             keep = col_ok[:, None] & row_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
-            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :]), 0.0)
+            p_t = tl.exp2(s_t - lse[None, :])
+            m0 = qb * Q_BLOCK + (t % SUB) * BLOCK_M
+            partial = (n0 + BLOCK_N > seqlen_k) | (m0 + BLOCK_M > seqlen_q)
+            if CAUSAL:
+                partial = partial | (n0 + BLOCK_N - 1 > m0 + offset)
+            if partial:
+                p_t = tl.where(keep, p_t, 0.0)
             dv += _dot(p_t.to(do.dtype), do, UPCAST)
             dp_t = _dot(v, tl.trans(do), UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -313,3 +352,22 @@ def _bwd_dkdv_kernel(
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
              + (k_start + offs_n[:, None]) * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh,
+                      stride_dos, stride_db, stride_dh, seq_len,
+                      H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(O * dO) in fp32, reading O and dO once (no fp32 copies in memory)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < seq_len
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows, delta, mask=ok)

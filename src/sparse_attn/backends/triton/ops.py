@@ -130,16 +130,22 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     """dQ, dK, dV from the saved output and base-2 LSE."""
     varlen = cu_q is not None
     do = do.contiguous() if do.stride(-1) != 1 else do
-    delta = (out.float() * do.float()).sum(-1)  # (B, H, S) or (T, H)
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
-        delta = delta.t().contiguous()[None]  # (1, H, T)
-        lse = lse[None]
+        lse = lse[None]  # (1, H, T)
         lse_strides = (0, lse.stride(1))
+        rows, row_batches = q.shape[0], 1
     else:
         batch, heads, _, dim = q.shape
         kv_heads = k.shape[1]
         lse_strides = (lse.stride(0), lse.stride(1))
+        rows, row_batches = q.shape[2], batch
+    delta = torch.empty_like(lse)  # same shape and strides as the LSE
+    delta_rows = 64
+    kernels._bwd_delta_kernel[(triton.cdiv(rows, delta_rows), row_batches * heads)](
+        out, do, delta, *_Packed(out, varlen).strides, *_Packed(do, varlen).strides,
+        *lse_strides, rows, H=heads, HEAD_DIM=dim, BLOCK_M=delta_rows,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cnt, idx = layout.kv_num_blocks, layout.kv_indices
     cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
