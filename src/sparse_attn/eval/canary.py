@@ -127,7 +127,10 @@ def induction_lengths(seq_len: int) -> list:
 # on CPU a 4-layer width-128 model trained on these episodes at 512 tokens went from 0.21 to 0.95
 # first-digit accuracy in ~350 steps (digit loss 1.5 -> 0.14), while on drill episodes in haystack
 # text (multikey, 4 keys at 1K, every key asked) the answer loss was still 0.21 nats per token after
-# 500 steps, about what picking one of 4 needles at random costs (2026-11-23).
+# 500 steps, about what picking one of 4 needles at random costs (2026-11-23). On an H100 this
+# warm-up passed every stage in ~250 steps yet the canary ended no better (first-digit accuracy 0.22
+# on these episodes); a stricter test, on the first answer token, cost the copy circuit and made it
+# worse (docs/benchmarks.md, session 5).
 LOOKUP_ANSWER_LOSS = 0.25
 LOOKUP_FIRST_LEN = 512
 LOOKUP_MAX_KEYS = 32
