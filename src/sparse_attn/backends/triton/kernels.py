@@ -64,6 +64,25 @@ def _count_unmasked_blocks(IDX_ROW, n_blocks, q_first_abs, seqlen_k,
 
 
 @triton.jit
+def _load_key_rows(base, cols, stride, offs_d, seqlen_k, MASKED: tl.constexpr):
+    """A (BLOCK_N, D) tile of K or V rows ``cols``; rows past ``seqlen_k`` read as 0 when MASKED."""
+    ptrs = base + cols[:, None] * stride + offs_d[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _kept_keys(cols, q_pos, seqlen_k, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask of the keys a partial tile may attend: in range and, if causal, not
+    after the query."""
+    keep = (cols < seqlen_k)[None, :]
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= q_pos[:, None])
+    return keep
+
+
+@triton.jit
 def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
               stride_ks, stride_vs, scale_log2, offs_n, offs_d,
               SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -71,29 +90,17 @@ def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
     """Online-softmax update with one key tile; only partial blocks pay for masking."""
     kb = tl.load(idx_row + j // SUBN).to(tl.int64)
     cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-    if MASKED:
-        in_range = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-    else:
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
+    k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
     s = _dot(q, tl.trans(k), UPCAST) * scale_log2
     if MASKED:
-        keep = in_range[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= q_pos[:, None])
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; use 0 so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-    else:
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
     return m_new, l_i, acc
 
@@ -176,22 +183,12 @@ def _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
     """Accumulate one key tile's contribution to dQ (masked only on partial blocks)."""
     kb = tl.load(idx_row + j // SUBN).to(tl.int64)
     cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-    if MASKED:
-        in_range = cols < seqlen_k
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None],
-                    other=0.0)
-    else:
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
-        v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :])
+    k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
+    v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
     s = _dot(q, tl.trans(k), UPCAST) * scale_log2
     p = tl.exp2(s - lse[:, None])
     if MASKED:
-        keep = in_range[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= q_pos[:, None])
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), p, 0.0)
     dp = _dot(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.to(k.dtype), k, UPCAST)
