@@ -1,8 +1,10 @@
 """Estimation cost of each dynamic method vs attention time, on one GPU run.
 
-For each S: dense cuDNN causal attention time, then per method (with its heavy steps in PyTorch,
-then in Triton, counting the blocks where their choices differ) the estimation time, the density it chose,
-our sparse attention time at that density, and the ratios estimate/dense and estimate/sparse.
+For each S: dense cuDNN causal attention time, then per method and estimator-step variant
+(``--steps``: PyTorch references; Triton; Triton with ``block_mass`` in one pass, XAttention and the
+oracle only; blocks where a variant's choice differs from the first variant's are counted) the
+estimation time, the density it chose, our sparse attention time at that density, and the ratios
+estimate/dense and estimate/sparse.
 Target from the issue: estimation <= 5% of dense time at 128K.
 
 Inputs (``--inputs``): ``structured`` (default) gives q and k a shared per-head direction and
@@ -37,6 +39,9 @@ METHODS = {  # label -> (method, knobs)
     "flexprefill_union": ("flexprefill", {"gamma": 0.9, "tau": 0.1, "line_search": "union"}),
     "oracle": ("oracle", {"top_p": 0.95}),
 }
+# Estimator steps: PyTorch references, Triton with block_mass in two passes, Triton with it in one.
+STEPS = {"torch": (False, False), "triton": (True, False), "triton_one_pass": (True, True)}
+USES_BLOCK_MASS = ("xattention", "oracle")  # the only methods the one-pass variant changes
 
 
 def structured_qk(heads: int, kv_heads: int, seq: int, dim: int, device: str, scale: float = 1.5):
@@ -80,6 +85,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--inputs", choices=["structured", "random"], default="structured")
+    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=list(STEPS),
+                        help="estimator step variants to time (the first is the reference for 'blocks differing')")
     parser.add_argument("--out", default="results/estimators")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -94,7 +101,7 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inputs": args.inputs,
             "triton": triton.__version__, "date": datetime.date.today().isoformat()}
     rows = []
-    print("| S | method | estimator steps | blocks differing from torch | density | estimate ms | sparse ms | "
+    print("| S | method | estimator steps | blocks differing from the first | density | estimate ms | sparse ms | "
           "dense cuDNN ms | estimate / dense | estimate / sparse |\n|" + "---|" * 10, flush=True)
     for seq in args.lengths:
         torch.manual_seed(0)
@@ -109,9 +116,10 @@ def main(argv=None):
         for label in args.methods:
             name, knobs = METHODS[label]
             reference_dense = None
-            for triton_steps in (False, True):  # estimator steps in PyTorch, then in Triton
-                estimator_kernels.TRITON_ON_CUDA = triton_steps
-                steps = "triton" if triton_steps else "torch"
+            for steps in args.steps:
+                if steps == "triton_one_pass" and name not in USES_BLOCK_MASS:
+                    continue
+                estimator_kernels.TRITON_ON_CUDA, estimator_kernels.BLOCK_MASS_ONE_PASS = STEPS[steps]
                 try:
                     row = _measure(bench, get_method(name, **knobs, measure_cost=False), q, k, v)
                 except Exception as err:  # a failing variant is reported, and the others still run
@@ -120,14 +128,14 @@ def main(argv=None):
                     rows.append({"seq": seq, "method": label, "estimator_steps": steps, **row})
                     continue
                 layout = row.pop("layout").to_dense()
-                if reference_dense is None:  # the Triton steps should choose the blocks the references do
+                if reference_dense is None:  # every variant should choose the blocks the first one does
                     reference_dense = layout
-                row["blocks_differing_from_torch"] = int((layout != reference_dense).sum())
+                row["blocks_differing_from_first"] = int((layout != reference_dense).sum())
                 row = {"seq": seq, "method": label, "estimator_steps": steps, **row, "dense_cudnn_ms": dense_ms,
                        "estimate_over_dense": row["estimate_ms"] / dense_ms,
                        "estimate_over_sparse": row["estimate_ms"] / row["sparse_ms"]}
                 rows.append(row)
-                print(f"| {seq} | {label} | {steps} | {row['blocks_differing_from_torch']} | {row['density']:.3f} | "
+                print(f"| {seq} | {label} | {steps} | {row['blocks_differing_from_first']} | {row['density']:.3f} | "
                       f"{row['estimate_ms']:.2f} | {row['sparse_ms']:.2f} | {dense_ms:.2f} | "
                       f"{row['estimate_over_dense']:.3f} | {row['estimate_over_sparse']:.3f} |", flush=True)
                 del layout

@@ -177,7 +177,14 @@ def test_unknown_method_and_knob_errors():
     (2, 1, 150, 150, 8, 8, True),  # several small blocks per 64-row tile, causal tile skipping
     (1, 1, 130, 300, 128, 64, True),  # oracle-sized blocks, q shorter than kv
 ])
-def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal):
+@pytest.mark.parametrize("passes", ["one", "two", "one, a head per launch"])
+def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal, passes,
+                                             monkeypatch):
+    from sparse_attn.methods import kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_MASS_ONE_PASS", passes != "two")
+    if passes == "one, a head per launch":  # the scratch holds one (batch, head) at a time: 4+ launches
+        monkeypatch.setattr(kernels, "BLOCK_MASS_BUFFER_FLOATS", q_len * (kv_len // 8 + 32))
     q = torch.randn(2, heads, q_len, 32, dtype=torch.float64)
     k = torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
     want = block_mass_reference(q, k, q_block, kv_block, 0.2, causal)
@@ -199,10 +206,14 @@ def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_b
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
 @pytest.mark.parametrize("stride", [4, 8])  # rows of 128 (unrolled head-dim loop) and 256 (rolled loop)
-def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride):
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass, monkeypatch):
     """XAttention's reshaped rows (stride x head_dim wide, 64-token blocks) in half precision: the
-    kernel's block masses match the float64 reference within the stated tolerance."""
+    kernel's block masses (one pass or two) match the float64 reference within the stated tolerance."""
+    from sparse_attn.methods import kernels
     from sparse_attn.methods.methods_impl import antidiagonal_reshape
+
+    monkeypatch.setattr(kernels, "BLOCK_MASS_ONE_PASS", one_pass)
 
     q = torch.randn(1, 2, 300, 32, dtype=torch.float64)
     k = torch.randn(1, 1, 300, 32, dtype=torch.float64)

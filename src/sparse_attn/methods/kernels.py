@@ -29,6 +29,13 @@ LOG2E = 1.4426950408889634
 # PyTorch references.
 TRITON_ON_CUDA = True
 
+# block_mass in one pass over the scores (partial block sums with the running row max, then a small
+# rescaling kernel) instead of two (row max and normalizer, then block sums): half the matmul work
+# for one float per (query row, key block) of scratch, at most BLOCK_MASS_BUFFER_FLOATS per launch
+# ((batch, head) pairs are chunked; a single head that needs more uses two passes). False: always two.
+BLOCK_MASS_ONE_PASS = True
+BLOCK_MASS_BUFFER_FLOATS = 1 << 28  # 1 GiB of float32
+
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
@@ -51,12 +58,6 @@ def _require_triton(t: Tensor) -> None:
         raise ValueError("use_triton=True on a CPU tensor needs TRITON_INTERPRET=1")
 
 
-def _get_kernels():
-    from . import _triton_kernels
-
-    return _triton_kernels.block_mass_kernel, _triton_kernels.top_p_kernel
-
-
 def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
                causal: bool = True, use_triton: bool | None = None) -> Tensor:
     """``(B, H, NQ, NK)`` float32 mean softmax mass per block pair; Triton when usable, else reference."""
@@ -73,16 +74,37 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
     block_m, block_n = max(64, q_block), max(64, kv_block)  # several blocks per tile when blocks are small
     out = torch.zeros(batch, heads, nq, nk, device=q.device, dtype=torch.float32)
-    block_mass_kernel, _ = _get_kernels()
     from ..backends.triton.ops import _upcast  # the interpreter's bf16-dot workaround, one rule for all kernels
 
-    block_mass_kernel[(-(-q_len // block_m), batch * heads)](
-        q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_len, kv_len, kv_len - q_len if causal else 0, scale * LOG2E,
-        H=heads, GROUP=heads // kv_heads, NQ=nq, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
-        Q_BLOCK=q_block, KV_BLOCK=kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
-        UPCAST=_upcast(q), num_warps=4 if block_m * block_n <= 4096 else 8,
-    )
+    common = dict(H=heads, GROUP=heads // kv_heads, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64), KV_BLOCK=kv_block,
+                  BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, UPCAST=_upcast(q),
+                  num_warps=4 if block_m * block_n <= 4096 else 8)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    n_tiles = -(-kv_len // block_n)
+    per_head = q_len * (nk + n_tiles + 2)  # floats of the one-pass buffers for one (batch, head)
+    if not BLOCK_MASS_ONE_PASS or per_head > BLOCK_MASS_BUFFER_FLOATS:
+        from ._triton_kernels import block_mass_kernel
+
+        block_mass_kernel[(-(-q_len // block_m), batch * heads)](
+            q, k, out, *strides, q_len, kv_len, kv_len - q_len if causal else 0, scale * LOG2E,
+            NQ=nq, Q_BLOCK=q_block, **common)
+        return out
+    from ._triton_kernels import block_mass_finish_kernel, block_mass_partial_kernel
+
+    chunk = max(1, min(batch * heads, BLOCK_MASS_BUFFER_FLOATS // per_head))  # (batch, head) pairs per launch
+    part = torch.empty(chunk, q_len, nk, device=q.device, dtype=torch.float32)
+    tile_max = torch.empty(chunk, q_len, n_tiles, device=q.device, dtype=torch.float32)
+    row_max = torch.empty(chunk, q_len, device=q.device, dtype=torch.float32)
+    row_sum = torch.empty(chunk, q_len, device=q.device, dtype=torch.float32)
+    for start in range(0, batch * heads, chunk):
+        count = min(chunk, batch * heads - start)
+        part.zero_()  # blocks past a row's causal end are never written
+        block_mass_partial_kernel[(-(-q_len // block_m), count)](
+            q, k, part, tile_max, row_max, row_sum, start, *strides, q_len, kv_len,
+            kv_len - q_len if causal else 0, scale * LOG2E, N_TILES=n_tiles, **common)
+        block_mass_finish_kernel[(nq, count)](
+            part, tile_max, row_max, row_sum, out, start, q_len, NQ=nq, NK=nk, N_TILES=n_tiles,
+            Q_BLOCK=q_block, NB=block_n // kv_block, BLOCK_K=min(128, max(16, 1 << math.ceil(math.log2(nk)))))
     return out
 
 
@@ -96,7 +118,8 @@ def top_p_mask(scores: Tensor, p, min_keep: int = 1, use_triton: bool | None = N
     _require_triton(scores)
     flat = scores.reshape(-1, n_cols).float().contiguous()
     out = torch.empty(flat.shape, dtype=torch.int8, device=scores.device)
-    _, top_p_kernel = _get_kernels()
+    from ._triton_kernels import top_p_kernel
+
     top_p_kernel[(flat.shape[0],)](flat, out, p_rows.reshape(-1).contiguous(), n_cols, min_keep,
                                    BLOCK=max(16, 1 << math.ceil(math.log2(n_cols))))
     return out.view(scores.shape).bool()
