@@ -39,6 +39,21 @@ def _tile_scores(q_rows, k_base, t, rows, row_ok, stride_ks, kv_len, offset, sca
 
 
 @triton.jit
+def _query_tile(Q, K, b, h, tile, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, q_len, kv_len, offset,
+                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Rows, their validity, their query pointers, the head's key base and how many key tiles the
+    tile may see (causal: up to its last row's diagonal) for query tile ``tile`` of (b, h)."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_rows = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs
+    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    key_end = kv_len
+    if CAUSAL:
+        key_end = tl.minimum(kv_len, tl.minimum(q_len, (tile + 1) * BLOCK_M) + offset)
+    return rows, row_ok, q_rows, k_base, tl.cdiv(tl.maximum(key_end, 0), BLOCK_N)
+
+
+@triton.jit
 def block_mass_kernel(Q, K, OUT, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
                       stride_ks, q_len, kv_len, offset, scale_log2,
                       H: tl.constexpr, GROUP: tl.constexpr, NQ: tl.constexpr, NK: tl.constexpr,
@@ -51,16 +66,9 @@ def block_mass_kernel(Q, K, OUT, stride_qb, stride_qh, stride_qs, stride_kb, str
     tile into (query block, row, key block, key) and reducing. Key tiles past the tile's last
     allowed key are skipped (causal), so the work is about half of the full rectangle."""
     tile = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
-    q_rows = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs
-    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    key_end = kv_len
-    if CAUSAL:
-        key_end = tl.minimum(kv_len, tl.minimum(q_len, (tile + 1) * BLOCK_M) + offset)
-    n_tiles = tl.cdiv(tl.maximum(key_end, 0), BLOCK_N)
+    rows, row_ok, q_rows, k_base, n_tiles = _query_tile(
+        Q, K, tl.program_id(1) // H, tl.program_id(1) % H, tile, stride_qb, stride_qh, stride_qs, stride_kb,
+        stride_kh, q_len, kv_len, offset, GROUP, BLOCK_M, BLOCK_N, CAUSAL)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t in range(0, n_tiles):  # pass 1: row max and normalizer
@@ -104,17 +112,10 @@ def block_mass_partial_kernel(Q, K, PART, TILE_MAX, ROW_MAX, ROW_SUM, bh_start, 
     rescales and averages; the scores are computed once instead of twice."""
     tile = tl.program_id(0)
     bh = bh_start + tl.program_id(1)
-    b = bh // H
-    h = bh % H
     local = tl.program_id(1).to(tl.int64)  # index into this launch's buffers
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
-    q_rows = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs
-    k_base = K + b.to(tl.int64) * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    key_end = kv_len
-    if CAUSAL:
-        key_end = tl.minimum(kv_len, tl.minimum(q_len, (tile + 1) * BLOCK_M) + offset)
-    n_tiles = tl.cdiv(tl.maximum(key_end, 0), BLOCK_N)
+    rows, row_ok, q_rows, k_base, n_tiles = _query_tile(
+        Q, K, bh // H, bh % H, tile, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, q_len, kv_len,
+        offset, GROUP, BLOCK_M, BLOCK_N, CAUSAL)
     NB: tl.constexpr = BLOCK_N // KV_BLOCK
     part_rows = PART + local * q_len * NK + rows.to(tl.int64) * NK
     max_rows = TILE_MAX + local * q_len * N_TILES + rows.to(tl.int64) * N_TILES
