@@ -4,7 +4,7 @@
 # by row, so a step cut short still returns what it measured.
 #   bash benchmarks/gpu_session.sh attention    # GPU kernel tests + attention benchmark at 128K (~8 min)
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
-#   bash benchmarks/gpu_session.sh estimators   # estimation-cost benchmark, Triton vs torch steps (~6 min)
+#   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
 #   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
 #   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
