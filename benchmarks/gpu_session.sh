@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
+#   bash benchmarks/gpu_session.sh refine       # three late-lookup variants on the shipped canary (~9 min)
 #   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
 #   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
@@ -41,6 +42,20 @@ for step in "${@:-attention}"; do
       [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
       tar czf "$out/canary.tgz" -C "$work" canary
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])" ;;
+    refine)
+      # Three variants of the late lookup phase on the shipped canary (eval.canary.refine, 2.2 min
+      # each), per-task accuracy at 2K/4K/8K before (first variant) and after. ~9 min.
+      work=$(mktemp -d)
+      for spec in "a:--lr 1e-3" "b:--lr 5e-4 --no-eval-before" \
+                  "c:--lr 1e-3 --lookup-phase-share 0.3 --hard-key-share 0.5 --lookup-share 0.3 --no-eval-before"; do
+        name=${spec%%:*}
+        timeout 210 python3 -m sparse_attn refine-canary --out "$work/refined_$name" --minutes 2.2 --workers 6 \
+          ${spec#*:} > "$out/refine_$name.log" 2>&1
+        grep -a "lookup@\|mix@" "$out/refine_$name.log" | tail -4
+        [ -f "$work/refined_$name/training_log.json" ] || { echo "variant $name did not finish"; continue; }
+        python3 -c "import json; l=json.load(open('$work/refined_$name/training_log.json')); print('$name', l['steps'], [(s['length'], s['step'], s['passed']) for s in l['lookup_stages']], 'before', l['before'], 'after', l['after'])"
+        tar czf "$out/refined_$name.tgz" -C "$work" "refined_$name"
+      done ;;
     sweep)
       # The evidence run for the shipped canary (src/sparse_attn/eval/canary): every method over its
       # knob range at 8K, 4K and 2K (one box per length, so a cut run keeps the lengths it finished);
@@ -55,6 +70,6 @@ for step in "${@:-attention}"; do
     prefill)
       timeout 330 python3 benchmarks/bench_prefill.py --model canary --lengths 32768 131072 65536 \
         --out "$out/prefill_canary" ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, sweep, prefill)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, refine, sweep, prefill)" ;;
   esac
 done

@@ -314,3 +314,55 @@ def test_warmup_stages_run_in_order_and_are_logged(tmp_path, monkeypatch):
                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     assert log["induction_steps"] == {128: 20, 256: 40, 512: 60, 1024: 80}
     assert log["induction_step"] == 80 and log["lookup_steps"] == {512: 100, 1024: 120}
+
+
+def test_hard_lookup_keys_differ_from_an_earlier_key_in_one_syllable(tokenizer):
+    import random
+    import re
+
+    from sparse_attn.eval.canary import _lookup_episode
+    from sparse_attn.eval.corpus import haystack_text
+    from sparse_attn.eval.tasks import _SYLLABLES
+
+    syllable = "|".join(sorted(_SYLLABLES, key=len, reverse=True))
+    ids, _ = _lookup_episode(tokenizer, 2048, random.Random(5), haystack_text(), hard_key_share=1.0)
+    keys = list(dict.fromkeys(re.findall(r"The number for (\w+) is: \d+\.", tokenizer.decode(ids))))
+    assert len(keys) >= 8
+    parts = [re.findall(syllable, key) for key in keys]
+    assert all(len(p) == 3 for p in parts)
+    for i in range(1, len(parts)):
+        assert any(sum(a != b for a, b in zip(parts[i], parts[j])) == 1 for j in range(i)), keys[i]
+
+
+def test_episode_mix_draws_only_the_named_tasks_and_lookup_share(tokenizer):
+    import random
+
+    from sparse_attn.eval.canary import _episode
+    from sparse_attn.eval.corpus import haystack_text
+
+    rng, text = random.Random(2), haystack_text()
+    for _ in range(4):
+        ids, _ = _episode(tokenizer, 1024, rng, text, task_share=1.0, tasks=("vartrack",))
+        assert "VAR " in tokenizer.decode(ids) and "special magic" not in tokenizer.decode(ids)
+        ids, _ = _episode(tokenizer, 1024, rng, text, task_share=1.0, lookup_share=1.0)
+        assert "The number for " in tokenizer.decode(ids)
+
+
+def test_refine_runs_lookup_stages_then_the_mix_and_logs_accuracy(tmp_path, monkeypatch):
+    """With a threshold every stage meets, lookup at 512 then 1024 (20 steps each), then the mix;
+    per-task accuracy is measured before and after and the model is saved."""
+    from sparse_attn.eval import canary
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    canary.train(str(tmp_path / "base"), seq_len=1024, batch_size=1, max_steps=2, device="cpu", eval_lengths=(),
+                 **shape)
+    monkeypatch.setattr(canary, "REFINE_FIRST_DIGIT_LOSS", 100.0)
+    log = canary.refine(str(tmp_path / "base"), str(tmp_path / "refined"), batch_size=1, max_steps=44, lookup_phase_share=1.0,
+                        device="cpu", eval_lengths=(512,), eval_samples_per_task=1)
+    assert [(s["length"], s["step"], s["passed"]) for s in log["lookup_stages"]] == [(512, 20, True), (1024, 40, True)]
+    assert log["steps"] == 44 and log["seq_len"] == 1024 and log["base"]["steps"] == 2
+    for measured in (log["before"], log["after"]):
+        assert set(measured["tasks"][512]) == {"passkey", "multikey", "multivalue", "vartrack", "mean"}
+        assert 0.0 <= measured["lookup_1024"]["hard"] <= 1.0
+    assert (tmp_path / "refined" / "model.safetensors").exists()

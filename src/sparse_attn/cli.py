@@ -212,5 +212,41 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
     click.echo(json.dumps(log, indent=1))
 
 
+@main.command("refine-canary")
+@click.option("--init", "init", default="canary", show_default=True, help="canary directory to start from")
+@click.option("--out", required=True, help="where to save the refined model")
+@click.option("--minutes", default=2.5, show_default=True)
+@click.option("--max-steps", default=None, type=int)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lookup-phase-share", default=0.5, show_default=True,
+              help="at most this share of the budget on lookup episodes alone, before the mix")
+@click.option("--lookup-share", default=0.15, show_default=True, help="share of lookup episodes in the mix")
+@click.option("--hard-key-share", default=0.3, show_default=True,
+              help="share of lookup keys one syllable away from an earlier key")
+@click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
+@click.option("--eval-before/--no-eval-before", default=True, show_default=True)
+@click.option("--workers", default=None, type=int)
+@click.option("--device", default=None)
+@click.option("--seed", default=1, show_default=True)
+def refine_canary(init, out, minutes, max_steps, lr, lookup_phase_share, lookup_share, hard_key_share, eval_samples,
+                  eval_before, workers, device, seed):
+    """Continue training a canary on whole-key lookup, then the retrieval mix (eval.canary.refine)."""
+    from .eval.canary import refine
+
+    start = time.time()
+    state = {"logged": start}
+
+    def progress(step, phase, text_loss, answer_loss, first_loss):
+        if time.time() - state["logged"] >= 15:
+            click.echo(f"[{time.time() - start:5.0f}s] step {step} {phase[0]}@{phase[1]} text {text_loss:.3f} "
+                       f"answer {answer_loss:.3f} first answer token {first_loss:.3f}", err=True)
+            state["logged"] = time.time()
+
+    log = refine(init, out, minutes=minutes, max_steps=max_steps, lr=lr, lookup_phase_share=lookup_phase_share,
+                 lookup_share=lookup_share, hard_key_share=hard_key_share, eval_samples_per_task=eval_samples,
+                 eval_before=eval_before, workers=workers, device=device, seed=seed, progress=progress)
+    click.echo(json.dumps({k: v for k, v in log.items() if k != "base"}, indent=1))
+
+
 if __name__ == "__main__":
     main()

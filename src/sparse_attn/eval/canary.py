@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,7 @@ def canary_config(seq_len: int, vocab_size: int, **overrides):
 # answer + copy tokens together, and the two means are added, so a few targets in 8K tokens of text
 # still carry half the gradient; answer and copy losses are also logged apart.
 PAD, TEXT, ANSWER, COPY = 0, 1, 2, 3
+FIRST = "first"  # not a role in the data: the loss mask of each answer's first token (see _train_step)
 
 
 def _text_ids(tokenizer, text: str, n: int, rng: random.Random) -> list:
@@ -141,12 +143,26 @@ def lookup_lengths(seq_len: int) -> list:
     return _doubling_lengths(LOOKUP_FIRST_LEN, seq_len)
 
 
-def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
+def _near_key(key: str, rng: random.Random) -> str:
+    """``key`` with one of its three syllables replaced: a hard negative that shares two of them."""
+    from .tasks import _SYLLABLES, _word
+
+    syllables = re.findall("|".join(sorted(_SYLLABLES, key=len, reverse=True)), key)
+    if "".join(syllables) != key:  # not made of the syllables: a fresh word instead
+        return _word(rng)
+    syllables[rng.randrange(len(syllables))] = rng.choice(_SYLLABLES)
+    return "".join(syllables)
+
+
+def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard_key_share: float = 0.0):
     """Multi-query associative recall with multi-byte keys: lines ``The number for KEY is: VALUE.``
     (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS``, up to
     half the sequence), haystack text, then questions ``The number for KEY is:`` answered with the
     value. Only the digits are ``ANSWER`` targets. Every question ends in the same bytes (``is:``),
-    so only matching the whole key finds the right line: the step the copy circuit alone lacks."""
+    so only matching the whole key finds the right line: the step the copy circuit alone lacks.
+    ``hard_key_share``: the share of keys made from an earlier key by changing one syllable, so that
+    matching part of a key is not enough (models matching only a syllable or two score ~0.7 on
+    such keys where they score ~0.9 on random ones, CPU check of session 5)."""
     from .tasks import _number, _word
 
     def encode(piece):
@@ -154,9 +170,12 @@ def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str):
 
     pairs, ids = {}, []
     while len(pairs) < LOOKUP_MAX_KEYS:
-        key, value = _word(rng), _number(rng, 6)
+        key = _near_key(rng.choice(list(pairs)), rng) if pairs and rng.random() < hard_key_share else _word(rng)
+        value = _number(rng, 6)
         line = encode(f" The number for {key} is: {value}.")
-        if key in pairs or len(ids) + len(line) > seq_len // 2:
+        if key in pairs:
+            continue
+        if len(ids) + len(line) > seq_len // 2:
             break
         pairs[key], ids = value, ids + line
     roles = [TEXT] * len(ids)
@@ -194,7 +213,8 @@ def _repeat_episode(seq_len: int, rng: random.Random):
 
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
              copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0,
-             lookup: bool = False):
+             lookup: bool = False, lookup_share: float = 0.0, hard_key_share: float = 0.0,
+             tasks: Optional[tuple] = None):
     """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -204,10 +224,12 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     so without dense retrieval supervision the model learns the text and never learns to look up.
     Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up);
     ``repeat_share``: the share of repeat episodes kept in the mix after it. ``lookup``: always a
-    :func:`_lookup_episode` (the second warm-up).
+    :func:`_lookup_episode` (the second warm-up); ``lookup_share``: the share of them in the mix;
+    ``hard_key_share``: see :func:`_lookup_episode`. ``tasks``: the retrieval tasks to draw from
+    (repeat a name to weight it; default every task once, plus "drill" from 1K tokens on).
     """
-    if lookup:
-        return _lookup_episode(tokenizer, seq_len, rng, text)
+    if lookup or (lookup_share and rng.random() < lookup_share):
+        return _lookup_episode(tokenizer, seq_len, rng, text, hard_key_share)
     if repeat or (repeat_share and rng.random() < repeat_share):
         return _repeat_episode(seq_len, rng)
     draw = rng.random()
@@ -216,7 +238,8 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     if draw >= copy_share + task_share:
         ids = _text_ids(tokenizer, text, seq_len, rng)
         return ids, [TEXT] * len(ids)
-    task = rng.choice(TASKS + (("drill",) if seq_len >= 1024 else ()))  # 8+ needles need ~1K tokens
+    tasks = tasks or TASKS + ("drill",)
+    task = rng.choice([t for t in tasks if t != "drill" or seq_len >= 1024])  # 8+ needles need ~1K tokens
     if task == "drill":  # many keys, every one asked: dense supervision for learning to look things up
         most = max(2, min(32, seq_len // 256))  # a needle plus its question take ~110 tokens
         keys = rng.randint(min(8, most), most)
@@ -242,12 +265,11 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
 
 
 class _Episodes(torch.utils.data.IterableDataset):
-    """Endless training episodes; each DataLoader worker draws from its own seeded stream."""
+    """Endless training episodes (:func:`_episode` with ``episode_kwargs``); each DataLoader worker
+    draws from its own seeded stream."""
 
-    def __init__(self, seq_len: int, task_share: float, copy_share: float, seed: int, repeat: bool = False,
-                 repeat_share: float = 0.0, lookup: bool = False):
-        self.seq_len, self.task_share, self.copy_share, self.seed = seq_len, task_share, copy_share, seed
-        self.repeat, self.repeat_share, self.lookup = repeat, repeat_share, lookup
+    def __init__(self, seq_len: int, seed: int, episode_kwargs: dict):
+        self.seq_len, self.seed, self.episode_kwargs = seq_len, seed, episode_kwargs
 
     def __iter__(self):
         from ..integrations.hf.tokenizer import byte_tokenizer
@@ -256,8 +278,7 @@ class _Episodes(torch.utils.data.IterableDataset):
         rng = random.Random(f"{self.seed}-{self.seq_len}-{info.id if info else 0}")
         tokenizer, text = byte_tokenizer(), haystack_text()
         while True:
-            ids, roles = _episode(tokenizer, self.seq_len, rng, text, self.task_share, self.copy_share,
-                                  self.repeat, self.repeat_share, self.lookup)
+            ids, roles = _episode(tokenizer, self.seq_len, rng, text, **self.episode_kwargs)
             yield torch.tensor(ids), torch.tensor(roles)
 
 
@@ -271,35 +292,88 @@ def _pad_batch(episodes):
     return ids, roles
 
 
-def _loader(seq_len: int, batch_size: int, task_share: float, copy_share: float, seed: int, workers: int,
-            pin: bool, repeat: bool = False, repeat_share: float = 0.0, lookup: bool = False):
+def _loader(seq_len: int, batch_size: int, seed: int, workers: int, pin: bool, **episode_kwargs):
+    """An endless iterator of padded ``(ids, roles)`` batches of :func:`_episode` episodes."""
     return iter(torch.utils.data.DataLoader(
-        _Episodes(seq_len, task_share, copy_share, seed, repeat, repeat_share, lookup), batch_size=batch_size,
+        _Episodes(seq_len, seed, episode_kwargs), batch_size=batch_size,
         collate_fn=_pad_batch, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
-def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
-    """Greedy accuracy (RULER scoring, :func:`.tasks.score`) of ``model`` on ``samples`` retrieval
-    prompts per length."""
+def _greedy_score(model, tokenizer, sample, device) -> float:
+    """RULER score (:func:`.tasks.score`) of ``model``'s greedy answer to ``sample``."""
     from .tasks import score
 
-    use_bf16 = torch.device(device).type == "cuda"
-    accuracy = {}
+    prompt = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        out = model.generate(prompt, max_new_tokens=len(sample.answer) + 4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return score(sample, tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
+
+
+def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
+    """Greedy accuracy of ``model`` on ``samples`` retrieval prompts per length (the tasks in turn)."""
+    return {length: sum(_greedy_score(model, tokenizer, make_sample(TASKS[i % len(TASKS)], tokenizer, length,
+                                                                    seed=10_000 + i), device)
+                        for i in range(samples)) / samples
+            for length in lengths}
+
+
+def task_accuracy(model, tokenizer, lengths, samples_per_task: int, device) -> dict:
+    """``{length: {task: accuracy, "mean": ...}}``: greedy accuracy per task on ``samples_per_task``
+    prompts each (other prompts than :func:`dense_accuracy`'s)."""
+    result = {}
     for length in lengths:
-        hits = 0
-        for i in range(samples):
-            sample = make_sample(TASKS[i % len(TASKS)], tokenizer, length, seed=10_000 + i)
-            prompt = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                out = model.generate(prompt, max_new_tokens=len(sample.answer) + 4, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            hits += score(sample, tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
-        accuracy[length] = hits / samples
-    return accuracy
+        per_task = {task: sum(_greedy_score(model, tokenizer, make_sample(task, tokenizer, length, seed=20_000 + i),
+                                            device) for i in range(samples_per_task)) / samples_per_task
+                    for task in TASKS}
+        result[length] = {**per_task, "mean": sum(per_task.values()) / len(per_task)}
+    return result
+
+
+@torch.no_grad()
+def lookup_accuracy(model, tokenizer, length: int, episodes: int, device, hard_key_share: float = 0.0) -> float:
+    """Share of questions in held-out :func:`_lookup_episode` episodes whose first answer digit is the
+    model's top prediction (teacher forced): whether it finds the line of the asked key, with random
+    keys or, with ``hard_key_share``, keys one syllable apart."""
+    rng, text = random.Random(f"lookup-test-{length}-{hard_key_share}"), haystack_text()
+    hits = total = 0
+    for _ in range(episodes):
+        ids, roles = _lookup_episode(tokenizer, length, rng, text, hard_key_share)
+        ids, roles = torch.tensor([ids], device=device), torch.tensor([roles], device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+            predicted = model(ids[:, :-1]).logits.argmax(-1)
+        first = (roles[:, 1:] == ANSWER) & (roles[:, :-1] != ANSWER)
+        hits += int((predicted == ids[:, 1:])[first].sum())
+        total += int(first.sum())
+    return hits / max(total, 1)
 
 
 def _masked_mean(values, mask):
     return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _role_loss(token_loss, mask) -> float:
+    """Mean loss over the tokens of ``mask`` (NaN if the batch has none)."""
+    return float(_masked_mean(token_loss, mask)) if bool(mask.any()) else float("nan")
+
+
+def _train_step(model, optimizer, batch, device, use_bf16: bool):
+    """One optimizer step on a ``(ids, roles)`` batch. The loss is the mean over text tokens plus the
+    mean over answer and copy tokens (so a few targets in 8K tokens still carry half the gradient).
+    Returns the detached per-token losses and the role masks (``FIRST``: each answer's first token,
+    the one that shows whether the right needle was found; the rest can be copied from it)."""
+    ids, roles = (t.to(device, non_blocking=True) for t in batch)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        logits = model(ids[:, :-1]).logits.float()
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    masks = {role: (roles[:, 1:] == role).float() for role in (TEXT, ANSWER, COPY)}
+    masks[FIRST] = masks[ANSWER] * (roles[:, :-1] != ANSWER).float()
+    loss = _masked_mean(token_loss, masks[TEXT]) + _masked_mean(token_loss, masks[ANSWER] + masks[COPY])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return token_loss.detach(), masks
 
 
 def _recent_mean(history: list, count: int) -> Optional[float]:
@@ -382,26 +456,13 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
             want = ("mix", seq_len)
         if want != phase:
             factor = max(seq_len // want[1], 1)
-            loader = _loader(want[1], batch_size * factor, task_share, copy_share, seed, workers, use_bf16,
-                             repeat=want[0] == "repeat", repeat_share=repeat_share,
+            loader = _loader(want[1], batch_size * factor, seed, workers, use_bf16, task_share=task_share,
+                             copy_share=copy_share, repeat=want[0] == "repeat", repeat_share=repeat_share,
                              lookup=want[0] == "lookup")
             phase = want
-        ids, roles = (t.to(device, non_blocking=True) for t in next(loader))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(ids[:, :-1]).logits.float()
-        token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        roles = roles[:, 1:]
-        masks = {role: (roles == role).float() for role in (TEXT, ANSWER, COPY)}
-        target = masks[ANSWER] + masks[COPY]
-        loss = _masked_mean(token_loss, masks[TEXT]) + _masked_mean(token_loss, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            for history, role in ((losses, TEXT), (answer_losses, ANSWER), (copy_losses, COPY)):
-                present = bool(masks[role].any())
-                history.append(float(_masked_mean(token_loss, masks[role])) if present else float("nan"))
+        token_loss, masks = _train_step(model, optimizer, next(loader), device, use_bf16)
+        for history, role in ((losses, TEXT), (answer_losses, ANSWER), (copy_losses, COPY)):
+            history.append(_role_loss(token_loss, masks[role]))
         step += 1
         if in_warmup:
             kind, length, history, goal = stages[len(stages_done)]
@@ -440,5 +501,117 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
            "parameters": sum(p.numel() for p in model.parameters()), "shape": {**CANARY_SHAPE, **shape_overrides},
            "lr": lr, "task_share": task_share, "copy_share": copy_share,
            "probes": probes}
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+# The late lookup phase (:func:`refine`). CPU evidence (session 5, on a canary trained with the
+# recipe above): lookup episodes alone at 512 tokens broke the key-matching plateau after ~130 steps
+# (first-digit accuracy 0.19 -> 0.90) and lifted multikey at 2K from 0.42 to 0.75, while a mix with
+# half lookup episodes had not broken it after 240 steps; the same fine-tuning then cost multivalue
+# and vartrack accuracy, hence the mix after it weights those tasks up.
+REFINE_TASKS = ("passkey", "multikey", "multikey", "multivalue", "multivalue", "vartrack", "vartrack", "drill")
+REFINE_FIRST_DIGIT_LOSS = 0.3  # nats on an answer's first digit: below it, the asked key's line is found
+
+
+def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int = 8, lr: float = 1e-3,
+           lookup_phase_share: float = 0.5, lookup_share: float = 0.15, hard_key_share: float = 0.3,
+           task_share: float = 0.6, copy_share: float = 0.2, repeat_share: float = 0.05,
+           tasks: tuple = REFINE_TASKS, eval_lengths=(2048, 4096, 8192), eval_samples_per_task: int = 8,
+           eval_before: bool = True, device: Optional[str] = None, max_steps: Optional[int] = None,
+           workers: Optional[int] = None, seed: int = 1, progress=None) -> dict:
+    """Continue training a canary (``model_dir``, or ``"canary"``) to match whole keys, save it to
+    ``out_dir`` and return a log with per-task accuracy before and after.
+
+    First lookup episodes alone (:func:`_lookup_episode` with ``hard_key_share`` near-miss keys) at
+    each length of :func:`lookup_lengths`, each until the first-digit loss is below
+    ``REFINE_FIRST_DIGIT_LOSS`` or its share of ``lookup_phase_share`` of the budget is spent, at
+    ``lr``; then the retrieval mix at the model's full length (``tasks`` weighted, ``lookup_share``
+    lookup episodes kept) with a cosine decay to 5% of ``lr``. ``minutes`` or ``max_steps`` bound it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..integrations.hf.tokenizer import byte_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = torch.device(device).type == "cuda"
+    if workers is None:
+        workers = min(8, max((os.cpu_count() or 1) - 2, 0)) if use_bf16 else 0
+    source = resolve_model(model_dir)
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
+    lengths = [n for n in eval_lengths if n <= seq_len]
+
+    def measure():
+        model.eval()
+        result = {"tasks": task_accuracy(model, tokenizer, lengths, eval_samples_per_task, device),
+                  "lookup_1024": {"random": lookup_accuracy(model, tokenizer, 1024, 8, device),
+                                  "hard": lookup_accuracy(model, tokenizer, 1024, 8, device, hard_key_share=1.0)}}
+        model.train()
+        return result
+
+    before = measure() if eval_before else None
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    stages, stages_done = lookup_lengths(seq_len), []
+    mix = dict(task_share=task_share, copy_share=copy_share, repeat_share=repeat_share, lookup_share=lookup_share,
+               hard_key_share=hard_key_share, tasks=tasks)
+    start, step, stage_start, phase, loader = time.time(), 0, 0, None, None
+    decay_from = mix_from_step = None
+    text_losses, answer_losses, first_losses = [], [], []
+    while True:
+        elapsed = time.time() - start
+        frac = step / max_steps if max_steps else elapsed / (minutes * 60)
+        if frac >= 1:
+            break
+        in_lookup = len(stages_done) < len(stages)
+        if in_lookup and frac >= lookup_phase_share * (len(stages_done) + 1) / len(stages):
+            stages_done.append({"length": stages[len(stages_done)], "step": step, "passed": False,
+                                "first_digit_loss": _recent_mean(first_losses[stage_start:], 20)})
+            stage_start = step
+            continue
+        if in_lookup:
+            want, scale = ("lookup", stages[len(stages_done)]), 1.0
+        else:
+            if decay_from is None:
+                decay_from, mix_from_step = frac, step
+            want = ("mix", seq_len)
+            scale = 0.5 * (1 + math.cos(math.pi * (frac - decay_from) / max(1 - decay_from, 1e-9)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * max(min(1.0, (step + 1) / 20) * scale, 0.05)
+        if want != phase:
+            factor = max(seq_len // want[1], 1)
+            kwargs = dict(task_share=0.0, lookup=True, hard_key_share=hard_key_share) if in_lookup else mix
+            loader = _loader(want[1], batch_size * factor, seed, workers, use_bf16, **kwargs)
+            phase = want
+        token_loss, masks = _train_step(model, optimizer, next(loader), device, use_bf16)
+        for history, role in ((text_losses, TEXT), (answer_losses, ANSWER), (first_losses, FIRST)):
+            history.append(_role_loss(token_loss, masks[role]))
+        step += 1
+        if in_lookup and step - stage_start >= 20:
+            recent = _recent_mean(first_losses[stage_start:], 20)
+            if recent is not None and recent < REFINE_FIRST_DIGIT_LOSS:
+                stages_done.append({"length": want[1], "step": step, "passed": True, "first_digit_loss": recent})
+                stage_start = step
+        if progress:
+            progress(step, want, text_losses[-1], answer_losses[-1], first_losses[-1])
+    after = measure()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_log = Path(source) / "training_log.json"
+    base = json.loads(base_log.read_text()) if base_log.exists() else None
+    model.eval()
+    model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    log = {"refined_from": str(model_dir), "steps": step, "seconds": time.time() - start, "seq_len": seq_len,
+           "batch_size": batch_size, "lr": lr, "lookup_phase_share": lookup_phase_share,
+           "lookup_share": lookup_share, "hard_key_share": hard_key_share, "task_share": task_share,
+           "copy_share": copy_share, "repeat_share": repeat_share, "tasks": list(tasks),
+           "lookup_stages": stages_done, "mix_from_step": mix_from_step,
+           "final_text_loss": _recent_mean(text_losses, 20), "final_answer_loss": _recent_mean(answer_losses, 50),
+           "before": before, "after": after, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",
+           "base": base}
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     return log
