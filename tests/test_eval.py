@@ -358,8 +358,8 @@ def test_refine_runs_lookup_stages_then_the_mix_and_logs_accuracy(tmp_path, monk
     canary.train(str(tmp_path / "base"), seq_len=1024, batch_size=1, max_steps=2, device="cpu", eval_lengths=(),
                  **shape)
     monkeypatch.setattr(canary, "REFINE_FIRST_DIGIT_LOSS", 100.0)
-    log = canary.refine(str(tmp_path / "base"), str(tmp_path / "refined"), batch_size=1, max_steps=44, lookup_phase_share=1.0,
-                        device="cpu", eval_lengths=(512,), eval_samples_per_task=1)
+    log = canary.refine(str(tmp_path / "base"), str(tmp_path / "refined"), batch_size=1, max_steps=44,
+                        lookup_phase_share=1.0, device="cpu", eval_lengths=(512,), eval_samples_per_task=1)
     assert [(s["length"], s["step"], s["passed"]) for s in log["lookup_stages"]] == [(512, 20, True), (1024, 40, True)]
     assert log["steps"] == 44 and log["seq_len"] == 1024 and log["base"]["steps"] == 2
     for measured in (log["before"], log["after"]):
