@@ -366,3 +366,33 @@ def test_refine_runs_lookup_stages_then_the_mix_and_logs_accuracy(tmp_path, monk
         assert set(measured["tasks"][512]) == {"passkey", "multikey", "multivalue", "vartrack", "mean"}
         assert 0.0 <= measured["lookup_1024"]["hard"] <= 1.0
     assert (tmp_path / "refined" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("task,groups", [("multivalue", 3), ("vartrack", 2)])
+def test_drill_samples_hide_several_lists_in_order_and_ask_each(tokenizer, task, groups):
+    from sparse_attn.eval.tasks import make_sample
+
+    sample = make_sample(task, tokenizer, 1500, seed=3, groups=groups)
+    assert len(sample.followups) == groups - 1 and sample.prompt.endswith(sample.question)
+    for question, answer in [(sample.question, sample.answer)] + sample.followups:
+        items = answer.split(", ")
+        assert len(items) == (3 if task == "multivalue" else 4)
+        places = [sample.prompt.index(f" {item}. " if task == "multivalue" else f"VAR {item} ") for item in items]
+        assert places == sorted(places)  # each list / chain keeps its order in the text
+    single = make_sample(task, tokenizer, 1500, seed=3)
+    assert single.followups == [] and single.prompt != sample.prompt
+
+
+def test_list_and_chain_drill_episodes_supervise_every_answer(tokenizer):
+    import random
+
+    from sparse_attn.eval.canary import ANSWER, _episode
+    from sparse_attn.eval.corpus import haystack_text
+
+    rng = random.Random(7)
+    for task in ("multivalue_drill", "vartrack_drill"):
+        for length in (1024, 8192):
+            ids, roles = _episode(tokenizer, length, rng, haystack_text(), task_share=1.0, tasks=(task,))
+            assert len(ids) <= length
+            answers = tokenizer.decode([i for i, r in zip(ids, roles) if r == ANSWER])
+            assert answers.count(".") >= 3  # >= 2 groups asked, plus the echo of the first

@@ -218,10 +218,10 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
 @click.option("--minutes", default=2.5, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--lr", default=1e-3, show_default=True)
-@click.option("--lookup-phase-share", default=0.5, show_default=True,
+@click.option("--lookup-phase-share", default=0.3, show_default=True,
               help="at most this share of the budget on lookup episodes alone, before the mix")
-@click.option("--lookup-share", default=0.15, show_default=True, help="share of lookup episodes in the mix")
-@click.option("--hard-key-share", default=0.3, show_default=True,
+@click.option("--lookup-share", default=0.3, show_default=True, help="share of lookup episodes in the mix")
+@click.option("--hard-key-share", default=0.5, show_default=True,
               help="share of lookup keys one syllable away from an earlier key")
 @click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
 @click.option("--eval-before/--no-eval-before", default=True, show_default=True)

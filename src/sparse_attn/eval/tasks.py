@@ -47,8 +47,23 @@ def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
-def _needles(task: str, rng: random.Random, keys: int = 4):
-    """(needle sentences, question, answer, follow-up (question, answer) pairs) for one sample."""
+def _interleave(groups: list, rng: random.Random) -> list:
+    """The items of ``groups`` in a random order that keeps each group's own order."""
+    slots = [g for g, items in enumerate(groups) for _ in items]
+    rng.shuffle(slots)
+    positions = [0] * len(groups)
+    merged = []
+    for g in slots:
+        merged.append(groups[g][positions[g]])
+        positions[g] += 1
+    return merged
+
+
+def _needles(task: str, rng: random.Random, keys: int = 4, groups: int = 1):
+    """(needle sentences, question, answer, follow-up (question, answer) pairs) for one sample.
+
+    ``groups`` (training drills): how many value lists (``multivalue``) or assignment chains
+    (``vartrack``) to hide; the first is asked, the others are distractors and follow-ups."""
     if task == "passkey":
         key = _number(rng, 5)
         return [f" The pass key is {key}. Remember it. {key} is the pass key. "], \
@@ -69,30 +84,50 @@ def _needles(task: str, rng: random.Random, keys: int = 4):
         others = [i for i in rng.sample(range(len(words)), len(words)) if i != asked]
         return needles, ask(asked), values[asked], [(ask(i), values[i]) for i in others]
     if task == "multivalue":
-        word = _word(rng)
-        values = [_number(rng, 6) for _ in range(3)]
-        needles = [f" One of the special magic numbers for {word} is: {v}. " for v in values]
-        return needles, f"What are all the special magic numbers for {word}? They are:", ", ".join(values), []
+        words = []
+        while len(words) < groups:
+            w = _word(rng)
+            if w not in words:
+                words.append(w)
+        values = [[_number(rng, 6) for _ in range(3)] for _ in words]
+        lists = [[f" One of the special magic numbers for {w} is: {v}. " for v in vs] for w, vs in zip(words, values)]
+        asks = [(f"What are all the special magic numbers for {w}? They are:", ", ".join(vs))
+                for w, vs in zip(words, values)]
+        needles = lists[0] if groups == 1 else _interleave(lists, rng)
+        return needles, asks[0][0], asks[0][1], asks[1:]
     if task == "vartrack":
-        names = []
-        while len(names) < 4:
-            n = _word(rng).upper()[:5]
-            if n not in names:
-                names.append(n)
-        value = _number(rng, 5)
-        needles = [f" VAR {names[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(names, names[1:])]
-        return needles, f"Which variables are assigned the value {value}? They are:", ", ".join(names), []
+        names, chains = [], []
+        for _ in range(groups):
+            chain = []
+            while len(chain) < 4:
+                n = _word(rng).upper()[:5]
+                if n not in names and n not in chain:
+                    chain.append(n)
+            names += chain
+            value = _number(rng, 5)
+            while any(value == v for v, _ in chains):
+                value = _number(rng, 5)
+            chains.append((value, chain))
+        lists = [[f" VAR {chain[0]} = {value}. "] + [f" VAR {b} = VAR {a}. " for a, b in zip(chain, chain[1:])]
+                 for value, chain in chains]
+        asks = [(f"Which variables are assigned the value {value}? They are:", ", ".join(chain))
+                for value, chain in chains]
+        needles = lists[0] if groups == 1 else _interleave(lists, rng)
+        return needles, asks[0][0], asks[0][1], asks[1:]
     raise ValueError(f"unknown task {task!r}; tasks: {TASKS}")
 
 
 def make_sample(task: str, tokenizer, length: int, seed: int = 0, haystack: str | None = None,
-                keys: int = 4) -> Sample:
+                keys: int = 4, groups: int = 1) -> Sample:
     """A prompt of about ``length`` tokens (by ``tokenizer``) with needles at random depths.
 
-    ``keys``: how many key -> number needles ``multikey`` hides (the training drills use many).
+    ``keys``: how many key -> number needles ``multikey`` hides (the training drills use many);
+    ``groups``: how many value lists / assignment chains ``multivalue`` / ``vartrack`` hide (the
+    first is asked, the rest are follow-ups: training drills; evaluation uses one).
     """
-    rng = random.Random(f"{task}-{length}-{seed}" + ("" if keys == 4 else f"-{keys}"))
-    needles, question, answer, followups = _needles(task, rng, keys)
+    rng = random.Random(f"{task}-{length}-{seed}" + ("" if keys == 4 else f"-{keys}")
+                        + ("" if groups == 1 else f"-g{groups}"))
+    needles, question, answer, followups = _needles(task, rng, keys, groups)
     text = haystack_text() if haystack is None else haystack
     fixed = sum(len(tokenizer(n, add_special_tokens=False).input_ids) for n in needles)
     fixed += len(tokenizer("\n\n" + question, add_special_tokens=False).input_ids) + 1
