@@ -143,14 +143,6 @@ def lookup_lengths(seq_len: int) -> list:
     return _doubling_lengths(LOOKUP_FIRST_LEN, seq_len)
 
 
-# How lookup episodes ask (one drawn per question). Besides the line's own form, forms where the key
-# sits further from the answer, as in the multivalue and vartrack questions (``...for KEY? They
-# are:``): with the line's form alone the refined canary matched keys in multikey (1.0) but began
-# multivalue answers with an invented number (session 6, H100).
-LOOKUP_QUESTIONS = (" The number for {key} is:", " What is the number for {key}? It is:",
-                    " What are the numbers for {key}? They are:", " Tell me the number for {key}. The answer is:")
-
-
 def _near_key(key: str, rng: random.Random) -> str:
     """``key`` with one of its three syllables replaced: a hard negative that shares two of them."""
     from .tasks import _SYLLABLES, _word
@@ -166,9 +158,8 @@ def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard
     """Multi-query associative recall with multi-byte keys: lines ``The number for KEY is: VALUE.``
     (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS``, up to
     half the sequence), haystack text, then questions ``The number for KEY is:`` answered with the
-    value (or one of :data:`LOOKUP_QUESTIONS`' other forms). Only the digits are ``ANSWER``
-    targets. Every question ends in bytes shared by all questions, so only matching the whole key
-    finds the right line: the step the copy circuit alone lacks.
+    value. Only the digits are ``ANSWER`` targets. Every question ends in the same bytes (``is:``),
+    so only matching the whole key finds the right line: the step the copy circuit alone lacks.
     ``hard_key_share``: the share of keys made from an earlier key by changing one syllable, so that
     matching part of a key is not enough (models matching only a syllable or two score ~0.7 on
     such keys where they score ~0.9 on random ones, CPU check of session 5)."""
@@ -191,7 +182,7 @@ def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard
     questions, asked_len = [], 0
     while len(questions) < 2 * len(pairs):
         key = rng.choice(list(pairs))
-        asked, answer = encode(rng.choice(LOOKUP_QUESTIONS).format(key=key)), encode(f" {pairs[key]}.")
+        asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key]}.")
         if asked_len + len(asked) + len(answer) > seq_len - len(ids) - 16:
             break
         questions.append((asked, answer))
