@@ -144,26 +144,28 @@ def test_missing_canary_weights_say_how_to_train_them(tmp_path, monkeypatch):
     assert missing.exit_code != 0 and "train-canary" in missing.output
 
 
-def test_shipped_canary_loads_and_retrieves_a_passkey():
-    """The shipped weights are a byte-level Llama trained at 8K that answers a 1K passkey prompt."""
+def test_shipped_canary_loads_and_retrieves_by_key():
+    """The shipped weights are a byte-level Llama trained at 8K (then refined on key lookup) that
+    answers 1K passkey prompts and picks the asked key's number among four in multikey prompts."""
     import transformers
 
     from sparse_attn.eval.canary import canary_dir, resolve_model
 
     path = resolve_model("canary")
     log = json.loads((canary_dir() / "training_log.json").read_text())
-    assert log["seq_len"] == 8192 and log["induction_step"] is not None
+    assert log["seq_len"] == 8192 and log["base"]["induction_step"] is not None and log["refined_from"] == "canary"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     assert model.config.model_type == "llama" and len(tokenizer) == model.config.vocab_size
-    hits = 0
-    for seed in range(3):
-        sample = make_sample("passkey", tokenizer, 1024, seed=seed)
-        ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        hits += score(sample, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    assert hits >= 2, f"the shipped canary found {hits} of 3 pass keys at 1K"
+    for task in ("passkey", "multikey"):
+        hits = 0
+        for seed in range(3):
+            sample = make_sample(task, tokenizer, 1024, seed=seed)
+            ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=9, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            hits += score(sample, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        assert hits >= 2, f"the shipped canary answered {hits} of 3 {task} prompts at 1K"
 
 
 def test_training_episodes_supervise_every_answer(tokenizer):

@@ -4,9 +4,11 @@ No machine here reaches a model hub, so the project trains its own default model
 Llama-architecture model (RoPE, GQA) with the byte tokenizer of
 :mod:`sparse_attn.integrations.hf.tokenizer`, on real text (the bundled haystack) mixed with the
 retrieval episodes of :mod:`.tasks`, at the context length it will be evaluated at (it does not
-extrapolate). Weights ship in ``sparse_attn/eval/canary/`` once trained on a GPU:
+extrapolate), then refined on whole-key lookup (:func:`refine`). The shipped weights in
+``sparse_attn/eval/canary/`` took 7.7 + 2.5 minutes on an H100 (session 6 of docs/benchmarks.md):
 
-    sparse-attn train-canary --out src/sparse_attn/eval/canary --minutes 10 --seq-len 8192
+    sparse-attn train-canary --out base --minutes 7.5 --seq-len 8192
+    sparse-attn refine-canary --init base --out src/sparse_attn/eval/canary --minutes 2.2 --seed 2
 """
 
 from __future__ import annotations
