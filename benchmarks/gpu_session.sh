@@ -47,7 +47,7 @@ for step in "${@:-attention}"; do
       # each: the trainer's 7.7 + 2.2 stays within the 10 minutes), per-task accuracy at
       # 2K/4K/8K after (10 prompts each). ~9 min.
       work=$(mktemp -d)
-      for spec in "a:--seed 1" "b:--seed 1 --lookup-share 0.15" "c:--seed 2"; do
+      for spec in "a:--seed 2 --multi-value-share 0.3" "b:--seed 1 --multi-value-share 0.3" "c:--seed 2 --multi-value-share 0.5"; do
         name=${spec%%:*}
         timeout 190 python3 -m sparse_attn refine-canary --out "$work/refined_$name" --minutes 2.2 --workers 6 \
           --no-eval-before --eval-samples 10 ${spec#*:} > "$out/refine_$name.log" 2>&1

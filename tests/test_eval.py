@@ -398,3 +398,25 @@ def test_list_and_chain_drill_episodes_supervise_every_answer(tokenizer):
             assert len(ids) <= length
             answers = tokenizer.decode([i for i, r in zip(ids, roles) if r == ANSWER])
             assert answers.count(".") >= 3  # >= 2 groups asked, plus the echo of the first
+
+
+def test_multi_value_lookup_keys_are_asked_for_every_value_in_order(tokenizer):
+    import random
+    import re
+
+    from sparse_attn.eval.canary import ANSWER, _lookup_episode
+    from sparse_attn.eval.corpus import haystack_text
+
+    ids, roles = _lookup_episode(tokenizer, 4096, random.Random(8), haystack_text(), multi_value_share=0.5)
+    full = tokenizer.decode(ids)
+    table = re.match(r"(?: The number for \w+ is: \d+\.)+", full)
+    values = {}
+    for key, value in re.findall(r"The number for (\w+) is: (\d+)\.", table.group(0)):
+        values.setdefault(key, []).append(value)
+    assert any(len(v) > 1 for v in values.values()) and any(len(v) == 1 for v in values.values())
+    asked = re.findall(r"The numbers? for (\w+) (?:is|are): ([\d, ]+)\.", full[table.end():])
+    assert len(asked) >= 8
+    for key, answer in asked:
+        assert answer.split(", ") == values[key]  # every value, in order of appearance
+    digits = tokenizer.decode([i for i, r in zip(ids, roles) if r == ANSWER])
+    assert digits == "".join(answer for _, answer in asked)

@@ -223,13 +223,15 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
 @click.option("--lookup-share", default=0.3, show_default=True, help="share of lookup episodes in the mix")
 @click.option("--hard-key-share", default=0.5, show_default=True,
               help="share of lookup keys one syllable away from an earlier key")
+@click.option("--multi-value-share", default=0.0, show_default=True,
+              help="share of lookup keys with 2-3 values, asked as a list")
 @click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
 @click.option("--eval-before/--no-eval-before", default=True, show_default=True)
 @click.option("--workers", default=None, type=int)
 @click.option("--device", default=None)
 @click.option("--seed", default=1, show_default=True)
-def refine_canary(init, out, minutes, max_steps, lr, lookup_phase_share, lookup_share, hard_key_share, eval_samples,
-                  eval_before, workers, device, seed):
+def refine_canary(init, out, minutes, max_steps, lr, lookup_phase_share, lookup_share, hard_key_share,
+                  multi_value_share, eval_samples, eval_before, workers, device, seed):
     """Continue training a canary on whole-key lookup, then the retrieval mix (eval.canary.refine)."""
     from .eval.canary import refine
 
@@ -243,7 +245,8 @@ def refine_canary(init, out, minutes, max_steps, lr, lookup_phase_share, lookup_
             state["logged"] = time.time()
 
     log = refine(init, out, minutes=minutes, max_steps=max_steps, lr=lr, lookup_phase_share=lookup_phase_share,
-                 lookup_share=lookup_share, hard_key_share=hard_key_share, eval_samples_per_task=eval_samples,
+                 lookup_share=lookup_share, hard_key_share=hard_key_share, multi_value_share=multi_value_share,
+                 eval_samples_per_task=eval_samples,
                  eval_before=eval_before, workers=workers, device=device, seed=seed, progress=progress)
     click.echo(json.dumps({k: v for k, v in log.items() if k != "base"}, indent=1))
 

@@ -156,7 +156,8 @@ def _near_key(key: str, rng: random.Random) -> str:
     return "".join(syllables)
 
 
-def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard_key_share: float = 0.0):
+def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard_key_share: float = 0.0,
+                    multi_value_share: float = 0.0):
     """Multi-query associative recall with multi-byte keys: lines ``The number for KEY is: VALUE.``
     (keys are the tasks' three-syllable words, values six digits; at most ``LOOKUP_MAX_KEYS``, up to
     half the sequence), haystack text, then questions ``The number for KEY is:`` answered with the
@@ -164,27 +165,39 @@ def _lookup_episode(tokenizer, seq_len: int, rng: random.Random, text: str, hard
     so only matching the whole key finds the right line: the step the copy circuit alone lacks.
     ``hard_key_share``: the share of keys made from an earlier key by changing one syllable, so that
     matching part of a key is not enough (models matching only a syllable or two score ~0.7 on
-    such keys where they score ~0.9 on random ones, CPU check of session 5)."""
-    from .tasks import _number, _word
+    such keys where they score ~0.9 on random ones, CPU check of session 5).
+    ``multi_value_share``: the share of keys with 2-3 values on separate lines (scattered among the
+    others), asked ``The numbers for KEY are:`` and answered with every value in order of appearance:
+    the list retrieval of the multivalue task."""
+    from .tasks import _interleave, _number, _word
 
     def encode(piece):
         return tokenizer(piece, add_special_tokens=False).input_ids
 
-    pairs, ids = {}, []
+    pairs, lines, lines_len = {}, [], 0
     while len(pairs) < LOOKUP_MAX_KEYS:
         key = _near_key(rng.choice(list(pairs)), rng) if pairs and rng.random() < hard_key_share else _word(rng)
-        value = _number(rng, 6)
-        line = encode(f" The number for {key} is: {value}.")
+        count = rng.randint(2, 3) if multi_value_share and rng.random() < multi_value_share else 1
+        values = [_number(rng, 6) for _ in range(count)]
+        key_lines = [encode(f" The number for {key} is: {value}.") for value in values]
         if key in pairs:
             continue
-        if len(ids) + len(line) > seq_len // 2:
+        if lines_len + sum(map(len, key_lines)) > seq_len // 2:
             break
-        pairs[key], ids = value, ids + line
+        pairs[key] = values
+        lines.append(key_lines)
+        lines_len += sum(map(len, key_lines))
+    if any(len(values) > 1 for values in pairs.values()):
+        lines = [[line] for line in _interleave(lines, rng)]
+    ids = [token for key_lines in lines for line in key_lines for token in line]
     roles = [TEXT] * len(ids)
     questions, asked_len = [], 0
     while len(questions) < 2 * len(pairs):
         key = rng.choice(list(pairs))
-        asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key]}.")
+        if len(pairs[key]) == 1:
+            asked, answer = encode(f" The number for {key} is:"), encode(f" {pairs[key][0]}.")
+        else:
+            asked, answer = encode(f" The numbers for {key} are:"), encode(" " + ", ".join(pairs[key]) + ".")
         if asked_len + len(asked) + len(answer) > seq_len - len(ids) - 16:
             break
         questions.append((asked, answer))
@@ -216,7 +229,7 @@ def _repeat_episode(seq_len: int, rng: random.Random):
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
              copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0,
              lookup: bool = False, lookup_share: float = 0.0, hard_key_share: float = 0.0,
-             tasks: Optional[tuple] = None):
+             multi_value_share: float = 0.0, tasks: Optional[tuple] = None):
     """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -227,13 +240,13 @@ def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share:
     Otherwise plain text. ``repeat``: always a :func:`_repeat_episode` (the warm-up);
     ``repeat_share``: the share of repeat episodes kept in the mix after it. ``lookup``: always a
     :func:`_lookup_episode` (the second warm-up); ``lookup_share``: the share of them in the mix;
-    ``hard_key_share``: see :func:`_lookup_episode`. ``tasks``: the retrieval tasks to draw from
+    ``hard_key_share``, ``multi_value_share``: see :func:`_lookup_episode`. ``tasks``: the retrieval tasks to draw from
     (repeat a name to weight it; default every task once, plus "drill" from 1K tokens on); besides
     :data:`.tasks.TASKS`, "drill", "multivalue_drill" (2-4 keys with three values each) and
     "vartrack_drill" (2-3 chains), each asking about every key or chain.
     """
     if lookup or (lookup_share and rng.random() < lookup_share):
-        return _lookup_episode(tokenizer, seq_len, rng, text, hard_key_share)
+        return _lookup_episode(tokenizer, seq_len, rng, text, hard_key_share, multi_value_share)
     if repeat or (repeat_share and rng.random() < repeat_share):
         return _repeat_episode(seq_len, rng)
     draw = rng.random()
@@ -528,6 +541,7 @@ REFINE_FIRST_DIGIT_LOSS = 0.3  # nats on an answer's first digit: below it, the 
 
 def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int = 8, lr: float = 1e-3,
            lookup_phase_share: float = 0.3, lookup_share: float = 0.3, hard_key_share: float = 0.5,
+           multi_value_share: float = 0.0,
            task_share: float = 0.6, copy_share: float = 0.2, repeat_share: float = 0.05,
            tasks: tuple = REFINE_TASKS, eval_lengths=(2048, 4096, 8192), eval_samples_per_task: int = 8,
            eval_before: bool = True, device: Optional[str] = None, max_steps: Optional[int] = None,
@@ -535,7 +549,8 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int =
     """Continue training a canary (``model_dir``, or ``"canary"``) to match whole keys, save it to
     ``out_dir`` and return a log with per-task accuracy before and after.
 
-    First lookup episodes alone (:func:`_lookup_episode` with ``hard_key_share`` near-miss keys) at
+    First lookup episodes alone (:func:`_lookup_episode` with ``hard_key_share`` near-miss keys and
+    ``multi_value_share`` keys with several values) at
     each length of :func:`lookup_lengths`, each until the first-digit loss is below
     ``REFINE_FIRST_DIGIT_LOSS`` or its share of ``lookup_phase_share`` of the budget is spent, at
     ``lr``; then the retrieval mix at the model's full length (``tasks`` weighted, ``lookup_share``
@@ -568,8 +583,9 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int =
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     stages, stages_done = lookup_lengths(seq_len), []
+    lookup = dict(hard_key_share=hard_key_share, multi_value_share=multi_value_share)
     mix = dict(task_share=task_share, copy_share=copy_share, repeat_share=repeat_share, lookup_share=lookup_share,
-               hard_key_share=hard_key_share, tasks=tasks)
+               tasks=tasks, **lookup)
     start, step, stage_start, phase, loader = time.time(), 0, 0, None, None
     decay_from = mix_from_step = None
     text_losses, answer_losses, first_losses = [], [], []
@@ -595,7 +611,7 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int =
             group["lr"] = lr * max(min(1.0, (step + 1) / 20) * scale, 0.05)
         if want != phase:
             factor = max(seq_len // want[1], 1)
-            kwargs = dict(task_share=0.0, lookup=True, hard_key_share=hard_key_share) if in_lookup else mix
+            kwargs = dict(task_share=0.0, lookup=True, **lookup) if in_lookup else mix
             loader = _loader(want[1], batch_size * factor, seed, workers, use_bf16, **kwargs)
             phase = want
         token_loss, masks = _train_step(model, optimizer, next(loader), device, use_bf16)
@@ -619,7 +635,8 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int =
     tokenizer.save_pretrained(out)
     log = {"refined_from": str(model_dir), "steps": step, "seconds": time.time() - start, "seq_len": seq_len,
            "batch_size": batch_size, "lr": lr, "lookup_phase_share": lookup_phase_share,
-           "lookup_share": lookup_share, "hard_key_share": hard_key_share, "task_share": task_share,
+           "lookup_share": lookup_share, "hard_key_share": hard_key_share, "multi_value_share": multi_value_share,
+           "task_share": task_share,
            "copy_share": copy_share, "repeat_share": repeat_share, "tasks": list(tasks),
            "lookup_stages": stages_done, "mix_from_step": mix_from_step,
            "final_text_loss": _recent_mean(text_losses, 20), "final_answer_loss": _recent_mean(answer_losses, 50),
