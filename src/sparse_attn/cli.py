@@ -223,7 +223,7 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
 @click.option("--lookup-share", default=0.3, show_default=True, help="share of lookup episodes in the mix")
 @click.option("--hard-key-share", default=0.5, show_default=True,
               help="share of lookup keys one syllable away from an earlier key")
-@click.option("--multi-value-share", default=0.0, show_default=True,
+@click.option("--multi-value-share", default=0.3, show_default=True,
               help="share of lookup keys with 2-3 values, asked as a list")
 @click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
 @click.option("--eval-before/--no-eval-before", default=True, show_default=True)
