@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
-#   bash benchmarks/gpu_session.sh refine       # three late-lookup variants on the shipped canary (~9 min)
+#   bash benchmarks/gpu_session.sh refine       # three refine variants on the canary in src/ (~9 min)
 #   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
 #   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
@@ -43,9 +43,11 @@ for step in "${@:-attention}"; do
       tar czf "$out/canary.tgz" -C "$work" canary
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])" ;;
     refine)
-      # Three variants of the late lookup phase on the shipped canary (eval.canary.refine, 2.2 min
-      # each: the trainer's 7.7 + 2.2 stays within the 10 minutes), per-task accuracy at
-      # 2K/4K/8K after (10 prompts each). ~9 min.
+      # Three variants of eval.canary.refine (lookup phase, then the retrieval mix; 2.2 min each)
+      # on the canary in src/sparse_attn/eval/canary (the shipped one, or a freshly trained base
+      # unpacked there from the canary step), per-task accuracy at 2K/4K/8K after (10 prompts
+      # each). ~9 min. The shipped canary is base + refine (seed 2, --multi-value-share 0) + refine
+      # (seed 1): docs/benchmarks.md, session 6.
       work=$(mktemp -d)
       for spec in "a:--seed 2 --multi-value-share 0.3" "b:--seed 1 --multi-value-share 0.3" "c:--seed 2 --multi-value-share 0.5"; do
         name=${spec%%:*}
