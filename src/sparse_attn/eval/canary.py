@@ -231,7 +231,7 @@ def _repeat_episode(seq_len: int, rng: random.Random):
 def _episode(tokenizer, seq_len: int, rng: random.Random, text: str, task_share: float,
              copy_share: float = 0.0, repeat: bool = False, repeat_share: float = 0.0,
              lookup: bool = False, lookup_share: float = 0.0, hard_key_share: float = 0.0,
-             multi_value_share: float = 0.3, tasks: Optional[tuple] = None):
+             multi_value_share: float = 0.0, tasks: Optional[tuple] = None):
     """Token ids and per-token roles (``PAD``/``TEXT``/``ANSWER``/``COPY``) for one training sequence.
 
     With probability ``copy_share`` a copy episode (:func:`_copy_episode`); with ``task_share`` a
@@ -541,7 +541,7 @@ REFINE_TASKS = ("passkey", "multikey", "multivalue", "multivalue_drill", "multiv
 REFINE_FIRST_DIGIT_LOSS = 0.3  # nats on an answer's first digit: below it, the asked key's line is found
 
 
-def refine(model_dir: str, out_dir: str, minutes: float = 2.5, batch_size: int = 8, lr: float = 1e-3,
+def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int = 8, lr: float = 1e-3,
            lookup_phase_share: float = 0.3, lookup_share: float = 0.3, hard_key_share: float = 0.5,
            multi_value_share: float = 0.3,
            task_share: float = 0.6, copy_share: float = 0.2, repeat_share: float = 0.05,
