@@ -215,7 +215,7 @@ def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_
 @main.command("refine-canary")
 @click.option("--init", "init", default="canary", show_default=True, help="canary directory to start from")
 @click.option("--out", required=True, help="where to save the refined model")
-@click.option("--minutes", default=2.5, show_default=True)
+@click.option("--minutes", default=2.2, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--lookup-phase-share", default=0.3, show_default=True,
