@@ -365,3 +365,44 @@ def test_line_helpers_match_token_level_brute_force(q_len, kv_len, blocks):
     padded = torch.nn.functional.pad(tokens, (0, nk * bk - kv_len, 0, nq * bq - q_len))
     expected_blocks = padded.view(2, 3, nq, bq, nk, bk).any(5).any(3)
     assert torch.equal(lines_to_blocks(grid, vertical, slash), expected_blocks)
+
+
+@pytest.mark.parametrize("n,k", [(400, 7), (400, 90), (400, 300), (37, 5)])
+def test_select_top_k_partial_and_full_sort_paths_keep_the_largest(n, k):
+    """``select_top_k`` keeps exactly the k largest per row (per-row k, with a validity mask), by
+    partial selection for small k and by a full sort otherwise."""
+    from sparse_attn.methods.scoring import select_top_k
+
+    gen = torch.Generator().manual_seed(n + k)
+    scores = torch.rand(2, 3, n, generator=gen, dtype=torch.float64)  # distinct values: no ties
+    per_row = torch.randint(0, k + 1, (2, 3), generator=gen)
+    valid = torch.rand(2, 3, n, generator=gen) < 0.8
+    for kk, mask in ((per_row, None), (per_row, valid), (k, None)):
+        kept = select_top_k(scores, kk, valid=mask)
+        masked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+        counts = torch.as_tensor(kk).expand(2, 3)
+        for b in range(2):
+            for h in range(3):
+                top = torch.argsort(masked[b, h], descending=True)[:int(counts[b, h])]
+                expected = torch.zeros(n, dtype=torch.bool)
+                expected[top] = True
+                if mask is not None:
+                    expected &= mask[b, h]
+                assert torch.equal(kept[b, h], expected)
+
+
+@pytest.mark.parametrize("q_len,kv_len,rows", [(50, 50, 8), (30, 97, 16), (5, 40, 8)])
+def test_last_rows_attention_matches_masked_softmax(q_len, kv_len, rows):
+    """Exact attention of the last rows (GQA, bottom-right causal alignment) against a float64 softmax."""
+    from sparse_attn.methods.scoring import last_rows_attention
+
+    gen = torch.Generator().manual_seed(kv_len)
+    q = torch.randn(1, 4, q_len, 16, generator=gen)
+    k = torch.randn(1, 2, kv_len, 16, generator=gen)
+    got = last_rows_attention(q, k, rows, 0.25, causal=True)
+    used = min(rows, q_len)
+    k_full = k.double().repeat_interleave(2, dim=1)
+    scores = q[:, :, q_len - used:].double() @ k_full.transpose(-1, -2) * 0.25
+    q_pos = torch.arange(kv_len - used, kv_len)[:, None]
+    scores = scores.masked_fill(torch.arange(kv_len)[None, :] > q_pos, float("-inf"))
+    torch.testing.assert_close(got.double(), torch.softmax(scores, -1), rtol=1e-5, atol=1e-6)

@@ -59,11 +59,10 @@ def last_rows_attention(q: Tensor, k: Tensor, rows: int, scale: float, causal: b
     kv_heads, q_len, kv_len = k.shape[1], q.shape[2], k.shape[2]
     rows = min(rows, q_len)
     q_last = group_queries(q[:, :, q_len - rows:], kv_heads).float()
-    scores = torch.einsum("bngqd,bnkd->bngqk", q_last, k.float()) * scale
-    if causal:
-        q_pos = torch.arange(kv_len - rows, kv_len, device=q.device)
-        future = torch.arange(kv_len, device=q.device)[None, :] > q_pos[:, None]
-        scores = scores.masked_fill(future, float("-inf"))
+    scores = torch.einsum("bngqd,bnkd->bngqk", q_last, k.float()).mul_(scale)
+    if causal:  # only the last ``rows`` keys can be in a row's future: mask that tail in place
+        tail = torch.arange(kv_len - rows, kv_len, device=q.device)
+        scores[..., kv_len - rows:].masked_fill_(tail[None, :] > tail[:, None], float("-inf"))
     return torch.softmax(scores, dim=-1).flatten(1, 2)
 
 
@@ -72,19 +71,21 @@ def diagonal_sums(attn: Tensor) -> Tensor:
 
     Returns ``(B, H, Skv)``: entry ``o`` is the mass at distance ``o = query_pos - key_pos``
     (entries right of a row's own position, zero under a causal mask, count at ``o = 0``).
-    Skew trick: flip the keys, pad each row with ``R`` zeros and re-view the rows one element
-    shorter, which shifts row ``r`` right by ``r`` and lines every diagonal up in one column; a
-    handful of whole-tensor ops (a per-row loop was ~600 launches per call, most of FlexPrefill's
-    fixed cost on a GPU) and no index tensor (8 bytes per attention entry, 2 GB at 128K).
+    Skew trick: pad each row with ``R`` zeros on both sides and view the rows with a stride one
+    longer than a padded row, which shifts row ``r`` by ``r`` and lines every diagonal up in one
+    column; one copy and one reduction (a per-row loop was ~600 launches per call, most of
+    FlexPrefill's fixed cost on a GPU) and no index tensor (8 bytes per attention entry, 2 GB at 128K).
     """
     rows, kv_len = attn.shape[-2], attn.shape[-1]
-    lead = attn.shape[:-2]
-    padded = torch.nn.functional.pad(attn.flip(-1), (0, rows))  # (..., R, Skv + R)
-    flat = padded.reshape(*lead, rows * (kv_len + rows))[..., : rows * (kv_len + rows - 1)]
-    skewed = flat.reshape(*lead, rows, kv_len + rows - 1)  # row r shifted right by r
-    summed = skewed.sum(-2)  # distance o sits at column o + R - 1
-    out = summed[..., rows - 1: rows - 1 + kv_len].clone()
-    out[..., 0] += summed[..., : rows - 1].sum(-1)  # keys right of their row's position
+    padded = torch.nn.functional.pad(attn, (rows, rows)).contiguous()  # (..., R, Skv + 2R)
+    width = kv_len + 2 * rows
+    # Viewed column t of row r is padded column t + r, i.e. key t + r - R, at distance
+    # o = (Skv - R + r) - (t + r - R) = Skv - t from the row's position: the same for every row.
+    skewed = padded.as_strided((*padded.shape[:-2], rows, kv_len + rows), (*padded.stride()[:-2], width + 1, 1),
+                               padded.storage_offset())
+    summed = skewed.sum(-2)  # distance o at column Skv - o; columns past Skv are o < 0
+    out = summed[..., 1: kv_len + 1].flip(-1)
+    out[..., 0] += summed[..., kv_len + 1:].sum(-1)  # keys right of their row's position
     return out
 
 
@@ -112,11 +113,15 @@ def select_top_k(scores: Tensor, k, valid: Tensor | None = None) -> Tensor:
     """Per row, the ``k`` largest entries (``k`` int or a per-row tensor). Returns a bool mask."""
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     k = torch.as_tensor(k, device=scores.device)
-    rank = torch.arange(scores.shape[-1], device=scores.device)
+    most = min(int(k.max()) if k.numel() else 0, scores.shape[-1])
+    if 0 < most <= scores.shape[-1] // 4:  # a partial selection: far cheaper than a full sort of long rows
+        order = torch.topk(scores, most, dim=-1, sorted=True).indices
+    else:
+        order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.arange(order.shape[-1], device=scores.device)
     keep_sorted = (rank < k[..., None] if k.dim() else rank < k).expand_as(order)
-    mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, keep_sorted)
     return mask if valid is None else mask & valid
 
 
