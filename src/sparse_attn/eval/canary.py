@@ -323,22 +323,19 @@ def _loader(seq_len: int, batch_size: int, seed: int, workers: int, pin: bool, *
         collate_fn=_pad_batch, num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None))
 
 
-def _greedy_score(model, tokenizer, sample, device) -> float:
-    """RULER score (:func:`.tasks.score`) of ``model``'s greedy answer to ``sample``."""
-    from .tasks import score
+def _scores(model, tokenizer, samples, device) -> float:
+    """Mean greedy RULER score of ``model`` on ``samples`` (bf16 autocast on CUDA: the model trains
+    in float32)."""
+    from .runner import greedy_score
 
-    prompt = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-        out = model.generate(prompt, max_new_tokens=len(sample.answer) + 4, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return score(sample, tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+        return sum(greedy_score(model, tokenizer, sample) for sample in samples) / len(samples)
 
 
 def dense_accuracy(model, tokenizer, lengths, samples: int, device) -> dict:
     """Greedy accuracy of ``model`` on ``samples`` retrieval prompts per length (the tasks in turn)."""
-    return {length: sum(_greedy_score(model, tokenizer, make_sample(TASKS[i % len(TASKS)], tokenizer, length,
-                                                                    seed=10_000 + i), device)
-                        for i in range(samples)) / samples
+    return {length: _scores(model, tokenizer, [make_sample(TASKS[i % len(TASKS)], tokenizer, length, seed=10_000 + i)
+                                               for i in range(samples)], device)
             for length in lengths}
 
 
@@ -347,8 +344,8 @@ def task_accuracy(model, tokenizer, lengths, samples_per_task: int, device) -> d
     prompts each (other prompts than :func:`dense_accuracy`'s)."""
     result = {}
     for length in lengths:
-        per_task = {task: sum(_greedy_score(model, tokenizer, make_sample(task, tokenizer, length, seed=20_000 + i),
-                                            device) for i in range(samples_per_task)) / samples_per_task
+        per_task = {task: _scores(model, tokenizer, [make_sample(task, tokenizer, length, seed=20_000 + i)
+                                                     for i in range(samples_per_task)], device)
                     for task in TASKS}
         result[length] = {**per_task, "mean": sum(per_task.values()) / len(per_task)}
     return result
@@ -400,6 +397,16 @@ def _train_step(model, optimizer, batch, device, use_bf16: bool):
     return token_loss.detach(), masks
 
 
+def _training_device(device: Optional[str], workers: Optional[int]):
+    """``(device, use_bf16, workers)``: CUDA if there is one, bf16 autocast there, and by default up
+    to 8 DataLoader workers on CUDA (none on CPU) so the GPU never waits on tokenization."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = torch.device(device).type == "cuda"
+    if workers is None:
+        workers = min(8, max((os.cpu_count() or 1) - 2, 0)) if use_bf16 else 0
+    return device, use_bf16, workers
+
+
 def _recent_mean(history: list, count: int) -> Optional[float]:
     """Mean of the last ``count`` entries that are not NaN (None if there are none)."""
     recent = [x for x in history[-count:] if x == x]
@@ -438,10 +445,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
 
     if seq_len < 512:
         raise ValueError(f"train: seq_len must be at least 512 (the retrieval episodes need it), got {seq_len}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = torch.device(device).type == "cuda"
-    if workers is None:
-        workers = min(8, max((os.cpu_count() or 1) - 2, 0)) if use_bf16 else 0
+    device, use_bf16, workers = _training_device(device, workers)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     config = canary_config(seq_len, len(tokenizer), **shape_overrides)
@@ -552,8 +556,8 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     ``out_dir`` and return a log with per-task accuracy before and after.
 
     First lookup episodes alone (:func:`_lookup_episode` with ``hard_key_share`` near-miss keys and
-    ``multi_value_share`` keys with several values) at
-    each length of :func:`lookup_lengths`, each until the first-digit loss is below
+    ``multi_value_share`` keys with several values) at each length of :func:`lookup_lengths`, each
+    until the first-answer-token loss is below
     ``REFINE_FIRST_DIGIT_LOSS`` or its share of ``lookup_phase_share`` of the budget is spent, at
     ``lr``; then the retrieval mix at the model's full length (``tasks`` weighted, ``lookup_share``
     lookup episodes kept) with a cosine decay to 5% of ``lr``. ``minutes`` or ``max_steps`` bound it.
@@ -562,10 +566,7 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
 
     from ..integrations.hf.tokenizer import byte_tokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    use_bf16 = torch.device(device).type == "cuda"
-    if workers is None:
-        workers = min(8, max((os.cpu_count() or 1) - 2, 0)) if use_bf16 else 0
+    device, use_bf16, workers = _training_device(device, workers)
     source = resolve_model(model_dir)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
@@ -573,13 +574,11 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
     lengths = [n for n in eval_lengths if n <= seq_len]
 
-    def measure():
+    def measure():  # leaves the model in eval mode
         model.eval()
-        result = {"tasks": task_accuracy(model, tokenizer, lengths, eval_samples_per_task, device),
-                  "lookup_1024": {"random": lookup_accuracy(model, tokenizer, 1024, 8, device),
-                                  "hard": lookup_accuracy(model, tokenizer, 1024, 8, device, hard_key_share=1.0)}}
-        model.train()
-        return result
+        return {"tasks": task_accuracy(model, tokenizer, lengths, eval_samples_per_task, device),
+                "lookup_1024": {"random": lookup_accuracy(model, tokenizer, 1024, 8, device),
+                                "hard": lookup_accuracy(model, tokenizer, 1024, 8, device, hard_key_share=1.0)}}
 
     before = measure() if eval_before else None
     model.train()
@@ -632,14 +631,12 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     out.mkdir(parents=True, exist_ok=True)
     base_log = Path(source) / "training_log.json"
     base = json.loads(base_log.read_text()) if base_log.exists() else None
-    model.eval()
     model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     log = {"refined_from": str(model_dir), "steps": step, "seconds": time.time() - start, "seq_len": seq_len,
            "batch_size": batch_size, "lr": lr, "lookup_phase_share": lookup_phase_share,
            "lookup_share": lookup_share, "hard_key_share": hard_key_share, "multi_value_share": multi_value_share,
-           "task_share": task_share,
-           "copy_share": copy_share, "repeat_share": repeat_share, "tasks": list(tasks),
+           "task_share": task_share, "copy_share": copy_share, "repeat_share": repeat_share, "tasks": list(tasks),
            "lookup_stages": stages_done, "mix_from_step": mix_from_step,
            "final_text_loss": _recent_mean(text_losses, 20), "final_answer_loss": _recent_mean(answer_losses, 50),
            "before": before, "after": after, "device": torch.cuda.get_device_name() if use_bf16 else "cpu",

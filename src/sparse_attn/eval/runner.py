@@ -64,6 +64,16 @@ def timed_prefills(model, ids, device, state, repeats: int):
     return sorted(times)[len(times) // 2], estimate_ms
 
 
+def greedy_score(model, tokenizer, sample) -> float:
+    """RULER score (:func:`.tasks.score`) of ``model``'s greedy continuation of ``sample.prompt``,
+    a few tokens longer than the answer."""
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    answer_len = len(tokenizer(" " + sample.answer, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=answer_len + 3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return score(sample, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
 def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, block_size: int = 64,
              sweeps: Optional[dict] = None, progress=None, timing_repeats: int = 3) -> list:
     """Rows of results, one per (length, configuration); ``progress(advance)`` is called per sample."""
@@ -86,12 +96,7 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
                     fallback="never", record=True, measure_recall=True))
             correct, per_task = 0, {}
             for sample in batch:
-                ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(device)
-                answer_len = len(tokenizer(" " + sample.answer, add_special_tokens=False).input_ids)
-                with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=answer_len + 3, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)
-                ok = score(sample, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+                ok = greedy_score(model, tokenizer, sample)
                 correct += ok
                 per_task.setdefault(sample.task, []).append(ok)
                 if progress:
