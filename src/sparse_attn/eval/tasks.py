@@ -47,6 +47,16 @@ def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
+def _distinct_words(rng: random.Random, count: int) -> list:
+    """``count`` different :func:`_word` keys."""
+    words = []
+    while len(words) < count:
+        w = _word(rng)
+        if w not in words:
+            words.append(w)
+    return words
+
+
 def _interleave(groups: list, rng: random.Random) -> list:
     """The items of ``groups`` in a random order that keeps each group's own order."""
     slots = [g for g, items in enumerate(groups) for _ in items]
@@ -69,11 +79,7 @@ def _needles(task: str, rng: random.Random, keys: int = 4, groups: int = 1):
         return [f" The pass key is {key}. Remember it. {key} is the pass key. "], \
             "What is the pass key? The pass key is", key, []
     if task == "multikey":
-        words = []
-        while len(words) < keys:
-            w = _word(rng)
-            if w not in words:
-                words.append(w)
+        words = _distinct_words(rng, keys)
         values = [_number(rng, 6) for _ in words]
         asked = rng.randrange(len(words))
         needles = [f" One of the special magic numbers for {w} is: {v}. " for w, v in zip(words, values)]
@@ -84,11 +90,7 @@ def _needles(task: str, rng: random.Random, keys: int = 4, groups: int = 1):
         others = [i for i in rng.sample(range(len(words)), len(words)) if i != asked]
         return needles, ask(asked), values[asked], [(ask(i), values[i]) for i in others]
     if task == "multivalue":
-        words = []
-        while len(words) < groups:
-            w = _word(rng)
-            if w not in words:
-                words.append(w)
+        words = _distinct_words(rng, groups)
         values = [[_number(rng, 6) for _ in range(3)] for _ in words]
         lists = [[f" One of the special magic numbers for {w} is: {v}. " for v in vs] for w, vs in zip(words, values)]
         asks = [(f"What are all the special magic numbers for {w}? They are:", ", ".join(vs))
