@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
 #   bash benchmarks/gpu_session.sh refine       # three refine variants on the canary in src/ (~9 min)
+#   bash benchmarks/gpu_session.sh recipe       # the 9.9-minute recipe, part 1: base 5.5 min + refine 2.2 min (~9.3 min)
+#   bash benchmarks/gpu_session.sh recipe_end   # part 2: the last refine (2.2 min) on the canary in src/ (~3.5 min)
 #   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
 #   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 # Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
@@ -36,7 +38,7 @@ for step in "${@:-attention}"; do
       # curriculum starts with induction episodes at 128 tokens, doubled up to 8K, then lookup
       # episodes at 512 doubled up to 8K (docs/benchmarks.md).
       work=$(mktemp -d)
-      timeout 530 python3 -m sparse_attn train-canary --out "$work/canary" --minutes 7.5 --seq-len 8192 \
+      timeout 530 python3 -m sparse_attn train-canary --no-refine --out "$work/canary" --minutes 7.5 --seq-len 8192 \
         --eval-samples 16 --workers 6 --probe-every 60 > "$out/train_canary.log" 2>&1
       grep -a "probe\|losses" "$out/train_canary.log" | tr -d "\r" | tail -24
       [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
@@ -58,6 +60,29 @@ for step in "${@:-attention}"; do
         python3 -c "import json; l=json.load(open('$work/refined_$name/training_log.json')); print('$name', l['steps'], [(s['length'], s['step'], s['passed']) for s in l['lookup_stages']], 'before', l['before'], 'after', l['after'])"
         tar czf "$out/refined_$name.tgz" -C "$work" "refined_$name"
       done ;;
+    recipe)
+      # The shipped recipe in <= 10 minutes of training (eval.canary docstring): base 5.5 min, then
+      # refine (seed 2, no multi-value keys) 2.2 min here; recipe_end does the last 2.2 min refine.
+      # Comes back as recipe_part1.tgz: unpack into src/sparse_attn/eval/canary, then recipe_end.
+      work=$(mktemp -d)
+      timeout 375 python3 -m sparse_attn train-canary --no-refine --out "$work/base" --minutes 5.5 --seq-len 8192 \
+        --eval-samples 4 --workers 6 --probe-every 60 > "$out/recipe_base.log" 2>&1
+      grep -a "probe" "$out/recipe_base.log" | tr -d "\r" | tail -8
+      [ -f "$work/base/config.json" ] || { echo "base did not finish"; continue; }
+      python3 -c "import json; l=json.load(open('$work/base/training_log.json')); print('base', l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])"
+      timeout 200 python3 -m sparse_attn refine-canary --init "$work/base" --out "$work/canary" --minutes 2.2 \
+        --workers 6 --no-eval-before --eval-samples 4 --seed 2 --multi-value-share 0 > "$out/recipe_refine1.log" 2>&1
+      [ -f "$work/canary/training_log.json" ] || { echo "refine 1 did not finish"; continue; }
+      python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine1', l['steps'], 'after', l['after'])"
+      cp "$work/base/training_log.json" "$out/recipe_base_training_log.json"
+      tar czf "$out/recipe_part1.tgz" -C "$work" canary ;;
+    recipe_end)
+      work=$(mktemp -d)
+      timeout 200 python3 -m sparse_attn refine-canary --init canary --out "$work/canary" --minutes 2.2 \
+        --workers 6 --no-eval-before --eval-samples 10 --seed 1 --multi-value-share 0.3 > "$out/recipe_refine2.log" 2>&1
+      [ -f "$work/canary/training_log.json" ] || { echo "refine 2 did not finish"; continue; }
+      python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine2', l['steps'], 'after', l['after'])"
+      tar czf "$out/recipe_canary.tgz" -C "$work" canary ;;
     sweep)
       # The evidence run for the shipped canary (src/sparse_attn/eval/canary): every method over its
       # knob range at 8K, 4K and 2K (one box per length, so a cut run keeps the lengths it finished);
@@ -72,6 +97,6 @@ for step in "${@:-attention}"; do
     prefill)
       timeout 330 python3 benchmarks/bench_prefill.py --model canary --lengths 32768 131072 65536 \
         --out "$out/prefill_canary" ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, refine, sweep, prefill)" ;;
+    *) echo "unknown step $step (attention, evidence, estimators, canary, refine, recipe, recipe_end, sweep, prefill)" ;;
   esac
 done

@@ -423,3 +423,32 @@ def test_multi_value_lookup_keys_are_asked_for_every_value_in_order(tokenizer):
         assert answer.split(", ") == values[key]  # every value, in order of appearance
     digits = tokenizer.decode([i for i, r in zip(ids, roles) if r == ANSWER])
     assert digits == "".join(answer for _, answer in asked)
+
+
+def test_train_recipe_chains_the_base_and_both_refines_with_their_settings(tmp_path):
+    """The shipped recipe: the base, then one refine per RECIPE_REFINES entry, steps split by share."""
+    from sparse_attn.eval import canary
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    log = canary.train_recipe(str(tmp_path / "c"), max_steps=9, device="cpu", eval_lengths=(), seq_len=1024,
+                              batch_size=1, **shape)
+    chain = [log, log["base"], log["base"]["base"]]
+    assert [entry["steps"] for entry in chain] == [2, 2, 5]
+    assert [(entry["seed"], entry["multi_value_share"]) for entry in chain[:2]][::-1] == \
+        [(r["seed"], r["multi_value_share"]) for r in canary.RECIPE_REFINES]
+    assert "refined_from" not in chain[2] and chain[2]["seq_len"] == 1024
+    assert (tmp_path / "c" / "model.safetensors").exists() and (tmp_path / "c" / "training_log.json").exists()
+
+
+def test_train_canary_cli_without_refine_trains_the_base_only(tmp_path):
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+
+    result = CliRunner().invoke(main, ["train-canary", "--no-refine", "--out", str(tmp_path / "b"), "--seq-len", "512",
+                                       "--max-steps", "2", "--batch-size", "1", "--eval-samples", "1",
+                                       "--probe-every", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    log = json.loads((tmp_path / "b" / "training_log.json").read_text())
+    assert log["steps"] == 2 and "refined_from" not in log

@@ -161,13 +161,17 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 
 @main.command("train-canary")
 @click.option("--out", default="src/sparse_attn/eval/canary", show_default=True)
-@click.option("--minutes", default=10.0, show_default=True)
+@click.option("--minutes", default=9.9, show_default=True,
+              help="training budget; with --refine the whole recipe's (base 5.5/9.9 of it, each refine 2.2/9.9)")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="the shipped recipe (eval.canary.train_recipe): the base, then two refine-canary steps")
 @click.option("--seq-len", default=8192, show_default=True)
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--device", default=None)
-@click.option("--eval-samples", default=8, show_default=True, help="dense-accuracy prompts per length after training")
+@click.option("--eval-samples", default=8, show_default=True,
+              help="dense-accuracy prompts per length after training (per task and length after a refine)")
 @click.option("--log-every", default=30.0, show_default=True, help="seconds between log lines")
 @click.option("--probe-every", default=60.0, show_default=True,
               help="seconds between greedy retrieval probes during training (0: none)")
@@ -180,35 +184,46 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
 @click.option("--short-share", default=0.4, show_default=True, help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
-def train_canary(out, minutes, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every, probe_every,
-                 task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed):
+def train_canary(out, minutes, refine, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every,
+                 probe_every, task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed):
     """Train the byte-level canary model (dense attention) and save it in HF format."""
-    from .eval.canary import train
+    from .eval.canary import train, train_recipe
 
     total = max_steps or int(minutes * 60)
     start = time.time()
     with click.progressbar(length=total, label="train-canary", item_show_func=lambda x: x) as bar:
         state = {"shown": 0, "logged": start}
 
-        def progress(step, text_loss, answer_loss, copy_loss):
+        def report(step, losses):  # the bar counts seconds (steps with --max-steps); a log line every log_every s
             now = time.time()
-            done = step if max_steps else int(now - start)
-            losses = f"text {text_loss:.3f} answer {answer_loss:.3f} copy {copy_loss:.3f}"
+            done = min(step if max_steps else int(now - start), total)
             if done > state["shown"]:
                 bar.update(done - state["shown"], f"step {step} {losses}")
                 state["shown"] = done
             if now - state["logged"] >= log_every:
-                click.echo(f"\n[{now - start:6.0f}s] step {step} losses {losses}", err=True)
+                click.echo(f"\n[{now - start:6.0f}s] step {step} {losses}", err=True)
                 state["logged"] = now
+
+        def progress(step, text_loss, answer_loss, copy_loss):
+            report(step, f"losses text {text_loss:.3f} answer {answer_loss:.3f} copy {copy_loss:.3f}")
+
+        def refine_progress(step, phase, text_loss, answer_loss, first_loss):
+            report(step, f"refine {phase[0]}@{phase[1]} text {text_loss:.3f} answer {answer_loss:.3f} "
+                         f"first answer token {first_loss:.3f}")
 
         def on_probe(step, seconds, accuracy):
             click.echo(f"\n[{seconds:6.0f}s] step {step} retrieval probe accuracy {accuracy:.2f}", err=True)
 
-        log = train(out, minutes=minutes, seq_len=seq_len, batch_size=batch_size, lr=lr, device=device,
-                    max_steps=max_steps, eval_samples=eval_samples, progress=progress,
-                    probe_every_s=probe_every or None, on_probe=on_probe, task_share=task_share,
-                    copy_share=copy_share, repeat_share=repeat_share, warmup_share=warmup_share,
-                    short_share=short_share, workers=workers, seed=seed)
+        base_kwargs = dict(seq_len=seq_len, batch_size=batch_size, lr=lr, probe_every_s=probe_every or None,
+                           task_share=task_share, copy_share=copy_share, repeat_share=repeat_share,
+                           warmup_share=warmup_share, short_share=short_share, seed=seed)
+        if refine:
+            log = train_recipe(out, minutes=minutes, max_steps=max_steps, device=device, workers=workers,
+                               eval_samples=eval_samples, progress=progress, on_probe=on_probe,
+                               refine_progress=refine_progress, **base_kwargs)
+        else:
+            log = train(out, minutes=minutes, max_steps=max_steps, device=device, workers=workers,
+                        eval_samples=eval_samples, progress=progress, on_probe=on_probe, **base_kwargs)
     click.echo(json.dumps(log, indent=1))
 
 
