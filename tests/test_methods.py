@@ -227,6 +227,68 @@ def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass, m
     assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-3)
 
 
+@pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,rows", [
+    (4, 2, 200, 300, 64),  # GQA, a query chunk against a longer cache, keys not a tile multiple
+    (2, 2, 150, 150, 37),  # rows not a power of two
+    (3, 1, 20, 140, 64),  # fewer queries than rows
+])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_line_scores_kernel_matches_reference(heads, kv_heads, q_len, kv_len, rows, chunked, monkeypatch):
+    """Column and diagonal sums of the last rows' attention: the two-pass Triton kernel against the
+    float64 reference (softmax of the full rows, then sums), with the skew buffer for all heads at
+    once or for one (batch, head) per launch; every row's mass is 1, so the sums total ``rows``."""
+    from sparse_attn.methods import kernels
+    from sparse_attn.methods.scoring import last_rows_line_scores
+
+    if chunked:
+        monkeypatch.setattr(kernels, "LINE_SCORES_BUFFER_FLOATS", min(rows, q_len) * (kv_len + min(rows, q_len)))
+    q = torch.randn(2, heads, q_len, 32, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
+    want_v, want_s = last_rows_line_scores(q, k, rows, 0.3)
+    got_v, got_s = kernels.line_scores(q.float().to(KERNEL_DEVICE), k.float().to(KERNEL_DEVICE), rows, 0.3,
+                                       use_triton=True)
+    assert got_v.shape == got_s.shape == (2, heads, kv_len)
+    assert torch.allclose(got_v.cpu(), want_v.float(), atol=FP32_ATOL)
+    assert torch.allclose(got_s.cpu(), want_s.float(), atol=FP32_ATOL)
+    total = torch.full((2, heads), float(min(rows, q_len)), dtype=torch.float64)
+    assert torch.allclose(got_s.cpu().double().sum(-1), total, atol=1e-3)
+    assert torch.allclose(want_v.sum(-1), total)
+
+
+def test_line_scores_kernel_writes_every_entry_it_reads(monkeypatch):
+    """Scratch and outputs come from torch.empty: filled with NaN first, none may leak into the sums
+    (the skew buffer's ends are written by the first and last key tiles, not zero-filled)."""
+    from sparse_attn.methods import kernels
+    from sparse_attn.methods.scoring import last_rows_line_scores
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(kernels.torch, "empty", poisoned_empty)
+    q, k = torch.randn(1, 2, 130, 32), torch.randn(1, 1, 130, 32)
+    got_v, got_s = kernels.line_scores(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), 48, 0.3, use_triton=True)
+    monkeypatch.setattr(kernels.torch, "empty", real_empty)
+    want_v, want_s = last_rows_line_scores(q, k, 48, 0.3)
+    assert torch.allclose(got_v.cpu(), want_v, atol=FP32_ATOL) and torch.allclose(got_s.cpu(), want_s, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
+def test_line_scores_kernel_in_half_precision(dtype, atol):
+    from sparse_attn.methods.kernels import line_scores
+    from sparse_attn.methods.scoring import last_rows_line_scores
+
+    q = torch.randn(1, 4, 160, 64, dtype=torch.float64)
+    k = torch.randn(1, 2, 160, 64, dtype=torch.float64)
+    q_h, k_h = q.to(dtype), k.to(dtype)
+    want_v, want_s = last_rows_line_scores(q_h.double(), k_h.double(), 64, 0.125)  # same rounded inputs
+    got_v, got_s = line_scores(q_h.to(KERNEL_DEVICE), k_h.to(KERNEL_DEVICE), 64, 0.125, use_triton=True)
+    assert (got_v.cpu() - want_v).abs().max() < atol
+    assert (got_s.cpu() - want_s).abs().max() < atol
+
+
 @pytest.mark.parametrize("n_cols", [5, 37, 130])
 def test_top_p_kernel_matches_reference(n_cols):
     scores = torch.rand(3, 4, n_cols)
@@ -302,15 +364,33 @@ def test_quest_bound_is_an_upper_bound_and_finds_a_decode_needle():
     assert Quest.name == "quest"
 
 
-def test_flexprefill_head_chunking_does_not_change_the_layout(monkeypatch):
+def test_flexprefill_union_head_chunking_does_not_change_the_layout(monkeypatch):
     import sparse_attn.methods.methods_impl as impl
 
     q, k, _ = planted("slash", heads=8, kv_heads=4, q_len=512, dim=32)
-    method = get_method("flexprefill", block_size=32, min_budget=64, gamma=0.9)
+    method = get_method("flexprefill", block_size=32, min_budget=64, gamma=0.9, line_search="union")
     monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 4)
     whole = method.estimate(q, k).to_dense()
     monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 1)
     assert torch.equal(method.estimate(q, k).to_dense(), whole)
+
+
+@pytest.mark.parametrize("name,knobs", [("vertical_slash", dict(vertical_size=40, slash_size=60)),
+                                        ("flexprefill", dict(min_budget=64, gamma=0.9))])
+@pytest.mark.parametrize("structure", ["vertical", "slash"])
+def test_line_methods_choose_the_same_blocks_with_the_triton_steps(name, knobs, structure, monkeypatch):
+    """vertical-slash and FlexPrefill with every estimator step in Triton (line_scores, pooling,
+    top-p; the interpreter on CPU) keep exactly the blocks the PyTorch references keep."""
+    from sparse_attn.methods import kernels
+
+    q, k, _ = planted(structure, heads=4, kv_heads=2, q_len=300, dim=32)
+    method = get_method(name, block_size=32, **knobs)
+    monkeypatch.setattr(kernels, "_triton_usable", lambda t: False)
+    reference = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE)).to_dense()
+    monkeypatch.setattr(kernels, "_triton_usable", lambda t: True)
+    with_triton = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE)).to_dense()
+    assert torch.equal(with_triton, reference)
+    assert 0 < reference.float().mean() < 1
 
 
 @pytest.mark.parametrize("length,block", [(100, 16), (64, 32), (33, 64)])

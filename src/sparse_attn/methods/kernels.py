@@ -7,6 +7,8 @@
   (reference: :func:`.scoring.select_top_p`).
 * :func:`block_mean_pool`: mean of every block of tokens, the pooled Q/K summaries behind pooled
   block scores (reference: :func:`.scoring.mean_pool`).
+* :func:`line_scores`: column and diagonal sums of the last rows' attention, vertical-slash's and
+  FlexPrefill's line scores (reference: :func:`.scoring.last_rows_line_scores`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .naive import block_mass_reference
-from .scoring import mean_pool, select_top_p
+from .scoring import last_rows_line_scores, mean_pool, select_top_p
 
 LOG2E = 1.4426950408889634
 
@@ -35,6 +37,17 @@ TRITON_ON_CUDA = True
 # ((batch, head) pairs are chunked; a single head that needs more uses two passes). False: always two.
 BLOCK_MASS_ONE_PASS = True
 BLOCK_MASS_BUFFER_FLOATS = 1 << 29  # 2 GiB of float32: the oracle's one head at 128K needs 1.0 GiB
+# line_scores' skewed copy of the last rows' probabilities: rows x (Skv + rows) floats per (batch,
+# head), (batch, head) pairs chunked to at most this many floats per launch (32 MiB per head at 128K, 64 rows).
+LINE_SCORES_BUFFER_FLOATS = 1 << 29
+# Tile and warps of the line_scores kernels, and rows per step / warps of mean_pool_kernel, from
+# benchmarks/tune_estimator_kernels.py on an H100 (2026-11-24, 128K, 32 heads): line_scores 3.18 ms
+# for 128 rows with 128-key tiles and 4 warps (3.77 with 8; 3.59 with 64-key tiles), 1.62 ms for 64
+# rows; mean pooling of q 0.43 ms with 64 rows per step (1.21 with 16).
+LINE_SCORES_BLOCK_N = 128
+LINE_SCORES_WARPS = 4
+MEAN_POOL_ROWS = 64  # a power of two
+MEAN_POOL_WARPS = 4
 
 
 def _pow2(n: int) -> bool:
@@ -143,6 +156,58 @@ def block_mean_pool(x: Tensor, block: int, use_triton: bool | None = None) -> Te
     out = torch.empty(batch, heads, nblocks, dim, device=x.device, dtype=torch.float32)
     _triton_kernels.mean_pool_kernel[(nblocks, batch * heads)](
         x, out, x.stride(0), x.stride(1), x.stride(2), length, H=heads, NBLOCKS=nblocks,
-        BLOCK=block, DIM=dim, ROWS=min(block, 16),
+        BLOCK=block, DIM=dim, ROWS=math.gcd(block, MEAN_POOL_ROWS), num_warps=MEAN_POOL_WARPS,  # divides BLOCK
     )
     return out
+
+
+def line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = True,
+                use_triton: bool | None = None):
+    """``(vertical, slash)``, each ``(B, H, Skv)`` float32: per key, the last ``rows`` queries'
+    attention summed over those rows; per distance ``query - key``, summed along the diagonal.
+
+    The Triton path never forms the scores in PyTorch: pass 1 takes each row's max and normalizer per
+    key tile, pass 2 recomputes the scores, sums columns in registers and stores the probabilities
+    skewed so a column sum gives the diagonals. Causal only (the reference handles both); queries
+    are bottom-right aligned against the keys (chunked prefill).
+    """
+    use_triton = _triton_usable(q) if use_triton is None else use_triton
+    batch, heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    rows = min(rows, q_len)
+    if not use_triton or not causal or not _pow2(dim) or dim < 16 or dim > 256 or rows > 128:
+        return last_rows_line_scores(q, k, rows, scale, causal)
+    _require_triton(q)
+    from ..backends.triton.ops import _upcast
+    from ._triton_kernels import line_stats_kernel, line_sums_kernel
+
+    q_last = q[:, :, q_len - rows:]
+    q_last = q_last if q_last.stride(-1) == 1 else q_last.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    block_m, block_n = max(16, 1 << math.ceil(math.log2(rows))), LINE_SCORES_BLOCK_N
+    n_tiles = -(-kv_len // block_n)
+    width = kv_len + rows
+    chunk = max(1, min(batch * heads, LINE_SCORES_BUFFER_FLOATS // (rows * width)))
+    vertical = torch.empty(batch * heads, kv_len, device=q.device, dtype=torch.float32)
+    slash = torch.empty(batch * heads, kv_len, device=q.device, dtype=torch.float32)
+    tile_max = torch.empty(chunk, n_tiles, block_m, device=q.device, dtype=torch.float32)
+    tile_sum = torch.empty_like(tile_max)
+    skew = torch.empty(chunk, rows, width, device=q.device, dtype=torch.float32)
+    strides = (q_last.stride(0), q_last.stride(1), q_last.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    common = dict(H=heads, GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
+                  BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(q),
+                  num_warps=LINE_SCORES_WARPS)
+    scale_log2 = scale * LOG2E
+    for start in range(0, batch * heads, chunk):
+        count = min(chunk, batch * heads - start)
+        line_stats_kernel[(n_tiles, count)](q_last, k, tile_max, tile_sum, start, *strides, rows, kv_len,
+                                            scale_log2, n_tiles, **common)
+        top = tile_max[:count].amax(1, keepdim=True)  # (count, 1, BLOCK_M): finite for real rows
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = (tile_sum[:count] * torch.exp2(tile_max[:count] - top)).sum(1)
+        lse2 = (top[:, 0] + torch.log2(total.clamp_min(1e-30))).contiguous()  # (count, BLOCK_M)
+        line_sums_kernel[(n_tiles, count)](q_last, k, lse2, vertical, skew, start, *strides, rows, kv_len,
+                                           scale_log2, n_tiles, **common)
+        diagonals = skew[:count].sum(1)  # column t holds distance kv_len - t
+        slash[start:start + count] = diagonals[:, 1:kv_len + 1].flip(-1)
+    return vertical.view(batch, heads, kv_len), slash.view(batch, heads, kv_len)

@@ -9,9 +9,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from ..patterns._build import BlockGrid
 from .base import Method, register_method
-from .kernels import block_mass, top_p_mask
+from .kernels import block_mass, line_scores, top_p_mask
 from .scoring import (
     diagonal_sums,
     group_queries,
@@ -24,7 +23,7 @@ from .scoring import (
 )
 
 Knob = Union[float, Sequence[float]]
-KV_HEADS_PER_CHUNK = 2  # FlexPrefill's exact last-block attention is computed this many KV groups at a time
+KV_HEADS_PER_CHUNK = 2  # FlexPrefill's union search: its exact last-block attention this many KV groups at a time
 
 
 @register_method
@@ -102,17 +101,6 @@ class XAttention(Method):
         return top_p_mask(mass, self.row_values(self.threshold, mass, k.shape[1]))
 
 
-def _vertical_slash_blocks(attn: Tensor, grid: BlockGrid, vertical: Tensor, slash: Tensor) -> Tensor:
-    """Blocks crossed by the top ``vertical`` columns and ``slash`` diagonals of last-rows attention.
-
-    ``vertical`` / ``slash``: per-head counts ``(H,)`` (int tensors)."""
-    v_scores = attn.sum(-2)  # (B, H, Skv)
-    s_scores = diagonal_sums(attn)
-    v_keep = select_top_k(v_scores, vertical.view(1, -1).expand(v_scores.shape[:-1]))
-    s_keep = select_top_k(s_scores, slash.view(1, -1).expand(s_scores.shape[:-1]))
-    return lines_to_blocks(grid, v_keep, s_keep)
-
-
 @register_method
 @dataclass
 class VerticalSlash(Method):
@@ -126,11 +114,13 @@ class VerticalSlash(Method):
     last_q: int = 64
 
     def select(self, q, k, grid, scale):
-        attn = last_rows_attention(q, k, self.last_q, scale, causal=True)
+        v_scores, s_scores = line_scores(q, k, self.last_q, scale, causal=True)  # (B, H, Skv) each
         heads, kv_heads = q.shape[1], k.shape[1]
-        vertical = self.head_values(self.vertical_size, heads, kv_heads, q.device).flatten().long()
-        slash = self.head_values(self.slash_size, heads, kv_heads, q.device).flatten().long()
-        return _vertical_slash_blocks(attn, grid, vertical, slash)
+        vertical = self.head_values(self.vertical_size, heads, kv_heads, q.device).view(1, -1).long()
+        slash = self.head_values(self.slash_size, heads, kv_heads, q.device).view(1, -1).long()
+        v_keep = select_top_k(v_scores, vertical.expand(v_scores.shape[:-1]))
+        s_keep = select_top_k(s_scores, slash.expand(s_scores.shape[:-1]))
+        return lines_to_blocks(grid, v_keep, s_keep)
 
 
 def lines_covering(attn: Tensor, gamma: Tensor, min_lines: int):
@@ -206,30 +196,31 @@ class FlexPrefill(Method):
                         min_keep=min_blocks) & grid.reachable
         gamma = self.head_values(self.gamma, heads, kv_heads, q.device)
         nk = grid.reachable.shape[1]
-        aware, vs = [], []
-        # The last block's exact attention is (B, heads, q_block, Skv) floats: done a few KV groups at
-        # a time so memory stays bounded at long context (2 GB for 32 heads at 128K otherwise).
-        for first in range(0, kv_heads, KV_HEADS_PER_CHUNK):
-            last = min(kv_heads, first + KV_HEADS_PER_CHUNK)
-            rows = slice(first * group, last * group)
-            attn = last_rows_attention(q[:, rows], k[:, first:last], grid.q_block, scale, causal=True)
-            padded = torch.nn.functional.pad(attn.mean(-2), (0, nk * grid.kv_block - attn.shape[-1]))
-            truth = padded.view(*attn.shape[:2], nk, grid.kv_block).sum(-1)  # (B, h, NK)
-            divergence = jensen_shannon(truth, pooled[:, rows, -1]).clamp_min(0).sqrt()  # (B, h)
-            aware.append(divergence < self.tau)
-            # Vertical-slash heads: the fewest lines covering a gamma share of the last block's
-            # attention, at least min_budget tokens' worth of lines.
-            min_lines = max(1, self.min_budget // grid.q_block)
-            if self.line_search == "union":
-                v_keep, s_keep = lines_covering(attn, gamma[rows].view(1, -1), min_lines)
-            else:
-                share = gamma[rows].view(1, -1, 1)
-                v_keep = select_top_p(attn.sum(-2), share, min_lines)
-                s_keep = select_top_p(diagonal_sums(attn), share, min_lines)
-            vs.append(lines_to_blocks(grid, v_keep, s_keep))
-        query_aware = torch.cat(aware, 1)
+        # Vertical-slash heads: the fewest lines covering a gamma share of the last block's attention,
+        # at least min_budget tokens' worth of lines.
+        min_lines = max(1, self.min_budget // grid.q_block)
+        if self.line_search == "separate":  # line sums only (line_scores bounds its own memory)
+            v_scores, s_scores = line_scores(q, k, grid.q_block, scale, causal=True)
+            share = gamma.view(1, -1, 1)
+            vs = lines_to_blocks(grid, select_top_p(v_scores, share, min_lines),
+                                 select_top_p(s_scores, share, min_lines))
+        else:  # the union search needs the last block's attention itself, (B, heads, q_block, Skv)
+            # floats: a few KV groups at a time (2 GB for 32 heads at 128K otherwise)
+            v_parts, vs_parts = [], []
+            for first in range(0, kv_heads, KV_HEADS_PER_CHUNK):
+                last = min(kv_heads, first + KV_HEADS_PER_CHUNK)
+                rows = slice(first * group, last * group)
+                attn = last_rows_attention(q[:, rows], k[:, first:last], grid.q_block, scale, causal=True)
+                v_parts.append(attn.sum(-2))
+                vs_parts.append(lines_to_blocks(grid, *lines_covering(attn, gamma[rows].view(1, -1), min_lines)))
+            v_scores, vs = torch.cat(v_parts, 1), torch.cat(vs_parts, 1)
+        # Pattern choice: the last query block's true block distribution (column sums pooled per key
+        # block) against the pooled estimate's last row.
+        padded = torch.nn.functional.pad(v_scores, (0, nk * grid.kv_block - v_scores.shape[-1]))
+        truth = padded.view(*v_scores.shape[:2], nk, grid.kv_block).sum(-1)  # (B, H, NK), unnormalized
+        query_aware = jensen_shannon(truth, pooled[:, :, -1]).clamp_min(0).sqrt() < self.tau  # (B, H)
         self.last_pattern = query_aware  # (B, H) True where the query-aware pattern was used
-        return torch.where(query_aware[..., None, None], qa, torch.cat(vs, 1))
+        return torch.where(query_aware[..., None, None], qa, vs)
 
 
 @register_method

@@ -52,14 +52,16 @@ def pooled_block_probs(q: Tensor, k: Tensor, grid: BlockGrid, scale: float) -> T
 
 
 def last_rows_attention(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool) -> Tensor:
-    """Exact softmax attention of the last ``rows`` queries over all keys: ``(B, H, rows, Skv)``.
+    """Exact softmax attention of the last ``rows`` queries over all keys: ``(B, H, rows, Skv)``
+    (float32; float64 for float64 inputs).
 
     Queries are bottom-right aligned against the keys (chunked prefill) when causal.
     """
     kv_heads, q_len, kv_len = k.shape[1], q.shape[2], k.shape[2]
     rows = min(rows, q_len)
-    q_last = group_queries(q[:, :, q_len - rows:], kv_heads).float()
-    scores = torch.einsum("bngqd,bnkd->bngqk", q_last, k.float()).mul_(scale)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    q_last = group_queries(q[:, :, q_len - rows:], kv_heads).to(dtype)
+    scores = torch.einsum("bngqd,bnkd->bngqk", q_last, k.to(dtype)).mul_(scale)
     if causal:  # only the last ``rows`` keys can be in a row's future: mask that tail in place
         tail = torch.arange(kv_len - rows, kv_len, device=q.device)
         scores[..., kv_len - rows:].masked_fill_(tail[None, :] > tail[:, None], float("-inf"))
@@ -87,6 +89,20 @@ def diagonal_sums(attn: Tensor) -> Tensor:
     out = summed[..., 1: kv_len + 1].flip(-1)
     out[..., 0] += summed[..., kv_len + 1:].sum(-1)  # keys right of their row's position
     return out
+
+
+def last_rows_line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = True):
+    """Column sums and diagonal sums of the last ``rows`` queries' exact attention, each
+    ``(B, H, Skv)`` float32: the vertical and slash scores of MInference / FlexPrefill. Reference of
+    :func:`sparse_attn.methods.kernels.line_scores`. Two KV groups at a time, so the attention it
+    sums stays bounded at long context (2 GB for 32 heads, 128 rows, 128K keys otherwise)."""
+    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+    vertical, slash = [], []
+    for kv in range(0, kv_heads, 2):  # two KV groups at a time: (B, 2G, rows, Skv) floats
+        attn = last_rows_attention(q[:, kv * group:(kv + 2) * group], k[:, kv:kv + 2], rows, scale, causal)
+        vertical.append(attn.sum(-2))
+        slash.append(diagonal_sums(attn))
+    return torch.cat(vertical, 1), torch.cat(slash, 1)
 
 
 def select_top_p(scores: Tensor, p, min_keep=1, valid: Tensor | None = None) -> Tensor:

@@ -1,0 +1,84 @@
+"""Tile / warp variants of the estimator kernels that FlexPrefill and vertical-slash spend most time in.
+
+``line_scores`` (last 128 and last 64 rows, 32 heads, GQA 4) with key tiles of 64 or 128 and 4 or 8
+warps, and ``block_mean_pool`` (q: 32 heads) with 16-64 rows per step and 4 or 8 warps, at one
+length (default 128K), structured bf16 inputs as in bench_estimators.py. Each variant's output is
+checked against the first variant's (max abs difference printed); the fastest is the one to set
+as the default in ``sparse_attn.methods.kernels``. Prints a table, writes JSON.
+
+    python benchmarks/tune_estimator_kernels.py --length 131072 --out results/tune_estimators
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from bench_estimators import structured_qk  # noqa: E402
+
+from sparse_attn.methods import kernels  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--out", default="results/tune_estimators")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_estimator_kernels: no CUDA device; this benchmark could not run.")
+        return 1
+    import triton
+
+    def bench(fn):
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+    torch.manual_seed(0)
+    q, k = structured_qk(32, 8, args.length, 128, "cuda")
+    scale = 128 ** -0.5
+    rows_out = []
+    print("| kernel | rows | variant | ms | max abs diff vs first |\n|---|---|---|---|---|", flush=True)
+    for rows in (128, 64):
+        first = None
+        for block_n, warps in itertools.product((128, 64), (4, 8)):
+            kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = block_n, warps
+            try:
+                got = torch.cat(kernels.line_scores(q, k, rows, scale, use_triton=True), -1)
+                ms = bench(lambda: kernels.line_scores(q, k, rows, scale, use_triton=True))
+            except Exception as err:  # a variant that does not compile or fit is reported, not fatal
+                print(f"| line_scores | {rows} | BLOCK_N={block_n} warps={warps} | failed: {str(err)[:120]} | |")
+                continue
+            first = got if first is None else first
+            diff = float((got - first).abs().max())
+            rows_out.append({"kernel": "line_scores", "rows": rows, "block_n": block_n, "warps": warps,
+                             "ms": ms, "max_abs_diff": diff})
+            print(f"| line_scores | {rows} | BLOCK_N={block_n} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
+    kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = 128, 4
+    first = None
+    for step, warps in itertools.product((16, 32, 64), (4, 8)):
+        kernels.MEAN_POOL_ROWS, kernels.MEAN_POOL_WARPS = step, warps
+        got = kernels.block_mean_pool(q, 128, use_triton=True)
+        ms = bench(lambda: kernels.block_mean_pool(q, 128, use_triton=True))
+        first = got if first is None else first
+        diff = float((got - first).abs().max())
+        rows_out.append({"kernel": "block_mean_pool", "rows_per_step": step, "warps": warps, "ms": ms,
+                         "max_abs_diff": diff})
+        print(f"| block_mean_pool | - | ROWS={step} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "length": args.length, "date": datetime.date.today().isoformat()}
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"meta": meta, "rows": rows_out}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
