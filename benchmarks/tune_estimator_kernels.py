@@ -1,8 +1,10 @@
-"""Tile / warp variants of the estimator kernels that FlexPrefill and vertical-slash spend most time in.
+"""Tile / warp variants of the estimator kernels that the dynamic methods spend most time in.
 
-``line_scores`` (last 128 and last 64 rows, 32 heads, GQA 4) with key tiles of 64 or 128 and 4 or 8
-warps, and ``block_mean_pool`` (q: 32 heads) with 16-64 rows per step and 4 or 8 warps, at one
-length (default 128K), structured bf16 inputs as in bench_estimators.py. Each variant's output is
+``line_scores`` (last 128 and last 64 rows, 32 heads, GQA 4; vertical-slash and FlexPrefill) with
+key tiles of 64 or 128 and 4 or 8 warps; ``block_mean_pool`` (q: 32 heads) with 16-64 rows per step
+and 4 or 8 warps; the one-pass ``block_mass`` on XAttention's stride-16 rows (``--kernels``) over
+tiles, head-dim chunks, warps and stages; at one length (default 128K), structured bf16 inputs as
+in bench_estimators.py. Each variant's output is
 checked against the first variant's (max abs difference printed); the fastest is the one to set
 as the default in ``sparse_attn.methods.kernels``. Prints a table, writes JSON.
 
@@ -26,11 +28,45 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_estimators import structured_qk  # noqa: E402
 
 from sparse_attn.methods import kernels  # noqa: E402
+from sparse_attn.methods.methods_impl import antidiagonal_reshape  # noqa: E402
+
+BLOCK_MASS_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) for XAttention's wide rows; the first is the default
+    (128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 256, 64, 8, 2), (128, 256, 128, 8, 2), (256, 128, 64, 8, 3),
+    (128, 256, 64, 16, 3), (256, 256, 64, 16, 2), (256, 256, 32, 16, 3), (128, 512, 32, 16, 2),
+    (64, 128, 64, 8, 3),
+]
+
+
+def tune_block_mass(q, k, bench, stride: int = 16) -> list:
+    """XAttention's block_mass (one pass) over BLOCK_MASS_TILES (``kernels.BLOCK_MASS_TILE_WIDE``, the
+    tile for rows wider than 128): ms and max abs difference from the first."""
+    q_r, k_r = antidiagonal_reshape(q, k, stride)
+    block, scale = 128 // stride, 128 ** -0.5 / stride
+    rows, first = [], None
+    for m, n, d, warps, stages in BLOCK_MASS_TILES:
+        kernels.BLOCK_MASS_TILE_WIDE = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, num_warps=warps, num_stages=stages)
+        label = f"{m}x{n} D{d} w{warps} s{stages}"
+        try:
+            got = kernels.block_mass(q_r, k_r, block, block, scale, use_triton=True)
+            ms = bench(lambda: kernels.block_mass(q_r, k_r, block, block, scale, use_triton=True))
+        except Exception as err:  # out of shared memory or registers: reported, not fatal
+            print(f"| block_mass | xattention s{stride} | {label} | failed: {str(err)[:100]} | |", flush=True)
+            continue
+        first = got if first is None else first
+        diff = float((got - first).abs().max())
+        rows.append({"kernel": "block_mass", "stride": stride, "tile": [m, n, d, warps, stages], "ms": ms,
+                     "max_abs_diff": diff})
+        print(f"| block_mass | xattention s{stride} | {label} | {ms:.3f} | {diff:.2e} |", flush=True)
+    kernels.BLOCK_MASS_TILE_WIDE = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
+                                            BLOCK_MASS_TILES[0]))
+    return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--kernels", nargs="+", default=["line_scores", "block_mean_pool", "block_mass"],
+                        choices=["line_scores", "block_mean_pool", "block_mass"])
     parser.add_argument("--out", default="results/tune_estimators")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -46,7 +82,7 @@ def main(argv=None):
     scale = 128 ** -0.5
     rows_out = []
     print("| kernel | rows | variant | ms | max abs diff vs first |\n|---|---|---|---|---|", flush=True)
-    for rows in (128, 64):
+    for rows in (128, 64) if "line_scores" in args.kernels else ():
         first = None
         for block_n, warps in itertools.product((128, 64), (4, 8)):
             kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = block_n, warps
@@ -63,7 +99,7 @@ def main(argv=None):
             print(f"| line_scores | {rows} | BLOCK_N={block_n} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
     kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = 128, 4
     first = None
-    for step, warps in itertools.product((16, 32, 64), (4, 8)):
+    for step, warps in itertools.product((16, 32, 64), (4, 8)) if "block_mean_pool" in args.kernels else ():
         kernels.MEAN_POOL_ROWS, kernels.MEAN_POOL_WARPS = step, warps
         got = kernels.block_mean_pool(q, 128, use_triton=True)
         ms = bench(lambda: kernels.block_mean_pool(q, 128, use_triton=True))
@@ -72,6 +108,9 @@ def main(argv=None):
         rows_out.append({"kernel": "block_mean_pool", "rows_per_step": step, "warps": warps, "ms": ms,
                          "max_abs_diff": diff})
         print(f"| block_mean_pool | - | ROWS={step} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
+    kernels.MEAN_POOL_ROWS, kernels.MEAN_POOL_WARPS = 64, 4
+    if "block_mass" in args.kernels:
+        rows_out += tune_block_mass(q, k, bench)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "length": args.length, "date": datetime.date.today().isoformat()}

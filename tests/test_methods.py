@@ -205,6 +205,26 @@ def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_b
     assert torch.allclose(want[:, :, 0, 0], first, atol=1e-5)
 
 
+def test_antidiagonal_reshape_sums_each_tiles_antidiagonal():
+    """q_r[a] . k_r[b] is the sum of the (a, b) stride x stride score tile's antidiagonal, the paper's
+    score (query a*s + s-1-i against key b*s + i), also for lengths that are not stride multiples
+    (zero padding) and a query chunk shorter than the keys; q_r is a view of q when no padding is needed."""
+    from sparse_attn.methods.methods_impl import antidiagonal_reshape
+
+    stride = 4
+    q, k = torch.randn(1, 2, 18, 8, dtype=torch.float64), torch.randn(1, 1, 30, 8, dtype=torch.float64)
+    q_r, k_r = antidiagonal_reshape(q, k, stride)
+    scores = torch.einsum("bhad,bhcd->bhac", q_r, k_r.expand(-1, 2, -1, -1))
+    q_pad = torch.nn.functional.pad(q, (0, 0, 0, 2))
+    k_pad = torch.nn.functional.pad(k, (0, 0, 0, 2))
+    for a in range(5):
+        for b in range(8):
+            want = sum(q_pad[0, :, a * stride + stride - 1 - i] @ k_pad[0, 0, b * stride + i] for i in range(stride))
+            torch.testing.assert_close(scores[0, :, a, b], want)
+    q_view, _ = antidiagonal_reshape(q[:, :, :16], k, stride)
+    assert q_view.data_ptr() == q.data_ptr()
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
 @pytest.mark.parametrize("stride", [4, 8])  # rows of 128 (unrolled head-dim loop) and 256 (rolled loop)
 @pytest.mark.parametrize("one_pass", [True, False])

@@ -37,6 +37,14 @@ TRITON_ON_CUDA = True
 # ((batch, head) pairs are chunked; a single head that needs more uses two passes). False: always two.
 BLOCK_MASS_ONE_PASS = True
 BLOCK_MASS_BUFFER_FLOATS = 1 << 29  # 2 GiB of float32: the oracle's one head at 128K needs 1.0 GiB
+# The one-pass kernel's tile (at least BLOCK_M query rows x BLOCK_N keys, head dims BLOCK_D at a
+# time), warps and pipeline stages: one for head dims <= 128 (whole rows in shared memory; the
+# oracle) and one for XAttention's wide reshaped rows (head dim x stride, a rolled loop over BLOCK_D
+# chunks). benchmarks/tune_estimator_kernels.py on an H100 (2026-11-24, XAttention stride 16, 128K):
+# 128 x 256 11.5 ms, 64 x 256 14.4, 128 x 128 18.0-19.2, 64 x 128 18.8 (the earlier default); the
+# 128 x 256 tile needs 289 KB of shared memory with 128-wide unrolled rows, more than an H100 has.
+BLOCK_MASS_TILE = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
+BLOCK_MASS_TILE_WIDE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_D=64, num_warps=8, num_stages=3)
 # line_scores' skewed copy of the last rows' probabilities: rows x (Skv + rows) floats per (batch,
 # head), (batch, head) pairs chunked to at most this many floats per launch (32 MiB per head at 128K, 64 rows).
 LINE_SCORES_BUFFER_FLOATS = 1 << 29
@@ -92,9 +100,8 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     common = dict(H=heads, GROUP=heads // kv_heads, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64), KV_BLOCK=kv_block,
                   BLOCK_M=block_m, CAUSAL=causal, UPCAST=_upcast(q))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    # One pass uses 128-key tiles: on an H100 (2026-11-23, XAttention stride 16 at 128K) 64 x 128
-    # tiles with 8 warps took 18.8 ms against 34.7-36.3 ms for 64 x 64 and 128 x 64.
-    block_n_one = max(128, kv_block)
+    tile = BLOCK_MASS_TILE_WIDE if dim > 128 else BLOCK_MASS_TILE
+    block_n_one = max(tile["BLOCK_N"], kv_block)
     n_tiles = -(-kv_len // block_n_one)
     per_head = q_len * (nk + n_tiles + 2)  # floats of the one-pass buffers for one (batch, head)
     if not BLOCK_MASS_ONE_PASS or per_head > BLOCK_MASS_BUFFER_FLOATS:
@@ -106,6 +113,8 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
         return out
     from ._triton_kernels import block_mass_finish_kernel, block_mass_partial_kernel
 
+    block_m_one = max(tile["BLOCK_M"], q_block)
+    one_pass = {**common, "BLOCK_M": block_m_one, "BLOCK_D": min(dim, tile["BLOCK_D"])}
     chunk = max(1, min(batch * heads, BLOCK_MASS_BUFFER_FLOATS // per_head))  # (batch, head) pairs per launch
     part = torch.empty(chunk, q_len, nk, device=q.device, dtype=torch.float32)
     tile_max = torch.empty(chunk, q_len, n_tiles, device=q.device, dtype=torch.float32)
@@ -114,10 +123,10 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     for start in range(0, batch * heads, chunk):
         count = min(chunk, batch * heads - start)
         part.zero_()  # blocks past a row's causal end are never written
-        block_mass_partial_kernel[(-(-q_len // block_m), count)](
+        block_mass_partial_kernel[(-(-q_len // block_m_one), count)](
             q, k, part, tile_max, row_max, row_sum, start, *strides, q_len, kv_len,
-            kv_len - q_len if causal else 0, scale * LOG2E, N_TILES=n_tiles, BLOCK_N=block_n_one, num_warps=8,
-            num_stages=3, **common)
+            kv_len - q_len if causal else 0, scale * LOG2E, N_TILES=n_tiles, BLOCK_N=block_n_one,
+            num_warps=tile["num_warps"], num_stages=tile["num_stages"], **one_pass)
         block_mass_finish_kernel[(nq, count)](
             part, tile_max, row_max, row_sum, out, start, q_len, NQ=nq, NK=nk, N_TILES=n_tiles,
             Q_BLOCK=q_block, NB=block_n_one // kv_block, BLOCK_K=min(128, max(16, 1 << math.ceil(math.log2(nk)))))
