@@ -1,8 +1,10 @@
 """Where each estimator's time goes: the top GPU kernels of ``method.estimate`` under torch.profiler.
 
-Same inputs as ``bench_estimators.py`` (structured q/k, B=1, H=32, Hkv=8, D=128, bf16, 128-token
-blocks). For each method: total CUDA time per call, and the kernels taking most of it (name, calls
-per estimate, ms per estimate, share). Prints a table per method and writes JSON.
+Same inputs as ``bench_estimators.py`` (structured q/k, B=1, bf16; by default H=32, Hkv=8,
+D=128, 128-token blocks; ``--heads 6 --kv-heads 2 --dim 64 --block-size 64`` is one layer of the
+canary as the evaluation harness runs it). For each method: total CUDA time and wall time per call,
+and the kernels taking most of it (name, calls per estimate, ms per estimate, share). Prints a
+table per method and writes JSON.
 
     python benchmarks/profile_estimators.py --length 131072 --methods vertical_slash flexprefill
 """
@@ -13,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import time
 import sys
 
 import torch
@@ -54,24 +57,49 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--methods", nargs="+", default=["vertical_slash", "flexprefill", "xattention_s16",
                                                          "pooled_topp"])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--host", action="store_true",
+                        help="also print the host-side (CPU) operators taking most time per estimate")
     parser.add_argument("--out", default="results/estimator_profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_estimators: no CUDA device; this benchmark could not run.")
         return 1
     torch.manual_seed(0)
-    q, k = structured_qk(32, 8, args.length, 128, "cuda")
+    q, k = structured_qk(args.heads, args.kv_heads, args.length, args.dim, "cuda")
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": args.length,
-                       "date": datetime.date.today().isoformat()}, "methods": {}}
+                       "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,
+                       "block_size": args.block_size, "date": datetime.date.today().isoformat()}, "methods": {}}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for label in args.methods:
         name, knobs = METHODS[label]
-        method = get_method(name, **knobs, measure_cost=False)
+        method = get_method(name, **knobs, measure_cost=False, block_size=args.block_size)
         profile_row = kernel_breakdown(lambda: method.estimate(q, k), args.calls, args.top)
         result["methods"][label] = profile_row
-        print(f"\n## {label} at {args.length}: {profile_row['cuda_ms_per_call']:.2f} ms of GPU kernels per estimate\n")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            method.estimate(q, k)
+        torch.cuda.synchronize()
+        profile_row["wall_ms_per_call"] = (time.perf_counter() - start) * 1000 / args.calls
+        print(f"\n## {label} at {args.length}: {profile_row['cuda_ms_per_call']:.2f} ms of GPU kernels, "
+              f"{profile_row['wall_ms_per_call']:.2f} ms wall per estimate\n")
+        if args.host:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
+                for _ in range(args.calls):
+                    method.estimate(q, k)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+            for event in sorted(prof.key_averages(group_by_stack_n=4), key=lambda e: -e.self_cpu_time_total)[:6]:
+                print(f"{event.key} {event.self_cpu_time_total / args.calls:.0f} us/estimate, "
+                      f"shapes {event.input_shapes}:\n    " + "\n    ".join(event.stack or []))
         print("| kernel | calls | ms | share |\n|---|---|---|---|")
         for row in profile_row["kernels"]:
             print(f"| {row['name']} | {row['calls_per_estimate']:.0f} | {row['ms_per_estimate']:.2f} | "

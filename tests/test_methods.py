@@ -477,8 +477,8 @@ def test_select_top_k_partial_and_full_sort_paths_keep_the_largest(n, k):
     scores = torch.rand(2, 3, n, generator=gen, dtype=torch.float64)  # distinct values: no ties
     per_row = torch.randint(0, k + 1, (2, 3), generator=gen)
     valid = torch.rand(2, 3, n, generator=gen) < 0.8
-    for kk, mask in ((per_row, None), (per_row, valid), (k, None)):
-        kept = select_top_k(scores, kk, valid=mask)
+    for kk, mask, k_max in ((per_row, None, None), (per_row, valid, None), (k, None, None), (per_row, None, k)):
+        kept = select_top_k(scores, kk, valid=mask, k_max=k_max)  # k_max: the bound given on the host
         masked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
         counts = torch.as_tensor(kk).expand(2, 3)
         for b in range(2):

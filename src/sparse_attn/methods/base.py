@@ -87,6 +87,8 @@ class Method:
 
     def head_values(self, value, heads: int, kv_heads: int, device) -> Tensor:
         """A knob as a float tensor ``(H,)``: scalar, per-KV-group list or per-query-head list."""
+        if isinstance(value, (int, float)):  # filled on the device: no host-to-device copy, no sync
+            return torch.full((heads,), float(value), dtype=torch.float32, device=device)
         t = torch.as_tensor(value, dtype=torch.float32, device=device).flatten()
         if t.numel() == 1:
             t = t.expand(heads)
@@ -98,6 +100,11 @@ class Method:
                 f"or {heads} (query heads)"
             )
         return t.contiguous()
+
+    @staticmethod
+    def knob_max(value) -> float:
+        """The largest value of a knob (scalar or per-head list), read on the host."""
+        return float(max(value)) if isinstance(value, (list, tuple)) else float(value)
 
     def row_values(self, value, scores: Tensor, kv_heads: int) -> Tensor:
         """A per-head knob broadcast to every row of ``scores (B, H, R, N)``: ``(B, H, R)``."""

@@ -51,7 +51,7 @@ class PooledTopK(Method):
     def select(self, q, k, grid, scale):
         probs = pooled_block_probs(q, k, grid, scale)
         return select_top_k(probs, self.row_values(self.top_k, probs, k.shape[1]).long(),
-                            valid=grid.reachable)
+                            valid=grid.reachable, k_max=int(self.knob_max(self.top_k)))
 
 
 @register_method
@@ -122,8 +122,9 @@ class VerticalSlash(Method):
         heads, kv_heads = q.shape[1], k.shape[1]
         vertical = self.head_values(self.vertical_size, heads, kv_heads, q.device).view(1, -1).long()
         slash = self.head_values(self.slash_size, heads, kv_heads, q.device).view(1, -1).long()
-        v_keep = select_top_k(v_scores, vertical.expand(v_scores.shape[:-1]))
-        s_keep = select_top_k(s_scores, slash.expand(s_scores.shape[:-1]))
+        v_keep = select_top_k(v_scores, vertical.expand(v_scores.shape[:-1]),
+                              k_max=int(self.knob_max(self.vertical_size)))
+        s_keep = select_top_k(s_scores, slash.expand(s_scores.shape[:-1]), k_max=int(self.knob_max(self.slash_size)))
         return lines_to_blocks(grid, v_keep, s_keep)
 
 
@@ -256,4 +257,4 @@ class Quest(Method):
         bound = torch.nn.functional.pad(bound, (0, 0, 0, pad_rows), value=float("-inf"))
         bound = bound.view(*bound.shape[:3], nq, grid.q_block, nk).amax(4).flatten(1, 2)  # (B, H, NQ, NK)
         kk = self.row_values(self.top_k, bound, kv_heads).long()
-        return select_top_k(bound, kk, valid=grid.reachable)
+        return select_top_k(bound, kk, valid=grid.reachable, k_max=int(self.knob_max(self.top_k)))

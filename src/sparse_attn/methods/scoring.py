@@ -125,12 +125,19 @@ def select_top_p(scores: Tensor, p, min_keep=1, valid: Tensor | None = None) -> 
     return mask if valid is None else mask & valid
 
 
-def select_top_k(scores: Tensor, k, valid: Tensor | None = None) -> Tensor:
-    """Per row, the ``k`` largest entries (``k`` int or a per-row tensor). Returns a bool mask."""
+def select_top_k(scores: Tensor, k, valid: Tensor | None = None, k_max: int | None = None) -> Tensor:
+    """Per row, the ``k`` largest entries (``k`` int or a per-row tensor). Returns a bool mask.
+
+    ``k_max`` (an upper bound of ``k`` known on the host) spares reading ``k.max()`` from the
+    device, a synchronization in the middle of an estimate."""
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
+    if isinstance(k, int):
+        k_max = k
     k = torch.as_tensor(k, device=scores.device)
-    most = min(int(k.max()) if k.numel() else 0, scores.shape[-1])
+    if k_max is None:
+        k_max = int(k.max()) if k.numel() else 0
+    most = min(int(k_max), scores.shape[-1])
     if 0 < most <= scores.shape[-1] // 4:  # a partial selection: far cheaper than a full sort of long rows
         order = torch.topk(scores, most, dim=-1, sorted=True).indices
     else:
