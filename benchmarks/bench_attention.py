@@ -103,8 +103,14 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=4096, help="sliding-window layout size")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
     parser.add_argument("--skip-dense-sdpa", action="store_true")
+    parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
+                        help="our forward's K/V loads through tensor descriptors (backends.triton.ops.FORWARD_TMA; "
+                             "auto: on for Hopper and newer)")
     parser.add_argument("--out", default="results/attention")
     args = parser.parse_args(argv)
+    from sparse_attn.backends.triton import ops as triton_ops
+
+    triton_ops.FORWARD_TMA = {"auto": None, "on": True, "off": False}[args.forward_tma]
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device; this benchmark could not run.")
         return 1
@@ -115,6 +121,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.date.today().isoformat(), "heads": args.heads, "kv_heads": args.kv_heads,
         "dim": args.dim, "block": args.block, "dtype": "bfloat16", "batch": 1, "causal": True,
+        "forward_tma": args.forward_tma,
     }
     meta.update(ceilings())
     print(json.dumps(meta))

@@ -150,3 +150,27 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     q = torch.randn(1, 1, 16, 16, dtype=torch.float16)
     reason = triton_can_run(q, q, q, random_layout(1, 1, 16, 16, block=16))
     assert reason is not None and "CUDA" in reason
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=lambda c: "-".join(map(str, c)))
+def test_forward_with_tma_descriptors_matches_golden(case, monkeypatch):
+    """The forward's optional tensor-descriptor (TMA) loads of K/V: key tails past the sequence read
+    as zeros like the masked pointer loads, on GQA, chunked and non-multiple lengths."""
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "FORWARD_TMA", True)
+    batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
+    n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
+    layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,
+                           causal=causal, density=0.6).to(DEVICE)
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, torch.bfloat16)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert ops._use_tma(q, k, v)
+    out = sparse_attention(q, k, v, layout, backend="triton")
+    ref = sparse_attention(q, k, v, layout, backend="reference")
+    gold, _ = naive_masked_attention(q.double(), k.double(), v.double(), layout.to_token_mask())
+    assert not torch.isnan(out).any()
+    _check_close(out, ref, gold, torch.bfloat16, "out (TMA)")
+    assert not ops._use_tma(q, k[..., ::2], v)  # a strided last dim cannot use descriptors
+    monkeypatch.setattr(ops, "FORWARD_TMA", False)
+    assert not ops._use_tma(q, k, v)

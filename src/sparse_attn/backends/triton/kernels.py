@@ -86,11 +86,17 @@ def _kept_keys(cols, q_pos, seqlen_k, CAUSAL: tl.constexpr):
 def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
               stride_ks, stride_vs, scale_log2, offs_n, offs_d,
               SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
-    """Online-softmax update with one key tile; only partial blocks pay for masking."""
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Online-softmax update with one key tile; only partial blocks pay for masking. With TMA,
+    ``k_base``/``v_base`` are tensor descriptors of the sequence's K/V rows (rows past its end read
+    as 0, as the masked pointer loads do)."""
     kb = tl.load(idx_row + j // SUBN).to(tl.int64)
-    cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-    k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
+    first = kb * KV_BLOCK + (j % SUBN) * BLOCK_N
+    cols = first + offs_n
+    if TMA:
+        k = k_base.load([first.to(tl.int32), 0])
+    else:
+        k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
     s = _dot(q, tl.trans(k), UPCAST) * scale_log2
     if MASKED:
         s = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), s, float("-inf"))
@@ -100,7 +106,10 @@ def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
+    if TMA:
+        v = v_base.load([first.to(tl.int32), 0])
+    else:
+        v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
     return m_new, l_i, acc
 
@@ -119,7 +128,7 @@ def _fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
@@ -146,6 +155,11 @@ def _fwd_kernel(
     q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
+    if TMA:  # the sequence's K/V rows as tensor descriptors (Hopper TMA loads, tails zero-filled)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,11 +172,11 @@ def _fwd_kernel(
     for j in range(0, n_full * SUBN):
         m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
                                   stride_ks, stride_vs, scale_log2, offs_n, offs_d,
-                                  SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST)
+                                  SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST, TMA)
     for j in range(n_full * SUBN, n_blocks * SUBN):
         m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
                                   stride_ks, stride_vs, scale_log2, offs_n, offs_d,
-                                  SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST)
+                                  SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST, TMA)
 
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]

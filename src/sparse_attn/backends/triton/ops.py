@@ -48,6 +48,7 @@ def _tuned(kind: str, q_block: int, kv_block: int):
     kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
               "dkdv": kernels._bwd_dkdv_kernel}[kind]
     key = ["HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV"]
+    key += ["TMA"] if kind == "fwd" else []
     return triton.autotune(configs=_configs(q_block, kv_block, kind), key=key)(kernel)
 
 
@@ -79,6 +80,33 @@ def _transposed(layout: BlockSparseLayout):
 def _upcast(q: Tensor) -> bool:
     """fp32 dot operands: only for bf16 in the CPU interpreter (see kernels._dot)."""
     return interpreting() and q.dtype == torch.bfloat16
+
+
+# Forward K/V loads through tensor descriptors (TMA) instead of pointer loads. None: on for Hopper
+# and newer GPUs, off in the CPU interpreter (so CI checks the pointer path everywhere else used);
+# True: wherever possible, the interpreter included (its test); False: never. On an H100
+# (2026-11-24, benchmarks/bench_attention.py --forward-tma, docs/benchmarks.md session 7) it made the
+# forward 1.05-1.14x faster at 128K and 1.01-1.09x at 32K.
+FORWARD_TMA = None
+
+
+def _use_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """TMA for this call: wanted (see FORWARD_TMA) and possible (Hopper or newer, or the interpreter
+    when forced; K/V rows and bases 16-byte aligned). Sets Triton's scratch allocator for on-device
+    descriptors once."""
+    if FORWARD_TMA is False or (FORWARD_TMA is None and interpreting()):
+        return False
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return False
+    if interpreting():
+        return True
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    if not getattr(_use_tma, "allocator_set", False):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _use_tma.allocator_set = True
+    return True
 
 
 _DUMMIES: dict = {}
@@ -121,7 +149,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
         layout.q_len, layout.kv_len, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
         HEAD_DIM=dim, Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block,
-        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q),
+        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(q, k, v),
     )
     return out, (lse[0] if varlen else lse)
 
