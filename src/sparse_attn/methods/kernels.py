@@ -178,7 +178,8 @@ def line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = Tr
     The Triton path never forms the scores in PyTorch: pass 1 takes each row's max and normalizer per
     key tile, pass 2 recomputes the scores, sums columns in registers and stores the probabilities
     skewed so a column sum gives the diagonals. Causal only (the reference handles both); queries
-    are bottom-right aligned against the keys (chunked prefill).
+    are bottom-right aligned against the keys (chunked prefill). bf16/fp16 scores use the tensor
+    cores with fp32 accumulation; fp32 inputs are multiplied in TF32 on a GPU (Triton's default).
     """
     use_triton = _triton_usable(q) if use_triton is None else use_triton
     batch, heads, q_len, dim = q.shape
