@@ -385,13 +385,13 @@ def test_quest_bound_is_an_upper_bound_and_finds_a_decode_needle():
 
 
 def test_flexprefill_union_head_chunking_does_not_change_the_layout(monkeypatch):
-    import sparse_attn.methods.methods_impl as impl
+    from sparse_attn.methods import scoring
 
     q, k, _ = planted("slash", heads=8, kv_heads=4, q_len=512, dim=32)
     method = get_method("flexprefill", block_size=32, min_budget=64, gamma=0.9, line_search="union")
-    monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 4)
+    monkeypatch.setattr(scoring, "KV_GROUPS_PER_CHUNK", 4)
     whole = method.estimate(q, k).to_dense()
-    monkeypatch.setattr(impl, "KV_HEADS_PER_CHUNK", 1)
+    monkeypatch.setattr(scoring, "KV_GROUPS_PER_CHUNK", 1)
     assert torch.equal(method.estimate(q, k).to_dense(), whole)
 
 

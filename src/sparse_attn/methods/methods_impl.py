@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, register_method
+from . import scoring
 from .kernels import block_mass, line_scores, top_p_mask
 from .scoring import (
     diagonal_sums,
@@ -23,7 +24,6 @@ from .scoring import (
 )
 
 Knob = Union[float, Sequence[float]]
-KV_HEADS_PER_CHUNK = 2  # FlexPrefill's union search: its exact last-block attention this many KV groups at a time
 
 
 @register_method
@@ -209,11 +209,11 @@ class FlexPrefill(Method):
             share = gamma.view(1, -1, 1)
             vs = lines_to_blocks(grid, select_top_p(v_scores, share, min_lines),
                                  select_top_p(s_scores, share, min_lines))
-        else:  # the union search needs the last block's attention itself, (B, heads, q_block, Skv)
-            # floats: a few KV groups at a time (2 GB for 32 heads at 128K otherwise)
+        else:  # the union search needs the last block's attention itself: a few KV groups at a time
             v_parts, vs_parts = [], []
-            for first in range(0, kv_heads, KV_HEADS_PER_CHUNK):
-                last = min(kv_heads, first + KV_HEADS_PER_CHUNK)
+            step = scoring.KV_GROUPS_PER_CHUNK
+            for first in range(0, kv_heads, step):
+                last = min(kv_heads, first + step)
                 rows = slice(first * group, last * group)
                 attn = last_rows_attention(q[:, rows], k[:, first:last], grid.q_block, scale, causal=True)
                 v_parts.append(attn.sum(-2))

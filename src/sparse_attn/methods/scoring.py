@@ -91,15 +91,20 @@ def diagonal_sums(attn: Tensor) -> Tensor:
     return out
 
 
+# The last rows' exact attention is (B, heads, rows, Skv) floats, 2 GB for 32 heads, 128 rows and
+# 128K keys: wherever it is formed whole, this many KV groups at a time.
+KV_GROUPS_PER_CHUNK = 2
+
+
 def last_rows_line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = True):
     """Column sums and diagonal sums of the last ``rows`` queries' exact attention, each
     ``(B, H, Skv)`` float32: the vertical and slash scores of MInference / FlexPrefill. Reference of
-    :func:`sparse_attn.methods.kernels.line_scores`. Two KV groups at a time, so the attention it
-    sums stays bounded at long context (2 GB for 32 heads, 128 rows, 128K keys otherwise)."""
-    kv_heads, group = k.shape[1], q.shape[1] // k.shape[1]
+    :func:`sparse_attn.methods.kernels.line_scores`. ``KV_GROUPS_PER_CHUNK`` KV groups at a time, so
+    the attention it sums stays bounded at long context."""
+    kv_heads, group, step = k.shape[1], q.shape[1] // k.shape[1], KV_GROUPS_PER_CHUNK
     vertical, slash = [], []
-    for kv in range(0, kv_heads, 2):  # two KV groups at a time: (B, 2G, rows, Skv) floats
-        attn = last_rows_attention(q[:, kv * group:(kv + 2) * group], k[:, kv:kv + 2], rows, scale, causal)
+    for kv in range(0, kv_heads, step):
+        attn = last_rows_attention(q[:, kv * group:(kv + step) * group], k[:, kv:kv + step], rows, scale, causal)
         vertical.append(attn.sum(-2))
         slash.append(diagonal_sums(attn))
     return torch.cat(vertical, 1), torch.cat(slash, 1)
