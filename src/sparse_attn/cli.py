@@ -159,6 +159,12 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     click.echo(f"\nwrote {out}.json, {out}.md" + "".join(f", {p}" for p in result["plots"]))
 
 
+def _refine_losses(phase, text_loss, answer_loss, first_loss) -> str:
+    """One refine step's phase (kind@length) and losses, as the canary commands log them."""
+    return (f"{phase[0]}@{phase[1]} text {text_loss:.3f} answer {answer_loss:.3f} "
+            f"first answer token {first_loss:.3f}")
+
+
 @main.command("train-canary")
 @click.option("--out", default="src/sparse_attn/eval/canary", show_default=True)
 @click.option("--minutes", default=9.9, show_default=True,
@@ -208,8 +214,7 @@ def train_canary(out, minutes, refine, seq_len, batch_size, lr, max_steps, devic
             report(step, f"losses text {text_loss:.3f} answer {answer_loss:.3f} copy {copy_loss:.3f}")
 
         def refine_progress(step, phase, text_loss, answer_loss, first_loss):
-            report(step, f"refine {phase[0]}@{phase[1]} text {text_loss:.3f} answer {answer_loss:.3f} "
-                         f"first answer token {first_loss:.3f}")
+            report(step, "refine " + _refine_losses(phase, text_loss, answer_loss, first_loss))
 
         def on_probe(step, seconds, accuracy):
             click.echo(f"\n[{seconds:6.0f}s] step {step} retrieval probe accuracy {accuracy:.2f}", err=True)
@@ -255,8 +260,8 @@ def refine_canary(init, out, minutes, max_steps, lr, lookup_phase_share, lookup_
 
     def progress(step, phase, text_loss, answer_loss, first_loss):
         if time.time() - state["logged"] >= 15:
-            click.echo(f"[{time.time() - start:5.0f}s] step {step} {phase[0]}@{phase[1]} text {text_loss:.3f} "
-                       f"answer {answer_loss:.3f} first answer token {first_loss:.3f}", err=True)
+            click.echo(f"[{time.time() - start:5.0f}s] step {step} "
+                       + _refine_losses(phase, text_loss, answer_loss, first_loss), err=True)
             state["logged"] = time.time()
 
     log = refine(init, out, minutes=minutes, max_steps=max_steps, lr=lr, lookup_phase_share=lookup_phase_share,
