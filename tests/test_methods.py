@@ -5,7 +5,7 @@ import torch
 
 from sparse_attn import BlockSparseLayout
 from sparse_attn.methods import METHODS, CostModel, attend, get_method
-from sparse_attn.methods.kernels import block_mass, top_p_mask
+from sparse_attn.methods.kernels import block_mass, line_scores, top_p_mask
 from sparse_attn.methods.naive import block_mass_reference
 from sparse_attn.methods.scoring import select_top_p
 from sparse_attn.metrics import attention_recall, output_relative_error
@@ -434,7 +434,10 @@ def test_estimator_kernels_refuse_cpu_without_the_interpreter(monkeypatch):
         block_mass(q, q, 16, 16, 0.25, use_triton=True)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         top_p_mask(torch.rand(2, 8), 0.5, use_triton=True)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        line_scores(q, q, 8, 0.25, use_triton=True)
     assert block_mass(q, q, 16, 16, 0.25).shape == (1, 1, 2, 2)  # automatic choice: the reference
+    assert line_scores(q, q, 8, 0.25)[0].shape == (1, 1, 32)
 
 
 @pytest.mark.parametrize("q_len,kv_len,blocks", [(200, 200, (32, 32)), (100, 333, (16, 64)), (77, 500, (32, 16))])
