@@ -6,6 +6,11 @@ Every sparse configuration is first checked against Flex's output (and gradients
 length); a failed check is reported and no speed-up is claimed for it.
 
     python benchmarks/bench_attention.py --lengths 8192 32768 131072 --out results/attention
+    python benchmarks/bench_attention.py --lengths 32768 --baseline-src ../old/src  # A/B two checkouts
+
+``--baseline-src`` loads a second copy of the library (another checkout's ``src``) and times its
+Triton kernels on the same inputs and layouts, for before/after comparisons in one run. The chosen
+autotune configs of each kernel are saved with the results.
 
 Prints a table and writes ``<out>.json`` (and ``<out>.md``) with device, versions and date.
 """
@@ -106,11 +111,18 @@ def main(argv=None):
     parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
                         help="our forward's K/V loads through tensor descriptors (backends.triton.ops.FORWARD_TMA; "
                              "auto: on for Hopper and newer)")
+    parser.add_argument("--backward-tma", choices=["auto", "on", "off"], default="auto",
+                        help="our backward's tile loads through tensor descriptors (BACKWARD_TMA)")
+    parser.add_argument("--baseline-src", default=None,
+                        help="another checkout's src/ directory: its Triton kernels are timed too")
     parser.add_argument("--out", default="results/attention")
     args = parser.parse_args(argv)
     from sparse_attn.backends.triton import ops as triton_ops
 
-    triton_ops.FORWARD_TMA = {"auto": None, "on": True, "off": False}[args.forward_tma]
+    tma = {"auto": None, "on": True, "off": False}
+    triton_ops.FORWARD_TMA = tma[args.forward_tma]
+    triton_ops.BACKWARD_TMA = tma[args.backward_tma]
+    baseline = load_baseline(args.baseline_src) if args.baseline_src else None
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device; this benchmark could not run.")
         return 1
@@ -121,7 +133,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.date.today().isoformat(), "heads": args.heads, "kv_heads": args.kv_heads,
         "dim": args.dim, "block": args.block, "dtype": "bfloat16", "batch": 1, "causal": True,
-        "forward_tma": args.forward_tma,
+        "forward_tma": args.forward_tma, "backward_tma": args.backward_tma, "baseline_src": args.baseline_src,
     }
     meta.update(ceilings())
     print(json.dumps(meta))
@@ -164,6 +176,11 @@ def main(argv=None):
             def flex_run():
                 return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
+            base_layout = as_baseline_layout(baseline, layout)
+
+            def base_run():
+                return baseline.sparse_attention(q, k, v, base_layout, backend="triton")
+
             # Correctness gate: ours vs Flex on the same layout (grads at the first length).
             out_ours, out_flex = ours(), flex_run()
             check = {"out": rel(out_ours, out_flex)}
@@ -172,11 +189,14 @@ def main(argv=None):
                 g_ours = torch.autograd.grad(out_ours, (q, k, v), grad)
                 g_flex = torch.autograd.grad(out_flex, (q, k, v), grad)
                 check.update({f"d{n}": rel(a, b) for n, a, b in zip("qkv", g_ours, g_flex)})
+            if baseline is not None:
+                check["baseline_out"] = rel(base_run(), out_flex)
             del out_ours, out_flex
             ok = all(err < 2e-2 for err in check.values())
             for mode in args.modes:
                 t_ours = timed(ours, (q, k, v), mode)
                 t_flex = timed(flex_run, (q, k, v), mode)
+                t_base = timed(base_run, (q, k, v), mode) if baseline is not None else None
                 factor = 1.0 if mode == "fwd" else 3.5  # backward ~ 2.5x the forward matmuls
                 cudnn, flash = dense_ms.get(("cudnn", mode)), dense_ms.get(("flash", mode))
                 row = {
@@ -185,6 +205,7 @@ def main(argv=None):
                     "ours_tflops": factor * flops / t_ours / 1e9, "flex_tflops": factor * flops / t_flex / 1e9,
                     "speedup_vs_flex": t_flex / t_ours if ok else None,
                     "ours_over_cudnn_dense": t_ours / cudnn if (ok and cudnn) else None,
+                    "baseline_ms": t_base, "baseline_over_ours": t_base / t_ours if t_base else None,
                     "check_rel_err": check, "check_ok": ok,
                 }
                 rows.append(row)
@@ -192,6 +213,8 @@ def main(argv=None):
                 print(format_row(row), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    meta["autotuned"] = autotuned_configs(triton_ops)
+    print(json.dumps(meta["autotuned"], indent=1))
     table = format_table(rows, meta)
     print(table)
     with open(args.out + ".md", "w") as fh:
@@ -200,25 +223,61 @@ def main(argv=None):
     return 0
 
 
+def load_baseline(src_dir):
+    """A second copy of the library from ``src_dir`` (its ``sparse_attn`` package), importable
+    beside ours as ``sparse_attn_baseline`` (the package uses relative imports only)."""
+    import importlib.util
+
+    root = os.path.join(os.path.abspath(src_dir), "sparse_attn")
+    spec = importlib.util.spec_from_file_location("sparse_attn_baseline", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sparse_attn_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def as_baseline_layout(baseline, layout):
+    """The same layout as the baseline library's own class (None without a baseline)."""
+    if baseline is None:
+        return None
+    return baseline.BlockSparseLayout(layout.kv_num_blocks, layout.kv_indices, layout.q_len, layout.kv_len,
+                                      layout.q_block, layout.kv_block, layout.causal)
+
+
+def autotuned_configs(triton_ops) -> dict:
+    """The config the autotuner chose for each of our kernels and key (what the timings ran)."""
+    chosen = {}
+    for (kind, q_block, kv_block), tuner in triton_ops.TUNED.items():
+        for key, config in getattr(tuner, "cache", {}).items():
+            chosen[f"{kind} q{q_block} kv{kv_block} {key}"] = str(config)
+    return chosen
+
+
 def _f(x, spec):
     return "n/a" if x is None else format(x, spec)
 
 
 HEADER = ("| S | layout | density | mode | ours ms | flex ms | cuDNN dense ms | flash dense ms | "
           "ours TF/s | flex TF/s | flex/ours | ours/cuDNN | check |")
+BASELINE_HEADER = " baseline ms | baseline/ours |"
 
 
 def format_row(r) -> str:
-    return (f"| {r['seq']} | {r['layout']} | {r['density']:.3f} | {r['mode']} | {r['ours_ms']:.2f} | "
+    line = (f"| {r['seq']} | {r['layout']} | {r['density']:.3f} | {r['mode']} | {r['ours_ms']:.2f} | "
             f"{r['flex_ms']:.2f} | {_f(r['cudnn_dense_ms'], '.2f')} | {_f(r['flash_dense_ms'], '.2f')} | "
             f"{r['ours_tflops']:.0f} | {r['flex_tflops']:.0f} | {_f(r['speedup_vs_flex'], '.2f')} | "
             f"{_f(r['ours_over_cudnn_dense'], '.3f')} | {'ok' if r['check_ok'] else 'FAILED'} |")
+    if r.get("baseline_ms") is not None:
+        line += f" {r['baseline_ms']:.2f} | {r['baseline_over_ours']:.3f} |"
+    return line
 
 
 def format_table(rows, meta) -> str:
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              f"measured roofs: bf16 matmul {meta['matmul_tflops']:.0f} TF/s, copy {meta['copy_gbs']:.0f} GB/s",
-             "", HEADER, "|" + "---|" * 13]
+             "", HEADER + (BASELINE_HEADER if meta.get("baseline_src") else ""),
+             "|" + "---|" * (15 if meta.get("baseline_src") else 13)]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)
 

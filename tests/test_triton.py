@@ -109,9 +109,14 @@ def test_strided_inputs_from_bshd_views():
     assert rel_error(out, ref) < 5e-3
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_matches_per_sequence_reference(dtype, causal):
+def test_varlen_matches_per_sequence_reference(dtype, causal, tma, monkeypatch):
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "FORWARD_TMA", tma)
+    monkeypatch.setattr(ops, "BACKWARD_TMA", tma)
     lens_q, lens_k = [37, 64, 5], [37, 90, 20] if causal else [50, 64, 17]
     heads, kv_heads, dim = 4, 2, 32
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
@@ -153,24 +158,45 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=lambda c: "-".join(map(str, c)))
-def test_forward_with_tma_descriptors_matches_golden(case, monkeypatch):
-    """The forward's optional tensor-descriptor (TMA) loads of K/V: key tails past the sequence read
-    as zeros like the masked pointer loads, on GQA, chunked and non-multiple lengths."""
+def test_tma_descriptor_loads_match_golden(case, monkeypatch):
+    """The optional tensor-descriptor (TMA) tile loads (K/V in the forward and dQ kernels, Q/dO in
+    dK/dV): rows past a sequence read as zeros like the masked pointer loads, on GQA, chunked and
+    non-multiple lengths; output and all three gradients against the float64 golden."""
     from sparse_attn.backends.triton import ops
 
     monkeypatch.setattr(ops, "FORWARD_TMA", True)
+    monkeypatch.setattr(ops, "BACKWARD_TMA", True)
     batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
     n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
     layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,
                            causal=causal, density=0.6).to(DEVICE)
-    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, torch.bfloat16)
+    q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, torch.bfloat16, grad=True)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-        assert ops._use_tma(q, k, v)
+        assert ops._use_tma(True, q, k, v)
     out = sparse_attention(q, k, v, layout, backend="triton")
     ref = sparse_attention(q, k, v, layout, backend="reference")
-    gold, _ = naive_masked_attention(q.double(), k.double(), v.double(), layout.to_token_mask())
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    gold, _ = naive_masked_attention(q64, k64, v64, layout.to_token_mask())
     assert not torch.isnan(out).any()
     _check_close(out, ref, gold, torch.bfloat16, "out (TMA)")
-    assert not ops._use_tma(q, k[..., ::2], v)  # a strided last dim cannot use descriptors
-    monkeypatch.setattr(ops, "FORWARD_TMA", False)
-    assert not ops._use_tma(q, k, v)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want_lowp = torch.autograd.grad(ref, (q, k, v), grad)
+    want = torch.autograd.grad(gold, (q64, k64, v64), grad.double())
+    for g, r, w, name in zip(got, want_lowp, want, ("dq", "dk", "dv")):
+        _check_close(g, r, w, torch.bfloat16, f"{name} (TMA)")
+    assert not ops._use_tma(True, q, k[..., ::2], v)  # a strided last dim cannot use descriptors
+    assert not ops._use_tma(True, q, k[:1].expand(2, -1, -1, -1))  # nor a broadcast batch
+    assert not ops._use_tma(False, q, k, v)
+
+
+def test_negative_scale_matches_reference():
+    """The kernels scale row maxima, so a negative scale runs as (-q, -scale); values and dQ agree."""
+    layout = random_layout(1, 2, 40, 40, block=16, density=0.7).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 32, torch.float16, grad=True)
+    out = sparse_attention(q, k, v, layout, backend="triton", scale=-0.3)
+    ref = sparse_attention(q, k, v, layout, backend="reference", scale=-0.3)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16]
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert rel_error(g, w) < 2 * TOLERANCE[torch.float16]

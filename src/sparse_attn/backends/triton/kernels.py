@@ -20,12 +20,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation. ``UPCAST`` feeds fp32 operands: Triton's CPU interpreter
-    computes bf16 dots wrongly (seen with triton 3.9), so interpreter runs set it for bf16."""
+def _dot(a, b, UPCAST: tl.constexpr, acc=None):
+    """``tl.dot`` with fp32 accumulation (into ``acc`` when given, so the tensor cores add in
+    place). ``UPCAST`` feeds fp32 operands: Triton's CPU interpreter computes bf16 dots wrongly
+    (seen with triton 3.9), so interpreter runs set it for bf16."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -73,6 +74,29 @@ def _load_key_rows(base, cols, stride, offs_d, seqlen_k, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _rows_source(base, stride, seqlen, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Where a kernel reads one head's rows from: the base pointer, or with TMA a tensor descriptor
+    over the sequence's ``(seqlen, HEAD_DIM)`` rows in tiles of ``BLOCK`` (rows past the end read as
+    0, as the masked pointer loads give)."""
+    if TMA:
+        src = tl.make_tensor_descriptor(base, shape=[seqlen, HEAD_DIM], strides=[stride, 1],
+                                        block_shape=[BLOCK, HEAD_DIM])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def _load_rows(src, first, rows, stride, offs_d, seqlen, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The tile of rows ``rows`` (= ``first`` + arange) from a :func:`_rows_source`."""
+    if TMA:
+        tile = src.load([first.to(tl.int32), 0])
+    else:
+        tile = _load_key_rows(src, rows, stride, offs_d, seqlen, MASKED)
+    return tile
+
+
+@triton.jit
 def _kept_keys(cols, q_pos, seqlen_k, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask of the keys a partial tile may attend: in range and, if causal, not
     after the query."""
@@ -83,34 +107,33 @@ def _kept_keys(cols, q_pos, seqlen_k, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+def _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
               stride_ks, stride_vs, scale_log2, offs_n, offs_d,
               SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
-    """Online-softmax update with one key tile; only partial blocks pay for masking. With TMA,
-    ``k_base``/``v_base`` are tensor descriptors of the sequence's K/V rows (rows past its end read
-    as 0, as the masked pointer loads do)."""
+    """Online-softmax update with one key tile; only partial blocks pay for masking. ``k_src`` /
+    ``v_src`` come from :func:`_rows_source`. Needs ``scale_log2 >= 0`` (the host negates q for a
+    negative scale): the unmasked step scales the row max instead of every score."""
     kb = tl.load(idx_row + j // SUBN).to(tl.int64)
     first = kb * KV_BLOCK + (j % SUBN) * BLOCK_N
     cols = first + offs_n
-    if TMA:
-        k = k_base.load([first.to(tl.int32), 0])
-    else:
-        k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
-    s = _dot(q, tl.trans(k), UPCAST) * scale_log2
+    k = _load_rows(k_src, first, cols, stride_ks, offs_d, seqlen_k, MASKED, TMA)
+    s = _dot(q, tl.trans(k), UPCAST)
     if MASKED:
-        s = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen only masked keys keeps m = -inf; use 0 so exp2 gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if TMA:
-        v = v_base.load([first.to(tl.int32), 0])
+        s = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; use 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
     else:
-        v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        # Every key is visible, so the new max is finite; scale and shift fuse into one FMA.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        m_safe = m_new
+        p = tl.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_src, first, cols, stride_vs, offs_d, seqlen_k, MASKED, TMA)
+    acc = _dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -153,13 +176,10 @@ def _fwd_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
         + (q_start + offs_m[:, None]) * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=offs_m[:, None] < seqlen_q, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks
-    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
-    if TMA:  # the sequence's K/V rows as tensor descriptors (Hopper TMA loads, tails zero-filled)
-        k_base = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+    k_src = _rows_source(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks,
+                         stride_ks, seqlen_k, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows_source(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs,
+                         stride_vs, seqlen_k, BLOCK_N, HEAD_DIM, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -170,11 +190,11 @@ def _fwd_kernel(
     # Each kept block is walked in SUBN tiles of BLOCK_N keys: first the blocks wholly visible to
     # every row of the tile (no mask), then those crossing the diagonal or holding the key tail.
     for j in range(0, n_full * SUBN):
-        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
                                   stride_ks, stride_vs, scale_log2, offs_n, offs_d,
                                   SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST, TMA)
     for j in range(n_full * SUBN, n_blocks * SUBN):
-        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+        m_i, l_i, acc = _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
                                   stride_ks, stride_vs, scale_log2, offs_n, offs_d,
                                   SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST, TMA)
 
@@ -190,22 +210,22 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+def _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
              stride_ks, stride_vs, scale_log2, offs_n, offs_d,
              SUBN: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Accumulate one key tile's contribution to dQ (masked only on partial blocks)."""
     kb = tl.load(idx_row + j // SUBN).to(tl.int64)
-    cols = kb * KV_BLOCK + (j % SUBN) * BLOCK_N + offs_n
-    k = _load_key_rows(k_base, cols, stride_ks, offs_d, seqlen_k, MASKED)
-    v = _load_key_rows(v_base, cols, stride_vs, offs_d, seqlen_k, MASKED)
-    s = _dot(q, tl.trans(k), UPCAST) * scale_log2
-    p = tl.exp2(s - lse[:, None])
+    first = kb * KV_BLOCK + (j % SUBN) * BLOCK_N
+    cols = first + offs_n
+    k = _load_rows(k_src, first, cols, stride_ks, offs_d, seqlen_k, MASKED, TMA)
+    v = _load_rows(v_src, first, cols, stride_vs, offs_d, seqlen_k, MASKED, TMA)
+    p = tl.exp2(_dot(q, tl.trans(k), UPCAST) * scale_log2 - lse[:, None])
     if MASKED:
         p = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), p, 0.0)
     dp = _dot(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k, UPCAST)
+    return _dot(ds.to(k.dtype), k, UPCAST, dq)
 
 
 @triton.jit
@@ -223,7 +243,7 @@ def _bwd_dq_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """dQ for one tile of query rows, walking the same kept-block list as the forward."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
@@ -257,20 +277,22 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
     delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks
-    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs
+    k_src = _rows_source(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks,
+                         stride_ks, seqlen_k, BLOCK_N, HEAD_DIM, TMA)
+    v_src = _rows_source(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs,
+                         stride_vs, seqlen_k, BLOCK_N, HEAD_DIM, TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = _count_unmasked_blocks(idx_row, n_blocks, pid_m * BLOCK_M + offset, seqlen_k,
                                     KV_BLOCK, CAUSAL, 128)
     for j in range(0, n_full * SUBN):
-        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+        dq = _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
                       stride_ks, stride_vs, scale_log2, offs_n, offs_d,
-                      SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST)
+                      SUBN, KV_BLOCK, BLOCK_N, False, CAUSAL, UPCAST, TMA)
     for j in range(n_full * SUBN, n_blocks * SUBN):
-        dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, idx_row, j, q_pos, seqlen_k,
+        dq = _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
                       stride_ks, stride_vs, scale_log2, offs_n, offs_d,
-                      SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST)
+                      SUBN, KV_BLOCK, BLOCK_N, True, CAUSAL, UPCAST, TMA)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + (q_start + offs_m[:, None]) * stride_dqs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -292,7 +314,7 @@ def _bwd_dkdv_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """dK, dV for one key block of one KV head: keeps K/V in registers, walks the GROUP query heads
     and, for each, the kv-major list of query blocks that use this key block. Written once, no
@@ -326,36 +348,35 @@ def _bwd_dkdv_kernel(
         hl = h // LAYOUT_HDIV
         n_q = tl.load(QT_CNT + b * stride_tcb + hl * stride_tch + kb)
         q_row = QT_IDX + b.to(tl.int64) * stride_tib + hl * stride_tih + kb.to(tl.int64) * stride_tik
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start * stride_dos
+        q_src = _rows_source(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qs,
+                             stride_qs, seqlen_q, BLOCK_M, HEAD_DIM, TMA)
+        do_src = _rows_source(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                              + q_start * stride_dos, stride_dos, seqlen_q, BLOCK_M, HEAD_DIM, TMA)
         lse_base = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         for t in range(0, n_q * SUB):
             qb = tl.load(q_row + t // SUB)
-            offs_m = qb * Q_BLOCK + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m0 = qb * Q_BLOCK + (t % SUB) * BLOCK_M
+            offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < seqlen_q
-            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
+            q = _load_rows(q_src, m0, offs_m, stride_qs, offs_d, seqlen_q, True, TMA)
+            do = _load_rows(do_src, m0, offs_m, stride_dos, offs_d, seqlen_q, True, TMA)
             lse = tl.load(LSE + lse_base + offs_m, mask=row_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + lse_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores (keys x queries) so dK/dV accumulate without transposing outputs.
-            s_t = _dot(k, tl.trans(q), UPCAST) * scale_log2
-            keep = col_ok[:, None] & row_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
-            p_t = tl.exp2(s_t - lse[None, :])
-            m0 = qb * Q_BLOCK + (t % SUB) * BLOCK_M
+            p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST) * scale_log2 - lse[None, :])
             partial = (n0 + BLOCK_N > seqlen_k) | (m0 + BLOCK_M > seqlen_q)
             if CAUSAL:
                 partial = partial | (n0 + BLOCK_N - 1 > m0 + offset)
             if partial:
+                keep = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
                 p_t = tl.where(keep, p_t, 0.0)
-            dv += _dot(p_t.to(do.dtype), do, UPCAST)
+            dv = _dot(p_t.to(do.dtype), do, UPCAST, dv)
             dp_t = _dot(v, tl.trans(do), UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, UPCAST)
+            dk = _dot(ds_t.to(q.dtype), q, UPCAST, dk)
 
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :],

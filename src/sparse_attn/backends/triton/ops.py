@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -43,13 +42,17 @@ def _configs(q_block: int, kv_block: int, kind: str):
     return configs
 
 
-@functools.lru_cache(maxsize=None)
+# Autotuned kernels by (kind, q_block, kv_block); each tuner's ``cache`` holds what it chose.
+TUNED: dict = {}
+
+
 def _tuned(kind: str, q_block: int, kv_block: int):
-    kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
-              "dkdv": kernels._bwd_dkdv_kernel}[kind]
-    key = ["HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV"]
-    key += ["TMA"] if kind == "fwd" else []
-    return triton.autotune(configs=_configs(q_block, kv_block, kind), key=key)(kernel)
+    if (kind, q_block, kv_block) not in TUNED:
+        kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
+                  "dkdv": kernels._bwd_dkdv_kernel}[kind]
+        key = ["HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV", "TMA"]
+        TUNED[kind, q_block, kv_block] = triton.autotune(configs=_configs(q_block, kv_block, kind), key=key)(kernel)
+    return TUNED[kind, q_block, kv_block]
 
 
 class _Packed:
@@ -82,31 +85,38 @@ def _upcast(q: Tensor) -> bool:
     return interpreting() and q.dtype == torch.bfloat16
 
 
-# Forward K/V loads through tensor descriptors (TMA) instead of pointer loads. None: on for Hopper
-# and newer GPUs, off in the CPU interpreter (so CI checks the pointer path everywhere else used);
-# True: wherever possible, the interpreter included (its test); False: never. On an H100
-# (2026-11-24, benchmarks/bench_attention.py --forward-tma, docs/benchmarks.md session 7) it made the
-# forward 1.05-1.14x faster at 128K and 1.01-1.09x at 32K.
+# Tile loads through tensor descriptors (Hopper TMA) instead of pointer loads: K/V in the forward
+# and dQ kernels, Q/dO in the dK/dV kernel. None: on for Hopper and newer GPUs, off in the CPU
+# interpreter (so CI checks the pointer path everywhere else used); True: wherever possible, the
+# interpreter included (its tests); False: never. On an H100 (2026-11-24, bench_attention.py
+# --forward-tma, docs/benchmarks.md session 7) it made the forward 1.05-1.14x faster at 128K.
 FORWARD_TMA = None
+BACKWARD_TMA = None
 
 
-def _use_tma(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """TMA for this call: wanted (see FORWARD_TMA) and possible (Hopper or newer, or the interpreter
-    when forced; K/V rows and bases 16-byte aligned). Sets Triton's scratch allocator for on-device
-    descriptors once."""
-    if FORWARD_TMA is False or (FORWARD_TMA is None and interpreting()):
+def _use_tma(setting, q: Tensor, *rows: Tensor) -> bool:
+    """TMA for this call: wanted (``setting``, see FORWARD_TMA) and possible (Hopper or newer, or
+    the interpreter when forced; every tensor in ``rows`` with unit last stride and 16-byte aligned
+    base and nonzero strides: a broadcast tensor takes the pointer path)."""
+    if setting is False or (setting is None and interpreting()):
         return False
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+    for t in rows:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 \
+                or any(st == 0 or st * t.element_size() % 16 for st in t.stride()[:-1]):
             return False
     if interpreting():
         return True
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
-    if not getattr(_use_tma, "allocator_set", False):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _use_tma.allocator_set = True
+    # Triton keeps the allocator in a context variable: set it on every call, since the backward
+    # runs on autograd's own thread, where the forward's setting is not visible.
+    triton.set_allocator(_descriptor_scratch)
     return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global scratch for descriptors built on the device (Triton's allocator hook)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 _DUMMIES: dict = {}
@@ -149,7 +159,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
         layout.q_len, layout.kv_len, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
         HEAD_DIM=dim, Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block,
-        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(q, k, v),
+        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(FORWARD_TMA, q, k, v),
     )
     return out, (lse[0] if varlen else lse)
 
@@ -185,7 +195,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
                   Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, CAUSAL=layout.causal,
-                  VARLEN=varlen, UPCAST=_upcast(q))
+                  VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(BACKWARD_TMA, q, q, k, v, do))
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
     _tuned("dq", layout.q_block, layout.kv_block)[grid_dq](
@@ -228,8 +238,15 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _positive_scale(q: Tensor, scale: float):
+    """The kernels need ``scale >= 0`` (they scale row maxima, not every score); a negative scale
+    is the same attention with ``-q`` and ``-scale`` (autograd carries the sign to dQ)."""
+    return (-q, -scale) if scale < 0 else (q, scale)
+
+
 def triton_attention(q, k, v, layout, scale):
     """Padded-batch entry used by the backend registry; returns ``(out, lse natural log)``."""
+    q, scale = _positive_scale(q, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
     out, lse2 = BlockSparseAttentionFunction.apply(q, k, v, layout, scale, None, None, q.shape[0])
@@ -238,6 +255,7 @@ def triton_attention(q, k, v, layout, scale):
 
 def triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale):
     """Packed variable-length entry: q ``(T, H, D)``; returns ``(out (T, H, D), lse (H, T))``."""
+    q, scale = _positive_scale(q, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
     batch = cu_q.numel() - 1
