@@ -1,8 +1,9 @@
 """Triton kernels for block-sparse FlashAttention-2: forward, and backward (dK/dV, dQ).
 
 Conventions shared by all kernels:
-* Scores are computed in base 2: ``s = q.k * scale * log2(e)``, so softmax uses ``exp2``; the
-  saved LSE is in the same base (``m + log2(l)``); the host converts it to natural log.
+* Scores are computed in base 2: ``s = q.k * scale * log2(e)``, so softmax uses ``exp2``. The
+  forward stores the LSE in natural log (what callers get); the backward kernels read it back
+  into base 2.
 * One program handles ``BLOCK_M`` query rows (a slice of one layout query block, so
   ``Q_BLOCK % BLOCK_M == 0``); each kept key block of ``KV_BLOCK`` keys is walked in tiles of
   ``BLOCK_N`` keys (``KV_BLOCK % BLOCK_N == 0``). Tile sizes are autotuned; layout blocks are not.
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -200,7 +204,7 @@ def _fwd_kernel(
 
     has_keys = l_i > 0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
     row_ok = offs_m < seqlen_q
     o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
         + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :]
@@ -230,10 +234,11 @@ def _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KV_CNT, KV_IDX, CU_Q, CU_K,
+    Q, K, V, O, DO, DQ, LSE, DELTA, KV_CNT, KV_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     stride_lb, stride_lh,
@@ -245,7 +250,9 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
 ):
-    """dQ for one tile of query rows, walking the same kept-block list as the forward."""
+    """dQ for one tile of query rows, walking the same kept-block list as the forward. Also computes
+    and stores ``delta = rowsum(O * dO)`` for its rows, which the dK/dV kernel (launched after)
+    reads: no separate pass over O and dO."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
     SUBN: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -273,10 +280,13 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + (q_start + offs_m[:, None]) * stride_dos + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
-    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf"))
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
+    lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
     k_src = _rows_source(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start * stride_ks,
                          stride_ks, seqlen_k, BLOCK_N, HEAD_DIM, TMA)
     v_src = _rows_source(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start * stride_vs,
@@ -360,7 +370,7 @@ def _bwd_dkdv_kernel(
             row_ok = offs_m < seqlen_q
             q = _load_rows(q_src, m0, offs_m, stride_qs, offs_d, seqlen_q, True, TMA)
             do = _load_rows(do_src, m0, offs_m, stride_dos, offs_d, seqlen_q, True, TMA)
-            lse = tl.load(LSE + lse_base + offs_m, mask=row_ok, other=float("inf"))
+            lse = tl.load(LSE + lse_base + offs_m, mask=row_ok, other=float("inf")) * LOG2E
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + lse_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores (keys x queries) so dK/dV accumulate without transposing outputs.
@@ -384,22 +394,3 @@ def _bwd_dkdv_kernel(
     tl.store(DV + b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
              + (k_start + offs_n[:, None]) * stride_dvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh,
-                      stride_dos, stride_db, stride_dh, seq_len,
-                      H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(O * dO) in fp32, reading O and dO once (no fp32 copies in memory)."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows < seq_len
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + rows[:, None].to(tl.int64) * stride_os + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :], mask=ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows, delta, mask=ok)

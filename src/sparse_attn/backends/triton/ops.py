@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,7 +13,6 @@ from ...layout import BlockSparseLayout
 from . import kernels
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def interpreting() -> bool:
@@ -106,12 +106,18 @@ def _use_tma(setting, q: Tensor, *rows: Tensor) -> bool:
             return False
     if interpreting():
         return True
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] < 9:
+    if not q.is_cuda or _major_capability(q.device.index) < 9:
         return False
     # Triton keeps the allocator in a context variable: set it on every call, since the backward
     # runs on autograd's own thread, where the forward's setting is not visible.
     triton.set_allocator(_descriptor_scratch)
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _major_capability(index) -> int:
+    """Compute capability major of a CUDA device (cached: asked on every call)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -133,7 +139,7 @@ def _dummy(device):
 def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     """Launch the forward kernel. Padded: q ``(B, H, S, D)``; varlen: q ``(T, H, D)`` + cu_seqlens.
 
-    Returns ``(out, lse_log2)`` with ``lse_log2`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
+    Returns ``(out, lse)`` with the natural-log ``lse`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
     """
     varlen = cu_q is not None
     if varlen:
@@ -165,32 +171,26 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
 
 
 def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=None, batch=None):
-    """dQ, dK, dV from the saved output and base-2 LSE."""
+    """dQ, dK, dV from the saved output and (natural-log) LSE; the dQ kernel runs first and leaves
+    ``delta = rowsum(O * dO)`` for the dK/dV kernel."""
     varlen = cu_q is not None
     do = do.contiguous() if do.stride(-1) != 1 else do
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         lse = lse[None]  # (1, H, T)
         lse_strides = (0, lse.stride(1))
-        rows, row_batches = q.shape[0], 1
     else:
         batch, heads, _, dim = q.shape
         kv_heads = k.shape[1]
         lse_strides = (lse.stride(0), lse.stride(1))
-        rows, row_batches = q.shape[2], batch
-    delta = torch.empty_like(lse)  # same shape and strides as the LSE
-    delta_rows = 64
-    kernels._bwd_delta_kernel[(triton.cdiv(rows, delta_rows), row_batches * heads)](
-        out, do, delta, *_Packed(out, varlen).strides, *_Packed(do, varlen).strides,
-        *lse_strides, rows, H=heads, HEAD_DIM=dim, BLOCK_M=delta_rows,
-    )
+    delta = torch.empty_like(lse)  # same shape and strides as the LSE; written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cnt, idx = layout.kv_num_blocks, layout.kv_indices
     cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
     kv_major = _transposed(layout)
     t_strides, ti_strides = _layout_args(layout, kv_major.q_num_blocks, kv_major.q_indices)
     strides = {name: _Packed(t, varlen).strides for name, t in
-               (("q", q), ("k", k), ("v", v), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
+               (("q", q), ("k", k), ("v", v), ("o", out), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
     cu_q = _dummy(q.device) if cu_q is None else cu_q
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
@@ -199,8 +199,8 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
     _tuned("dq", layout.q_block, layout.kv_block)[grid_dq](
-        q, k, v, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
-        *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
+        q, k, v, out, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
+        *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
         *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E, scale, H=heads, **common,
     )
@@ -220,16 +220,18 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, cu_q, cu_k, batch):
-        out, lse2 = attention_forward(q, k, v, layout, scale, cu_q, cu_k, batch)
-        ctx.save_for_backward(q, k, v, out, lse2)
+        out, lse = attention_forward(q, k, v, layout, scale, cu_q, cu_k, batch)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.cu, ctx.batch = layout, scale, (cu_q, cu_k), batch
-        ctx.mark_non_differentiable(lse2)
-        return out, lse2
+        ctx.mark_non_differentiable(lse)
+        # The LSE is not differentiable, so ``do`` is always defined; skip a zero-filled LSE gradient.
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, out, lse2 = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse2, ctx.layout, ctx.scale, *ctx.cu,
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.layout, ctx.scale, *ctx.cu,
                                         batch=ctx.batch)
         return dq, dk, dv, None, None, None, None, None
 
@@ -249,8 +251,7 @@ def triton_attention(q, k, v, layout, scale):
     q, scale = _positive_scale(q, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
-    out, lse2 = BlockSparseAttentionFunction.apply(q, k, v, layout, scale, None, None, q.shape[0])
-    return out, lse2 * LN2
+    return BlockSparseAttentionFunction.apply(q, k, v, layout, scale, None, None, q.shape[0])
 
 
 def triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale):
@@ -259,9 +260,7 @@ def triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
     batch = cu_q.numel() - 1
-    out, lse2 = BlockSparseAttentionFunction.apply(q, k, v, layout, scale, cu_q.int(), cu_k.int(),
-                                                   batch)
-    return out, lse2 * LN2
+    return BlockSparseAttentionFunction.apply(q, k, v, layout, scale, cu_q.int(), cu_k.int(), batch)
 
 
 def _on_device(layout: BlockSparseLayout, device) -> BlockSparseLayout:
