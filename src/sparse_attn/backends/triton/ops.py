@@ -46,13 +46,34 @@ def _configs(q_block: int, kv_block: int, kind: str):
 TUNED: dict = {}
 
 
+_TUNE_KEY = ("HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV", "TMA")
+
+
 def _tuned(kind: str, q_block: int, kv_block: int):
     if (kind, q_block, kv_block) not in TUNED:
         kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
                   "dkdv": kernels._bwd_dkdv_kernel}[kind]
-        key = ["HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV", "TMA"]
-        TUNED[kind, q_block, kv_block] = triton.autotune(configs=_configs(q_block, kv_block, kind), key=key)(kernel)
+        TUNED[kind, q_block, kv_block] = triton.autotune(configs=_configs(q_block, kv_block, kind),
+                                                         key=list(_TUNE_KEY))(kernel)
     return TUNED[kind, q_block, kv_block]
+
+
+# The config each tuner chose, by kernel, blocks, dtype and tuning key. Later calls launch the
+# kernel with it directly: Triton's Autotuner.run rebuilds its key on every call (a hasattr and a
+# str(dtype) per argument, tens of microseconds per launch), which small problems feel.
+_CHOSEN: dict = {}
+
+
+def _launch(kind: str, grid, *args, **meta):
+    """Launch kernel ``kind`` (tuned on first use for this key, then with the chosen config)."""
+    tuner = _tuned(kind, meta["Q_BLOCK"], meta["KV_BLOCK"])
+    key = (kind, args[0].dtype, *(meta[name] for name in _TUNE_KEY))
+    config = _CHOSEN.get(key)
+    if config is None:
+        tuner[grid](*args, **meta)
+        _CHOSEN[key] = tuner.best_config
+    else:
+        tuner.fn[grid](*args, **meta, **config.all_kwargs())
 
 
 class _Packed:
@@ -159,8 +180,8 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     grid = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                          batch * heads)
-    _tuned("fwd", layout.q_block, layout.kv_block)[grid](
-        q, k, v, out, lse, cnt, idx, cu_q, cu_k,
+    _launch(
+        "fwd", grid, q, k, v, out, lse, cnt, idx, cu_q, cu_k,
         *qs, *ks, *vs, *os_, *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
@@ -198,16 +219,16 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
                   VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(BACKWARD_TMA, q, q, k, v, do))
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
-    _tuned("dq", layout.q_block, layout.kv_block)[grid_dq](
-        q, k, v, out, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
+    _launch(
+        "dq", grid_dq, q, k, v, out, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
         *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E, scale, H=heads, **common,
     )
     grid_kv = lambda meta: (layout.num_kv_blocks * (layout.kv_block // meta["BLOCK_N"]),  # noqa: E731
                             batch * kv_heads)
-    _tuned("dkdv", layout.q_block, layout.kv_block)[grid_kv](
-        q, k, v, do, dk, dv, lse, delta, kv_major.q_num_blocks, kv_major.q_indices, cu_q, cu_k,
+    _launch(
+        "dkdv", grid_kv, q, k, v, do, dk, dv, lse, delta, kv_major.q_num_blocks, kv_major.q_indices, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
         *lse_strides, *t_strides, *ti_strides,
         layout.q_len, layout.kv_len, scale * LOG2E, scale, KV_HEADS=kv_heads, **common,
