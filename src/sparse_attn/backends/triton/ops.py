@@ -110,7 +110,8 @@ def _upcast(q: Tensor) -> bool:
 # and dQ kernels, Q/dO in the dK/dV kernel. None: on for Hopper and newer GPUs, off in the CPU
 # interpreter (so CI checks the pointer path everywhere else used); True: wherever possible, the
 # interpreter included (its tests); False: never. On an H100 (2026-11-24, bench_attention.py
-# --forward-tma, docs/benchmarks.md session 7) it made the forward 1.05-1.14x faster at 128K.
+# --forward-tma / --backward-tma, docs/benchmarks.md sessions 7-8) descriptors made the forward
+# 1.05-1.14x faster at 128K and forward+backward 1.01-1.10x faster at 32K.
 FORWARD_TMA = None
 BACKWARD_TMA = None
 
