@@ -1,0 +1,59 @@
+"""Compile the block-sparse attention kernels for sm_90 on any machine (no GPU) and print JSON.
+
+Run by tests/test_triton_compile.py in a fresh process with ``TRITON_INTERPRET=0``: Triton decides
+at import time whether ``@triton.jit`` interprets, so compiling cannot share a process with the
+interpreter tests. Only Triton is imported (the kernels module is loaded by path).
+"""
+
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+KERNELS_PY = Path(__file__).parents[1] / "src" / "sparse_attn" / "backends" / "triton" / "kernels.py"
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_CNT": "*i32", "KV_IDX": "*i32", "QT_CNT": "*i32",
+                 "QT_IDX": "*i32", "CU_Q": "*i32", "CU_K": "*i32"}  # the rest: bf16 tensors
+CONSTEXPRS = {"H": 32, "KV_HEADS": 8, "GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": 128, "Q_BLOCK": 128,
+              "KV_BLOCK": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": True, "VARLEN": False, "UPCAST": False}
+KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+
+
+def compile_one(module, name: str, tma: bool) -> dict:
+    kernel = getattr(module, name)
+    params = list(inspect.signature(kernel.fn).parameters)
+    values = {**CONSTEXPRS, "TMA": tma}
+    constexprs = {(i,): values[p] for i, p in enumerate(params) if p in values}
+    signature = {}
+    for i, p in enumerate(params):
+        if (i,) in constexprs:
+            signature[p] = "constexpr"
+        elif p[0].isupper():
+            signature[p] = POINTER_TYPES.get(p, "*bf16")
+        else:
+            signature[p] = "fp32" if "scale" in p else "i32"
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    except Exception as exc:  # reported, and the test fails with the message
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ptx = compiled.asm["ptx"]
+    return {"ok": True, "wgmma": "wgmma" in ptx, "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor")}
+
+
+def main() -> int:
+    spec = importlib.util.spec_from_file_location("sparse_attn_kernels_for_compile", KERNELS_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = {f"{name}-{'tma' if tma else 'pointers'}": compile_one(module, name, tma)
+               for name in KERNELS for tma in (False, True)}
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
