@@ -1,9 +1,10 @@
-"""The Triton kernels compile for a Hopper GPU (sm_90), tensor-descriptor paths included, on a CPU.
+"""The Triton kernels compile for a Hopper GPU (sm_90), tensor-descriptor paths included, and for an
+Ampere GPU (sm_80, pointer loads: the path other CUDA GPUs take), on a CPU.
 
 The interpreter (the other kernel tests) runs kernels as Python and so cannot see errors that only
 the compiler raises (a ``return`` the front end rejects, a layout the GPU passes refuse). Triton
 ships its NVIDIA backend and ``ptxas``, so CI compiles each kernel to a cubin without a GPU
-(``tests/compile_kernels_sm90.py``, in its own process).
+(``tests/compile_kernels.py``, in its own process).
 """
 
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-SCRIPT = Path(__file__).with_name("compile_kernels_sm90.py")
+SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +38,11 @@ def test_kernel_compiles_for_sm90(compile_results, name, tma):
     assert result["wgmma"], "no Hopper tensor-core (wgmma) instructions in the PTX"
     # Tile loads through tensor descriptors exactly when asked for.
     assert (result["bulk_tensor_loads"] > 0) == tma, result
+
+
+@pytest.mark.parametrize("name", ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"])
+def test_pointer_path_compiles_for_sm80(compile_results, name):
+    """GPUs before Hopper get no descriptors (``_use_tma``); their path must still compile."""
+    result = compile_results[f"{name}-sm80"]
+    assert result["ok"], result.get("error")
+    assert result["mma_sync"] and not result["wgmma"], result

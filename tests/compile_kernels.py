@@ -1,4 +1,5 @@
-"""Compile the block-sparse attention kernels for sm_90 on any machine (no GPU) and print JSON.
+"""Compile the block-sparse attention kernels for sm_90 (and the pointer path for sm_80) on any
+machine, no GPU needed, and print JSON.
 
 Run by tests/test_triton_compile.py in a fresh process with ``TRITON_INTERPRET=0``: Triton decides
 at import time whether ``@triton.jit`` interprets, so compiling cannot share a process with the
@@ -23,7 +24,7 @@ CONSTEXPRS = {"H": 32, "KV_HEADS": 8, "GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": 
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 
 
-def compile_one(module, name: str, tma: bool) -> dict:
+def compile_one(module, name: str, tma: bool, arch: int = 90) -> dict:
     kernel = getattr(module, name)
     params = list(inspect.signature(kernel.fn).parameters)
     values = {**CONSTEXPRS, "TMA": tma}
@@ -38,11 +39,12 @@ def compile_one(module, name: str, tma: bool) -> dict:
             signature[p] = "fp32" if "scale" in p else "i32"
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
     except Exception as exc:  # reported, and the test fails with the message
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     ptx = compiled.asm["ptx"]
-    return {"ok": True, "wgmma": "wgmma" in ptx, "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor")}
+    return {"ok": True, "wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx,
+            "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor")}
 
 
 def main() -> int:
@@ -51,6 +53,7 @@ def main() -> int:
     spec.loader.exec_module(module)
     results = {f"{name}-{'tma' if tma else 'pointers'}": compile_one(module, name, tma)
                for name in KERNELS for tma in (False, True)}
+    results.update({f"{name}-sm80": compile_one(module, name, False, arch=80) for name in KERNELS})
     print(json.dumps(results))
     return 0
 
