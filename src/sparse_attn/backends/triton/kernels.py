@@ -69,15 +69,6 @@ def _count_unmasked_blocks(IDX_ROW, n_blocks, q_first_abs, seqlen_k,
 
 
 @triton.jit
-def _load_key_rows(base, cols, stride, offs_d, seqlen_k, MASKED: tl.constexpr):
-    """A (BLOCK_N, D) tile of K or V rows ``cols``; rows past ``seqlen_k`` read as 0 when MASKED."""
-    ptrs = base + cols[:, None] * stride + offs_d[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=(cols < seqlen_k)[:, None], other=0.0)
-    return tl.load(ptrs)
-
-
-@triton.jit
 def _rows_source(base, stride, seqlen, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
     """Where a kernel reads one head's rows from: the base pointer, or with TMA a tensor descriptor
     over the sequence's ``(seqlen, HEAD_DIM)`` rows in tiles of ``BLOCK`` (rows past the end read as
@@ -92,11 +83,14 @@ def _rows_source(base, stride, seqlen, BLOCK: tl.constexpr, HEAD_DIM: tl.constex
 
 @triton.jit
 def _load_rows(src, first, rows, stride, offs_d, seqlen, MASKED: tl.constexpr, TMA: tl.constexpr):
-    """The tile of rows ``rows`` (= ``first`` + arange) from a :func:`_rows_source`."""
+    """The (len(rows), D) tile of rows ``rows`` (= ``first`` + arange) from a :func:`_rows_source`;
+    rows past ``seqlen`` read as 0 (descriptors always, pointer loads when MASKED)."""
     if TMA:
         tile = src.load([first.to(tl.int32), 0])
+    elif MASKED:
+        tile = tl.load(src + rows[:, None] * stride + offs_d[None, :], mask=(rows < seqlen)[:, None], other=0.0)
     else:
-        tile = _load_key_rows(src, rows, stride, offs_d, seqlen, MASKED)
+        tile = tl.load(src + rows[:, None] * stride + offs_d[None, :])
     return tile
 
 

@@ -116,10 +116,11 @@ FORWARD_TMA = None
 BACKWARD_TMA = None
 
 
-def _use_tma(setting, q: Tensor, *rows: Tensor) -> bool:
+def _use_tma(setting, *rows: Tensor) -> bool:
     """TMA for this call: wanted (``setting``, see FORWARD_TMA) and possible (Hopper or newer, or
-    the interpreter when forced; every tensor in ``rows`` with unit last stride and 16-byte aligned
-    base and nonzero strides: a broadcast tensor takes the pointer path)."""
+    the interpreter when forced; every tensor in ``rows``, the ones read through descriptors, with
+    unit last stride and 16-byte aligned base and nonzero strides: a broadcast tensor takes the
+    pointer path)."""
     if setting is False or (setting is None and interpreting()):
         return False
     for t in rows:
@@ -128,7 +129,7 @@ def _use_tma(setting, q: Tensor, *rows: Tensor) -> bool:
             return False
     if interpreting():
         return True
-    if not q.is_cuda or _major_capability(q.device.index) < 9:
+    if not rows[0].is_cuda or _major_capability(rows[0].device.index) < 9:
         return False
     # Triton keeps the allocator in a context variable: set it on every call, since the backward
     # runs on autograd's own thread, where the forward's setting is not visible.
@@ -187,7 +188,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
         layout.q_len, layout.kv_len, scale * LOG2E,
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
         HEAD_DIM=dim, Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block,
-        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(FORWARD_TMA, q, k, v),
+        CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(FORWARD_TMA, k, v),
     )
     return out, (lse[0] if varlen else lse)
 
@@ -217,7 +218,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
                   Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, CAUSAL=layout.causal,
-                  VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(BACKWARD_TMA, q, q, k, v, do))
+                  VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(BACKWARD_TMA, q, k, v, do))
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
     _launch(
