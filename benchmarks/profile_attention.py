@@ -3,8 +3,9 @@
 Same inputs as ``bench_attention.py`` (B=1, bf16, causal, random per-head layouts with the
 diagonal kept). For each density and mode (forward, forward+backward): the CUDA time of the
 kernels per call (torch.profiler), the wall time per call with back-to-back calls (what a timer
-sees when the host cannot keep the GPU busy), and the kernels taking most of it. When wall time is
-well above kernel time the call is host-bound (Python checks, launch latency), not kernel-bound.
+sees when the host cannot keep the GPU busy), the host time per call while the GPU is kept busy
+(Python, launches and autograd alone), and the kernels taking most of it. When wall time is well
+above kernel time the call is host-bound (Python checks, launch latency), not kernel-bound.
 
     python benchmarks/profile_attention.py --length 8192 --densities 0.2 0.05 0.02
 """
@@ -38,6 +39,21 @@ def wall_ms(fn, calls: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e3
+
+
+def host_ms(fn, calls: int) -> float:
+    """Median host milliseconds per call while the GPU is busy with a long spin queued ahead, so
+    the host never waits for it: what the Python, the launches and autograd cost by themselves."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # roughly half a second of GPU spin ahead of the calls
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def main(argv=None):
@@ -80,9 +96,9 @@ def main(argv=None):
                         q.grad = k.grad = v.grad = None
                 prof = kernel_breakdown(call, args.calls, args.top)
                 row = {"density": layout.density(), "impl": name, "mode": mode,
-                       "wall_ms": wall_ms(call, args.calls), **prof}
+                       "wall_ms": wall_ms(call, args.calls), "host_ms": host_ms(call, args.calls), **prof}
                 rows.append(row)
-                print(f"d={row['density']:.3f} {name:4s} {mode:6s} wall {row['wall_ms']:.3f} ms  "
+                print(f"d={row['density']:.3f} {name:4s} {mode:6s} wall {row['wall_ms']:.3f} ms  host {row['host_ms']:.3f} ms  "
                       f"kernels {row['cuda_ms_per_call']:.3f} ms  top: "
                       + "; ".join(f"{kern['name'][:40]} {kern['ms_per_estimate']:.3f}" for kern in row["kernels"]),
                       flush=True)

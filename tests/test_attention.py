@@ -181,3 +181,6 @@ def test_sparse_attention_inside_torch_compile():
 
     compiled = torch.compile(block, backend="eager")
     assert torch.allclose(compiled(q, k, v), block(q, k, v))
+    # Dynamo does not trace into the call (its checks and backends): only relu and mul are captured.
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(block)(q, k, v).op_count == 2

@@ -4,6 +4,8 @@ The kernel's error must stay within 2x the reference backend's own error on the 
 inputs (plus a small floor), the habit of FlashAttention's tests.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -200,3 +202,91 @@ def test_negative_scale_matches_reference():
     grad = torch.randn_like(out)
     for g, w in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         assert rel_error(g, w) < 2 * TOLERANCE[torch.float16]
+
+
+def test_inference_call_skips_autograd_and_matches():
+    """Without gradients the forward runs with no autograd node; same numbers as the training path."""
+    layout = random_layout(1, 2, 48, 48, block=16, density=0.7).to(DEVICE)
+    q, k, v = _inputs(1, 4, 2, 48, 48, 32, torch.bfloat16, grad=True)
+    trained, lse = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    with torch.no_grad():
+        inferred, lse_inf = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    assert trained.grad_fn is not None and inferred.grad_fn is None and not inferred.requires_grad
+    assert torch.equal(trained, inferred) and torch.equal(lse, lse_inf)
+
+
+def test_launch_specialization_is_at_least_as_fine_as_tritons():
+    """The compiled-launcher cache (ops._launch) reuses a kernel for calls with the same
+    ``_specialization``; that is only safe if every pair of arguments Triton would compile apart
+    (int == 1, divisible by 16, 32 vs 64 bits; tensor dtype and 16-byte alignment) differs in it."""
+    from sparse_attn.backends.triton import ops
+
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    backend = pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
+    if not hasattr(libtriton, "native_specialize_impl"):
+        pytest.skip("this Triton specializes in Python; nothing native to compare against")
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    samples = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 3,
+               0.5, 1.0, 16.0, base, base[1:], base[8:], base[16:], base.float(), base.half()[1:]]
+    for a in samples:
+        for b in samples:
+            theirs = [libtriton.native_specialize_impl(backend, x, False, True, True) for x in (a, b)]
+            if theirs[0] != theirs[1]:
+                assert ops._specialization([a]) != ops._specialization([b]), (a, b, theirs)
+    assert ops._specialization([object()]) is None  # unknown argument types take Triton's own path
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the compiled-launcher path only runs on a GPU")
+def test_compiled_launcher_matches_triton_launch(monkeypatch):
+    """Calls after the first go through the compiled launcher; they must give bit-identical results
+    to Triton's own launch path, for 16-byte-aligned and misaligned inputs (compiled apart)."""
+    from sparse_attn.backends.triton import ops
+
+    layout = random_layout(1, 2, 80, 80, block=16, density=0.6).to(DEVICE)
+    flat = torch.randn(4 * 80 * 64 + 1, device=DEVICE, dtype=torch.float16)
+    q_shape, kv_shape = (1, 4, 80, 64), (1, 2, 80, 64)
+    misaligned = [flat[1:1 + math.prod(s)].view(s) for s in (q_shape, kv_shape, kv_shape)]  # 2-byte offset
+    assert all(t.data_ptr() % 16 for t in misaligned)
+    inputs = {"aligned": [t.clone() for t in misaligned], "misaligned": misaligned}
+    results = {}
+    monkeypatch.setattr(ops, "_COMPILED", {})
+    for fast in (True, False):
+        monkeypatch.setattr(ops, "FAST_LAUNCH", fast)
+        for name, tensors in inputs.items():
+            q, k, v = (t.detach().requires_grad_() for t in tensors)
+            for _ in range(3):  # the first call tunes and compiles; the others reuse
+                out = sparse_attention(q, k, v, layout, backend="triton")
+                grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            results[fast, name] = (out, *grads)
+        if fast:
+            assert ops.FAST_LAUNCH, "the compiled-launcher path turned itself off on this Triton"
+            assert len(ops._COMPILED) == 6  # forward, dQ, dK/dV for each alignment
+    for name in inputs:
+        for got, want in zip(results[True, name], results[False, name]):
+            assert torch.equal(got, want), name
+    gold, _ = naive_masked_attention(*(t.double() for t in misaligned), layout.to_token_mask())
+    assert rel_error(results[True, "misaligned"][0], gold) < TOLERANCE[torch.float16]
+
+
+def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):
+    """A profiler hook on Triton launches (e.g. proton) must see our launches: then Triton's own path
+    runs; an empty hook chain (Triton 3.6's default) does not count as a hook."""
+    from sparse_attn.backends.triton import ops
+
+    knobs = pytest.importorskip("triton").knobs
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    fn = ops._tuned("fwd", 16, 16).fn
+    hook = knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):  # a HookChain
+        assert ops._fast_launch_ready(fn)
+        hook.add(print)
+        try:
+            assert not ops._fast_launch_ready(fn)
+        finally:
+            hook.remove(print)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+        assert ops._fast_launch_ready(fn)
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
+        assert not ops._fast_launch_ready(fn)
+    assert ops._no_hook(None)

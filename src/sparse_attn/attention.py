@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -46,10 +47,26 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
     layout.check_compatible(batch, heads, kv_heads, q_len, k.shape[2], q.device)
 
 
-_compiler_disable = getattr(torch.compiler, "disable", lambda fn=None, **_: fn)
+def _graph_break_when_compiled(fn):
+    """Under ``torch.compile`` a call to ``fn`` is a graph break (its checks and the Triton autotuner
+    stay in eager mode). Eager calls go straight to ``fn``: ``torch.compiler.disable``'s own wrapper
+    costs several microseconds per call, which short attention calls feel."""
+    disable = getattr(torch.compiler, "disable", None)
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if disable is None or is_compiling is None:
+        return fn
+    disabled = disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
-@_compiler_disable
+@_graph_break_when_compiled
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, *,
                      causal: Optional[bool] = None, scale: Optional[float] = None,
                      backend: str = "auto", return_lse: bool = False):
@@ -89,7 +106,7 @@ def which_backend(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) ->
     return explain_choice(q, k, v, layout)
 
 
-@_compiler_disable
+@_graph_break_when_compiled
 def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                             cu_seqlens_k: Tensor, layout: BlockSparseLayout, *,
                             scale: Optional[float] = None, backend: str = "auto",

@@ -63,27 +63,101 @@ def _tuned(kind: str, q_block: int, kv_block: int):
 # str(dtype) per argument, tens of microseconds per launch), which small problems feel.
 _CHOSEN: dict = {}
 
+# Compiled kernels by (kind, device, constexpr values, argument specialization): a call that Triton
+# would specialize the same way launches the compiled kernel itself. Triton's own launch path
+# (JITFunction.run) binds ~40 arguments, builds a cache key and checks globals on every call: on an
+# H100 host that was ~35-55 us per launch against ~12-15 us for the compiled launcher
+# (.base_src probe, docs/benchmarks.md session 9), paid three times per training step.
+_COMPILED: dict = {}
+# Set to False to always launch through Triton's JITFunction.run (also done automatically if the
+# installed Triton's compiled-kernel interface is not the one this was written against).
+FAST_LAUNCH = True
+
+
+def _specialization(args):
+    """What Triton specializes a launch on, per argument, at least as finely as it does: a tensor's
+    dtype and 16-byte alignment; an int's residue mod 16 (so divisibility by 16), ``== 1`` and
+    whether it fits 32 bits; floats are not specialized. None for any other argument type (then
+    Triton's own path launches)."""
+    spec = []
+    add = spec.append
+    for a in args:
+        kind = a.__class__
+        if kind is int:
+            add(16 if a == 1 else a & 15)
+            if (a >> 31) not in (0, -1):  # 64-bit (i64 or u64)
+                add(("wide", a >> 63))
+        elif kind is float:
+            add(None)
+        elif isinstance(a, Tensor):
+            add((a.dtype, a.data_ptr() & 15 == 0))
+        else:  # bool and anything else: Triton's own path
+            return None
+    return tuple(spec)
+
+
+def _fast_launch_ready(fn) -> bool:
+    """Whether the compiled launcher may be called directly: a GPU run, no launch hooks (profilers
+    such as proton observe launches through them) and no pre-run hooks on the kernel."""
+    global FAST_LAUNCH
+    if not FAST_LAUNCH or interpreting():
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton before 3.4: keep its own launch path
+        FAST_LAUNCH = False
+        return False
+    runtime = knobs.runtime
+    return _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook) \
+        and not getattr(fn, "pre_run_hooks", None)
+
+
+def _no_hook(hook) -> bool:
+    """True for an unset launch hook: None, or (Triton 3.6) an empty HookChain."""
+    return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
+
 
 def _launch(kind: str, grid, *args, **meta):
-    """Launch kernel ``kind`` (tuned on first use for this key, then with the chosen config)."""
+    """Launch kernel ``kind``: autotuned on first use for this key, then with the chosen config;
+    once compiled for this argument specialization, through its compiled launcher."""
+    global FAST_LAUNCH
     tuner = _tuned(kind, meta["Q_BLOCK"], meta["KV_BLOCK"])
     key = (kind, args[0].dtype, *(meta[name] for name in _TUNE_KEY))
-    config = _CHOSEN.get(key)
-    if config is None:
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
         tuner[grid](*args, **meta)
-        _CHOSEN[key] = tuner.best_config
-    else:
-        tuner.fn[grid](*args, **meta, **config.all_kwargs())
+        _CHOSEN[key] = (tuner.best_config.kwargs, tuner.best_config.all_kwargs())
+        return
+    tiles, options = chosen  # tile sizes; tile sizes + warps/stages
+    fn = tuner.fn
+    if not _fast_launch_ready(fn):
+        fn[grid](*args, **meta, **options)
+        return
+    device = triton.runtime.driver.active.get_current_device()
+    spec = _specialization(args)
+    fast_key = (kind, device, *meta.values(), *options.values(), spec)
+    entry = _COMPILED.get(fast_key) if spec is not None else None
+    if entry is None:
+        kernel = fn[grid](*args, **meta, **options)
+        if spec is not None and kernel is not None:
+            merged = {**meta, **tiles}
+            _COMPILED[fast_key] = (kernel, tuple(merged[name] for name in fn.arg_names[len(args):]))
+        return
+    kernel, constexprs = entry
+    dims = (*grid(tiles), 1, 1)
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    try:
+        kernel.run(dims[0], dims[1], dims[2], stream, kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, *constexprs)
+    except (TypeError, AttributeError):  # a Triton whose compiled-kernel interface differs
+        FAST_LAUNCH = False
+        _COMPILED.clear()
+        fn[grid](*args, **meta, **options)
 
 
-class _Packed:
-    """Uniform (batch, head, seq) strides for padded ``(B, H, S, D)`` and packed ``(T, H, D)`` tensors."""
-
-    def __init__(self, t: Tensor, varlen: bool):
-        if varlen:  # (total, heads, dim): batch offset comes from cu_seqlens
-            self.strides = (0, t.stride(1), t.stride(0))
-        else:
-            self.strides = (t.stride(0), t.stride(1), t.stride(2))
+def _seq_strides(t: Tensor, varlen: bool):
+    """(batch, head, seq) strides of padded ``(B, H, S, D)`` or packed ``(T, H, D)`` tensors (packed:
+    batch stride 0, the batch offset comes from cu_seqlens)."""
+    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
 def _layout_args(layout: BlockSparseLayout, cnt: Tensor, idx: Tensor):
@@ -177,7 +251,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     out = torch.empty_like(q)
     cnt, idx = layout.kv_num_blocks, layout.kv_indices
     cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
-    qs, ks, vs, os_ = (_Packed(t, varlen).strides for t in (q, k, v, out))
+    qs, ks, vs, os_ = (_seq_strides(t, varlen) for t in (q, k, v, out))
     cu_q = _dummy(q.device) if cu_q is None else cu_q
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     grid = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
@@ -212,7 +286,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
     kv_major = _transposed(layout)
     t_strides, ti_strides = _layout_args(layout, kv_major.q_num_blocks, kv_major.q_indices)
-    strides = {name: _Packed(t, varlen).strides for name, t in
+    strides = {name: _seq_strides(t, varlen) for name, t in
                (("q", q), ("k", k), ("v", v), ("o", out), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
     cu_q = _dummy(q.device) if cu_q is None else cu_q
     cu_k = _dummy(q.device) if cu_k is None else cu_k
@@ -259,6 +333,10 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -274,6 +352,8 @@ def triton_attention(q, k, v, layout, scale):
     q, scale = _positive_scale(q, scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
+    if not _needs_grad(q, k, v):  # inference: no autograd node (saves its overhead per call)
+        return attention_forward(q, k, v, layout, scale, None, None, q.shape[0])
     return BlockSparseAttentionFunction.apply(q, k, v, layout, scale, None, None, q.shape[0])
 
 
@@ -283,6 +363,8 @@ def triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _on_device(layout, q.device)
     batch = cu_q.numel() - 1
+    if not _needs_grad(q, k, v):
+        return attention_forward(q, k, v, layout, scale, cu_q.int(), cu_k.int(), batch)
     return BlockSparseAttentionFunction.apply(q, k, v, layout, scale, cu_q.int(), cu_k.int(), batch)
 
 
