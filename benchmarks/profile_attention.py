@@ -98,8 +98,8 @@ def main(argv=None):
                 row = {"density": layout.density(), "impl": name, "mode": mode,
                        "wall_ms": wall_ms(call, args.calls), "host_ms": host_ms(call, args.calls), **prof}
                 rows.append(row)
-                print(f"d={row['density']:.3f} {name:4s} {mode:6s} wall {row['wall_ms']:.3f} ms  host {row['host_ms']:.3f} ms  "
-                      f"kernels {row['cuda_ms_per_call']:.3f} ms  top: "
+                print(f"d={row['density']:.3f} {name:4s} {mode:6s} wall {row['wall_ms']:.3f} ms  "
+                      f"host {row['host_ms']:.3f} ms  kernels {row['cuda_ms_per_call']:.3f} ms  top: "
                       + "; ".join(f"{kern['name'][:40]} {kern['ms_per_estimate']:.3f}" for kern in row["kernels"]),
                       flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
