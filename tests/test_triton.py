@@ -290,3 +290,18 @@ def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
         assert not ops._fast_launch_ready(fn)
     assert ops._no_hook(None)
+
+
+def test_layouts_of_different_widths_are_tuned_apart(monkeypatch):
+    """The autotuning key carries the layout's width class (bit length of its widest row), so a
+    sparse layout does not inherit tiles tuned on a dense one."""
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "_CHOSEN", {})
+    q, k, v = _inputs(1, 2, 2, 128, 128, 32, torch.float16)
+    dense = random_layout(1, 2, 128, 128, block=16, density=1.0).to(DEVICE)
+    diagonal = BlockSparseLayout.from_dense(torch.eye(8, dtype=torch.bool), 128, 128, 16).to(DEVICE)
+    assert (ops._width_class(dense.kv_indices), ops._width_class(diagonal.kv_indices)) == (4, 1)
+    for layout in (dense, diagonal, dense):
+        sparse_attention(q, k, v, layout, backend="triton")
+    assert sorted(key[-1] for key in ops._CHOSEN if key[0] == "fwd") == [1, 4]

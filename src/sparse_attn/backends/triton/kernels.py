@@ -12,6 +12,9 @@ Conventions shared by all kernels:
 * Variable length (``VARLEN``): batch ``b`` is the packed slice ``CU_Q[b]:CU_Q[b+1]`` (and
   ``CU_K``); its causal offset is ``len_k - len_q``.
 * Offsets are int64 so long sequences do not overflow.
+* ``tune_width`` is not read by the kernels: it is the bit length of the layout's widest row, part
+  of the autotuning key so sparse and dense layouts get their own tiles (not specialized, so every
+  width class shares the compiled binaries).
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_width"])
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_CNT, KV_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
@@ -145,7 +148,7 @@ def _fwd_kernel(
     stride_lb, stride_lh,
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_iq,
-    q_len, kv_len, scale_log2,
+    q_len, kv_len, scale_log2, tune_width,
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -226,7 +229,7 @@ def _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
     return _dot(ds.to(k.dtype), k, UPCAST, dq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_width"])
 def _bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, KV_CNT, KV_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
@@ -238,7 +241,7 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_cb, stride_ch,
     stride_ib, stride_ih, stride_iq,
-    q_len, kv_len, scale_log2, scale,
+    q_len, kv_len, scale_log2, scale, tune_width,
     H: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -302,7 +305,7 @@ def _bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tune_width"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, QT_CNT, QT_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
@@ -314,7 +317,7 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_tcb, stride_tch,
     stride_tib, stride_tih, stride_tik,
-    q_len, kv_len, scale_log2, scale,
+    q_len, kv_len, scale_log2, scale, tune_width,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, LAYOUT_HDIV: tl.constexpr,
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -46,7 +46,14 @@ def _configs(q_block: int, kv_block: int, kind: str):
 TUNED: dict = {}
 
 
-_TUNE_KEY = ("HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV", "TMA")
+_TUNE_KEY = ("HEAD_DIM", "Q_BLOCK", "KV_BLOCK", "CAUSAL", "VARLEN", "GROUP", "LAYOUT_HDIV", "TMA", "tune_width")
+
+
+def _width_class(indices: Tensor) -> int:
+    """Autotuning class of a block list: the bit length of its width (the most blocks any row
+    keeps), read from the shape (no device sync). Tiles tuned on a dense layout lose up to ~10% on
+    a 5%-dense one at 8K (H100, docs/benchmarks.md session 9), so each class is tuned apart."""
+    return max(int(indices.shape[-1]), 1).bit_length()
 
 
 def _tuned(kind: str, q_block: int, kv_block: int):
@@ -259,7 +266,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     _launch(
         "fwd", grid, q, k, v, out, lse, cnt, idx, cu_q, cu_k,
         *qs, *ks, *vs, *os_, *lse_strides, *cnt_strides, *idx_strides,
-        layout.q_len, layout.kv_len, scale * LOG2E,
+        layout.q_len, layout.kv_len, scale * LOG2E, tune_width=_width_class(idx),
         H=heads, GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads,
         HEAD_DIM=dim, Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block,
         CAUSAL=layout.causal, VARLEN=varlen, UPCAST=_upcast(q), TMA=_use_tma(FORWARD_TMA, k, v),
@@ -299,7 +306,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         "dq", grid_dq, q, k, v, out, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
         *lse_strides, *cnt_strides, *idx_strides,
-        layout.q_len, layout.kv_len, scale * LOG2E, scale, H=heads, **common,
+        layout.q_len, layout.kv_len, scale * LOG2E, scale, tune_width=_width_class(idx), H=heads, **common,
     )
     grid_kv = lambda meta: (layout.num_kv_blocks * (layout.kv_block // meta["BLOCK_N"]),  # noqa: E731
                             batch * kv_heads)
@@ -307,7 +314,8 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         "dkdv", grid_kv, q, k, v, do, dk, dv, lse, delta, kv_major.q_num_blocks, kv_major.q_indices, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
         *lse_strides, *t_strides, *ti_strides,
-        layout.q_len, layout.kv_len, scale * LOG2E, scale, KV_HEADS=kv_heads, **common,
+        layout.q_len, layout.kv_len, scale * LOG2E, scale, tune_width=_width_class(kv_major.q_indices),
+        KV_HEADS=kv_heads, **common,
     )
     return dq, dk, dv
 
