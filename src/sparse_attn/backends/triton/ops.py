@@ -73,8 +73,8 @@ _CHOSEN: dict = {}
 # Compiled kernels by (kind, device, constexpr values, argument specialization): a call that Triton
 # would specialize the same way launches the compiled kernel itself. Triton's own launch path
 # (JITFunction.run) binds ~40 arguments, builds a cache key and checks globals on every call: on an
-# H100 host that was ~35-55 us per launch against ~12-15 us for the compiled launcher
-# (.base_src probe, docs/benchmarks.md session 9), paid three times per training step.
+# H100 host that was 34-70 us per launch against 11-18 us for the compiled launcher
+# (docs/benchmarks.md, session 9), paid three times per training step.
 _COMPILED: dict = {}
 # Set to False to always launch through Triton's JITFunction.run (also done automatically if the
 # installed Triton's compiled-kernel interface is not the one this was written against).
