@@ -65,9 +65,10 @@ def _tuned(kind: str, q_block: int, kv_block: int):
     return TUNED[kind, q_block, kv_block]
 
 
-# The config each tuner chose, by kernel, blocks, dtype and tuning key. Later calls launch the
-# kernel with it directly: Triton's Autotuner.run rebuilds its key on every call (a hasattr and a
-# str(dtype) per argument, tens of microseconds per launch), which small problems feel.
+# The config each tuner chose, as (tile sizes, tile sizes + warps/stages), by kernel, dtype and
+# tuning key. Later calls launch the kernel with it directly: Triton's Autotuner.run rebuilds its
+# key on every call (a hasattr and a str(dtype) per argument, tens of microseconds per launch),
+# which small problems feel.
 _CHOSEN: dict = {}
 
 # Compiled kernels by (kind, device, constexpr values, argument specialization): a call that Triton
