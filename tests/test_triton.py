@@ -57,6 +57,10 @@ CASES = [
     (2, 4, 1, 70, 45, 64, 16, 16, False, "q"),
     (1, 2, 1, 1, 90, 32, 16, 16, True, "kv"),
     (1, 2, 2, 33, 33, 128, 16, 16, True, "q"),
+    # Layout blocks several tiles wide (the interpreter's tiles are 16): tiles past a query tile's
+    # last visible key, or above a key tile's diagonal, are skipped; q_len > kv_len leaves rows empty.
+    (1, 4, 2, 150, 100, 32, 64, 64, True, "kv"),
+    (1, 2, 1, 75, 203, 32, 32, 64, True, "q"),
 ]
 
 

@@ -289,13 +289,11 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         kv_heads = k.shape[1]
         lse_strides = (lse.stride(0), lse.stride(1))
     delta = torch.empty_like(lse)  # same shape and strides as the LSE; written by the dQ kernel
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
     cnt, idx = layout.kv_num_blocks, layout.kv_indices
     cnt_strides, idx_strides = _layout_args(layout, cnt, idx)
-    kv_major = _transposed(layout)
-    t_strides, ti_strides = _layout_args(layout, kv_major.q_num_blocks, kv_major.q_indices)
     strides = {name: _seq_strides(t, varlen) for name, t in
-               (("q", q), ("k", k), ("v", v), ("o", out), ("do", do), ("dq", dq), ("dk", dk), ("dv", dv))}
+               (("q", q), ("k", k), ("v", v), ("o", out), ("do", do), ("dq", dq))}
     cu_q = _dummy(q.device) if cu_q is None else cu_q
     cu_k = _dummy(q.device) if cu_k is None else cu_k
     common = dict(GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
@@ -309,6 +307,12 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         *lse_strides, *cnt_strides, *idx_strides,
         layout.q_len, layout.kv_len, scale * LOG2E, scale, tune_width=_width_class(idx), H=heads, **common,
     )
+    # dK/dV's buffers and arguments are prepared while the dQ kernel runs: in host-bound steps the
+    # GPU would otherwise wait for them between the forward and the first backward kernel.
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    strides.update(dk=_seq_strides(dk, varlen), dv=_seq_strides(dv, varlen))
+    kv_major = _transposed(layout)
+    t_strides, ti_strides = _layout_args(layout, kv_major.q_num_blocks, kv_major.q_indices)
     grid_kv = lambda meta: (layout.num_kv_blocks * (layout.kv_block // meta["BLOCK_N"]),  # noqa: E731
                             batch * kv_heads)
     _launch(
