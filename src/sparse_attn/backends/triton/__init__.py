@@ -12,6 +12,7 @@ import torch
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+MAX_BATCH_HEADS = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, head)
 
 
 def triton_can_run(q, k, v, layout) -> str | None:
@@ -28,6 +29,10 @@ def triton_can_run(q, k, v, layout) -> str | None:
     if dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != dim:
         return (f"head_dim {dim} (v: {v.shape[-1]}) is not supported by the Triton kernels; "
                 f"supported: {SUPPORTED_HEAD_DIMS} with equal q/k/v head dims")
+    programs = q.shape[0] * q.shape[1]
+    if programs > MAX_BATCH_HEADS:
+        return (f"batch * heads = {programs} is over the Triton kernels' {MAX_BATCH_HEADS} (one grid "
+                "dimension walks them): split the batch")
     return None
 
 
