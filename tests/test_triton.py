@@ -160,7 +160,7 @@ def test_too_many_batch_heads_is_refused_clearly():
     """(batch, head) pairs walk one grid dimension (at most 65535 programs): more get a reason."""
     from sparse_attn.backends.triton import MAX_BATCH_HEADS
 
-    layout = random_layout(1, 1, 16, 16, block=16)
+    layout = random_layout(1, 1, 16, 16, block=16).to(DEVICE)
     q = torch.empty(MAX_BATCH_HEADS + 1, 1, 16, 16, dtype=torch.float16, device=DEVICE)
     reason = triton_can_run(q, q, q, layout)
     assert reason is not None and "batch * heads" in reason and "split the batch" in reason
@@ -168,7 +168,8 @@ def test_too_many_batch_heads_is_refused_clearly():
     packed = torch.empty(MAX_BATCH_HEADS + 1, 1, 16, dtype=torch.float16, device=DEVICE)
     cu = torch.arange(MAX_BATCH_HEADS + 2, dtype=torch.int32, device=DEVICE)  # one-token sequences
     with pytest.raises(ValueError, match="split the packed batch"):
-        sparse_attention_varlen(packed, packed, packed, cu, cu, random_layout(1, 1, 1, 1, block=16), backend="triton")
+        sparse_attention_varlen(packed, packed, packed, cu, cu, random_layout(1, 1, 1, 1, block=16).to(DEVICE),
+                                backend="triton")
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
