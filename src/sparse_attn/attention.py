@@ -124,7 +124,7 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     Returns ``out (total_q, H, D)`` and, with ``return_lse``, ``lse (H, total_q)``.
     """
     from .backends import BACKENDS
-    from .backends.triton import MAX_BATCH_HEADS, triton_can_run_fast, triton_varlen_forward
+    from .backends.triton import grid_limit_reason, triton_can_run_fast, triton_varlen_forward
 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
@@ -156,14 +156,13 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     view = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
-    too_many = num_seqs * q.shape[1] > MAX_BATCH_HEADS  # the kernels' grid walks (sequence, head)
+    too_many = grid_limit_reason(num_seqs, q.shape[1], "packed batch")  # programs walk (sequence, head)
     use_triton = backend == "triton" or (backend == "auto" and triton_can_run_fast(*view) is None and not too_many)
     if use_triton:
         if backend == "triton":
             select_backend("triton", *view)
             if too_many:
-                raise ValueError(f"backend='triton' cannot run this call: {num_seqs} sequences x {q.shape[1]} "
-                                 f"heads is over the kernels' {MAX_BATCH_HEADS}; split the packed batch")
+                raise ValueError(f"backend='triton' cannot run this call: {too_many}")
         out, lse = triton_varlen_forward(q, k, v, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device),
                                          layout, scale)
     elif backend in ("auto", "reference", "flex"):

@@ -29,10 +29,15 @@ def triton_can_run(q, k, v, layout) -> str | None:
     if dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != dim:
         return (f"head_dim {dim} (v: {v.shape[-1]}) is not supported by the Triton kernels; "
                 f"supported: {SUPPORTED_HEAD_DIMS} with equal q/k/v head dims")
-    programs = q.shape[0] * q.shape[1]
-    if programs > MAX_BATCH_HEADS:
-        return (f"batch * heads = {programs} is over the Triton kernels' {MAX_BATCH_HEADS} (one grid "
-                "dimension walks them): split the batch")
+    return grid_limit_reason(q.shape[0], q.shape[1])
+
+
+def grid_limit_reason(batch: int, heads: int, batch_name: str = "batch") -> str | None:
+    """None when the kernels' grid can hold ``batch * heads`` programs, else why not (one grid
+    dimension walks the (batch, head) pairs; ``batch_name`` names what ``batch`` counts)."""
+    if batch * heads > MAX_BATCH_HEADS:
+        return (f"{batch_name} * heads = {batch * heads} is over the Triton kernels' {MAX_BATCH_HEADS} "
+                f"(one grid dimension walks them): split the {batch_name}")
     return None
 
 
