@@ -325,3 +325,53 @@ def test_layouts_of_different_widths_are_tuned_apart(monkeypatch):
     for layout in (dense, diagonal, dense):
         sparse_attention(q, k, v, layout, backend="triton")
     assert sorted(key[-1] for key in ops._CHOSEN if key[0] == "fwd") == [1, 4]
+
+
+def test_pinned_kernel_configs_are_used_and_still_match_golden():
+    """set_kernel_configs replaces a kernel's tuning space: the kernels then run with the pinned
+    tiles (several per layout block here) and still match the float64 golden; None restores the
+    built-in space and forgets what the pinned one chose."""
+    from sparse_attn.backends.triton import ops
+
+    pinned = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 32, 4, 2)}
+    try:
+        for kind, config in pinned.items():
+            ops.set_kernel_configs(kind, [config])
+        layout = random_layout(1, 2, 96, 96, block=32, density=0.7).to(DEVICE)
+        q, k, v = _inputs(1, 4, 2, 96, 96, 32, torch.float16, grad=True)
+        out = sparse_attention(q, k, v, layout, backend="triton")
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        chosen = {key[0]: tiles for key, (tiles, _) in ops._CHOSEN.items()}
+        assert chosen == {kind: {"BLOCK_M": c[0], "BLOCK_N": c[1]} for kind, c in pinned.items()}
+        ref = sparse_attention(q, k, v, layout, backend="reference")
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        gold, _ = naive_masked_attention(q64, k64, v64, layout.to_token_mask())
+        _check_close(out, ref, gold, torch.float16, "out")
+        want_lowp = torch.autograd.grad(ref, (q, k, v), grad)
+        want = torch.autograd.grad(gold, (q64, k64, v64), grad.double())
+        for g, r, w, name in zip(got, want_lowp, want, ("dq", "dk", "dv")):
+            _check_close(g, r, w, torch.float16, name)
+    finally:
+        for kind in pinned:
+            ops.set_kernel_configs(kind, None)
+    assert not ops._PINNED and not any(key[0] in pinned for key in ops._CHOSEN)
+
+
+def test_bad_pinned_kernel_configs_are_refused_clearly():
+    from sparse_attn.backends.triton import ops
+
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.set_kernel_configs("bwd", [(64, 64, 4, 2)])
+    with pytest.raises(ValueError, match="power-of-two"):
+        ops.set_kernel_configs("fwd", [(48, 64, 4, 2)])
+    with pytest.raises(ValueError, match="at least one config"):
+        ops.set_kernel_configs("fwd", [])
+    try:
+        ops.set_kernel_configs("fwd", [(64, 16, 4, 1)])  # BLOCK_M 64 cannot split 32-row blocks
+        layout = random_layout(1, 2, 64, 64, block=32).to(DEVICE)
+        q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float16)
+        with pytest.raises(ValueError, match="must divide the layout's q_block"):
+            sparse_attention(q, k, v, layout, backend="triton")
+    finally:
+        ops.set_kernel_configs("fwd", None)

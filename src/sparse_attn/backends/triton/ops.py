@@ -19,14 +19,60 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+KERNEL_KINDS = ("fwd", "dq", "dkdv")
+
+# Tile configs pinned by set_kernel_configs, by kernel kind: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_PINNED: dict = {}
+
+
+def set_kernel_configs(kind: str, configs=None) -> None:
+    """Replace kernel ``kind``'s autotuning space ("fwd", "dq" or "dkdv") with ``configs``, a list
+    of ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; ``None`` restores the built-in space. What was
+    tuned or compiled for that kind is forgotten, so the next call tunes (or, with one config, just
+    runs) the new space. For tuning on a GPU the built-in space was not measured on, and for
+    ``benchmarks/sweep_kernel_configs.py``, which times configs one at a time. Each tile must divide
+    the layout's blocks (checked at the call, since blocks come with the layout)."""
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    if configs is not None:
+        configs = [tuple(c) for c in configs]
+        for c in configs:
+            if len(c) != 4 or not all(isinstance(x, int) and x > 0 for x in c) \
+                    or any(x & (x - 1) for x in c[:3]) or min(c[:2]) < 16:
+                raise ValueError(f"configs: each must be (BLOCK_M, BLOCK_N, num_warps, num_stages) with power-of-two "
+                                 f"tiles >= 16 and warps, and stages >= 1; got {c}")
+        if not configs:
+            raise ValueError("configs: give at least one config, or None to restore the built-in space")
+        _PINNED[kind] = configs
+    else:
+        _PINNED.pop(kind, None)
+    for key in [key for key in TUNED if key[0] == kind]:
+        del TUNED[key]
+    for cache in (_CHOSEN, _COMPILED):
+        for key in [key for key in cache if key[0] == kind]:
+            del cache[key]
+
+
 def _configs(q_block: int, kv_block: int, kind: str):
-    """Autotune space (tiles divide the layout blocks); one small config in the CPU interpreter."""
+    """Autotune space (tiles divide the layout blocks); one small config in the CPU interpreter;
+    the pinned configs (set_kernel_configs) instead of either."""
+    if kind in _PINNED:
+        bad = [c for c in _PINNED[kind] if q_block % c[0] or kv_block % c[1]]
+        if bad:
+            raise ValueError(f"pinned {kind} configs {bad}: BLOCK_M must divide the layout's q_block ({q_block}) "
+                             f"and BLOCK_N its kv_block ({kv_block})")
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                for m, n, w, st in _PINNED[kind]]
     if interpreting():
         return [triton.Config({"BLOCK_M": min(16, q_block), "BLOCK_N": min(16, kv_block)},
                               num_warps=4, num_stages=1)]
+    # The forward's 32-key tiles and single stage: at 32K and 2% density on an H100 the fastest
+    # forward config (64x32, 4 warps, 2 stages) ran 1.25x faster than the tuner's pick from the
+    # earlier space (benchmarks/sweep_kernel_configs.py, docs/benchmarks.md session 11); the
+    # backward's spaces held configs within 1-4% of the fastest of 50 there.
     space = {
         # kind: (BLOCK_M choices, BLOCK_N choices, num_stages choices)
-        "fwd": ((64, 128), (64, 128), (2, 3, 4)),
+        "fwd": ((64, 128), (32, 64, 128), (1, 2, 3)),
         "dq": ((64, 128), (32, 64), (2, 3)),
         "dkdv": ((32, 64), (64, 128), (2, 3)),
     }[kind]
@@ -36,7 +82,12 @@ def _configs(q_block: int, kv_block: int, kind: str):
     for m in ms:
         for n in ns:
             for stages in space[2]:
-                warps = (4, 8) if kind == "dkdv" else ((8,) if max(m, n) >= 128 else (4,))
+                if kind == "dkdv":
+                    warps = (4, 8)
+                elif kind == "fwd":
+                    warps = (8,) if m * n >= 128 * 128 else (4,)
+                else:
+                    warps = (8,) if max(m, n) >= 128 else (4,)
                 configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
                             for w in warps]
     return configs
