@@ -2,8 +2,9 @@
 # Everything that needs a GPU, grouped so each group fits one device call (10-minute limit, at most
 # 8 files back from $OUT). Each step has its own time box, and every benchmark writes its JSON row
 # by row, so a step cut short still returns what it measured.
-#   bash benchmarks/gpu_session.sh attention    # GPU kernel tests + attention benchmark at 128K (~8 min)
-#   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, kernel tests (~9.5 min)
+#   bash benchmarks/gpu_session.sh kernels      # GPU kernel tests + forward tile-config sweep at 32K (~9 min)
+#   bash benchmarks/gpu_session.sh attention    # attention benchmark at 128K (~7 min)
+#   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, estimator kernel tests (~9.5 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
 #   bash benchmarks/gpu_session.sh refine       # three refine variants on the canary in src/ (~9 min)
@@ -19,8 +20,12 @@ out=${OUT:-results}
 mkdir -p "$out"
 for step in "${@:-attention}"; do
   case $step in
+    kernels)
+      # The attention kernel tests take ~4 min on an H100 (40 tests, session 11).
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py 2>&1 | tail -3
+      timeout 240 python3 benchmarks/sweep_kernel_configs.py --kinds fwd --length 32768 --densities 0.02 0.2 \
+        --out "$out/fwd_configs32k" ;;
     attention)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -x 2>&1 | tail -3
       timeout 400 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 1.0 0.2 0.5 0.05 \
         --out "$out/attention128k" ;;
     evidence)
@@ -29,8 +34,8 @@ for step in "${@:-attention}"; do
       timeout 80 python3 benchmarks/bench_estimators.py --lengths 32768 --out "$out/estimators32k"
       timeout 200 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 0.2 1.0 \
         --out "$out/attention128k"
-      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_methods.py \
-        -k "kernel or triton" 2>&1 | tail -3 ;;
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_methods.py -k "kernel or triton" 2>&1 \
+        | tail -3 ;;
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)
