@@ -19,7 +19,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-KERNEL_KINDS = ("fwd", "dq", "dkdv")
+# The kernels by kind: the names set_kernel_configs, the tuners and the launch caches use.
+_KERNELS = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel, "dkdv": kernels._bwd_dkdv_kernel}
+KERNEL_KINDS = tuple(_KERNELS)
 
 # Tile configs pinned by set_kernel_configs, by kernel kind: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _PINNED: dict = {}
@@ -69,7 +71,7 @@ def _configs(q_block: int, kv_block: int, kind: str):
     # The forward's 32-key tiles and single stage: at 32K and 2% density on an H100 the fastest
     # forward config (64x32, 4 warps, 2 stages) ran 1.25x faster than the tuner's pick from the
     # earlier space (benchmarks/sweep_kernel_configs.py, docs/benchmarks.md session 11); the
-    # backward's spaces held configs within 1-4% of the fastest of 50 there.
+    # backward's spaces already held the fastest of 50 configs there, or one within 1% of it.
     space = {
         # kind: (BLOCK_M choices, BLOCK_N choices, num_stages choices)
         "fwd": ((64, 128), (32, 64, 128), (1, 2, 3)),
@@ -109,10 +111,8 @@ def _width_class(indices: Tensor) -> int:
 
 def _tuned(kind: str, q_block: int, kv_block: int):
     if (kind, q_block, kv_block) not in TUNED:
-        kernel = {"fwd": kernels._fwd_kernel, "dq": kernels._bwd_dq_kernel,
-                  "dkdv": kernels._bwd_dkdv_kernel}[kind]
         TUNED[kind, q_block, kv_block] = triton.autotune(configs=_configs(q_block, kv_block, kind),
-                                                         key=list(_TUNE_KEY))(kernel)
+                                                         key=list(_TUNE_KEY))(_KERNELS[kind])
     return TUNED[kind, q_block, kv_block]
 
 
