@@ -327,6 +327,25 @@ def test_layouts_of_different_widths_are_tuned_apart(monkeypatch):
     assert sorted(key[-1] for key in ops._CHOSEN if key[0] == "fwd") == [1, 4]
 
 
+def test_block_lists_are_read_once_per_layout():
+    """What the kernels read from a layout (lists, their strides, the width class; the kv-major
+    transpose for dK/dV) is computed on the first call and reused: per-call tensor method calls cost
+    microseconds on a GPU host. The cached values are the layout's own."""
+    from sparse_attn.backends.triton import ops
+
+    layout = random_layout(1, 2, 96, 96, block=32, density=0.7)
+    lists = ops._block_lists(layout)
+    assert ops._block_lists(layout) is lists
+    cnt, idx, cnt_strides, idx_strides, width = lists
+    assert cnt is layout.kv_num_blocks and idx is layout.kv_indices
+    assert cnt_strides == (0, cnt.stride(1)) and idx_strides == (0, idx.stride(1), idx.stride(2))  # batch 1
+    assert width == ops._width_class(idx)
+    t_cnt, t_idx, *_ = ops._block_lists(layout, kv_major=True)
+    transposed = layout.transpose()
+    assert torch.equal(t_cnt, transposed.q_num_blocks) and torch.equal(t_idx, transposed.q_indices)
+    assert ops._block_lists(layout, kv_major=True)[0] is t_cnt
+
+
 def test_pinned_kernel_configs_are_used_and_still_match_golden():
     """set_kernel_configs replaces a kernel's tuning space: the kernels then run with the pinned
     tiles (several per layout block here) and still match the float64 golden; None restores the
