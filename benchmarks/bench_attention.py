@@ -248,9 +248,9 @@ def as_baseline_layout(baseline, layout):
 def autotuned_configs(triton_ops) -> dict:
     """The config the autotuner chose for each of our kernels and key (what the timings ran)."""
     chosen = {}
-    for (kind, q_block, kv_block), tuner in triton_ops.TUNED.items():
+    for (kind, *blocks), tuner in triton_ops.TUNED.items():  # (kind, q_block, kv_block[, head_dim])
         for key, config in getattr(tuner, "cache", {}).items():
-            chosen[f"{kind} q{q_block} kv{kv_block} {key}"] = str(config)
+            chosen[f"{kind} q{blocks[0]} kv{blocks[1]} {key}"] = str(config)
     return chosen
 
 

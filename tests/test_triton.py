@@ -295,7 +295,7 @@ def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):
 
     knobs = pytest.importorskip("triton").knobs
     monkeypatch.setattr(ops, "interpreting", lambda: False)
-    fn = ops._tuned("fwd", 16, 16).fn
+    fn = ops._tuned("fwd", 16, 16, 16).fn
     hook = knobs.runtime.launch_enter_hook
     if hasattr(hook, "add"):  # a HookChain
         assert ops._fast_launch_ready(fn)
@@ -344,6 +344,28 @@ def test_block_lists_are_read_once_per_layout():
     transposed = layout.transpose()
     assert torch.equal(t_cnt, transposed.q_num_blocks) and torch.equal(t_idx, transposed.q_indices)
     assert ops._block_lists(layout, kv_major=True)[0] is t_cnt
+
+
+def test_dkdv_tuning_space_depends_on_head_dim(monkeypatch):
+    """On a GPU, head dim 128's dK/dV kernel tunes over the measured short list (64-key tiles on 4
+    warps), head dim 64 over the general space (128-key tiles are its fastest); pinned configs
+    replace either."""
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+
+    def tiles(configs):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+    assert tiles(ops._configs(128, 128, "dkdv", 128)) == set(ops.DKDV_HEAD_DIM_128)
+    general = tiles(ops._configs(128, 128, "dkdv", 64))
+    assert any(n == 128 for _, n, _, _ in general) and len(general) > len(ops.DKDV_HEAD_DIM_128)
+    assert tiles(ops._configs(128, 32, "dkdv", 128)) == tiles(ops._configs(128, 32, "dkdv", 64))  # 64 > block
+    try:
+        ops.set_kernel_configs("dkdv", [(32, 128, 8, 2)])
+        assert tiles(ops._configs(128, 128, "dkdv", 128)) == {(32, 128, 8, 2)}
+    finally:
+        ops.set_kernel_configs("dkdv", None)
 
 
 def test_pinned_kernel_configs_are_used_and_still_match_golden():

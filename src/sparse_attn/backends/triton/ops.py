@@ -60,7 +60,15 @@ def set_kernel_configs(kind: str, configs=None) -> None:
             del cache[key]
 
 
-def _configs(q_block: int, kv_block: int, kind: str):
+# dK/dV tiles for head dim 128, (BLOCK_M, BLOCK_N, num_warps, num_stages): sweeps of every config
+# on an H100 at 32K (benchmarks/sweep_kernel_configs.py, docs/benchmarks.md sessions 11-12) found
+# one of these fastest or within 1% of it at d = 0.05, 0.2, 0.5 and 1.0, while the 128-key tiles on
+# 8 warps (in the general space) ran 1-9% slower and, picked by a noisy tuning pass, cost a 32K
+# d=0.5 training step ~5%. At head dim 64 a 128-key tile is the fastest, so the general space stays.
+DKDV_HEAD_DIM_128 = ((64, 64, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3))
+
+
+def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
     """Autotune space (tiles divide the layout blocks); one small config in the CPU interpreter;
     the pinned configs (set_kernel_configs) instead of either."""
     if kind in _PINNED:
@@ -83,6 +91,11 @@ def _configs(q_block: int, kv_block: int, kind: str):
         "dq": ((64, 128), (32, 64), (2, 3)),
         "dkdv": ((32, 64), (64, 128), (2, 3)),
     }[kind]
+    if kind == "dkdv" and head_dim >= 128:
+        fitting = [c for c in DKDV_HEAD_DIM_128 if q_block % c[0] == 0 and kv_block % c[1] == 0]
+        if fitting:
+            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                    for m, n, w, st in fitting]
     ms = [m for m in space[0] if q_block % m == 0] or [q_block]
     ns = [n for n in space[1] if kv_block % n == 0] or [kv_block]
     configs = []
@@ -100,7 +113,7 @@ def _configs(q_block: int, kv_block: int, kind: str):
     return configs
 
 
-# Autotuned kernels by (kind, q_block, kv_block); each tuner's ``cache`` holds what it chose.
+# Autotuned kernels by (kind, q_block, kv_block, head_dim); each tuner's ``cache`` holds what it chose.
 TUNED: dict = {}
 
 
@@ -114,11 +127,11 @@ def _width_class(indices: Tensor) -> int:
     return max(int(indices.shape[-1]), 1).bit_length()
 
 
-def _tuned(kind: str, q_block: int, kv_block: int):
-    if (kind, q_block, kv_block) not in TUNED:
-        TUNED[kind, q_block, kv_block] = triton.autotune(configs=_configs(q_block, kv_block, kind),
-                                                         key=list(_TUNE_KEY))(_KERNELS[kind])
-    return TUNED[kind, q_block, kv_block]
+def _tuned(kind: str, q_block: int, kv_block: int, head_dim: int):
+    if (kind, q_block, kv_block, head_dim) not in TUNED:
+        configs = _configs(q_block, kv_block, kind, head_dim)
+        TUNED[kind, q_block, kv_block, head_dim] = triton.autotune(configs=configs, key=list(_TUNE_KEY))(_KERNELS[kind])
+    return TUNED[kind, q_block, kv_block, head_dim]
 
 
 # The config each tuner chose, as (tile sizes, tile sizes + warps/stages), by kernel, dtype and
@@ -206,7 +219,7 @@ def _launch(kind: str, grid, *args, **meta):
                     FAST_LAUNCH = False
                     _COMPILED.clear()
                     fast_key = None
-    tuner = _tuned(kind, meta["Q_BLOCK"], meta["KV_BLOCK"])
+    tuner = _tuned(kind, meta["Q_BLOCK"], meta["KV_BLOCK"], meta["HEAD_DIM"])
     key = (kind, args[0].dtype, *(meta[name] for name in _TUNE_KEY))
     chosen = _CHOSEN.get(key)
     if chosen is None:
