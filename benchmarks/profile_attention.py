@@ -5,7 +5,9 @@ diagonal kept). For each density and mode (forward, forward+backward): the CUDA 
 kernels per call (torch.profiler), the wall time per call with back-to-back calls (what a timer
 sees when the host cannot keep the GPU busy), the host time per call while the GPU is kept busy
 (Python, launches and autograd alone), and the kernels taking most of it. When wall time is well
-above kernel time the call is host-bound (Python checks, launch latency), not kernel-bound.
+above kernel time the call is host-bound (Python checks, launch latency), not kernel-bound. The
+"floor" rows are an ``autograd.Function`` with our saved tensors and no kernels: what autograd
+itself costs the host per call.
 
     python benchmarks/profile_attention.py --length 8192 --densities 0.2 0.05 0.02
 """
@@ -56,6 +58,25 @@ def host_ms(fn, calls: int) -> float:
     return sorted(times)[len(times) // 2] * 1e3
 
 
+class NoKernelAttention(torch.autograd.Function):
+    """The host floor of any ``autograd.Function`` attention: the same saved tensors and outputs as
+    ours (out, and a non-differentiable LSE), buffers from ``empty_like``, no kernels. Its host time
+    is what autograd itself costs per call, which no kernel or launch change can remove."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=8192)
@@ -83,7 +104,8 @@ def main(argv=None):
                                seed=1, device="cuda")
         block_mask = layout.to_flex_block_mask(num_heads=args.heads)
         impls = {"ours": lambda: sparse_attention(q, k, v, layout, backend="triton"),
-                 "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
+                 "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
+                 "floor": lambda: NoKernelAttention.apply(q, k, v)[0]}
         for name, run in impls.items():
             for mode in ("fwd", "fwdbwd"):
                 if mode == "fwd":
@@ -98,7 +120,7 @@ def main(argv=None):
                 row = {"density": layout.density(), "impl": name, "mode": mode,
                        "wall_ms": wall_ms(call, args.calls), "host_ms": host_ms(call, args.calls), **prof}
                 rows.append(row)
-                print(f"d={row['density']:.3f} {name:4s} {mode:6s} wall {row['wall_ms']:.3f} ms  "
+                print(f"d={row['density']:.3f} {name:5s} {mode:6s} wall {row['wall_ms']:.3f} ms  "
                       f"host {row['host_ms']:.3f} ms  kernels {row['cuda_ms_per_call']:.3f} ms  top: "
                       + "; ".join(f"{kern['name'][:40]} {kern['ms_per_estimate']:.3f}" for kern in row["kernels"]),
                       flush=True)
