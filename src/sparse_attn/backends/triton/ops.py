@@ -81,6 +81,11 @@ def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
     if interpreting():
         return [triton.Config({"BLOCK_M": min(16, q_block), "BLOCK_N": min(16, kv_block)},
                               num_warps=4, num_stages=1)]
+    if kind == "dkdv" and head_dim >= 128:
+        fitting = [c for c in DKDV_HEAD_DIM_128 if q_block % c[0] == 0 and kv_block % c[1] == 0]
+        if fitting:
+            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                    for m, n, w, st in fitting]
     # The forward's 32-key tiles and single stage: at 32K and 2% density on an H100 the fastest
     # forward config (64x32, 4 warps, 2 stages) ran 1.25x faster than the tuner's pick from the
     # earlier space (benchmarks/sweep_kernel_configs.py, docs/benchmarks.md session 11); the
@@ -91,11 +96,6 @@ def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
         "dq": ((64, 128), (32, 64), (2, 3)),
         "dkdv": ((32, 64), (64, 128), (2, 3)),
     }[kind]
-    if kind == "dkdv" and head_dim >= 128:
-        fitting = [c for c in DKDV_HEAD_DIM_128 if q_block % c[0] == 0 and kv_block % c[1] == 0]
-        if fitting:
-            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                    for m, n, w, st in fitting]
     ms = [m for m in space[0] if q_block % m == 0] or [q_block]
     ns = [n for n in space[1] if kv_block % n == 0] or [kv_block]
     configs = []
