@@ -68,6 +68,11 @@ def set_kernel_configs(kind: str, configs=None) -> None:
 DKDV_HEAD_DIM_128 = ((64, 64, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3))
 
 
+def _as_configs(tiles) -> list:
+    """Triton configs from ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` tuples."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+
+
 def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
     """Autotune space (tiles divide the layout blocks); one small config in the CPU interpreter;
     the pinned configs (set_kernel_configs) instead of either."""
@@ -76,16 +81,14 @@ def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
         if bad:
             raise ValueError(f"pinned {kind} configs {bad}: BLOCK_M must divide the layout's q_block ({q_block}) "
                              f"and BLOCK_N its kv_block ({kv_block})")
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                for m, n, w, st in _PINNED[kind]]
+        return _as_configs(_PINNED[kind])
     if interpreting():
         return [triton.Config({"BLOCK_M": min(16, q_block), "BLOCK_N": min(16, kv_block)},
                               num_warps=4, num_stages=1)]
     if kind == "dkdv" and head_dim >= 128:
         fitting = [c for c in DKDV_HEAD_DIM_128 if q_block % c[0] == 0 and kv_block % c[1] == 0]
         if fitting:
-            return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                    for m, n, w, st in fitting]
+            return _as_configs(fitting)
     # The forward's 32-key tiles and single stage: at 32K and 2% density on an H100 the fastest
     # forward config (64x32, 4 warps, 2 stages) ran 1.25x faster than the tuner's pick from the
     # earlier space (benchmarks/sweep_kernel_configs.py, docs/benchmarks.md session 11); the
