@@ -1,12 +1,18 @@
 """Block-sparse attention speed: ours (Triton) vs FlexAttention (same BlockMask) vs dense SDPA.
 
 One run times, on identical inputs and layouts: our Triton kernels, FlexAttention with the layout's
-BlockMask, and dense causal SDPA with the flash and cuDNN backends; forward and forward+backward.
-Every sparse configuration is first checked against Flex's output (and gradients at the first
-length); a failed check is reported and no speed-up is claimed for it.
+BlockMask, and dense causal SDPA with the flash and cuDNN backends; forward, backward alone
+(``--modes bwd``: gradients of a retained graph) and forward+backward. Every sparse configuration
+is first checked against Flex's output (and gradients at the first length); a failed check is
+reported and no speed-up is claimed for it.
 
     python benchmarks/bench_attention.py --lengths 8192 32768 131072 --out results/attention
     python benchmarks/bench_attention.py --lengths 32768 --baseline-src ../old/src  # A/B two checkouts
+    python benchmarks/bench_attention.py --lengths 32768 --modes fwd bwd fwdbwd --rounds 5
+
+``--rounds N`` times ours and Flex N times each, alternating, and reports medians and the range of
+the per-round Flex/ours ratios: on an H100 one row's ratio moved by 5-10% between runs (clock and
+tuning noise), which single timings cannot show.
 
 ``--baseline-src`` loads a second copy of the library (another checkout's ``src``) and times its
 Triton kernels on the same inputs and layouts, for before/after comparisons in one run. The chosen
@@ -21,6 +27,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -79,17 +86,44 @@ def sdpa_fn(q, k, v, backend_name):
     return run, (kr, vr)
 
 
+MODES = ("fwd", "bwd", "fwdbwd")
+# Matmul FLOPs of each mode relative to the forward's (the backward recomputes scores and runs
+# dV, dP, dQ and dK: 2.5x the forward's two matmuls).
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+
 def timed(run, inputs, mode):
-    """Time forward only, or forward+backward with a fixed upstream gradient."""
+    """Time forward only (no autograd graph), backward only (gradients of one retained graph,
+    so no forward in the timed region), or forward+backward, with a fixed upstream gradient."""
     if mode == "fwd":
         with torch.no_grad():
             return bench(run)
-    grad = torch.randn_like(run())
+    out = run()
+    grad = torch.randn_like(out)
+    if mode == "bwd":
+        return bench(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
 
     def step():
         run().backward(grad)
 
     return bench(step, grad_to_none=list(inputs))
+
+
+def interleaved(runs: dict, rounds: int) -> dict:
+    """Time each named callable ``rounds`` times, alternating between them every round, so clock and
+    thermal drift during a run fall on all of them alike. Returns the per-round milliseconds."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run())
+    return times
+
+
+def round_summary(ours: list, flex: list) -> dict:
+    """Medians of per-round times and the spread of the per-round Flex/ours ratios."""
+    ratios = [f / o for o, f in zip(ours, flex)]
+    return {"ours_ms": statistics.median(ours), "flex_ms": statistics.median(flex),
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
 def rel(a, b) -> float:
@@ -106,7 +140,11 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--window", type=int, default=4096, help="sliding-window layout size")
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "fwdbwd"],
+                        help="fwd: forward; bwd: backward alone (gradients of a retained graph); fwdbwd: both")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time ours, Flex (and the baseline) this many times each, interleaved; rows report "
+                             "medians and the range of the per-round Flex/ours ratios")
     parser.add_argument("--skip-dense-sdpa", action="store_true")
     parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
                         help="our forward's K/V loads through tensor descriptors (backends.triton.ops.FORWARD_TMA; "
@@ -134,6 +172,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(), "heads": args.heads, "kv_heads": args.kv_heads,
         "dim": args.dim, "block": args.block, "dtype": "bfloat16", "batch": 1, "causal": True,
         "forward_tma": args.forward_tma, "backward_tma": args.backward_tma, "baseline_src": args.baseline_src,
+        "rounds": args.rounds,
     }
     meta.update(ceilings())
     print(json.dumps(meta))
@@ -143,6 +182,13 @@ def main(argv=None):
         with open(args.out + ".json", "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
 
+    if "bwd" in args.modes:
+        # Timing the backward alone reuses one graph (retain_graph), which compiled backwards with
+        # donated buffers (Flex's) refuse; donation only lets the backward reuse saved memory.
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
     flex = _compiled_flex()
     for seq in args.lengths:
         torch.manual_seed(0)
@@ -184,7 +230,7 @@ def main(argv=None):
             # Correctness gate: ours vs Flex on the same layout (grads at the first length).
             out_ours, out_flex = ours(), flex_run()
             check = {"out": rel(out_ours, out_flex)}
-            if seq == args.lengths[0] and "fwdbwd" in args.modes:
+            if seq == args.lengths[0] and args.modes != ["fwd"]:
                 grad = torch.randn_like(out_ours)
                 g_ours = torch.autograd.grad(out_ours, (q, k, v), grad)
                 g_flex = torch.autograd.grad(out_flex, (q, k, v), grad)
@@ -194,10 +240,14 @@ def main(argv=None):
             del out_ours, out_flex
             ok = all(err < 2e-2 for err in check.values())
             for mode in args.modes:
-                t_ours = timed(ours, (q, k, v), mode)
-                t_flex = timed(flex_run, (q, k, v), mode)
-                t_base = timed(base_run, (q, k, v), mode) if baseline is not None else None
-                factor = 1.0 if mode == "fwd" else 3.5  # backward ~ 2.5x the forward matmuls
+                runs = {"ours": lambda: timed(ours, (q, k, v), mode), "flex": lambda: timed(flex_run, (q, k, v), mode)}
+                if baseline is not None:
+                    runs["baseline"] = lambda: timed(base_run, (q, k, v), mode)
+                times = interleaved(runs, args.rounds)
+                summary = round_summary(times["ours"], times["flex"])
+                t_ours, t_flex = summary["ours_ms"], summary["flex_ms"]
+                t_base = statistics.median(times["baseline"]) if baseline is not None else None
+                factor = FLOP_FACTOR[mode]
                 cudnn, flash = dense_ms.get(("cudnn", mode)), dense_ms.get(("flash", mode))
                 row = {
                     "seq": seq, "layout": name, "density": density, "mode": mode,
@@ -207,11 +257,13 @@ def main(argv=None):
                     "ours_over_cudnn_dense": t_ours / cudnn if (ok and cudnn) else None,
                     "baseline_ms": t_base, "baseline_over_ours": t_base / t_ours if t_base else None,
                     "check_rel_err": check, "check_ok": ok,
+                    "rounds": args.rounds, "ratio_min": summary["ratio_min"] if ok else None,
+                    "ratio_max": summary["ratio_max"] if ok else None, "round_ms": times,
                 }
                 rows.append(row)
                 save()
                 print(format_row(row), flush=True)
-        del q, k, v
+        q = k = v = None  # free the inputs before the next length (not del: closures above use the names)
         torch.cuda.empty_cache()
     meta["autotuned"] = autotuned_configs(triton_ops)
     print(json.dumps(meta["autotuned"], indent=1))
@@ -260,6 +312,7 @@ def _f(x, spec):
 
 HEADER = ("| S | layout | density | mode | ours ms | flex ms | cuDNN dense ms | flash dense ms | "
           "ours TF/s | flex TF/s | flex/ours | ours/cuDNN | check |")
+ROUNDS_HEADER = " flex/ours per round |"
 BASELINE_HEADER = " baseline ms | baseline/ours |"
 
 
@@ -268,6 +321,8 @@ def format_row(r) -> str:
             f"{r['flex_ms']:.2f} | {_f(r['cudnn_dense_ms'], '.2f')} | {_f(r['flash_dense_ms'], '.2f')} | "
             f"{r['ours_tflops']:.0f} | {r['flex_tflops']:.0f} | {_f(r['speedup_vs_flex'], '.2f')} | "
             f"{_f(r['ours_over_cudnn_dense'], '.3f')} | {'ok' if r['check_ok'] else 'FAILED'} |")
+    if r.get("rounds", 1) > 1:
+        line += f" {_f(r['ratio_min'], '.2f')}-{_f(r['ratio_max'], '.2f')} |"
     if r.get("baseline_ms") is not None:
         line += f" {r['baseline_ms']:.2f} | {r['baseline_over_ours']:.3f} |"
     return line
@@ -276,8 +331,9 @@ def format_row(r) -> str:
 def format_table(rows, meta) -> str:
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              f"measured roofs: bf16 matmul {meta['matmul_tflops']:.0f} TF/s, copy {meta['copy_gbs']:.0f} GB/s",
-             "", HEADER + (BASELINE_HEADER if meta.get("baseline_src") else ""),
-             "|" + "---|" * (15 if meta.get("baseline_src") else 13)]
+             "", HEADER + (ROUNDS_HEADER if meta.get("rounds", 1) > 1 else "")
+             + (BASELINE_HEADER if meta.get("baseline_src") else ""),
+             "|" + "---|" * (13 + (meta.get("rounds", 1) > 1) + 2 * bool(meta.get("baseline_src")))]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)
 
