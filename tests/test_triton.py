@@ -346,18 +346,22 @@ def test_block_lists_are_read_once_per_layout():
     assert ops._block_lists(layout, kv_major=True)[0] is t_cnt
 
 
-def test_dkdv_tuning_space_depends_on_head_dim(monkeypatch):
+@pytest.mark.parametrize("hopper", [False, True])
+def test_dkdv_tuning_space_depends_on_head_dim(monkeypatch, hopper):
     """On a GPU, head dim 128's dK/dV kernel tunes over the measured short list (64-key tiles on 4
-    warps), head dim 64 over the general space (128-key tiles are its fastest); pinned configs
-    replace either."""
+    warps; on Hopper its one measured best, no tuning), head dim 64 over the general space
+    (128-key tiles are its fastest); pinned configs replace either."""
     from sparse_attn.backends.triton import ops
 
     monkeypatch.setattr(ops, "interpreting", lambda: False)
+    monkeypatch.setattr(ops, "_on_hopper", lambda: hopper)
+    short_list = ops.DKDV_HEAD_DIM_128_HOPPER if hopper else ops.DKDV_HEAD_DIM_128
+    assert set(ops.DKDV_HEAD_DIM_128_HOPPER) <= set(ops.DKDV_HEAD_DIM_128)
 
     def tiles(configs):
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
-    assert tiles(ops._configs(128, 128, "dkdv", 128)) == set(ops.DKDV_HEAD_DIM_128)
+    assert tiles(ops._configs(128, 128, "dkdv", 128)) == set(short_list)
     general = tiles(ops._configs(128, 128, "dkdv", 64))
     assert any(n == 128 for _, n, _, _ in general) and len(general) > len(ops.DKDV_HEAD_DIM_128)
     assert tiles(ops._configs(128, 32, "dkdv", 128)) == tiles(ops._configs(128, 32, "dkdv", 64))  # 64 > block

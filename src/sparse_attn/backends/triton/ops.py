@@ -66,6 +66,11 @@ def set_kernel_configs(kind: str, configs=None) -> None:
 # 8 warps (in the general space) ran 1-9% slower and, picked by a noisy tuning pass, cost a 32K
 # d=0.5 training step ~5%. At head dim 64 a 128-key tile is the fastest, so the general space stays.
 DKDV_HEAD_DIM_128 = ((64, 64, 4, 1), (64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3))
+# On Hopper, one of them without tuning: 64x64 / 4 warps / 2 stages was the fastest dK/dV config in
+# five of six full sweeps on an H100 (32K d = 0.05, 0.2, 0.5; 128K d = 0.02, 0.1) and 3.4% off the
+# fastest at 32K d = 1.0, while the tuner's single timing pass, choosing among the four above, picked
+# configs 0-4.7% slower than it (docs/benchmarks.md sessions 11-13). Elsewhere the four are tuned.
+DKDV_HEAD_DIM_128_HOPPER = ((64, 64, 4, 2),)
 
 
 def _as_configs(tiles) -> list:
@@ -86,7 +91,8 @@ def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
         return [triton.Config({"BLOCK_M": min(16, q_block), "BLOCK_N": min(16, kv_block)},
                               num_warps=4, num_stages=1)]
     if kind == "dkdv" and head_dim >= 128:
-        fitting = [c for c in DKDV_HEAD_DIM_128 if q_block % c[0] == 0 and kv_block % c[1] == 0]
+        short_list = DKDV_HEAD_DIM_128_HOPPER if _on_hopper() else DKDV_HEAD_DIM_128
+        fitting = [c for c in short_list if q_block % c[0] == 0 and kv_block % c[1] == 0]
         if fitting:
             return _as_configs(fitting)
     # The forward's 32-key tiles and single stage: at 32K and 2% density on an H100 the fastest
@@ -114,6 +120,11 @@ def _configs(q_block: int, kv_block: int, kind: str, head_dim: int):
                 configs += [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=stages)
                             for w in warps]
     return configs
+
+
+def _on_hopper() -> bool:
+    """Whether the current CUDA device is a Hopper GPU (compute capability 9.x)."""
+    return torch.cuda.is_available() and _major_capability(torch.cuda.current_device()) == 9
 
 
 # Autotuned kernels by (kind, q_block, kv_block, head_dim); each tuner's ``cache`` holds what it chose.
