@@ -14,6 +14,13 @@ reported and no speed-up is claimed for it.
 the per-round Flex/ours ratios: on an H100 one row's ratio moved by 5-10% between runs (clock and
 tuning noise), which single timings cannot show.
 
+``--sustain SECONDS`` also runs ours and Flex back to back for that long each (ours, Flex, Flex,
+ours) and reports time per call, joules per call and the mean SM clock: over seconds an H100 hits
+its power cap and slows its clock, so the kernel that spends less energy per call wins there.
+
+``--cuda-graphs`` times CUDA-graph replays of each call instead (ours and Flex alike): rows that
+are host-bound in eager mode (8K at low density) then show what the kernels take.
+
 ``--baseline-src`` loads a second copy of the library (another checkout's ``src``) and times its
 Triton kernels on the same inputs and layouts, for before/after comparisons in one run. The chosen
 autotune configs of each kernel are saved with the results.
@@ -35,6 +42,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gpu_power  # noqa: E402
+
 from sparse_attn import random_layout, sliding_window_layout, sparse_attention  # noqa: E402
 from sparse_attn.backends.flex import _compiled_flex  # noqa: E402
 
@@ -45,12 +56,11 @@ except ImportError:  # pragma: no cover
         return x
 
 
-def bench(fn, grad_to_none=None) -> float:
+def bench(fn) -> float:
     """Median milliseconds of ``fn`` via CUDA-event timing (triton.testing.do_bench)."""
     import triton
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none,
-                                         return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def ceilings() -> dict:
@@ -92,21 +102,56 @@ MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 
 
-def timed(run, inputs, mode):
-    """Time forward only (no autograd graph), backward only (gradients of one retained graph,
-    so no forward in the timed region), or forward+backward, with a fixed upstream gradient."""
+def mode_call(run, inputs, mode):
+    """The call a mode times: forward only (no autograd graph), backward only (gradients of one
+    retained graph, so no forward in it), or forward+backward with a fixed upstream gradient and
+    the inputs' gradients cleared first (so no accumulation is timed)."""
     if mode == "fwd":
-        with torch.no_grad():
-            return bench(run)
+        def forward():
+            with torch.no_grad():
+                return run()
+
+        return forward
     out = run()
     grad = torch.randn_like(out)
     if mode == "bwd":
-        return bench(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
 
     def step():
+        for t in inputs:
+            t.grad = None
         run().backward(grad)
 
-    return bench(step, grad_to_none=list(inputs))
+    return step
+
+
+def timed(run, inputs, mode):
+    """Median milliseconds of ``mode_call(run, inputs, mode)``."""
+    return bench(mode_call(run, inputs, mode))
+
+
+def graphed(make_call, warmup: int = 3):
+    """The call ``make_call()`` returns, captured into a CUDA graph; returns the graph's replay.
+    Built, warmed up (tuning and compilation stay outside the capture) and captured on one side
+    stream: autograd runs a backward on its forward's stream, so a ``bwd`` call whose graph was
+    built on another stream could not be captured. Replays skip the host work of each call
+    (Python, argument checks, launches, autograd), so host-bound rows show the kernels' time."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn = make_call()
+        for _ in range(warmup):
+            fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+    def replay():
+        graph.replay()
+
+    replay.captured_call = fn  # keeps what the graph reads (the retained forward, the upstream gradient) alive
+    return replay
 
 
 def interleaved(runs: dict, rounds: int) -> dict:
@@ -145,6 +190,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1,
                         help="time ours, Flex (and the baseline) this many times each, interleaved; rows report "
                              "medians and the range of the per-round Flex/ours ratios")
+    parser.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
+                        help="also run ours and Flex back to back for this long each (order ours, Flex, Flex, "
+                             "ours) and report time, joules per call and mean SM clock under the power cap "
+                             "(benchmarks/gpu_power.py; needs nvidia-ml-py for energy)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="time ours and Flex as CUDA-graph replays (each mode's call captured once per row): "
+                             "no per-call host cost, for rows where the host, not the GPU, sets the pace")
     parser.add_argument("--skip-dense-sdpa", action="store_true")
     parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
                         help="our forward's K/V loads through tensor descriptors (backends.triton.ops.FORWARD_TMA; "
@@ -172,7 +224,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(), "heads": args.heads, "kv_heads": args.kv_heads,
         "dim": args.dim, "block": args.block, "dtype": "bfloat16", "batch": 1, "causal": True,
         "forward_tma": args.forward_tma, "backward_tma": args.backward_tma, "baseline_src": args.baseline_src,
-        "rounds": args.rounds,
+        "rounds": args.rounds, "sustain_s": args.sustain, "cuda_graphs": args.cuda_graphs,
     }
     meta.update(ceilings())
     print(json.dumps(meta))
@@ -190,6 +242,7 @@ def main(argv=None):
         if hasattr(functorch_config, "donated_buffer"):
             functorch_config.donated_buffer = False
     flex = _compiled_flex()
+    energy_reader = gpu_power.nvml_reader(torch.cuda.current_device()) if args.sustain else None
     for seq in args.lengths:
         torch.manual_seed(0)
         shape_q, shape_kv = (1, args.heads, seq, args.dim), (1, args.kv_heads, seq, args.dim)
@@ -240,10 +293,18 @@ def main(argv=None):
             del out_ours, out_flex
             ok = all(err < 2e-2 for err in check.values())
             for mode in args.modes:
-                runs = {"ours": lambda: timed(ours, (q, k, v), mode), "flex": lambda: timed(flex_run, (q, k, v), mode)}
-                if baseline is not None:
-                    runs["baseline"] = lambda: timed(base_run, (q, k, v), mode)
-                times = interleaved(runs, args.rounds)
+                impls = {"ours": ours, "flex": flex_run, **({"baseline": base_run} if baseline is not None else {})}
+                calls = {}
+                for impl, run in impls.items():
+                    try:
+                        make_call = lambda run=run: mode_call(run, (q, k, v), mode)  # noqa: E731
+                        calls[impl] = graphed(make_call) if args.cuda_graphs else make_call()
+                    except Exception as exc:  # a capture that fails is reported, and the row is skipped
+                        print(f"{impl} {mode} at {seq} {name}: could not capture a CUDA graph: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}")
+                if set(calls) != set(impls):
+                    continue
+                times = interleaved({impl: (lambda c=c: bench(c)) for impl, c in calls.items()}, args.rounds)
                 summary = round_summary(times["ours"], times["flex"])
                 t_ours, t_flex = summary["ours_ms"], summary["flex_ms"]
                 t_base = statistics.median(times["baseline"]) if baseline is not None else None
@@ -260,6 +321,11 @@ def main(argv=None):
                     "rounds": args.rounds, "ratio_min": summary["ratio_min"] if ok else None,
                     "ratio_max": summary["ratio_max"] if ok else None, "round_ms": times,
                 }
+                if args.sustain and ok:
+                    row["sustained"] = gpu_power.abba(
+                        {"ours": calls["ours"], "flex": calls["flex"]},
+                        lambda fn: gpu_power.sustained(fn, args.sustain, energy_reader, torch.cuda.synchronize))
+                del calls
                 rows.append(row)
                 save()
                 print(format_row(row), flush=True)
@@ -313,6 +379,7 @@ def _f(x, spec):
 HEADER = ("| S | layout | density | mode | ours ms | flex ms | cuDNN dense ms | flash dense ms | "
           "ours TF/s | flex TF/s | flex/ours | ours/cuDNN | check |")
 ROUNDS_HEADER = " flex/ours per round |"
+SUSTAINED_HEADER = " sustained ours ms | sustained flex/ours | J per call ours/flex | SM MHz ours/flex |"
 BASELINE_HEADER = " baseline ms | baseline/ours |"
 
 
@@ -323,6 +390,14 @@ def format_row(r) -> str:
             f"{_f(r['ours_over_cudnn_dense'], '.3f')} | {'ok' if r['check_ok'] else 'FAILED'} |")
     if r.get("rounds", 1) > 1:
         line += f" {_f(r['ratio_min'], '.2f')}-{_f(r['ratio_max'], '.2f')} |"
+    if r.get("sustained"):
+        ours, flex = r["sustained"]["ours"], r["sustained"]["flex"]
+        line += f" {ours['ms']:.2f} | {flex['ms'] / ours['ms']:.3f} |"
+        if ours.get("joules") is not None:
+            line += (f" {ours['joules']:.2f}/{flex['joules']:.2f} | "
+                     f"{_f(ours['sm_mhz'], '.0f')}/{_f(flex['sm_mhz'], '.0f')} |")
+        else:
+            line += " n/a | n/a |"
     if r.get("baseline_ms") is not None:
         line += f" {r['baseline_ms']:.2f} | {r['baseline_over_ours']:.3f} |"
     return line
@@ -332,8 +407,10 @@ def format_table(rows, meta) -> str:
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              f"measured roofs: bf16 matmul {meta['matmul_tflops']:.0f} TF/s, copy {meta['copy_gbs']:.0f} GB/s",
              "", HEADER + (ROUNDS_HEADER if meta.get("rounds", 1) > 1 else "")
+             + (SUSTAINED_HEADER if meta.get("sustain_s") else "")
              + (BASELINE_HEADER if meta.get("baseline_src") else ""),
-             "|" + "---|" * (13 + (meta.get("rounds", 1) > 1) + 2 * bool(meta.get("baseline_src")))]
+             "|" + "---|" * (13 + (meta.get("rounds", 1) > 1) + 4 * bool(meta.get("sustain_s"))
+                             + 2 * bool(meta.get("baseline_src")))]
     lines += [format_row(r) for r in rows]
     return "\n".join(lines)
 

@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_session.sh kernels      # GPU kernel tests + forward tile-config sweep at 32K (~9 min)
 #   bash benchmarks/gpu_session.sh attention    # attention benchmark at 128K (~7 min)
 #   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, estimator kernel tests (~9.5 min)
+#   bash benchmarks/gpu_session.sh sustained    # 128K and 32K rows sustained over seconds: joules, clocks (~6.5 min)
+#   bash benchmarks/gpu_session.sh graphs       # 8K rows as CUDA-graph replays, fwd/bwd/fwdbwd (~3.5 min)
+#   bash benchmarks/gpu_session.sh ncu          # Nsight Compute counters, ours vs Flex, 32K and 128K at d=0.1 (~4 min)
 #   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
 #   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
 #   bash benchmarks/gpu_session.sh refine       # three refine variants on the canary in src/ (~9 min)
@@ -36,6 +39,24 @@ for step in "${@:-attention}"; do
         --out "$out/attention128k"
       timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_methods.py -k "kernel or triton" 2>&1 \
         | tail -3 ;;
+    sustained)
+      timeout 260 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 --modes fwd bwd \
+        --rounds 2 --sustain 2 --skip-dense-sdpa --out "$out/attention128k_sustained"
+      timeout 300 python3 benchmarks/bench_attention.py --lengths 32768 --modes bwd fwdbwd --rounds 2 --sustain 1.5 \
+        --skip-dense-sdpa --out "$out/attention32k_sustained" ;;
+    graphs)
+      timeout 300 python3 benchmarks/bench_attention.py --lengths 8192 --modes fwd bwd fwdbwd --rounds 3 \
+        --skip-dense-sdpa --cuda-graphs --out "$out/attention8k_graphs" ;;
+    ncu)
+      # Reports stay on the device (each is tens of MB); their raw pages come back gzipped.
+      rep=$(mktemp -d)
+      for length in 32768 131072; do
+        timeout 220 ncu --profile-from-start off --clock-control none --set full -f -o "$rep/attn$length" \
+          python3 benchmarks/ncu_attention.py --length $length --density 0.1 2>&1 | grep -v "^==PROF==" | tail -3
+        ncu --import "$rep/attn$length.ncu-rep" --page raw --csv > "$out/ncu_attention${length}_raw.csv"
+        python3 benchmarks/ncu_attention.py --summarize "$out/ncu_attention${length}_raw.csv"
+        gzip -f "$out/ncu_attention${length}_raw.csv"
+      done ;;
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)

@@ -11,6 +11,10 @@ left to its usual tuning (so differences between rows are the swept kernel's).
 
 Prints one table per kind and density (fastest first; the built-in tuner's pick is marked) and
 writes ``<out>.json``. Configs the GPU cannot run (shared memory) are listed as such.
+
+``--sustain SECONDS --sustain-top N`` re-times the N fastest configs (and the tuner's pick) back to
+back for SECONDS each, with joules per call and the mean SM clock (benchmarks/gpu_power.py): the
+sweep's short timings run at full clock, a long run at the power cap's lower one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gpu_power  # noqa: E402
 
 from sparse_attn import random_layout  # noqa: E402
 
@@ -63,6 +71,10 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--sustain", type=float, default=0.0, metavar="SECONDS",
+                        help="re-time the fastest configs back to back for this long each (power-capped clocks)")
+    parser.add_argument("--sustain-top", type=int, default=4, metavar="N",
+                        help="how many of the fastest configs --sustain re-times (the tuner's pick is added)")
     parser.add_argument("--out", default="results/kernel_configs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -80,6 +92,7 @@ def main(argv=None):
     grad = torch.randn_like(q)
     scale = args.dim ** -0.5
     rows = []
+    reader = gpu_power.nvml_reader(torch.cuda.current_device()) if args.sustain else None
     for density in args.densities:
         layout = random_layout(args.length, density=density, num_heads=args.heads, block_size=args.block,
                                seed=1, device="cuda")
@@ -104,13 +117,18 @@ def main(argv=None):
                     except Exception as exc:  # out of shared memory and the like: reported, not fatal
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                     table.append(row)
+                for row in table:
+                    m, n, w, s = row["config"]
+                    row["built_in_pick"] = picked == {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                timed = sorted((r for r in table if "ms" in r), key=lambda r: r["ms"])
+                if args.sustain:
+                    chosen = timed[:args.sustain_top] + [r for r in timed[args.sustain_top:] if r["built_in_pick"]]
+                    for row in tqdm(chosen, desc=f"{kind} d={density} sustained"):
+                        ops.set_kernel_configs(kind, [row["config"]])
+                        row["sustained"] = gpu_power.sustained(run, args.sustain, reader, torch.cuda.synchronize)
             finally:
                 ops.set_kernel_configs(kind, None)
-            for row in table:
-                m, n, w, s = row["config"]
-                row["built_in_pick"] = picked == {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
             rows += table
-            timed = sorted((r for r in table if "ms" in r), key=lambda r: r["ms"])
             what = "forward" if kind == "fwd" else "backward"
             print(f"\n{kind} at S={args.length}, density {layout.density():.3f} ({what} ms; * = built-in tuner's pick)")
             print(f"| BLOCK_M | BLOCK_N | warps | stages | {what} ms | vs fastest | registers | spills |")
@@ -119,6 +137,15 @@ def main(argv=None):
                 mark = " *" if r["built_in_pick"] else ""
                 print(f"| {r['config'][0]} | {r['config'][1]} | {r['config'][2]} | {r['config'][3]}{mark} | "
                       f"{r['ms']:.3f} | {r['ms'] / timed[0]['ms']:.3f} | {r['registers']} | {r['spills']} |")
+            if args.sustain:
+                print(f"\nsustained for {args.sustain:g} s each ({what} ms per call, joules per call, mean SM MHz)")
+                print("| BLOCK_M | BLOCK_N | warps | stages | sustained ms | J | SM MHz |")
+                print("|---|---|---|---|---|---|---|")
+                for r in sorted((r for r in timed if "sustained" in r), key=lambda r: r["sustained"]["ms"]):
+                    sus = r["sustained"]
+                    print(f"| {' | '.join(map(str, r['config']))}{' *' if r['built_in_pick'] else ''} | "
+                          f"{sus['ms']:.3f} | {sus.get('joules', float('nan')):.3f} | "
+                          f"{sus.get('sm_mhz') or float('nan'):.0f} |")
             for r in table:
                 if "error" in r:
                     print(f"| {' | '.join(map(str, r['config']))} | could not run: {r['error'][:60]} |")

@@ -52,3 +52,78 @@ def test_timed_modes_run_what_they_name(bench_attention, monkeypatch, mode, forw
     assert bench_attention.timed(run, (x,), mode) == 1.0
     assert calls["timed_forwards"] == forwards_timed
     assert bench_attention.FLOP_FACTOR[mode] == {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}[mode]
+
+
+@pytest.fixture(scope="module")
+def gpu_power(bench_attention):
+    import sys
+
+    return sys.modules["gpu_power"]  # imported by bench_attention from benchmarks/
+
+
+def test_sustained_reports_time_energy_and_clock_per_call(gpu_power):
+    """A fake meter that draws 300 W at 1500 MHz: joules per call must equal 300 W x time per call."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def reader():
+        return 300.0 * (time.perf_counter() - t0) * 1e3, 1500.0  # millijoules, MHz
+
+    def work():
+        time.sleep(0.002)
+
+    result = gpu_power.sustained(work, seconds=0.1, reader=reader, sample_every=0.005)
+    assert result["calls"] >= 3
+    assert result["ms"] == pytest.approx(2.0, rel=0.8)
+    assert result["watts"] == pytest.approx(300.0, rel=0.05)
+    assert result["joules"] == pytest.approx(0.3 * result["ms"], rel=0.05)
+    assert result["sm_mhz"] == 1500.0
+
+
+def test_sustained_without_meter_reports_time_only(gpu_power):
+    result = gpu_power.sustained(lambda: None, seconds=0.01)
+    assert set(result) == {"ms", "calls"} and result["ms"] >= 0
+
+
+def test_abba_orders_runs_and_averages_each_pair(gpu_power):
+    order = []
+    values = iter([1.0, 10.0, 30.0, 3.0])  # A, B, B, A
+
+    def measure(run):
+        order.append(run())
+        return {"ms": next(values), "joules": None}
+
+    result = gpu_power.abba({"ours": lambda: "ours", "flex": lambda: "flex"}, measure)
+    assert order == ["ours", "flex", "flex", "ours"]
+    assert result == {"ours": {"ms": 2.0, "joules": None}, "flex": {"ms": 20.0, "joules": None}}
+
+
+def test_sustained_columns_in_row_and_table(bench_attention):
+    row = {"seq": 8, "layout": "x", "density": 0.5, "mode": "bwd", "ours_ms": 1.0, "flex_ms": 1.1,
+           "cudnn_dense_ms": None, "flash_dense_ms": None, "ours_tflops": 1.0, "flex_tflops": 1.0,
+           "speedup_vs_flex": 1.1, "ours_over_cudnn_dense": None, "check_ok": True, "rounds": 1,
+           "sustained": {"ours": {"ms": 2.0, "joules": 1.5, "sm_mhz": 1600.0},
+                         "flex": {"ms": 2.2, "joules": 1.4, "sm_mhz": 1650.0}}}
+    line = bench_attention.format_row(row)
+    assert line.endswith("| 2.00 | 1.100 | 1.50/1.40 | 1600/1650 |")
+    meta = {"device": "d", "torch": "t", "triton": "r", "date": "x", "matmul_tflops": 1.0, "copy_gbs": 1.0,
+            "sustain_s": 2.0}
+    table = bench_attention.format_table([row], meta).splitlines()
+    assert table[2].count("|") == table[3].count("|") == line.count("|")
+
+
+def test_ncu_summary_reads_the_shipped_session14_profile():
+    """``ncu_attention.py --summarize`` on the raw ncu page shipped in docs/results: one block per
+    kernel with its duration, registers and largest stall reasons."""
+    spec = importlib.util.spec_from_file_location("ncu_attention_under_test", BENCH.parent / "ncu_attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = BENCH.parents[1] / "docs" / "results" / "ncu_attention32k_d0.1_h100_2026-11-24_session14_raw.csv.gz"
+    text = module.summarize(str(raw))
+    blocks = text.split("== ")[1:]
+    assert [b.split("\n")[0] for b in blocks][:3] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
+    dkdv = blocks[2]
+    assert "ms=3.484" in dkdv and "regs=255" in dkdv
+    stalls = dict(item.split("=") for item in dkdv.split("stalls (warps per issue): ")[1].split(", "))
+    assert len(stalls) == 6 and max(stalls, key=lambda name: float(stalls[name])) == "wait"

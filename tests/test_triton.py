@@ -235,6 +235,59 @@ def test_inference_call_skips_autograd_and_matches():
     assert torch.equal(trained, inferred) and torch.equal(lse, lse_inf)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_matches_eager():
+    """A training step (forward + backward) and an inference call capture into CUDA graphs (no host
+    sync, no allocation outside the graph's pool) and replay on new inputs with eager's results:
+    what fixed-shape loops use to remove per-call host cost. Tuning happens before capture."""
+    torch.manual_seed(0)
+    layout = random_layout(1, 4, 256, 256, block=64, density=0.5).to(DEVICE)
+    q, k, v = _inputs(1, 4, 2, 256, 256, 64, torch.bfloat16, grad=True)
+    grad = torch.randn_like(q)
+
+    def train_step():
+        for t in (q, k, v):
+            t.grad = None
+        out = sparse_attention(q, k, v, layout, backend="triton")
+        out.backward(grad)
+        return out
+
+    def infer():
+        with torch.no_grad():
+            return sparse_attention(q, k, v, layout, backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and compilation cannot run inside a capture
+        for _ in range(2):
+            train_step()
+            infer()
+    for t in (q, k, v):
+        t.grad = None
+    train_graph, infer_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    # Captured on the warm-up stream: the inputs' gradient accumulators were made there.
+    with torch.cuda.graph(train_graph, stream=side):
+        out = sparse_attention(q, k, v, layout, backend="triton")
+        out.backward(grad)
+    with torch.cuda.graph(infer_graph, stream=side):
+        inferred = infer()
+    torch.cuda.current_stream().wait_stream(side)
+    graphed = (out, q.grad, k.grad, v.grad)
+
+    with torch.no_grad():
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+    train_graph.replay()
+    infer_graph.replay()
+    torch.cuda.synchronize()
+    graphed = [t.clone() for t in (*graphed, inferred)]
+    eager_out = train_step()
+    eager = (eager_out, q.grad, k.grad, v.grad, infer())
+    for name, got, want in zip(("out", "dq", "dk", "dv", "inference out"), graphed, eager):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values from the graph replay"
+        assert torch.equal(got, want), f"{name}: graph replay differs from eager (max {(got - want).abs().max()})"
+
+
 def test_launch_specialization_is_at_least_as_fine_as_tritons():
     """The compiled-launcher cache (ops._launch) reuses a kernel for calls with the same
     ``_specialization``; that is only safe if every pair of arguments Triton would compile apart
