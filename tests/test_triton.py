@@ -236,25 +236,39 @@ def test_inference_call_skips_autograd_and_matches():
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
-def test_cuda_graph_capture_matches_eager():
+@pytest.mark.parametrize("packing", ["padded", "varlen"])
+def test_cuda_graph_capture_matches_eager(packing):
     """A training step (forward + backward) and an inference call capture into CUDA graphs (no host
     sync, no allocation outside the graph's pool) and replay on new inputs with eager's results:
     what fixed-shape loops use to remove per-call host cost. Tuning happens before capture."""
     torch.manual_seed(0)
-    layout = random_layout(1, 4, 256, 256, block=64, density=0.5).to(DEVICE)
-    q, k, v = _inputs(1, 4, 2, 256, 256, 64, torch.bfloat16, grad=True)
+    if packing == "padded":
+        layout = random_layout(1, 4, 256, 256, block=64, density=0.5).to(DEVICE)
+        q, k, v = _inputs(1, 4, 2, 256, 256, 64, torch.bfloat16, grad=True)
+
+        def attend():
+            return sparse_attention(q, k, v, layout, backend="triton")
+    else:
+        lens = [100, 256, 37]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        layout = random_layout(3, 2, max(lens), max(lens), block=64, density=0.5).to(DEVICE)
+        q, k, v = (torch.randn(sum(lens), h, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                   for h in (4, 2, 2))
+
+        def attend():
+            return sparse_attention_varlen(q, k, v, cu, cu, layout, backend="triton")
     grad = torch.randn_like(q)
 
     def train_step():
         for t in (q, k, v):
             t.grad = None
-        out = sparse_attention(q, k, v, layout, backend="triton")
+        out = attend()
         out.backward(grad)
         return out
 
     def infer():
         with torch.no_grad():
-            return sparse_attention(q, k, v, layout, backend="triton")
+            return attend()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -267,7 +281,7 @@ def test_cuda_graph_capture_matches_eager():
     train_graph, infer_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     # Captured on the warm-up stream: the inputs' gradient accumulators were made there.
     with torch.cuda.graph(train_graph, stream=side):
-        out = sparse_attention(q, k, v, layout, backend="triton")
+        out = attend()
         out.backward(grad)
     with torch.cuda.graph(infer_graph, stream=side):
         inferred = infer()
@@ -281,11 +295,18 @@ def test_cuda_graph_capture_matches_eager():
     infer_graph.replay()
     torch.cuda.synchronize()
     graphed = [t.clone() for t in (*graphed, inferred)]
-    eager_out = train_step()
-    eager = (eager_out, q.grad, k.grad, v.grad, infer())
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the stream the gradient accumulators belong to
+        eager_out = train_step()
+        eager = (eager_out, q.grad, k.grad, v.grad, infer())
+    torch.cuda.synchronize()
     for name, got, want in zip(("out", "dq", "dk", "dv", "inference out"), graphed, eager):
         assert torch.isfinite(got).all(), f"{name}: non-finite values from the graph replay"
         assert torch.equal(got, want), f"{name}: graph replay differs from eager (max {(got - want).abs().max()})"
+    if packing == "varlen":  # the host-side backends cannot run inside a capture, and say so
+        with pytest.raises(ValueError, match="cannot run inside a CUDA-graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+                sparse_attention_varlen(q, k, v, cu, cu, layout, backend="reference")
 
 
 def test_launch_specialization_is_at_least_as_fine_as_tritons():

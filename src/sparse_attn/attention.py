@@ -122,6 +122,10 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
         backend: ``"triton"`` (GPU), ``"reference"`` (loops over sequences) or ``"auto"``.
 
     Returns ``out (total_q, H, D)`` and, with ``return_lse``, ``lse (H, total_q)``.
+
+    Inside a CUDA-graph capture the offsets must be on the GPU and are not checked (reading them
+    would synchronize); an eager call with the same offsets, such as the warm-up before capturing,
+    checks them. Only the Triton kernels run there.
     """
     from .backends import BACKENDS
     from .backends.triton import grid_limit_reason, triton_can_run_fast, triton_varlen_forward
@@ -134,30 +138,36 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
             raise ValueError(f"{name} must be a 1-D int tensor of num_seqs + 1 offsets")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
-    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    if starts_q[0] != 0 or starts_q[-1] != q.shape[0] or starts_k[0] != 0 or starts_k[-1] != k.shape[0]:
-        raise ValueError(
-            f"cu_seqlens must start at 0 and end at the packed lengths (q {q.shape[0]}, k {k.shape[0]})"
-        )
-    lens_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
-    lens_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
-    if min(lens_q) < 0 or min(lens_k) < 0:
-        raise ValueError("cu_seqlens must be non-decreasing")
-    num_seqs = len(lens_q)
+    num_seqs = cu_seqlens_q.numel() - 1
     # Check shapes and the layout through the padded-batch checks on a (1, H, L, D) view.
     check_attention_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                            v.transpose(0, 1)[None], _as_single(layout, q.shape[0], k.shape[0]))
     if layout.batch not in (1, num_seqs):
         raise LayoutError(f"layout batch {layout.batch} must be 1 or the number of sequences {num_seqs}")
-    if max(lens_q) > layout.q_len or max(lens_k) > layout.kv_len:
-        raise LayoutError(
-            f"layout (q_len={layout.q_len}, kv_len={layout.kv_len}) is shorter than the longest "
-            f"sequence (q {max(lens_q)}, k {max(lens_k)})"
-        )
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        # Reading the offsets on the host would synchronize, which a CUDA-graph capture forbids:
+        # they go unchecked here (an eager call with the same offsets checks them), and only the
+        # Triton kernels, which read them on the device, can run.
+        starts_q = starts_k = lens_q = lens_k = None
+        if not (cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda):
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be on the GPU inside a CUDA-graph capture "
+                             f"(got {cu_seqlens_q.device} and {cu_seqlens_k.device})")
+        if backend not in ("auto", "triton"):
+            raise ValueError(f"backend={backend!r} cannot run inside a CUDA-graph capture (it reads cu_seqlens on "
+                             "the host); use backend='triton'")
+    else:
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        _check_offsets(starts_q, starts_k, q.shape[0], k.shape[0], layout)
+        lens_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
+        lens_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     view = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
     too_many = grid_limit_reason(num_seqs, q.shape[1], "packed batch")  # programs walk (sequence, head)
     use_triton = backend == "triton" or (backend == "auto" and triton_can_run_fast(*view) is None and not too_many)
+    if capturing and not use_triton:
+        raise ValueError("sparse_attention_varlen inside a CUDA-graph capture needs the Triton kernels, which "
+                         f"cannot run this call: {triton_can_run_fast(*view) or too_many}")
     if use_triton:
         if backend == "triton":
             select_backend("triton", *view)
@@ -185,6 +195,22 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     else:
         raise ValueError(f"backend={backend!r} is not available for varlen; use auto, triton or reference")
     return (out, lse) if return_lse else out
+
+
+def _check_offsets(starts_q: list, starts_k: list, total_q: int, total_k: int, layout: BlockSparseLayout):
+    """cu_seqlens values (read on the host): start at 0, end at the packed lengths, never decrease,
+    and no sequence longer than the layout."""
+    if starts_q[0] != 0 or starts_q[-1] != total_q or starts_k[0] != 0 or starts_k[-1] != total_k:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the packed lengths (q {total_q}, k {total_k})")
+    lens_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
+    lens_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
+    if min(lens_q) < 0 or min(lens_k) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if max(lens_q) > layout.q_len or max(lens_k) > layout.kv_len:
+        raise LayoutError(
+            f"layout (q_len={layout.q_len}, kv_len={layout.kv_len}) is shorter than the longest "
+            f"sequence (q {max(lens_q)}, k {max(lens_k)})"
+        )
 
 
 def _as_single(layout: BlockSparseLayout, total_q: int, total_k: int) -> BlockSparseLayout:
