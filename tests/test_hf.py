@@ -1,5 +1,6 @@
 """transformers integration on tiny random-weight models built from local configs (CPU)."""
 
+import inspect
 import json
 
 import pytest
@@ -96,9 +97,12 @@ def test_chunked_prefill_against_a_cache_matches_dense():
     with torch.no_grad():
         want = model(ids).logits[:, 64:]
         state = patch(model, method="dense", record=True, **EXACT)
+        # transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns,
+        # and goes in 5.40); earlier 5.x releases (5.17 on the GPU machine) know only the old one.
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cache = transformers.DynamicCache()
-        model(ids[:, :64], past_key_values=cache, use_cache=True)
-        got = model(ids[:, 64:], past_key_values=cache, use_cache=True).logits
+        model(ids[:, :64], use_cache=True, **{cache_arg: cache})
+        got = model(ids[:, 64:], use_cache=True, **{cache_arg: cache}).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     chunk = [r for r in state.records if r["q_len"] == 56]
     assert chunk and all(r["kv_len"] == 120 and r["sparse"] for r in chunk)
