@@ -267,7 +267,8 @@ def test_decode_hook_routes_single_token_steps_to_a_method():
                                                      "granularity": "head"}))
     model.generate(ids, **kwargs)
     decode = [r for r in state.records if r["q_len"] == 1]
-    assert all(r["sparse"] and r["density"] < 1 for r in decode), [(r["sparse"], r["density"], r["kv_len"]) for r in decode]
+    assert all(r["sparse"] and r["density"] < 1 for r in decode), \
+        [(r["sparse"], r["density"], r["kv_len"]) for r in decode]
 
 
 def test_training_through_the_patch_matches_dense_gradients():

@@ -67,6 +67,53 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_forward_and_backward_match_golden(case, dtype):
+    _check_against_golden(case, dtype)
+
+
+# The Gluon forward's cases (Hopper GPUs): 128-row query blocks, lengths that are not tile multiples,
+# q_len below and above kv_len (empty causal rows), non-causal, GQA, layouts per head, KV head or one.
+GLUON_CASES = [
+    (1, 4, 2, 256, 256, 128, 128, 128, True, "q"),
+    (2, 4, 1, 300, 300, 64, 128, 64, True, "kv"),
+    (1, 8, 2, 200, 456, 128, 128, 128, True, "one"),
+    (1, 4, 2, 333, 250, 64, 128, 128, False, "q"),
+    (1, 2, 2, 400, 300, 128, 128, 64, True, "q"),
+]
+
+
+def _on_hopper_gpu() -> bool:
+    return DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon forward runs on Hopper GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
+    """The Gluon forward (required here, so a fallback would fail) against the float64 golden,
+    gradients included (the Triton backward runs on its output and LSE)."""
+    from sparse_attn.backends.triton import gluon_forward, ops
+
+    calls = []
+    real = gluon_forward.gluon_attention_forward
+    monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
+    _check_against_golden(case, dtype)
+    assert calls, "the Gluon forward did not run"
+
+
+def test_required_gluon_forward_refuses_what_it_cannot_run(monkeypatch):
+    """GLUON_FORWARD=True on a call the Gluon kernel cannot take (the CPU interpreter, 16-row
+    blocks) raises, naming why, instead of quietly running the Triton kernel."""
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
+    layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="Gluon forward cannot run this call: (the CPU interpreter|blocks 16x16)"):
+        sparse_attention(q, k, v, layout, backend="triton")
+
+
+def _check_against_golden(case, dtype):
     batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
     n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
     layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,

@@ -46,3 +46,15 @@ def test_pointer_path_compiles_for_sm80(compile_results, name):
     result = compile_results[f"{name}-sm80"]
     assert result["ok"], result.get("error")
     assert result["mma_sync"] and not result["wgmma"], result
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gluon_forward_compiles_for_sm90(compile_results, dim, causal):
+    """The Gluon forward (it cannot run in the interpreter; GPU tests check its numbers) compiles
+    to wgmma and TMA loads."""
+    result = compile_results[f"gluon_forward-d{dim}-{'causal' if causal else 'full'}"]
+    if not result["ok"] and result["error"].startswith("Gluon unavailable"):
+        pytest.skip(result["error"])
+    assert result["ok"], result.get("error")
+    assert result["wgmma"] and result["bulk_tensor_loads"] > 0, result

@@ -10,7 +10,7 @@ import triton
 from torch import Tensor
 
 from ...layout import BlockSparseLayout
-from . import kernels
+from . import gluon_forward, kernels
 
 LOG2E = 1.4426950408889634
 
@@ -293,6 +293,12 @@ def _upcast(q: Tensor) -> bool:
 # 1.05-1.14x faster at 128K and forward+backward 1.01-1.10x faster at 32K.
 FORWARD_TMA = None
 BACKWARD_TMA = None
+# The forward through the Gluon kernel (gluon_forward.py) instead of the Triton one. None: on a
+# Hopper GPU for every call it supports (padded batches of contiguous tensors, 128-row query blocks,
+# head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it cannot run
+# raises, naming why). On an H100 it was 1.03-1.24x faster than the Triton forward at 32K-128K
+# (docs/benchmarks.md, session 14).
+GLUON_FORWARD = None
 
 
 def _use_tma(setting, *rows: Tensor) -> bool:
@@ -344,6 +350,13 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     Returns ``(out, lse)`` with the natural-log ``lse`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
     """
     varlen = cu_q is not None
+    if not varlen and GLUON_FORWARD is not False:
+        reason = "the CPU interpreter" if interpreting() else gluon_forward.unsupported_reason(q, k, v, layout)
+        if reason is None:
+            cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
+            return gluon_forward.gluon_attention_forward(q, k, v, layout, scale, cnt, idx, cnt_strides, idx_strides)
+        if GLUON_FORWARD:
+            raise ValueError(f"GLUON_FORWARD=True but the Gluon forward cannot run this call: {reason}")
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         lse = torch.empty(1, heads, q.shape[0], device=q.device, dtype=torch.float32)
