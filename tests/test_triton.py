@@ -101,6 +101,17 @@ def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
+def test_forward_kernel_names_the_kernel_and_why(monkeypatch):
+    from sparse_attn.backends.triton import forward_kernel, ops
+
+    layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
+    name, reason = forward_kernel(q, k, v, layout)
+    assert name == "triton" and reason in ("the CPU interpreter", "blocks 16x16 (128 x multiple of 64 only)")
+    monkeypatch.setattr(ops, "GLUON_FORWARD", False)
+    assert forward_kernel(q, k, v, layout) == ("triton", "turned off (ops.GLUON_FORWARD = False)")
+
+
 def test_required_gluon_forward_refuses_what_it_cannot_run(monkeypatch):
     """GLUON_FORWARD=True on a call the Gluon kernel cannot take (the CPU interpreter, 16-row
     blocks) raises, naming why, instead of quietly running the Triton kernel."""

@@ -49,6 +49,15 @@ def triton_can_run_fast(q, k, v, layout) -> str | None:
     return reason
 
 
+def forward_kernel(q, k, v, layout) -> tuple[str, str | None]:
+    """Which kernel ``backend="triton"`` runs the forward of a padded-batch call with: ``("gluon",
+    None)`` (the Hopper forward in Gluon) or ``("triton", why the Gluon one is skipped)``."""
+    from .ops import gluon_skip_reason
+
+    reason = gluon_skip_reason(q, k, v, layout)
+    return ("gluon", None) if reason is None else ("triton", reason)
+
+
 def triton_forward(q, k, v, layout, scale):
     from .ops import triton_attention
 

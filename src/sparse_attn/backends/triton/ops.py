@@ -344,6 +344,15 @@ def _dummy(device):
     return dummy
 
 
+def gluon_skip_reason(q, k, v, layout) -> str | None:
+    """Why a padded-batch forward would not run the Gluon kernel (None when it would)."""
+    if GLUON_FORWARD is False:
+        return "turned off (ops.GLUON_FORWARD = False)"
+    if interpreting():
+        return "the CPU interpreter"
+    return gluon_forward.unsupported_reason(q, k, v, layout)
+
+
 def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     """Launch the forward kernel. Padded: q ``(B, H, S, D)``; varlen: q ``(T, H, D)`` + cu_seqlens.
 
@@ -351,7 +360,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     """
     varlen = cu_q is not None
     if not varlen and GLUON_FORWARD is not False:
-        reason = "the CPU interpreter" if interpreting() else gluon_forward.unsupported_reason(q, k, v, layout)
+        reason = gluon_skip_reason(q, k, v, layout)
         if reason is None:
             cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
             return gluon_forward.gluon_attention_forward(q, k, v, layout, scale, cnt, idx, cnt_strides, idx_strides)
