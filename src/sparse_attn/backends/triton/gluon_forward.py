@@ -6,8 +6,8 @@ batches of contiguous ``(B, H, S, D)`` tensors, 128-row query blocks, key blocks
 dim 64 or 128, fp16/bf16. Its tiles are 128 query rows x 64 keys on 8 warps (two warpgroups), K/V
 through TMA into a two-stage ring, scores and P x V through asynchronous ``warpgroup_mma``. At
 125 registers and 96 KB of shared memory two programs share each SM, which the Triton kernel's
-255-register tiles do not allow: on an H100 it ran 1.03-1.24x faster than the Triton forward and
-1.20-1.35x faster than FlexAttention at 32K-128K (docs/benchmarks.md, session 14).
+255-register tiles do not allow: on an H100 it ran 1.09-1.20x faster than the Triton forward and
+1.27-1.41x faster than FlexAttention on random layouts at 32K-128K (docs/benchmarks.md, session 14).
 
 Gluon kernels do not run in the CPU interpreter: the Triton forward stays the checked twin there,
 tests compare this one against the float64 golden on a GPU, and CI compiles it for sm_90.

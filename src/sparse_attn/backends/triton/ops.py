@@ -296,8 +296,8 @@ BACKWARD_TMA = None
 # The forward through the Gluon kernel (gluon_forward.py) instead of the Triton one. None: on a
 # Hopper GPU for every call it supports (padded batches of contiguous tensors, 128-row query blocks,
 # head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it cannot run
-# raises, naming why). On an H100 it was 1.03-1.24x faster than the Triton forward at 32K-128K
-# (docs/benchmarks.md, session 14).
+# raises, naming why). On an H100 it was 1.09-1.20x faster than the Triton forward on random layouts
+# at 32K-128K (docs/benchmarks.md, session 14).
 GLUON_FORWARD = None
 
 
