@@ -48,11 +48,15 @@ def compile_one(module, name: str, tma: bool, arch: int = 90) -> dict:
             "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor")}
 
 
-def compile_gluon_forward(dim: int, causal: bool) -> dict:
-    """The Gluon forward (gluon_forward.py) for sm_90, bf16, 128x64 tiles."""
-    spec = importlib.util.spec_from_file_location("sparse_attn_gluon_for_compile", GLUON_PY)
+def load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def compile_gluon_forward(module, dim: int, causal: bool) -> dict:
+    """The Gluon forward (gluon_forward.py, loaded as ``module``) for sm_90, bf16, 128x64 tiles."""
     if module.GLUON_IMPORT_ERROR is not None:
         return {"ok": False, "error": f"Gluon unavailable: {module.GLUON_IMPORT_ERROR}"}
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -81,13 +85,12 @@ def compile_gluon_forward(dim: int, causal: bool) -> dict:
 
 
 def main() -> int:
-    spec = importlib.util.spec_from_file_location("sparse_attn_kernels_for_compile", KERNELS_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_by_path("sparse_attn_kernels_for_compile", KERNELS_PY)
     results = {f"{name}-{'tma' if tma else 'pointers'}": compile_one(module, name, tma)
                for name in KERNELS for tma in (False, True)}
     results.update({f"{name}-sm80": compile_one(module, name, False, arch=80) for name in KERNELS})
-    results.update({f"gluon_forward-d{dim}-{'causal' if causal else 'full'}": compile_gluon_forward(dim, causal)
+    gluon = load_by_path("sparse_attn_gluon_for_compile", GLUON_PY)
+    results.update({f"gluon_forward-d{dim}-{'causal' if causal else 'full'}": compile_gluon_forward(gluon, dim, causal)
                     for dim in (64, 128) for causal in (True, False)})
     print(json.dumps(results))
     return 0

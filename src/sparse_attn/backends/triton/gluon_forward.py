@@ -19,8 +19,6 @@ import functools
 
 import torch
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 BLOCK_M = 128
 BLOCK_N = 64
 NUM_WARPS = 8
@@ -142,7 +140,7 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(STAGES + 1):
             mbarrier.invalidate(bars.index(i))
         empty = l_i == 0.0
-        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
         row_ok = rows < q_len
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=row_ok)
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
@@ -153,21 +151,15 @@ if GLUON_IMPORT_ERROR is None:
 
 
 @functools.lru_cache(maxsize=None)
-def _major_capability(index) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-@functools.lru_cache(maxsize=None)
 def _shared_layout(rows: int, dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def unsupported_reason(q, k, v, layout) -> str | None:
-    """Why the Gluon forward cannot run this padded-batch call (None when it can)."""
+    """Why the Gluon forward cannot run this padded-batch call on a Hopper GPU (None when it can);
+    ``ops.gluon_skip_reason`` checks the device first."""
     if GLUON_IMPORT_ERROR is not None:
         return f"Gluon unavailable ({GLUON_IMPORT_ERROR})"
-    if not q.is_cuda or _major_capability(q.device.index) != 9:
-        return "not a Hopper GPU"
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype} (fp16/bf16 only)"
     if q.shape[-1] not in (64, 128):
@@ -182,8 +174,9 @@ def unsupported_reason(q, k, v, layout) -> str | None:
     return None
 
 
-def gluon_attention_forward(q, k, v, layout, scale, cnt, idx, cnt_strides, idx_strides):
-    """Launch the Gluon forward on a padded batch; returns ``(out, lse)`` like ``ops.attention_forward``."""
+def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides):
+    """Launch the Gluon forward on a padded batch (``scale_log2``: the softmax scale times log2(e));
+    returns ``(out, lse)`` like ``ops.attention_forward``."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -198,7 +191,7 @@ def gluon_attention_forward(q, k, v, layout, scale, cnt, idx, cnt_strides, idx_s
     _gluon_fwd_kernel[grid](
         q_desc, k_desc, v_desc, out, lse, cnt, idx,
         lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
-        q_len, kv_len, heads, scale * LOG2E,
+        q_len, kv_len, heads, scale_log2,
         GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
         KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=layout.causal, STAGES=STAGES,
         num_warps=NUM_WARPS,

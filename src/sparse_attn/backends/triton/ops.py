@@ -350,6 +350,8 @@ def gluon_skip_reason(q, k, v, layout) -> str | None:
         return "turned off (ops.GLUON_FORWARD = False)"
     if interpreting():
         return "the CPU interpreter"
+    if not q.is_cuda or _major_capability(q.device.index) != 9:
+        return "not a Hopper GPU"
     return gluon_forward.unsupported_reason(q, k, v, layout)
 
 
@@ -359,11 +361,12 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     Returns ``(out, lse)`` with the natural-log ``lse`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
     """
     varlen = cu_q is not None
-    if not varlen and GLUON_FORWARD is not False:
+    if not varlen:
         reason = gluon_skip_reason(q, k, v, layout)
         if reason is None:
             cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
-            return gluon_forward.gluon_attention_forward(q, k, v, layout, scale, cnt, idx, cnt_strides, idx_strides)
+            return gluon_forward.gluon_attention_forward(q, k, v, layout, scale * LOG2E, cnt, idx,
+                                                         cnt_strides, idx_strides)
         if GLUON_FORWARD:
             raise ValueError(f"GLUON_FORWARD=True but the Gluon forward cannot run this call: {reason}")
     if varlen:
