@@ -1,5 +1,5 @@
 """Compile the block-sparse attention kernels for sm_90 (and the pointer path for sm_80) on any
-machine, no GPU needed, and print JSON; also the Gluon forward for sm_90.
+machine, no GPU needed, and print JSON; also the Gluon kernels (forward, dQ, dK/dV) for sm_90.
 
 Run by tests/test_triton_compile.py in a fresh process with ``TRITON_INTERPRET=0``: Triton decides
 at import time whether ``@triton.jit`` interprets, so compiling cannot share a process with the
@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import types
 from pathlib import Path
 
 import triton
@@ -22,7 +23,6 @@ POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_CNT": "*i32", "KV_IDX": "
 CONSTEXPRS = {"H": 32, "KV_HEADS": 8, "GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": 128, "Q_BLOCK": 128,
               "KV_BLOCK": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": True, "VARLEN": False, "UPCAST": False}
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
-GLUON_PY = KERNELS_PY.with_name("gluon_forward.py")
 
 
 def compile_one(module, name: str, tma: bool, arch: int = 90) -> dict:
@@ -55,33 +55,73 @@ def load_by_path(name: str, path: Path):
     return module
 
 
+def load_gluon_module(name: str):
+    """A Gluon kernel module of the backend (``gluon_forward``, ``gluon_backward``) imported through
+    a stand-in package over the backend's folder, so its relative imports resolve without importing
+    sparse_attn (whose Triton kernels would be decorated in this process)."""
+    package = "_sparse_attn_triton_backend"
+    if package not in sys.modules:
+        stand_in = types.ModuleType(package)
+        stand_in.__path__ = [str(KERNELS_PY.parent)]
+        sys.modules[package] = stand_in
+    return importlib.import_module(f"{package}.{name}")
+
+
+def _compile_gluon(kernel, signature_types: dict, values: dict, num_warps: int) -> dict:
+    """Compile a Gluon kernel for sm_90 (constexpr ``values``, argument types by name, the rest i32)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in values else signature_types.get(p, "i32") for p in params}
+    constexprs = {(i,): values[p] for i, p in enumerate(params) if p in values}
+    try:
+        compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    except Exception as exc:  # reported, and the test fails with the message
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ptx = compiled.asm["ptx"]
+    return {"ok": True, "wgmma": "wgmma" in ptx, "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor"),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def _descriptor_type(module, rows: int, dim: int) -> str:
+    import torch
+
+    return f"tensordesc<bf16[{rows}, {dim}],{module._shared_layout(rows, dim, torch.bfloat16)!r}>"
+
+
 def compile_gluon_forward(module, dim: int, causal: bool) -> dict:
     """The Gluon forward (gluon_forward.py, loaded as ``module``) for sm_90, bf16, 128x64 tiles."""
     if module.GLUON_IMPORT_ERROR is not None:
         return {"ok": False, "error": f"Gluon unavailable: {module.GLUON_IMPORT_ERROR}"}
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    import torch
-
-    kernel = module._gluon_fwd_kernel
-    params = list(inspect.signature(kernel.fn).parameters)
     values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "KV_BLOCK": 128, "BLOCK_M": module.BLOCK_M,
               "BLOCK_N": module.BLOCK_N, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": module.NUM_WARPS}
-    q_layout = module._shared_layout(module.BLOCK_M, dim, torch.bfloat16)
-    kv_layout = module._shared_layout(module.BLOCK_N, dim, torch.bfloat16)
-    types = {"q_desc": f"tensordesc<bf16[{module.BLOCK_M}, {dim}],{q_layout!r}>",
-             "k_desc": f"tensordesc<bf16[{module.BLOCK_N}, {dim}],{kv_layout!r}>",
-             "v_desc": f"tensordesc<bf16[{module.BLOCK_N}, {dim}],{kv_layout!r}>",
+    types = {"q_desc": _descriptor_type(module, module.BLOCK_M, dim),
+             "k_desc": _descriptor_type(module, module.BLOCK_N, dim),
+             "v_desc": _descriptor_type(module, module.BLOCK_N, dim),
              "OUT": "*bf16", "LSE": "*fp32", "CNT": "*i32", "IDX": "*i32", "scale_log2": "fp32"}
-    signature = {p: "constexpr" if p in values else types.get(p, "i32") for p in params}
-    constexprs = {(i,): values[p] for i, p in enumerate(params) if p in values}
-    try:
-        compiled = triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": module.NUM_WARPS})
-    except Exception as exc:  # reported, and the test fails with the message
-        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    ptx = compiled.asm["ptx"]
-    return {"ok": True, "wgmma": "wgmma" in ptx, "bulk_tensor_loads": ptx.count("cp.async.bulk.tensor")}
+    return _compile_gluon(module._gluon_fwd_kernel, types, values, module.NUM_WARPS)
+
+
+def compile_gluon_backward(module, kind: str, dim: int, causal: bool) -> dict:
+    """The Gluon dQ or dK/dV kernel (``kind`` "dq" / "dkdv"; gluon_backward.py, loaded as
+    ``module``) for sm_90, bf16, with the tiles the library launches."""
+    if module.GLUON_IMPORT_ERROR is not None:
+        return {"ok": False, "error": f"Gluon unavailable: {module.GLUON_IMPORT_ERROR}"}
+    if kind == "dq":
+        rows, keys, warps = module.DQ_BLOCK_M, module.DQ_BLOCK_N, module.DQ_NUM_WARPS
+        kernel = module._gluon_dq_kernel
+        pointers = {"O": "*bf16", "DQ": "*bf16", "CNT": "*i32", "IDX": "*i32"}
+    else:
+        rows, keys, warps = module.BLOCK_M, module.BLOCK_N, module.NUM_WARPS
+        kernel = module._gluon_dkdv_kernel
+        pointers = {"DK": "*bf16", "DV": "*bf16", "QT_CNT": "*i32", "QT_IDX": "*i32"}
+    values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "Q_BLOCK": 128, "KV_BLOCK": 128, "BLOCK_M": rows,
+              "BLOCK_N": keys, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": warps}
+    types = {"q_desc": _descriptor_type(module, rows, dim), "do_desc": _descriptor_type(module, rows, dim),
+             "k_desc": _descriptor_type(module, keys, dim), "v_desc": _descriptor_type(module, keys, dim),
+             "LSE": "*fp32", "DELTA": "*fp32", "scale_log2": "fp32", "scale": "fp32", **pointers}
+    return _compile_gluon(kernel, types, values, warps)
 
 
 def main() -> int:
@@ -89,9 +129,13 @@ def main() -> int:
     results = {f"{name}-{'tma' if tma else 'pointers'}": compile_one(module, name, tma)
                for name in KERNELS for tma in (False, True)}
     results.update({f"{name}-sm80": compile_one(module, name, False, arch=80) for name in KERNELS})
-    gluon = load_by_path("sparse_attn_gluon_for_compile", GLUON_PY)
+    gluon = load_gluon_module("gluon_forward")
     results.update({f"gluon_forward-d{dim}-{'causal' if causal else 'full'}": compile_gluon_forward(gluon, dim, causal)
                     for dim in (64, 128) for causal in (True, False)})
+    backward = load_gluon_module("gluon_backward")
+    results.update({f"gluon_{kind}-d{dim}-{'causal' if causal else 'full'}":
+                    compile_gluon_backward(backward, kind, dim, causal)
+                    for kind in ("dq", "dkdv") for dim in (64, 128) for causal in (True, False)})
     print(json.dumps(results))
     return 0
 

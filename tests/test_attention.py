@@ -104,6 +104,20 @@ def test_auto_picks_reference_on_cpu_and_explains():
     assert any(reason for _, reason in skipped)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Flex runs on CUDA")
+def test_auto_skips_flex_below_head_dim_16_on_cuda():
+    """Inductor's Flex refuses head dims under 16 (a tiny test model has 8): auto must pass over
+    it with that reason rather than pick it and fail."""
+    from sparse_attn.backends import BACKENDS
+
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, dtype=torch.bfloat16)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    layout = random_layout(1, 1, 64, 64, block=16).to("cuda")
+    assert "head dims of 16 or more" in BACKENDS["flex"].can_run(q, k, v, layout)
+    name, _ = which_backend(q, k, v, layout)
+    assert name != "flex"
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     batch=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), kv_heads=st.integers(1, 2),

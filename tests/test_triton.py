@@ -101,15 +101,41 @@ def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
-def test_forward_kernel_names_the_kernel_and_why(monkeypatch):
-    from sparse_attn.backends.triton import forward_kernel, ops
+# The Gluon backward's: those, and 64-row query blocks (its dQ and dK/dV tiles are 64 x 64; the
+# forward runs the Triton kernel there).
+GLUON_BACKWARD_CASES = GLUON_CASES + [(1, 4, 2, 200, 200, 128, 64, 64, True, "kv"),
+                                      (2, 2, 1, 129, 257, 64, 64, 128, False, "q")]
+
+
+@pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon backward runs on Hopper GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GLUON_BACKWARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gluon_backward_matches_golden(case, dtype, monkeypatch):
+    """The Gluon dQ and dK/dV kernels (required here) against the float64 golden gradients."""
+    from sparse_attn.backends.triton import gluon_backward, ops
+
+    calls = []
+    for name in ("gluon_attention_dq", "gluon_attention_dkdv"):
+        real = getattr(gluon_backward, name)
+        monkeypatch.setattr(gluon_backward, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(ops, "GLUON_BACKWARD", True)
+    _check_against_golden(case, dtype)
+    assert calls == ["gluon_attention_dq", "gluon_attention_dkdv"], calls
+
+
+def test_forward_and_backward_kernel_name_the_kernel_and_why(monkeypatch):
+    from sparse_attn.backends.triton import backward_kernel, forward_kernel, ops
 
     layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
     q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
     name, reason = forward_kernel(q, k, v, layout)
     assert name == "triton" and reason in ("the CPU interpreter", "blocks 16x16 (128 x multiple of 64 only)")
+    name, reason = backward_kernel(q, k, v, layout)
+    assert name == "triton" and reason in ("the CPU interpreter", "blocks 16x16 (multiples of 64 x 64 only)")
     monkeypatch.setattr(ops, "GLUON_FORWARD", False)
+    monkeypatch.setattr(ops, "GLUON_BACKWARD", False)
     assert forward_kernel(q, k, v, layout) == ("triton", "turned off (ops.GLUON_FORWARD = False)")
+    assert backward_kernel(q, k, v, layout) == ("triton", "turned off (ops.GLUON_BACKWARD = False)")
 
 
 def test_required_gluon_forward_refuses_what_it_cannot_run(monkeypatch):
@@ -122,6 +148,19 @@ def test_required_gluon_forward_refuses_what_it_cannot_run(monkeypatch):
     q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="Gluon forward cannot run this call: (the CPU interpreter|blocks 16x16)"):
         sparse_attention(q, k, v, layout, backend="triton")
+
+
+def test_required_gluon_backward_refuses_what_it_cannot_run(monkeypatch):
+    """GLUON_BACKWARD=True on a call the Gluon kernels cannot take raises in the backward, naming
+    why; the forward is unaffected."""
+    from sparse_attn.backends.triton import ops
+
+    monkeypatch.setattr(ops, "GLUON_BACKWARD", True)
+    layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
+    q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16, grad=True)
+    out = sparse_attention(q, k, v, layout, backend="triton")
+    with pytest.raises(ValueError, match="Gluon backward cannot run this call: (the CPU interpreter|blocks 16x16)"):
+        out.sum().backward()
 
 
 def _check_against_golden(case, dtype):

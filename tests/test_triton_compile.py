@@ -50,10 +50,11 @@ def test_pointer_path_compiles_for_sm80(compile_results, name):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dim", [64, 128])
-def test_gluon_forward_compiles_for_sm90(compile_results, dim, causal):
-    """The Gluon forward (it cannot run in the interpreter; GPU tests check its numbers) compiles
-    to wgmma and TMA loads."""
-    result = compile_results[f"gluon_forward-d{dim}-{'causal' if causal else 'full'}"]
+@pytest.mark.parametrize("kernel", ["gluon_forward", "gluon_dq", "gluon_dkdv"])
+def test_gluon_kernel_compiles_for_sm90(compile_results, kernel, dim, causal):
+    """The Gluon kernels (they cannot run in the interpreter; GPU tests check their numbers)
+    compile to wgmma and TMA loads."""
+    result = compile_results[f"{kernel}-d{dim}-{'causal' if causal else 'full'}"]
     if not result["ok"] and result["error"].startswith("Gluon unavailable"):
         pytest.skip(result["error"])
     assert result["ok"], result.get("error")

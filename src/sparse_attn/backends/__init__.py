@@ -39,6 +39,8 @@ def _flex_can_run(q, k, v, layout):
         return why
     if q.dtype == torch.float64 and q.is_cuda:
         return "Flex on CUDA does not compile float64"
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:  # inductor: "NYI: embedding dimension ... at least 16"
+        return f"Flex on CUDA compiles head dims of 16 or more only (q: {q.shape[-1]}, v: {v.shape[-1]})"
     return None
 
 

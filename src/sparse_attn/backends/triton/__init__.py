@@ -58,6 +58,15 @@ def forward_kernel(q, k, v, layout) -> tuple[str, str | None]:
     return ("gluon", None) if reason is None else ("triton", reason)
 
 
+def backward_kernel(q, k, v, layout) -> tuple[str, str | None]:
+    """Which kernels the backward of a padded-batch call runs (for a contiguous output gradient):
+    ``("gluon", None)`` (the Hopper dQ and dK/dV kernels in Gluon) or ``("triton", why not Gluon)``."""
+    from .ops import gluon_skip_reason
+
+    reason = gluon_skip_reason(q, k, v, layout, (q, q))  # the output and its gradient are shaped like q
+    return ("gluon", None) if reason is None else ("triton", reason)
+
+
 def triton_forward(q, k, v, layout, scale):
     from .ops import triton_attention
 

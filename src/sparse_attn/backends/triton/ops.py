@@ -10,7 +10,7 @@ import triton
 from torch import Tensor
 
 from ...layout import BlockSparseLayout
-from . import gluon_forward, kernels
+from . import gluon_backward, gluon_forward, kernels
 
 LOG2E = 1.4426950408889634
 
@@ -299,6 +299,9 @@ BACKWARD_TMA = None
 # raises, naming why). On an H100 it was 1.09-1.20x faster than the Triton forward on random layouts
 # at 32K-128K (docs/benchmarks.md, session 14).
 GLUON_FORWARD = None
+# The backward through the Gluon dQ and dK/dV kernels (gluon_backward.py), with the same three
+# settings as GLUON_FORWARD; its own calls: grad_output must also be contiguous.
+GLUON_BACKWARD = None
 
 
 def _use_tma(setting, *rows: Tensor) -> bool:
@@ -344,14 +347,19 @@ def _dummy(device):
     return dummy
 
 
-def gluon_skip_reason(q, k, v, layout) -> str | None:
-    """Why a padded-batch forward would not run the Gluon kernel (None when it would)."""
-    if GLUON_FORWARD is False:
-        return "turned off (ops.GLUON_FORWARD = False)"
+def gluon_skip_reason(q, k, v, layout, out_and_grad=None) -> str | None:
+    """Why a padded-batch forward (or, given the forward's output and its gradient, backward)
+    would not run the Gluon kernels (None when it would)."""
+    backward = out_and_grad is not None
+    setting, name = (GLUON_BACKWARD, "GLUON_BACKWARD") if backward else (GLUON_FORWARD, "GLUON_FORWARD")
+    if setting is False:
+        return f"turned off (ops.{name} = False)"
     if interpreting():
         return "the CPU interpreter"
     if not q.is_cuda or _major_capability(q.device.index) != 9:
         return "not a Hopper GPU"
+    if backward:
+        return gluon_backward.unsupported_reason(q, k, v, *out_and_grad, layout)
     return gluon_forward.unsupported_reason(q, k, v, layout)
 
 
@@ -401,6 +409,18 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     ``delta = rowsum(O * dO)`` for the dK/dV kernel."""
     varlen = cu_q is not None
     do = do.contiguous() if do.stride(-1) != 1 else do
+    if not varlen:
+        reason = gluon_skip_reason(q, k, v, layout, (out, do))
+        if reason is None:
+            cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
+            dq, delta = gluon_backward.gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale * LOG2E,
+                                                          cnt, idx, cnt_strides, idx_strides)
+            t_cnt, t_idx, t_strides, ti_strides, _ = _block_lists(layout, kv_major=True)
+            dk, dv = gluon_backward.gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale * LOG2E,
+                                                         t_cnt, t_idx, t_strides, ti_strides)
+            return dq, dk, dv
+        if GLUON_BACKWARD:
+            raise ValueError(f"GLUON_BACKWARD=True but the Gluon backward cannot run this call: {reason}")
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         lse = lse[None]  # (1, H, T)
