@@ -95,7 +95,7 @@ def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
 
     calls = []
     real = gluon_forward.gluon_attention_forward
-    monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(ops, "GLUON_FORWARD", True)
     _check_against_golden(case, dtype)
     assert calls, "the Gluon forward did not run"
@@ -117,7 +117,8 @@ def test_gluon_backward_matches_golden(case, dtype, monkeypatch):
     calls = []
     for name in ("gluon_attention_dq", "gluon_attention_dkdv"):
         real = getattr(gluon_backward, name)
-        monkeypatch.setattr(gluon_backward, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(gluon_backward, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     monkeypatch.setattr(ops, "GLUON_BACKWARD", True)
     _check_against_golden(case, dtype)
     assert calls == ["gluon_attention_dq", "gluon_attention_dkdv"], calls
@@ -419,6 +420,14 @@ def test_launch_specialization_is_at_least_as_fine_as_tritons():
     base = torch.zeros(64, dtype=torch.bfloat16)
     samples = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 3,
                0.5, 1.0, 16.0, base, base[1:], base[8:], base[16:], base.float(), base.half()[1:]]
+    if ops._TENSOR_DESCRIPTOR is not None:  # host TMA descriptors, the Gluon kernels' arguments
+        from sparse_attn.backends.triton.gluon_forward import _shared_layout
+
+        for rows, dtype, block in ((256, torch.bfloat16, 64), (200, torch.bfloat16, 64), (256, torch.float16, 64),
+                                   (256, torch.bfloat16, 128)):
+            t = torch.zeros(rows, 64, dtype=dtype)
+            samples.append(ops._TENSOR_DESCRIPTOR(t, list(t.shape), list(t.stride()), [block, 64],
+                                                  _shared_layout(block, 64, dtype)))
     for a in samples:
         for b in samples:
             theirs = [libtriton.native_specialize_impl(backend, x, False, True, True) for x in (a, b)]
@@ -457,6 +466,29 @@ def test_compiled_launcher_matches_triton_launch(monkeypatch):
             assert torch.equal(got, want), name
     gold, _ = naive_masked_attention(*(t.double() for t in misaligned), layout.to_token_mask())
     assert rel_error(results[True, "misaligned"][0], gold) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon kernels run on Hopper GPUs only")
+def test_gluon_kernels_through_the_compiled_launcher_match_their_jit_launch(monkeypatch):
+    """The Gluon forward, dQ and dK/dV kernels launched through the compiled-launcher cache give
+    bit-identical results to Gluon's own launch path."""
+    from sparse_attn.backends.triton import ops
+
+    layout = random_layout(1, 2, 300, 300, block=128, kv_block=64, density=0.6).to(DEVICE)
+    inputs = _inputs(1, 4, 2, 300, 300, 128, torch.bfloat16)
+    results = {}
+    monkeypatch.setattr(ops, "_COMPILED", {})
+    for fast in (True, False):
+        monkeypatch.setattr(ops, "FAST_LAUNCH", fast)
+        q, k, v = (t.detach().requires_grad_() for t in inputs)
+        for _ in range(3):  # the first call compiles; the others reuse
+            out = sparse_attention(q, k, v, layout, backend="triton")
+            results[fast] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+        if fast:
+            assert ops.FAST_LAUNCH, "the compiled-launcher path turned itself off on this Triton"
+            assert {key[0] for key in ops._COMPILED} == {"_gluon_fwd_kernel", "_gluon_dq_kernel", "_gluon_dkdv_kernel"}
+    for got, want in zip(results[True], results[False]):
+        assert torch.equal(got, want)
 
 
 def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):

@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .gluon_forward import GLUON_IMPORT_ERROR
+from .gluon_forward import GLUON_IMPORT_ERROR, _launch_directly
 
 # dK/dV tiles: BLOCK_N keys per program, BLOCK_M query rows per step.
 BLOCK_M = 64
@@ -396,11 +396,12 @@ def unsupported_reason(q, k, v, out, do, layout) -> str | None:
 
 
 def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_cnt, t_idx, t_strides, ti_strides,
-                         block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, stages: int = STAGES):
+                         block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, stages: int = STAGES, launch=None):
     """Launch the Gluon dK/dV kernel on a padded batch; ``lse`` (natural log) and ``delta`` are the
     forward's LSE and ``rowsum(O * dO)`` (from the dQ kernel), ``(B, H, S)`` float32. ``t_cnt`` /
     ``t_idx`` are the layout's kv-major lists. Returns ``(dk, dv)``. ``block_n`` / ``num_warps``
-    / ``stages`` are for benchmarks (128 keys need 8 warps: one 64-key warpgroup each)."""
+    / ``stages`` are for benchmarks (128 keys need 8 warps: one 64-key warpgroup each); ``launch`` as
+    in ``gluon_forward.gluon_attention_forward``."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -412,22 +413,28 @@ def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_c
     q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M, dim], q_layout)
     do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BLOCK_M, dim], q_layout)
     grid = (layout.num_kv_blocks * (layout.kv_block // block_n), batch * kv_heads)
-    _gluon_dkdv_kernel[grid](
-        k_desc, v_desc, q_desc, do_desc, dk, dv, lse, delta, t_cnt, t_idx,
-        lse.stride(0), lse.stride(1), *t_strides, *ti_strides,
-        q_len, kv_len, kv_heads, scale_log2, scale,
-        GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-        Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
+    (launch or _launch_directly)(
+        _gluon_dkdv_kernel, grid,
+        (
+            k_desc, v_desc, q_desc, do_desc, dk, dv, lse, delta, t_cnt, t_idx,
+            lse.stride(0), lse.stride(1), *t_strides, *ti_strides,
+            q_len, kv_len, kv_heads, scale_log2, scale,
+        ),
+        dict(
+            GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
+            Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+            CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
+        ),
     )
     return dk, dv
 
 
 def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, idx, cnt_strides, idx_strides,
-                       block_m: int = DQ_BLOCK_M, num_warps: int = DQ_NUM_WARPS, stages: int = STAGES):
+                       block_m: int = DQ_BLOCK_M, num_warps: int = DQ_NUM_WARPS, stages: int = STAGES, launch=None):
     """Launch the Gluon dQ kernel on a padded batch; returns ``(dq, delta)`` with ``delta =
     rowsum(O * dO)`` ``(B, H, S)`` float32 for the dK/dV kernel. ``block_m`` / ``num_warps`` /
-    ``stages`` are for benchmarks (128 rows need 8 warps)."""
+    ``stages`` are for benchmarks (128 rows need 8 warps); ``launch`` as in
+    ``gluon_forward.gluon_attention_forward``."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -440,12 +447,17 @@ def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, id
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [DQ_BLOCK_N, dim], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [DQ_BLOCK_N, dim], kv_layout)
     grid = (layout.num_q_blocks * (layout.q_block // block_m), batch * heads)
-    _gluon_dq_kernel[grid](
-        q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, cnt, idx,
-        lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
-        q_len, kv_len, heads, scale_log2, scale,
-        GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-        Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=DQ_BLOCK_N,
-        CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
+    (launch or _launch_directly)(
+        _gluon_dq_kernel, grid,
+        (
+            q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, cnt, idx,
+            lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
+            q_len, kv_len, heads, scale_log2, scale,
+        ),
+        dict(
+            GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
+            Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=DQ_BLOCK_N,
+            CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
+        ),
     )
     return dq, delta

@@ -174,9 +174,15 @@ def unsupported_reason(q, k, v, layout) -> str | None:
     return None
 
 
-def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides):
+def _launch_directly(kernel, grid, args, meta):
+    """Launch through Gluon's own JIT path (``ops`` passes a launcher that caches the compiled kernel)."""
+    kernel[grid](*args, **meta)
+
+
+def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides, launch=None):
     """Launch the Gluon forward on a padded batch (``scale_log2``: the softmax scale times log2(e));
-    returns ``(out, lse)`` like ``ops.attention_forward``."""
+    returns ``(out, lse)`` like ``ops.attention_forward``. ``launch(kernel, grid, args, meta)``
+    replaces the plain ``kernel[grid](*args, **meta)``."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
@@ -188,12 +194,17 @@ def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, 
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, dim], kv_layout)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_N, dim], kv_layout)
     grid = (layout.num_q_blocks, batch * heads)
-    _gluon_fwd_kernel[grid](
-        q_desc, k_desc, v_desc, out, lse, cnt, idx,
-        lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
-        q_len, kv_len, heads, scale_log2,
-        GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-        KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=layout.causal, STAGES=STAGES,
-        num_warps=NUM_WARPS,
+    (launch or _launch_directly)(
+        _gluon_fwd_kernel, grid,
+        (
+            q_desc, k_desc, v_desc, out, lse, cnt, idx,
+            lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
+            q_len, kv_len, heads, scale_log2,
+        ),
+        dict(
+            GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
+            KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=layout.causal, STAGES=STAGES,
+            num_warps=NUM_WARPS,
+        ),
     )
     return out, lse

@@ -165,11 +165,16 @@ _COMPILED: dict = {}
 FAST_LAUNCH = True
 
 
+# Host-side TMA descriptors (the Gluon kernels' arguments), when this Triton has Gluon.
+_TENSOR_DESCRIPTOR = gluon_forward.TensorDescriptor if gluon_forward.GLUON_IMPORT_ERROR is None else None
+
+
 def _specialization(args):
     """What Triton specializes a launch on, per argument, at least as finely as it does: a tensor's
     dtype and 16-byte alignment; an int's residue mod 16 (so divisibility by 16), ``== 1`` and
-    whether it fits 32 bits; floats are not specialized. None for any other argument type (then
-    Triton's own path launches)."""
+    whether it fits 32 bits; a host TMA descriptor's dtype, block shape and shared layout (its
+    shape and strides are runtime values); floats are not specialized. None for any other
+    argument type (then Triton's own path launches)."""
     spec = []
     add = spec.append
     for a in args:
@@ -182,6 +187,8 @@ def _specialization(args):
             add(None)
         elif isinstance(a, Tensor):
             add((a.dtype, a.data_ptr() & 15 == 0))
+        elif kind is _TENSOR_DESCRIPTOR:
+            add((a.base.dtype, *a.block_shape, a.layout))
         else:  # bool and anything else: Triton's own path
             return None
     return tuple(spec)
@@ -207,32 +214,55 @@ def _no_hook(hook) -> bool:
     return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
 
 
+def _fast_key(name: str, fn, args, meta):
+    """The compiled-launcher cache key of a launch of ``fn`` (named ``name``), or None when it must
+    go through Triton's own path."""
+    if not _fast_launch_ready(fn):
+        return None
+    spec = _specialization(args)
+    if spec is None:
+        return None
+    return (name, triton.runtime.driver.active.get_current_device(), *meta.values(), spec)
+
+
+def _launch_cached(fast_key, grid, args) -> bool:
+    """Launch the kernel compiled under ``fast_key`` through its compiled launcher (``grid``: the
+    grid, or a function of the chosen tile sizes); False when none is cached yet, or when this
+    Triton's compiled-kernel interface is not the one this was written against (the path then
+    turns itself off)."""
+    global FAST_LAUNCH
+    entry = _COMPILED.get(fast_key)
+    if entry is None:
+        return False
+    kernel, constexprs, tiles = entry
+    dims = grid(tiles) if callable(grid) else grid
+    stream = triton.runtime.driver.active.get_current_stream(fast_key[1])
+    try:
+        kernel.run(dims[0], dims[1], 1, stream, kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, *constexprs)
+        return True
+    except (TypeError, AttributeError):
+        FAST_LAUNCH = False
+        _COMPILED.clear()
+        return False
+
+
+def _remember(fast_key, fn, kernel, args, meta, tiles=None) -> None:
+    """Cache a kernel Triton just compiled and launched, for :func:`_launch_cached`."""
+    if fast_key is not None and kernel is not None and FAST_LAUNCH:
+        merged = {**meta, **(tiles or {})}
+        _COMPILED[fast_key] = (kernel, tuple(merged[name] for name in fn.arg_names[len(args):]), tiles)
+
+
 def _launch(kind: str, grid, *args, **meta):
     """Launch kernel ``kind``: autotuned on first use for this key, then with the chosen config;
     once compiled for this argument specialization, through its compiled launcher. The compiled
     entry is looked up first (its key holds every launch input the tuner's choice depends on), so a
     warm launch skips the tuner lookups."""
-    global FAST_LAUNCH
     fn = _KERNELS[kind]
-    fast_key = None
-    if _fast_launch_ready(fn):
-        device = triton.runtime.driver.active.get_current_device()
-        spec = _specialization(args)
-        if spec is not None:
-            fast_key = (kind, device, *meta.values(), spec)
-            entry = _COMPILED.get(fast_key)
-            if entry is not None:
-                kernel, constexprs, tiles = entry
-                dims = grid(tiles)
-                stream = triton.runtime.driver.active.get_current_stream(device)
-                try:
-                    kernel.run(dims[0], dims[1], 1, stream, kernel.function, kernel.packed_metadata,
-                               None, None, None, *args, *constexprs)
-                    return
-                except (TypeError, AttributeError):  # a Triton whose compiled-kernel interface differs
-                    FAST_LAUNCH = False
-                    _COMPILED.clear()
-                    fast_key = None
+    fast_key = _fast_key(kind, fn, args, meta)
+    if fast_key is not None and _launch_cached(fast_key, grid, args):
+        return
     tuner = _tuned(kind, meta["Q_BLOCK"], meta["KV_BLOCK"], meta["HEAD_DIM"])
     key = (kind, args[0].dtype, *(meta[name] for name in _TUNE_KEY))
     chosen = _CHOSEN.get(key)
@@ -242,9 +272,17 @@ def _launch(kind: str, grid, *args, **meta):
         return
     tiles, options = chosen  # tile sizes; tile sizes + warps/stages
     kernel = fn[grid](*args, **meta, **options)
-    if fast_key is not None and kernel is not None:
-        merged = {**meta, **tiles}
-        _COMPILED[fast_key] = (kernel, tuple(merged[name] for name in fn.arg_names[len(args):]), tiles)
+    _remember(fast_key, fn, kernel, args, meta, tiles)
+
+
+def _launch_gluon(fn, grid, args, meta):
+    """Launch a Gluon kernel (the ``launch`` the gluon_* modules take): through its compiled
+    launcher once compiled for this specialization. Gluon's JIT path costs the host as much per
+    launch as Triton's (``_COMPILED``), and at 8K the Gluon kernels take 0.1-0.3 ms."""
+    fast_key = _fast_key(fn.__name__, fn, args, meta)
+    if fast_key is not None and _launch_cached(fast_key, grid, args):
+        return
+    _remember(fast_key, fn, fn[grid](*args, **meta), args, meta)
 
 
 def _seq_strides(t: Tensor, varlen: bool):
@@ -374,7 +412,7 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
         if reason is None:
             cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
             return gluon_forward.gluon_attention_forward(q, k, v, layout, scale * LOG2E, cnt, idx,
-                                                         cnt_strides, idx_strides)
+                                                         cnt_strides, idx_strides, launch=_launch_gluon)
         if GLUON_FORWARD:
             raise ValueError(f"GLUON_FORWARD=True but the Gluon forward cannot run this call: {reason}")
     if varlen:
@@ -414,10 +452,10 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         if reason is None:
             cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
             dq, delta = gluon_backward.gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale * LOG2E,
-                                                          cnt, idx, cnt_strides, idx_strides)
+                                                          cnt, idx, cnt_strides, idx_strides, launch=_launch_gluon)
             t_cnt, t_idx, t_strides, ti_strides, _ = _block_lists(layout, kv_major=True)
             dk, dv = gluon_backward.gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale * LOG2E,
-                                                         t_cnt, t_idx, t_strides, ti_strides)
+                                                         t_cnt, t_idx, t_strides, ti_strides, launch=_launch_gluon)
             return dq, dk, dv
         if GLUON_BACKWARD:
             raise ValueError(f"GLUON_BACKWARD=True but the Gluon backward cannot run this call: {reason}")
