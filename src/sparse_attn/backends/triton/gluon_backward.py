@@ -34,6 +34,9 @@ STAGES = 2
 DQ_BLOCK_M = 64
 DQ_BLOCK_N = 64
 DQ_NUM_WARPS = 4
+# Both kernels read q, k, v and dO in tiles of this many rows, so one set of descriptors serves both.
+TILE_ROWS = 64
+assert BLOCK_M == BLOCK_N == DQ_BLOCK_M == DQ_BLOCK_N == TILE_ROWS
 
 if GLUON_IMPORT_ERROR is None:
     from triton.experimental import gluon
@@ -373,6 +376,21 @@ def _shared_layout(rows: int, dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
+def _row_descriptor(t, rows: int):
+    """A TMA descriptor over contiguous ``(..., S, D)`` ``t`` as ``(rows of every head, D)``, loading
+    ``rows`` rows at a time."""
+    dim = t.shape[-1]
+    flat = t.view(-1, dim)
+    return TensorDescriptor(flat, [flat.shape[0], dim], [dim, 1], [rows, dim], _shared_layout(rows, dim, t.dtype))
+
+
+def row_descriptors(q, k, v, do):
+    """The descriptors of q, k, v and dO in ``TILE_ROWS``-row tiles, which both backward kernels
+    read with their library tiles: built once per backward and passed to both (each one built costs the host
+    ~10 us, and at 8K the backward is host-bound)."""
+    return tuple(_row_descriptor(t, TILE_ROWS) for t in (q, k, v, do))
+
+
 def unsupported_reason(q, k, v, out, do, layout) -> str | None:
     """Why the Gluon backward kernels cannot run this padded-batch call (forward output ``out``,
     its gradient ``do``) on a Hopper GPU (None when they can); ``ops.gluon_skip_reason`` checks the
@@ -396,22 +414,22 @@ def unsupported_reason(q, k, v, out, do, layout) -> str | None:
 
 
 def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_cnt, t_idx, t_strides, ti_strides,
-                         block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, stages: int = STAGES, launch=None):
+                         block_n: int = BLOCK_N, num_warps: int = NUM_WARPS, stages: int = STAGES, launch=None,
+                         descriptors=None):
     """Launch the Gluon dK/dV kernel on a padded batch; ``lse`` (natural log) and ``delta`` are the
     forward's LSE and ``rowsum(O * dO)`` (from the dQ kernel), ``(B, H, S)`` float32. ``t_cnt`` /
     ``t_idx`` are the layout's kv-major lists. Returns ``(dk, dv)``. ``block_n`` / ``num_warps``
     / ``stages`` are for benchmarks (128 keys need 8 warps: one 64-key warpgroup each); ``launch`` as
-    in ``gluon_forward.gluon_attention_forward``."""
+    in ``gluon_forward.gluon_attention_forward``; ``descriptors``: :func:`row_descriptors` of
+    (q, k, v, do), for 64-key tiles."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    q2, k2, v2, do2 = (t.view(-1, dim) for t in (q, k, v, do))
-    q_layout = _shared_layout(BLOCK_M, dim, q.dtype)
-    kv_layout = _shared_layout(block_n, dim, q.dtype)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, dim], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [block_n, dim], kv_layout)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M, dim], q_layout)
-    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [BLOCK_M, dim], q_layout)
+    if descriptors is None:
+        q_desc, do_desc = _row_descriptor(q, BLOCK_M), _row_descriptor(do, BLOCK_M)
+        k_desc, v_desc = _row_descriptor(k, block_n), _row_descriptor(v, block_n)
+    else:
+        q_desc, k_desc, v_desc, do_desc = descriptors
     grid = (layout.num_kv_blocks * (layout.kv_block // block_n), batch * kv_heads)
     (launch or _launch_directly)(
         _gluon_dkdv_kernel, grid,
@@ -430,22 +448,22 @@ def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_c
 
 
 def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, idx, cnt_strides, idx_strides,
-                       block_m: int = DQ_BLOCK_M, num_warps: int = DQ_NUM_WARPS, stages: int = STAGES, launch=None):
+                       block_m: int = DQ_BLOCK_M, num_warps: int = DQ_NUM_WARPS, stages: int = STAGES, launch=None,
+                       descriptors=None):
     """Launch the Gluon dQ kernel on a padded batch; returns ``(dq, delta)`` with ``delta =
     rowsum(O * dO)`` ``(B, H, S)`` float32 for the dK/dV kernel. ``block_m`` / ``num_warps`` /
     ``stages`` are for benchmarks (128 rows need 8 warps); ``launch`` as in
-    ``gluon_forward.gluon_attention_forward``."""
+    ``gluon_forward.gluon_attention_forward``; ``descriptors``: :func:`row_descriptors` of
+    (q, k, v, do), for 64-row tiles."""
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
-    q2, k2, v2, do2 = (t.view(-1, dim) for t in (q, k, v, do))
-    q_layout = _shared_layout(block_m, dim, q.dtype)
-    kv_layout = _shared_layout(DQ_BLOCK_N, dim, q.dtype)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [block_m, dim], q_layout)
-    do_desc = TensorDescriptor(do2, list(do2.shape), list(do2.stride()), [block_m, dim], q_layout)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [DQ_BLOCK_N, dim], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [DQ_BLOCK_N, dim], kv_layout)
+    if descriptors is None:
+        q_desc, do_desc = _row_descriptor(q, block_m), _row_descriptor(do, block_m)
+        k_desc, v_desc = _row_descriptor(k, DQ_BLOCK_N), _row_descriptor(v, DQ_BLOCK_N)
+    else:
+        q_desc, k_desc, v_desc, do_desc = descriptors
     grid = (layout.num_q_blocks * (layout.q_block // block_m), batch * heads)
     (launch or _launch_directly)(
         _gluon_dq_kernel, grid,

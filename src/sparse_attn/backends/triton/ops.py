@@ -451,11 +451,14 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
         reason = gluon_skip_reason(q, k, v, layout, (out, do))
         if reason is None:
             cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
+            descriptors = gluon_backward.row_descriptors(q, k, v, do)
             dq, delta = gluon_backward.gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale * LOG2E,
-                                                          cnt, idx, cnt_strides, idx_strides, launch=_launch_gluon)
+                                                          cnt, idx, cnt_strides, idx_strides, launch=_launch_gluon,
+                                                          descriptors=descriptors)
             t_cnt, t_idx, t_strides, ti_strides, _ = _block_lists(layout, kv_major=True)
             dk, dv = gluon_backward.gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale * LOG2E,
-                                                         t_cnt, t_idx, t_strides, ti_strides, launch=_launch_gluon)
+                                                         t_cnt, t_idx, t_strides, ti_strides, launch=_launch_gluon,
+                                                         descriptors=descriptors)
             return dq, dk, dv
         if GLUON_BACKWARD:
             raise ValueError(f"GLUON_BACKWARD=True but the Gluon backward cannot run this call: {reason}")
