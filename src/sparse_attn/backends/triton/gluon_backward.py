@@ -44,7 +44,7 @@ if GLUON_IMPORT_ERROR is None:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_forward import _tma_load
+    from .gluon_forward import _load_kv_tile, _tma_load
 
     @gluon.jit
     def _head_query_tiles(QT_CNT, QT_IDX, b, h, kb, n0, offset, q_len,
@@ -244,17 +244,6 @@ if GLUON_IMPORT_ERROR is None:
         gl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok)
         gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=key_ok)
 
-
-    @gluon.jit
-    def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0,
-                      SUB: gl.constexpr, KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Start the TMA loads of key/value tile ``t`` of a query-major block list into stage
-        ``t % STAGES``."""
-        row = kv_row0 + gl.load(idx_row + t // SUB) * KV_BLOCK + (t % SUB) * BLOCK_N
-        stage = t % STAGES
-        mbarrier.expect(bars.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, 0], bars.index(stage), k_smem.index(stage))
-        _tma_load(v_desc, [row, 0], bars.index(stage), v_smem.index(stage))
 
     @gluon.jit
     def _gluon_dq_kernel(
