@@ -84,10 +84,13 @@ def _compile_gluon(kernel, signature_types: dict, values: dict, num_warps: int) 
             "shared_bytes": compiled.metadata.shared}
 
 
-def _descriptor_type(module, rows: int, dim: int) -> str:
+def _descriptor_type(rows: int, dim: int) -> str:
+    """The signature type of a bf16 TMA descriptor argument with ``rows x dim`` tiles (the shared
+    layout comes from gluon_forward, which both Gluon modules use)."""
     import torch
 
-    return f"tensordesc<bf16[{rows}, {dim}],{module._shared_layout(rows, dim, torch.bfloat16)!r}>"
+    layout = load_gluon_module("gluon_forward")._shared_layout(rows, dim, torch.bfloat16)
+    return f"tensordesc<bf16[{rows}, {dim}],{layout!r}>"
 
 
 def compile_gluon_forward(module, dim: int, causal: bool) -> dict:
@@ -96,9 +99,9 @@ def compile_gluon_forward(module, dim: int, causal: bool) -> dict:
         return {"ok": False, "error": f"Gluon unavailable: {module.GLUON_IMPORT_ERROR}"}
     values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "KV_BLOCK": 128, "BLOCK_M": module.BLOCK_M,
               "BLOCK_N": module.BLOCK_N, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": module.NUM_WARPS}
-    types = {"q_desc": _descriptor_type(module, module.BLOCK_M, dim),
-             "k_desc": _descriptor_type(module, module.BLOCK_N, dim),
-             "v_desc": _descriptor_type(module, module.BLOCK_N, dim),
+    types = {"q_desc": _descriptor_type(module.BLOCK_M, dim),
+             "k_desc": _descriptor_type(module.BLOCK_N, dim),
+             "v_desc": _descriptor_type(module.BLOCK_N, dim),
              "OUT": "*bf16", "LSE": "*fp32", "CNT": "*i32", "IDX": "*i32", "scale_log2": "fp32"}
     return _compile_gluon(module._gluon_fwd_kernel, types, values, module.NUM_WARPS)
 
@@ -118,8 +121,8 @@ def compile_gluon_backward(module, kind: str, dim: int, causal: bool) -> dict:
         pointers = {"DK": "*bf16", "DV": "*bf16", "QT_CNT": "*i32", "QT_IDX": "*i32"}
     values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "Q_BLOCK": 128, "KV_BLOCK": 128, "BLOCK_M": rows,
               "BLOCK_N": keys, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": warps}
-    types = {"q_desc": _descriptor_type(module, rows, dim), "do_desc": _descriptor_type(module, rows, dim),
-             "k_desc": _descriptor_type(module, keys, dim), "v_desc": _descriptor_type(module, keys, dim),
+    types = {"q_desc": _descriptor_type(rows, dim), "do_desc": _descriptor_type(rows, dim),
+             "k_desc": _descriptor_type(keys, dim), "v_desc": _descriptor_type(keys, dim),
              "LSE": "*fp32", "DELTA": "*fp32", "scale_log2": "fp32", "scale": "fp32", **pointers}
     return _compile_gluon(kernel, types, values, warps)
 

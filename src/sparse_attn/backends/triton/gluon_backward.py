@@ -19,11 +19,9 @@ there, GPU tests compare this one against the float64 golden, and CI compiles it
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .gluon_forward import GLUON_IMPORT_ERROR, _launch_directly
+from .gluon_forward import GLUON_IMPORT_ERROR, _launch_directly, row_descriptor, tensors_unsupported_reason
 
 # dK/dV tiles: BLOCK_N keys per program, BLOCK_M query rows per step.
 BLOCK_M = 64
@@ -42,7 +40,6 @@ if GLUON_IMPORT_ERROR is None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_forward import _load_kv_tile, _tma_load
 
@@ -360,46 +357,21 @@ if GLUON_IMPORT_ERROR is None:
         gl.store(ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < q_len)[:, None])
 
 
-@functools.lru_cache(maxsize=None)
-def _shared_layout(rows: int, dim: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
-
-
-def _row_descriptor(t, rows: int):
-    """A TMA descriptor over contiguous ``(..., S, D)`` ``t`` as ``(rows of every head, D)``, loading
-    ``rows`` rows at a time."""
-    dim = t.shape[-1]
-    flat = t.view(-1, dim)
-    return TensorDescriptor(flat, [flat.shape[0], dim], [dim, 1], [rows, dim], _shared_layout(rows, dim, t.dtype))
-
-
 def row_descriptors(q, k, v, do):
     """The descriptors of q, k, v and dO in ``TILE_ROWS``-row tiles, which both backward kernels
     read with their library tiles: built once per backward and passed to both (each one built costs the host
     ~10 us, and at 8K the backward is host-bound)."""
-    return tuple(_row_descriptor(t, TILE_ROWS) for t in (q, k, v, do))
+    return tuple(row_descriptor(t, TILE_ROWS) for t in (q, k, v, do))
 
 
 def unsupported_reason(q, k, v, out, do, layout) -> str | None:
     """Why the Gluon backward kernels cannot run this padded-batch call (forward output ``out``,
     its gradient ``do``) on a Hopper GPU (None when they can); ``ops.gluon_skip_reason`` checks the
     device first."""
-    if GLUON_IMPORT_ERROR is not None:
-        return f"Gluon unavailable ({GLUON_IMPORT_ERROR})"
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype == out.dtype == do.dtype):
-        return f"dtype {q.dtype} (fp16/bf16 only, the same for q, k, v, the output and its gradient)"
-    if q.shape[-1] not in (64, 128):
-        return f"head dim {q.shape[-1]} (64 or 128 only)"
-    if layout.q_block % BLOCK_M or layout.kv_block % BLOCK_N:
-        return f"blocks {layout.q_block}x{layout.kv_block} (multiples of {BLOCK_M} x {BLOCK_N} only)"
-    if layout.q_block % DQ_BLOCK_M or layout.kv_block % DQ_BLOCK_N:
-        return f"blocks {layout.q_block}x{layout.kv_block} (multiples of {DQ_BLOCK_M} x {DQ_BLOCK_N} only)"
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("grad_output", do)):
-        if not t.is_contiguous() or t.data_ptr() % 16:
-            return f"{name} is not a contiguous, 16-byte aligned (B, H, S, D) tensor"
-        if t.numel() // t.shape[-1] >= 2 ** 31:
-            return f"{name} has 2**31 rows or more (TMA coordinates are 32-bit)"
-    return None
+    blocks = None
+    if layout.q_block % TILE_ROWS or layout.kv_block % TILE_ROWS:
+        blocks = f"blocks {layout.q_block}x{layout.kv_block} (multiples of {TILE_ROWS} x {TILE_ROWS} only)"
+    return tensors_unsupported_reason((("q", q), ("k", k), ("v", v), ("out", out), ("grad_output", do)), blocks)
 
 
 def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_cnt, t_idx, t_strides, ti_strides,
@@ -415,8 +387,8 @@ def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_c
     kv_heads, kv_len = k.shape[1], k.shape[2]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     if descriptors is None:
-        q_desc, do_desc = _row_descriptor(q, BLOCK_M), _row_descriptor(do, BLOCK_M)
-        k_desc, v_desc = _row_descriptor(k, block_n), _row_descriptor(v, block_n)
+        q_desc, do_desc = row_descriptor(q, BLOCK_M), row_descriptor(do, BLOCK_M)
+        k_desc, v_desc = row_descriptor(k, block_n), row_descriptor(v, block_n)
     else:
         q_desc, k_desc, v_desc, do_desc = descriptors
     grid = (layout.num_kv_blocks * (layout.kv_block // block_n), batch * kv_heads)
@@ -449,8 +421,8 @@ def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, id
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
     if descriptors is None:
-        q_desc, do_desc = _row_descriptor(q, block_m), _row_descriptor(do, block_m)
-        k_desc, v_desc = _row_descriptor(k, DQ_BLOCK_N), _row_descriptor(v, DQ_BLOCK_N)
+        q_desc, do_desc = row_descriptor(q, block_m), row_descriptor(do, block_m)
+        k_desc, v_desc = row_descriptor(k, DQ_BLOCK_N), row_descriptor(v, DQ_BLOCK_N)
     else:
         q_desc, k_desc, v_desc, do_desc = descriptors
     grid = (layout.num_q_blocks * (layout.q_block // block_m), batch * heads)

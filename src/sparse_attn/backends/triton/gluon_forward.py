@@ -155,23 +155,43 @@ def _shared_layout(rows: int, dim: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, dim], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
-def unsupported_reason(q, k, v, layout) -> str | None:
-    """Why the Gluon forward cannot run this padded-batch call on a Hopper GPU (None when it can);
-    ``ops.gluon_skip_reason`` checks the device first."""
+def row_descriptor(t, rows: int):
+    """A TMA descriptor over contiguous ``(..., S, D)`` ``t`` as ``(rows of every head, D)``, loading
+    ``rows`` rows at a time."""
+    dim = t.shape[-1]
+    flat = t.view(-1, dim)
+    return TensorDescriptor(flat, [flat.shape[0], dim], [dim, 1], [rows, dim], _shared_layout(rows, dim, t.dtype))
+
+
+def tensors_unsupported_reason(named, blocks_reason: str | None = None) -> str | None:
+    """Why a Gluon kernel cannot run on these ``(name, tensor)`` pairs (None when it can): Gluon
+    missing, dtypes other than one fp16/bf16, head dims other than 64/128, the kernel's own
+    ``blocks_reason`` (layout blocks its tiles do not divide), tensors that are not contiguous and
+    16-byte aligned, or too many rows for 32-bit TMA coordinates; checked in that order."""
     if GLUON_IMPORT_ERROR is not None:
         return f"Gluon unavailable ({GLUON_IMPORT_ERROR})"
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
-        return f"dtype {q.dtype} (fp16/bf16 only)"
-    if q.shape[-1] not in (64, 128):
-        return f"head dim {q.shape[-1]} (64 or 128 only)"
-    if layout.q_block != BLOCK_M or layout.kv_block % BLOCK_N:
-        return f"blocks {layout.q_block}x{layout.kv_block} (128 x multiple of 64 only)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    first = named[0][1]
+    if first.dtype not in (torch.float16, torch.bfloat16) or any(t.dtype != first.dtype for _, t in named):
+        return f"dtype {first.dtype} (fp16/bf16 only, the same for {', '.join(name for name, _ in named)})"
+    if first.shape[-1] not in (64, 128):
+        return f"head dim {first.shape[-1]} (64 or 128 only)"
+    if blocks_reason is not None:
+        return blocks_reason
+    for name, t in named:
         if not t.is_contiguous() or t.data_ptr() % 16:
             return f"{name} is not a contiguous, 16-byte aligned (B, H, S, D) tensor"
         if t.numel() // t.shape[-1] >= 2 ** 31:
             return f"{name} has 2**31 rows or more (TMA coordinates are 32-bit)"
     return None
+
+
+def unsupported_reason(q, k, v, layout) -> str | None:
+    """Why the Gluon forward cannot run this padded-batch call on a Hopper GPU (None when it can);
+    ``ops.gluon_skip_reason`` checks the device first."""
+    blocks = None
+    if layout.q_block != BLOCK_M or layout.kv_block % BLOCK_N:
+        blocks = f"blocks {layout.q_block}x{layout.kv_block} (128 x multiple of 64 only)"
+    return tensors_unsupported_reason((("q", q), ("k", k), ("v", v)), blocks)
 
 
 def _launch_directly(kernel, grid, args, meta):
@@ -187,12 +207,7 @@ def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, 
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
-    q2, k2, v2 = q.view(-1, dim), k.view(-1, dim), v.view(-1, dim)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M, dim],
-                              _shared_layout(BLOCK_M, dim, q.dtype))
-    kv_layout = _shared_layout(BLOCK_N, dim, q.dtype)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, dim], kv_layout)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_N, dim], kv_layout)
+    q_desc, k_desc, v_desc = row_descriptor(q, BLOCK_M), row_descriptor(k, BLOCK_N), row_descriptor(v, BLOCK_N)
     grid = (layout.num_q_blocks, batch * heads)
     (launch or _launch_directly)(
         _gluon_fwd_kernel, grid,
