@@ -436,6 +436,70 @@ def test_launch_specialization_is_at_least_as_fine_as_tritons():
     assert ops._specialization([object()]) is None  # unknown argument types take Triton's own path
 
 
+def test_row_descriptor_is_the_descriptor_tritons_constructor_would_build():
+    """``row_descriptor`` skips TensorDescriptor's validation and the 2-D view (host cost): it must
+    hold what the validated constructor over the view holds, and specialize like it."""
+    from sparse_attn.backends.triton import gluon_forward
+
+    if gluon_forward.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"no Gluon in this Triton: {gluon_forward.GLUON_IMPORT_ERROR}")
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    backend = pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
+    for shape, dtype, rows in (((1, 4, 300, 64), torch.bfloat16, 64), ((2, 2, 256, 128), torch.float16, 128)):
+        t = torch.randn(shape, dtype=dtype)
+        lean = gluon_forward.row_descriptor(t, rows)
+        flat = t.view(-1, shape[-1])
+        checked = gluon_forward.TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, shape[-1]],
+                                                 gluon_forward._shared_layout(rows, shape[-1], dtype))
+        for field in ("shape", "strides", "block_shape", "layout", "padding"):
+            assert getattr(lean, field) == getattr(checked, field), field
+        assert lean.base.data_ptr() == checked.base.data_ptr() and lean.base.dtype == checked.base.dtype
+        if hasattr(libtriton, "native_specialize_impl"):
+            assert libtriton.native_specialize_impl(backend, lean, False, True, True) == \
+                libtriton.native_specialize_impl(backend, checked, False, True, True)
+
+
+def test_gluon_launch_spec_is_at_least_as_fine_as_the_generic_specialization():
+    """The Gluon launches key the compiled-launcher cache by their own ``launch_spec`` (cheaper than
+    ``ops._specialization``'s walk over every argument): two launches of a kernel with the same
+    constexprs and launch_spec must never differ in the generic specialization (which the test
+    above holds to Triton's). Recorded on CPU tensors: the launchers only build arguments."""
+    from sparse_attn.backends.triton import gluon_backward, gluon_forward, ops
+
+    if gluon_forward.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(f"no Gluon in this Triton: {gluon_forward.GLUON_IMPORT_ERROR}")
+    launches = []
+
+    def record(kernel, grid, args, meta, spec):
+        launches.append(((kernel.__name__, tuple(meta.items()), spec), ops._specialization(args)))
+
+    def misaligned(t):  # the same values, 4 bytes past a 16-byte boundary
+        storage = torch.zeros(t.numel() + 1, dtype=t.dtype)
+        return storage[1:].view(t.shape).copy_(t)
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        shapes = ((256, 256, 4, 2, 1), (256, 250, 4, 2, 1), (300, 300, 4, 2, 4), (128, 320, 4, 4, 4), (256, 256, 8, 2, 1))
+        for q_len, kv_len, heads, kv_heads, layout_heads in shapes:
+            layout = random_layout(1, layout_heads, q_len, kv_len, block=128, kv_block=64, density=0.5)
+            q, do = (torch.randn(1, heads, q_len, 64, dtype=dtype) for _ in range(2))
+            k, v = (torch.randn(1, kv_heads, kv_len, 64, dtype=dtype) for _ in range(2))
+            lists, t_lists = ops._block_lists(layout)[:4], ops._block_lists(layout, kv_major=True)[:4]
+            for lse_of, lists_of in ((lambda t: t, lambda t: t), (misaligned, lambda t: t), (lambda t: t, misaligned)):
+                cnt, idx = lists_of(lists[0]), lists_of(lists[1])
+                t_cnt, t_idx = lists_of(t_lists[0]), lists_of(t_lists[1])
+                out, lse = gluon_forward.gluon_attention_forward(q, k, v, layout, 0.2, cnt, idx, *lists[2:], launch=record)
+                lse = lse_of(lse)
+                _, delta = gluon_backward.gluon_attention_dq(q, k, v, out, do, lse, layout, 0.1, 0.2, cnt, idx,
+                                                             *lists[2:], launch=record)
+                gluon_backward.gluon_attention_dkdv(q, k, v, do, lse, lse_of(delta), layout, 0.1, 0.2, t_cnt, t_idx,
+                                                    *t_lists[2:], launch=record)
+    specs = {}
+    for key, generic in launches:
+        assert specs.setdefault(key, generic) == generic, f"one launch_spec, two specializations: {key}"
+    assert len(specs) < len(launches) and len({generic for _, generic in launches}) > 3  # not vacuous
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="the compiled-launcher path only runs on a GPU")
 def test_compiled_launcher_matches_triton_launch(monkeypatch):
     """Calls after the first go through the compiled launcher; they must give bit-identical results

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .gluon_forward import GLUON_IMPORT_ERROR, _launch_directly, row_descriptor, tensors_unsupported_reason
+from .gluon_forward import GLUON_IMPORT_ERROR, _launch_directly, launch_spec, row_descriptor, tensors_unsupported_reason
 
 # dK/dV tiles: BLOCK_N keys per program, BLOCK_M query rows per step.
 BLOCK_M = 64
@@ -391,19 +391,17 @@ def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_c
         k_desc, v_desc = row_descriptor(k, block_n), row_descriptor(v, block_n)
     else:
         q_desc, k_desc, v_desc, do_desc = descriptors
+    ints = (lse.stride(0), lse.stride(1), *t_strides, *ti_strides, q_len, kv_len, kv_heads)
     grid = (layout.num_kv_blocks * (layout.kv_block // block_n), batch * kv_heads)
     (launch or _launch_directly)(
         _gluon_dkdv_kernel, grid,
-        (
-            k_desc, v_desc, q_desc, do_desc, dk, dv, lse, delta, t_cnt, t_idx,
-            lse.stride(0), lse.stride(1), *t_strides, *ti_strides,
-            q_len, kv_len, kv_heads, scale_log2, scale,
-        ),
+        (k_desc, v_desc, q_desc, do_desc, dk, dv, lse, delta, t_cnt, t_idx, *ints, float(scale_log2), float(scale)),
         dict(
             GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
             Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
             CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
         ),
+        launch_spec((k_desc, v_desc, q_desc, do_desc), (lse, delta, t_cnt, t_idx), ints),
     )
     return dk, dv
 
@@ -425,18 +423,16 @@ def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, id
         k_desc, v_desc = row_descriptor(k, DQ_BLOCK_N), row_descriptor(v, DQ_BLOCK_N)
     else:
         q_desc, k_desc, v_desc, do_desc = descriptors
+    ints = (lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides, q_len, kv_len, heads)
     grid = (layout.num_q_blocks * (layout.q_block // block_m), batch * heads)
     (launch or _launch_directly)(
         _gluon_dq_kernel, grid,
-        (
-            q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, cnt, idx,
-            lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides,
-            q_len, kv_len, heads, scale_log2, scale,
-        ),
+        (q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, cnt, idx, *ints, float(scale_log2), float(scale)),
         dict(
             GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
             Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=DQ_BLOCK_N,
             CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
         ),
+        launch_spec((q_desc, do_desc, k_desc, v_desc), (out, lse, cnt, idx), ints),
     )
     return dq, delta

@@ -214,14 +214,16 @@ def _no_hook(hook) -> bool:
     return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
 
 
-def _fast_key(name: str, fn, args, meta):
+def _fast_key(name: str, fn, args, meta, spec=None):
     """The compiled-launcher cache key of a launch of ``fn`` (named ``name``), or None when it must
-    go through Triton's own path."""
+    go through Triton's own path. ``spec``: what the launch's specialization depends on, when the
+    caller knows it (the Gluon modules' ``launch_spec``); otherwise :func:`_specialization`."""
     if not _fast_launch_ready(fn):
         return None
-    spec = _specialization(args)
     if spec is None:
-        return None
+        spec = _specialization(args)
+        if spec is None:
+            return None
     return (name, triton.runtime.driver.active.get_current_device(), *meta.values(), spec)
 
 
@@ -275,11 +277,12 @@ def _launch(kind: str, grid, *args, **meta):
     _remember(fast_key, fn, kernel, args, meta, tiles)
 
 
-def _launch_gluon(fn, grid, args, meta):
-    """Launch a Gluon kernel (the ``launch`` the gluon_* modules take): through its compiled
-    launcher once compiled for this specialization. Gluon's JIT path costs the host as much per
-    launch as Triton's (``_COMPILED``), and at 8K the Gluon kernels take 0.1-0.3 ms."""
-    fast_key = _fast_key(fn.__name__, fn, args, meta)
+def _launch_gluon(fn, grid, args, meta, spec):
+    """Launch a Gluon kernel (the ``launch`` the gluon_* modules take, with their ``launch_spec``):
+    through its compiled launcher once compiled for this specialization. Gluon's JIT path costs
+    the host as much per launch as Triton's (``_COMPILED``), and at 8K the Gluon kernels take
+    0.1-0.3 ms."""
+    fast_key = _fast_key(fn.__name__, fn, args, meta, spec)
     if fast_key is not None and _launch_cached(fast_key, grid, args):
         return
     _remember(fast_key, fn, fn[grid](*args, **meta), args, meta)
