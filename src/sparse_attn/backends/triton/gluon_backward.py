@@ -1,7 +1,7 @@
 """Block-sparse attention dK/dV written in Gluon for Hopper GPUs.
 
-Same contract as ``kernels._bwd_dkdv_kernel`` for the padded-batch case the Gluon forward covers
-(contiguous ``(B, H, S, D)`` tensors, 128-row query blocks, key blocks a multiple of the key tile,
+Same contract as ``kernels._bwd_dkdv_kernel`` for padded batches
+(contiguous ``(B, H, S, D)`` tensors, query and key blocks multiples of the 64-row tiles,
 head dim 64/128, fp16/bf16): one program owns ``BLOCK_N`` keys of one KV head, keeps K and V in
 shared memory, walks the kv-major query-block lists of the GROUP query heads that read that KV head
 as one flat sequence of 64-row query tiles (so the next head's first tile is prefetched while the

@@ -2,12 +2,14 @@
 
 Same contract as ``kernels._fwd_kernel`` (output and natural-log LSE, empty rows give O = 0 and
 LSE = -inf, causal rows bottom-right aligned, GQA inside the kernel) for the common case: padded
-batches of contiguous ``(B, H, S, D)`` tensors, 128-row query blocks, key blocks of 64 or 128, head
-dim 64 or 128, fp16/bf16. Its tiles are 128 query rows x 64 keys on 8 warps (two warpgroups), K/V
-through TMA into a two-stage ring, scores and P x V through asynchronous ``warpgroup_mma``. At
-125 registers and 96 KB of shared memory two programs share each SM, which the Triton kernel's
-255-register tiles do not allow: on an H100 it ran 1.09-1.20x faster than the Triton forward and
-1.27-1.41x faster than FlexAttention on random layouts at 32K-128K (docs/benchmarks.md, session 14).
+batches of contiguous ``(B, H, S, D)`` tensors, 128- or 64-row query blocks, key blocks of 64 or 128,
+head dim 64 or 128, fp16/bf16. Its tiles are one query block x 64 keys, 16 rows per warp (8 warps, two
+warpgroups, for 128 rows), K/V through TMA into a two-stage ring, scores and P x V through
+asynchronous ``warpgroup_mma``. At 125 registers and 96 KB of shared memory two 128-row programs
+share each SM, which the Triton kernel's 255-register tiles do not allow: on an H100 it ran 1.09-1.20x
+faster than the Triton forward and 1.27-1.41x faster than FlexAttention on random layouts at 32K-128K
+(docs/benchmarks.md, session 14); on 64-row blocks it is level with the Triton forward or up to 1.06x
+faster (session 16).
 
 Gluon kernels do not run in the CPU interpreter: the Triton forward stays the checked twin there,
 tests compare this one against the float64 golden on a GPU, and CI compiles it for sm_90.
@@ -23,6 +25,10 @@ BLOCK_M = 128
 BLOCK_N = 64
 NUM_WARPS = 8
 STAGES = 2
+# Query blocks the kernel takes: one program per layout row, 16 rows per warp (a 64-row warpgroup
+# per wgmma), so 128-row blocks run on 8 warps and 64-row blocks on 4.
+Q_BLOCKS = (64, 128)
+ROWS_PER_WARP = 16
 
 try:
     from triton.experimental import gluon
@@ -61,7 +67,7 @@ if GLUON_IMPORT_ERROR is None:
         KV_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         CAUSAL: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """One 128-row query block of one head: walks the block's kept key blocks in 64-key tiles
+        """One query block (``BLOCK_M`` rows) of one head: walks the block's kept key blocks in 64-key tiles
         (online softmax in fp32, exp2 with log2(e) folded into the scale), masking only tiles that
         cross the causal diagonal or the key tail. Q/K/V are 2-D ``(B*H*S, D)`` descriptors; rows
         a tile reads past its head's end are never used (keys masked, query rows not stored)."""
@@ -203,8 +209,8 @@ def unsupported_reason(q, k, v, layout) -> str | None:
     """Why the Gluon forward cannot run this padded-batch call on a Hopper GPU (None when it can);
     ``ops.gluon_skip_reason`` checks the device first."""
     blocks = None
-    if layout.q_block != BLOCK_M or layout.kv_block % BLOCK_N:
-        blocks = f"blocks {layout.q_block}x{layout.kv_block} (128 x multiple of 64 only)"
+    if layout.q_block not in Q_BLOCKS or layout.kv_block % BLOCK_N:
+        blocks = f"blocks {layout.q_block}x{layout.kv_block} (64 or 128 x multiple of 64 only)"
     return tensors_unsupported_reason((("q", q), ("k", k), ("v", v)), blocks)
 
 
@@ -226,15 +232,19 @@ def _launch_directly(kernel, grid, args, meta, spec=None):
     kernel[grid](*args, **meta)
 
 
-def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides, launch=None):
+def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides, launch=None,
+                            block_n: int = BLOCK_N, stages: int = STAGES):
     """Launch the Gluon forward on a padded batch (``scale_log2``: the softmax scale times log2(e));
     returns ``(out, lse)`` like ``ops.attention_forward``. ``launch(kernel, grid, args, meta, spec)``
-    replaces the plain ``kernel[grid](*args, **meta)``; ``spec`` is :func:`launch_spec` of the call."""
+    replaces the plain ``kernel[grid](*args, **meta)``; ``spec`` is :func:`launch_spec` of the call.
+    One program per layout row (``layout.q_block`` rows, 16 per warp); ``block_n`` / ``stages``
+    are for benchmarks."""
     batch, heads, q_len, dim = q.shape
+    block_m = layout.q_block
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
-    descriptors = (row_descriptor(q, BLOCK_M), row_descriptor(k, BLOCK_N), row_descriptor(v, BLOCK_N))
+    descriptors = (row_descriptor(q, block_m), row_descriptor(k, block_n), row_descriptor(v, block_n))
     ints = (lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides, q_len, kv_len, heads)
     grid = (layout.num_q_blocks, batch * heads)
     (launch or _launch_directly)(
@@ -242,8 +252,8 @@ def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, 
         (*descriptors, out, lse, cnt, idx, *ints, float(scale_log2)),
         dict(
             GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-            KV_BLOCK=layout.kv_block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=layout.causal, STAGES=STAGES,
-            num_warps=NUM_WARPS,
+            KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=layout.causal, STAGES=stages,
+            num_warps=block_m // ROWS_PER_WARP,
         ),
         launch_spec(descriptors, (cnt, idx), ints),
     )

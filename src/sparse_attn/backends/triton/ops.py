@@ -335,10 +335,11 @@ def _upcast(q: Tensor) -> bool:
 FORWARD_TMA = None
 BACKWARD_TMA = None
 # The forward through the Gluon kernel (gluon_forward.py) instead of the Triton one. None: on a
-# Hopper GPU for every call it supports (padded batches of contiguous tensors, 128-row query blocks,
-# head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it cannot run
-# raises, naming why). On an H100 it was 1.09-1.20x faster than the Triton forward on random layouts
-# at 32K-128K (docs/benchmarks.md, session 14).
+# Hopper GPU for every call it supports (padded batches of contiguous tensors, 128- or 64-row query
+# blocks, head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it
+# cannot run raises, naming why). On an H100 it was 1.09-1.20x faster than the Triton forward on
+# random layouts at 32K-128K with 128-row blocks (docs/benchmarks.md, session 14), 1.00-1.06x with
+# 64-row blocks (session 16).
 GLUON_FORWARD = None
 # The backward through the Gluon dQ and dK/dV kernels (gluon_backward.py), with the same three
 # settings as GLUON_FORWARD; its own calls: grad_output must also be contiguous.
