@@ -127,3 +127,38 @@ def test_ncu_summary_reads_the_shipped_session14_profile():
     assert "ms=3.484" in dkdv and "regs=255" in dkdv
     stalls = dict(item.split("=") for item in dkdv.split("stalls (warps per issue): ")[1].split(", "))
     assert len(stalls) == 6 and max(stalls, key=lambda name: float(stalls[name])) == "wait"
+
+
+@pytest.fixture(scope="module")
+def bench_varlen():
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_varlen.py"
+    spec = importlib.util.spec_from_file_location("bench_varlen_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_varlen_sequence_lengths_are_seeded_and_sum_to_the_total(bench_varlen):
+    lengths = bench_varlen.sequence_lengths(1000, 6, seed=3)
+    assert len(lengths) == 6 and sum(lengths) == 1000 and min(lengths) > 0
+    assert lengths == bench_varlen.sequence_lengths(1000, 6, seed=3) != bench_varlen.sequence_lengths(1000, 6, seed=4)
+
+
+def test_varlen_flex_mask_is_what_varlen_attention_computes(bench_varlen):
+    """Flex's document mask over the packed sequence keeps exactly the pairs each sequence's own
+    cropped layout keeps (causal inside the sequence, nothing across sequences)."""
+    from sparse_attn import random_layout
+
+    lengths = [50, 17, 70]
+    layout = random_layout(max(lengths), density=0.4, num_heads=1, batch=len(lengths), block_size=16, seed=2)
+    mask_mod = bench_varlen.document_mask_mod(layout, lengths, "cpu")
+    total = sum(lengths)
+    idx = torch.arange(total)
+    got = mask_mod(0, 0, idx[:, None], idx[None, :])
+    want = torch.zeros(total, total, dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(lengths):
+        want[start:start + n, start:start + n] = layout.crop(i, n, n).to_token_mask()[0, 0]
+        start += n
+    assert torch.equal(got, want)
+    assert 0 < int(want.sum()) < sum(n * (n + 1) // 2 for n in lengths)  # sparse, and not empty
