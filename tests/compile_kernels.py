@@ -93,15 +93,16 @@ def _descriptor_type(rows: int, dim: int) -> str:
     return f"tensordesc<bf16[{rows}, {dim}],{layout!r}>"
 
 
-def compile_gluon_forward(module, dim: int, causal: bool, rows: int = 128) -> dict:
+def compile_gluon_forward(module, dim: int, causal: bool, rows: int = 128, varlen: bool = False) -> dict:
     """The Gluon forward (gluon_forward.py, loaded as ``module``) for sm_90, bf16, ``rows`` x 64
-    tiles (one layout row of ``rows`` queries per program, 16 rows per warp)."""
+    tiles (one layout row of ``rows`` queries per program, 16 rows per warp), padded or packed."""
     if module.GLUON_IMPORT_ERROR is not None:
         return {"ok": False, "error": f"Gluon unavailable: {module.GLUON_IMPORT_ERROR}"}
     warps = rows // module.ROWS_PER_WARP
     values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "KV_BLOCK": 128, "BLOCK_M": rows,
-              "BLOCK_N": module.BLOCK_N, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": warps}
-    types = {"q_desc": _descriptor_type(rows, dim),
+              "BLOCK_N": module.BLOCK_N, "CAUSAL": causal, "VARLEN": varlen, "STAGES": module.STAGES,
+              "num_warps": warps}
+    types = {"q_desc": _descriptor_type(rows, dim), "CU_Q": "*i32", "CU_K": "*i32",
              "k_desc": _descriptor_type(module.BLOCK_N, dim),
              "v_desc": _descriptor_type(module.BLOCK_N, dim),
              "OUT": "*bf16", "LSE": "*fp32", "CNT": "*i32", "IDX": "*i32", "scale_log2": "fp32"}
@@ -135,9 +136,10 @@ def main() -> int:
                for name in KERNELS for tma in (False, True)}
     results.update({f"{name}-sm80": compile_one(module, name, False, arch=80) for name in KERNELS})
     gluon = load_gluon_module("gluon_forward")
-    results.update({f"gluon_forward{'' if rows == 128 else '_m64'}-d{dim}-{'causal' if causal else 'full'}":
-                    compile_gluon_forward(gluon, dim, causal, rows)
-                    for rows in (128, 64) for dim in (64, 128) for causal in (True, False)})
+    variants = {"gluon_forward": (128, False), "gluon_forward_m64": (64, False), "gluon_forward_varlen": (128, True)}
+    results.update({f"{name}-d{dim}-{'causal' if causal else 'full'}":
+                    compile_gluon_forward(gluon, dim, causal, rows, varlen)
+                    for name, (rows, varlen) in variants.items() for dim in (64, 128) for causal in (True, False)})
     backward = load_gluon_module("gluon_backward")
     results.update({f"gluon_{kind}-d{dim}-{'causal' if causal else 'full'}":
                     compile_gluon_backward(backward, kind, dim, causal)

@@ -121,6 +121,52 @@ def test_gluon_backward_matches_golden(case, dtype, monkeypatch):
     assert calls == ["gluon_attention_dq", "gluon_attention_dkdv"], calls
 
 
+# Packed batches through the Gluon forward: lengths not tile multiples, q_len != kv_len per sequence,
+# 128- and 64-row blocks, GQA, one layout per sequence or one for all, causal and not.
+GLUON_VARLEN_CASES = [
+    # lens_q, lens_k, heads, kv_heads, dim, q_block, kv_block, causal, layout_batch
+    ([300, 77, 513], [300, 77, 513], 4, 2, 128, 128, 128, True, 3),
+    ([64, 200, 129], [100, 260, 129], 4, 1, 64, 64, 64, True, 3),
+    ([150, 33], [90, 260], 2, 2, 128, 128, 64, False, 1),
+]
+
+
+@pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon forward runs on Hopper GPUs only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GLUON_VARLEN_CASES, ids=lambda c: "-".join(map(str, c[2:])))
+def test_gluon_varlen_forward_matches_golden(case, dtype, monkeypatch):
+    """The Gluon forward on packed sequences (required, so a fallback would fail) against the float64
+    per-sequence reference: output, LSE (empty rows included) and the gradients the Triton varlen
+    backward computes from its output and LSE."""
+    from sparse_attn.backends.triton import gluon_forward, ops
+
+    lens_q, lens_k, heads, kv_heads, dim, q_block, kv_block, causal, layout_batch = case
+    calls = []
+    real = gluon_forward.gluon_attention_forward
+    monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
+    torch.manual_seed(0)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for lens in (lens_q, lens_k))
+    q = torch.randn(sum(lens_q), heads, dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k), kv_heads, dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    layout = random_layout(layout_batch, kv_heads, max(lens_q), max(lens_k), block=q_block, kv_block=kv_block,
+                           causal=causal, density=0.6).to(DEVICE)
+    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="triton", return_lse=True)
+    assert calls, "the Gluon forward did not run"
+    golden = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = sparse_attention_varlen(*golden, cu_q, cu_k, layout, backend="reference", return_lse=True)
+    assert rel_error(out, ref) < TOLERANCE[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and 0 < int(finite.sum()) < finite.numel()
+    assert torch.allclose(lse[finite].double(), ref_lse[finite].double(), atol=1e-2)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, golden, grad.double())
+    for name, g, w in zip("qkv", got, want):
+        assert rel_error(g, w) < 2 * TOLERANCE[dtype], f"d{name}"
+
+
 def test_forward_and_backward_kernel_name_the_kernel_and_why(monkeypatch):
     from sparse_attn.backends.triton import backward_kernel, forward_kernel, ops
 

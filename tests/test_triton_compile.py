@@ -50,7 +50,8 @@ def test_pointer_path_compiles_for_sm80(compile_results, name):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("kernel", ["gluon_forward", "gluon_forward_m64", "gluon_dq", "gluon_dkdv"])
+@pytest.mark.parametrize("kernel", ["gluon_forward", "gluon_forward_m64", "gluon_forward_varlen", "gluon_dq",
+                                    "gluon_dkdv"])
 def test_gluon_kernel_compiles_for_sm90(compile_results, kernel, dim, causal):
     """The Gluon kernels (they cannot run in the interpreter; GPU tests check their numbers)
     compile to wgmma and TMA loads."""

@@ -50,8 +50,9 @@ def triton_can_run_fast(q, k, v, layout) -> str | None:
 
 
 def forward_kernel(q, k, v, layout) -> tuple[str, str | None]:
-    """Which kernel ``backend="triton"`` runs the forward of a padded-batch call with: ``("gluon",
-    None)`` (the Hopper forward in Gluon) or ``("triton", why the Gluon one is skipped)``."""
+    """Which kernel ``backend="triton"`` runs the forward of a call with (padded ``(B, H, S, D)`` or,
+    for ``sparse_attention_varlen``, packed ``(T, H, D)`` tensors): ``("gluon", None)`` (the Hopper
+    forward in Gluon) or ``("triton", why the Gluon one is skipped)``."""
     from .ops import gluon_skip_reason
 
     reason = gluon_skip_reason(q, k, v, layout)

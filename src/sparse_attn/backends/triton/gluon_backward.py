@@ -301,7 +301,7 @@ if GLUON_IMPORT_ERROR is None:
         _tma_load(do_desc, [q_row0, 0], bars.index(STAGES), do_smem)
         for t in gl.static_range(STAGES - 1):
             if t < n_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0,
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0, 0,
                               SUB, KV_BLOCK, BLOCK_N, STAGES)
 
         # delta = rowsum(O * dO) while the first tiles arrive; dO is read back from shared memory.
@@ -325,7 +325,7 @@ if GLUON_IMPORT_ERROR is None:
         for t in range(0, n_tiles):
             # The stage this refill writes held tile t - 1, whose dS x K was waited for below.
             if t + STAGES - 1 < n_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t + STAGES - 1, kv_row0,
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t + STAGES - 1, kv_row0, 0,
                               SUB, KV_BLOCK, BLOCK_N, STAGES)
             stage = t % STAGES
             mbarrier.wait(bars.index(stage), (t // STAGES) & 1)

@@ -2,14 +2,14 @@
 
 Same contract as ``kernels._fwd_kernel`` (output and natural-log LSE, empty rows give O = 0 and
 LSE = -inf, causal rows bottom-right aligned, GQA inside the kernel) for the common case: padded
-batches of contiguous ``(B, H, S, D)`` tensors, 128- or 64-row query blocks, key blocks of 64 or 128,
-head dim 64 or 128, fp16/bf16. Its tiles are one query block x 64 keys, 16 rows per warp (8 warps, two
-warpgroups, for 128 rows), K/V through TMA into a two-stage ring, scores and P x V through
-asynchronous ``warpgroup_mma``. At 125 registers and 96 KB of shared memory two 128-row programs
-share each SM, which the Triton kernel's 255-register tiles do not allow: on an H100 it ran 1.09-1.20x
-faster than the Triton forward and 1.27-1.41x faster than FlexAttention on random layouts at 32K-128K
-(docs/benchmarks.md, session 14); on 64-row blocks it is level with the Triton forward or up to 1.06x
-faster (session 16).
+batches of contiguous ``(B, H, S, D)`` tensors or packed ones ``(T, H, D)`` with ``cu_seqlens``,
+128- or 64-row query blocks, key blocks of 64 or 128, head dim 64 or 128, fp16/bf16. Its tiles are one
+query block x 64 keys, 16 rows per warp (8 warps, two warpgroups, for 128 rows), K/V through TMA into
+a two-stage ring, scores and P x V through asynchronous ``warpgroup_mma``. At 125 registers and 96 KB
+of shared memory two 128-row programs share each SM, which the Triton kernel's 255-register tiles do
+not allow: on an H100 it ran 1.09-1.20x faster than the Triton forward and 1.27-1.41x faster than
+FlexAttention on random layouts at 32K-128K (docs/benchmarks.md, session 14); on 64-row blocks it is
+level with the Triton forward or up to 1.06x faster, on packed batches 0.93-1.26x (session 16).
 
 Gluon kernels do not run in the CPU interpreter: the Triton forward stays the checked twin there,
 tests compare this one against the float64 golden on a GPU, and CI compiles it for sm_90.
@@ -46,31 +46,34 @@ except Exception as exc:  # an older Triton, or a build without Gluon: the Trito
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
-    def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0,
+    def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0, kv_col,
                       SUB: gl.constexpr, KV_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Start the TMA loads of key/value tile ``t`` of the block list into stage ``t % STAGES``."""
+        """Start the TMA loads of key/value tile ``t`` of the block list into stage ``t % STAGES``
+        (rows from ``kv_row0``, columns from ``kv_col``: the KV head's in a packed tensor)."""
         kb = gl.load(idx_row + t // SUB)
         row = kv_row0 + kb * KV_BLOCK + (t % SUB) * BLOCK_N
         stage = t % STAGES
         mbarrier.expect(bars.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [row, 0], bars.index(stage), k_smem.index(stage))
-        _tma_load(v_desc, [row, 0], bars.index(stage), v_smem.index(stage))
+        _tma_load(k_desc, [row, kv_col], bars.index(stage), k_smem.index(stage))
+        _tma_load(v_desc, [row, kv_col], bars.index(stage), v_smem.index(stage))
 
     @gluon.jit
     def _gluon_fwd_kernel(
-        q_desc, k_desc, v_desc, OUT, LSE, CNT, IDX,
+        q_desc, k_desc, v_desc, OUT, LSE, CNT, IDX, CU_Q, CU_K,
         stride_lb, stride_lh,
         stride_cb, stride_ch,
         stride_ib, stride_ih, stride_iq,
         q_len, kv_len, H, scale_log2,
         GROUP: gl.constexpr, LAYOUT_HDIV: gl.constexpr, HEAD_DIM: gl.constexpr,
         KV_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        CAUSAL: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, VARLEN: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """One query block (``BLOCK_M`` rows) of one head: walks the block's kept key blocks in 64-key tiles
         (online softmax in fp32, exp2 with log2(e) folded into the scale), masking only tiles that
-        cross the causal diagonal or the key tail. Q/K/V are 2-D ``(B*H*S, D)`` descriptors; rows
-        a tile reads past its head's end are never used (keys masked, query rows not stored)."""
+        cross the causal diagonal or the key tail. Padded: Q/K/V are 2-D ``(B*H*S, D)`` descriptors.
+        VARLEN: packed ``(T, H*D)`` descriptors, sequence ``b`` is rows ``CU_Q[b]:CU_Q[b+1]`` (keys
+        ``CU_K``) and head ``h`` its columns ``h*D:(h+1)*D``. Rows a tile reads past its head's or
+        sequence's end are never used (keys masked, query rows not stored)."""
         SUB: gl.constexpr = KV_BLOCK // BLOCK_N
         qb = gl.num_programs(0) - 1 - gl.program_id(0)  # heaviest (last) causal rows first
         pid_bh = gl.program_id(1)
@@ -81,6 +84,27 @@ if GLUON_IMPORT_ERROR is None:
         m0 = qb * BLOCK_M
         n_tiles = gl.load(CNT + b * stride_cb + hl * stride_ch + qb) * SUB
         idx_row = IDX + b.to(gl.int64) * stride_ib + hl * stride_ih + qb.to(gl.int64) * stride_iq
+        if VARLEN:
+            q_start = gl.load(CU_Q + b)
+            k_start = gl.load(CU_K + b)
+            q_len = gl.load(CU_Q + b + 1) - q_start
+            kv_len = gl.load(CU_K + b + 1) - k_start
+            n_tiles = gl.where(m0 < q_len, n_tiles, 0)  # blocks past this sequence's end: no work
+            q_row0 = q_start + m0
+            kv_row0 = k_start
+            q_col = h * HEAD_DIM
+            kv_col = kvh * HEAD_DIM
+            out_base = OUT + q_start.to(gl.int64) * (H * HEAD_DIM) + h * HEAD_DIM
+            out_stride = H * HEAD_DIM
+            lse_base = LSE + h.to(gl.int64) * stride_lh + q_start
+        else:
+            q_row0 = pid_bh * q_len + m0
+            kv_row0 = (b * (H // GROUP) + kvh) * kv_len
+            q_col = 0
+            kv_col = 0
+            out_base = OUT + pid_bh.to(gl.int64) * q_len * HEAD_DIM
+            out_stride = HEAD_DIM
+            lse_base = LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         offset = kv_len - q_len if CAUSAL else 0
 
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -98,13 +122,11 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(STAGES + 1):
             mbarrier.init(bars.index(i), count=1)
 
-        q_row0 = pid_bh * q_len + m0
-        kv_row0 = (b * (H // GROUP) + kvh) * kv_len
         mbarrier.expect(bars.index(STAGES), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row0, 0], bars.index(STAGES), q_smem)
+        _tma_load(q_desc, [q_row0, q_col], bars.index(STAGES), q_smem)
         for t in gl.static_range(STAGES - 1):
             if t < n_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0,
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t, kv_row0, kv_col,
                               SUB, KV_BLOCK, BLOCK_N, STAGES)
         mbarrier.wait(bars.index(STAGES), 0)
 
@@ -116,7 +138,7 @@ if GLUON_IMPORT_ERROR is None:
         for t in range(0, n_tiles):
             # The stage this refill writes held tile t - 1, whose P x V was waited for below.
             if t + STAGES - 1 < n_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t + STAGES - 1, kv_row0,
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, bars, idx_row, t + STAGES - 1, kv_row0, kv_col,
                               SUB, KV_BLOCK, BLOCK_N, STAGES)
             stage = t % STAGES
             mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
@@ -148,11 +170,11 @@ if GLUON_IMPORT_ERROR is None:
         empty = l_i == 0.0
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(gl.where(empty, 1.0, l_i))) * 0.6931471805599453)  # ln 2
         row_ok = rows < q_len
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=row_ok)
+        gl.store(lse_base + rows, lse, mask=row_ok)
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=row_o)
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        ptrs = OUT + (pid_bh.to(gl.int64) * q_len + offs_m)[:, None] * HEAD_DIM + offs_d[None, :]
+        ptrs = out_base + offs_m.to(gl.int64)[:, None] * out_stride + offs_d[None, :]
         gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m < q_len)[:, None])
 
 
@@ -168,10 +190,23 @@ def row_descriptor(t, rows: int):
     and over ``t`` itself rather than a 2-D view (the launch reads only the base's address and
     dtype): ~2 us instead of ~9 on an H100 host, where the 8K backward waits on four of them."""
     dim = t.shape[-1]
+    return _descriptor(t, [t.numel() // dim, dim], rows)
+
+
+def packed_descriptor(t, rows: int):
+    """A TMA descriptor over a contiguous packed ``(T, H, D)`` ``t`` as ``(T, H*D)``, loading ``rows``
+    tokens of one head (``D`` columns from the head's first) at a time; built like
+    :func:`row_descriptor`."""
+    return _descriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], rows)
+
+
+def _descriptor(t, shape, rows: int):
+    """A descriptor over contiguous ``t`` seen as the 2-D ``shape`` with ``(rows, D)`` tiles."""
+    dim = t.shape[-1]
     desc = _DESCRIPTOR_NEW(TensorDescriptor)
     desc.base = t
-    desc.shape = [t.numel() // dim, dim]
-    desc.strides = [dim, 1]
+    desc.shape = shape
+    desc.strides = [shape[1], 1]
     desc.block_shape = [rows, dim]
     desc.layout = _shared_layout(rows, dim, t.dtype)
     return desc
@@ -199,7 +234,7 @@ def tensors_unsupported_reason(named, blocks_reason: str | None = None) -> str |
         return blocks_reason
     for name, t in named:
         if not t.is_contiguous() or t.data_ptr() & 15:
-            return f"{name} is not a contiguous, 16-byte aligned (B, H, S, D) tensor"
+            return f"{name} is not a contiguous, 16-byte aligned tensor"
         if t.numel() >= dim << 31:
             return f"{name} has 2**31 rows or more (TMA coordinates are 32-bit)"
     return None
@@ -233,28 +268,38 @@ def _launch_directly(kernel, grid, args, meta, spec=None):
 
 
 def gluon_attention_forward(q, k, v, layout, scale_log2, cnt, idx, cnt_strides, idx_strides, launch=None,
-                            block_n: int = BLOCK_N, stages: int = STAGES):
-    """Launch the Gluon forward on a padded batch (``scale_log2``: the softmax scale times log2(e));
-    returns ``(out, lse)`` like ``ops.attention_forward``. ``launch(kernel, grid, args, meta, spec)``
-    replaces the plain ``kernel[grid](*args, **meta)``; ``spec`` is :func:`launch_spec` of the call.
-    One program per layout row (``layout.q_block`` rows, 16 per warp); ``block_n`` / ``stages``
-    are for benchmarks."""
-    batch, heads, q_len, dim = q.shape
+                            block_n: int = BLOCK_N, stages: int = STAGES, cu_q=None, cu_k=None, batch=None):
+    """Launch the Gluon forward (``scale_log2``: the softmax scale times log2(e)) on a padded batch
+    ``(B, H, S, D)``, or with ``cu_q`` / ``cu_k`` (int32 offsets of ``batch`` sequences) on a packed
+    ``(T, H, D)`` one; returns ``(out, lse)`` like ``ops.attention_forward`` (``lse`` ``(B, H, S)``
+    or, packed, ``(H, T)``). ``launch(kernel, grid, args, meta, spec)`` replaces the plain
+    ``kernel[grid](*args, **meta)``; ``spec`` is :func:`launch_spec` of the call. One program per
+    layout row (``layout.q_block`` rows, 16 per warp); ``block_n`` / ``stages`` are for benchmarks."""
+    varlen = cu_q is not None
     block_m = layout.q_block
-    kv_heads, kv_len = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
-    descriptors = (row_descriptor(q, block_m), row_descriptor(k, block_n), row_descriptor(v, block_n))
-    ints = (lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides, q_len, kv_len, heads)
+    if varlen:
+        total, heads, dim = q.shape
+        kv_heads, q_len, kv_len = k.shape[1], layout.q_len, layout.kv_len  # lengths per sequence: cu_q, cu_k
+        lse = torch.empty(1, heads, total, device=q.device, dtype=torch.float32)
+        descriptors = (packed_descriptor(q, block_m), packed_descriptor(k, block_n), packed_descriptor(v, block_n))
+        cu = (cu_q, cu_k)
+    else:
+        batch, heads, q_len, dim = q.shape
+        kv_heads, kv_len = k.shape[1], k.shape[2]
+        lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+        descriptors = (row_descriptor(q, block_m), row_descriptor(k, block_n), row_descriptor(v, block_n))
+        cu = (cnt, cnt)  # placeholders of the offsets' type; never read
+    ints = (0 if varlen else lse.stride(0), lse.stride(1), *cnt_strides, *idx_strides, q_len, kv_len, heads)
     grid = (layout.num_q_blocks, batch * heads)
     (launch or _launch_directly)(
         _gluon_fwd_kernel, grid,
-        (*descriptors, out, lse, cnt, idx, *ints, float(scale_log2)),
+        (*descriptors, out, lse, cnt, idx, *cu, *ints, float(scale_log2)),
         dict(
             GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
-            KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=layout.causal, STAGES=stages,
-            num_warps=block_m // ROWS_PER_WARP,
+            KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=layout.causal, VARLEN=varlen,
+            STAGES=stages, num_warps=block_m // ROWS_PER_WARP,
         ),
-        launch_spec(descriptors, (cnt, idx), ints),
+        launch_spec(descriptors, (cnt, idx, *cu), ints),
     )
-    return out, lse
+    return out, (lse[0] if varlen else lse)

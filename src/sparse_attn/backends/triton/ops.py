@@ -335,14 +335,15 @@ def _upcast(q: Tensor) -> bool:
 FORWARD_TMA = None
 BACKWARD_TMA = None
 # The forward through the Gluon kernel (gluon_forward.py) instead of the Triton one. None: on a
-# Hopper GPU for every call it supports (padded batches of contiguous tensors, 128- or 64-row query
-# blocks, head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it
+# Hopper GPU for every call it supports (padded or packed batches of contiguous tensors, 128- or
+# 64-row query blocks, head dim 64/128), the Triton kernel otherwise; False: never; True: required (a call it
 # cannot run raises, naming why). On an H100 it was 1.09-1.20x faster than the Triton forward on
 # random layouts at 32K-128K with 128-row blocks (docs/benchmarks.md, session 14), 1.00-1.06x with
 # 64-row blocks (session 16).
 GLUON_FORWARD = None
 # The backward through the Gluon dQ and dK/dV kernels (gluon_backward.py), with the same three
-# settings as GLUON_FORWARD; its own calls: grad_output must also be contiguous.
+# settings as GLUON_FORWARD; its own calls: padded batches only (packed ones run the Triton backward),
+# and grad_output must also be contiguous.
 GLUON_BACKWARD = None
 
 
@@ -390,8 +391,8 @@ def _dummy(device):
 
 
 def gluon_skip_reason(q, k, v, layout, out_and_grad=None) -> str | None:
-    """Why a padded-batch forward (or, given the forward's output and its gradient, backward)
-    would not run the Gluon kernels (None when it would)."""
+    """Why a forward (padded or packed) or, given the forward's output and its gradient, a
+    padded-batch backward would not run the Gluon kernels (None when it would)."""
     backward = out_and_grad is not None
     setting, name = (GLUON_BACKWARD, "GLUON_BACKWARD") if backward else (GLUON_FORWARD, "GLUON_FORWARD")
     if setting is False:
@@ -411,14 +412,14 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     Returns ``(out, lse)`` with the natural-log ``lse`` ``(B, H, S)`` float32 (padded) or ``(H, T)`` (varlen).
     """
     varlen = cu_q is not None
-    if not varlen:
-        reason = gluon_skip_reason(q, k, v, layout)
-        if reason is None:
-            cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
-            return gluon_forward.gluon_attention_forward(q, k, v, layout, scale * LOG2E, cnt, idx,
-                                                         cnt_strides, idx_strides, launch=_launch_gluon)
-        if GLUON_FORWARD:
-            raise ValueError(f"GLUON_FORWARD=True but the Gluon forward cannot run this call: {reason}")
+    reason = gluon_skip_reason(q, k, v, layout)
+    if reason is None:
+        cnt, idx, cnt_strides, idx_strides, _ = _block_lists(layout)
+        return gluon_forward.gluon_attention_forward(q, k, v, layout, scale * LOG2E, cnt, idx, cnt_strides,
+                                                     idx_strides, launch=_launch_gluon, cu_q=cu_q, cu_k=cu_k,
+                                                     batch=batch)
+    if GLUON_FORWARD:
+        raise ValueError(f"GLUON_FORWARD=True but the Gluon forward cannot run this call: {reason}")
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         lse = torch.empty(1, heads, q.shape[0], device=q.device, dtype=torch.float32)
