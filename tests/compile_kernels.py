@@ -18,10 +18,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 KERNELS_PY = Path(__file__).parents[1] / "src" / "sparse_attn" / "backends" / "triton" / "kernels.py"
-POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KV_CNT": "*i32", "KV_IDX": "*i32", "QT_CNT": "*i32",
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_CNT": "*i32", "KV_IDX": "*i32", "QT_CNT": "*i32",
                  "QT_IDX": "*i32", "CU_Q": "*i32", "CU_K": "*i32"}  # the rest: bf16 tensors
 CONSTEXPRS = {"H": 32, "KV_HEADS": 8, "GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": 128, "Q_BLOCK": 128,
-              "KV_BLOCK": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": True, "VARLEN": False, "UPCAST": False}
+              "KV_BLOCK": 128, "BLOCK_M": 64, "BLOCK_N": 64, "CAUSAL": True, "VARLEN": False, "UPCAST": False,
+              "HAS_DLSE": True}
 KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
 
 
@@ -123,10 +124,10 @@ def compile_gluon_backward(module, kind: str, dim: int, causal: bool) -> dict:
         kernel = module._gluon_dkdv_kernel
         pointers = {"DK": "*bf16", "DV": "*bf16", "QT_CNT": "*i32", "QT_IDX": "*i32"}
     values = {"GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": dim, "Q_BLOCK": 128, "KV_BLOCK": 128, "BLOCK_M": rows,
-              "BLOCK_N": keys, "CAUSAL": causal, "STAGES": module.STAGES, "num_warps": warps}
+              "BLOCK_N": keys, "CAUSAL": causal, "HAS_DLSE": True, "STAGES": module.STAGES, "num_warps": warps}
     types = {"q_desc": _descriptor_type(rows, dim), "do_desc": _descriptor_type(rows, dim),
              "k_desc": _descriptor_type(keys, dim), "v_desc": _descriptor_type(keys, dim),
-             "LSE": "*fp32", "DELTA": "*fp32", "scale_log2": "fp32", "scale": "fp32", **pointers}
+             "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "scale_log2": "fp32", "scale": "fp32", **pointers}
     return _compile_gluon(kernel, types, values, warps)
 
 

@@ -17,23 +17,7 @@ from utils import TOLERANCE, random_layout, rel_error
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
-
-
-@pytest.fixture(autouse=True)
-def poison_empty(monkeypatch):
-    """Fresh outputs start as NaN, so a block the kernel forgets to write fails the test."""
-    real_empty_like, real_empty = torch.empty_like, torch.empty
-
-    def nan_empty_like(t, *a, **kw):
-        out = real_empty_like(t, *a, **kw)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def nan_empty(*a, **kw):
-        out = real_empty(*a, **kw)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
-    monkeypatch.setattr(torch, "empty", nan_empty)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # fresh buffers start as NaN (conftest)
 
 
 def _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, grad=False):

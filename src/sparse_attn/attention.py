@@ -17,6 +17,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
     """Raise ``ValueError`` / :class:`LayoutError` naming the bad argument and what was expected."""
+    _check_qkv(q, k, v, layout)
+    batch, heads, q_len, _ = q.shape
+    if q_len == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty sequence: q_len={q_len}, kv_len={k.shape[2]}")
+    layout.check_compatible(batch, heads, k.shape[1], q_len, k.shape[2], q.device)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
+    """The checks of :func:`check_attention_inputs` that hold for empty sequences too."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -32,7 +41,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    batch, heads, q_len, dim = q.shape
+    batch, heads, _, dim = q.shape
     if k.shape[0] != batch or v.shape[0] != batch:
         raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[:3] != v.shape[:3]:
@@ -42,9 +51,6 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         raise ValueError(f"k/v heads ({kv_heads}) must divide q heads ({heads}) for GQA")
     if k.shape[-1] != dim:
         raise ValueError(f"q head_dim {dim} and k head_dim {k.shape[-1]} differ")
-    if q_len == 0 or k.shape[2] == 0:
-        raise ValueError(f"empty sequence: q_len={q_len}, kv_len={k.shape[2]}")
-    layout.check_compatible(batch, heads, kv_heads, q_len, k.shape[2], q.device)
 
 
 def _graph_break_when_compiled(fn):
@@ -85,8 +91,19 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
 
     Rows with no kept key get output 0 and LSE ``-inf``. Gradients flow through every backend
-    that supports them (``reference`` always). Under ``torch.compile`` this call is a graph break
-    (``torch.compiler.disable``): the layout checks and the Triton autotuner stay in eager mode.
+    that supports them (``reference`` always), through the output and through the LSE (a loss may
+    use both, e.g. to merge partial results by their LSE). Under ``torch.compile`` this call is a
+    graph break (``torch.compiler.disable``): the layout checks and the Triton autotuner stay in
+    eager mode.
+
+    Numerics: the ``reference`` backend computes in float32 (float64 for float64 inputs), sums
+    K/V gradients in that precision and is bitwise reproducible on CPU (on CUDA under
+    ``torch.use_deterministic_algorithms(True)``). The Triton and Gluon backwards, like
+    FlashAttention-2/3, take the row term ``rowsum(O * dO)`` from the output rounded to the input
+    dtype, so their gradient error grows with the spread of the logits ``scale * q.k``: on random
+    inputs with logit standard deviation 5 vs 200, the relative dQ/dK error is 5e-4 vs 1.7e-3 for
+    float16 and 1e-2 vs 5e-2 for bfloat16 (the reference: 2e-4 and 1.6e-3 throughout). Use
+    float16 or the reference backend where logits are that extreme.
     """
     check_attention_inputs(q, k, v, layout)
     if causal is not None and bool(causal) != layout.causal:
@@ -139,6 +156,14 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
     num_seqs = cu_seqlens_q.numel() - 1
+    if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend: zeros and -inf, zero gradients
+        _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
+        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_offsets(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), q.shape[0], k.shape[0], layout)
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+        out, lse = _with_zero_gradients(out, lse, q, k, v)
+        return (out, lse) if return_lse else out
     # Check shapes and the layout through the padded-batch checks on a (1, H, L, D) view.
     check_attention_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                            v.transpose(0, 1)[None], _as_single(layout, q.shape[0], k.shape[0]))
@@ -192,9 +217,31 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
             outs.append(o[0].transpose(0, 1))
             lses.append(l_[0])
         out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+        if not out.requires_grad:  # no sequence has both queries and keys
+            out, lse = _with_zero_gradients(out, lse, q, k, v)
     else:
         raise ValueError(f"backend={backend!r} is not available for varlen; use auto, triton or reference")
     return (out, lse) if return_lse else out
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Passes ``(out, lse)`` through and gives q, k, v zero gradients: attention in which no query
+    sees a key still joins the graph, as the kernels' outputs do."""
+
+    @staticmethod
+    def forward(ctx, out, lse, q, k, v):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return out.clone(), lse.clone()
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (None, None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
+def _with_zero_gradients(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _ZeroGradients.apply(out, lse, q, k, v)
+    return out, lse
 
 
 def _check_offsets(starts_q: list, starts_k: list, total_q: int, total_k: int, layout: BlockSparseLayout):

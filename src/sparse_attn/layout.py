@@ -6,7 +6,10 @@ padded block-CSR in int32, the same shape of data as FlexAttention's ``kv_num_bl
 
 * ``kv_num_blocks``: ``(Bl, Hl, NQ)``, how many key blocks each query block keeps;
 * ``kv_indices``: ``(Bl, Hl, NQ, W)``, the kept key-block indices, strictly increasing in the first
-  ``kv_num_blocks`` slots of each row; the remaining slots are padding and never read.
+  ``kv_num_blocks`` slots of each row; the remaining slots are padding, may hold any value and are
+  never read.
+
+A layout holds contiguous tensors: strided or permuted inputs are copied once when it is built.
 
 ``Bl`` is 1 (broadcast over the batch) or the batch size. ``Hl`` is 1 (shared by all heads), the
 number of KV heads (one selection per GQA group) or the number of query heads.
@@ -77,6 +80,12 @@ class BlockSparseLayout:
 
     def __post_init__(self, check: bool) -> None:
         self._check_metadata()
+        # The kernels index both tensors with unit strides along rows and slots: the layout owns
+        # contiguous copies of strided or permuted inputs.
+        for name in ("kv_num_blocks", "kv_indices"):
+            tensor = getattr(self, name)
+            if not tensor.is_contiguous():
+                object.__setattr__(self, name, tensor.contiguous())
         if check:
             self.validate()
 

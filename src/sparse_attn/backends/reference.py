@@ -35,9 +35,12 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayo
     device = q.device
     offset = layout.q_offset if layout.causal else 0
 
-    q_pad = torch.nn.functional.pad(q, (0, 0, 0, nq * bq - q_len)).view(batch, heads, nq, bq, dim)
-    k_flat = k.reshape(batch * kv_heads * kv_len, dim)
-    v_flat = v.reshape(batch * kv_heads * kv_len, dim_v)
+    # Inputs are cast to the compute dtype before gathering, so the backward sums the gradients of
+    # every (query chunk, GQA head) that reads a key into a float32 (float64) buffer and rounds to
+    # the input dtype once.
+    q_pad = torch.nn.functional.pad(q.to(compute_dtype), (0, 0, 0, nq * bq - q_len)).view(batch, heads, nq, bq, dim)
+    k_flat = k.to(compute_dtype).reshape(batch * kv_heads * kv_len, dim)
+    v_flat = v.to(compute_dtype).reshape(batch * kv_heads * kv_len, dim_v)
     # Row of (b, h) in the flat K/V for the kv head serving query head h.
     base = (torch.arange(batch, device=device)[:, None] * kv_heads
             + torch.arange(heads, device=device)[None, :] // group) * kv_len  # (B, H)
@@ -49,14 +52,16 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayo
     outs, lses = [], []
     for start in range(0, nq, step):
         stop = min(nq, start + step)
-        idx = indices[:, :, start:stop].long()  # (B, H, C, W)
         kept = slot < counts[:, :, start:stop, None]  # (B, H, C, W)
+        idx = torch.where(kept, indices[:, :, start:stop].long(), 0)  # padding slots are never read
         kpos = (idx[..., None] * bk + key_in_block).flatten(-2)  # (B, H, C, W*bk)
         kvalid = (kept[..., None] & (idx[..., None] * bk + key_in_block < kv_len)).flatten(-2)
-        flat = base[:, :, None, None] + kpos.clamp(max=kv_len - 1)
-        k_blk = k_flat[flat].to(compute_dtype)  # (B, H, C, W*bk, D)
-        v_blk = v_flat[flat].to(compute_dtype)
-        q_blk = q_pad[:, :, start:stop].to(compute_dtype)  # (B, H, C, bq, D)
+        flat = (base[:, :, None, None] + kpos.clamp(max=kv_len - 1)).reshape(-1)
+        # index_select's backward (index_add_) sums in a fixed order: gradients are bitwise
+        # reproducible (advanced indexing's accumulating backward is not, on multi-threaded CPUs).
+        k_blk = k_flat.index_select(0, flat).view(*kpos.shape, dim)  # (B, H, C, W*bk, D)
+        v_blk = v_flat.index_select(0, flat).view(*kpos.shape, dim_v)
+        q_blk = q_pad[:, :, start:stop]  # (B, H, C, bq, D)
         scores = torch.einsum("bhcqd,bhckd->bhcqk", q_blk, k_blk) * scale
         allowed = kvalid[:, :, :, None, :]
         if layout.causal:

@@ -244,18 +244,19 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _gluon_dq_kernel(
-        q_desc, do_desc, k_desc, v_desc, O, DQ, LSE, DELTA, CNT, IDX,
+        q_desc, do_desc, k_desc, v_desc, O, DQ, LSE, DELTA, DLSE, CNT, IDX,
         stride_lb, stride_lh,
         stride_cb, stride_ch,
         stride_ib, stride_ih, stride_iq,
         q_len, kv_len, H, scale_log2, scale,
         GROUP: gl.constexpr, LAYOUT_HDIV: gl.constexpr, HEAD_DIM: gl.constexpr,
         Q_BLOCK: gl.constexpr, KV_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-        CAUSAL: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DLSE: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """dQ for ``BLOCK_M`` query rows of one head, walking the forward's kept-block list in
-        ``BLOCK_N``-key tiles. Also stores ``delta = rowsum(O * dO)`` for its rows, which the dK/dV
-        kernel (launched after) reads. Key tiles past the last key the tile's rows may see (the
+        ``BLOCK_N``-key tiles. Also stores ``delta = rowsum(O * dO)`` for its rows (minus the LSE's
+        gradient ``DLSE`` when ``HAS_DLSE``: ``d lse / d s = P``, so it enters as ``dS = P (dP - delta
+        + dlse)``), which the dK/dV kernel (launched after) reads. Key tiles past the last key the tile's rows may see (the
         second half of the diagonal block for the first 64 rows of a 128-row block) are skipped."""
         SUB_M: gl.constexpr = Q_BLOCK // BLOCK_M
         SUB: gl.constexpr = KV_BLOCK // BLOCK_N
@@ -317,6 +318,8 @@ if GLUON_IMPORT_ERROR is None:
         lse = gl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
         mbarrier.wait(bars.index(STAGES), 0)
         delta_io = gl.sum(o.to(gl.float32) * do_smem.load(io_layout).to(gl.float32), axis=1)
+        if HAS_DLSE:
+            delta_io -= gl.load(DLSE + lse_off + io_rows, mask=io_ok, other=0.0)
         gl.store(DELTA + lse_off + io_rows, delta_io, mask=io_ok)
         delta = gl.convert_layout(delta_io, row_layout)
 
@@ -408,9 +411,10 @@ def gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale_log2, t_c
 
 def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, idx, cnt_strides, idx_strides,
                        block_m: int = DQ_BLOCK_M, num_warps: int = DQ_NUM_WARPS, stages: int = STAGES, launch=None,
-                       descriptors=None):
+                       descriptors=None, dlse=None):
     """Launch the Gluon dQ kernel on a padded batch; returns ``(dq, delta)`` with ``delta =
-    rowsum(O * dO)`` ``(B, H, S)`` float32 for the dK/dV kernel. ``block_m`` / ``num_warps`` /
+    rowsum(O * dO) - dlse`` ``(B, H, S)`` float32 for the dK/dV kernel (``dlse``: the gradient of
+    the forward's LSE, shaped and strided like ``lse``, or None). ``block_m`` / ``num_warps`` /
     ``stages`` are for benchmarks (128 rows need 8 warps); ``launch`` as in
     ``gluon_forward.gluon_attention_forward``; ``descriptors``: :func:`row_descriptors` of
     (q, k, v, do), for 64-row tiles."""
@@ -427,11 +431,12 @@ def gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale_log2, cnt, id
     grid = (layout.num_q_blocks * (layout.q_block // block_m), batch * heads)
     (launch or _launch_directly)(
         _gluon_dq_kernel, grid,
-        (q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, cnt, idx, *ints, float(scale_log2), float(scale)),
+        (q_desc, do_desc, k_desc, v_desc, out, dq, lse, delta, lse if dlse is None else dlse, cnt, idx, *ints,
+         float(scale_log2), float(scale)),
         dict(
             GROUP=heads // kv_heads, LAYOUT_HDIV=heads // layout.heads, HEAD_DIM=dim,
             Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, BLOCK_M=block_m, BLOCK_N=DQ_BLOCK_N,
-            CAUSAL=layout.causal, STAGES=stages, num_warps=num_warps,
+            CAUSAL=layout.causal, HAS_DLSE=dlse is not None, STAGES=stages, num_warps=num_warps,
         ),
         launch_spec((q_desc, do_desc, k_desc, v_desc), (out, lse, cnt, idx), ints),
     )

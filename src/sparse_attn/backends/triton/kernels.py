@@ -285,7 +285,7 @@ def _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
 
 @triton.jit(do_not_specialize=["tune_width"])
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, KV_CNT, KV_IDX, CU_Q, CU_K,
+    Q, K, V, O, DO, DQ, LSE, DELTA, DLSE, KV_CNT, KV_IDX, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -300,10 +300,12 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
     """dQ for one tile of query rows, walking the same kept-block list as the forward. Also computes
     and stores ``delta = rowsum(O * dO)`` for its rows, which the dK/dV kernel (launched after)
-    reads: no separate pass over O and dO."""
+    reads: no separate pass over O and dO. With ``HAS_DLSE`` the LSE's gradient ``DLSE`` (strided
+    like ``LSE``) is subtracted from delta: ``d lse / d s = P``, so ``dS = P (dP - delta + dlse)``."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) causal rows first
     pid_bh = tl.program_id(1)
     SUBN: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -335,6 +337,8 @@ def _bwd_dq_kernel(
                 + (q_start + offs_m[:, None]) * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     lse_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_off, mask=row_ok, other=0.0)
     tl.store(DELTA + lse_off, delta, mask=row_ok)
     lse = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0

@@ -447,11 +447,14 @@ def attention_forward(q, k, v, layout, scale, cu_q=None, cu_k=None, batch=None):
     return out, (lse[0] if varlen else lse)
 
 
-def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=None, batch=None):
+def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=None, batch=None, dlse=None):
     """dQ, dK, dV from the saved output and (natural-log) LSE; the dQ kernel runs first and leaves
-    ``delta = rowsum(O * dO)`` for the dK/dV kernel."""
+    ``delta = rowsum(O * dO) - dlse`` for the dK/dV kernel. ``dlse``: the gradient of the returned
+    LSE, or None when the LSE was not used."""
     varlen = cu_q is not None
     do = do.contiguous() if do.stride(-1) != 1 else do
+    if dlse is not None:  # the kernels read it with the LSE's strides
+        dlse = torch.empty_like(lse).copy_(dlse.view(lse.shape))
     if not varlen:
         reason = gluon_skip_reason(q, k, v, layout, (out, do))
         if reason is None:
@@ -459,7 +462,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
             descriptors = gluon_backward.row_descriptors(q, k, v, do)
             dq, delta = gluon_backward.gluon_attention_dq(q, k, v, out, do, lse, layout, scale, scale * LOG2E,
                                                           cnt, idx, cnt_strides, idx_strides, launch=_launch_gluon,
-                                                          descriptors=descriptors)
+                                                          descriptors=descriptors, dlse=dlse)
             t_cnt, t_idx, t_strides, ti_strides, _ = _block_lists(layout, kv_major=True)
             dk, dv = gluon_backward.gluon_attention_dkdv(q, k, v, do, lse, delta, layout, scale, scale * LOG2E,
                                                          t_cnt, t_idx, t_strides, ti_strides, launch=_launch_gluon,
@@ -470,6 +473,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     if varlen:
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
         lse = lse[None]  # (1, H, T)
+        dlse = None if dlse is None else dlse[None]
         lse_strides = (0, lse.stride(1))
     else:
         batch, heads, _, dim = q.shape
@@ -488,10 +492,11 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
     grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
     _launch(
-        "dq", grid_dq, q, k, v, out, do, dq, lse, delta, cnt, idx, cu_q, cu_k,
+        "dq", grid_dq, q, k, v, out, do, dq, lse, delta, lse if dlse is None else dlse, cnt, idx, cu_q, cu_k,
         *strides["q"], *strides["k"], *strides["v"], *strides["o"], *strides["do"], *strides["dq"],
         *lse_strides, *cnt_strides, *idx_strides,
-        layout.q_len, layout.kv_len, scale * LOG2E, scale, tune_width=width, H=heads, **common,
+        layout.q_len, layout.kv_len, scale * LOG2E, scale, tune_width=width, H=heads,
+        HAS_DLSE=dlse is not None, **common,
     )
     # dK/dV's buffers and arguments are prepared while the dQ kernel runs: in host-bound steps the
     # GPU would otherwise wait for them between the forward and the first backward kernel.
@@ -511,23 +516,26 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q=None, cu_k=Non
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, out, lse); backward runs the dQ and dK/dV kernels."""
+    """Autograd wrapper: forward saves (q, k, v, out, lse); backward runs the dQ and dK/dV kernels.
+    Both outputs are differentiable: a loss that uses the LSE (merging partial attention results by
+    their LSE) gets its gradient through ``delta``."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale, cu_q, cu_k, batch):
         out, lse = attention_forward(q, k, v, layout, scale, cu_q, cu_k, batch)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.scale, ctx.cu, ctx.batch = layout, scale, (cu_q, cu_k), batch
-        ctx.mark_non_differentiable(lse)
-        # The LSE is not differentiable, so ``do`` is always defined; skip a zero-filled LSE gradient.
+        # An unused output arrives as None instead of a zero-filled tensor (the usual case: no LSE).
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if do is None:  # only the LSE was used
+            do = torch.zeros_like(out)
         dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.layout, ctx.scale, *ctx.cu,
-                                        batch=ctx.batch)
+                                        batch=ctx.batch, dlse=dlse)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -1,0 +1,21 @@
+"""Facts about the Triton runtime that every kernel launcher in the package shares."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when kernels are decorated (at import), so it is read once here too.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
+
+
+def fp32_dot_operands(dtype: torch.dtype) -> bool:
+    """Whether kernels should feed ``tl.dot`` fp32 operands: only bf16 in the CPU interpreter,
+    whose bf16 dots are wrong (seen with triton 3.9)."""
+    return _INTERPRETING and dtype == torch.bfloat16
