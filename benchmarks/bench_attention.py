@@ -199,19 +199,19 @@ def main(argv=None):
                              "no per-call host cost, for rows where the host, not the GPU, sets the pace")
     parser.add_argument("--skip-dense-sdpa", action="store_true")
     parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
-                        help="our forward's K/V loads through tensor descriptors (backends.triton.ops.FORWARD_TMA; "
+                        help="our forward's K/V loads through tensor descriptors (KernelOptions.forward_tma; "
                              "auto: on for Hopper and newer)")
     parser.add_argument("--backward-tma", choices=["auto", "on", "off"], default="auto",
-                        help="our backward's tile loads through tensor descriptors (BACKWARD_TMA)")
+                        help="our backward's tile loads through tensor descriptors (KernelOptions.backward_tma)")
     parser.add_argument("--baseline-src", default=None,
                         help="another checkout's src/ directory: its Triton kernels are timed too")
     parser.add_argument("--out", default="results/attention")
     args = parser.parse_args(argv)
-    from sparse_attn.backends.triton import ops as triton_ops
+    from sparse_attn import KernelOptions
+    from sparse_attn.backends.triton import autotune
 
     tma = {"auto": None, "on": True, "off": False}
-    triton_ops.FORWARD_TMA = tma[args.forward_tma]
-    triton_ops.BACKWARD_TMA = tma[args.backward_tma]
+    options = KernelOptions(forward_tma=tma[args.forward_tma], backward_tma=tma[args.backward_tma])
     baseline = load_baseline(args.baseline_src) if args.baseline_src else None
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device; this benchmark could not run.")
@@ -270,7 +270,7 @@ def main(argv=None):
             flops = kept_flops(layout, args.heads, args.dim)
 
             def ours():
-                return sparse_attention(q, k, v, layout, backend="triton")
+                return sparse_attention(q, k, v, layout, kernel_options=options)
 
             def flex_run():
                 return flex(q, k, v, block_mask=block_mask, enable_gqa=True)
@@ -331,7 +331,7 @@ def main(argv=None):
                 print(format_row(row), flush=True)
         q = k = v = None  # free the inputs before the next length (not del: closures above use the names)
         torch.cuda.empty_cache()
-    meta["autotuned"] = autotuned_configs(triton_ops)
+    meta["autotuned"] = autotuned_configs(autotune)
     print(json.dumps(meta["autotuned"], indent=1))
     table = format_table(rows, meta)
     print(table)
@@ -363,10 +363,10 @@ def as_baseline_layout(baseline, layout):
                                       layout.q_block, layout.kv_block, layout.causal)
 
 
-def autotuned_configs(triton_ops) -> dict:
+def autotuned_configs(autotune) -> dict:
     """The config the autotuner chose for each of our kernels and key (what the timings ran)."""
     chosen = {}
-    for (kind, *blocks), tuner in triton_ops.TUNED.items():  # (kind, q_block, kv_block[, head_dim])
+    for (kind, *blocks), tuner in autotune.TUNED.items():  # (kind, q_block, kv_block[, head_dim])
         for key, config in getattr(tuner, "cache", {}).items():
             chosen[f"{kind} q{blocks[0]} kv{blocks[1]} {key}"] = str(config)
     return chosen

@@ -36,7 +36,7 @@ from bench_attention import bench, interleaved, mode_call, rel  # noqa: E402
 
 from sparse_attn import random_layout, sparse_attention, sparse_attention_varlen  # noqa: E402
 from sparse_attn.backends.flex import _compiled_flex  # noqa: E402
-from sparse_attn.backends.triton import ops as triton_ops  # noqa: E402
+from sparse_attn import KernelOptions  # noqa: E402
 
 MODES = ("fwd", "fwdbwd")
 FLOP_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
@@ -86,17 +86,8 @@ def document_block_mask(layout, lengths, device):
                              BLOCK_SIZE=(layout.q_block, layout.kv_block), _compile=True)
 
 
-def with_triton_kernels(call):
-    """``call`` with the Gluon kernels turned off (the Triton kernels, which varlen runs, instead)."""
-    def run():
-        saved = triton_ops.GLUON_FORWARD, triton_ops.GLUON_BACKWARD
-        triton_ops.GLUON_FORWARD = triton_ops.GLUON_BACKWARD = False
-        try:
-            return call()
-        finally:
-            triton_ops.GLUON_FORWARD, triton_ops.GLUON_BACKWARD = saved
-
-    return run
+# The Triton kernels (not the Hopper Gluon ones) for both directions.
+TRITON_KERNELS = KernelOptions(forward="triton", backward="triton")
 
 
 def padded(t, lengths, max_len):
@@ -152,10 +143,13 @@ def main(argv=None):
         padded_block_mask = layout.to_flex_block_mask(num_heads=args.heads)
 
         def ours():
-            return sparse_attention_varlen(q, k, v, cu, cu, layout, backend="triton")
+            return sparse_attention_varlen(q, k, v, cu, cu, layout)
 
-        def ours_padded():
-            return sparse_attention(qp, kp, vp, layout, backend="triton")
+        def ours_padded(options=None):
+            return sparse_attention(qp, kp, vp, layout, kernel_options=options)
+
+        def ours_padded_triton():
+            return ours_padded(TRITON_KERNELS)
 
         def flex_run():
             return flex(*packed, block_mask=block_mask, enable_gqa=True)
@@ -173,7 +167,7 @@ def main(argv=None):
         flops = kept_flops(layout, lengths, args.heads, args.dim)
         for mode in args.modes:
             calls = {"ours": mode_call(ours, (q, k, v), mode), "padded": mode_call(ours_padded, (qp, kp, vp), mode),
-                     "padded_triton": with_triton_kernels(mode_call(ours_padded, (qp, kp, vp), mode)),
+                     "padded_triton": mode_call(ours_padded_triton, (qp, kp, vp), mode),
                      "flex": mode_call(flex_run, packed, mode),
                      "flex_padded": mode_call(flex_padded, (qp, kp, vp), mode)}
             times = interleaved({name: (lambda c=c: bench(c)) for name, c in calls.items()}, args.rounds)

@@ -107,7 +107,7 @@ def main(argv=None):
     block_mask = layout.to_flex_block_mask(num_heads=args.heads)
     flex = _compiled_flex()
     runs = {
-        "ours": lambda: sparse_attention(q, k, v, layout, backend="triton"),
+        "ours": lambda: sparse_attention(q, k, v, layout),
         "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
     }
     grad = torch.randn_like(q)

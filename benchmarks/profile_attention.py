@@ -103,7 +103,7 @@ def main(argv=None):
         layout = random_layout(args.length, density=density, num_heads=args.heads, block_size=args.block,
                                seed=1, device="cuda")
         block_mask = layout.to_flex_block_mask(num_heads=args.heads)
-        impls = {"ours": lambda: sparse_attention(q, k, v, layout, backend="triton"),
+        impls = {"ours": lambda: sparse_attention(q, k, v, layout),
                  "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
                  "floor": lambda: NoKernelAttention.apply(q, k, v)[0]}
         for name, run in impls.items():

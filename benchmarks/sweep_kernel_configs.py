@@ -1,7 +1,7 @@
 """Time every tile config of one of our Triton kernels, one config at a time.
 
-The autotuner picks among a fixed space per kernel (``ops._configs``); this sweep pins each config
-of a wider grid in turn (``ops.set_kernel_configs``) and times it on the benchmark's inputs (B=1,
+The autotuner picks among a fixed space per kernel (``autotune._configs``); this sweep pins each config
+of a wider grid in turn (``autotune.set_kernel_configs``) and times it on the benchmark's inputs (B=1,
 bf16, causal, random per-head layouts with the diagonal kept), so one can see whether the built-in
 space holds the best config for a GPU, how far the others are, and which ones spill registers.
 "fwd" times the forward; "dq" and "dkdv" time the whole backward with the other backward kernel
@@ -54,9 +54,9 @@ def sweep_grid(block: int):
         yield (m, n, w, s)
 
 
-def compiled_registers(ops, kind: str):
+def compiled_registers(autotune, kind: str):
     """(registers, spills) of the kernel ``kind`` compiled last, if the fast launcher holds it."""
-    kernels = [entry[0] for key, entry in ops._COMPILED.items() if key[0] == kind]
+    kernels = [entry[0] for key, entry in autotune._COMPILED.items() if key[0] == kind]
     if not kernels:
         return None, None
     return getattr(kernels[-1], "n_regs", None), getattr(kernels[-1], "n_spills", None)
@@ -82,7 +82,10 @@ def main(argv=None):
         return 1
     import triton
 
-    from sparse_attn.backends.triton import ops
+    from sparse_attn import KernelOptions
+    from sparse_attn.backends.triton import autotune, ops
+
+    options = KernelOptions(forward="triton", backward="triton")  # the Triton kernels, whose configs are swept
 
     torch.manual_seed(0)
     shape_q = (1, args.heads, args.length, args.dim)
@@ -96,24 +99,25 @@ def main(argv=None):
     for density in args.densities:
         layout = random_layout(args.length, density=density, num_heads=args.heads, block_size=args.block,
                                seed=1, device="cuda")
-        out, lse = ops.attention_forward(q, k, v, layout, scale, batch=1)
-        forward = lambda: ops.attention_forward(q, k, v, layout, scale, batch=1)  # noqa: E731
-        backward = lambda: ops.attention_backward(grad, q, k, v, out, lse, layout, scale, batch=1)  # noqa: E731
+        out, lse = ops.attention_forward(q, k, v, layout, scale, None, None, 1, "triton", options)
+        forward = lambda: ops.attention_forward(q, k, v, layout, scale, None, None, 1, "triton", options)  # noqa: E731
+        backward = lambda: ops.attention_backward(grad, q, k, v, out, lse, layout, scale, None, None, 1,  # noqa: E731
+                                                  options)
         for kind in args.kinds:
             run = forward if kind == "fwd" else backward
             run()  # the built-in space's pick, for the mark in the table
             picked = next((tiles | {k2: v2 for k2, v2 in opts.items() if k2 in ("num_warps", "num_stages")}
-                           for key, (tiles, opts) in ops._CHOSEN.items() if key[0] == kind), None)
+                           for key, (tiles, opts) in autotune._CHOSEN.items() if key[0] == kind), None)
             table = []
             try:
                 for config in tqdm(list(sweep_grid(args.block)), desc=f"{kind} d={density}"):
-                    ops.set_kernel_configs(kind, [config])
+                    autotune.set_kernel_configs(kind, [config])
                     row = {"kind": kind, "density": layout.density(), "config": config}
                     try:
                         run()
                         torch.cuda.synchronize()
                         row["ms"] = float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
-                        row["registers"], row["spills"] = compiled_registers(ops, kind)
+                        row["registers"], row["spills"] = compiled_registers(autotune, kind)
                     except Exception as exc:  # out of shared memory and the like: reported, not fatal
                         row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                     table.append(row)
@@ -124,10 +128,10 @@ def main(argv=None):
                 if args.sustain:
                     chosen = timed[:args.sustain_top] + [r for r in timed[args.sustain_top:] if r["built_in_pick"]]
                     for row in tqdm(chosen, desc=f"{kind} d={density} sustained"):
-                        ops.set_kernel_configs(kind, [row["config"]])
+                        autotune.set_kernel_configs(kind, [row["config"]])
                         row["sustained"] = gpu_power.sustained(run, args.sustain, reader, torch.cuda.synchronize)
             finally:
-                ops.set_kernel_configs(kind, None)
+                autotune.set_kernel_configs(kind, None)
             rows += table
             what = "forward" if kind == "fwd" else "backward"
             print(f"\n{kind} at S={args.length}, density {layout.density():.3f} ({what} ms; * = built-in tuner's pick)")

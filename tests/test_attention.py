@@ -99,9 +99,10 @@ def test_flex_backend_matches_naive(heads, kv_heads, q_len, kv_len, causal):
 def test_auto_picks_reference_on_cpu_and_explains():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 32, dtype=torch.float32)
     layout = random_layout(1, 1, 64, 64, block=16)
-    name, skipped = which_backend(q, k, v, layout)
-    assert name == "reference"
-    assert any(reason for _, reason in skipped)
+    choice = which_backend(q, k, v, layout)
+    assert (choice.backend, choice.forward_kernel, choice.backward_kernel) == ("reference", "reference", "autograd")
+    assert [name for name, _ in choice.skipped] == ["gluon", "triton", "flex"]
+    assert all(reason for _, reason in choice.skipped)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Flex runs on CUDA")
@@ -114,8 +115,7 @@ def test_auto_skips_flex_below_head_dim_16_on_cuda():
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     layout = random_layout(1, 1, 64, 64, block=16).to("cuda")
     assert "head dims of 16 or more" in BACKENDS["flex"].can_run(q, k, v, layout)
-    name, _ = which_backend(q, k, v, layout)
-    assert name != "flex"
+    assert which_backend(q, k, v, layout).backend != "flex"
 
 
 @settings(max_examples=25, deadline=None)

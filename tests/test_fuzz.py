@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_attn import BlockSparseLayout, sparse_attention, sparse_attention_varlen
+from sparse_attn import BlockSparseLayout, KernelOptions, sparse_attention, sparse_attention_varlen
 from sparse_attn.backends.triton import triton_can_run
 
 pytest.importorskip("triton")
@@ -467,16 +467,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("kernels", ["gluon", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_kernels_read_non_contiguous_layouts_and_differentiate_the_lse(kernels, dtype, monkeypatch):
+def test_gpu_kernels_read_non_contiguous_layouts_and_differentiate_the_lse(kernels, dtype):
     """The GPU kernels (the Hopper Gluon ones and the Triton ones) on 64/128-token blocks: layouts
     in non-contiguous forms give the contiguous result bit for bit, and a loss on output + LSE
     differentiates like the float64 golden."""
-    from sparse_attn.backends.triton import ops
-
     if kernels == "gluon" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels run on Hopper GPUs")
-    monkeypatch.setattr(ops, "GLUON_FORWARD", kernels == "gluon")
-    monkeypatch.setattr(ops, "GLUON_BACKWARD", kernels == "gluon")
+    options = KernelOptions(forward=kernels, backward=kernels)
     torch.manual_seed(6)
     batch, heads, kv_heads, q_len, dim = 2, 8, 2, 300, 128
     for q_block, kv_block in ((128, 128), (64, 64)):
@@ -500,7 +497,7 @@ def test_gpu_kernels_read_non_contiguous_layouts_and_differentiate_the_lse(kerne
             return (out, lse, *torch.autograd.grad(loss, inputs))
 
         gold = run(lambda a, b, c: golden_attention(a, b, c, mask, dim ** -0.5), (q.double(), k.double(), v.double()))
-        results = [run(lambda a, b, c: sparse_attention(a, b, c, layout.to("cuda"), backend="triton",
+        results = [run(lambda a, b, c: sparse_attention(a, b, c, layout.to("cuda"), kernel_options=options,
                                                         return_lse=True), (q, k, v)) for layout in forms]
         for other in results[1:]:
             assert all(torch.equal(x, y) for x, y in zip(results[0], other)), "non-contiguous layout differs"

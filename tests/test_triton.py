@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sparse_attn import BlockSparseLayout, sparse_attention, sparse_attention_varlen
+from sparse_attn import BlockSparseLayout, KernelOptions, sparse_attention, sparse_attention_varlen
 from sparse_attn.backends.reference import naive_masked_attention
 from sparse_attn.backends.triton import triton_can_run
 from utils import TOLERANCE, random_layout, rel_error
@@ -51,7 +51,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_forward_and_backward_match_golden(case, dtype):
-    _check_against_golden(case, dtype)
+    """The Triton forward and backward kernels (not the Hopper Gluon ones) against the golden."""
+    _check_against_golden(case, dtype, "triton", KernelOptions(backward="triton"))
 
 
 # The Gluon kernels' cases (Hopper GPUs): 128- and 64-row query blocks, lengths that are not tile
@@ -78,13 +79,12 @@ def _on_hopper_gpu() -> bool:
 def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
     """The Gluon forward (required here, so a fallback would fail) against the float64 golden,
     gradients included (the Triton backward runs on its output and LSE)."""
-    from sparse_attn.backends.triton import gluon_forward, ops
+    from sparse_attn.backends.triton import gluon_forward
 
     calls = []
     real = gluon_forward.gluon_attention_forward
     monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
-    _check_against_golden(case, dtype)
+    _check_against_golden(case, dtype, "gluon", KernelOptions(forward="gluon", backward="triton"))
     assert calls, "the Gluon forward did not run"
 
 
@@ -93,15 +93,14 @@ def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_gluon_backward_matches_golden(case, dtype, monkeypatch):
     """The Gluon dQ and dK/dV kernels (required here) against the float64 golden gradients."""
-    from sparse_attn.backends.triton import gluon_backward, ops
+    from sparse_attn.backends.triton import gluon_backward
 
     calls = []
     for name in ("gluon_attention_dq", "gluon_attention_dkdv"):
         real = getattr(gluon_backward, name)
         monkeypatch.setattr(gluon_backward, name,
                             lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
-    monkeypatch.setattr(ops, "GLUON_BACKWARD", True)
-    _check_against_golden(case, dtype)
+    _check_against_golden(case, dtype, "triton", KernelOptions(backward="gluon"))
     assert calls == ["gluon_attention_dq", "gluon_attention_dkdv"], calls
 
 
@@ -122,13 +121,12 @@ def test_gluon_varlen_forward_matches_golden(case, dtype, monkeypatch):
     """The Gluon forward on packed sequences (required, so a fallback would fail) against the float64
     per-sequence reference: output, LSE (empty rows included) and the gradients the Triton varlen
     backward computes from its output and LSE."""
-    from sparse_attn.backends.triton import gluon_forward, ops
+    from sparse_attn.backends.triton import gluon_forward
 
     lens_q, lens_k, heads, kv_heads, dim, q_block, kv_block, causal, layout_batch = case
     calls = []
     real = gluon_forward.gluon_attention_forward
     monkeypatch.setattr(gluon_forward, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
     torch.manual_seed(0)
     cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
                   for lens in (lens_q, lens_k))
@@ -136,7 +134,7 @@ def test_gluon_varlen_forward_matches_golden(case, dtype, monkeypatch):
     k, v = (torch.randn(sum(lens_k), kv_heads, dim, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     layout = random_layout(layout_batch, kv_heads, max(lens_q), max(lens_k), block=q_block, kv_block=kv_block,
                            causal=causal, density=0.6).to(DEVICE)
-    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="triton", return_lse=True)
+    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="gluon", return_lse=True)
     assert calls, "the Gluon forward did not run"
     golden = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = sparse_attention_varlen(*golden, cu_q, cu_k, layout, backend="reference", return_lse=True)
@@ -151,53 +149,53 @@ def test_gluon_varlen_forward_matches_golden(case, dtype, monkeypatch):
         assert rel_error(g, w) < 2 * TOLERANCE[dtype], f"d{name}"
 
 
-def test_forward_and_backward_kernel_name_the_kernel_and_why(monkeypatch):
-    from sparse_attn.backends.triton import backward_kernel, forward_kernel, ops
+def test_which_backend_names_the_kernels_and_why():
+    from sparse_attn import which_backend
 
     layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
     q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
-    name, reason = forward_kernel(q, k, v, layout)
-    assert name == "triton" and reason in ("the CPU interpreter", "blocks 16x16 (64 or 128 x multiple of 64 only)")
-    name, reason = backward_kernel(q, k, v, layout)
-    assert name == "triton" and reason in ("the CPU interpreter", "blocks 16x16 (multiples of 64 x 64 only)")
-    monkeypatch.setattr(ops, "GLUON_FORWARD", False)
-    monkeypatch.setattr(ops, "GLUON_BACKWARD", False)
-    assert forward_kernel(q, k, v, layout) == ("triton", "turned off (ops.GLUON_FORWARD = False)")
-    assert backward_kernel(q, k, v, layout) == ("triton", "turned off (ops.GLUON_BACKWARD = False)")
+    choice = which_backend(q, k, v, layout, backend="triton")
+    assert (choice.backend, choice.forward_kernel, choice.backward_kernel) == ("triton", "triton", "triton")
+    assert choice.backward_reason in ("the CPU interpreter", "blocks 16x16 (multiples of 64 x 64 only)")
+    skipped = dict(which_backend(q, k, v, layout).skipped)
+    assert skipped["gluon"] in ("the CPU interpreter", "blocks 16x16 (64 or 128 x multiple of 64 only)")
+    choice = which_backend(q, k, v, layout, backend="triton", kernel_options=KernelOptions(backward="triton"))
+    assert choice.backward_reason == "KernelOptions.backward='triton'"
+    skipped = dict(which_backend(q, k, v, layout, kernel_options=KernelOptions(forward="triton")).skipped)
+    assert skipped["gluon"] == "KernelOptions.forward='triton' asks for the Triton forward"
 
 
-def test_required_gluon_forward_refuses_what_it_cannot_run(monkeypatch):
-    """GLUON_FORWARD=True on a call the Gluon kernel cannot take (the CPU interpreter, 16-row
-    blocks) raises, naming why, instead of quietly running the Triton kernel."""
-    from sparse_attn.backends.triton import ops
-
-    monkeypatch.setattr(ops, "GLUON_FORWARD", True)
+def test_required_gluon_forward_refuses_what_it_cannot_run():
+    """A call the Gluon forward cannot take (the CPU interpreter, 16-row blocks) raises, naming why,
+    when the Gluon forward is required (by name or by KernelOptions), instead of quietly running
+    the Triton kernel."""
     layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
     q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='gluon' cannot run this call: (the CPU interpreter|blocks 16x16)"):
+        sparse_attention(q, k, v, layout, backend="gluon")
     with pytest.raises(ValueError, match="Gluon forward cannot run this call: (the CPU interpreter|blocks 16x16)"):
-        sparse_attention(q, k, v, layout, backend="triton")
+        sparse_attention(q, k, v, layout, kernel_options=KernelOptions(forward="gluon"))
+    with pytest.raises(ValueError, match="KernelOptions.forward='gluon' asks for the Gluon forward"):
+        sparse_attention(q, k, v, layout, backend="triton", kernel_options=KernelOptions(forward="gluon"))
 
 
-def test_required_gluon_backward_refuses_what_it_cannot_run(monkeypatch):
-    """GLUON_BACKWARD=True on a call the Gluon kernels cannot take raises in the backward, naming
-    why; the forward is unaffected."""
-    from sparse_attn.backends.triton import ops
-
-    monkeypatch.setattr(ops, "GLUON_BACKWARD", True)
+def test_required_gluon_backward_refuses_what_it_cannot_run():
+    """KernelOptions(backward="gluon") on a call the Gluon kernels cannot take raises in the
+    backward, naming why; the forward is unaffected."""
     layout = random_layout(1, 2, 48, 48, block=16).to(DEVICE)
     q, k, v = _inputs(1, 2, 2, 48, 48, 64, torch.bfloat16, grad=True)
-    out = sparse_attention(q, k, v, layout, backend="triton")
+    out = sparse_attention(q, k, v, layout, backend="triton", kernel_options=KernelOptions(backward="gluon"))
     with pytest.raises(ValueError, match="Gluon backward cannot run this call: (the CPU interpreter|blocks 16x16)"):
         out.sum().backward()
 
 
-def _check_against_golden(case, dtype):
+def _check_against_golden(case, dtype, backend="triton", options=None):
     batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
     n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
     layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,
                            causal=causal, density=0.6).to(DEVICE)
     q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, dtype, grad=True)
-    out, lse = sparse_attention(q, k, v, layout, backend="triton", return_lse=True)
+    out, lse = sparse_attention(q, k, v, layout, backend=backend, return_lse=True, kernel_options=options)
     ref, ref_lse = sparse_attention(q, k, v, layout, backend="reference", return_lse=True)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     gold, gold_lse = naive_masked_attention(q64, k64, v64, layout.to_token_mask())
@@ -244,10 +242,7 @@ def test_strided_inputs_from_bshd_views():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_matches_per_sequence_reference(dtype, causal, tma, monkeypatch):
-    from sparse_attn.backends.triton import ops
-
-    monkeypatch.setattr(ops, "FORWARD_TMA", tma)
-    monkeypatch.setattr(ops, "BACKWARD_TMA", tma)
+    options = KernelOptions(forward_tma=tma, backward_tma=tma)
     lens_q, lens_k = [37, 64, 5], [37, 90, 20] if causal else [50, 64, 17]
     heads, kv_heads, dim = 4, 2, 32
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
@@ -257,7 +252,8 @@ def test_varlen_matches_per_sequence_reference(dtype, causal, tma, monkeypatch):
     v = torch.randn(sum(lens_k), kv_heads, dim, device=DEVICE, dtype=dtype, requires_grad=True)
     layout = random_layout(3, kv_heads, max(lens_q), max(lens_k), block=16, causal=causal,
                            density=0.7).to(DEVICE)
-    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="triton", return_lse=True)
+    out, lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="triton", return_lse=True,
+                                       kernel_options=options)
     ref, ref_lse = sparse_attention_varlen(q, k, v, cu_q, cu_k, layout, backend="reference",
                                            return_lse=True)
     assert out.shape == q.shape and lse.shape == (heads, sum(lens_q))
@@ -311,8 +307,6 @@ def test_tma_descriptor_loads_match_golden(case, monkeypatch):
     non-multiple lengths; output and all three gradients against the float64 golden."""
     from sparse_attn.backends.triton import ops
 
-    monkeypatch.setattr(ops, "FORWARD_TMA", True)
-    monkeypatch.setattr(ops, "BACKWARD_TMA", True)
     batch, heads, kv_heads, q_len, kv_len, dim, qb, kb, causal, lh = case
     n = {"one": 1, "kv": kv_heads, "q": heads}[lh]
     layout = random_layout(1 if lh == "one" else batch, n, q_len, kv_len, block=qb, kv_block=kb,
@@ -320,7 +314,8 @@ def test_tma_descriptor_loads_match_golden(case, monkeypatch):
     q, k, v = _inputs(batch, heads, kv_heads, q_len, kv_len, dim, torch.bfloat16, grad=True)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert ops._use_tma(True, q, k, v)
-    out = sparse_attention(q, k, v, layout, backend="triton")
+    options = KernelOptions(forward_tma=True, backward_tma=True, backward="triton")
+    out = sparse_attention(q, k, v, layout, backend="triton", kernel_options=options)
     ref = sparse_attention(q, k, v, layout, backend="reference")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     gold, _ = naive_masked_attention(q64, k64, v64, layout.to_token_mask())
@@ -438,7 +433,7 @@ def test_launch_specialization_is_at_least_as_fine_as_tritons():
     """The compiled-launcher cache (ops._launch) reuses a kernel for calls with the same
     ``_specialization``; that is only safe if every pair of arguments Triton would compile apart
     (int == 1, divisible by 16, 32 vs 64 bits; tensor dtype and 16-byte alignment) differs in it."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
     libtriton = pytest.importorskip("triton._C.libtriton")
     backend = pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
@@ -447,20 +442,20 @@ def test_launch_specialization_is_at_least_as_fine_as_tritons():
     base = torch.zeros(64, dtype=torch.bfloat16)
     samples = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, 2**40 + 3,
                0.5, 1.0, 16.0, base, base[1:], base[8:], base[16:], base.float(), base.half()[1:]]
-    if ops._TENSOR_DESCRIPTOR is not None:  # host TMA descriptors, the Gluon kernels' arguments
+    if launch._TENSOR_DESCRIPTOR is not None:  # host TMA descriptors, the Gluon kernels' arguments
         from sparse_attn.backends.triton.gluon_forward import _shared_layout
 
         for rows, dtype, block in ((256, torch.bfloat16, 64), (200, torch.bfloat16, 64), (256, torch.float16, 64),
                                    (256, torch.bfloat16, 128)):
             t = torch.zeros(rows, 64, dtype=dtype)
-            samples.append(ops._TENSOR_DESCRIPTOR(t, list(t.shape), list(t.stride()), [block, 64],
+            samples.append(launch._TENSOR_DESCRIPTOR(t, list(t.shape), list(t.stride()), [block, 64],
                                                   _shared_layout(block, 64, dtype)))
     for a in samples:
         for b in samples:
             theirs = [libtriton.native_specialize_impl(backend, x, False, True, True) for x in (a, b)]
             if theirs[0] != theirs[1]:
-                assert ops._specialization([a]) != ops._specialization([b]), (a, b, theirs)
-    assert ops._specialization([object()]) is None  # unknown argument types take Triton's own path
+                assert launch._specialization([a]) != launch._specialization([b]), (a, b, theirs)
+    assert launch._specialization([object()]) is None  # unknown argument types take Triton's own path
 
 
 def test_row_descriptor_is_the_descriptor_tritons_constructor_would_build():
@@ -488,17 +483,17 @@ def test_row_descriptor_is_the_descriptor_tritons_constructor_would_build():
 
 def test_gluon_launch_spec_is_at_least_as_fine_as_the_generic_specialization():
     """The Gluon launches key the compiled-launcher cache by their own ``launch_spec`` (cheaper than
-    ``ops._specialization``'s walk over every argument): two launches of a kernel with the same
+    ``launch._specialization``'s walk over every argument): two launches of a kernel with the same
     constexprs and launch_spec must never differ in the generic specialization (which the test
     above holds to Triton's). Recorded on CPU tensors: the launchers only build arguments."""
-    from sparse_attn.backends.triton import gluon_backward, gluon_forward, ops
+    from sparse_attn.backends.triton import gluon_backward, gluon_forward, autotune, launch, ops
 
     if gluon_forward.GLUON_IMPORT_ERROR is not None:
         pytest.skip(f"no Gluon in this Triton: {gluon_forward.GLUON_IMPORT_ERROR}")
     launches = []
 
     def record(kernel, grid, args, meta, spec):
-        launches.append(((kernel.__name__, tuple(meta.items()), spec), ops._specialization(args)))
+        launches.append(((kernel.__name__, tuple(meta.items()), spec), launch._specialization(args)))
 
     def misaligned(t):  # the same values, 4 bytes past a 16-byte boundary
         storage = torch.zeros(t.numel() + 1, dtype=t.dtype)
@@ -531,7 +526,7 @@ def test_gluon_launch_spec_is_at_least_as_fine_as_the_generic_specialization():
 def test_compiled_launcher_matches_triton_launch(monkeypatch):
     """Calls after the first go through the compiled launcher; they must give bit-identical results
     to Triton's own launch path, for 16-byte-aligned and misaligned inputs (compiled apart)."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch
 
     layout = random_layout(1, 2, 80, 80, block=16, density=0.6).to(DEVICE)
     flat = torch.randn(4 * 80 * 64 + 1, device=DEVICE, dtype=torch.float16)
@@ -540,18 +535,18 @@ def test_compiled_launcher_matches_triton_launch(monkeypatch):
     assert all(t.data_ptr() % 16 for t in misaligned)
     inputs = {"aligned": [t.clone() for t in misaligned], "misaligned": misaligned}
     results = {}
-    monkeypatch.setattr(ops, "_COMPILED", {})
+    monkeypatch.setattr(autotune, "_COMPILED", {})
     for fast in (True, False):
-        monkeypatch.setattr(ops, "FAST_LAUNCH", fast)
+        options = KernelOptions(fast_launch=fast, backward="triton")
         for name, tensors in inputs.items():
             q, k, v = (t.detach().requires_grad_() for t in tensors)
             for _ in range(3):  # the first call tunes and compiles; the others reuse
-                out = sparse_attention(q, k, v, layout, backend="triton")
+                out = sparse_attention(q, k, v, layout, backend="triton", kernel_options=options)
                 grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
             results[fast, name] = (out, *grads)
         if fast:
-            assert ops.FAST_LAUNCH, "the compiled-launcher path turned itself off on this Triton"
-            assert len(ops._COMPILED) == 6  # forward, dQ, dK/dV for each alignment
+            assert not launch._LAUNCHER_UNSUPPORTED, "the compiled-launcher path turned itself off on this Triton"
+            assert len(autotune._COMPILED) == 6  # forward, dQ, dK/dV for each alignment
     for name in inputs:
         for got, want in zip(results[True, name], results[False, name]):
             assert torch.equal(got, want), name
@@ -563,21 +558,21 @@ def test_compiled_launcher_matches_triton_launch(monkeypatch):
 def test_gluon_kernels_through_the_compiled_launcher_match_their_jit_launch(monkeypatch):
     """The Gluon forward, dQ and dK/dV kernels launched through the compiled-launcher cache give
     bit-identical results to Gluon's own launch path."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch
 
     layout = random_layout(1, 2, 300, 300, block=128, kv_block=64, density=0.6).to(DEVICE)
     inputs = _inputs(1, 4, 2, 300, 300, 128, torch.bfloat16)
     results = {}
-    monkeypatch.setattr(ops, "_COMPILED", {})
+    monkeypatch.setattr(autotune, "_COMPILED", {})
     for fast in (True, False):
-        monkeypatch.setattr(ops, "FAST_LAUNCH", fast)
+        options = KernelOptions(fast_launch=fast, backward="gluon")
         q, k, v = (t.detach().requires_grad_() for t in inputs)
         for _ in range(3):  # the first call compiles; the others reuse
-            out = sparse_attention(q, k, v, layout, backend="triton")
+            out = sparse_attention(q, k, v, layout, backend="gluon", kernel_options=options)
             results[fast] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
         if fast:
-            assert ops.FAST_LAUNCH, "the compiled-launcher path turned itself off on this Triton"
-            assert {key[0] for key in ops._COMPILED} == {"_gluon_fwd_kernel", "_gluon_dq_kernel", "_gluon_dkdv_kernel"}
+            assert not launch._LAUNCHER_UNSUPPORTED, "the compiled-launcher path turned itself off on this Triton"
+            assert {key[0] for key in autotune._COMPILED} == {"_gluon_fwd_kernel", "_gluon_dq_kernel", "_gluon_dkdv_kernel"}
     for got, want in zip(results[True], results[False]):
         assert torch.equal(got, want)
 
@@ -585,47 +580,47 @@ def test_gluon_kernels_through_the_compiled_launcher_match_their_jit_launch(monk
 def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):
     """A profiler hook on Triton launches (e.g. proton) must see our launches: then Triton's own path
     runs; an empty hook chain (Triton 3.6's default) does not count as a hook."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch
 
     knobs = pytest.importorskip("triton").knobs
-    monkeypatch.setattr(ops, "interpreting", lambda: False)
-    fn = ops._tuned("fwd", 16, 16, 16).fn
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    fn = autotune._tuned("fwd", 16, 16, 16).fn
     hook = knobs.runtime.launch_enter_hook
     if hasattr(hook, "add"):  # a HookChain
-        assert ops._fast_launch_ready(fn)
+        assert launch._fast_launch_ready(fn, True)
         hook.add(print)
         try:
-            assert not ops._fast_launch_ready(fn)
+            assert not launch._fast_launch_ready(fn, True)
         finally:
             hook.remove(print)
     else:
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
-        assert ops._fast_launch_ready(fn)
+        assert launch._fast_launch_ready(fn, True)
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
-        assert not ops._fast_launch_ready(fn)
-    assert ops._no_hook(None)
+        assert not launch._fast_launch_ready(fn, True)
+    assert launch._no_hook(None)
 
 
 def test_layouts_of_different_widths_are_tuned_apart(monkeypatch):
     """The autotuning key carries the layout's width class (bit length of its widest row), so a
     sparse layout does not inherit tiles tuned on a dense one."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
-    monkeypatch.setattr(ops, "_CHOSEN", {})
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
     q, k, v = _inputs(1, 2, 2, 128, 128, 32, torch.float16)
     dense = random_layout(1, 2, 128, 128, block=16, density=1.0).to(DEVICE)
     diagonal = BlockSparseLayout.from_dense(torch.eye(8, dtype=torch.bool), 128, 128, 16).to(DEVICE)
-    assert (ops._width_class(dense.kv_indices), ops._width_class(diagonal.kv_indices)) == (4, 1)
+    assert (autotune._width_class(dense.kv_indices), autotune._width_class(diagonal.kv_indices)) == (4, 1)
     for layout in (dense, diagonal, dense):
         sparse_attention(q, k, v, layout, backend="triton")
-    assert sorted(key[-1] for key in ops._CHOSEN if key[0] == "fwd") == [1, 4]
+    assert sorted(key[-1] for key in autotune._CHOSEN if key[0] == "fwd") == [1, 4]
 
 
 def test_block_lists_are_read_once_per_layout():
     """What the kernels read from a layout (lists, their strides, the width class; the kv-major
     transpose for dK/dV) is computed on the first call and reused: per-call tensor method calls cost
     microseconds on a GPU host. The cached values are the layout's own."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
     layout = random_layout(1, 2, 96, 96, block=32, density=0.7)
     lists = ops._block_lists(layout)
@@ -633,7 +628,7 @@ def test_block_lists_are_read_once_per_layout():
     cnt, idx, cnt_strides, idx_strides, width = lists
     assert cnt is layout.kv_num_blocks and idx is layout.kv_indices
     assert cnt_strides == (0, cnt.stride(1)) and idx_strides == (0, idx.stride(1), idx.stride(2))  # batch 1
-    assert width == ops._width_class(idx)
+    assert width == autotune._width_class(idx)
     t_cnt, t_idx, *_ = ops._block_lists(layout, kv_major=True)
     transposed = layout.transpose()
     assert torch.equal(t_cnt, transposed.q_num_blocks) and torch.equal(t_idx, transposed.q_indices)
@@ -645,43 +640,43 @@ def test_dkdv_tuning_space_depends_on_head_dim(monkeypatch, hopper):
     """On a GPU, head dim 128's dK/dV kernel tunes over the measured short list (64-key tiles on 4
     warps; on Hopper its one measured best, no tuning), head dim 64 over the general space
     (128-key tiles are its fastest); pinned configs replace either."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
-    monkeypatch.setattr(ops, "interpreting", lambda: False)
-    monkeypatch.setattr(ops, "_on_hopper", lambda: hopper)
-    short_list = ops.DKDV_HEAD_DIM_128_HOPPER if hopper else ops.DKDV_HEAD_DIM_128
-    assert set(ops.DKDV_HEAD_DIM_128_HOPPER) <= set(ops.DKDV_HEAD_DIM_128)
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(autotune, "on_hopper", lambda: hopper)
+    short_list = autotune.DKDV_HEAD_DIM_128_HOPPER if hopper else autotune.DKDV_HEAD_DIM_128
+    assert set(autotune.DKDV_HEAD_DIM_128_HOPPER) <= set(autotune.DKDV_HEAD_DIM_128)
 
     def tiles(configs):
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
-    assert tiles(ops._configs(128, 128, "dkdv", 128)) == set(short_list)
-    general = tiles(ops._configs(128, 128, "dkdv", 64))
-    assert any(n == 128 for _, n, _, _ in general) and len(general) > len(ops.DKDV_HEAD_DIM_128)
-    assert tiles(ops._configs(128, 32, "dkdv", 128)) == tiles(ops._configs(128, 32, "dkdv", 64))  # 64 > block
+    assert tiles(autotune._configs(128, 128, "dkdv", 128)) == set(short_list)
+    general = tiles(autotune._configs(128, 128, "dkdv", 64))
+    assert any(n == 128 for _, n, _, _ in general) and len(general) > len(autotune.DKDV_HEAD_DIM_128)
+    assert tiles(autotune._configs(128, 32, "dkdv", 128)) == tiles(autotune._configs(128, 32, "dkdv", 64))  # 64 > block
     try:
-        ops.set_kernel_configs("dkdv", [(32, 128, 8, 2)])
-        assert tiles(ops._configs(128, 128, "dkdv", 128)) == {(32, 128, 8, 2)}
+        autotune.set_kernel_configs("dkdv", [(32, 128, 8, 2)])
+        assert tiles(autotune._configs(128, 128, "dkdv", 128)) == {(32, 128, 8, 2)}
     finally:
-        ops.set_kernel_configs("dkdv", None)
+        autotune.set_kernel_configs("dkdv", None)
 
 
 def test_pinned_kernel_configs_are_used_and_still_match_golden():
     """set_kernel_configs replaces a kernel's tuning space: the kernels then run with the pinned
     tiles (several per layout block here) and still match the float64 golden; None restores the
     built-in space and forgets what the pinned one chose."""
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
     pinned = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 32, 4, 2)}
     try:
         for kind, config in pinned.items():
-            ops.set_kernel_configs(kind, [config])
+            autotune.set_kernel_configs(kind, [config])
         layout = random_layout(1, 2, 96, 96, block=32, density=0.7).to(DEVICE)
         q, k, v = _inputs(1, 4, 2, 96, 96, 32, torch.float16, grad=True)
         out = sparse_attention(q, k, v, layout, backend="triton")
         grad = torch.randn_like(out)
         got = torch.autograd.grad(out, (q, k, v), grad)
-        chosen = {key[0]: tiles for key, (tiles, _) in ops._CHOSEN.items()}
+        chosen = {key[0]: tiles for key, (tiles, _) in autotune._CHOSEN.items()}
         assert chosen == {kind: {"BLOCK_M": c[0], "BLOCK_N": c[1]} for kind, c in pinned.items()}
         ref = sparse_attention(q, k, v, layout, backend="reference")
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -693,24 +688,24 @@ def test_pinned_kernel_configs_are_used_and_still_match_golden():
             _check_close(g, r, w, torch.float16, name)
     finally:
         for kind in pinned:
-            ops.set_kernel_configs(kind, None)
-    assert not ops._PINNED and not any(key[0] in pinned for key in ops._CHOSEN)
+            autotune.set_kernel_configs(kind, None)
+    assert not autotune._PINNED and not any(key[0] in pinned for key in autotune._CHOSEN)
 
 
 def test_bad_pinned_kernel_configs_are_refused_clearly():
-    from sparse_attn.backends.triton import ops
+    from sparse_attn.backends.triton import autotune, launch, ops
 
     with pytest.raises(ValueError, match="kind must be one of"):
-        ops.set_kernel_configs("bwd", [(64, 64, 4, 2)])
+        autotune.set_kernel_configs("bwd", [(64, 64, 4, 2)])
     with pytest.raises(ValueError, match="power-of-two"):
-        ops.set_kernel_configs("fwd", [(48, 64, 4, 2)])
+        autotune.set_kernel_configs("fwd", [(48, 64, 4, 2)])
     with pytest.raises(ValueError, match="at least one config"):
-        ops.set_kernel_configs("fwd", [])
+        autotune.set_kernel_configs("fwd", [])
     try:
-        ops.set_kernel_configs("fwd", [(64, 16, 4, 1)])  # BLOCK_M 64 cannot split 32-row blocks
+        autotune.set_kernel_configs("fwd", [(64, 16, 4, 1)])  # BLOCK_M 64 cannot split 32-row blocks
         layout = random_layout(1, 2, 64, 64, block=32).to(DEVICE)
         q, k, v = _inputs(1, 2, 2, 64, 64, 32, torch.float16)
         with pytest.raises(ValueError, match="must divide the layout's q_block"):
             sparse_attention(q, k, v, layout, backend="triton")
     finally:
-        ops.set_kernel_configs("fwd", None)
+        autotune.set_kernel_configs("fwd", None)

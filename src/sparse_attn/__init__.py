@@ -4,6 +4,7 @@ from .attention import sparse_attention, sparse_attention_varlen, which_backend
 from .layout import BlockSparseLayout, KVMajorLayout, LayoutError
 from .methods import CostModel, Method, attend, get_method
 from .metrics import attention_recall, output_relative_error
+from .options import KernelOptions, kernel_options
 from .patterns import (
     dense_layout,
     layout_from_mask_mod,
@@ -30,9 +31,10 @@ def unpatch(model):
 
     return _unpatch(model)
 
+
 __all__ = [
     "patch", "unpatch", "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
-    "sparse_attention", "sparse_attention_varlen", "which_backend", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
+    "sparse_attention", "sparse_attention_varlen", "which_backend", "KernelOptions", "kernel_options", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",
     "layout_from_mask_mod",
 ]

@@ -9,8 +9,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import explain_choice, select_backend
+from .backends import BackendChoice, explain_choice, select_backend
+from .backends.reference import with_zero_gradients
 from .layout import BlockSparseLayout, LayoutError
+from .options import KernelOptions, resolve_kernel_options
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,7 +77,8 @@ def _graph_break_when_compiled(fn):
 @_graph_break_when_compiled
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, *,
                      causal: Optional[bool] = None, scale: Optional[float] = None,
-                     backend: str = "auto", return_lse: bool = False):
+                     backend: str = "auto", return_lse: bool = False,
+                     kernel_options: Optional[KernelOptions] = None):
     """Attention restricted to the key blocks ``layout`` keeps.
 
     Args:
@@ -87,8 +90,12 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
         causal: defaults to ``layout.causal``; if given it must agree with the layout. Causal
             queries are bottom-right aligned: query ``i`` sits at position ``i + Skv - Sq``.
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (fastest that can run), ``"triton"``, ``"flex"`` or ``"reference"``.
+        backend: ``"auto"`` (fastest that can run: ``gluon``, ``triton``, ``flex``, ``reference``
+            in that order), or one of them by name (:func:`which_backend` says what a call gets).
         return_lse: also return the log-sum-exp ``(B, H, Sq)`` float32 (natural log).
+        kernel_options: a :class:`~sparse_attn.options.KernelOptions` (which forward and backward
+            kernels, TMA loads, launcher); default: the current default (see
+            :func:`~sparse_attn.options.kernel_options`).
 
     Rows with no kept key get output 0 and LSE ``-inf``. Gradients flow through every backend
     that supports them (``reference`` always), through the output and through the LSE (a loss may
@@ -112,22 +119,26 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
             "rebuild the layout or omit causal"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    chosen = select_backend(backend, q, k, v, layout)
-    out, lse = chosen.forward(q, k, v, layout, scale)
+    options = resolve_kernel_options(kernel_options)
+    chosen, _ = select_backend(backend, q, k, v, layout, options)
+    out, lse = chosen.forward(q, k, v, layout, scale, options)
     return (out, lse) if return_lse else out
 
 
-def which_backend(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> tuple[str, list]:
-    """What ``backend="auto"`` would run for these inputs, and why each faster one was skipped."""
+def which_backend(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, *, backend: str = "auto",
+                  kernel_options: Optional[KernelOptions] = None) -> BackendChoice:
+    """What :func:`sparse_attention` would run for these inputs: the backend, the kernel of its
+    forward and of its backward (for a contiguous output gradient), and why each faster option was
+    skipped. Raises like the call would when nothing (or the named backend) can run it."""
     check_attention_inputs(q, k, v, layout)
-    return explain_choice(q, k, v, layout)
+    return explain_choice(q, k, v, layout, resolve_kernel_options(kernel_options), backend)
 
 
 @_graph_break_when_compiled
 def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                             cu_seqlens_k: Tensor, layout: BlockSparseLayout, *,
                             scale: Optional[float] = None, backend: str = "auto",
-                            return_lse: bool = False):
+                            return_lse: bool = False, kernel_options: Optional[KernelOptions] = None):
     """Block-sparse attention over a packed batch of variable-length sequences (training).
 
     Args:
@@ -136,112 +147,48 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
         layout: built for the longest sequence (``q_len >= max len_q``, ``kv_len >= max len_k``),
             batch 1 (shared) or ``num_seqs``; sequence ``i`` uses its top-left corner, and its
             causal offset is ``len_k_i - len_q_i``.
-        backend: ``"triton"`` (GPU), ``"reference"`` (loops over sequences) or ``"auto"``.
+        backend: as in :func:`sparse_attention` (``auto``, ``gluon``, ``triton``, ``flex``,
+            ``reference``; the last two loop over the sequences).
+        kernel_options: as in :func:`sparse_attention`.
 
-    Returns ``out (total_q, H, D)`` and, with ``return_lse``, ``lse (H, total_q)``.
+    Returns ``out (total_q, H, D)`` and, with ``return_lse``, ``lse (H, total_q)``. Sequences with
+    no key give 0 and LSE ``-inf``; a batch with no query or no key at all gives such results too.
 
     Inside a CUDA-graph capture the offsets must be on the GPU and are not checked (reading them
     would synchronize); an eager call with the same offsets, such as the warm-up before capturing,
-    checks them. Only the Triton kernels run there.
+    checks them. Only the Triton and Gluon kernels run there.
     """
-    from .backends import BACKENDS
-    from .backends.triton import grid_limit_reason, triton_can_run_fast, triton_varlen_forward
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D packed tensor (total, heads, head_dim)")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} must be a 1-D int tensor of num_seqs + 1 offsets")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
     num_seqs = cu_seqlens_q.numel() - 1
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing and not (cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be on the GPU inside a CUDA-graph capture "
+                         f"(got {cu_seqlens_q.device} and {cu_seqlens_k.device})")
+    if not capturing:  # reading the offsets on the host would synchronize, which a capture forbids
+        _check_offsets(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), q.shape[0], k.shape[0], layout)
+    views = tuple(t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
     if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend: zeros and -inf, zero gradients
-        _check_qkv(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
-        if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _check_offsets(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), q.shape[0], k.shape[0], layout)
+        _check_qkv(*views, layout)
         out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
-        out, lse = _with_zero_gradients(out, lse, q, k, v)
+        out, lse = with_zero_gradients(out, lse, q, k, v)
         return (out, lse) if return_lse else out
-    # Check shapes and the layout through the padded-batch checks on a (1, H, L, D) view.
-    check_attention_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                           v.transpose(0, 1)[None], _as_single(layout, q.shape[0], k.shape[0]))
+    # Shapes and the layout through the padded-batch checks, on the (1, H, L, D) views.
+    check_attention_inputs(*views, _as_single(layout, q.shape[0], k.shape[0]))
     if layout.batch not in (1, num_seqs):
         raise LayoutError(f"layout batch {layout.batch} must be 1 or the number of sequences {num_seqs}")
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if capturing:
-        # Reading the offsets on the host would synchronize, which a CUDA-graph capture forbids:
-        # they go unchecked here (an eager call with the same offsets checks them), and only the
-        # Triton kernels, which read them on the device, can run.
-        starts_q = starts_k = lens_q = lens_k = None
-        if not (cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda):
-            raise ValueError("cu_seqlens_q and cu_seqlens_k must be on the GPU inside a CUDA-graph capture "
-                             f"(got {cu_seqlens_q.device} and {cu_seqlens_k.device})")
-        if backend not in ("auto", "triton"):
-            raise ValueError(f"backend={backend!r} cannot run inside a CUDA-graph capture (it reads cu_seqlens on "
-                             "the host); use backend='triton'")
-    else:
-        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        _check_offsets(starts_q, starts_k, q.shape[0], k.shape[0], layout)
-        lens_q = [b - a for a, b in zip(starts_q, starts_q[1:])]
-        lens_k = [b - a for a, b in zip(starts_k, starts_k[1:])]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    view = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], layout)
-    too_many = grid_limit_reason(num_seqs, q.shape[1], "packed batch")  # programs walk (sequence, head)
-    use_triton = backend == "triton" or (backend == "auto" and triton_can_run_fast(*view) is None and not too_many)
-    if capturing and not use_triton:
-        raise ValueError("sparse_attention_varlen inside a CUDA-graph capture needs the Triton kernels, which "
-                         f"cannot run this call: {triton_can_run_fast(*view) or too_many}")
-    if use_triton:
-        if backend == "triton":
-            select_backend("triton", *view)
-            if too_many:
-                raise ValueError(f"backend='triton' cannot run this call: {too_many}")
-        out, lse = triton_varlen_forward(q, k, v, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device),
-                                         layout, scale)
-    elif backend in ("auto", "reference", "flex"):
-        run = BACKENDS["reference" if backend == "auto" else backend].forward
-        outs, lses = [], []
-        for i in range(num_seqs):
-            qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
-            ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-            vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
-            if lens_q[i] == 0:
-                continue
-            if lens_k[i] == 0:
-                outs.append(torch.zeros_like(qi[0].transpose(0, 1)))
-                lses.append(torch.full((q.shape[1], lens_q[i]), float("-inf"), device=q.device))
-                continue
-            o, l_ = run(qi, ki, vi, layout.crop(i, lens_q[i], lens_k[i]), scale)
-            outs.append(o[0].transpose(0, 1))
-            lses.append(l_[0])
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
-        if not out.requires_grad:  # no sequence has both queries and keys
-            out, lse = _with_zero_gradients(out, lse, q, k, v)
-    else:
-        raise ValueError(f"backend={backend!r} is not available for varlen; use auto, triton or reference")
+    options = resolve_kernel_options(kernel_options)
+    chosen, _ = select_backend(backend, q, k, v, layout, options, num_seqs=num_seqs)
+    out, lse = chosen.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, scale, options)
     return (out, lse) if return_lse else out
-
-
-class _ZeroGradients(torch.autograd.Function):
-    """Passes ``(out, lse)`` through and gives q, k, v zero gradients: attention in which no query
-    sees a key still joins the graph, as the kernels' outputs do."""
-
-    @staticmethod
-    def forward(ctx, out, lse, q, k, v):
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
-        return out.clone(), lse.clone()
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        return (None, None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
-
-
-def _with_zero_gradients(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _ZeroGradients.apply(out, lse, q, k, v)
-    return out, lse
 
 
 def _check_offsets(starts_q: list, starts_k: list, total_q: int, total_k: int, layout: BlockSparseLayout):

@@ -35,7 +35,7 @@ def run_demo(seq_len: int, heads: int, kv_heads: int, dim: int, device: str, sho
         is_causal=True)
     rows = []
     for name, layout in patterns.items():
-        backend, _ = which_backend(q, k, v, layout)
+        backend = which_backend(q, k, v, layout).backend
         start = time.perf_counter()
         out = sparse_attention(q, k, v, layout)
         if device != "cpu":

@@ -24,8 +24,9 @@ tests on small shapes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -77,6 +78,9 @@ class BlockSparseLayout:
     kv_block: int = 64
     causal: bool = True
     check: dataclasses.InitVar[bool] = True
+    # Per-layout data the kernels derive once (block-list strides, tuning classes), keyed by their
+    # launcher; never part of the layout's value (not compared, not copied by ``replace``).
+    kernel_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self, check: bool) -> None:
         self._check_metadata()
@@ -244,14 +248,14 @@ class BlockSparseLayout:
             block_mask = block_mask[None, None]
         if block_mask.dim() != 4:
             raise LayoutError(f"block_mask must be (B, H, NQ, NK) or (NQ, NK), got {tuple(block_mask.shape)}")
-        q_block, kv_block = _pair(block_size)
+        q_block, kv_block = block_size_pair(block_size)
         nq, nk = math.ceil(q_len / q_block), math.ceil(kv_len / kv_block)
         if tuple(block_mask.shape[2:]) != (nq, nk):
             raise LayoutError(
                 f"block_mask has {tuple(block_mask.shape[2:])} blocks but q_len={q_len}, kv_len={kv_len} "
                 f"with blocks {q_block}x{kv_block} need ({nq}, {nk})"
             )
-        cnt, idx = _dense_to_csr(block_mask)
+        cnt, idx = dense_to_csr(block_mask)
         return cls(cnt, idx, q_len, kv_len, q_block, kv_block, causal, check=False)
 
     @classmethod
@@ -263,10 +267,10 @@ class BlockSparseLayout:
         cnt, idx = block_mask.kv_num_blocks, block_mask.kv_indices
         if block_mask.full_kv_num_blocks is not None:
             nk = idx.shape[-1]
-            dense = _csr_to_dense(cnt, idx, nk) | _csr_to_dense(
+            dense = csr_to_dense(cnt, idx, nk) | csr_to_dense(
                 block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nk
             )
-            cnt, idx = _dense_to_csr(dense)
+            cnt, idx = dense_to_csr(dense)
         q_len, kv_len = block_mask.seq_lengths
         q_block, kv_block = block_mask.BLOCK_SIZE
         cnt = cnt[..., : math.ceil(q_len / q_block)].to(torch.int32).contiguous()
@@ -296,7 +300,7 @@ class BlockSparseLayout:
             )
         nq, nk = math.ceil(q_len / self.q_block), math.ceil(kv_len / self.kv_block)
         dense = self.to_dense()[min(batch_index, self.batch - 1)][None, :, :nq, :nk]
-        cnt, idx = _dense_to_csr(dense)
+        cnt, idx = dense_to_csr(dense)
         return dataclasses.replace(self, kv_num_blocks=cnt, kv_indices=idx, q_len=q_len,
                                    kv_len=kv_len, check=False)
 
@@ -321,7 +325,7 @@ class BlockSparseLayout:
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> Tensor:
         """``(Bl, Hl, NQ, NK)`` bool block mask."""
-        return _csr_to_dense(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
+        return csr_to_dense(self.kv_num_blocks, self.kv_indices, self.num_kv_blocks)
 
     def to_token_mask(self) -> Tensor:
         """``(Bl, Hl, q_len, kv_len)`` bool token mask, causal masking included. For tests only."""
@@ -342,8 +346,8 @@ class BlockSparseLayout:
         """
         dense = self.to_dense()
         partial = self.needs_mask_block()
-        p_cnt, p_idx = _dense_to_csr(dense & partial)
-        f_cnt, f_idx = _dense_to_csr(dense & ~partial)
+        p_cnt, p_idx = dense_to_csr(dense & partial)
+        f_cnt, f_idx = dense_to_csr(dense & ~partial)
         return p_cnt, p_idx, f_cnt, f_idx
 
     def to_flex_block_mask(self, num_heads: Optional[int] = None, batch: Optional[int] = None,
@@ -365,7 +369,7 @@ class BlockSparseLayout:
             raise LayoutError(f"layout batch {layout.batch} must be 1 or {batch}")
         nk = layout.num_kv_blocks
         p_cnt, p_idx, f_cnt, f_idx = layout.split_full_partial()
-        p_idx, f_idx = _pad_width(p_idx, nk), _pad_width(f_idx, nk)
+        p_idx, f_idx = pad_block_width(p_idx, nk), pad_block_width(f_idx, nk)
         offset = layout.q_offset if layout.causal else 0
         kv_len, causal = layout.kv_len, layout.causal
 
@@ -385,6 +389,11 @@ class BlockSparseLayout:
             p_cnt, p_idx, f_cnt, f_idx, BLOCK_SIZE=(layout.q_block, layout.kv_block),
             mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.kv_len),
         )
+
+    @functools.cached_property
+    def kv_major(self) -> KVMajorLayout:
+        """:meth:`transpose`, computed once per layout (the backward kernels walk it on every call)."""
+        return self.transpose()
 
     def transpose(self) -> KVMajorLayout:
         """Key-major form (per key block: sorted query blocks), built on the device in O(nnz log nnz).
@@ -461,7 +470,7 @@ class BlockSparseLayout:
         b = b.repeat_interleave(heads // b.shape[1], dim=1)
         if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
             raise LayoutError(f"cannot combine layouts of batch {a.shape[0]} and {b.shape[0]}")
-        cnt, idx = _dense_to_csr(op(a, b))
+        cnt, idx = dense_to_csr(op(a, b))
         return dataclasses.replace(self, kv_num_blocks=cnt, kv_indices=idx, check=False)
 
     def union(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
@@ -498,14 +507,14 @@ class BlockSparseLayout:
 
 
 # ---------------------------------------------------------------------- helpers
-def _pair(block_size) -> tuple:
+def block_size_pair(block_size) -> tuple:
     if isinstance(block_size, int):
         return block_size, block_size
     q_block, kv_block = block_size
     return int(q_block), int(kv_block)
 
 
-def _dense_to_csr(dense: Tensor):
+def dense_to_csr(dense: Tensor):
     """Bool ``(B, H, NQ, NK)`` -> int32 counts and ascending padded indices (width >= 1)."""
     counts = dense.sum(-1, dtype=torch.int32)
     width = max(int(counts.max()) if counts.numel() else 0, 1)
@@ -515,7 +524,7 @@ def _dense_to_csr(dense: Tensor):
     return counts.contiguous(), idx.contiguous()
 
 
-def _csr_to_dense(counts: Tensor, indices: Tensor, num_kv_blocks: int) -> Tensor:
+def csr_to_dense(counts: Tensor, indices: Tensor, num_kv_blocks: int) -> Tensor:
     width = indices.shape[-1]
     valid = torch.arange(width, device=indices.device) < counts[..., None]
     dense = torch.zeros(*counts.shape, num_kv_blocks + 1, dtype=torch.bool, device=indices.device)
@@ -524,7 +533,7 @@ def _csr_to_dense(counts: Tensor, indices: Tensor, num_kv_blocks: int) -> Tensor
     return dense[..., :num_kv_blocks]
 
 
-def _pad_width(indices: Tensor, width: int) -> Tensor:
+def pad_block_width(indices: Tensor, width: int) -> Tensor:
     if indices.shape[-1] >= width:
         return indices[..., :width].contiguous()
     pad = torch.zeros(*indices.shape[:-1], width - indices.shape[-1], dtype=indices.dtype,

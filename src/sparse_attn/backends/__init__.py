@@ -1,8 +1,10 @@
 """Backend registry: each backend says whether it can run a call (and why not) and runs it.
 
-``auto`` walks :data:`AUTO_ORDER` and takes the first backend whose ``can_run`` returns no reason;
-:func:`explain_choice` reports every skipped backend with its reason (NATTEN-style), and naming a
-backend that cannot run raises with that reason.
+``auto`` walks :data:`AUTO_ORDER` and takes the first backend whose automatic check returns no
+reason; :func:`explain_choice` reports the backend, the kernels its forward and backward run, and
+every skipped backend with its reason (NATTEN-style). Naming a backend that cannot run raises with
+that reason. Padded ``(B, H, S, D)`` calls and packed variable-length ``(T, H, D)`` calls go through
+the same registry (``can_run`` / ``forward`` and ``can_run_varlen`` / ``varlen_forward``).
 """
 
 from __future__ import annotations
@@ -14,26 +16,64 @@ import torch
 from torch import Tensor
 
 from ..layout import BlockSparseLayout
+from ..options import KernelOptions
 from .flex import flex_attention_forward, flex_available
-from .reference import reference_attention
-from .triton import triton_can_run, triton_can_run_fast, triton_forward
+from .reference import reference_attention, sequence_loop_varlen
+from .triton import (backward_kernel, gluon_can_run, gluon_forward, gluon_varlen_forward, triton_can_run,
+                     triton_can_run_fast, triton_forward, triton_varlen_forward)
 
-CanRun = Callable[[Tensor, Tensor, Tensor, BlockSparseLayout], Optional[str]]
-Forward = Callable[..., tuple]
+# (q, k, v, layout, options, num_seqs) -> None when it can run, else why not; num_seqs is None for
+# padded calls and the number of sequences for packed ones.
+CanRun = Callable[..., Optional[str]]
 
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend: its checks and entry points.
+
+    ``forward(q, k, v, layout, scale, options) -> (out, lse)``; ``varlen_forward(q, k, v, cu_q, cu_k,
+    layout, scale, options) -> (out (T, H, D), lse (H, T))``. ``auto_check`` is the check ``auto``
+    uses (stricter than ``can_run`` where a backend runs but slowly, e.g. in the CPU interpreter).
+    ``backward`` names what differentiates the call: a kernel family, or "autograd".
+    """
+
     name: str
-    can_run: CanRun  # returns None when it can run, else the reason it cannot
-    forward: Forward  # (q, k, v, layout, scale) -> (out, lse)
+    can_run: CanRun
+    forward: Callable[..., tuple]
+    varlen_forward: Callable[..., tuple]
+    auto_check: Optional[CanRun] = None
+    can_run_varlen: Optional[CanRun] = None  # packed calls, when they differ from ``can_run``
+    backward: str = "autograd"
 
 
-def _reference_can_run(q, k, v, layout):
+@dataclass(frozen=True)
+class BackendChoice:
+    """What a call runs: the backend, the kernel of its forward and of its backward, and why each
+    faster option was skipped (``skipped``: ``(backend, reason)`` for backends ``auto`` passed over;
+    ``backward_reason``: why the backward is not the Gluon one, where that applies)."""
+
+    backend: str
+    forward_kernel: str
+    backward_kernel: str
+    skipped: tuple = ()
+    backward_reason: Optional[str] = None
+
+
+def _always(q, k, v, layout, options=None, num_seqs=None):
     return None
 
 
-def _flex_can_run(q, k, v, layout):
+def _capture_reason(q) -> Optional[str]:
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "reads cu_seqlens on the host, which a CUDA-graph capture forbids"
+    return None
+
+
+def _reference_can_run_varlen(q, k, v, layout, options=None, num_seqs=None):
+    return _capture_reason(q)
+
+
+def _flex_can_run(q, k, v, layout, options=None, num_seqs=None):
     ok, why = flex_available()
     if not ok:
         return why
@@ -41,57 +81,94 @@ def _flex_can_run(q, k, v, layout):
         return "Flex on CUDA does not compile float64"
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:  # inductor: "NYI: embedding dimension ... at least 16"
         return f"Flex on CUDA compiles head dims of 16 or more only (q: {q.shape[-1]}, v: {v.shape[-1]})"
-    return None
+    return _capture_reason(q) if num_seqs is not None else None
 
 
-def _flex_can_run_fast(q, k, v, layout):
-    reason = _flex_can_run(q, k, v, layout)
+def _flex_can_run_fast(q, k, v, layout, options=None, num_seqs=None):
+    reason = _flex_can_run(q, k, v, layout, options, num_seqs)
     if reason is None and not q.is_cuda:
         return "Flex runs eagerly on CPU and materializes the full score matrix"
     return reason
 
 
+def _reference_forward(q, k, v, layout, scale, options):
+    return reference_attention(q, k, v, layout, scale)
+
+
+def _flex_forward(q, k, v, layout, scale, options):
+    return flex_attention_forward(q, k, v, layout, scale)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, layout, scale, options):
+    return sequence_loop_varlen(reference_attention, q, k, v, cu_q, cu_k, layout, scale)
+
+
+def _flex_varlen(q, k, v, cu_q, cu_k, layout, scale, options):
+    return sequence_loop_varlen(flex_attention_forward, q, k, v, cu_q, cu_k, layout, scale)
+
+
 BACKENDS: dict = {
-    "reference": Backend("reference", _reference_can_run, reference_attention),
-    "flex": Backend("flex", _flex_can_run, flex_attention_forward),
-    "triton": Backend("triton", triton_can_run, triton_forward),
+    "reference": Backend("reference", _always, _reference_forward, _reference_varlen,
+                         can_run_varlen=_reference_can_run_varlen),
+    "flex": Backend("flex", _flex_can_run, _flex_forward, _flex_varlen, auto_check=_flex_can_run_fast),
+    "gluon": Backend("gluon", gluon_can_run, gluon_forward, gluon_varlen_forward, backward="kernels"),
+    "triton": Backend("triton", triton_can_run, triton_forward, triton_varlen_forward,
+                      auto_check=triton_can_run_fast, backward="kernels"),
 }
 
-# Backends `auto` may choose, fastest first, each with the check used for the automatic choice.
-AUTO_ORDER: list = [
-    ("triton", triton_can_run_fast),
-    ("flex", _flex_can_run_fast),
-    ("reference", _reference_can_run),
-]
+# Backends ``auto`` may choose, fastest first.
+AUTO_ORDER: list = ["gluon", "triton", "flex", "reference"]
 
 
-def register_backend(backend: Backend, auto_position: Optional[int] = None,
-                     auto_check: Optional[CanRun] = None) -> None:
+def register_backend(backend: Backend, auto_position: Optional[int] = None) -> None:
     """Add a backend; with ``auto_position`` it also joins the automatic choice at that rank."""
     BACKENDS[backend.name] = backend
     if auto_position is not None:
-        AUTO_ORDER[:] = [entry for entry in AUTO_ORDER if entry[0] != backend.name]
-        AUTO_ORDER.insert(auto_position, (backend.name, auto_check or backend.can_run))
+        AUTO_ORDER[:] = [name for name in AUTO_ORDER if name != backend.name]
+        AUTO_ORDER.insert(auto_position, backend.name)
 
 
-def explain_choice(q, k, v, layout) -> tuple[str, list]:
-    """The backend ``auto`` picks, and ``[(name, reason)]`` for each one it skipped."""
+def _check(backend: Backend, q, k, v, layout, options, num_seqs, auto: bool) -> Optional[str]:
+    if num_seqs is not None and backend.can_run_varlen is not None:
+        return backend.can_run_varlen(q, k, v, layout, options, num_seqs)
+    check = (backend.auto_check or backend.can_run) if auto else backend.can_run
+    return check(q, k, v, layout, options, num_seqs)
+
+
+def select_backend(name: str, q, k, v, layout, options: KernelOptions, num_seqs=None) -> tuple:
+    """``(backend, skipped)``: the backend a call runs (``name`` or, for "auto", the first of
+    AUTO_ORDER that can run it) and ``[(backend, reason)]`` for those ``auto`` passed over. Padded
+    calls have ``num_seqs=None``; packed ones pass their number of sequences."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"backend={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
+        backend = BACKENDS[name]
+        reason = _check(backend, q, k, v, layout, options, num_seqs, auto=False)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+        return backend, []
     skipped = []
-    for name, check in AUTO_ORDER:
-        reason = check(q, k, v, layout)
+    for candidate in AUTO_ORDER:
+        backend = BACKENDS[candidate]
+        reason = _check(backend, q, k, v, layout, options, num_seqs, auto=True)
         if reason is None:
-            return name, skipped
-        skipped.append((name, reason))
-    raise RuntimeError(f"no backend can run this call: {skipped}")  # reference always can
+            if options.forward == "gluon" and candidate != "gluon":
+                raise ValueError(f"KernelOptions.forward='gluon' but the Gluon forward cannot run this call: "
+                                 f"{dict(skipped).get('gluon')}")
+            return backend, skipped
+        skipped.append((candidate, reason))
+    raise ValueError(f"no backend can run this call: {skipped}")
 
 
-def select_backend(name: str, q, k, v, layout) -> Backend:
-    if name == "auto":
-        return BACKENDS[explain_choice(q, k, v, layout)[0]]
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is unknown; choose one of {['auto', *BACKENDS]}")
-    backend = BACKENDS[name]
-    reason = backend.can_run(q, k, v, layout)
-    if reason is not None:
-        raise ValueError(f"backend={name!r} cannot run this call: {reason}")
-    return backend
+def explain_choice(q, k, v, layout, options: KernelOptions, name: str = "auto") -> BackendChoice:
+    """The :class:`BackendChoice` of a padded call under ``backend=name``."""
+    backend, skipped = select_backend(name, q, k, v, layout, options)
+    if backend.backward == "kernels":
+        backward, reason = backward_kernel(q, k, v, layout, options)
+    else:
+        backward, reason = backend.backward, None
+    return BackendChoice(backend.name, backend.name, backward, tuple(skipped), reason)
+
+
+__all__ = ["Backend", "BackendChoice", "BACKENDS", "AUTO_ORDER", "register_backend", "select_backend",
+           "explain_choice"]

@@ -6,13 +6,14 @@ score matrix, so ``auto`` never picks it there; it stays available for cross-che
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout, _dense_to_csr, _pad_width
+from ..layout import BlockSparseLayout, dense_to_csr, pad_block_width
 
 # Flex's backward on some torch versions (seen on 2.11) only handles 128-token key blocks; finer
 # layouts are then run on a 128-block union with an exact token-level mask_mod.
@@ -29,23 +30,33 @@ def flex_available() -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
-    """Compiled Flex. Every new length or layout geometry is a recompile; past dynamo's limit (8)
-    Flex silently falls back to eager, which materializes S x S scores and runs out of memory at
-    long context (seen at 128K on torch 2.11), so the limit is raised to 64."""
+    """Compiled Flex (one compiled function for the process; each new length or layout geometry
+    is a recompile of it)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), 64))
     return torch.compile(flex_attention, dynamic=False)
+
+
+# Past dynamo's recompile limit (8 by default) compiled Flex silently falls back to eager, which
+# materializes S x S scores and runs out of memory at long context (seen at 128K on torch 2.11):
+# Flex calls run with the limit raised to this, for their own compiles only.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def _recompile_limit():
+    """A context in which dynamo allows :data:`FLEX_RECOMPILE_LIMIT` recompiles (the user's own
+    setting is untouched outside it)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), FLEX_RECOMPILE_LIMIT)})
 
 
 def _flex_call(q, k, v, block_mask, scale, enable_gqa):
     from torch.nn.attention import flex_attention as fa
 
-    fn = _compiled_flex() if q.is_cuda else fa.flex_attention
-    with warnings.catch_warnings():
+    compiled = q.is_cuda
+    fn = _compiled_flex() if compiled else fa.flex_attention
+    with warnings.catch_warnings(), (_recompile_limit() if compiled else contextlib.nullcontext()):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         if hasattr(fa, "AuxRequest"):
             out, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
@@ -64,8 +75,8 @@ def _exact_coarse_block_mask(layout: BlockSparseLayout, num_heads: int, kv_block
     nk_coarse = -(-lay.kv_len // kv_block)
     padded = torch.nn.functional.pad(fine, (0, nk_coarse * ratio - fine.shape[-1]))
     coarse = padded.view(*fine.shape[:-1], nk_coarse, ratio).any(-1)
-    cnt, idx = _dense_to_csr(coarse)
-    idx = _pad_width(idx, nk_coarse)
+    cnt, idx = dense_to_csr(coarse)
+    idx = pad_block_width(idx, nk_coarse)
     q_block, fine_kv, kv_len, causal = lay.q_block, lay.kv_block, lay.kv_len, lay.causal
     offset = lay.q_offset if causal else 0
     b_mod, h_mod = fine.shape[0], fine.shape[1]

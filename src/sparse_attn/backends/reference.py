@@ -102,3 +102,55 @@ def naive_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale:
     probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None])
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v)
     return out, lse
+
+
+def sequence_loop_varlen(run, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor,
+                         layout: BlockSparseLayout, scale: float):
+    """A packed batch (q ``(T, H, D)``, k/v ``(Tk, Hkv, D)``) through ``run`` (a padded-batch
+    forward such as :func:`reference_attention`), one sequence at a time on its own cropped layout.
+    Sequences without keys give 0 and LSE ``-inf``; returns ``(out (T, H, D), lse (H, T))`` in the
+    autograd graph of q, k, v even when nothing is attended (zero gradients)."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for i in range(len(starts_q) - 1):
+        len_q, len_k = starts_q[i + 1] - starts_q[i], starts_k[i + 1] - starts_k[i]
+        if len_q == 0:
+            continue
+        qi = q[starts_q[i]:starts_q[i + 1]].transpose(0, 1)[None]
+        if len_k == 0:
+            outs.append(q.new_zeros(len_q, q.shape[1], v.shape[-1]))
+            lses.append(torch.full((q.shape[1], len_q), float("-inf"), device=q.device))
+            continue
+        ki = k[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        vi = v[starts_k[i]:starts_k[i + 1]].transpose(0, 1)[None]
+        o, l_ = run(qi, ki, vi, layout.crop(i, len_q, len_k), scale)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l_[0])
+    if not outs:
+        out, lse = q.new_zeros(0, q.shape[1], v.shape[-1]), torch.zeros(q.shape[1], 0, device=q.device)
+    else:
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+    if not out.requires_grad:  # no sequence has both queries and keys
+        out, lse = with_zero_gradients(out, lse, q, k, v)
+    return out, lse
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Passes ``(out, lse)`` through and gives q, k, v zero gradients: attention in which no query
+    sees a key still joins the graph, as the kernels' outputs do."""
+
+    @staticmethod
+    def forward(ctx, out, lse, q, k, v):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return out.clone(), lse.clone()
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (None, None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
+def with_zero_gradients(out: Tensor, lse: Tensor, q: Tensor, k: Tensor, v: Tensor):
+    """``(out, lse)`` joined to the graph of q, k, v with zero gradients (when any needs one)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _ZeroGradients.apply(out, lse, q, k, v)
+    return out, lse

@@ -95,10 +95,10 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
     block_m, block_n = max(64, q_block), max(64, kv_block)  # several blocks per tile when blocks are small
     out = torch.zeros(batch, heads, nq, nk, device=q.device, dtype=torch.float32)
-    from ..backends.triton.ops import _upcast  # the interpreter's bf16-dot workaround, one rule for all kernels
+    from ..backends.triton.runtime import fp32_dot_operands
 
     common = dict(H=heads, GROUP=heads // kv_heads, NK=nk, HEAD_DIM=dim, BLOCK_D=min(dim, 64), KV_BLOCK=kv_block,
-                  BLOCK_M=block_m, CAUSAL=causal, UPCAST=_upcast(q))
+                  BLOCK_M=block_m, CAUSAL=causal, UPCAST=fp32_dot_operands(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     tile = BLOCK_MASS_TILE_WIDE if dim > 128 else BLOCK_MASS_TILE
     block_n_one = max(tile["BLOCK_N"], kv_block)
@@ -188,7 +188,7 @@ def line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = Tr
     if not use_triton or not causal or not _pow2(dim) or dim < 16 or dim > 256 or rows > 128:
         return last_rows_line_scores(q, k, rows, scale, causal)
     _require_triton(q)
-    from ..backends.triton.ops import _upcast
+    from ..backends.triton.runtime import fp32_dot_operands
     from ._triton_kernels import line_stats_kernel, line_sums_kernel
 
     q_last = q[:, :, q_len - rows:]
@@ -205,7 +205,7 @@ def line_scores(q: Tensor, k: Tensor, rows: int, scale: float, causal: bool = Tr
     skew = torch.empty(chunk, rows, width, device=q.device, dtype=torch.float32)
     strides = (q_last.stride(0), q_last.stride(1), q_last.stride(2), k.stride(0), k.stride(1), k.stride(2))
     common = dict(H=heads, GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_D=min(dim, 64),
-                  BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=_upcast(q),
+                  BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=fp32_dot_operands(q.dtype),
                   num_warps=LINE_SCORES_WARPS)
     scale_log2 = scale * LOG2E
     for start in range(0, batch * heads, chunk):

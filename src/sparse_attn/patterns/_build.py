@@ -7,7 +7,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout, _dense_to_csr, _pair
+from ..layout import BlockSparseLayout, dense_to_csr, block_size_pair
 
 PerHead = Union[int, Sequence[int]]
 
@@ -29,7 +29,7 @@ class BlockGrid:
     """Token extents of every query block (absolute positions) and key block of a geometry."""
 
     def __init__(self, q_len: int, kv_len: int, block_size, causal: bool, device=None):
-        self.q_block, self.kv_block = _pair(block_size)
+        self.q_block, self.kv_block = block_size_pair(block_size)
         # An empty layout gives us the geometry helpers without duplicating them.
         probe = BlockSparseLayout(
             torch.zeros(1, 1, -(-q_len // self.q_block), dtype=torch.int32, device=device),
@@ -67,7 +67,7 @@ class BlockGrid:
         dense = torch.stack(head_masks)[None] & self.reachable
         if batch > 1:
             dense = dense.expand(batch, -1, -1, -1)
-        cnt, idx = _dense_to_csr(dense)
+        cnt, idx = dense_to_csr(dense)
         return BlockSparseLayout(cnt, idx, self.q_len, self.kv_len, self.q_block, self.kv_block,
                                  self.causal, check=False)
 

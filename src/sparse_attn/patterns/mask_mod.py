@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..layout import BlockSparseLayout, _dense_to_csr, _pair
+from ..layout import BlockSparseLayout, dense_to_csr, block_size_pair
 
 MaskMod = Callable[..., torch.Tensor]
 _CHUNK_ELEMENTS = 1 << 24
@@ -31,7 +31,7 @@ def layout_from_mask_mod(mask_mod: MaskMod, batch: Optional[int], num_heads: Opt
     (bottom-right aligned), the layout is causal, so a causal ``mask_mod`` keeps token-level
     causality. A warning says how many kept blocks were only partly allowed by the mask.
     """
-    q_block, kv_block = _pair(block_size)
+    q_block, kv_block = block_size_pair(block_size)
     nb, nh = batch or 1, num_heads or 1
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
     offset = kv_len - q_len
@@ -75,5 +75,5 @@ def layout_from_mask_mod(mask_mod: MaskMod, batch: Optional[int], num_heads: Opt
             "the layout attends to whole blocks (token-level structure inside them is not kept)",
             stacklevel=2,
         )
-    cnt, idx = _dense_to_csr(dense)
+    cnt, idx = dense_to_csr(dense)
     return BlockSparseLayout(cnt, idx, q_len, kv_len, q_block, kv_block, is_causal, check=False)

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout, _dense_to_csr
+from ..layout import BlockSparseLayout, dense_to_csr
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -82,7 +82,7 @@ def neighborhood_layout(grid_shape: Sequence[int], kernel_size: IntOrTuple, *,
         ).reshape(tile_mask.shape[0] * per_dim.shape[0], -1)
     seq = math.prod(grid)
     dense = tile_mask[None, None].expand(1, num_heads, -1, -1)
-    cnt, idx = _dense_to_csr(dense)
+    cnt, idx = dense_to_csr(dense)
     return BlockSparseLayout(cnt, idx, seq, seq, block, block, causal=False)
 
 

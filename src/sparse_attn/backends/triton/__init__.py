@@ -1,7 +1,8 @@
-"""Triton block-sparse FlashAttention backend (forward + backward, GQA, varlen).
+"""The Triton block-sparse FlashAttention kernels (forward + backward, GQA, varlen) and the Gluon
+kernels for Hopper GPUs, as two backends of the registry: ``triton`` and ``gluon``.
 
-Nothing here touches the GPU or imports Triton at import time; :func:`triton_can_run` imports it
-lazily and explains why it cannot run a call.
+Nothing here touches the GPU or imports Triton at import time; the ``*_can_run`` functions import
+it lazily and explain why they cannot run a call.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ import os
 
 import torch
 
+from ...options import KernelOptions
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_BATCH_HEADS = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, head)
 
 
-def triton_can_run(q, k, v, layout) -> str | None:
-    """None when the Triton kernels can run this call, else the reason they cannot."""
+def _kernels_unavailable_reason(q, v) -> str | None:
+    """Why neither kernel family can run on these tensors (None when the Triton kernels can)."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -29,7 +32,7 @@ def triton_can_run(q, k, v, layout) -> str | None:
     if dim not in SUPPORTED_HEAD_DIMS or v.shape[-1] != dim:
         return (f"head_dim {dim} (v: {v.shape[-1]}) is not supported by the Triton kernels; "
                 f"supported: {SUPPORTED_HEAD_DIMS} with equal q/k/v head dims")
-    return grid_limit_reason(q.shape[0], q.shape[1])
+    return None
 
 
 def grid_limit_reason(batch: int, heads: int, batch_name: str = "batch") -> str | None:
@@ -41,40 +44,67 @@ def grid_limit_reason(batch: int, heads: int, batch_name: str = "batch") -> str 
     return None
 
 
-def triton_can_run_fast(q, k, v, layout) -> str | None:
+def triton_can_run(q, k, v, layout, options: KernelOptions = KernelOptions(), num_seqs=None) -> str | None:
+    """None when the Triton kernels can run this call, else the reason they cannot. Padded
+    ``(B, H, S, D)`` tensors, or packed ``(T, H, D)`` ones of ``num_seqs`` sequences."""
+    if options.forward == "gluon":
+        return "KernelOptions.forward='gluon' asks for the Gluon forward"
+    reason = _kernels_unavailable_reason(q, v)
+    if reason is not None:
+        return reason
+    if num_seqs is not None:
+        return grid_limit_reason(num_seqs, q.shape[1], "packed batch")
+    return grid_limit_reason(q.shape[0], q.shape[1])
+
+
+def triton_can_run_fast(q, k, v, layout, options: KernelOptions = KernelOptions(), num_seqs=None) -> str | None:
     """For ``auto``: the interpreter is exact but slow, so only real GPUs qualify."""
-    reason = triton_can_run(q, k, v, layout)
+    reason = triton_can_run(q, k, v, layout, options, num_seqs)
     if reason is None and not q.is_cuda:
         return "Triton would run in the CPU interpreter (slow); only chosen when named"
     return reason
 
 
-def forward_kernel(q, k, v, layout) -> tuple[str, str | None]:
-    """Which kernel ``backend="triton"`` runs the forward of a call with (padded ``(B, H, S, D)`` or,
-    for ``sparse_attention_varlen``, packed ``(T, H, D)`` tensors): ``("gluon", None)`` (the Hopper
-    forward in Gluon) or ``("triton", why the Gluon one is skipped)``."""
-    from .ops import gluon_skip_reason
+def gluon_can_run(q, k, v, layout, options: KernelOptions = KernelOptions(), num_seqs=None) -> str | None:
+    """None when the Gluon forward (Hopper GPUs) can run this call, else the reason it cannot."""
+    if options.forward == "triton":
+        return "KernelOptions.forward='triton' asks for the Triton forward"
+    reason = _kernels_unavailable_reason(q, v)
+    if reason is not None:
+        return reason
+    from .ops import gluon_unsupported_reason
 
-    reason = gluon_skip_reason(q, k, v, layout)
-    return ("gluon", None) if reason is None else ("triton", reason)
-
-
-def backward_kernel(q, k, v, layout) -> tuple[str, str | None]:
-    """Which kernels the backward of a padded-batch call runs (for a contiguous output gradient):
-    ``("gluon", None)`` (the Hopper dQ and dK/dV kernels in Gluon) or ``("triton", why not Gluon)``."""
-    from .ops import gluon_skip_reason
-
-    reason = gluon_skip_reason(q, k, v, layout, (q, q))  # the output and its gradient are shaped like q
-    return ("gluon", None) if reason is None else ("triton", reason)
+    return gluon_unsupported_reason(q, k, v, layout) or grid_limit_reason(
+        q.shape[0] if num_seqs is None else num_seqs, q.shape[1])
 
 
-def triton_forward(q, k, v, layout, scale):
+def backward_kernel(q, k, v, layout, options: KernelOptions = KernelOptions()) -> tuple[str, str | None]:
+    """Which kernels the backward of a call runs (for a contiguous output gradient): ``("gluon",
+    None)`` (the Hopper dQ and dK/dV kernels) or ``("triton", why not Gluon)``."""
+    from .ops import choose_kernel
+
+    return choose_kernel("backward", options.backward, q, k, v, layout, (q, q))  # out and dO are shaped like q
+
+
+def triton_forward(q, k, v, layout, scale, options: KernelOptions):
     from .ops import triton_attention
 
-    return triton_attention(q, k, v, layout, scale)
+    return triton_attention(q, k, v, layout, scale, "triton", options)
 
 
-def triton_varlen_forward(q, k, v, cu_q, cu_k, layout, scale):
+def gluon_forward(q, k, v, layout, scale, options: KernelOptions):
+    from .ops import triton_attention
+
+    return triton_attention(q, k, v, layout, scale, "gluon", options)
+
+
+def triton_varlen_forward(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
     from .ops import triton_attention_varlen
 
-    return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale)
+    return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale, "triton", options)
+
+
+def gluon_varlen_forward(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
+    from .ops import triton_attention_varlen
+
+    return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale, "gluon", options)

@@ -11,7 +11,7 @@ What it does that the Triton kernel cannot express: Q and dO tiles arrive by TMA
 ``STAGES`` buffers; the two score matmuls (S^T = K Q^T and dP^T = V dO^T) are issued together and
 waited for one at a time, and the dV matmul runs while dS is computed. Triton 3.6 waits for every
 non-accumulating dot before its next instruction (ncu: 18% of the Triton kernel's stall samples at
-32K-128K, docs/benchmarks.md session 14).
+32K-128K).
 
 Gluon kernels do not run in the CPU interpreter: the Triton dK/dV kernel stays the checked twin
 there, GPU tests compare this one against the float64 golden, and CI compiles it for sm_90.
@@ -179,7 +179,7 @@ if GLUON_IMPORT_ERROR is None:
         zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=st_layout)
         # LSE and delta are loaded one value per thread and spread over the score columns only when
         # used: held in the scores' layout they cost 32 registers, and the kernel spilled (260 bytes
-        # per thread against 20; 1.02-1.18x slower at 32K-128K on an H100, session 15).
+        # per thread against 20; 1.02-1.18x slower at 32K-128K on an H100).
         vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         mbarrier.wait(bars.index(STAGES), 0)
         for it in range(0, total):
@@ -225,7 +225,7 @@ if GLUON_IMPORT_ERROR is None:
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(q_desc.dtype), op_layout), q_smem.index(stage), dk,
                                is_async=True)
             # Waiting here, not after the next step's score matmuls, measured faster (the deferred
-            # wait spilled more: 0.98-1.12x the time at 32K-128K on an H100, session 15).
+            # wait spilled more: 0.98-1.12x the time at 32K-128K on an H100).
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             g_use, row_use, t_use, end_use = _settle(
                 g_use, row_use, t_use + 1, end_use, QT_CNT, QT_IDX, b, kvh, kb, n0, offset, q_len,

@@ -8,8 +8,8 @@ query block x 64 keys, 16 rows per warp (8 warps, two warpgroups, for 128 rows),
 a two-stage ring, scores and P x V through asynchronous ``warpgroup_mma``. At 125 registers and 96 KB
 of shared memory two 128-row programs share each SM, which the Triton kernel's 255-register tiles do
 not allow: on an H100 it ran 1.09-1.20x faster than the Triton forward and 1.27-1.41x faster than
-FlexAttention on random layouts at 32K-128K (docs/benchmarks.md, session 14); on 64-row blocks it is
-level with the Triton forward or up to 1.06x faster, on packed batches 0.93-1.26x (session 16).
+FlexAttention on random layouts at 32K-128K; on 64-row blocks it is
+level with the Triton forward or up to 1.06x faster, on packed batches 0.93-1.26x.
 
 Gluon kernels do not run in the CPU interpreter: the Triton forward stays the checked twin there,
 tests compare this one against the float64 golden on a GPU, and CI compiles it for sm_90.

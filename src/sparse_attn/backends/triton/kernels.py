@@ -97,7 +97,7 @@ def _query_tile_range(Q_ROW, n_q, n0, offset, seqlen_q, Q_BLOCK: tl.constexpr, B
     first key), and trailing tiles that start past the sequence's last query.
 
     Only the list's ends are read (with a per-head scan here, a 32K backward at d = 0.05-0.2 ran
-    3-4% slower than before the trim in an A/B run, docs/benchmarks.md session 10):
+    3-4% slower than before the trim in an A/B run):
     causal layouts from the library hold no block above the diagonal, and other blocks wholly
     above it are still walked and masked. Padded batches can only overhang in the last block;
     packed (VARLEN) sequences shorter than the layout can have whole blocks past their end, so

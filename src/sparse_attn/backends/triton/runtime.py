@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,3 +20,14 @@ def fp32_dot_operands(dtype: torch.dtype) -> bool:
     """Whether kernels should feed ``tl.dot`` fp32 operands: only bf16 in the CPU interpreter,
     whose bf16 dots are wrong (seen with triton 3.9)."""
     return _INTERPRETING and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def major_capability(index) -> int:
+    """Compute capability major of a CUDA device (cached: asked on every call)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def on_hopper() -> bool:
+    """Whether the current CUDA device is a Hopper GPU (compute capability 9.x)."""
+    return torch.cuda.is_available() and major_capability(torch.cuda.current_device()) == 9
