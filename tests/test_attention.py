@@ -105,6 +105,7 @@ def test_auto_picks_reference_on_cpu_and_explains():
     assert all(reason for _, reason in choice.skipped)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Flex runs on CUDA")
 def test_auto_skips_flex_below_head_dim_16_on_cuda():
     """Inductor's Flex refuses head dims under 16 (a tiny test model has 8): auto must pass over

@@ -73,6 +73,7 @@ def _on_hopper_gpu() -> bool:
     return DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon forward runs on Hopper GPUs only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -88,6 +89,7 @@ def test_gluon_forward_matches_golden(case, dtype, monkeypatch):
     assert calls, "the Gluon forward did not run"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon backward runs on Hopper GPUs only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -114,6 +116,7 @@ GLUON_VARLEN_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon forward runs on Hopper GPUs only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", GLUON_VARLEN_CASES, ids=lambda c: "-".join(map(str, c[2:])))
@@ -355,6 +358,7 @@ def test_inference_call_skips_autograd_and_matches():
     assert torch.equal(trained, inferred) and torch.equal(lse, lse_inf)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("packing", ["padded", "varlen"])
 def test_cuda_graph_capture_matches_eager(packing):
@@ -522,6 +526,7 @@ def test_gluon_launch_spec_is_at_least_as_fine_as_the_generic_specialization():
     assert len(specs) < len(launches) and len({generic for _, generic in launches}) > 3  # not vacuous
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="the compiled-launcher path only runs on a GPU")
 def test_compiled_launcher_matches_triton_launch(monkeypatch):
     """Calls after the first go through the compiled launcher; they must give bit-identical results
@@ -554,6 +559,7 @@ def test_compiled_launcher_matches_triton_launch(monkeypatch):
     assert rel_error(results[True, "misaligned"][0], gold) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _on_hopper_gpu(), reason="the Gluon kernels run on Hopper GPUs only")
 def test_gluon_kernels_through_the_compiled_launcher_match_their_jit_launch(monkeypatch):
     """The Gluon forward, dQ and dK/dV kernels launched through the compiled-launcher cache give

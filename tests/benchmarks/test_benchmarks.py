@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_attention.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_attention.py"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_ncu_summary_reads_the_shipped_session14_profile():
 
 @pytest.fixture(scope="module")
 def bench_varlen():
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_varlen.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_varlen.py"
     spec = importlib.util.spec_from_file_location("bench_varlen_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

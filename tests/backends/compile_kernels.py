@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-KERNELS_PY = Path(__file__).parents[1] / "src" / "sparse_attn" / "backends" / "triton" / "kernels.py"
+KERNELS_PY = Path(__file__).parents[2] / "src" / "sparse_attn" / "backends" / "triton" / "kernels.py"
 POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32", "KV_CNT": "*i32", "KV_IDX": "*i32", "QT_CNT": "*i32",
                  "QT_IDX": "*i32", "CU_Q": "*i32", "CU_K": "*i32"}  # the rest: bf16 tensors
 CONSTEXPRS = {"H": 32, "KV_HEADS": 8, "GROUP": 4, "LAYOUT_HDIV": 1, "HEAD_DIM": 128, "Q_BLOCK": 128,
