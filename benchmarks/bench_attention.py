@@ -1,6 +1,6 @@
-"""Block-sparse attention speed: ours (Triton) vs FlexAttention (same BlockMask) vs dense SDPA.
+"""Block-sparse attention speed: ours (Triton / Gluon kernels) vs FlexAttention (same BlockMask) vs dense SDPA.
 
-One run times, on identical inputs and layouts: our Triton kernels, FlexAttention with the layout's
+One run times, on identical inputs and layouts: our GPU kernels, FlexAttention with the layout's
 BlockMask, and dense causal SDPA with the flash and cuDNN backends; forward, backward alone
 (``--modes bwd``: gradients of a retained graph) and forward+backward. Every sparse configuration
 is first checked against Flex's output (and gradients at the first length); a failed check is
@@ -199,10 +199,10 @@ def main(argv=None):
                              "no per-call host cost, for rows where the host, not the GPU, sets the pace")
     parser.add_argument("--skip-dense-sdpa", action="store_true")
     parser.add_argument("--forward-tma", choices=["auto", "on", "off"], default="auto",
-                        help="our forward's K/V loads through tensor descriptors (KernelOptions.forward_tma; "
+                        help="the Triton forward's K/V loads through tensor descriptors (KernelOptions.forward_tma; "
                              "auto: on for Hopper and newer)")
     parser.add_argument("--backward-tma", choices=["auto", "on", "off"], default="auto",
-                        help="our backward's tile loads through tensor descriptors (KernelOptions.backward_tma)")
+                        help="the Triton backward's tile loads through tensor descriptors (KernelOptions.backward_tma)")
     parser.add_argument("--baseline-src", default=None,
                         help="another checkout's src/ directory: its Triton kernels are timed too")
     parser.add_argument("--out", default="results/attention")

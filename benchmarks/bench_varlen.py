@@ -2,8 +2,8 @@
 
 One run times, on identical inputs: ``sparse_attention_varlen`` on a packed batch (sequences of
 different lengths concatenated, ``cu_seqlens``); the padded call on the same sequences padded to the
-longest (what a caller without varlen would run), with the kernels ``auto`` picks and with the
-Triton kernels (which varlen runs; on Hopper the padded call otherwise gets the Gluon ones); and
+longest (what a caller without varlen would run), with the kernels ``auto`` picks (on Hopper the
+Gluon ones) and with the Triton kernels; and
 FlexAttention twice: on the packed sequence with a document mask that keeps the same blocks (each
 sequence's own block table, causal inside the sequence, nothing across sequences; sequence
 boundaries do not fall on block edges, so every kept block Flex walks is a masked one) and on the

@@ -2,7 +2,7 @@
 
 ``triton.testing.do_bench`` times a call over ~0.2 s. Over seconds of back-to-back work an H100
 reaches its power cap (700 W) and lowers its SM clock (NVML reports "SW power cap"): on a 128K
-backward the clock fell from 1980 MHz to ~1550-1700 MHz (docs/benchmarks.md, session 14). Then
+backward the clock falls from 1980 MHz to ~1550-1700 MHz (docs/benchmarks.md). Then
 speed follows energy per call, not just cycles per call, so two kernels that are level in cycles
 can differ in time. ``sustained`` runs a call back to back for a few seconds and reports time per
 call together with the joules it took (NVML's energy counter) and the mean SM clock.

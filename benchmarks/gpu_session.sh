@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, grouped so each group fits one device call (10-minute limit, at most
-# 8 files back from $OUT). Each step has its own time box, and every benchmark writes its JSON row
-# by row, so a step cut short still returns what it measured.
-#   bash benchmarks/gpu_session.sh kernels      # GPU kernel tests + forward tile-config sweep at 32K (~9 min)
-#   bash benchmarks/gpu_session.sh attention    # attention benchmark at 128K (~7 min)
-#   bash benchmarks/gpu_session.sh evidence     # estimators at 128K/32K, attention at 128K, estimator kernel tests (~9.5 min)
-#   bash benchmarks/gpu_session.sh sustained    # 128K and 32K rows sustained over seconds: joules, clocks (~6.5 min)
-#   bash benchmarks/gpu_session.sh graphs       # 8K rows as CUDA-graph replays, fwd/bwd/fwdbwd (~3.5 min)
-#   bash benchmarks/gpu_session.sh ncu          # Nsight Compute counters, ours vs Flex, 32K and 128K at d=0.1 (~4 min)
-#   bash benchmarks/gpu_session.sh estimators   # estimation cost: torch, Triton and one-pass block_mass steps (~6 min)
-#   bash benchmarks/gpu_session.sh canary       # train the canary (7.5 min, ~8.5 min in all)
-#   bash benchmarks/gpu_session.sh refine       # three refine variants on the canary in src/ (~9 min)
-#   bash benchmarks/gpu_session.sh recipe       # the 9.9-minute recipe, part 1: base 5.5 min + refine 2.2 min (~9.3 min)
-#   bash benchmarks/gpu_session.sh recipe_end   # part 2: the last refine (2.2 min) on the canary in src/ (~3.5 min)
-#   bash benchmarks/gpu_session.sh sweep        # eval sweep of the shipped canary at 8K, 4K, 2K (~8.5 min)
-#   bash benchmarks/gpu_session.sh prefill      # canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
-# Results land under ${OUT:-results}; the canary comes back as canary.tgz (unpack it into
-# src/sparse_attn/eval/canary). Copy the tables into docs/benchmarks.md with the device and date.
+# GPU benchmarks and GPU tests, grouped in named steps. Usage, from the repository root:
+#   bash benchmarks/<this script> STEP [STEP ...]     (default step: attention)
+# Each step runs under its own timeout, and every benchmark writes its JSON row by row, so a step
+# that is cut short keeps what it measured. Steps and what they measure (approximate run time):
+#   kernels      GPU kernel tests, then the forward tile-config sweep at 32K (~9 min)
+#   attention    kernels vs Flex and dense SDPA at 128K, every density (~7 min)
+#   evidence     estimation cost at 128K and 32K, kernels at 128K, estimator kernel tests (~9.5 min)
+#   sustained    128K and 32K rows run back to back for seconds: time, joules per call, SM clock (~6.5 min)
+#   graphs       8K rows as CUDA-graph replays, fwd/bwd/fwdbwd (~3.5 min)
+#   ncu          Nsight Compute counters of ours and Flex, 32K and 128K at d=0.1 (~4 min)
+#   estimators   estimation cost of every method with PyTorch, Triton and one-pass block_mass steps (~6 min)
+#   canary       trains the canary base model, 7.5 minutes, and its dense accuracy (~8.5 min)
+#   refine       three refine variants of the canary in src/sparse_attn/eval/canary (~9 min)
+#   recipe       the canary recipe, part 1: base 5.5 minutes + first refine 2.2 minutes (~9.3 min)
+#   recipe_end   the canary recipe, part 2: the last refine, 2.2 minutes (~3.5 min)
+#   sweep        evaluation sweep of the shipped canary at 8K, 4K and 2K: accuracy, density, prefill (~8.5 min)
+#   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
+# Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
+# into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
 export PYTHONPATH=src TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 out=${OUT:-results}
@@ -24,20 +25,20 @@ mkdir -p "$out"
 for step in "${@:-attention}"; do
   case $step in
     kernels)
-      # The attention kernel tests take ~4 min on an H100 (40 tests, session 11).
-      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py 2>&1 | tail -3
+      # The attention kernel tests take about 4 minutes on an H100.
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/backends/test_triton.py 2>&1 | tail -3
       timeout 240 python3 benchmarks/sweep_kernel_configs.py --kinds fwd --length 32768 --densities 0.02 0.2 \
         --out "$out/fwd_configs32k" ;;
     attention)
       timeout 400 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 1.0 0.2 0.5 0.05 \
         --out "$out/attention128k" ;;
     evidence)
-      # One call for the estimator costs and the 128K attention rows, then the GPU kernel tests.
+      # Estimator costs and the 128K attention rows, then the estimator kernel tests on the GPU.
       timeout 200 python3 benchmarks/bench_estimators.py --lengths 131072 --out "$out/estimators128k"
       timeout 80 python3 benchmarks/bench_estimators.py --lengths 32768 --out "$out/estimators32k"
       timeout 200 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 0.2 1.0 \
         --out "$out/attention128k"
-      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_methods.py -k "kernel or triton" 2>&1 \
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/methods/test_methods.py -k "kernel or triton" 2>&1 \
         | tail -3 ;;
     sustained)
       timeout 260 python3 benchmarks/bench_attention.py --lengths 131072 --densities 0.1 0.02 --modes fwd bwd \
@@ -48,7 +49,8 @@ for step in "${@:-attention}"; do
       timeout 300 python3 benchmarks/bench_attention.py --lengths 8192 --modes fwd bwd fwdbwd --rounds 3 \
         --skip-dense-sdpa --cuda-graphs --out "$out/attention8k_graphs" ;;
     ncu)
-      # Reports stay on the device (each is tens of MB); their raw pages come back gzipped.
+      # The .ncu-rep reports (tens of MB each) stay in a temporary directory; their raw pages are
+      # written to $out gzipped, and summarized.
       rep=$(mktemp -d)
       for length in 32768 131072; do
         timeout 220 ncu --profile-from-start off --clock-control none --set full -f -o "$rep/attn$length" \
@@ -60,9 +62,9 @@ for step in "${@:-attention}"; do
     estimators)
       timeout 420 python3 benchmarks/bench_estimators.py --lengths 131072 32768 --out "$out/estimators" ;;
     canary)
-      # One recipe with the whole GPU (7.5 minutes of training, then its own 16-prompt eval). The
-      # curriculum starts with induction episodes at 128 tokens, doubled up to 8K, then lookup
-      # episodes at 512 doubled up to 8K (docs/benchmarks.md).
+      # Trains the canary base model (7.5 minutes, no refine), then its dense accuracy on 16 prompts
+      # per length; the model comes back as canary.tgz. The curriculum starts with induction
+      # episodes at 128 tokens, doubled up to 8K, then lookup episodes at 512 doubled up to 8K.
       work=$(mktemp -d)
       timeout 530 python3 -m sparse_attn train-canary --no-refine --out "$work/canary" --minutes 7.5 --seq-len 8192 \
         --eval-samples 16 --workers 6 --probe-every 60 > "$out/train_canary.log" 2>&1
@@ -71,11 +73,9 @@ for step in "${@:-attention}"; do
       tar czf "$out/canary.tgz" -C "$work" canary
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])" ;;
     refine)
-      # Three variants of eval.canary.refine (lookup phase, then the retrieval mix; 2.2 min each)
-      # on the canary in src/sparse_attn/eval/canary (the shipped one, or a freshly trained base
-      # unpacked there from the canary step), per-task accuracy at 2K/4K/8K after (10 prompts
-      # each). ~9 min. The shipped canary is base + refine (seed 2, --multi-value-share 0) + refine
-      # (seed 1): docs/benchmarks.md, session 6.
+      # Three refine variants (a lookup phase, then the retrieval mix; 2.2 minutes each) on the
+      # canary in src/sparse_attn/eval/canary, each followed by its per-task dense accuracy at
+      # 2K/4K/8K (10 prompts each); each refined model comes back as refined_<variant>.tgz.
       work=$(mktemp -d)
       for spec in "a:--seed 2 --multi-value-share 0.3" "b:--seed 1 --multi-value-share 0.3" "c:--seed 2 --multi-value-share 0.5"; do
         name=${spec%%:*}
@@ -87,9 +87,9 @@ for step in "${@:-attention}"; do
         tar czf "$out/refined_$name.tgz" -C "$work" "refined_$name"
       done ;;
     recipe)
-      # The shipped recipe in <= 10 minutes of training (eval.canary docstring): base 5.5 min, then
-      # refine (seed 2, no multi-value keys) 2.2 min here; recipe_end does the last 2.2 min refine.
-      # Comes back as recipe_part1.tgz: unpack into src/sparse_attn/eval/canary, then recipe_end.
+      # The canary recipe (9.9 minutes of training), part 1: the base, 5.5 minutes, then the first
+      # refine (seed 2, no multi-value keys), 2.2 minutes. Comes back as recipe_part1.tgz: unpack it
+      # into src/sparse_attn/eval/canary, then run recipe_end for the last 2.2-minute refine.
       work=$(mktemp -d)
       timeout 375 python3 -m sparse_attn train-canary --no-refine --out "$work/base" --minutes 5.5 --seq-len 8192 \
         --eval-samples 4 --workers 6 --probe-every 60 > "$out/recipe_base.log" 2>&1
@@ -110,9 +110,9 @@ for step in "${@:-attention}"; do
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine2', l['steps'], 'after', l['after'])"
       tar czf "$out/recipe_canary.tgz" -C "$work" canary ;;
     sweep)
-      # The evidence run for the shipped canary (src/sparse_attn/eval/canary): every method over its
-      # knob range at 8K, 4K and 2K (one box per length, so a cut run keeps the lengths it finished);
-      # the prefill time patched vs dense is in the same tables. Comes back as eval_canary.tgz.
+      # Evaluation sweep of the canary in src/sparse_attn/eval/canary: dense and every method over
+      # its knob range at 8K, 4K and 2K (one timeout per length, so a cut run keeps the lengths it
+      # finished): accuracy, recall, density and prefill time. Comes back as eval_canary.tgz.
       sweep=$(mktemp -d)
       for spec in 8192:250 4096:150 2048:110; do
         timeout "${spec#*:}" python3 -m sparse_attn eval --model canary --lengths "${spec%:*}" --samples 4 \

@@ -113,13 +113,13 @@ def test_sustained_columns_in_row_and_table(bench_attention):
     assert table[2].count("|") == table[3].count("|") == line.count("|")
 
 
-def test_ncu_summary_reads_the_shipped_session14_profile():
+def test_ncu_summary_reads_the_shipped_profile():
     """``ncu_attention.py --summarize`` on the raw ncu page shipped in docs/results: one block per
     kernel with its duration, registers and largest stall reasons."""
     spec = importlib.util.spec_from_file_location("ncu_attention_under_test", BENCH.parent / "ncu_attention.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    raw = BENCH.parents[1] / "docs" / "results" / "ncu_attention32k_d0.1_h100_2026-11-24_session14_raw.csv.gz"
+    raw = BENCH.parents[1] / "docs" / "results" / "ncu_attention32k_d0.1_h100_2026-11-24_raw.csv.gz"
     text = module.summarize(str(raw))
     blocks = text.split("== ")[1:]
     assert [b.split("\n")[0] for b in blocks][:3] == ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"]
