@@ -437,7 +437,7 @@ def test_launch_specialization_is_at_least_as_fine_as_tritons():
     """The compiled-launcher cache (ops._launch) reuses a kernel for calls with the same
     ``_specialization``; that is only safe if every pair of arguments Triton would compile apart
     (int == 1, divisible by 16, 32 vs 64 bits; tensor dtype and 16-byte alignment) differs in it."""
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import launch
 
     libtriton = pytest.importorskip("triton._C.libtriton")
     backend = pytest.importorskip("triton.backends.nvidia.compiler").CUDABackend
@@ -490,7 +490,7 @@ def test_gluon_launch_spec_is_at_least_as_fine_as_the_generic_specialization():
     ``launch._specialization``'s walk over every argument): two launches of a kernel with the same
     constexprs and launch_spec must never differ in the generic specialization (which the test
     above holds to Triton's). Recorded on CPU tensors: the launchers only build arguments."""
-    from sparse_attn.backends.triton import gluon_backward, gluon_forward, autotune, launch, ops
+    from sparse_attn.backends.triton import gluon_backward, gluon_forward, launch, ops
 
     if gluon_forward.GLUON_IMPORT_ERROR is not None:
         pytest.skip(f"no Gluon in this Triton: {gluon_forward.GLUON_IMPORT_ERROR}")
@@ -610,7 +610,7 @@ def test_fast_launch_steps_aside_for_launch_hooks(monkeypatch):
 def test_layouts_of_different_widths_are_tuned_apart(monkeypatch):
     """The autotuning key carries the layout's width class (bit length of its widest row), so a
     sparse layout does not inherit tiles tuned on a dense one."""
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import autotune
 
     monkeypatch.setattr(autotune, "_CHOSEN", {})
     q, k, v = _inputs(1, 2, 2, 128, 128, 32, torch.float16)
@@ -626,7 +626,7 @@ def test_block_lists_are_read_once_per_layout():
     """What the kernels read from a layout (lists, their strides, the width class; the kv-major
     transpose for dK/dV) is computed on the first call and reused: per-call tensor method calls cost
     microseconds on a GPU host. The cached values are the layout's own."""
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import autotune, ops
 
     layout = random_layout(1, 2, 96, 96, block=32, density=0.7)
     lists = ops._block_lists(layout)
@@ -646,7 +646,7 @@ def test_dkdv_tuning_space_depends_on_head_dim(monkeypatch, hopper):
     """On a GPU, head dim 128's dK/dV kernel tunes over the measured short list (64-key tiles on 4
     warps; on Hopper its one measured best, no tuning), head dim 64 over the general space
     (128-key tiles are its fastest); pinned configs replace either."""
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import autotune
 
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
     monkeypatch.setattr(autotune, "on_hopper", lambda: hopper)
@@ -671,7 +671,7 @@ def test_pinned_kernel_configs_are_used_and_still_match_golden():
     """set_kernel_configs replaces a kernel's tuning space: the kernels then run with the pinned
     tiles (several per layout block here) and still match the float64 golden; None restores the
     built-in space and forgets what the pinned one chose."""
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import autotune
 
     pinned = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (32, 32, 4, 2)}
     try:
@@ -699,7 +699,7 @@ def test_pinned_kernel_configs_are_used_and_still_match_golden():
 
 
 def test_bad_pinned_kernel_configs_are_refused_clearly():
-    from sparse_attn.backends.triton import autotune, launch, ops
+    from sparse_attn.backends.triton import autotune
 
     with pytest.raises(ValueError, match="kind must be one of"):
         autotune.set_kernel_configs("bwd", [(64, 64, 4, 2)])

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
-from ..layout import BlockSparseLayout
 from ..options import KernelOptions
 from .flex import flex_attention_forward, flex_available
 from .reference import reference_attention, sequence_loop_varlen
