@@ -5,7 +5,7 @@ For each S: dense cuDNN causal attention time, then per method and estimator-ste
 oracle only; blocks where a variant's choice differs from the first variant's are counted) the
 estimation time, the density it chose, our sparse attention time at that density, and the ratios
 estimate/dense and estimate/sparse.
-Target from the issue: estimation <= 5% of dense time at 128K.
+The target: estimation <= 5% of dense attention time at 128K.
 
 Inputs (``--inputs``): ``structured`` (default) gives q and k a shared per-head direction and
 rotary position embedding, so attention is local with a slowly decaying tail, like a real model's
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sparse_attn import get_method, sparse_attention  # noqa: E402
-from sparse_attn.methods import kernels as estimator_kernels  # noqa: E402
+from sparse_attn.options import KernelOptions  # noqa: E402
 
 METHODS = {  # label -> (method, knobs)
     "pooled_topp": ("pooled_topp", {"top_p": 0.9}),
@@ -39,9 +39,10 @@ METHODS = {  # label -> (method, knobs)
     "flexprefill_union": ("flexprefill", {"gamma": 0.9, "tau": 0.1, "line_search": "union"}),
     "oracle": ("oracle", {"top_p": 0.95}),
 }
-# Estimator steps: PyTorch references, Triton with block_mass in two passes, Triton with it in one.
-STEPS = {"torch": (False, False), "triton": (True, False), "triton_one_pass": (True, True)}
-USES_BLOCK_MASS = ("xattention", "oracle")  # the only methods the one-pass variant changes
+# Estimator steps: (KernelOptions.estimator_kernels, the block-mass methods' one_pass knob): PyTorch
+# references, Triton with block_mass in two passes, Triton with it in one.
+STEPS = {"torch": ("torch", False), "triton": ("triton", False), "triton_one_pass": ("triton", True)}
+USES_BLOCK_MASS = ("xattention", "oracle")  # the only methods the one-pass variant changes (their one_pass knob)
 
 
 def structured_qk(heads: int, kv_heads: int, seq: int, dim: int, device: str, scale: float = 1.5):
@@ -70,10 +71,12 @@ def _dense_cudnn_ms(bench, q, k, v) -> float:
         return bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
 
 
-def _measure(bench, method, q, k, v) -> dict:
-    """Estimation time of ``method`` on (q, k), the density it chose and our attention time there."""
-    layout = method.estimate(q, k)
-    return {"layout": layout, "density": layout.density(), "estimate_ms": bench(lambda: method.estimate(q, k)),
+def _measure(bench, method, q, k, v, options: KernelOptions) -> dict:
+    """Estimation time of ``method`` on (q, k) with ``options``, the density it chose and our attention
+    time there."""
+    layout = method.estimate(q, k, kernel_options=options)
+    return {"layout": layout, "density": layout.density(),
+            "estimate_ms": bench(lambda: method.estimate(q, k, kernel_options=options)),
             "sparse_ms": bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))}
 
 
@@ -119,9 +122,11 @@ def main(argv=None):
             for steps in args.steps:
                 if steps == "triton_one_pass" and name not in USES_BLOCK_MASS:
                     continue
-                estimator_kernels.TRITON_ON_CUDA, estimator_kernels.BLOCK_MASS_ONE_PASS = STEPS[steps]
+                kernels, one_pass = STEPS[steps]
+                step_knobs = {**knobs, "one_pass": one_pass} if name in USES_BLOCK_MASS else knobs
                 try:
-                    row = _measure(bench, get_method(name, **knobs, measure_cost=False), q, k, v)
+                    row = _measure(bench, get_method(name, **step_knobs, measure_cost=False), q, k, v,
+                                   KernelOptions(estimator_kernels=kernels))
                 except Exception as err:  # a failing variant is reported, and the others still run
                     row = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                     print(f"| {seq} | {label} | {steps} | failed: {row['error']} |", flush=True)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from bench_estimators import METHODS, structured_qk  # noqa: E402
 
 from sparse_attn import get_method  # noqa: E402
+from sparse_attn.options import ESTIMATOR_KERNEL_CHOICES, KernelOptions  # noqa: E402
 
 
 def kernel_breakdown(fn, calls: int, top: int) -> dict:
@@ -61,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--estimator-kernels", choices=ESTIMATOR_KERNEL_CHOICES, default="auto",
+                        help="KernelOptions.estimator_kernels of every estimate")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--host", action="store_true",
@@ -74,17 +77,19 @@ def main(argv=None):
     q, k = structured_qk(args.heads, args.kv_heads, args.length, args.dim, "cuda")
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "length": args.length,
                        "heads": args.heads, "kv_heads": args.kv_heads, "dim": args.dim,
-                       "block_size": args.block_size, "date": datetime.date.today().isoformat()}, "methods": {}}
+                       "block_size": args.block_size, "estimator_kernels": args.estimator_kernels,
+                       "date": datetime.date.today().isoformat()}, "methods": {}}
+    options = KernelOptions(estimator_kernels=args.estimator_kernels)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for label in args.methods:
         name, knobs = METHODS[label]
         method = get_method(name, **knobs, measure_cost=False, block_size=args.block_size)
-        profile_row = kernel_breakdown(lambda: method.estimate(q, k), args.calls, args.top)
+        profile_row = kernel_breakdown(lambda: method.estimate(q, k, kernel_options=options), args.calls, args.top)
         result["methods"][label] = profile_row
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(args.calls):
-            method.estimate(q, k)
+            method.estimate(q, k, kernel_options=options)
         torch.cuda.synchronize()
         profile_row["wall_ms_per_call"] = (time.perf_counter() - start) * 1000 / args.calls
         print(f"\n## {label} at {args.length}: {profile_row['cuda_ms_per_call']:.2f} ms of GPU kernels, "
@@ -94,7 +99,7 @@ def main(argv=None):
 
             with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=True) as prof:
                 for _ in range(args.calls):
-                    method.estimate(q, k)
+                    method.estimate(q, k, kernel_options=options)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
             for event in sorted(prof.key_averages(group_by_stack_n=4), key=lambda e: -e.self_cpu_time_total)[:6]:

@@ -6,7 +6,9 @@ and 4 or 8 warps; the one-pass ``block_mass`` on XAttention's stride-16 rows (``
 tiles, head-dim chunks, warps and stages; at one length (default 128K), structured bf16 inputs as
 in bench_estimators.py. Each variant's output is
 checked against the first variant's (max abs difference printed); the fastest is the one to set
-as the default in ``sparse_attn.methods.kernels``. Prints a table, writes JSON.
+as the default in ``sparse_attn.methods.primitives`` (``BLOCK_MASS_TILE_WIDE``, ``LINE_SCORES_BLOCK_N``
+/ ``LINE_SCORES_WARPS``, ``MEAN_POOL_ROWS`` / ``MEAN_POOL_WARPS``; each variant is passed to the
+wrapper as arguments). Prints a table, writes JSON.
 
     python benchmarks/tune_estimator_kernels.py --length 131072 --out results/tune_estimators
 """
@@ -27,8 +29,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from bench_estimators import structured_qk  # noqa: E402
 
-from sparse_attn.methods import kernels  # noqa: E402
-from sparse_attn.methods.methods_impl import antidiagonal_reshape  # noqa: E402
+from sparse_attn.methods.primitives.block_mass import BlockMassTile, block_mass  # noqa: E402
+from sparse_attn.methods.primitives.line_scores import line_scores  # noqa: E402
+from sparse_attn.methods.primitives.mean_pool import block_mean_pool  # noqa: E402
+from sparse_attn.methods.xattention import antidiagonal_reshape  # noqa: E402
+from sparse_attn.options import KernelOptions  # noqa: E402
+
+TRITON = KernelOptions(estimator_kernels="triton")
 
 BLOCK_MASS_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) for XAttention's wide rows; the first is the default
     (128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 256, 64, 8, 2), (128, 256, 128, 8, 2), (256, 128, 64, 8, 3),
@@ -38,17 +45,17 @@ BLOCK_MASS_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages) for XAttentio
 
 
 def tune_block_mass(q, k, bench, stride: int = 16) -> list:
-    """XAttention's block_mass (one pass) over BLOCK_MASS_TILES (``kernels.BLOCK_MASS_TILE_WIDE``, the
-    tile for rows wider than 128): ms and max abs difference from the first."""
+    """XAttention's block_mass (one pass) over BLOCK_MASS_TILES (passed as ``tile``; the default is
+    ``BLOCK_MASS_TILE_WIDE``, the tile for rows wider than 128): ms and max abs difference from the first."""
     q_r, k_r = antidiagonal_reshape(q, k, stride)
     block, scale = 128 // stride, 128 ** -0.5 / stride
     rows, first = [], None
     for m, n, d, warps, stages in BLOCK_MASS_TILES:
-        kernels.BLOCK_MASS_TILE_WIDE = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, num_warps=warps, num_stages=stages)
+        config = dict(kernel_options=TRITON, tile=BlockMassTile(m, n, d, warps, stages))
         label = f"{m}x{n} D{d} w{warps} s{stages}"
         try:
-            got = kernels.block_mass(q_r, k_r, block, block, scale, use_triton=True)
-            ms = bench(lambda: kernels.block_mass(q_r, k_r, block, block, scale, use_triton=True))
+            got = block_mass(q_r, k_r, block, block, scale, **config)
+            ms = bench(lambda: block_mass(q_r, k_r, block, block, scale, **config))
         except Exception as err:  # out of shared memory or registers: reported, not fatal
             print(f"| block_mass | xattention s{stride} | {label} | failed: {str(err)[:100]} | |", flush=True)
             continue
@@ -57,8 +64,6 @@ def tune_block_mass(q, k, bench, stride: int = 16) -> list:
         rows.append({"kernel": "block_mass", "stride": stride, "tile": [m, n, d, warps, stages], "ms": ms,
                      "max_abs_diff": diff})
         print(f"| block_mass | xattention s{stride} | {label} | {ms:.3f} | {diff:.2e} |", flush=True)
-    kernels.BLOCK_MASS_TILE_WIDE = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages"),
-                                            BLOCK_MASS_TILES[0]))
     return rows
 
 
@@ -85,10 +90,10 @@ def main(argv=None):
     for rows in (128, 64) if "line_scores" in args.kernels else ():
         first = None
         for block_n, warps in itertools.product((128, 64), (4, 8)):
-            kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = block_n, warps
+            config = dict(kernel_options=TRITON, block_n=block_n, num_warps=warps)
             try:
-                got = torch.cat(kernels.line_scores(q, k, rows, scale, use_triton=True), -1)
-                ms = bench(lambda: kernels.line_scores(q, k, rows, scale, use_triton=True))
+                got = torch.cat(line_scores(q, k, rows, scale, **config), -1)
+                ms = bench(lambda: line_scores(q, k, rows, scale, **config))
             except Exception as err:  # a variant that does not compile or fit is reported, not fatal
                 print(f"| line_scores | {rows} | BLOCK_N={block_n} warps={warps} | failed: {str(err)[:120]} | |")
                 continue
@@ -97,18 +102,16 @@ def main(argv=None):
             rows_out.append({"kernel": "line_scores", "rows": rows, "block_n": block_n, "warps": warps,
                              "ms": ms, "max_abs_diff": diff})
             print(f"| line_scores | {rows} | BLOCK_N={block_n} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
-    kernels.LINE_SCORES_BLOCK_N, kernels.LINE_SCORES_WARPS = 128, 4
     first = None
     for step, warps in itertools.product((16, 32, 64), (4, 8)) if "block_mean_pool" in args.kernels else ():
-        kernels.MEAN_POOL_ROWS, kernels.MEAN_POOL_WARPS = step, warps
-        got = kernels.block_mean_pool(q, 128, use_triton=True)
-        ms = bench(lambda: kernels.block_mean_pool(q, 128, use_triton=True))
+        config = dict(kernel_options=TRITON, rows=step, num_warps=warps)
+        got = block_mean_pool(q, 128, **config)
+        ms = bench(lambda: block_mean_pool(q, 128, **config))
         first = got if first is None else first
         diff = float((got - first).abs().max())
         rows_out.append({"kernel": "block_mean_pool", "rows_per_step": step, "warps": warps, "ms": ms,
                          "max_abs_diff": diff})
         print(f"| block_mean_pool | - | ROWS={step} warps={warps} | {ms:.3f} | {diff:.2e} |", flush=True)
-    kernels.MEAN_POOL_ROWS, kernels.MEAN_POOL_WARPS = 64, 4
     if "block_mass" in args.kernels:
         rows_out += tune_block_mass(q, k, bench)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

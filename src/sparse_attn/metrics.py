@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .layout import BlockSparseLayout
-from .methods.scoring import group_queries
+from .methods.common import group_queries
 
 
 def sample_rows(q_len: int, num_rows: int = 64, device=None) -> Tensor:

@@ -5,16 +5,19 @@ import torch
 
 from sparse_attn import BlockSparseLayout
 from sparse_attn.methods import METHODS, CostModel, attend, get_method
-from sparse_attn.methods.kernels import block_mass, line_scores, top_p_mask
-from sparse_attn.methods.naive import block_mass_reference
-from sparse_attn.methods.scoring import select_top_p
+from sparse_attn.methods.primitives.block_mass import block_mass, block_mass_reference
+from sparse_attn.methods.primitives.line_scores import line_scores
+from sparse_attn.methods.primitives.top_p import select_top_p, top_p_mask
 from sparse_attn.metrics import attention_recall, output_relative_error
+from sparse_attn.options import KernelOptions
 from planted import needed_density, planted, planted_recall
 
 # The estimator-kernel tests run on the GPU when there is one (TRITON_INTERPRET=0), else in Triton's
 # CPU interpreter. On a GPU, fp32 dots run in TF32 (10-bit mantissa), hence the looser fp32 tolerance.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 FP32_ATOL = 1e-5 if KERNEL_DEVICE == "cpu" else 2e-3
+TRITON = KernelOptions(estimator_kernels="triton")  # the Triton estimator kernels (the interpreter on CPU)
+TORCH = KernelOptions(estimator_kernels="torch")  # the PyTorch references
 
 SMALL = {"flexprefill": {"min_budget": 64}, "vertical_slash": {"vertical_size": 64, "slash_size": 64}}
 
@@ -32,7 +35,7 @@ def test_every_method_returns_a_valid_causal_layout(name, batch, heads, kv_heads
     q = torch.randn(batch, heads, q_len, 32)
     k = torch.randn(batch, kv_heads, kv_len, 32)
     method = _method(name, granularity=granularity)
-    layout = method.estimate(q, k)
+    layout, report = method.estimate(q, k, return_report=True)
     assert isinstance(layout, BlockSparseLayout)
     layout.validate()
     assert layout.causal and layout.q_len == q_len and layout.kv_len == kv_len
@@ -47,7 +50,6 @@ def test_every_method_returns_a_valid_causal_layout(name, batch, heads, kv_heads
         diag[qb, reach[qb].nonzero().max()] = True
     assert (dense | ~diag).all(), "diagonal block missing"
     assert dense[..., 0].all(), "sink block missing"
-    report = method.last_report
     assert report.method == name and report.seconds >= 0 and 0 < report.density <= 1
 
 
@@ -178,19 +180,17 @@ def test_unknown_method_and_knob_errors():
     (1, 1, 130, 300, 128, 64, True),  # oracle-sized blocks, q shorter than kv
 ])
 @pytest.mark.parametrize("passes", ["one", "two", "one, a head per launch"])
-def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal, passes,
-                                             monkeypatch):
-    from sparse_attn.methods import kernels
-
-    monkeypatch.setattr(kernels, "BLOCK_MASS_ONE_PASS", passes != "two")
+def test_block_mass_kernel_matches_reference(heads, kv_heads, q_len, kv_len, q_block, kv_block, causal, passes):
+    config = dict(one_pass=passes != "two")
     if passes == "one, a head per launch":  # the scratch holds exactly one (batch, head): 2 x heads launches
         one_head = q_len * (-(-kv_len // kv_block) + -(-kv_len // 128) + 2)  # block sums, tile maxima, row stats
-        monkeypatch.setattr(kernels, "BLOCK_MASS_BUFFER_FLOATS", one_head)
+        config["buffer_floats"] = one_head
     q = torch.randn(2, heads, q_len, 32, dtype=torch.float64)
     k = torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
     want = block_mass_reference(q, k, q_block, kv_block, 0.2, causal)
     q, k = q.float(), k.float()
-    got = block_mass(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), q_block, kv_block, 0.2, causal, use_triton=True)
+    got = block_mass(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), q_block, kv_block, 0.2, causal, kernel_options=TRITON,
+                     **config)
     assert torch.allclose(got.cpu(), want.float(), atol=FP32_ATOL)
     rows = want.sum(-1)
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
@@ -209,7 +209,7 @@ def test_antidiagonal_reshape_sums_each_tiles_antidiagonal():
     """q_r[a] . k_r[b] is the sum of the (a, b) stride x stride score tile's antidiagonal, the paper's
     score (query a*s + s-1-i against key b*s + i), also for lengths that are not stride multiples
     (zero padding) and a query chunk shorter than the keys; q_r is a view of q when no padding is needed."""
-    from sparse_attn.methods.methods_impl import antidiagonal_reshape
+    from sparse_attn.methods.xattention import antidiagonal_reshape
 
     stride = 4
     q, k = torch.randn(1, 2, 18, 8, dtype=torch.float64), torch.randn(1, 1, 30, 8, dtype=torch.float64)
@@ -228,13 +228,10 @@ def test_antidiagonal_reshape_sums_each_tiles_antidiagonal():
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
 @pytest.mark.parametrize("stride", [4, 8])  # rows of 128 (unrolled head-dim loop) and 256 (rolled loop)
 @pytest.mark.parametrize("one_pass", [True, False])
-def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass, monkeypatch):
+def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass):
     """XAttention's reshaped rows (stride x head_dim wide, 64-token blocks) in half precision: the
     kernel's block masses (one pass or two) match the float64 reference within the stated tolerance."""
-    from sparse_attn.methods import kernels
-    from sparse_attn.methods.methods_impl import antidiagonal_reshape
-
-    monkeypatch.setattr(kernels, "BLOCK_MASS_ONE_PASS", one_pass)
+    from sparse_attn.methods.xattention import antidiagonal_reshape
 
     q = torch.randn(1, 2, 300, 32, dtype=torch.float64)
     k = torch.randn(1, 1, 300, 32, dtype=torch.float64)
@@ -242,7 +239,7 @@ def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass, m
     block = 64 // stride
     want = block_mass_reference(q_r, k_r, block, block, 0.25 / stride, True)
     got = block_mass(q_r.to(KERNEL_DEVICE, dtype), k_r.to(KERNEL_DEVICE, dtype), block, block, 0.25 / stride, True,
-                     use_triton=True).cpu()
+                     kernel_options=TRITON, one_pass=one_pass).cpu()
     assert (got - want.float()).abs().max() < atol
     assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-3)
 
@@ -253,20 +250,20 @@ def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass, m
     (3, 1, 20, 140, 64),  # fewer queries than rows
 ])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_line_scores_kernel_matches_reference(heads, kv_heads, q_len, kv_len, rows, chunked, monkeypatch):
+def test_line_scores_kernel_matches_reference(heads, kv_heads, q_len, kv_len, rows, chunked):
     """Column and diagonal sums of the last rows' attention: the two-pass Triton kernel against the
     float64 reference (softmax of the full rows, then sums), with the skew buffer for all heads at
     once or for one (batch, head) per launch; every row's mass is 1, so the sums total ``rows``."""
-    from sparse_attn.methods import kernels
-    from sparse_attn.methods.scoring import last_rows_line_scores
+    from sparse_attn.methods.primitives.line_scores import last_rows_line_scores
 
+    config = {}
     if chunked:
-        monkeypatch.setattr(kernels, "LINE_SCORES_BUFFER_FLOATS", min(rows, q_len) * (kv_len + min(rows, q_len)))
+        config["buffer_floats"] = min(rows, q_len) * (kv_len + min(rows, q_len))
     q = torch.randn(2, heads, q_len, 32, dtype=torch.float64)
     k = torch.randn(2, kv_heads, kv_len, 32, dtype=torch.float64)
     want_v, want_s = last_rows_line_scores(q, k, rows, 0.3)
-    got_v, got_s = kernels.line_scores(q.float().to(KERNEL_DEVICE), k.float().to(KERNEL_DEVICE), rows, 0.3,
-                                       use_triton=True)
+    got_v, got_s = line_scores(q.float().to(KERNEL_DEVICE), k.float().to(KERNEL_DEVICE), rows, 0.3,
+                               kernel_options=TRITON, **config)
     assert got_v.shape == got_s.shape == (2, heads, kv_len)
     assert torch.allclose(got_v.cpu(), want_v.float(), atol=FP32_ATOL)
     assert torch.allclose(got_s.cpu(), want_s.float(), atol=FP32_ATOL)
@@ -278,8 +275,7 @@ def test_line_scores_kernel_matches_reference(heads, kv_heads, q_len, kv_len, ro
 def test_line_scores_kernel_writes_every_entry_it_reads(monkeypatch):
     """Scratch and outputs come from torch.empty: filled with NaN first, none may leak into the sums
     (the skew buffer's ends are written by the first and last key tiles, not zero-filled)."""
-    from sparse_attn.methods import kernels
-    from sparse_attn.methods.scoring import last_rows_line_scores
+    from sparse_attn.methods.primitives.line_scores import last_rows_line_scores
 
     real_empty = torch.empty
 
@@ -287,24 +283,23 @@ def test_line_scores_kernel_writes_every_entry_it_reads(monkeypatch):
         out = real_empty(*args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    monkeypatch.setattr(kernels.torch, "empty", poisoned_empty)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
     q, k = torch.randn(1, 2, 130, 32), torch.randn(1, 1, 130, 32)
-    got_v, got_s = kernels.line_scores(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), 48, 0.3, use_triton=True)
-    monkeypatch.setattr(kernels.torch, "empty", real_empty)
+    got_v, got_s = line_scores(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), 48, 0.3, kernel_options=TRITON)
+    monkeypatch.setattr(torch, "empty", real_empty)
     want_v, want_s = last_rows_line_scores(q, k, 48, 0.3)
     assert torch.allclose(got_v.cpu(), want_v, atol=FP32_ATOL) and torch.allclose(got_s.cpu(), want_s, atol=FP32_ATOL)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-3), (torch.float16, 5e-4)])
 def test_line_scores_kernel_in_half_precision(dtype, atol):
-    from sparse_attn.methods.kernels import line_scores
-    from sparse_attn.methods.scoring import last_rows_line_scores
+    from sparse_attn.methods.primitives.line_scores import last_rows_line_scores
 
     q = torch.randn(1, 4, 160, 64, dtype=torch.float64)
     k = torch.randn(1, 2, 160, 64, dtype=torch.float64)
     q_h, k_h = q.to(dtype), k.to(dtype)
     want_v, want_s = last_rows_line_scores(q_h.double(), k_h.double(), 64, 0.125)  # same rounded inputs
-    got_v, got_s = line_scores(q_h.to(KERNEL_DEVICE), k_h.to(KERNEL_DEVICE), 64, 0.125, use_triton=True)
+    got_v, got_s = line_scores(q_h.to(KERNEL_DEVICE), k_h.to(KERNEL_DEVICE), 64, 0.125, kernel_options=TRITON)
     assert (got_v.cpu() - want_v).abs().max() < atol
     assert (got_s.cpu() - want_s).abs().max() < atol
 
@@ -313,7 +308,7 @@ def test_line_scores_kernel_in_half_precision(dtype, atol):
 def test_top_p_kernel_matches_reference(n_cols):
     scores = torch.rand(3, 4, n_cols)
     p = torch.rand(3, 4)
-    got = top_p_mask(scores.to(KERNEL_DEVICE), p.to(KERNEL_DEVICE), min_keep=2, use_triton=True).cpu()
+    got = top_p_mask(scores.to(KERNEL_DEVICE), p.to(KERNEL_DEVICE), min_keep=2, kernel_options=TRITON).cpu()
     want = select_top_p(scores, p[..., None], 2)
     assert torch.equal(got, want)
     kept_share = (scores * got).sum(-1) / scores.sum(-1)
@@ -384,42 +379,33 @@ def test_quest_bound_is_an_upper_bound_and_finds_a_decode_needle():
     assert Quest.name == "quest"
 
 
-def test_flexprefill_union_head_chunking_does_not_change_the_layout(monkeypatch):
-    from sparse_attn.methods import scoring
-
+def test_flexprefill_union_head_chunking_does_not_change_the_layout():
     q, k, _ = planted("slash", heads=8, kv_heads=4, q_len=512, dim=32)
-    method = get_method("flexprefill", block_size=32, min_budget=64, gamma=0.9, line_search="union")
-    monkeypatch.setattr(scoring, "KV_GROUPS_PER_CHUNK", 4)
-    whole = method.estimate(q, k).to_dense()
-    monkeypatch.setattr(scoring, "KV_GROUPS_PER_CHUNK", 1)
-    assert torch.equal(method.estimate(q, k).to_dense(), whole)
+    knobs = dict(block_size=32, min_budget=64, gamma=0.9, line_search="union")
+    whole = get_method("flexprefill", kv_groups_per_chunk=4, **knobs).estimate(q, k).to_dense()
+    assert torch.equal(get_method("flexprefill", kv_groups_per_chunk=1, **knobs).estimate(q, k).to_dense(), whole)
 
 
 @pytest.mark.parametrize("name,knobs", [("vertical_slash", dict(vertical_size=40, slash_size=60)),
                                         ("flexprefill", dict(min_budget=64, gamma=0.9))])
 @pytest.mark.parametrize("structure", ["vertical", "slash"])
-def test_line_methods_choose_the_same_blocks_with_the_triton_steps(name, knobs, structure, monkeypatch):
+def test_line_methods_choose_the_same_blocks_with_the_triton_steps(name, knobs, structure):
     """vertical-slash and FlexPrefill with every estimator step in Triton (line_scores, pooling,
     top-p; the interpreter on CPU) keep exactly the blocks the PyTorch references keep."""
-    from sparse_attn.methods import kernels
-
     q, k, _ = planted(structure, heads=4, kv_heads=2, q_len=300, dim=32)
     method = get_method(name, block_size=32, **knobs)
-    monkeypatch.setattr(kernels, "_triton_usable", lambda t: False)
-    reference = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE)).to_dense()
-    monkeypatch.setattr(kernels, "_triton_usable", lambda t: True)
-    with_triton = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE)).to_dense()
+    reference = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), kernel_options=TORCH).to_dense()
+    with_triton = method.estimate(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), kernel_options=TRITON).to_dense()
     assert torch.equal(with_triton, reference)
     assert 0 < reference.float().mean() < 1
 
 
 @pytest.mark.parametrize("length,block", [(100, 16), (64, 32), (33, 64)])
 def test_mean_pool_kernel_matches_reference(length, block):
-    from sparse_attn.methods.kernels import block_mean_pool
-    from sparse_attn.methods.scoring import mean_pool
+    from sparse_attn.methods.primitives.mean_pool import block_mean_pool, mean_pool
 
     x = torch.randn(2, 3, length, 32)
-    got = block_mean_pool(x.to(KERNEL_DEVICE), block, use_triton=True).cpu()
+    got = block_mean_pool(x.to(KERNEL_DEVICE), block, kernel_options=TRITON).cpu()
     want = mean_pool(x, block)
     assert got.shape == want.shape == (2, 3, -(-length // block), 32)
     assert torch.allclose(got, want, atol=1e-6)
@@ -428,14 +414,16 @@ def test_mean_pool_kernel_matches_reference(length, block):
 
 
 def test_estimator_kernels_refuse_cpu_without_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from sparse_attn.backends.triton import runtime
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)  # as if TRITON_INTERPRET were not set
     q = torch.randn(1, 1, 32, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        block_mass(q, q, 16, 16, 0.25, use_triton=True)
+        block_mass(q, q, 16, 16, 0.25, kernel_options=TRITON)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        top_p_mask(torch.rand(2, 8), 0.5, use_triton=True)
+        top_p_mask(torch.rand(2, 8), 0.5, kernel_options=TRITON)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        line_scores(q, q, 8, 0.25, use_triton=True)
+        line_scores(q, q, 8, 0.25, kernel_options=TRITON)
     assert block_mass(q, q, 16, 16, 0.25).shape == (1, 1, 2, 2)  # automatic choice: the reference
     assert line_scores(q, q, 8, 0.25)[0].shape == (1, 1, 32)
 
@@ -443,8 +431,9 @@ def test_estimator_kernels_refuse_cpu_without_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("q_len,kv_len,blocks", [(200, 200, (32, 32)), (100, 333, (16, 64)), (77, 500, (32, 16))])
 def test_line_helpers_match_token_level_brute_force(q_len, kv_len, blocks):
     """diagonal_sums and lines_to_blocks (prefix-count form) against token-by-token constructions."""
-    from sparse_attn.methods.scoring import diagonal_sums, lines_to_blocks
-    from sparse_attn.patterns._build import BlockGrid
+    from sparse_attn.methods.primitives.line_scores import diagonal_sums
+    from sparse_attn.methods.selection import lines_to_blocks
+    from sparse_attn.patterns.grid import BlockGrid
 
     gen = torch.Generator().manual_seed(q_len)
     rows = 9
@@ -474,7 +463,7 @@ def test_line_helpers_match_token_level_brute_force(q_len, kv_len, blocks):
 def test_select_top_k_partial_and_full_sort_paths_keep_the_largest(n, k):
     """``select_top_k`` keeps exactly the k largest per row (per-row k, with a validity mask), by
     partial selection for small k and by a full sort otherwise."""
-    from sparse_attn.methods.scoring import select_top_k
+    from sparse_attn.methods.selection import select_top_k
 
     gen = torch.Generator().manual_seed(n + k)
     scores = torch.rand(2, 3, n, generator=gen, dtype=torch.float64)  # distinct values: no ties
@@ -497,7 +486,7 @@ def test_select_top_k_partial_and_full_sort_paths_keep_the_largest(n, k):
 @pytest.mark.parametrize("q_len,kv_len,rows", [(50, 50, 8), (30, 97, 16), (5, 40, 8)])
 def test_last_rows_attention_matches_masked_softmax(q_len, kv_len, rows):
     """Exact attention of the last rows (GQA, bottom-right causal alignment) against a float64 softmax."""
-    from sparse_attn.methods.scoring import last_rows_attention
+    from sparse_attn.methods.primitives.line_scores import last_rows_attention
 
     gen = torch.Generator().manual_seed(kv_len)
     q = torch.randn(1, 4, q_len, 16, generator=gen)
@@ -509,3 +498,177 @@ def test_last_rows_attention_matches_masked_softmax(q_len, kv_len, rows):
     q_pos = torch.arange(kv_len - used, kv_len)[:, None]
     scores = scores.masked_fill(torch.arange(kv_len)[None, :] > q_pos, float("-inf"))
     torch.testing.assert_close(got.double(), torch.softmax(scores, -1), rtol=1e-5, atol=1e-6)
+
+
+def _import_graph(package_dir):
+    """Module -> (modules it imports, names it imports from each), module level and inside functions
+    alike, for every module of the package in ``package_dir``; ``from X import Y`` counts as importing
+    ``X.Y`` when that is a module, else ``X``."""
+    import ast
+    from pathlib import Path
+
+    root = Path(package_dir)
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules[name] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        base = name if is_package else name.rpartition(".")[0]
+        edges, names = set(), []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    anchor = base.split(".")[:len(base.split(".")) - (node.level - 1)]
+                    target = ".".join(anchor + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                for alias in node.names:
+                    edges.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+                    names.append((target, alias.name))
+        graph[name] = ({e for e in edges if e in modules and e != name}, names)
+    return graph
+
+
+def _cycles(graph):
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v][0]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_methods_have_no_import_cycles():
+    """No import cycle runs through sparse_attn.methods, counting imports inside functions too."""
+    from pathlib import Path
+
+    import sparse_attn
+
+    graph = _import_graph(Path(sparse_attn.__file__).parent)
+    assert "sparse_attn.methods.primitives.block_mass.kernel" in graph["sparse_attn.methods.primitives.block_mass"][0]
+    cycles = [c for c in _cycles(graph) if any(m.startswith("sparse_attn.methods") for m in c)]
+    assert not cycles, cycles
+
+
+def test_methods_import_no_private_names_from_other_subpackages():
+    """sparse_attn.methods uses only the public names and modules of the rest of the package."""
+    from pathlib import Path
+
+    import sparse_attn
+
+    graph = _import_graph(Path(sparse_attn.__file__).parent)
+    private = [(module, target, name) for module, (_, names) in graph.items()
+               if module.startswith("sparse_attn.methods") for target, name in names
+               if target.startswith("sparse_attn.") and not target.startswith("sparse_attn.methods")
+               and (name.startswith("_") or "._" in f".{target}")]
+    assert not private, private
+
+
+def test_importing_and_estimating_on_cpu_needs_no_triton():
+    """With Triton impossible to import, sparse_attn imports and every method estimates on CPU tensors
+    (the automatic choice: the PyTorch references); no estimator kernel module is imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib.abc
+        import sys
+
+        class NoTriton(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "triton":
+                    raise ImportError(name + " is blocked")
+
+        sys.meta_path.insert(0, NoTriton())
+        import torch
+        from sparse_attn.methods import METHODS, get_method
+
+        q, k = torch.randn(1, 2, 100, 16), torch.randn(1, 1, 100, 16)
+        for name in sorted(METHODS):
+            get_method(name, block_size=32).estimate(q, k)
+        loaded = [m for m in sys.modules if m.split(".")[0] == "triton" or m.endswith((".kernel", ".score_tiles"))]
+        assert not loaded, loaded
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_estimate_returns_a_report_only_when_asked_and_keeps_no_state():
+    q, k, _ = planted("band", heads=4, kv_heads=2, q_len=300, dim=32)
+    method = _method("flexprefill", per_layer={1: {"gamma": 0.5}})
+    layout = method.estimate(q, k)
+    assert isinstance(layout, BlockSparseLayout)
+    again, report = method.estimate(q, k, 1, return_report=True)
+    assert not hasattr(method, "last_report") and not hasattr(method, "last_pattern")
+    assert report.layer_idx == 1 and report.method == "flexprefill" and (report.q_len, report.kv_len) == (300, 300)
+    assert report.density == pytest.approx(again.density())
+    assert report.density_per_head == pytest.approx(again.density_per_head().mean(0).tolist())
+    assert report.details["query_aware"].shape == (1, 4) and report.details["query_aware"].dtype == torch.bool
+    _, report = _method("oracle").estimate(q, k, return_report=True)
+    assert report.details == {}
+
+
+def test_kernel_options_choose_the_estimator_steps(monkeypatch):
+    """``estimator_kernels``: "torch" runs the references, "triton" the kernels (the interpreter on
+    CPU), "auto" the kernels on CUDA tensors and the references on CPU; passed to estimate or attend,
+    or the default of a ``kernel_options`` block."""
+    import sparse_attn.methods.primitives.block_mass as block_mass_module
+    from sparse_attn.options import kernel_options
+
+    calls = []
+    reference = block_mass_module.block_mass_reference
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(block_mass_module, "block_mass_reference", counted)
+    q, k = torch.randn(1, 2, 128, 16, device=KERNEL_DEVICE), torch.randn(1, 1, 128, 16, device=KERNEL_DEVICE)
+    method = _method("oracle")
+
+    def reference_calls(**kwargs):
+        calls.clear()
+        method.estimate(q, k, **kwargs)
+        return len(calls)
+
+    assert reference_calls() == (0 if q.is_cuda else 1)
+    assert reference_calls(kernel_options=TORCH) == 1
+    triton_layout = method.estimate(q, k, kernel_options=TRITON).to_dense()
+    assert reference_calls(kernel_options=TRITON) == 0
+    assert torch.equal(triton_layout, method.estimate(q, k, kernel_options=TORCH).to_dense())
+    with kernel_options(estimator_kernels="triton"):
+        assert reference_calls() == 0
+        assert reference_calls(kernel_options=TORCH) == 1
+    calls.clear()
+    attend(q, k, k, method, kernel_options=TRITON)
+    assert not calls
+    attend(q, k, k, method, kernel_options=TORCH)
+    assert calls

@@ -1,9 +1,20 @@
-"""Sparsity methods behind one interface: ``get_method(name, **knobs).estimate(q, k) -> layout``."""
+"""Sparsity methods behind one interface: ``get_method(name, **knobs).estimate(q, k) -> layout``.
+
+One module per method (:mod:`.pooled`, :mod:`.oracle`, :mod:`.xattention`, :mod:`.vertical_slash`,
+:mod:`.flexprefill`, :mod:`.quest`, :mod:`.static`); the estimation steps they share are in
+:mod:`.primitives` (Triton kernels with PyTorch references side by side), :mod:`.selection` and
+:mod:`.common`.
+"""
 
 from .base import METHODS, EstimateReport, Method, get_method, register_method
 from .cost import CostModel, attend
-from .methods_impl import FlexPrefill, Oracle, PooledTopK, PooledTopP, Quest, VerticalSlash, XAttention
+from .flexprefill import FlexPrefill
+from .oracle import Oracle
+from .pooled import PooledTopK, PooledTopP
+from .quest import Quest
 from .static import StaticPattern
+from .vertical_slash import VerticalSlash
+from .xattention import XAttention
 
 __all__ = [
     "METHODS", "Method", "EstimateReport", "get_method", "register_method", "CostModel", "attend",

@@ -4,7 +4,8 @@ A method owns its knobs (scalars or per-head lists), per-layer overrides, and th
 shares: selections are made per query head and merged per KV group (``granularity="kv"``, the
 default: one layout row per GQA group, keys never repeated) or kept per query head
 (``granularity="head"``); sink and diagonal blocks are kept unless told otherwise; the result is
-always a valid causal layout. Each call leaves an :class:`EstimateReport` in ``last_report``.
+always a valid causal layout. ``estimate(..., return_report=True)`` also returns an
+:class:`EstimateReport` of the call; the method object keeps no state between calls.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ..layout import BlockSparseLayout
-from ..patterns._build import BlockGrid
-from .scoring import default_scale
+from ..options import KernelOptions, resolve_kernel_options
+from ..patterns.grid import BlockGrid
+from .common import default_scale
 
 METHODS: dict = {}
+Knob = Union[float, Sequence[float]]  # a scalar knob, or one value per KV group or per query head
 
 
 def register_method(cls):
@@ -44,7 +47,13 @@ def get_method(name: str, **knobs) -> "Method":
 
 @dataclass
 class EstimateReport:
-    """What one ``estimate`` call chose and what it cost."""
+    """What one ``estimate`` call chose and what it cost.
+
+    ``seconds`` is the wall time of the estimate (the device synchronized before and after it when
+    ``measure_cost`` is on); ``density_per_head`` is averaged over the batch; ``details`` holds what
+    a method reports beyond the layout (FlexPrefill: ``"query_aware"``, ``(B, H)`` bool, True where a
+    head took the query-aware pattern).
+    """
 
     method: str
     layer_idx: Optional[int]
@@ -53,6 +62,7 @@ class EstimateReport:
     density_per_head: list
     q_len: int
     kv_len: int
+    details: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -71,11 +81,13 @@ class Method:
     def __post_init__(self):
         if self.granularity not in ("kv", "head"):
             raise ValueError(f"granularity must be 'kv' or 'head', got {self.granularity!r}")
-        self.last_report: Optional[EstimateReport] = None
 
     # -- to implement -----------------------------------------------------------------------
-    def select(self, q: Tensor, k: Tensor, grid: BlockGrid, scale: float) -> Tensor:
-        """Bool ``(B, H, NQ, NK)`` blocks to keep, per query head (before sinks/diagonal/merging)."""
+    def select(self, q: Tensor, k: Tensor, grid: BlockGrid, scale: float,
+               kernel_options: KernelOptions) -> Union[Tensor, tuple]:
+        """Bool ``(B, H, NQ, NK)`` blocks to keep, per query head (before sinks/diagonal/merging),
+        or ``(blocks, details)`` with a dict for :attr:`EstimateReport.details`. ``kernel_options``
+        (resolved) goes to the estimation primitives."""
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------------
@@ -112,33 +124,42 @@ class Method:
         return self.head_values(value, heads, kv_heads, scores.device).view(1, heads, 1).expand(
             scores.shape[:-1])
 
-    def estimate(self, q: Tensor, k: Tensor, *, layer_idx: Optional[int] = None,
-                 scale: Optional[float] = None) -> BlockSparseLayout:
+    def estimate(self, q: Tensor, k: Tensor, layer_idx: Optional[int] = None, *, scale: Optional[float] = None,
+                 return_report: bool = False, kernel_options: Optional[KernelOptions] = None):
         """Choose the blocks for ``q (B, H, Sq, D)`` against ``k (B, Hkv, Skv, D)``.
 
         ``Sq <= Skv`` is chunked prefill (queries are the last ``Sq`` positions). Returns a causal
-        layout with one row set per sequence (batch-aware) and per KV group or query head.
+        layout with one row set per sequence (batch-aware) and per KV group or query head, or
+        ``(layout, EstimateReport)`` with ``return_report=True``. ``layer_idx`` applies the overrides
+        of ``per_layer``; ``kernel_options`` (None: the current default, see
+        :func:`sparse_attn.options.kernel_options`) picks the estimation steps' kernels through its
+        ``estimator_kernels``.
         """
+        options = resolve_kernel_options(kernel_options)
         method = self.for_layer(layer_idx)
         _check_qk(q, k, method.name)
         batch, heads, q_len, _ = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         scale = default_scale(q) if scale is None else scale
-        if method.measure_cost and q.is_cuda:
+        synchronize = return_report and method.measure_cost and q.is_cuda
+        if synchronize:
             torch.cuda.synchronize(q.device)
         start = time.perf_counter()
         grid = BlockGrid(q_len, kv_len, method.block_size, causal=True, device=q.device)
         with torch.no_grad():
-            keep = method.select(q.detach(), k.detach(), grid, scale)
+            keep = method.select(q.detach(), k.detach(), grid, scale, kernel_options=options)
+            keep, details = keep if isinstance(keep, tuple) else (keep, {})
             keep = method._finalize(keep, grid, kv_heads)
             layout = BlockSparseLayout.from_dense(keep, q_len, kv_len, method.block_size, causal=True)
-        if method.measure_cost and q.is_cuda:
+        if not return_report:
+            return layout
+        if synchronize:
             torch.cuda.synchronize(q.device)
         seconds = time.perf_counter() - start
         per_head = layout.density_per_head()
-        self.last_report = EstimateReport(method.name, layer_idx, seconds, float(per_head.mean()),
-                                          per_head.mean(0).tolist(), q_len, kv_len)
-        return layout
+        report = EstimateReport(method.name, layer_idx, seconds, float(per_head.mean()), per_head.mean(0).tolist(),
+                                q_len, kv_len, details)
+        return layout, report
 
     def _finalize(self, keep: Tensor, grid: BlockGrid, kv_heads: int) -> Tensor:
         batch, heads = keep.shape[:2]

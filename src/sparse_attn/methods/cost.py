@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..attention import sparse_attention
 from ..layout import BlockSparseLayout
+from ..options import KernelOptions
 
 
 @dataclass
@@ -62,10 +63,12 @@ class AttendReport:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
-           cost_model: Optional[CostModel] = None, backend: str = "auto", scale=None):
+           cost_model: Optional[CostModel] = None, backend: str = "auto", scale=None,
+           kernel_options: Optional[KernelOptions] = None):
     """Estimate with ``method``, let ``cost_model`` (None: always sparse) decide, and run.
 
     Returns ``(out, AttendReport)``. The dense path is exact causal attention (SDPA).
+    ``kernel_options`` (None: the current default) goes to ``method.estimate`` and the attention call.
     """
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -73,15 +76,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
         ok, reason = cost_model.worth_estimating(kv_len)
         if not ok:
             return _dense(q, k, v, scale), AttendReport(False, reason, None, 0.0, None)
-    layout = method.estimate(q, k, layer_idx=layer_idx, scale=scale)
-    report = method.last_report
+    layout, report = method.estimate(q, k, layer_idx, scale=scale, return_report=True, kernel_options=kernel_options)
     estimate_ms = report.seconds * 1e3
     use_sparse, reason = True, "sparse: no cost model"
     if cost_model is not None:
         use_sparse, reason = cost_model.choose(report.density, estimate_ms, batch, heads, q_len, kv_len, dim)
     if not use_sparse:
         return _dense(q, k, v, scale), AttendReport(False, reason, report.density, estimate_ms, layout)
-    out = sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+    out = sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options)
     return out, AttendReport(True, reason, report.density, estimate_ms, layout)
 
 

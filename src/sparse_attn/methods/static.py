@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..patterns import dense_layout, power_layout, sliding_window_layout, strided_layout
 from .base import Method, register_method
 
@@ -16,7 +15,7 @@ class StaticPattern(Method):
     def build(self, q_len, kv_len, heads, kv_heads, device):
         raise NotImplementedError
 
-    def select(self, q, k, grid, scale):
+    def select(self, q, k, grid, scale, kernel_options=None):
         layout = self.build(q.shape[2], k.shape[2], q.shape[1], k.shape[1], q.device)
         return layout.expand(batch=q.shape[0], heads=q.shape[1]).to_dense()
 
@@ -72,5 +71,3 @@ class Power(StaticPattern):
     def build(self, q_len, kv_len, heads, kv_heads, device):
         return power_layout(q_len, kv_len, local_blocks=self.local_blocks, sink=self.sink,
                             block_size=self.block_size, device=device)
-
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layout import BlockSparseLayout
-from ._build import layout_from_block_rule
+from .grid import layout_from_block_rule
 
 
 def dense_layout(q_len: int, kv_len: int | None = None, *, block_size=64, causal: bool = True,

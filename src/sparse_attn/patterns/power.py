@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockSparseLayout
-from ._build import layout_from_block_rule
+from .grid import layout_from_block_rule
 
 
 def power_layout(q_len: int, kv_len: int | None = None, *, local_blocks: int = 1, sink: int = 0,

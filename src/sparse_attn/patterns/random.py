@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import BlockSparseLayout
-from ._build import BlockGrid
+from .grid import BlockGrid
 
 
 def random_layout(q_len: int, kv_len: int | None = None, *, density: float = 0.1,

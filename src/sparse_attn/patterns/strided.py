@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layout import BlockSparseLayout
-from ._build import PerHead, layout_from_block_rule, per_head
+from .grid import PerHead, layout_from_block_rule, per_head
 
 
 def strided_layout(q_len: int, kv_len: int | None = None, *, stride: int = 4, num_heads: int = 4,

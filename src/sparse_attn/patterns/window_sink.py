@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layout import BlockSparseLayout
-from ._build import PerHead, layout_from_block_rule, per_head
+from .grid import PerHead, layout_from_block_rule, per_head
 
 
 def sliding_window_layout(q_len: int, kv_len: int | None = None, *, window: PerHead = 1024,

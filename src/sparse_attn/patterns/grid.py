@@ -1,4 +1,5 @@
-"""Shared machinery for static patterns: block coordinates and per-head rules -> layout."""
+"""Block grids: the token extents of every block of a geometry, shared by the static patterns and the
+sparsity methods, and per-head block rules -> layout."""
 
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
-"""Plain-PyTorch references for the estimator kernels in :mod:`.kernels`."""
+"""Plain-PyTorch reference of :func:`sparse_attn.methods.primitives.block_mass.block_mass`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .scoring import group_queries
+from ...common import group_queries
 
-_CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 24  # score entries per chunk of query blocks (the default of chunk_elements)
 
 
 def block_mass_reference(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float,
-                         causal: bool = True, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+                         causal: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Exact softmax mass per (query block, key block), averaged over each query block's rows.
 
     ``q (B, H, Sq, D)``, ``k (B, Hkv, Skv, D)``; returns ``(B, H, NQ, NK)`` float32 whose rows sum to
