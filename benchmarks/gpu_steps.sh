@@ -19,7 +19,7 @@
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
 # into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
-export PYTHONPATH=src TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=src:. TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 out=${OUT:-results}
 mkdir -p "$out"
 for step in "${@:-attention}"; do
@@ -66,9 +66,9 @@ for step in "${@:-attention}"; do
       # per length; the model comes back as canary.tgz. The curriculum starts with induction
       # episodes at 128 tokens, doubled up to 8K, then lookup episodes at 512 doubled up to 8K.
       work=$(mktemp -d)
-      timeout 530 python3 -m sparse_attn train-canary --no-refine --out "$work/canary" --minutes 7.5 --seq-len 8192 \
+      timeout 530 python3 -m tools.canary train --no-refine --out "$work/canary" --minutes 7.5 --seq-len 8192 \
         --eval-samples 16 --workers 6 --probe-every 60 > "$out/train_canary.log" 2>&1
-      grep -a "probe\|losses" "$out/train_canary.log" | tr -d "\r" | tail -24
+      grep -a "probe\|step" "$out/train_canary.log" | tr -d "\r" | tail -24
       [ -f "$work/canary/config.json" ] || { echo "canary did not finish"; continue; }
       tar czf "$out/canary.tgz" -C "$work" canary
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print(l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])" ;;
@@ -79,7 +79,7 @@ for step in "${@:-attention}"; do
       work=$(mktemp -d)
       for spec in "a:--seed 2 --multi-value-share 0.3" "b:--seed 1 --multi-value-share 0.3" "c:--seed 2 --multi-value-share 0.5"; do
         name=${spec%%:*}
-        timeout 190 python3 -m sparse_attn refine-canary --out "$work/refined_$name" --minutes 2.2 --workers 6 \
+        timeout 190 python3 -m tools.canary refine --out "$work/refined_$name" --minutes 2.2 --workers 6 \
           --no-eval-before --eval-samples 10 ${spec#*:} > "$out/refine_$name.log" 2>&1
         grep -a "lookup@\|mix@" "$out/refine_$name.log" | tail -4
         [ -f "$work/refined_$name/training_log.json" ] || { echo "variant $name did not finish"; continue; }
@@ -91,12 +91,12 @@ for step in "${@:-attention}"; do
       # refine (seed 2, no multi-value keys), 2.2 minutes. Comes back as recipe_part1.tgz: unpack it
       # into src/sparse_attn/eval/canary, then run recipe_end for the last 2.2-minute refine.
       work=$(mktemp -d)
-      timeout 375 python3 -m sparse_attn train-canary --no-refine --out "$work/base" --minutes 5.5 --seq-len 8192 \
+      timeout 375 python3 -m tools.canary train --no-refine --out "$work/base" --minutes 5.5 --seq-len 8192 \
         --eval-samples 4 --workers 6 --probe-every 60 > "$out/recipe_base.log" 2>&1
       grep -a "probe" "$out/recipe_base.log" | tr -d "\r" | tail -8
       [ -f "$work/base/config.json" ] || { echo "base did not finish"; continue; }
       python3 -c "import json; l=json.load(open('$work/base/training_log.json')); print('base', l['induction_steps'], l.get('lookup_steps'), l['steps'], l['dense_accuracy'])"
-      timeout 200 python3 -m sparse_attn refine-canary --init "$work/base" --out "$work/canary" --minutes 2.2 \
+      timeout 200 python3 -m tools.canary refine --init "$work/base" --out "$work/canary" --minutes 2.2 \
         --workers 6 --no-eval-before --eval-samples 4 --seed 2 --multi-value-share 0 > "$out/recipe_refine1.log" 2>&1
       [ -f "$work/canary/training_log.json" ] || { echo "refine 1 did not finish"; continue; }
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine1', l['steps'], 'after', l['after'])"
@@ -104,7 +104,7 @@ for step in "${@:-attention}"; do
       tar czf "$out/recipe_part1.tgz" -C "$work" canary ;;
     recipe_end)
       work=$(mktemp -d)
-      timeout 200 python3 -m sparse_attn refine-canary --init canary --out "$work/canary" --minutes 2.2 \
+      timeout 200 python3 -m tools.canary refine --init canary --out "$work/canary" --minutes 2.2 \
         --workers 6 --no-eval-before --eval-samples 10 --seed 1 --multi-value-share 0.3 > "$out/recipe_refine2.log" 2>&1
       [ -f "$work/canary/training_log.json" ] || { echo "refine 2 did not finish"; continue; }
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine2', l['steps'], 'after', l['after'])"
