@@ -34,3 +34,68 @@ def make_qkv(batch, heads, kv_heads, q_len, kv_len, dim, dtype=torch.float64, re
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
+
+
+def import_graph(package_dir):
+    """Module -> (modules it imports, names it imports from each), module level and inside functions
+    alike, for every module of the package in ``package_dir``; ``from X import Y`` counts as importing
+    ``X.Y`` when that is a module, else ``X``."""
+    import ast
+    from pathlib import Path
+
+    root = Path(package_dir)
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_package else parts)
+        modules[name] = (path, is_package)
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        base = name if is_package else name.rpartition(".")[0]
+        edges, names = set(), []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    anchor = base.split(".")[:len(base.split(".")) - (node.level - 1)]
+                    target = ".".join(anchor + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                for alias in node.names:
+                    edges.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+                    names.append((target, alias.name))
+        graph[name] = ({e for e in edges if e in modules and e != name}, names)
+    return graph
+
+
+def import_cycles(graph):
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v][0]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found

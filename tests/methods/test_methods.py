@@ -9,6 +9,7 @@ from sparse_attn.methods.primitives.block_mass import block_mass, block_mass_ref
 from sparse_attn.methods.primitives.line_scores import line_scores
 from sparse_attn.methods.primitives.top_p import select_top_p, top_p_mask
 from sparse_attn.metrics import attention_recall, output_relative_error
+from utils import import_cycles, import_graph
 from sparse_attn.options import KernelOptions
 from planted import needed_density, planted, planted_recall
 
@@ -500,80 +501,15 @@ def test_last_rows_attention_matches_masked_softmax(q_len, kv_len, rows):
     torch.testing.assert_close(got.double(), torch.softmax(scores, -1), rtol=1e-5, atol=1e-6)
 
 
-def _import_graph(package_dir):
-    """Module -> (modules it imports, names it imports from each), module level and inside functions
-    alike, for every module of the package in ``package_dir``; ``from X import Y`` counts as importing
-    ``X.Y`` when that is a module, else ``X``."""
-    import ast
-    from pathlib import Path
-
-    root = Path(package_dir)
-    modules = {}
-    for path in root.rglob("*.py"):
-        parts = list(path.relative_to(root.parent).with_suffix("").parts)
-        is_package = parts[-1] == "__init__"
-        name = ".".join(parts[:-1] if is_package else parts)
-        modules[name] = (path, is_package)
-    graph = {}
-    for name, (path, is_package) in modules.items():
-        base = name if is_package else name.rpartition(".")[0]
-        edges, names = set(), []
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                edges.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    anchor = base.split(".")[:len(base.split(".")) - (node.level - 1)]
-                    target = ".".join(anchor + ([node.module] if node.module else []))
-                else:
-                    target = node.module
-                for alias in node.names:
-                    edges.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
-                    names.append((target, alias.name))
-        graph[name] = ({e for e in edges if e in modules and e != name}, names)
-    return graph
-
-
-def _cycles(graph):
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, found = {}, {}, [], set(), []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph[v][0]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = set()
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.add(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(component)
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return found
-
-
 def test_methods_have_no_import_cycles():
     """No import cycle runs through sparse_attn.methods, counting imports inside functions too."""
     from pathlib import Path
 
     import sparse_attn
 
-    graph = _import_graph(Path(sparse_attn.__file__).parent)
+    graph = import_graph(Path(sparse_attn.__file__).parent)
     assert "sparse_attn.methods.primitives.block_mass.kernel" in graph["sparse_attn.methods.primitives.block_mass"][0]
-    cycles = [c for c in _cycles(graph) if any(m.startswith("sparse_attn.methods") for m in c)]
+    cycles = [c for c in import_cycles(graph) if any(m.startswith("sparse_attn.methods") for m in c)]
     assert not cycles, cycles
 
 
@@ -583,7 +519,7 @@ def test_methods_import_no_private_names_from_other_subpackages():
 
     import sparse_attn
 
-    graph = _import_graph(Path(sparse_attn.__file__).parent)
+    graph = import_graph(Path(sparse_attn.__file__).parent)
     private = [(module, target, name) for module, (_, names) in graph.items()
                if module.startswith("sparse_attn.methods") for target, name in names
                if target.startswith("sparse_attn.") and not target.startswith("sparse_attn.methods")
