@@ -9,9 +9,9 @@ from sparse_attn.methods.primitives.block_mass import block_mass, block_mass_ref
 from sparse_attn.methods.primitives.line_scores import line_scores
 from sparse_attn.methods.primitives.top_p import select_top_p, top_p_mask
 from sparse_attn.metrics import attention_recall, output_relative_error
-from utils import import_cycles, import_graph
 from sparse_attn.options import KernelOptions
 from planted import needed_density, planted, planted_recall
+from utils import import_cycles, import_graph
 
 # The estimator-kernel tests run on the GPU when there is one (TRITON_INTERPRET=0), else in Triton's
 # CPU interpreter. On a GPU, fp32 dots run in TF32 (10-bit mantissa), hence the looser fp32 tolerance.
