@@ -1,12 +1,20 @@
-"""``sparse-attn`` command line: ``demo`` (static patterns vs dense) and ``generate`` (a local HF model,
-sparse prefill vs dense, then generation)."""
+"""``sparse-attn`` command line: ``demo`` (static patterns vs dense), ``generate`` (a local HF model,
+sparse prefill vs dense, then generation) and ``eval`` (accuracy vs density vs speed).
+
+Bad options end in one line naming the option and what is expected, exit code 2; ``--debug`` shows
+the traceback of any error instead.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import click
+
+from . import __version__
 
 
 def _parse_knobs(pairs) -> dict:
@@ -22,42 +30,121 @@ def _parse_knobs(pairs) -> dict:
     return knobs
 
 
-@click.group()
-def main():
+class _Commands(click.Group):
+    """Errors as one line: a bad option names the option and what is expected (exit code 2); an
+    error inside a command is reported the same way unless ``--debug`` was given."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every other error is reported the same way
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"Error: {exc} (run with --debug for the traceback)", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Commands)
+@click.version_option(__version__, prog_name="sparse-attn")
+@click.option("--debug", is_flag=True, help="show the full traceback of an error")
+def main(debug):
     """Block-sparse attention: patterns, methods, and sparse prefill for transformers models."""
 
 
+def _device(value, param_hint: str = "--device") -> str:
+    """``value`` (None: cuda when available, else cpu), checked to exist on this machine."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a device; use cpu or cuda[:N]", param_hint=param_hint) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter("cuda was asked for but this machine has no CUDA GPU (or torch is a CPU build); "
+                                     "use --device cpu", param_hint=param_hint)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value} does not exist: {torch.cuda.device_count()} GPU(s)", param_hint=param_hint)
+    elif device.type != "cpu":
+        raise click.BadParameter(f"{value!r}: use cpu or cuda[:N]", param_hint=param_hint)
+    return str(device)
+
+
+def _model_dir(value: str, param_hint: str = "--model") -> str:
+    """``canary`` (the shipped model) or a local transformers model directory."""
+    from .eval.canary import resolve_model
+
+    try:
+        path = resolve_model(value)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
+    if not os.path.isdir(path):
+        raise click.BadParameter(f"{value!r} is not a directory; give 'canary' or a local transformers model directory "
+                                 "(models are never downloaded)", param_hint=param_hint)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise click.BadParameter(f"{value!r} has no config.json: not a transformers model directory",
+                                 param_hint=param_hint)
+    return path
+
+
+def _position_limit(path: str):
+    """The most positions the model in ``path`` supports (its config's ``max_position_embeddings``),
+    or None if it does not say. Read before the weights are loaded."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 @main.command()
-@click.option("--seq-len", default=4096, show_default=True)
-@click.option("--heads", default=8, show_default=True)
-@click.option("--kv-heads", default=2, show_default=True)
-@click.option("--dim", default=64, show_default=True)
+@click.option("--seq-len", default=4096, show_default=True, type=click.IntRange(min=64))
+@click.option("--heads", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--kv-heads", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--dim", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128"]))
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available)")
 @click.option("--show", is_flag=True, help="draw each layout")
 def demo(seq_len, heads, kv_heads, dim, device, show):
     """Run each static pattern on random inputs: density, error vs dense, backend, time."""
-    import torch
-
     from .demo import run_demo
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if heads % kv_heads:
+        raise click.BadParameter(f"{kv_heads} must divide --heads {heads} (GQA groups)", param_hint="--kv-heads")
+    device, dim = _device(device), int(dim)
     rows = run_demo(seq_len, heads, kv_heads, dim, device, show)
     click.echo(f"\nseq_len={seq_len} heads={heads}/{kv_heads} dim={dim} on {device}")
     click.echo(f"{'pattern':<14}{'density':>9}{'rel.err vs dense':>18}{'backend':>11}{'ms':>10}")
     for name, density, err, backend, ms in rows:
         click.echo(f"{name:<14}{density:>9.3f}{err:>18.3e}{backend:>11}{ms:>10.1f}")
+    click.echo("\nrel.err vs dense: how far each pattern's output is from full causal attention on these random "
+               "inputs. Random q/k spread attention over every key, so skipping blocks changes the output a lot "
+               "(0.1-1 is expected); trained models concentrate attention, which is what the sparsity methods "
+               "exploit (see `sparse-attn eval`). The dense row is the kernel's own error.")
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False),
-              help="local transformers model directory (config, weights, tokenizer)")
+@click.option("--model", "model_path", required=True,
+              help="'canary' (the shipped model) or a local transformers model directory (config, weights, tokenizer)")
 @click.option("--method", default="xattention", show_default=True)
 @click.option("--knob", "knobs", multiple=True, help="method knob NAME=VALUE (JSON value), repeatable")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="SparseConfig JSON/YAML file (instead of --method/--knob)")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), required=True)
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--min-kv-len", default=None, type=int, help="override the dense-below length")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--min-kv-len", default=None, type=click.IntRange(min=0), help="override the dense-below length")
 @click.option("--device", default=None)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens, min_kv_len, device, dtype):
@@ -67,7 +154,24 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
 
     from .integrations.hf import SparseConfig, patch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_path, device = _model_dir(model_path), _device(device)
+    with open(prompt_file) as fh:
+        prompt = fh.read()
+    if not prompt.strip():
+        raise click.BadParameter(f"{prompt_file} is empty; give a file with the prompt text", param_hint="--prompt-file")
+    if config_path:
+        config = SparseConfig.from_file(config_path)
+    else:
+        config = SparseConfig(method=method, knobs=_parse_knobs(knobs))
+    if min_kv_len is not None:
+        config.min_kv_len = min_kv_len
+    config.record = True
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    limit = _position_limit(model_path)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise click.BadParameter(f"the prompt has {ids.shape[1]} tokens and --max-new-tokens is {max_new_tokens}, over "
+                                 f"the model's {limit} positions (max_position_embeddings)", param_hint="--prompt-file")
     torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     steps = ["load", "dense prefill", "sparse prefill", "generate"]
@@ -76,22 +180,12 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
         for step in bar:
             start = time.perf_counter()
             if step == "load":
-                tokenizer = AutoTokenizer.from_pretrained(model_path)
                 model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
                                                              attn_implementation="sdpa").to(device).eval()
-                with open(prompt_file) as fh:
-                    ids = tokenizer(fh.read(), return_tensors="pt").input_ids.to(device)
             elif step == "dense prefill":
                 with torch.no_grad():
                     model(ids)
             elif step == "sparse prefill":
-                if config_path:
-                    config = SparseConfig.from_file(config_path)
-                else:
-                    config = SparseConfig(method=method, knobs=_parse_knobs(knobs))
-                if min_kv_len is not None:
-                    config.min_kv_len = min_kv_len
-                config.record = True
                 state = patch(model, config=config)
                 with torch.no_grad():
                     model(ids)
@@ -113,8 +207,30 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
     click.echo(f"output: {text}")
 
 
-def _csv(value: str, cast=str) -> list:
-    return [cast(v) for v in value.split(",") if v.strip()]
+def _csv(value: str) -> list:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _choices(value: str, allowed: list, param_hint: str) -> list:
+    """A comma-separated list, each item one of ``allowed``."""
+    items = _csv(value)
+    unknown = [v for v in items if v not in allowed]
+    if not items or unknown:
+        raise click.BadParameter(f"{', '.join(unknown) or 'nothing'} given; choose from {', '.join(allowed)} "
+                                 "(comma-separated)", param_hint=param_hint)
+    return items
+
+
+def _lengths(value: str) -> list:
+    """Comma-separated prompt lengths in tokens, each a positive int."""
+    try:
+        lengths = [int(v) for v in _csv(value)]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter(f"{value!r}: give positive token counts, comma-separated (e.g. 1024,2048)",
+                                 param_hint="--lengths")
+    return lengths
 
 
 @main.command("eval")
@@ -123,8 +239,9 @@ def _csv(value: str, cast=str) -> list:
 @click.option("--methods", default="xattention,flexprefill,vertical_slash", show_default=True)
 @click.option("--lengths", default="1024,2048", show_default=True)
 @click.option("--tasks", default="passkey,multikey,multivalue,vartrack", show_default=True)
-@click.option("--samples", default=2, show_default=True, help="samples per task and length")
-@click.option("--block-size", default=64, show_default=True)
+@click.option("--samples", default=2, show_default=True, type=click.IntRange(min=1),
+              help="samples per task and length")
+@click.option("--block-size", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]))
 @click.option("--out", default="results/eval", show_default=True, help="output prefix (.json, .md, .png)")
 @click.option("--device", default=None)
 def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, device):
@@ -134,19 +251,22 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .eval.canary import resolve_model
     from .eval.report import write_report
     from .eval.runner import SWEEPS, evaluate
+    from .eval.tasks import TASKS
 
-    try:
-        path = resolve_model(model_path)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method_list = _choices(methods, sorted(SWEEPS), "--methods")
+    task_list = _choices(tasks, list(TASKS), "--tasks")
+    length_list = _lengths(lengths)
+    block_size = int(block_size)
+    path, device = _model_dir(model_path), _device(device)
+    limit = _position_limit(path)
+    if limit is not None and max(length_list) > limit:
+        raise click.BadParameter(f"{max(length_list)} is over the model's {limit} positions (max_position_embeddings): "
+                                 f"prompts that long are out of its range", param_hint="--lengths")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    method_list, length_list, task_list = _csv(methods), _csv(lengths, int), _csv(tasks)
     configs = 1 + sum(len(SWEEPS.get(m, [])) for m in method_list)
     total = configs * len(length_list) * len(task_list) * samples
     with click.progressbar(length=total, label="sparse-attn eval") as bar:

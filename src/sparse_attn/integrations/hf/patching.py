@@ -36,6 +36,7 @@ class SparseState:
     config: SparseConfig
     original_implementation: str
     records: list = field(default_factory=list)
+    warned_short: bool = False  # the first prefill that stayed dense for its length was reported
 
     def summary(self) -> list:
         """Per-layer mean density and estimation time over the recorded sparse calls."""
@@ -178,6 +179,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         if spans is None:
             return dense("mask is neither causal nor causal with padding (e.g. sliding window): dense")
     if config.fallback != "never" and kv_len < config.min_kv_len:
+        if not state.warned_short:
+            state.warned_short = True
+            warnings.warn(f"sparse_attn: a {kv_len}-token prefill runs dense attention because it is shorter than "
+                          f"min_kv_len={config.min_kv_len} (below that length sparse attention does not pay); "
+                          "pass min_kv_len=... to patch() to change it. Said once per patch.", stacklevel=2)
         return dense(f"kv_len {kv_len} < min_kv_len {config.min_kv_len}")
     cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
 
