@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -193,6 +194,10 @@ def test_wrong_configs_raise_clear_errors():
         patch(model, config=SparseConfig(layers={7: {"method": "dense"}}))
     with pytest.raises(ValueError, match="fallback"):
         SparseConfig(fallback="sometimes")
+    with pytest.raises(ValueError, match=re.escape("SparseConfig: knobs: xattention: threshold=2 is outside (0, 1]")):
+        patch(model, method="xattention", threshold=2)
+    with pytest.raises(ValueError, match=re.escape("SparseConfig: min_kv_len=-1 is not >= 0")):
+        patch(model, method="xattention", min_kv_len=-1)
     with pytest.raises(ValueError, match="unknown SparseConfig field"):
         SparseConfig.from_dict({"methd": "oracle"})
     with pytest.raises(ValueError, match="either config"):
@@ -234,7 +239,35 @@ def test_cli_generate_on_a_local_model(tmp_path):
 
     bad = CliRunner().invoke(main, ["generate", "--model", str(tmp_path / "model"), "--method", "nope",
                                     "--prompt-file", str(prompt)])
-    assert bad.exit_code != 0 and "unknown method 'nope'" in str(bad.exception)
+    assert bad.exit_code == 2 and "unknown method 'nope'" in bad.output  # one line, no traceback
+
+
+def test_cli_generate_refuses_bad_settings_like_the_api(tmp_path):
+    """The CLI builds a SparseConfig and assigns --min-kv-len to it: SparseConfig refuses a bad value
+    (and a bad knob) there, the same way as the API."""
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+    from sparse_attn.integrations.hf.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tokenizer)})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog.")
+    base = ["generate", "--model", str(tmp_path / "model"), "--method", "oracle", "--prompt-file", str(prompt),
+            "--max-new-tokens", "1"]
+    # (cli.py may also refuse --min-kv-len -1 itself, as an option out of range.)
+    for extra, messages in [(["--knob", "block_size=16", "--min-kv-len", "-1"],
+                             ("SparseConfig: min_kv_len=-1 is not >= 0", "'--min-kv-len': -1")),
+                            (["--knob", "top_p=2"], ("SparseConfig: knobs: oracle: top_p=2 is outside (0, 1]",)),
+                            (["--knob", "top_p=high"], ("SparseConfig: knobs: oracle: top_p='high' is not a number",))]:
+        result = CliRunner().invoke(main, base + extra)
+        said = result.output + str(result.exception)
+        assert any(message in said for message in messages), (extra, said)
+        assert result.exit_code != 0, (extra, said)
 
 
 def test_byte_tokenizer_round_trips_text():

@@ -3,12 +3,14 @@
 One module per method (:mod:`.pooled`, :mod:`.oracle`, :mod:`.xattention`, :mod:`.vertical_slash`,
 :mod:`.flexprefill`, :mod:`.quest`, :mod:`.static`); the estimation steps they share are in
 :mod:`.primitives` (Triton kernels with PyTorch references side by side), :mod:`.selection` and
-:mod:`.common`.
+:mod:`.common`. Knobs are declared (type and range) with :class:`.knobs.KnobSpec` and checked
+when a method is built.
 """
 
 from .base import METHODS, EstimateReport, Method, get_method, register_method
 from .cost import CostModel, attend
 from .flexprefill import FlexPrefill
+from .knobs import KnobError, KnobSpec
 from .oracle import Oracle
 from .pooled import PooledTopK, PooledTopP
 from .quest import Quest
@@ -17,6 +19,7 @@ from .vertical_slash import VerticalSlash
 from .xattention import XAttention
 
 __all__ = [
-    "METHODS", "Method", "EstimateReport", "get_method", "register_method", "CostModel", "attend",
+    "METHODS", "Method", "EstimateReport", "get_method", "register_method", "KnobSpec", "KnobError",
+    "CostModel", "attend",
     "PooledTopP", "PooledTopK", "Oracle", "Quest", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
 ]

@@ -6,6 +6,9 @@ default: one layout row per GQA group, keys never repeated) or kept per query he
 (``granularity="head"``); sink and diagonal blocks are kept unless told otherwise; the result is
 always a valid causal layout. ``estimate(..., return_report=True)`` also returns an
 :class:`EstimateReport` of the call; the method object keeps no state between calls.
+
+Every knob has a declared type and range (a :class:`~.knobs.KnobSpec` in the class's ``KNOBS``),
+checked whenever a method is built or a knob assigned; ``per_layer`` overrides are checked too.
 """
 
 from __future__ import annotations
@@ -13,35 +16,48 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence, Union
+from typing import ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..layout import BlockSparseLayout
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from ..options import KernelOptions, resolve_kernel_options
 from ..patterns.grid import BlockGrid
 from .common import default_scale
+from .knobs import CheckedOnAssignment, KnobError, KnobSpec
 
 METHODS: dict = {}
 Knob = Union[float, Sequence[float]]  # a scalar knob, or one value per KV group or per query head
 
 
 def register_method(cls):
-    """Class decorator: make a method available to :func:`get_method` under ``cls.name``."""
+    """Class decorator: make a method available to :func:`get_method` under ``cls.name``.
+
+    Every knob (dataclass field) of the class needs a :class:`~.knobs.KnobSpec` in ``KNOBS`` (its
+    own or a base class's); ``per_layer`` is checked by the base class."""
+    specs = cls.knob_specs()
+    missing = [f.name for f in dataclasses.fields(cls) if f.name != "per_layer" and f.name not in specs]
+    if missing:
+        raise TypeError(f"method {cls.name!r}: knob(s) {missing} have no KnobSpec; declare them in "
+                        f"{cls.__name__}.KNOBS")
     METHODS[cls.name] = cls
     return cls
 
 
 def get_method(name: str, **knobs) -> "Method":
-    """Instantiate a registered method by name, e.g. ``get_method("xattention", threshold=0.9)``."""
+    """Instantiate a registered method by name, e.g. ``get_method("xattention", threshold=0.9)``.
+
+    Raises ValueError on an unknown name, and :class:`~.knobs.KnobError` (a ValueError) on an
+    unknown knob or a knob outside its declared type or range."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     cls = METHODS[name]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(knobs) - names
     if unknown:
-        raise ValueError(f"method {name!r} has no knob(s) {sorted(unknown)}; knobs: {sorted(names)}")
+        detail = f"no knob(s) {sorted(unknown)}; knobs: {sorted(names)}"
+        raise KnobError(f"method {name!r} has {detail}", owner=name, detail=detail)
     return cls(**knobs)
 
 
@@ -66,10 +82,18 @@ class EstimateReport:
 
 
 @dataclass
-class Method:
+class Method(CheckedOnAssignment):
     """Base class. Subclasses set ``name`` and implement :meth:`select`."""
 
     name: ClassVar[str] = "method"
+    # The declared type and range of each knob (merged along the class hierarchy by knob_specs()).
+    KNOBS: ClassVar[dict] = {
+        "block_size": KnobSpec.choice(*SUPPORTED_BLOCK_SIZES),
+        "granularity": KnobSpec.choice("kv", "head"),
+        "sink": KnobSpec.integer(0),
+        "keep_diagonal": KnobSpec.boolean(),
+        "measure_cost": KnobSpec.boolean(),
+    }
 
     block_size: int = 128
     granularity: str = "kv"
@@ -79,8 +103,71 @@ class Method:
     measure_cost: bool = True
 
     def __post_init__(self):
-        if self.granularity not in ("kv", "head"):
-            raise ValueError(f"granularity must be 'kv' or 'head', got {self.granularity!r}")
+        self.validate()
+        self._start_checking()  # from here on, assigning a knob checks it (and the knobs it constrains) again
+
+    def checked_fields(self):
+        return self.knob_names()
+
+    # -- knob checking ----------------------------------------------------------------------
+    @classmethod
+    def knob_specs(cls) -> dict:
+        """``{knob: KnobSpec}`` of this class (a subclass's spec replaces its base's)."""
+        specs: dict = {}
+        for klass in reversed(cls.__mro__):
+            specs.update(vars(klass).get("KNOBS", {}))
+        return specs
+
+    @classmethod
+    def knob_names(cls) -> set:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def validate(self) -> None:
+        """Check every knob against its spec, the constraints between knobs (:meth:`check_knobs`)
+        and every ``per_layer`` override; raise :class:`~.knobs.KnobError` (a ValueError) on the
+        first problem. Run when the method is built and when a knob is assigned."""
+        specs = self.knob_specs()
+        for f in dataclasses.fields(self):
+            if f.name in specs:
+                specs[f.name].check(self.name, f.name, getattr(self, f.name))
+        self.check_knobs()
+        self._check_per_layer()
+
+    def check_knobs(self) -> None:
+        """Constraints between knobs (each knob alone is already checked); subclasses add theirs."""
+
+    def knob_error(self, knob: str, value, problem: str) -> KnobError:
+        """``KnobError("<method>: <knob>=<value> <problem>")``, for :meth:`check_knobs`."""
+        return self._error(f"{knob}={value!r} {problem}")
+
+    def _error(self, detail: str) -> KnobError:
+        return KnobError(f"{self.name}: {detail}", owner=self.name, detail=detail)
+
+    def _check_per_layer(self) -> None:
+        per_layer = self.per_layer
+        if not isinstance(per_layer, Mapping):
+            raise self.knob_error("per_layer", per_layer, "is not a dict {layer_idx: {knob: value}}")
+        names = sorted(self.knob_names() - {"per_layer"})
+        normalized = {}
+        for key, override in per_layer.items():
+            idx = key
+            if isinstance(key, str) and key.strip().isdigit():  # JSON object keys are strings
+                idx = int(key)
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise self.knob_error("per_layer", per_layer, f"has key {key!r}, not a layer index (an int >= 0)")
+            where = f"per_layer[{idx}]"
+            if not isinstance(override, Mapping):
+                raise self.knob_error(where, override, "is not a dict {knob: value}")
+            unknown = sorted(set(override) - set(names), key=str)
+            if unknown:
+                raise self._error(f"{where} has no knob(s) {unknown}; knobs: {names}")
+            try:  # the method this layer gets, built once now so its knobs are checked now
+                dataclasses.replace(self, per_layer={}, **override)
+            except KnobError as err:
+                raise self._error(f"{where}: {err.detail}") from None
+            normalized[idx] = dict(override)
+        if any(type(k) is not int for k in per_layer):
+            object.__setattr__(self, "per_layer", normalized)
 
     # -- to implement -----------------------------------------------------------------------
     def select(self, q: Tensor, k: Tensor, grid: BlockGrid, scale: float,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import Knob, Method, register_method
+from .knobs import KnobSpec
 from .pooled import pooled_block_probs
 from .primitives.line_scores import KV_GROUPS_PER_CHUNK, diagonal_sums, last_rows_attention, line_scores
 from .primitives.top_p import select_top_p, top_p_mask
@@ -85,18 +86,20 @@ class FlexPrefill(Method):
     """
 
     name = "flexprefill"
+    KNOBS = {
+        "gamma": KnobSpec.fraction(),  # the share of mass (blocks or lines) to cover
+        # sqrt(JS divergence), natural log, lies in [0, sqrt(ln 2) ~ 0.83]: tau 0 makes every head
+        # vertical-slash, tau 1 every head query-aware.
+        "tau": KnobSpec.real(0.0, 1.0),
+        "min_budget": KnobSpec.integer(0),  # tokens; 0 still keeps one block / one line
+        "line_search": KnobSpec.choice("separate", "union"),
+        "kv_groups_per_chunk": KnobSpec.integer(1),
+    }
     gamma: Knob = 0.9
     tau: float = 0.1
     min_budget: int = 1024
     line_search: str = "separate"
     kv_groups_per_chunk: int = KV_GROUPS_PER_CHUNK
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.line_search not in ("separate", "union"):
-            raise ValueError(f"flexprefill: line_search must be 'separate' or 'union', got {self.line_search!r}")
-        if self.kv_groups_per_chunk < 1:
-            raise ValueError(f"flexprefill: kv_groups_per_chunk must be >= 1, got {self.kv_groups_per_chunk}")
 
     def select(self, q, k, grid, scale, kernel_options=None):
         heads, kv_heads = q.shape[1], k.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Knob, Method, register_method
+from .knobs import KnobSpec
 from .primitives.block_mass import block_mass
 from .primitives.top_p import top_p_mask
 
@@ -17,6 +18,7 @@ class Oracle(Method):
     (:func:`.primitives.block_mass.block_mass`)."""
 
     name = "oracle"
+    KNOBS = {"top_p": KnobSpec.fraction(), "one_pass": KnobSpec.boolean()}
     top_p: Knob = 0.95
     one_pass: bool = True
 

@@ -13,6 +13,7 @@ from ..options import KernelOptions
 from ..patterns.grid import BlockGrid
 from .base import Knob, Method, register_method
 from .common import group_queries
+from .knobs import KnobSpec
 from .primitives.mean_pool import block_mean_pool
 from .primitives.top_p import top_p_mask
 from .selection import select_top_k
@@ -42,6 +43,7 @@ class PooledTopP(Method):
     keep the fewest key blocks whose softmax share reaches ``top_p``."""
 
     name = "pooled_topp"
+    KNOBS = {"top_p": KnobSpec.fraction()}
     top_p: Knob = 0.9
 
     def select(self, q, k, grid, scale, kernel_options=None):
@@ -55,6 +57,7 @@ class PooledTopK(Method):
     """Mean-pooled block scores; keep the ``top_k`` best key blocks per query block."""
 
     name = "pooled_topk"
+    KNOBS = {"top_k": KnobSpec.integer(1, per_head=True)}  # key blocks per query block
     top_k: Knob = 8
 
     def select(self, q, k, grid, scale, kernel_options=None):

@@ -8,6 +8,7 @@ import torch
 
 from .base import Knob, Method, register_method
 from .common import group_queries
+from .knobs import KnobSpec
 from .selection import select_top_k
 
 
@@ -21,6 +22,7 @@ class Quest(Method):
     cache)."""
 
     name = "quest"
+    KNOBS = {"top_k": KnobSpec.integer(1, per_head=True)}  # pages (key blocks) per query block
     top_k: Knob = 16
 
     def select(self, q, k, grid, scale, kernel_options=None):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..patterns import dense_layout, power_layout, sliding_window_layout, strided_layout
 from .base import Method, register_method
+from .knobs import KnobSpec
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SlidingWindow(StaticPattern):
     """Sliding window + sinks (StreamingLLM, MInference A-shape); ``window`` in tokens."""
 
     name = "sliding_window"
+    KNOBS = {"window": KnobSpec.integer(1)}  # tokens
     window: int = 4096
 
     def build(self, q_len, kv_len, heads, kv_heads, device):
@@ -50,6 +52,7 @@ class Strided(StaticPattern):
     """S2-Attention shards per query head plus a local window of ``local_blocks``."""
 
     name = "strided"
+    KNOBS = {"stride": KnobSpec.integer(1), "local_blocks": KnobSpec.integer(1)}
     stride: int = 4
     local_blocks: int = 4
     granularity: str = "head"  # each query head keeps its own shard (merging a GQA group would union them)
@@ -66,6 +69,7 @@ class Power(StaticPattern):
     """PowerAttention: power-of-two block distances plus a local window."""
 
     name = "power"
+    KNOBS = {"local_blocks": KnobSpec.integer(1)}  # the diagonal block counts as one
     local_blocks: int = 2
 
     def build(self, q_len, kv_len, heads, kv_heads, device):

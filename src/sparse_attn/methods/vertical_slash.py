@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Knob, Method, register_method
+from .knobs import KnobSpec
 from .primitives.line_scores import line_scores
 from .selection import lines_to_blocks, select_top_k
 
@@ -18,6 +19,11 @@ class VerticalSlash(Method):
     cover them with blocks (block granularity: a kept column costs its whole key block)."""
 
     name = "vertical_slash"
+    KNOBS = {
+        "vertical_size": KnobSpec.integer(0, per_head=True),  # key columns (0: slashes only)
+        "slash_size": KnobSpec.integer(0, per_head=True),  # diagonals (0: columns only)
+        "last_q": KnobSpec.integer(1),  # scoring queries (capped at the query length)
+    }
     vertical_size: Knob = 1000
     slash_size: Knob = 6096
     last_q: int = 64

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Knob, Method, register_method
+from .knobs import KnobSpec
 from .primitives.block_mass import block_mass
 from .primitives.top_p import top_p_mask
 
@@ -33,14 +34,25 @@ def antidiagonal_reshape(q: Tensor, k: Tensor, stride: int):
 @dataclass
 class XAttention(Method):
     """XAttention: antidiagonal scores with stride ``stride`` inside each block pair, softmax over
-    the row, then per query block the fewest key blocks whose mass reaches ``threshold``.
+    the row, then per query block the fewest key blocks whose mass reaches ``threshold`` (in (0, 1];
+    ``stride`` >= 1 must divide ``block_size``).
     ``one_pass``: the block mass kernel computes the scores once (default) or twice
     (:func:`.primitives.block_mass.block_mass`)."""
 
     name = "xattention"
+    KNOBS = {
+        "threshold": KnobSpec.fraction(),  # cumulative mass per query block
+        "stride": KnobSpec.integer(1),  # must also divide block_size (check_knobs)
+        "one_pass": KnobSpec.boolean(),
+    }
     threshold: Knob = 0.9
     stride: int = 8
     one_pass: bool = True
+
+    def check_knobs(self):
+        if self.block_size % self.stride:
+            raise self.knob_error("stride", self.stride, f"does not divide block_size={self.block_size} "
+                                  "(stride must be >= 1 and divide block_size)")
 
     def select(self, q, k, grid, scale, kernel_options=None):
         if grid.q_block % self.stride or grid.kv_block % self.stride:

@@ -6,15 +6,36 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
-from ...methods import METHODS, CostModel, Method, get_method
+from ...backends import BACKENDS
+from ...methods import METHODS, CostModel, KnobError, KnobSpec, Method, get_method
+from ...methods.knobs import CheckedOnAssignment
 
 FALLBACKS = ("auto", "length", "never")
 
+# Declared types and ranges of the plain settings (the method ones are checked by building them).
+SETTINGS = {
+    "dense_first_layers": KnobSpec.integer(0),
+    "min_kv_len": KnobSpec.integer(0),
+    "fallback": KnobSpec.choice(*FALLBACKS),
+    "record": KnobSpec.boolean(),
+    "measure_recall": KnobSpec.boolean(),
+}
+OWNER = "SparseConfig"
+
+
+class SparseConfigError(KnobError):
+    """A SparseConfig field (or a method knob in it) is unknown or outside its type or range; the
+    message names the field (and the file, from :meth:`SparseConfig.from_file`). A ValueError."""
+
+
+def _error(detail: str) -> SparseConfigError:
+    return SparseConfigError(f"{OWNER}: {detail}", owner=OWNER, detail=detail)
+
 
 @dataclass
-class SparseConfig:
+class SparseConfig(CheckedOnAssignment):
     """Per-model sparse-attention settings (also readable from JSON or YAML).
 
     * ``method`` / ``knobs``: the default method and its knobs (per-head lists allowed).
@@ -30,6 +51,14 @@ class SparseConfig:
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
     * ``backend``: attention backend for the sparse path (``"auto"`` picks Triton on GPUs).
+
+    Everything is checked when the config is built and again when a field is assigned
+    (``config.min_kv_len = -1`` raises and leaves the config as it was): the method names exist,
+    every method (default, per layer, decode) is built once with its knobs, ``dense_first_layers``
+    and ``min_kv_len`` are ints >= 0, ``fallback`` is one of ``FALLBACKS``, ``record`` and
+    ``measure_recall`` are bools, ``backend`` is ``"auto"`` or a known backend. Errors are
+    :class:`SparseConfigError` (a ValueError) naming the field. Mutating ``knobs`` or ``layers`` in
+    place is not seen: assign a new dict.
     """
 
     method: str = "xattention"
@@ -44,33 +73,81 @@ class SparseConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        self.layers = {int(k): dict(v) for k, v in self.layers.items()}
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if self.dense_first_layers < 0 or self.min_kv_len < 0:
-            raise ValueError("dense_first_layers and min_kv_len must be >= 0")
-        # Build every method once now, so a wrong name or knob fails at patch time.
-        self._methods: dict = {}
-        self.method_for(None)
-        for idx in self.layers:
-            self.method_for(idx)
-        if self.decode != "dense":
-            spec = {"method": self.decode} if isinstance(self.decode, str) else dict(self.decode)
-            self._decode_method = get_method(spec.pop("method"), **spec)
+        self.validate()
+        self._start_checking()  # from here on, assigning a field checks the whole config again
+
+    def checked_fields(self):
+        return _FIELD_NAMES
+
+    def validate(self) -> None:
+        """Check every field and build every method once (a wrong name or knob fails here, not at
+        the first forward); commit the normalized layers and the built methods only if all pass."""
+        for name, spec in SETTINGS.items():
+            try:
+                spec.check(OWNER, name, getattr(self, name))
+            except KnobError as err:
+                raise _error(err.detail) from None
+        if not isinstance(self.backend, str) or self.backend not in ("auto", *BACKENDS):
+            raise _error(f"backend={self.backend!r} is not one of {['auto', *BACKENDS]}")
+        if not isinstance(self.method, str):
+            raise _error(f"method={self.method!r} is not a method name (a str)")
+        if not isinstance(self.knobs, Mapping):
+            raise _error(f"knobs={self.knobs!r} is not a dict {{knob: value}}")
+        if not isinstance(self.layers, Mapping):
+            raise _error(f"layers={self.layers!r} is not a dict {{layer_idx: {{'method': ..., **knobs}}}}")
+        layers = {}
+        for key, spec in self.layers.items():
+            idx = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+            if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+                raise _error(f"layers has key {key!r}, not a layer index (an int >= 0)")
+            if not isinstance(spec, Mapping):
+                raise _error(f"layers[{idx}]={spec!r} is not a dict {{'method': ..., **knobs}}")
+            layers[idx] = dict(spec)
+        methods = {None: self._build(None, {})}
+        for idx, spec in layers.items():
+            methods[idx] = self._build(idx, spec)
+        decode = None
+        if isinstance(self.decode, str):
+            if self.decode != "dense":
+                decode = self._build_named("decode", "decode", self.decode, {})
+        elif isinstance(self.decode, Mapping):
+            spec = dict(self.decode)
+            if "method" not in spec:
+                raise _error(f"decode={self.decode!r} has no 'method' key")
+            name = spec.pop("method")
+            decode = self._build_named("decode", "decode", name, spec)
+        else:
+            raise _error(f"decode={self.decode!r} is not 'dense', a method name or {{'method': name, **knobs}}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "_methods", methods)
+        object.__setattr__(self, "_decode_method", decode)
+
+    def _build(self, key: Optional[int], spec: dict) -> Optional[Method]:
+        """The method of ``layers[key]`` (``key`` None: the default method), built (and so checked);
+        None for a layer configured dense."""
+        spec = dict(spec)
+        name = spec.pop("method", self.method)
+        name_field, knobs_field = ("method", "knobs") if key is None else (f"layers[{key}]",) * 2
+        knobs = {**(self.knobs if name == self.method else {}), **spec}
+        method = self._build_named(name_field, knobs_field, name, knobs)
+        return None if name == "dense" and key is not None else method
+
+    @staticmethod
+    def _build_named(name_field: str, knobs_field: str, name, knobs: dict) -> Method:
+        if not isinstance(name, str) or name not in METHODS:
+            raise _error(f"{name_field}: unknown method {name!r}; available: {sorted(METHODS)}")
+        try:
+            return get_method(name, **knobs)
+        except KnobError as err:
+            raise _error(f"{knobs_field}: {err}") from None
 
     def method_for(self, layer_idx: Optional[int]) -> Optional[Method]:
         """The method for a layer, or None when the layer stays dense."""
         if layer_idx is not None and layer_idx < self.dense_first_layers:
             return None
         key = layer_idx if layer_idx in self.layers else None
-        if key not in self._methods:
-            spec = dict(self.layers[key]) if key is not None else {}
-            name = spec.pop("method", self.method)
-            if name not in METHODS:
-                where = f"layers[{key}]" if key is not None else "method"
-                raise ValueError(f"{where}: unknown method {name!r}; available: {sorted(METHODS)}")
-            knobs = {**(self.knobs if name == self.method else {}), **spec}
-            self._methods[key] = None if name == "dense" and key is not None else get_method(name, **knobs)
+        if key not in self._methods:  # layers changed in place since the last check
+            self._methods[key] = self._build(key, self.layers[key])
         return self._methods[key]
 
     def check_layers(self, num_layers: int) -> None:
@@ -86,26 +163,43 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SparseConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        """Build from a dict of fields; an unknown key is refused, naming it."""
+        if not isinstance(data, Mapping):
+            raise SparseConfigError(f"a SparseConfig needs a mapping of fields, got {type(data).__name__}")
+        unknown = set(data) - _FIELD_NAMES
         if unknown:
-            raise ValueError(f"unknown SparseConfig field(s) {sorted(unknown)}; fields: {sorted(names)}")
+            detail = f"unknown SparseConfig field(s) {sorted(unknown, key=str)}; fields: {sorted(_FIELD_NAMES)}"
+            raise SparseConfigError(detail, owner=OWNER, detail=detail)
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "SparseConfig":
-        """Read a ``.json`` or ``.yaml``/``.yml`` file (YAML needs PyYAML)."""
+        """Read a ``.json`` or ``.yaml``/``.yml`` file (YAML needs PyYAML). Every error of the
+        contents (syntax, unknown key, bad value) is a :class:`SparseConfigError` naming the file."""
         path = Path(path)
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as exc:
-                raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from exc
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        return cls.from_dict(data or {})
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                try:
+                    import yaml
+                except ImportError as exc:
+                    raise ImportError("reading YAML configs needs PyYAML: pip install pyyaml") from exc
+                try:
+                    data = yaml.safe_load(text)
+                except yaml.YAMLError as err:
+                    raise SparseConfigError(f"not valid YAML: {err}") from None
+            else:
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise SparseConfigError(f"not valid JSON: {err}") from None
+            return cls.from_dict(data or {})
+        except (SparseConfigError, KnobError) as err:
+            raise SparseConfigError(f"{path}: {err}", owner=getattr(err, "owner", None),
+                                    detail=getattr(err, "detail", None)) from None
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SparseConfig))

@@ -1,0 +1,188 @@
+"""Declared types and ranges of method knobs: one :class:`KnobSpec` per knob, checked when a method
+is built (construction, :func:`~sparse_attn.methods.get_method`, ``dataclasses.replace``, assignment
+and every ``per_layer`` override).
+
+A spec is a kind (``"float"``, ``"int"``, ``"bool"`` or ``"choice"``) with a range or a set of
+choices; ``per_head`` specs also take a non-empty list of values (one per query head or per KV
+group), each checked on its own. Numbers never accept booleans, floats never accept NaN, ints never
+accept floats. A failed check raises :class:`KnobError` (a ``ValueError``) naming the owner (the
+method), the knob, the value and what is allowed, e.g. ``xattention: threshold=2 is outside (0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = ["KnobError", "KnobSpec"]
+
+KINDS = ("float", "int", "bool", "choice")
+
+
+class KnobError(ValueError):
+    """A knob (or a setting) outside its declared type or range. ``owner`` is who owns the knob
+    (a method's name, ``"SparseConfig"``), ``detail`` the rest of the message."""
+
+    def __init__(self, message: str, *, owner: Optional[str] = None, detail: Optional[str] = None):
+        super().__init__(message)
+        self.owner = owner
+        self.detail = message if detail is None else detail
+
+
+def _number(x) -> str:
+    return repr(int(x)) if isinstance(x, float) and x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+@dataclass(frozen=True)
+class KnobSpec:
+    """The declared type and range of one knob.
+
+    * ``kind``: ``"float"`` (an int or a float, not a bool, not NaN), ``"int"`` (an int, not a bool),
+      ``"bool"`` (True or False) or ``"choice"`` (one of ``choices``).
+    * ``low`` / ``high``: bounds of a number (None: unbounded), excluded where ``low_open`` /
+      ``high_open``.
+    * ``per_head``: a non-empty list or tuple of such values is accepted too (checked element-wise).
+    """
+
+    kind: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    per_head: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"KnobSpec kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.kind == "choice") != bool(self.choices):
+            raise ValueError("KnobSpec: choices go with kind='choice' (and only with it)")
+
+    # -- constructors for the common cases -------------------------------------------------------
+    @classmethod
+    def fraction(cls, per_head: bool = True) -> "KnobSpec":
+        """A share of probability mass in (0, 1]."""
+        return cls("float", 0.0, 1.0, low_open=True, per_head=per_head)
+
+    @classmethod
+    def integer(cls, low: Optional[int] = None, high: Optional[int] = None, per_head: bool = False) -> "KnobSpec":
+        return cls("int", low, high, per_head=per_head)
+
+    @classmethod
+    def real(cls, low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+             high_open: bool = False, per_head: bool = False) -> "KnobSpec":
+        return cls("float", low, high, low_open=low_open, high_open=high_open, per_head=per_head)
+
+    @classmethod
+    def boolean(cls) -> "KnobSpec":
+        return cls("bool")
+
+    @classmethod
+    def choice(cls, *choices) -> "KnobSpec":
+        return cls("choice", choices=tuple(choices))
+
+    # -- text ------------------------------------------------------------------------------------
+    def range_text(self) -> str:
+        """The allowed values alone: ``(0, 1]``, ``>= 1``, ``one of 'kv', 'head'``, ``True or False``."""
+        if self.kind == "bool":
+            return "True or False"
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.low is not None and self.high is not None:
+            return (f"{'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return "any value"
+
+    def describe(self) -> str:
+        """What is allowed, in words (for messages and documentation)."""
+        what = {"float": "a number", "int": "an int"}.get(self.kind)
+        if what is None:
+            text = self.range_text()
+        elif self.low is None and self.high is None:
+            text = what
+        elif self.low is not None and self.high is not None:
+            text = f"{what} in {self.range_text()}"
+        else:
+            text = f"{what} {self.range_text()}"
+        return text + (" (or a list of them, one per head)" if self.per_head else "")
+
+    # -- checking --------------------------------------------------------------------------------
+    def check(self, owner: str, name: str, value: Any) -> None:
+        """Raise :class:`KnobError` unless ``value`` fits; ``owner`` and ``name`` go in the message."""
+        if self.per_head and isinstance(value, (list, tuple)):
+            if not value:
+                self._fail(owner, name, value, f"is empty; expected {self.describe()}")
+            for i, item in enumerate(value):
+                self._check_one(owner, f"{name}[{i}]", item)
+            return
+        self._check_one(owner, name, value)
+
+    def _fail(self, owner: str, name: str, value: Any, problem: str):
+        detail = f"{name}={value!r} {problem}"
+        raise KnobError(f"{owner}: {detail}", owner=owner, detail=detail)
+
+    def _check_one(self, owner: str, name: str, value: Any) -> None:
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                self._fail(owner, name, value, "is not a bool (True or False)")
+            return
+        if self.kind == "choice":
+            if isinstance(value, bool) or not _hashable(value) or value not in self.choices:
+                self._fail(owner, name, value, f"is not {self.range_text()}")
+            return
+        expected = self.describe()
+        if isinstance(value, bool):
+            self._fail(owner, name, value, f"is a bool, not a number; expected {expected}")
+        if self.kind == "int" and not isinstance(value, numbers.Integral):
+            self._fail(owner, name, value, f"is not an int; expected {expected}")
+        if not isinstance(value, numbers.Real):
+            self._fail(owner, name, value, f"is not a number; expected {expected}")
+        if math.isnan(value):
+            self._fail(owner, name, value, f"is not a number; expected {expected}")
+        low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if low_bad or high_bad:
+            if self.low is not None and self.high is not None:
+                self._fail(owner, name, value, f"is outside {self.range_text()}")
+            self._fail(owner, name, value, f"is not {self.range_text()}")
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+class CheckedOnAssignment:
+    """Mixin for a validated dataclass: once ``__post_init__`` has run ``validate()`` and called
+    ``_start_checking()``, assigning one of ``checked_fields()`` runs ``validate()`` again; a refused
+    value is rolled back, so the object never holds a value it would not accept at construction."""
+
+    def validate(self):  # pragma: no cover - implemented by the subclass
+        raise NotImplementedError
+
+    def checked_fields(self):  # pragma: no cover - implemented by the subclass
+        raise NotImplementedError
+
+    def _start_checking(self) -> None:
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name, value):
+        if not self.__dict__.get("_checked") or name not in self.checked_fields():
+            object.__setattr__(self, name, value)
+            return
+        old = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except Exception:
+            object.__setattr__(self, name, old)
+            raise
