@@ -2,6 +2,7 @@
 (its training tool is tested in tests/tools/test_canary_training.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,187 @@ def test_drill_samples_hide_several_lists_in_order_and_ask_each(tokenizer, task,
         assert places == sorted(places)  # each list / chain keeps its order in the text
     single = make_sample(task, tokenizer, 1500, seed=3)
     assert single.followups == [] and single.prompt != sample.prompt
+
+
+# --- Reports for a newcomer: progress, timing spread and backend, intervals, column definitions, plots.
+
+def _synthetic_rows(device="cpu", backend="reference"):
+    """Rows as the runner writes them, at two lengths, without running a model."""
+    rows = []
+    for length, dense_ms in ((512, 10.0), (1024, 30.0)):
+        rows.append({"length": length, "method": "dense", "knobs": {}, "accuracy": 1.0, "samples": 4,
+                     "per_task": {"passkey": 1.0}, "per_task_prompts": {"passkey": 4}, "density": 1.0,
+                     "recall": 1.0, "estimate_ms_per_prefill": 0.0, "prefill_ms": dense_ms,
+                     "prefill_ms_min": dense_ms - 1, "prefill_ms_max": dense_ms + 1,
+                     "prefill_ms_repeats": [dense_ms - 1, dense_ms, dense_ms + 1], "timed_tokens": length,
+                     "device": device, "backend": "dense (sdpa)", "forward_kernel": "sdpa", "block_size": 64})
+        for method, knobs, density, ms in (("xattention", {"threshold": 0.9, "stride": 8}, 0.5, dense_ms * 1.05),
+                                           ("xattention", {"threshold": 0.95, "stride": 8}, 0.6, dense_ms * 3),
+                                           ("oracle", {"top_p": 0.9}, 0.5, dense_ms * 2)):
+            rows.append({"length": length, "method": method, "knobs": knobs, "accuracy": 1.0, "samples": 4,
+                         "per_task": {"passkey": 1.0}, "per_task_prompts": {"passkey": 4}, "density": density,
+                         "recall": 0.95, "estimate_ms_per_prefill": 1.0, "prefill_ms": ms,
+                         "prefill_ms_min": ms - 0.5, "prefill_ms_max": ms + 0.5,
+                         "prefill_ms_repeats": [ms - 0.5, ms, ms + 0.5], "timed_tokens": length, "device": device,
+                         "backend": backend, "forward_kernel": backend, "block_size": 64,
+                         "backend_skipped": [] if device != "cpu" else ["triton: q is not on a CUDA device"]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def small_run(tokenizer, tmp_path_factory):
+    """One small CPU evaluation (tiny model, 1 prompt per task), its stderr and its report."""
+    import contextlib
+    import io
+
+    model = _tiny_model(tokenizer)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rows = evaluate(model, tokenizer, ["oracle"], [400], tasks=["passkey", "multikey"], samples=1,
+                        block_size=32, sweeps={"oracle": [{"top_p": 0.5}]}, timing_repeats=3)
+    prefix = str(tmp_path_factory.mktemp("report") / "eval")
+    result = write_report(rows, {"model": "tiny", "device": "cpu"}, prefix)
+    return rows, err.getvalue(), result, prefix
+
+
+def test_progress_goes_to_stderr_per_prompt_with_an_eta(small_run, tokenizer, capsys):
+    _, err, _, _ = small_run
+    assert "length 400 | dense | prompt 1/2" in err  # the first prompt logs at once
+    assert "length 400 | oracle top_p=0.5 | accuracy" in err  # each configuration's end
+    assert "ETA" in err and "elapsed" in err and "sparse-attn eval: done" in err
+    evaluate(_tiny_model(tokenizer), tokenizer, [], [256], tasks=["passkey"], samples=1, block_size=32,
+             progress=False)
+    assert "sparse-attn eval" not in capsys.readouterr().err
+
+
+def test_progress_bar_with_tqdm_and_plain_lines_without_it(monkeypatch):
+    import io
+    import sys
+
+    from sparse_attn.eval.progress import Progress, format_seconds, step_cost
+
+    pytest.importorskip("tqdm")
+    stream = io.StringIO()
+    bar = Progress(1000, stream=stream, use_tqdm=True)
+    bar.update(500, "length 1024 | xattention threshold=0.9 | prompt 1/8")
+    bar.close()
+    assert " 50%|" in stream.getvalue() and "ETA" in stream.getvalue()
+    assert "xattention threshold=0.9" in stream.getvalue()
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm missing: log lines instead
+    stream = io.StringIO()
+    ticks = iter([0.0, 10.0, 10.0, 30.0])
+    bar = Progress(1000, stream=stream, use_tqdm=True, clock=lambda: next(ticks), intro="4 prompts")
+    bar.update(250, "length 1024 | dense | prompt 1/8")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "sparse-attn eval: 4 prompts"
+    assert lines[1] == "sparse-attn eval [ 25%] length 1024 | dense | prompt 1/8 | 10s elapsed, ETA 30s"
+    assert lines[2] == "sparse-attn eval: done in 30s"
+    assert format_seconds(75) == "1m15s" and format_seconds(4000) == "1h06m"
+    assert step_cost(2048) / step_cost(1024) == pytest.approx(2.67, abs=0.01)  # longer prompts cost more per token
+
+
+def test_rows_carry_timing_spread_backend_device_and_interval(small_run):
+    rows, _, _, prefix = small_run
+    for row in rows:
+        assert len(row["prefill_ms_repeats"]) == 3
+        assert row["prefill_ms_min"] <= row["prefill_ms"] <= row["prefill_ms_max"]
+        assert row["prefill_ms"] == sorted(row["prefill_ms_repeats"])[1]
+        assert row["device"] == "cpu" and row["samples"] == 2 and row["per_task_prompts"] == {"passkey": 1, "multikey": 1}
+        lo, hi = row["accuracy_ci95"]
+        assert 0 <= lo <= row["accuracy"] <= hi <= 1 and hi - lo > 0.3  # 2 prompts: a wide interval
+    dense, oracle = rows
+    assert dense["backend"].startswith("dense") and oracle["backend"] == "reference"
+    assert any(s.startswith("triton:") for s in oracle["backend_skipped"])
+    saved = json.loads(Path(prefix + ".json").read_text())
+    assert saved["run"]["device"] == "cpu" and saved["run"]["sparse_backend"] == {"oracle": ["reference"]}
+    assert "reference-backend timings" in saved["about"]["timings"]
+
+
+def test_markdown_report_reads_without_knowing_the_project(small_run):
+    from sparse_attn.eval.report import COLUMNS
+
+    rows, _, result, prefix = small_run
+    md = Path(prefix + ".md").read_text()
+    assert md == result["markdown"]
+    first = md.splitlines()[0]
+    assert first.startswith("# ") and "{" not in first and not md.lstrip().startswith("{")
+    intro = md.split("\n\n")[1]
+    for fact in ("`tiny`", "400 tokens", "passkey and multikey", "1 prompt per task", "`oracle` (top_p=0.5)",
+                 "cpu", "`reference` backend"):
+        assert fact in intro, fact
+    header = md.split("## Results")[1].strip().splitlines()[0]
+    for name, _ in COLUMNS:  # every column in the table, and defined below it
+        assert f"| {name} |" in header or header.startswith(f"| {name} |")
+        assert f"* **{name}**: " in md.split("## Columns")[1]
+    assert "string_match_all" in md and "Wilson" in md and "softmax" in md and "causally reachable" in md
+    # On CPU: said plainly, with where to find GPU tables.
+    assert "do not show the GPU speedups" in md and "docs/benchmarks.md" in md
+    lo, hi = rows[1]["accuracy_ci95"]
+    line = result["table"].splitlines()[3]
+    assert f"[{lo:.2f}, {hi:.2f}] | 2 |" in line and "passkey " in line and "(1)" in line
+    assert f"{rows[1]['prefill_ms']:.1f} ({rows[1]['prefill_ms_min']:.1f}-{rows[1]['prefill_ms_max']:.1f})" in line
+    assert "![eval_accuracy_vs_density](eval_accuracy_vs_density.png)" in md
+    assert "* model: tiny" in md and "{'model'" not in md
+
+
+def test_gpu_report_and_timing_noise_marker():
+    from sparse_attn.eval.report import markdown_report, markdown_table
+
+    rows = _synthetic_rows(device="cuda:0", backend="triton")
+    md = markdown_report(rows, {"model": "m", "device": "NVIDIA H100"})
+    assert md.startswith("# Sparse attention evaluation: `m` on NVIDIA H100 (cuda:0)")
+    assert "`triton` backend" in md and "do not show the GPU speedups" not in md and "docs/benchmarks.md" in md
+    assert "differ by more than" not in md  # no noisy row
+    table = markdown_table(rows).splitlines()
+    assert table[3].endswith("| ~1.05x |")  # ranges overlap dense's: within noise
+    assert table[4].endswith("| 3.00x |") and table[2].endswith("| 1.00x |")
+    rows[0]["prefill_ms_max"] = 20.0  # dense at 512: 9-20 ms around a 10 ms median
+    assert "In 1 of 8 rows the repeats differ by more than 25% of their median" in markdown_report(rows, {})
+    # Rows from before the spread, interval and backend were recorded still render.
+    old = [{k: v for k, v in r.items() if not k.startswith(("prefill_ms_", "accuracy_ci", "backend", "device"))}
+           for r in rows]
+    assert "| 512 | xattention | threshold=0.9, stride=8 | 1.00 [0.51, 1.00] | 4 |" in markdown_table(old)
+
+
+def test_wilson_interval():
+    from sparse_attn.eval.stats import wilson_interval
+
+    assert wilson_interval(0.5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(1.0, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)
+    assert wilson_interval(0.0, 4)[0] == 0.0 and wilson_interval(0.3, 0) == (0.0, 1.0)
+
+
+def test_each_method_keeps_one_colour_and_marker_in_every_plot_and_length():
+    mpl = pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgb
+
+    from sparse_attn.eval.report import _figure, method_color, method_marker, method_style
+    from sparse_attn.eval.runner import SWEEPS
+
+    known = ["dense", *SWEEPS]
+    assert len({method_color(m) for m in known}) == len(known)  # distinct
+    assert len({method_marker(m) for m in known}) == len(known)
+    assert method_style(["oracle", "xattention"])["xattention"] == method_style(["xattention"])["xattention"]
+    assert method_color("my_method") == method_color("my_method")  # unknown names: stable too
+    rows = _synthetic_rows()
+    for metric in ("accuracy", "prefill_ms"):
+        fig = _figure(rows, metric)
+        axes = fig.axes
+        assert len(axes) == 2  # one panel per length
+        for ax in axes:
+            seen = set()
+            for artist in ax.collections + ax.lines:
+                method = artist.get_gid()
+                if method is None:
+                    continue
+                seen.add(method)
+                colors = (artist.get_facecolor() if hasattr(artist, "get_offsets") else [artist.get_color()])
+                assert all(to_rgb(c) == to_rgb(method_color(method)) for c in colors), (metric, method)
+                if hasattr(artist, "get_offsets"):  # the markers: per-method shape, see-through
+                    assert artist.get_alpha() < 1
+            assert seen == {"dense", "xattention", "oracle"}
+        legend = fig.legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == ["dense (reference)", "xattention", "oracle"]
+        assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
+        mpl.pyplot.close(fig)
