@@ -199,3 +199,18 @@ def test_sparse_attention_inside_torch_compile():
     # Dynamo does not trace into the call (its checks and backends): only relu and mul are captured.
     torch._dynamo.reset()
     assert torch._dynamo.explain(block)(q, k, v).op_count == 2
+
+
+def test_auto_passes_over_flex_for_float32_blocks_its_compiled_tiles_cannot_split():
+    """Compiled Flex runs float32 in 64 x 64 tiles and refuses layouts of 32-token blocks; auto on a
+    CUDA float32 call must then pass over it with that reason (checked here on a stand-in CUDA tensor)."""
+    from types import SimpleNamespace
+
+    from sparse_attn.backends import BACKENDS
+
+    layout = random_layout(1, 1, 128, 128, block=32)
+    cuda_q = SimpleNamespace(is_cuda=True, dtype=torch.float32, shape=(1, 2, 128, 16))
+    assert "multiples of 64" in BACKENDS["flex"].can_run(cuda_q, cuda_q, cuda_q, layout)
+    assert BACKENDS["flex"].can_run(cuda_q, cuda_q, cuda_q, random_layout(1, 1, 128, 128, block=64)) is None
+    half_q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 2, 128, 16))
+    assert BACKENDS["flex"].can_run(half_q, half_q, half_q, layout) is None

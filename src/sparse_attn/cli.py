@@ -144,7 +144,7 @@ def demo(seq_len, heads, kv_heads, dim, device, show):
               help="SparseConfig JSON/YAML file (instead of --method/--knob)")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), required=True)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--min-kv-len", default=None, type=click.IntRange(min=0), help="override the dense-below length")
+@click.option("--min-kv-len", default=None, type=int, help="override the dense-below length (tokens, >= 0)")
 @click.option("--device", default=None)
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens, min_kv_len, device, dtype):
@@ -164,7 +164,10 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
     else:
         config = SparseConfig(method=method, knobs=_parse_knobs(knobs))
     if min_kv_len is not None:
-        config.min_kv_len = min_kv_len
+        try:  # SparseConfig checks the value, as it does for the Python API
+            config.min_kv_len = min_kv_len
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--min-kv-len") from None
     config.record = True
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -267,14 +270,11 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    configs = 1 + sum(len(SWEEPS.get(m, [])) for m in method_list)
-    total = configs * len(length_list) * len(task_list) * samples
-    with click.progressbar(length=total, label="sparse-attn eval") as bar:
-        rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,
-                        progress=bar.update)
+    rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size)  # progress on stderr
     meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
     result = write_report(rows, meta, out)
+    click.echo(result["summary"])
     click.echo(result["table"])
     click.echo(f"\nwrote {out}.json, {out}.md" + "".join(f", {p}" for p in result["plots"]))
 

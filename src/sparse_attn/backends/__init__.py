@@ -79,6 +79,10 @@ def _flex_can_run(q, k, v, layout, options=None, num_seqs=None):
         return "Flex on CUDA does not compile float64"
     if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:  # inductor: "NYI: embedding dimension ... at least 16"
         return f"Flex on CUDA compiles head dims of 16 or more only (q: {q.shape[-1]}, v: {v.shape[-1]})"
+    if q.is_cuda and q.dtype == torch.float32 and (layout.q_block % 64 or layout.kv_block % 64):
+        # inductor: "Q and KV block size must be divisible by BLOCK_M and BLOCK_N" (float32 tiles: 64 x 64)
+        return (f"compiled Flex runs float32 in 64 x 64 tiles: blocks {layout.q_block}x{layout.kv_block} must be "
+                "multiples of 64")
     return _capture_reason(q) if num_seqs is not None else None
 
 
