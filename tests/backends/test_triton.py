@@ -428,7 +428,7 @@ def test_cuda_graph_capture_matches_eager(packing):
         assert torch.isfinite(got).all(), f"{name}: non-finite values from the graph replay"
         assert torch.equal(got, want), f"{name}: graph replay differs from eager (max {(got - want).abs().max()})"
     if packing == "varlen":  # the host-side backends cannot run inside a capture, and say so
-        with pytest.raises(ValueError, match="cannot run inside a CUDA-graph capture"):
+        with pytest.raises(ValueError, match="reads cu_seqlens on the host, which a CUDA-graph capture forbids"):
             with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
                 sparse_attention_varlen(q, k, v, cu, cu, layout, backend="reference")
 
