@@ -68,19 +68,30 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayo
             qpos = (torch.arange(start, stop, device=device)[:, None] * bq
                     + torch.arange(bq, device=device)[None, :] + offset)  # (C, bq)
             allowed = allowed & (kpos[:, :, :, None, :] <= qpos[None, None, :, :, None])
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        row_max = scores.amax(-1, keepdim=True).detach()
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        probs = torch.exp(scores - row_max)
-        row_sum = probs.sum(-1, keepdim=True)
-        safe_sum = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        out = torch.einsum("bhcqk,bhckd->bhcqd", probs, v_blk) / safe_sum
-        lse = torch.where(row_sum > 0, row_max + torch.log(safe_sum), float("-inf")).squeeze(-1)
+        probs, norm, lse = masked_softmax(scores.masked_fill(~allowed, float("-inf")))
+        out = torch.einsum("bhcqk,bhckd->bhcqd", probs, v_blk) / norm
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=2).reshape(batch, heads, nq * bq, dim_v)[:, :, :q_len]
     lse = torch.cat(lses, dim=2).reshape(batch, heads, nq * bq)[:, :, :q_len]
     return out.to(q.dtype), lse.float()
+
+
+def masked_softmax(scores: Tensor):
+    """Softmax over the last dim of ``scores`` where ``-inf`` marks masked keys, safe for rows with
+    no key: ``(probs, norm, lse)`` with unnormalized ``probs`` (``probs / norm`` is the softmax; 0
+    for empty rows), ``norm`` the row sums (1 for empty rows) and the natural-log ``lse`` (``-inf``
+    for empty rows)."""
+    if scores.shape[-1]:
+        row_max = scores.amax(-1, keepdim=True).detach()
+    else:
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    row_sum = probs.sum(-1, keepdim=True)
+    norm = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    lse = torch.where(row_sum > 0, row_max + torch.log(norm), float("-inf")).squeeze(-1)
+    return probs, norm, lse
 
 
 def naive_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None):

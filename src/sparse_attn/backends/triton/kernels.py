@@ -27,7 +27,7 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, acc=None):
+def dot(a, b, UPCAST: tl.constexpr, acc=None):
     """``tl.dot`` with fp32 accumulation (into ``acc`` when given, so the tensor cores add in
     place). ``UPCAST`` feeds fp32 operands: Triton's CPU interpreter computes bf16 dots wrongly
     (seen with triton 3.9), so interpreter runs set it for bf16."""
@@ -172,7 +172,7 @@ def _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
     first = kb * KV_BLOCK + (j % SUBN) * BLOCK_N
     cols = first + offs_n
     k = _load_rows(k_src, first, cols, stride_ks, offs_d, seqlen_k, MASKED, TMA)
-    s = _dot(q, tl.trans(k), UPCAST)
+    s = dot(q, tl.trans(k), UPCAST)
     if MASKED:
         s = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -187,7 +187,7 @@ def _fwd_step(m_i, l_i, acc, q, k_src, v_src, idx_row, j, q_pos, seqlen_k,
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_src, first, cols, stride_vs, offs_d, seqlen_k, MASKED, TMA)
-    acc = _dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
+    acc = dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -275,12 +275,12 @@ def _dq_step(dq, q, do, lse, delta, k_src, v_src, idx_row, j, q_pos, seqlen_k,
     cols = first + offs_n
     k = _load_rows(k_src, first, cols, stride_ks, offs_d, seqlen_k, MASKED, TMA)
     v = _load_rows(v_src, first, cols, stride_vs, offs_d, seqlen_k, MASKED, TMA)
-    p = tl.exp2(_dot(q, tl.trans(k), UPCAST) * scale_log2 - lse[:, None])
+    p = tl.exp2(dot(q, tl.trans(k), UPCAST) * scale_log2 - lse[:, None])
     if MASKED:
         p = tl.where(_kept_keys(cols, q_pos, seqlen_k, CAUSAL), p, 0.0)
-    dp = _dot(do, tl.trans(v), UPCAST)
+    dp = dot(do, tl.trans(v), UPCAST)
     ds = p * (dp - delta[:, None])
-    return _dot(ds.to(k.dtype), k, UPCAST, dq)
+    return dot(ds.to(k.dtype), k, UPCAST, dq)
 
 
 @triton.jit(do_not_specialize=["tune_width"])
@@ -431,7 +431,7 @@ def _bwd_dkdv_kernel(
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + lse_base + offs_m, mask=row_ok, other=0.0)
             # Transposed scores (keys x queries) so dK/dV accumulate without transposing outputs.
-            p_t = tl.exp2(_dot(k, tl.trans(q), UPCAST) * scale_log2 - lse[None, :])
+            p_t = tl.exp2(dot(k, tl.trans(q), UPCAST) * scale_log2 - lse[None, :])
             partial = (n0 + BLOCK_N > seqlen_k) | (m0 + BLOCK_M > seqlen_q)
             if CAUSAL:
                 partial = partial | (n0 + BLOCK_N - 1 > m0 + offset)
@@ -440,10 +440,10 @@ def _bwd_dkdv_kernel(
                 if CAUSAL:
                     keep = keep & (offs_n[:, None] <= offs_m[None, :] + offset)
                 p_t = tl.where(keep, p_t, 0.0)
-            dv = _dot(p_t.to(do.dtype), do, UPCAST, dv)
-            dp_t = _dot(v, tl.trans(do), UPCAST)
+            dv = dot(p_t.to(do.dtype), do, UPCAST, dv)
+            dp_t = dot(v, tl.trans(do), UPCAST)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = _dot(ds_t.to(q.dtype), q, UPCAST, dk)
+            dk = dot(ds_t.to(q.dtype), q, UPCAST, dk)
 
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
              + (k_start + offs_n[:, None]) * stride_dks + offs_d[None, :],

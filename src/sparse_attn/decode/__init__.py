@@ -1,0 +1,9 @@
+"""Decode-time sparse attention: a page index kept with the KV cache, per-step page selection, and
+attention over the selected pages."""
+
+from .attention import decode_attention
+from .page_index import PAGE_SIZES, PageIndex
+from .select import MAX_QUERY_ROWS, SELECT_METHODS, PageSelection, page_mass, select_pages
+
+__all__ = ["decode_attention", "PageIndex", "PAGE_SIZES", "PageSelection", "select_pages", "page_mass",
+           "SELECT_METHODS", "MAX_QUERY_ROWS"]

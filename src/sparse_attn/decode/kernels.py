@@ -1,0 +1,328 @@
+"""Triton kernels for sparse decode attention over selected pages (split-KV, flash-decoding).
+
+Two kernels:
+
+* :func:`_decode_split_kernel`, grid ``(num_splits, B * Hkv, row_tiles)``. A program serves one
+  (sequence, KV head) and one share ("split") of its selected pages. Its query tile holds every
+  query row of the KV group, ``GROUP * Sq`` rows ordered (query head, query index), padded to a
+  power of two ``ROWS >= 16`` (at most :data:`MAX_ROWS`; larger groups take several row tiles), so
+  each K/V tile it loads serves the whole group. It walks its pages' keys in tiles of
+  ``BLOCK_N = 64`` keys (a tile spans several pages of 16 or 32 tokens, or part of a larger
+  page), with an fp32 online softmax. With one split the program writes the final output and
+  LSE; otherwise it writes its split's normalized partial output (fp32) and base-2 LSE.
+* :func:`_decode_merge_kernel`, one program per (sequence, query head, query index): combines the
+  splits' partial outputs weighted by ``exp2(lse_split - max)``.
+
+Split ``s`` of a row with ``n`` selected pages takes slots ``[s * c, min(n, (s + 1) * c))`` with
+``c = ceil(n / num_splits)``: work is balanced per row, and a split with no slot writes output 0
+and LSE ``-inf``, which the merge weighs 0. Selected pages are sorted, so the pages wholly at or
+before the earliest query position (``cache_len - Sq``) form a prefix of every split's slots: the
+key tiles made only of them run without any mask; the rest (the last pages, holding positions
+past some query or past ``cache_len``, and a tile that runs past the split's last slot) are masked.
+
+Conventions follow the prefill kernels (:mod:`sparse_attn.backends.triton.kernels`): scores in
+base 2 (``exp2``), LSE returned in natural log, GQA by ``h // GROUP``, int64 offsets, ``tl.dot``
+with fp32 operands for bf16 in the CPU interpreter (``UPCAST``). Cache layouts (``PAGED``
+constexpr): contiguous ``(B, Hkv, S_max, D)``, or paged ``(num_blocks, page_size, Hkv, D)`` with a
+``(B, max_blocks)`` block table; each key's page number (and block) is gathered per key of a tile.
+
+Memory safety does not depend on the index values: counts, cache lengths and blocks are clamped
+into range, unmasked tiles clamp their pages into ``[0, full_limit)``, and masked tiles read only
+keys of the split's slots below ``cache_len`` (a paged cache's block table included). Results
+are only meaningful for inputs that pass :func:`sparse_attn.decode.attention.decode_attention`'s
+checks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backends.triton.kernels import LN2, dot
+from ..backends.triton.runtime import fp32_dot_operands
+
+LOG2E = 1.4426950408889634
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_N = 64  # keys per tile
+MAX_ROWS = 128  # query rows of one program (GROUP * Sq above this take several row tiles)
+MAX_SPLITS = 32  # most splits of one row's pages
+MIN_KEYS_PER_SPLIT = 128  # splits are not made smaller than this many keys of budget
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, KV head)
+_INTERPRETER_SMS = 4  # off CUDA (the interpreter), splits are chosen as for a 4-SM device
+
+
+@triton.jit
+def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off_k, kv_off_v, cache_len, full_limit,
+              num_blocks, stride_k0, stride_ks, stride_v0, stride_vs, scale_log2, offs_n, offs_d,
+              PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr):
+    """Online-softmax update with the ``BLOCK_N`` keys starting ``first`` keys into the row's
+    slots (key ``t`` is token ``t % PAGE_SIZE`` of the page in slot ``t // PAGE_SIZE``).
+    ``kv_off_k`` / ``kv_off_v``: offset of this (sequence, KV head) in a contiguous cache, or of
+    this KV head in a paged one. Unmasked tiles lie wholly in the split and at or before every
+    query's position; masked ones drop keys past slot ``s1``, at or past ``cache_len`` (never
+    read) and after each query."""
+    t = first + offs_n
+    slot = t // PAGE_SIZE
+    in_page = t % PAGE_SIZE
+    if MASKED:
+        key_ok = slot < s1
+        page = tl.maximum(tl.load(PAGE_ROW + slot, mask=key_ok, other=0).to(tl.int64), 0)
+        pos = page * PAGE_SIZE + in_page  # absolute key positions
+        key_ok = key_ok & (pos < cache_len)
+    else:
+        page = tl.load(PAGE_ROW + slot).to(tl.int64)
+        page = tl.minimum(tl.maximum(page, 0), full_limit - 1)
+        pos = page * PAGE_SIZE + in_page
+    if PAGED:
+        if MASKED:
+            block = tl.load(BT_ROW + page, mask=key_ok, other=0).to(tl.int64)
+        else:
+            block = tl.load(BT_ROW + page).to(tl.int64)
+        block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)
+        k_ptrs = K + block[:, None] * stride_k0 + kv_off_k + in_page[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = V + block[:, None] * stride_v0 + kv_off_v + in_page[:, None] * stride_vs + offs_d[None, :]
+    else:
+        k_ptrs = K + kv_off_k + pos[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = V + kv_off_v + pos[:, None] * stride_vs + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = dot(q, tl.trans(k), UPCAST) * scale_log2
+    if MASKED:
+        s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; use 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, PAGES, COUNTS, CACHE_LENS, BLOCK_TABLE, O, LSE, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qs,
+    stride_k0, stride_kh, stride_ks,
+    stride_v0, stride_vh, stride_vs,
+    stride_pb, stride_ph,
+    stride_cb, stride_ch,
+    stride_tb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    scale_log2, max_pages, capacity, num_blocks,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGED: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr,
+):
+    """One split of one (sequence, KV head)'s selected pages, for ``ROWS`` rows of its group.
+    Strides ``stride_k0`` / ``stride_v0`` are the batch strides of a contiguous cache or the block
+    strides of a paged one; ``stride_ks`` / ``stride_vs`` step one token either way. The page
+    count and cache length are clamped into ``[0, max_pages]`` and ``[0, capacity]``, and blocks
+    into ``[0, num_blocks)``, so no index value makes it read out of bounds."""
+    split = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // KV_HEADS).to(tl.int64)
+    kvh = (pid % KV_HEADS).to(tl.int64)
+    rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < GROUP * SQ
+    qi = rows % SQ
+    h = kvh * GROUP + rows // SQ  # int64 query head of each row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    cache_len = tl.minimum(tl.maximum(tl.load(CACHE_LENS + b), 0), capacity)
+    q_pos = cache_len - SQ + qi
+    n = tl.minimum(tl.maximum(tl.load(COUNTS + b * stride_cb + kvh * stride_ch), 0), max_pages)
+    per_split = tl.cdiv(n, NUM_SPLITS)
+    s0 = split * per_split
+    s1 = tl.minimum(n, s0 + per_split)
+    page_row = PAGES + b * stride_pb + kvh * stride_ph
+    bt_row = BLOCK_TABLE + b * stride_tb
+    if PAGED:
+        kv_off_k = kvh * stride_kh
+        kv_off_v = kvh * stride_vh
+    else:
+        kv_off_k = b * stride_k0 + kvh * stride_kh
+        kv_off_v = b * stride_v0 + kvh * stride_vh
+
+    # Pages below full_limit hold only positions <= cache_len - SQ (the earliest query's): visible
+    # to every row. Sorted slots put them first in the split; count them.
+    full_limit = (cache_len - SQ + 1) // PAGE_SIZE
+    n_full = tl.zeros([], dtype=tl.int32)
+    for start in range(s0, s1, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        idx = tl.load(page_row + offs, mask=offs < s1, other=2147483647)
+        n_full += tl.sum((idx < full_limit).to(tl.int32), axis=0)
+
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    # Key tiles of the split, counted in keys from slot 0: [key0, key_full) unmasked, then masked
+    # up to the split's last key.
+    key0 = s0 * PAGE_SIZE
+    key_full = key0 + (n_full * PAGE_SIZE) // BLOCK_N * BLOCK_N
+    for first in range(key0, key_full, BLOCK_N):
+        m_i, l_i, acc = _key_tile(m_i, l_i, acc, q, q_pos, K, V, page_row, bt_row, first, s1, kv_off_k, kv_off_v,
+                                  cache_len, full_limit, num_blocks, stride_k0, stride_ks, stride_v0, stride_vs,
+                                  scale_log2, offs_n, offs_d, PAGE_SIZE, False, PAGED, UPCAST)
+    for first in range(key_full, s1 * PAGE_SIZE, BLOCK_N):
+        m_i, l_i, acc = _key_tile(m_i, l_i, acc, q, q_pos, K, V, page_row, bt_row, first, s1, kv_off_k, kv_off_v,
+                                  cache_len, full_limit, num_blocks, stride_k0, stride_ks, stride_v0, stride_vs,
+                                  scale_log2, offs_n, offs_d, PAGE_SIZE, True, PAGED, UPCAST)
+
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+    if NUM_SPLITS == 1:
+        o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + b * stride_lb + h * stride_lh + qi, lse2 * LN2, mask=row_ok)
+    else:
+        # Partials are contiguous (B, H, SQ, NUM_SPLITS, HEAD_DIM) and (B, H, SQ, NUM_SPLITS).
+        part = ((b * (KV_HEADS * GROUP) + h) * SQ + qi) * NUM_SPLITS + split
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE_PART + part, lse2, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    HEADS: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    """Merge one query row's split partials by their base-2 LSE; writes the output in O's dtype
+    and the natural-log LSE (0 and ``-inf`` when no split saw a key)."""
+    row = tl.program_id(0).to(tl.int64)  # (b * HEADS + h) * SQ + qi
+    qi = row % SQ
+    h = (row // SQ) % HEADS
+    b = row // (SQ * HEADS)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    o = tl.load(O_PART + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    t_safe = tl.where(total > 0, total, 1.0)
+    out = tl.sum(w[:, None] * o, 0) / t_safe
+    lse_out = tl.where(total > 0, (m_safe + tl.log2(t_safe)) * LN2, float("-inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + qi * stride_os + offs_d, out.to(O.dtype.element_ty))
+    tl.store(LSE + b * stride_lb + h * stride_lh + qi, lse_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_num_splits(programs: int, max_pages: int, page_size: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head, row tile), from shapes only (no device sync): enough for
+    ``programs * splits`` to reach two programs per SM, but no more than :data:`MAX_SPLITS`, than
+    the page budget ``max_pages`` (the width of ``pages``) has pages, or than it has
+    :data:`MIN_KEYS_PER_SPLIT`-key shares."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _INTERPRETER_SMS
+    wanted = triton.cdiv(2 * sms, max(programs, 1))
+    by_budget = max(1, min(max_pages, max_pages * page_size // MIN_KEYS_PER_SPLIT))
+    return max(1, min(wanted, by_budget, MAX_SPLITS))
+
+
+def unsupported_reason(q: Tensor, k_cache: Tensor, kv_heads: int) -> str | None:
+    """Why :func:`triton_decode_attention` cannot run this call (None when it can); inputs are
+    assumed to have passed ``decode_attention``'s checks."""
+    from ..backends.triton.runtime import interpreting
+
+    if not q.is_cuda and not interpreting():
+        return "q is not on a CUDA device (set TRITON_INTERPRET=1 to run the kernel on CPU)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton decode kernel; use float16 or bfloat16"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported by the Triton decode kernel; supported: {SUPPORTED_HEAD_DIMS}"
+    if q.shape[0] * kv_heads > MAX_GRID_Y:
+        return (f"batch * kv_heads = {q.shape[0] * kv_heads} is over the decode kernel's {MAX_GRID_Y} "
+                "(one grid dimension walks them): split the batch")
+    return None
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
+                            cache_lens: Tensor, page_size: int, scale: float,
+                            block_table: Tensor | None = None, num_splits: int | None = None):
+    """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
+    natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
+    :func:`choose_num_splits` (tests use it to exercise the merge)."""
+    batch, heads, q_len, dim = q.shape
+    paged = block_table is not None
+    q, k_cache, v_cache, pages = (_unit_last_stride(t) for t in (q, k_cache, v_cache, pages))
+    cache_lens = cache_lens.contiguous()
+    if paged:
+        kv_heads = k_cache.shape[2]
+        capacity, num_blocks = block_table.shape[1] * page_size, k_cache.shape[0]
+        stride_k = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))  # block, head, token
+        stride_v = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+        block_table = _unit_last_stride(block_table)
+        stride_t = block_table.stride(0)
+    else:
+        kv_heads = k_cache.shape[1]
+        capacity, num_blocks = k_cache.shape[2], 1
+        stride_k = k_cache.stride()[:3]  # batch, head, token
+        stride_v = v_cache.stride()[:3]
+        block_table = page_counts  # placeholder pointer, never read
+        stride_t = 0
+    group = heads // kv_heads
+    rows = min(MAX_ROWS, max(16, triton.next_power_of_2(group * q_len)))
+    row_tiles = triton.cdiv(group * q_len, rows)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch * kv_heads * row_tiles, pages.shape[-1], page_size, q.device)
+
+    out = torch.empty(batch, heads, q_len, dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
+    if num_splits > 1:
+        o_part = torch.empty(batch, heads, q_len, num_splits, dim, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(batch, heads, q_len, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        o_part, lse_part = out, lse  # placeholders, not written
+    _decode_split_kernel[(num_splits, batch * kv_heads, row_tiles)](
+        q, k_cache, v_cache, pages, page_counts, cache_lens, block_table, out, lse, o_part, lse_part,
+        *q.stride()[:3], *stride_k, *stride_v,
+        pages.stride(0), pages.stride(1), page_counts.stride(0), page_counts.stride(1), stride_t,
+        *out.stride()[:3], lse.stride(0), lse.stride(1),
+        scale * LOG2E, pages.shape[-1], capacity, num_blocks,
+        KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=BLOCK_N,
+        ROWS=rows, NUM_SPLITS=num_splits, PAGED=paged, UPCAST=fp32_dot_operands(q.dtype), SCAN=64,
+        num_warps=8 if rows * dim >= 128 * 128 else 4,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(batch * heads * q_len,)](
+            o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
+            HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out, lse

@@ -1,0 +1,315 @@
+"""PageIndex: per-page summaries of a KV cache's keys, kept up to date as tokens are appended.
+
+For every (sequence, KV head, page of ``page_size`` consecutive tokens) the index holds the
+element-wise minimum and maximum of the page's keys (Quest's bounds) and their sum (the mean key of
+pooled scoring is ``sum / tokens in the page``), plus each sequence's length in tokens. The page
+selection of :mod:`.select` reads only these summaries, so a decode step scores pages in
+``O(B * Hkv * pages * D)`` without touching the K cache.
+
+Memory, for a K cache of ``capacity`` tokens and ``P = page_size``: min and max take ``2 / P`` of the K
+cache (they keep the key dtype), the float32 sum ``4 / (P * e)`` of it for keys of ``e`` bytes, e.g.
+``4 / P`` in all for 16-bit keys (6.25% at ``P = 64``, 25% at ``P = 16``); see
+:meth:`PageIndex.memory_bytes`.
+
+Shapes are fixed by the capacity when the index is made, and updates write in place, so an index can
+live inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..layout import SUPPORTED_BLOCK_SIZES
+
+__all__ = ["PageIndex", "PAGE_SIZES"]
+
+PAGE_SIZES = SUPPORTED_BLOCK_SIZES  # the powers of two from 16 to 256
+
+Lengths = Union[None, int, Sequence[int], Tensor]
+
+
+def _capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream (no host sync allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_page_size(page_size) -> int:
+    """``page_size`` if it is a power of two from 16 to 256, else ValueError naming it."""
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size not in PAGE_SIZES:
+        raise ValueError(f"page_size must be a power of two from {PAGE_SIZES[0]} to {PAGE_SIZES[-1]} "
+                         f"(one of {PAGE_SIZES}), got {page_size!r}")
+    return page_size
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class PageIndex:
+    """Per-page key summaries of a KV cache of ``capacity`` tokens per sequence.
+
+    Attributes (all preallocated for the capacity, updated in place):
+        kmin, kmax: ``(B, Hkv, max_pages, D)`` in the key dtype, the element-wise min / max of each
+            page's keys; a page with no token holds ``+inf`` / ``-inf``.
+        ksum: ``(B, Hkv, max_pages, D)`` float32, the sum of each page's keys (0 for an empty page).
+        lengths: ``(B,)`` int64, the tokens of each sequence; page ``p`` of sequence ``b`` holds
+            ``clamp(lengths[b] - p * page_size, 0, page_size)`` of them (:meth:`page_tokens`).
+
+    Make one with :meth:`build` (from the K cache at the end of prefill) or :meth:`empty`, then
+    :meth:`append` the keys of each decode step's new tokens. Memory: :meth:`memory_bytes`.
+    """
+
+    def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int):
+        check_page_size(page_size)
+        _positive_int("capacity", capacity)
+        shape = tuple(kmin.shape)
+        if len(shape) != 4 or tuple(kmax.shape) != shape or tuple(ksum.shape) != shape:
+            raise ValueError(f"kmin, kmax and ksum must share one (B, Hkv, max_pages, D) shape, got "
+                             f"{tuple(kmin.shape)}, {tuple(kmax.shape)} and {tuple(ksum.shape)}")
+        if shape[2] != math.ceil(capacity / page_size):
+            raise ValueError(f"capacity={capacity} with page_size={page_size} needs "
+                             f"{math.ceil(capacity / page_size)} pages, the summaries have {shape[2]}")
+        if ksum.dtype != torch.float32 or kmax.dtype != kmin.dtype:
+            raise ValueError(f"ksum must be float32 and kmax have kmin's dtype, got {ksum.dtype} and "
+                             f"{kmin.dtype}/{kmax.dtype}")
+        if tuple(lengths.shape) != shape[:1] or lengths.dtype != torch.int64:
+            raise ValueError(f"lengths must be int64 of shape ({shape[0]},), got {lengths.dtype} "
+                             f"{tuple(lengths.shape)}")
+        self.kmin, self.kmax, self.ksum, self.lengths = kmin, kmax, ksum, lengths
+        self.page_size = page_size
+        self.capacity = capacity
+        # A host-side upper bound on max(lengths): appends check the capacity without a device sync
+        # until this bound passes it.
+        self._length_bound = capacity
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, capacity: int, page_size: int, *,
+              dtype: torch.dtype = torch.float16, device=None) -> "PageIndex":
+        """An index of ``batch`` empty sequences (length 0) of up to ``capacity`` tokens."""
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                            ("capacity", capacity)):
+            _positive_int(name, value)
+        check_page_size(page_size)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        shape = (batch, kv_heads, math.ceil(capacity / page_size), head_dim)
+        kmin = torch.full(shape, float("inf"), dtype=dtype, device=device)
+        kmax = torch.full(shape, float("-inf"), dtype=dtype, device=device)
+        ksum = torch.zeros(shape, dtype=torch.float32, device=device)
+        lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+        index = cls(kmin, kmax, ksum, lengths, page_size, capacity)
+        index._length_bound = 0
+        return index
+
+    @classmethod
+    def build(cls, k: Tensor, page_size: int, lengths: Lengths = None,
+              capacity: Optional[int] = None) -> "PageIndex":
+        """The index of a K cache ``k (B, Hkv, S, D)``, in one pass over it (at the end of prefill).
+
+        ``lengths``: the tokens of each sequence (``(B,)`` ints, the first ``lengths[b]`` positions of
+        row ``b`` are its keys; None: all ``S``). ``capacity``: the most tokens a sequence will hold
+        (at least ``S``; None: ``S``), which fixes the summaries' shapes."""
+        _check_keys("k", k)
+        batch, kv_heads, seq, dim = k.shape
+        check_page_size(page_size)
+        capacity = seq if capacity is None else capacity
+        _positive_int("capacity", capacity)
+        if capacity < seq:
+            raise ValueError(f"capacity={capacity} is smaller than the cache's {seq} positions")
+        index = cls.empty(batch, kv_heads, dim, capacity, page_size, dtype=k.dtype, device=k.device)
+        lens = _lengths_tensor("lengths", lengths, batch, seq, k.device)
+        if seq == 0:
+            return index
+        full = seq // page_size
+        if full:  # whole pages: reduce in place of the cache (no copy), clear past each length below
+            pages = k[:, :, :full * page_size].reshape(batch, kv_heads, full, page_size, dim)
+            index.kmin[:, :, :full] = pages.amin(3)
+            index.kmax[:, :, :full] = pages.amax(3)
+            index.ksum[:, :, :full] = pages.sum(3, dtype=torch.float32)
+        done = torch.div(lens, page_size, rounding_mode="floor") * page_size  # whole pages of each sequence
+        index._clear_from(done)
+        index.lengths.copy_(done)
+        index._length_bound = (min(seq, capacity) // page_size) * page_size
+        # The last, partial page of each sequence: its (< page_size) tokens, appended.
+        step = torch.arange(page_size - 1, device=k.device)
+        pos = (done[:, None] + step[None, :]).clamp(max=seq - 1)
+        rest = k.gather(2, pos[:, None, :, None].expand(batch, kv_heads, page_size - 1, dim))
+        index.append(rest, counts=lens - done)
+        return index
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def batch(self) -> int:
+        return self.kmin.shape[0]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kmin.shape[1]
+
+    @property
+    def max_pages(self) -> int:
+        """Pages per sequence at full capacity: ``ceil(capacity / page_size)``."""
+        return self.kmin.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.kmin.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The key dtype (of ``kmin`` / ``kmax``)."""
+        return self.kmin.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kmin.device
+
+    def num_pages(self) -> Tensor:
+        """``(B,)`` int64: pages holding at least one token, ``ceil(lengths / page_size)``."""
+        return torch.div(self.lengths + self.page_size - 1, self.page_size, rounding_mode="floor")
+
+    def page_tokens(self) -> Tensor:
+        """``(B, max_pages)`` int64: tokens in each page (``page_size`` except the last, 0 past it)."""
+        first = torch.arange(self.max_pages, device=self.device) * self.page_size
+        return (self.lengths[:, None] - first[None, :]).clamp(0, self.page_size)
+
+    def mean(self) -> Tensor:
+        """``(B, Hkv, max_pages, D)`` float32: the mean key of each page (0 for an empty page)."""
+        return self.ksum / self.page_tokens().clamp(min=1)[:, None, :, None].float()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the summaries and lengths: ``2 / page_size`` of the K cache (of ``capacity``
+        tokens) for min/max, plus the float32 sum (``4 / (page_size * e)`` of it for ``e``-byte keys)."""
+        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax, self.ksum, self.lengths))
+
+    def __repr__(self) -> str:
+        return (f"PageIndex(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"page_size={self.page_size}, capacity={self.capacity}, dtype={self.dtype}, device={self.device})")
+
+    # ------------------------------------------------------------------ updates
+    def append(self, k_new: Tensor, counts: Lengths = None) -> "PageIndex":
+        """Add the keys of new tokens, ``k_new (B, Hkv, T, D)``; returns ``self``.
+
+        The new tokens of sequence ``b`` take positions ``lengths[b]`` to ``lengths[b] + counts[b] - 1``
+        (``counts``: ``(B,)`` ints in ``[0, T]``, the first ``counts[b]`` rows of ``k_new[b]`` are real,
+        the rest padding; None: all ``T``), then ``lengths += counts``. The work is ``O(T + page_size)``
+        per (sequence, KV head): only the pages the new tokens fall in are combined with them (min with
+        min, max with max, sum plus sum); no other page's entries change.
+
+        Raises ValueError where a sequence would pass the capacity. That check reads the lengths on the
+        host only when a host-side bound says the capacity may be passed, never while a CUDA graph is
+        captured (there, tokens past the capacity are dropped). ``counts`` given as a CUDA tensor are
+        clamped to ``[0, T]`` rather than checked (no device sync); elsewhere they are checked.
+        """
+        _check_keys("k_new", k_new)
+        batch, kv_heads, new, dim = k_new.shape
+        if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim):
+            raise ValueError(f"k_new {tuple(k_new.shape)} does not fit the index: expected "
+                             f"({self.batch}, {self.kv_heads}, T, {self.head_dim})")
+        if k_new.dtype != self.dtype:
+            raise ValueError(f"k_new has dtype {k_new.dtype}, the index holds {self.dtype} keys")
+        if k_new.device != self.device:
+            raise ValueError(f"k_new is on device {k_new.device}, the index on device {self.device}")
+        if new == 0:
+            return self
+        counts_t = _counts_tensor(counts, batch, new, self.device)
+        page, cap = self.page_size, self.capacity
+        start = self.lengths
+        bound = self._length_bound + new
+        if bound > cap and not _capturing(self.device):
+            longest = int((start + counts_t).max())
+            if longest > cap:
+                raise ValueError(f"append: a sequence would reach {longest} tokens, past the index's "
+                                 f"capacity={cap}")
+            bound = longest
+
+        # A window of whole pages from the page holding each sequence's next position: slot s holds
+        # new token s - (lengths % page_size) where that is one of this step's real tokens.
+        pages_in_window = min((page - 1 + new + page - 1) // page, self.max_pages)
+        width = pages_in_window * page
+        offset = start % page
+        token = torch.arange(width, device=self.device)[None, :] - offset[:, None]  # (B, W)
+        real = (token >= 0) & (token < counts_t[:, None]) & (start[:, None] + token < cap)
+        window = k_new.gather(2, token.clamp(0, new - 1)[:, None, :, None].expand(batch, kv_heads, width, dim))
+        window = window.view(batch, kv_heads, pages_in_window, page, dim)
+        real = real.view(batch, 1, pages_in_window, page, 1)
+        new_min = torch.where(real, window, float("inf")).amin(3)
+        new_max = torch.where(real, window, float("-inf")).amax(3)
+        new_sum = torch.where(real, window.float(), 0.0).sum(3)
+
+        # The window's pages in the index. Pages past the capacity wrap to distinct low pages, which
+        # get no token from this step and so are written back unchanged: every index is written once.
+        first = torch.div(start, page, rounding_mode="floor")
+        slots = (first[:, None] + torch.arange(pages_in_window, device=self.device)[None, :]) % self.max_pages
+        slots = slots[:, None, :, None].expand(batch, kv_heads, pages_in_window, dim)
+        self.kmin.scatter_(2, slots, torch.minimum(self.kmin.gather(2, slots), new_min))
+        self.kmax.scatter_(2, slots, torch.maximum(self.kmax.gather(2, slots), new_max))
+        self.ksum.scatter_(2, slots, self.ksum.gather(2, slots) + new_sum)
+        self.lengths.copy_((start + counts_t).clamp(max=cap))
+        self._length_bound = min(bound, cap)
+        return self
+
+    def _clear_from(self, lengths: Tensor) -> None:
+        """Reset every page from ``ceil(lengths / page_size)`` on to the empty summaries."""
+        first_empty = torch.div(lengths + self.page_size - 1, self.page_size, rounding_mode="floor")
+        empty = torch.arange(self.max_pages, device=self.device)[None, :] >= first_empty[:, None]
+        empty = empty[:, None, :, None]
+        self.kmin.masked_fill_(empty, float("inf"))
+        self.kmax.masked_fill_(empty, float("-inf"))
+        self.ksum.masked_fill_(empty, 0.0)
+
+
+def _check_keys(name: str, k) -> None:
+    if not isinstance(k, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (B, Hkv, S, D), got {type(k).__name__}")
+    if k.dim() != 4:
+        raise ValueError(f"{name} must be (B, Hkv, S, D), got shape {tuple(k.shape)}")
+    if not k.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {k.dtype}")
+    if min(k.shape[0], k.shape[1], k.shape[3]) < 1:
+        raise ValueError(f"{name} has an empty batch, head or head_dim dimension: {tuple(k.shape)}")
+
+
+def _lengths_tensor(name: str, lengths: Lengths, batch: int, most: int, device) -> Tensor:
+    """``lengths`` as ``(B,)`` int64 on ``device``, each in ``[0, most]`` (None: ``most``). Checked on
+    the host unless a CUDA graph is being captured."""
+    if lengths is None:
+        return torch.full((batch,), most, dtype=torch.int64, device=device)
+    if isinstance(lengths, bool):
+        raise ValueError(f"{name} must be an int or (B,) ints, got {lengths!r}")
+    if isinstance(lengths, int):
+        values = torch.full((batch,), lengths, dtype=torch.int64, device=device)
+    else:
+        values = torch.as_tensor(lengths, device=device)
+        if values.is_floating_point() or values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"{name} must hold ints, got {values.dtype}")
+        values = values.to(torch.int64).flatten()
+        if values.numel() == 1:
+            values = values.expand(batch)
+        if values.numel() != batch:
+            raise ValueError(f"{name} must hold one value per sequence ({batch}), got {values.numel()}")
+    if not _capturing(values.device):
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > most:
+            raise ValueError(f"{name} must lie in [0, {most}], got values from {low} to {high}")
+    return values.contiguous()
+
+
+def _counts_tensor(counts: Lengths, batch: int, new: int, device) -> Tensor:
+    if isinstance(counts, Tensor) and counts.device.type == "cuda":
+        if counts.is_floating_point() or counts.dtype == torch.bool:
+            raise ValueError(f"counts must hold ints, got {counts.dtype}")
+        values = counts.to(device=device, dtype=torch.int64).flatten()
+        if values.numel() == 1:
+            values = values.expand(batch)
+        if values.numel() != batch:
+            raise ValueError(f"counts must hold one value per sequence ({batch}), got {values.numel()}")
+        return values.clamp(0, new)
+    return _lengths_tensor("counts", counts, batch, new, device)
