@@ -166,6 +166,8 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
             raise ValueError(f"{name} must be a 1-D int tensor of num_seqs + 1 offsets")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k describe different numbers of sequences")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     num_seqs = cu_seqlens_q.numel() - 1
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     if capturing and not (cu_seqlens_q.is_cuda and cu_seqlens_k.is_cuda):
