@@ -46,7 +46,11 @@ class SparseConfig(CheckedOnAssignment):
     * ``fallback``: ``"auto"`` also asks the cost model after estimating (CUDA only), ``"length"``
       only applies ``min_kv_len``, ``"never"`` always runs the sparse path.
     * ``decode``: ``"dense"`` (default), or a method for decode steps (``q_len == 1``): a name or
-      ``{"method": name, **knobs}``, e.g. ``{"method": "quest", "top_k": 32}``.
+      ``{"method": name, **knobs}``, e.g. ``{"method": "quest", "top_k": 32}`` (a prefill method,
+      page bounds recomputed each step). A dict with a ``"budget"`` decodes through a page index
+      kept per layer (:mod:`sparse_attn.decode`): ``{"method": "quest" | "pooled" | "sink_window",
+      "budget": tokens, "page": 16, "sink": 64, "recent": 64}``; ``page`` a power of two in 16..256,
+      ``budget >= page`` and large enough for the sink and recent pages, ``sink``/``recent`` >= 0.
     * ``record``: keep per-forward, per-layer density and estimation cost in the state.
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
@@ -110,17 +114,25 @@ class SparseConfig(CheckedOnAssignment):
         if isinstance(self.decode, str):
             if self.decode != "dense":
                 decode = self._build_named("decode", "decode", self.decode, {})
+        decode_pages = None
+        if isinstance(self.decode, str):
+            if self.decode != "dense":
+                decode = self._build_named("decode", "decode", self.decode, {})
         elif isinstance(self.decode, Mapping):
             spec = dict(self.decode)
             if "method" not in spec:
                 raise _error(f"decode={self.decode!r} has no 'method' key")
-            name = spec.pop("method")
-            decode = self._build_named("decode", "decode", name, spec)
+            if "budget" in spec:  # page-index decode (sparse_attn.decode); otherwise a prefill method
+                decode_pages = _check_decode_pages(spec)
+            else:
+                name = spec.pop("method")
+                decode = self._build_named("decode", "decode", name, spec)
         else:
             raise _error(f"decode={self.decode!r} is not 'dense', a method name or {{'method': name, **knobs}}")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_decode_method", decode)
+        object.__setattr__(self, "_decode_pages", decode_pages)
 
     def _build(self, key: Optional[int], spec: dict) -> Optional[Method]:
         """The method of ``layers[key]`` (``key`` None: the default method), built (and so checked);
@@ -200,6 +212,45 @@ class SparseConfig(CheckedOnAssignment):
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+# Page-index decode: ``decode={"method": ..., "budget": ..., "page": ..., "sink": ..., "recent": ...}``.
+DECODE_PAGE_METHODS = ("quest", "pooled", "sink_window")
+DECODE_PAGE_DEFAULTS = {"page": 16, "sink": 64, "recent": 64}
+
+
+def _check_decode_pages(spec: dict) -> dict:
+    """The checked settings of page-index decode (a dict with method, budget, page, sink, recent);
+    :class:`SparseConfigError` naming the knob otherwise."""
+    from ...decode import PAGE_SIZES
+    from ...decode.select import PageSelection
+
+    unknown = sorted(set(spec) - {"method", "budget", *DECODE_PAGE_DEFAULTS}, key=str)
+    if unknown:
+        raise _error(f"decode: unknown key(s) {unknown} for page-index decode; keys: method, budget, "
+                     f"{', '.join(DECODE_PAGE_DEFAULTS)}")
+    out = {**DECODE_PAGE_DEFAULTS, **spec}
+    method = out["method"]
+    if not isinstance(method, str) or method not in DECODE_PAGE_METHODS:
+        raise _error(f"decode: method={method!r} is not a page-selection method; one of {list(DECODE_PAGE_METHODS)}")
+    for name in ("budget", "page", "sink", "recent"):
+        value = out[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(f"decode: {name}={value!r} is not an int")
+    if out["page"] not in PAGE_SIZES:
+        raise _error(f"decode: page={out['page']!r} is not a power of two from {PAGE_SIZES[0]} to {PAGE_SIZES[-1]}")
+    for name in ("sink", "recent"):
+        if out[name] < 0:
+            raise _error(f"decode: {name}={out[name]!r} is negative (must be >= 0)")
+    if out["budget"] < out["page"]:
+        raise _error(f"decode: budget={out['budget']!r} is smaller than page={out['page']} (the budget is read "
+                     "in whole pages)")
+    selection = PageSelection(method=method, budget=out["budget"], sink=out["sink"], recent=out["recent"])
+    try:
+        selection.check_budget(out["page"])
+    except ValueError as err:
+        raise _error(f"decode: {str(err).split(': ', 1)[-1]}") from None
+    return out
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SparseConfig))

@@ -8,7 +8,10 @@ registry does. Per-model settings live on the attention modules (``module._spars
 so several models can be patched differently in one process; ``unpatch`` restores everything.
 
 Routing per call: prefill (``q_len > 1``, with or without a KV cache already present) goes through
-the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method; layers configured
+the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method; with
+``decode={"method": ..., "budget": ...}`` each layer keeps a :class:`~sparse_attn.decode.PageIndex`
+of its K cache (built at prefill, appended each step) and decode steps (1-16 query rows against a
+cache) attend only to the pages ``select_pages`` picks (see :func:`_page_decode`); layers configured
 dense, short sequences, masks other than causal or causal-with-padding (sliding windows) and
 unsupported features (softcapping, dropout in training) run transformers' own SDPA path, with the
 reason recorded. A padded batch (left or right padding) runs each sequence on its own unpadded span.
@@ -16,6 +19,7 @@ reason recorded. A padded batch (left or right padding) runs each sequence on it
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,6 +41,11 @@ class SparseState:
     original_implementation: str
     records: list = field(default_factory=list)
     warned_short: bool = False  # the first prefill that stayed dense for its length was reported
+    # Page-index decode: per layer, the PageIndex of its K cache, the tokens it holds (host side, the
+    # same for every sequence) and how many times it was built (prefill, new sequence, capacity).
+    page_indexes: dict = field(default_factory=dict)
+    index_lengths: dict = field(default_factory=dict)
+    index_builds: dict = field(default_factory=dict)
 
     def summary(self) -> list:
         """Per-layer mean density and estimation time over the recorded sparse calls."""
@@ -111,6 +120,8 @@ def unpatch(model) -> None:
     if state is None:
         return
     model.set_attn_implementation(state.original_implementation)
+    for store in (state.page_indexes, state.index_lengths, state.index_builds):
+        store.clear()
     for module in model.modules():
         if hasattr(module, "_sparse_attn_state"):
             del module._sparse_attn_state
@@ -161,6 +172,16 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         record(False, reason)
         return _dense(module, query, key, value, attention_mask, **dense_kwargs)
 
+    pages_cfg = getattr(config, "_decode_pages", None)
+    if pages_cfg is not None and (q_len == 1 or (q_len <= 16 and kv_len > q_len and layer in state.page_indexes)):
+        return _page_decode(state, module, query, key, value, attention_mask, dropout, scaling, kwargs,
+                            pages_cfg, record, dense)
+    if pages_cfg is not None and q_len > 1:  # prefill: index the full keys for the decode steps
+        if attention_mask is None or _is_plain_causal(attention_mask, q_len, kv_len):
+            _sync_index(state, layer, key, pages_cfg["page"], fresh=kv_len == q_len)
+        else:  # padded: its decode steps run dense; drop any index of an earlier sequence
+            for store in (state.page_indexes, state.index_lengths):
+                store.pop(layer, None)
     if q_len == 1:
         method = getattr(config, "_decode_method", None)
         if method is None:
@@ -208,6 +229,75 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
             part = run(query[b:b + 1, :, q0:q1], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end])
             out[b, q0:q1] = part[0].transpose(0, 1)
     return out, None
+
+
+def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False):
+    """Bring the layer's page index up to the cache ``key (B, Hkv, S, D)``: append the keys it lacks
+    when it is at most 16 tokens behind and has room, else (no index, a new sequence, a different
+    shape, full; ``fresh``: a prefill from position 0) rebuild it from ``key`` with headroom. Returns
+    the index."""
+    from ...decode import PageIndex
+
+    kv_len = key.shape[2]
+    index = state.page_indexes.get(layer)
+    have = state.index_lengths.get(layer, -1)
+    fits = (not fresh and index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
+            and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device)
+    if fits and have == kv_len:
+        return index
+    if fits and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
+        index.append(key[:, :, have:])
+    else:
+        headroom = max(256, kv_len // 2)
+        capacity = -(-(kv_len + headroom) // page) * page
+        index = PageIndex.build(key.detach(), page_size=page, capacity=capacity)
+        state.page_indexes[layer] = index
+        state.index_builds[layer] = state.index_builds.get(layer, 0) + 1
+    state.index_lengths[layer] = kv_len
+    return index
+
+
+def _page_decode(state: SparseState, module, query, key, value, attention_mask, dropout, scaling, kwargs,
+                 cfg: dict, record, dense):
+    """A decode step (1-16 query rows at the end of the cache) through the layer's page index:
+    append the new keys, ``select_pages``, ``decode_attention`` over the contiguous cache. Runs dense,
+    with the reason recorded, for masks other than plain causal (padding, sliding window, a static
+    cache's unused tail), a budget covering the cache, softcapping or attention outputs."""
+    from ...decode import decode_attention, select_pages
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
+        return dense("decode pages: softcap/output_attentions need dense attention")
+    if dropout > 0.0 and module.training:
+        return dense("decode pages: attention dropout in training runs dense")
+    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
+        return dense("decode pages: mask is not plain causal (padding or window): dense")
+    if kv_len < q_len or key.dim() != 4:
+        return dense("decode pages: not a decode step against a cache: dense")
+    layer = int(module.layer_idx)
+    page, budget = cfg["page"], cfg["budget"]
+    index = _sync_index(state, layer, key, page)
+    if budget >= kv_len:
+        return dense(f"decode pages: budget {budget} covers the {kv_len}-token cache: dense")
+    timed = state.config.record
+    if timed and query.is_cuda:
+        torch.cuda.synchronize(query.device)
+    start = time.perf_counter()
+    pages, counts = select_pages(query, index, method=cfg["method"], budget=budget, sink=cfg["sink"],
+                                 recent=cfg["recent"], scale=scaling)
+    if timed and query.is_cuda:
+        torch.cuda.synchronize(query.device)
+    select_ms = (time.perf_counter() - start) * 1e3
+    cache_lens = torch.full((key.shape[0],), kv_len, dtype=torch.int32, device=key.device)
+    out = decode_attention(query, key.contiguous(), value.contiguous(), pages, counts, cache_lens,
+                           page_size=page, scale=scaling)
+    if timed:
+        slot = torch.arange(pages.shape[-1], device=pages.device)
+        tokens = index.page_tokens().gather(1, pages.flatten(1).long()).view(pages.shape)
+        selected = torch.where(slot < counts[..., None], tokens, torch.zeros_like(tokens)).sum()
+        density = float(selected) / (pages.shape[0] * pages.shape[1] * kv_len)
+        record(True, f"decode pages: {cfg['method']} budget {budget}", density, select_ms)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _padding_spans(mask: torch.Tensor, q_len: int, kv_len: int):

@@ -1,0 +1,150 @@
+"""Page-index decode through the transformers integration (tiny random-weight Llama, CPU)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparse_attn import patch, unpatch  # noqa: E402
+from sparse_attn.integrations.hf import SparseConfig  # noqa: E402
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+PREFILL = dict(method="dense", block_size=16, min_kv_len=0, fallback="never", record=True)
+GEN = dict(do_sample=False, pad_token_id=0)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**COMMON),
+                                                          attn_implementation="sdpa")
+    return model.float().eval()
+
+
+def _ids(length=200, batch=1, seed=1):
+    return torch.randint(1, COMMON["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _decode_records(state):
+    return [r for r in state.records if r["q_len"] == 1]
+
+
+@pytest.fixture(scope="module")
+def model_and_dense():
+    model = _tiny()
+    ids = _ids()
+    return model, ids, model.generate(ids, max_new_tokens=8, **GEN)
+
+
+def test_budget_covering_the_cache_matches_dense_tokens(model_and_dense):
+    model, ids, want = model_and_dense
+    state = patch(model, decode={"method": "quest", "budget": 2048}, **PREFILL)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=8, **GEN), want)
+        decode = _decode_records(state)
+        assert decode and all(not r["sparse"] and "covers" in r["reason"] for r in decode)
+        # Every page selected (193 tokens round up to 13 pages = 208 >= every cache length here):
+        # the page path itself runs and must give the dense tokens.
+        state = patch(model, decode={"method": "quest", "budget": 193, "page": 16, "sink": 16, "recent": 16},
+                      **PREFILL)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, **GEN), want)
+        decode = _decode_records(state)
+        assert decode and all(r["sparse"] and r["density"] == 1.0 for r in decode)
+    finally:
+        unpatch(model)
+
+
+@pytest.mark.parametrize("method", ["quest", "pooled", "sink_window"])
+def test_small_budget_decodes_sparse_and_the_index_grows_by_appends(model_and_dense, method):
+    model, ids, want = model_and_dense
+    new = 8
+    state = patch(model, decode={"method": method, "budget": 64, "page": 16, "sink": 16, "recent": 16}, **PREFILL)
+    try:
+        got = model.generate(ids, max_new_tokens=new, **GEN)
+        assert got.shape == want.shape
+        decode = _decode_records(state)
+        assert len(decode) == COMMON["num_hidden_layers"] * (new - 1)
+        assert all(r["sparse"] and 0 < r["density"] < 1 and r["estimate_ms"] >= 0 for r in decode)
+        assert sorted({r["kv_len"] for r in decode}) == list(range(201, 200 + new))
+        final = ids.shape[1] + new - 1  # the last generated token is never fed back
+        for layer in range(COMMON["num_hidden_layers"]):
+            index = state.page_indexes[layer]
+            assert state.index_builds[layer] == 1  # built once at prefill, appended at every step
+            assert index.lengths.tolist() == [final] and index.page_size == 16
+        summary = state.summary()
+        assert all(s["density"] < 1 for s in summary)
+    finally:
+        unpatch(model)
+
+
+def test_planted_page_gives_the_dense_next_token():
+    # One page of keys equal to a planted direction the queries share: attention concentrates there.
+    torch.manual_seed(0)
+    from sparse_attn.integrations.hf.patching import sparse_attention_forward
+
+    model = _tiny()
+    attn = model.model.layers[0].self_attn
+    B, H, Hkv, D, S = 1, 4, 2, 16, 256
+    k = torch.randn(B, Hkv, S, D) * 0.1
+    v = torch.randn(B, Hkv, S, D)
+    q = torch.randn(B, H, 1, D) * 0.1
+    direction = torch.randn(D)
+    q[..., :] += 4 * direction
+    k[:, :, 96:112] += 4 * direction
+    state = patch(model, decode={"method": "quest", "budget": 48, "page": 16, "sink": 16, "recent": 16}, **PREFILL)
+    try:
+        got, _ = sparse_attention_forward(attn, q, k, v, None, scaling=D ** -0.5)
+        assert state.records[-1]["sparse"] and state.records[-1]["density"] < 0.2
+        unpatch(model)
+        scores = torch.softmax((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * D ** -0.5, -1)
+        want = (scores @ v.repeat_interleave(2, 1)).transpose(1, 2)
+        assert torch.allclose(got, want, atol=1e-2), (got - want).abs().max()
+    finally:
+        unpatch(model)
+
+
+def test_padded_batch_falls_back_to_dense_with_the_reason():
+    model = _tiny()
+    ids = _ids(length=100, batch=2)
+    ids[0, :6] = 0
+    kwargs = dict(attention_mask=(ids != 0).long(), max_new_tokens=4, **GEN)
+    want = model.generate(ids, **kwargs)
+    state = patch(model, decode={"method": "quest", "budget": 32, "page": 16, "sink": 0, "recent": 16}, **PREFILL)
+    assert torch.equal(model.generate(ids, **kwargs), want)
+    decode = _decode_records(state)
+    assert decode and all(not r["sparse"] and "not plain causal" in r["reason"] for r in decode)
+    assert not state.page_indexes
+
+
+@pytest.mark.parametrize("decode,knob", [
+    ({"method": "quest", "budget": 8, "page": 16}, "budget=8"),
+    ({"method": "quest", "budget": 2048, "page": 24}, "page=24"),
+    ({"method": "quest", "budget": 2048, "page": 512}, "page=512"),
+    ({"method": "nope", "budget": 2048}, "method='nope'"),
+    ({"method": "quest", "budget": 2048, "sink": -1}, "sink=-1"),
+    ({"method": "quest", "budget": 2048, "recent": -4}, "recent=-4"),
+    ({"method": "quest", "budget": 2048, "pages": 16}, "'pages'"),
+])
+def test_bad_knobs_raise_naming_the_knob(decode, knob):
+    with pytest.raises(ValueError, match="decode") as err:
+        SparseConfig(decode=decode)
+    assert knob in str(err.value)
+    with pytest.raises(ValueError) as err:
+        patch(_tiny(), decode=decode, **PREFILL)
+    assert knob in str(err.value)
+
+
+def test_the_old_decode_method_form_still_works():
+    config = SparseConfig(decode={"method": "quest", "top_k": 32})
+    assert config._decode_method.name == "quest" and config._decode_pages is None
+
+
+def test_unpatch_drops_the_indexes_and_restores_dense_decoding(model_and_dense):
+    model, ids, want = model_and_dense
+    state = patch(model, decode={"method": "sink_window", "budget": 48, "page": 16, "sink": 16, "recent": 16},
+                  **PREFILL)
+    model.generate(ids, max_new_tokens=8, **GEN)
+    assert state.page_indexes
+    unpatch(model)
+    assert not state.page_indexes and model.config._attn_implementation == "sdpa"
+    assert torch.equal(model.generate(ids, max_new_tokens=8, **GEN), want)
