@@ -456,3 +456,12 @@ def test_the_installed_package_keeps_only_the_canary_loader():
 
     assert not hasattr(runtime, "train") and not hasattr(runtime, "refine")
     assert runtime.canary_config(1024, 259).max_position_embeddings == 1088
+
+
+def test_share_options_are_checked_to_lie_in_0_1():
+    from click.testing import CliRunner
+
+    from tools.canary.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--out", "unused", "--task-share", "2"])
+    assert result.exit_code == 2 and "--task-share" in result.output

@@ -126,13 +126,16 @@ def main():
 @click.option("--log-every", default=30.0, show_default=True, help="seconds between log lines")
 @click.option("--probe-every", default=60.0, show_default=True,
               help="seconds between greedy retrieval probes during training (0: none)")
-@click.option("--task-share", default=0.45, show_default=True, help="share of retrieval-task episodes")
-@click.option("--copy-share", default=0.4, show_default=True, help="share of copy episodes (rest: plain text)")
-@click.option("--repeat-share", default=0.1, show_default=True,
+@click.option("--task-share", default=0.45, show_default=True, type=click.FloatRange(0, 1),
+              help="share of retrieval-task episodes")
+@click.option("--copy-share", default=0.4, show_default=True, type=click.FloatRange(0, 1),
+              help="share of copy episodes (rest: plain text)")
+@click.option("--repeat-share", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="share of plain repeat (induction) episodes kept after the warm-up")
-@click.option("--warmup-share", default=0.3, show_default=True,
+@click.option("--warmup-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="at most this share of the budget on the warm-up first: induction, then lookup episodes")
-@click.option("--short-share", default=0.4, show_default=True, help="share of the budget at a quarter of --seq-len")
+@click.option("--short-share", default=0.4, show_default=True, type=click.FloatRange(0, 1),
+              help="share of the budget at a quarter of --seq-len")
 @click.option("--workers", default=None, type=int, help="DataLoader workers (default: up to 8 on CUDA)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shape", "shape", multiple=True, metavar="NAME=VALUE",
@@ -187,12 +190,13 @@ def train_command(out, force, minutes, refine, seq_len, batch_size, lr, max_step
 @click.option("--minutes", default=2.2, show_default=True)
 @click.option("--max-steps", default=None, type=int)
 @click.option("--lr", default=1e-3, show_default=True)
-@click.option("--lookup-phase-share", default=0.3, show_default=True,
+@click.option("--lookup-phase-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="at most this share of the budget on lookup episodes alone, before the mix")
-@click.option("--lookup-share", default=0.3, show_default=True, help="share of lookup episodes in the mix")
-@click.option("--hard-key-share", default=0.5, show_default=True,
+@click.option("--lookup-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="share of lookup episodes in the mix")
+@click.option("--hard-key-share", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="share of lookup keys one syllable away from an earlier key")
-@click.option("--multi-value-share", default=0.3, show_default=True,
+@click.option("--multi-value-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="share of lookup keys with 2-3 values, asked as a list")
 @click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
 @click.option("--eval-before/--no-eval-before", default=True, show_default=True)
