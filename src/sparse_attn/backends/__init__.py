@@ -17,8 +17,8 @@ import torch
 from ..options import KernelOptions
 from .flex import flex_attention_forward, flex_available
 from .reference import reference_attention, sequence_loop_varlen
-from .triton import (backward_kernel, gluon_can_run, gluon_forward, gluon_varlen_forward, triton_can_run,
-                     triton_can_run_fast, triton_forward, triton_varlen_forward)
+from .triton import (backward_kernel, gluon_can_run, run_gluon, run_gluon_varlen, triton_can_run,
+                     triton_can_run_fast, run_triton, run_triton_varlen)
 
 # (q, k, v, layout, options, num_seqs) -> None when it can run, else why not; num_seqs is None for
 # padded calls and the number of sequences for packed ones.
@@ -113,8 +113,8 @@ BACKENDS: dict = {
     "reference": Backend("reference", _always, _reference_forward, _reference_varlen,
                          can_run_varlen=_reference_can_run_varlen),
     "flex": Backend("flex", _flex_can_run, _flex_forward, _flex_varlen, auto_check=_flex_can_run_fast),
-    "gluon": Backend("gluon", gluon_can_run, gluon_forward, gluon_varlen_forward, backward="kernels"),
-    "triton": Backend("triton", triton_can_run, triton_forward, triton_varlen_forward,
+    "gluon": Backend("gluon", gluon_can_run, run_gluon, run_gluon_varlen, backward="kernels"),
+    "triton": Backend("triton", triton_can_run, run_triton, run_triton_varlen,
                       auto_check=triton_can_run_fast, backward="kernels"),
 }
 

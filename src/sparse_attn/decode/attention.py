@@ -24,7 +24,7 @@ MAX_QUERIES = 16
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
                      cache_lens: Tensor, *, page_size: int, scale: Optional[float] = None,
                      block_table: Optional[Tensor] = None, backend: str = "auto", return_lse: bool = False,
-                     kernel_options: Optional[KernelOptions] = None):
+                     check_values: bool = True, kernel_options: Optional[KernelOptions] = None):
     """Attention of the last ``Sq`` positions of each sequence over the selected pages of its cache.
 
     Args:
@@ -49,6 +49,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             split-KV kernel: float16/bfloat16, head dims 16/32/64/128, CUDA or the CPU
             interpreter) or ``"auto"`` (Triton on CUDA when it can run the call, else reference).
         return_lse: also return the natural-log LSE.
+        check_values: check the index values (``cache_lens``, ``page_counts``, ``pages``, the
+            ``block_table`` entries they use), which reads them on the host: one device sync per
+            call. Pass False in a decoding loop whose indices come from :func:`~.select.select_pages`
+            (always valid); shapes, dtypes and devices are checked either way.
         kernel_options: a :class:`~sparse_attn.options.KernelOptions` (default: the current one);
             accepted and resolved; the decode kernel launches through Triton's own path and reads none
             of its fields.
@@ -57,18 +61,18 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
         ``out`` ``(B, H, Sq, D)`` in q's dtype and, with ``return_lse``, ``lse`` ``(B, H, Sq)``
         float32. A query that sees no key gets output 0 and LSE ``-inf``.
 
-    The value checks (``cache_lens``, ``page_counts``, the valid ``pages`` and, when paged, the
-    ``block_table`` entries they use) read the index tensors on the host: one device sync per
-    call. They are skipped inside a CUDA-graph capture, where the kernel still reads no memory out
-    of bounds for ``cache_lens`` and pages within the cache but gives meaningless results for
-    invalid indices.
+    The value checks (``check_values``) are also skipped inside a CUDA-graph capture. Unchecked,
+    the kernel still reads no memory out of bounds for ``cache_lens`` and pages within the cache,
+    but gives meaningless results for invalid indices.
     """
     resolve_kernel_options(kernel_options)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be True or False, got {return_lse!r}")
-    check_decode_inputs(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, block_table)
+    for name, flag in (("return_lse", return_lse), ("check_values", check_values)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    check_decode_inputs(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, block_table,
+                        check_values=check_values)
     dim = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
@@ -109,7 +113,8 @@ def _shape(t: Tensor) -> tuple:
 
 
 def check_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
-                        cache_lens: Tensor, page_size: int, block_table: Optional[Tensor] = None) -> None:
+                        cache_lens: Tensor, page_size: int, block_table: Optional[Tensor] = None,
+                        check_values: bool = True) -> None:
     """Raise ``ValueError`` naming the bad argument and what was expected (see
     :func:`decode_attention` for the contract). Shape, dtype and device checks first, then the
     value checks, which read the index tensors on the host (skipped in a CUDA-graph capture).
@@ -172,7 +177,7 @@ def check_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tens
     if capacity < q_len:
         raise ValueError(f"the cache holds {capacity} positions per sequence, fewer than q's {q_len} queries")
 
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not check_values or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     _check_index_values(pages, page_counts, cache_lens, block_table, q_len, capacity, page_size,
                         k_cache.shape[0] if block_table is not None else None)

@@ -86,25 +86,25 @@ def backward_kernel(q, k, v, layout, options: KernelOptions = KernelOptions()) -
     return choose_kernel("backward", options.backward, q, k, v, layout, (q, q))  # out and dO are shaped like q
 
 
-def triton_forward(q, k, v, layout, scale, options: KernelOptions):
+def run_triton(q, k, v, layout, scale, options: KernelOptions):
     from .ops import triton_attention
 
     return triton_attention(q, k, v, layout, scale, "triton", options)
 
 
-def gluon_forward(q, k, v, layout, scale, options: KernelOptions):
+def run_gluon(q, k, v, layout, scale, options: KernelOptions):
     from .ops import triton_attention
 
     return triton_attention(q, k, v, layout, scale, "gluon", options)
 
 
-def triton_varlen_forward(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
+def run_triton_varlen(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
     from .ops import triton_attention_varlen
 
     return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale, "triton", options)
 
 
-def gluon_varlen_forward(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
+def run_gluon_varlen(q, k, v, cu_q, cu_k, layout, scale, options: KernelOptions):
     from .ops import triton_attention_varlen
 
     return triton_attention_varlen(q, k, v, cu_q, cu_k, layout, scale, "gluon", options)

@@ -1,0 +1,306 @@
+"""Sparse decode speed: one decode step's attention, ours vs dense SDPA and FlexAttention.
+
+For every (context, batch, budget) on identical inputs (H query heads, Hkv KV heads, head dim D,
+bf16, one query row per sequence):
+
+* ``kernel``: our split-KV decode kernel over the selected pages (no checks, no selection).
+* ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
+  scores, one selection per KV group) and the kernel; eagerly and replayed as a CUDA graph.
+* ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
+  their KV head, so K/V are read once, as GQA decode kernels do).
+* ``flex``: FlexAttention (compiled) on a BlockMask holding the same selection (page-sized KV
+  blocks), ``enable_gqa``.
+
+Bandwidth is the bytes each must read (ours and Flex: the selected K/V; dense: the whole cache)
+over its time, next to the device's measured copy bandwidth. Every row first checks our kernel
+against the PyTorch reference, and Flex against ours, on the same selection.
+
+    python benchmarks/bench_decode.py --out results/decode
+    python benchmarks/bench_decode.py --contexts 32768 131072 --batches 1 8 --budgets 2048 --out results/decode
+    python benchmarks/bench_decode.py --generate --contexts 32768 131072 --out results/decode_generate
+
+``--generate`` times ``model.generate()`` instead: an 8B-shaped Llama (hidden 4096, 32 heads / 8 KV
+heads, MLP 14336, ``--layers`` layers, random weights, bf16), dense decode vs sparse decode through
+``sparse_attn.patch(model, decode={...})``, in decode tokens per second (prefill excluded).
+
+Prints a table and writes ``<out>.json`` (rows written as they are measured) and ``<out>.md``.
+Needs a CUDA GPU; without one it says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_attention import bench, graphed, rel  # noqa: E402
+
+from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
+from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
+from sparse_attn.decode.reference import reference_decode_attention  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional
+    def tqdm(x, **_):
+        return x
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    src = torch.empty(1 << 28, device="cuda", dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def dense_sdpa(q, k, v, backend_name):
+    """Dense decode with SDPA: ``q (B, H, 1, D)`` viewed as ``(B, Hkv, G, D)`` (each KV head's
+    query heads as its query rows, non-causal: every row sees the whole cache)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend_name]
+    batch, heads, _, dim = q.shape
+    qg = q.view(batch, k.shape[1], heads // k.shape[1], dim)
+
+    def run():
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(qg, k, v).view(batch, heads, 1, dim)
+
+    return run
+
+
+def flex_on_selection(q, k, v, pages, counts, page_size):
+    """Compiled FlexAttention over the selected pages (a BlockMask of page-sized KV blocks)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from sparse_attn.backends.flex import _compiled_flex, _recompile_limit
+
+    batch, heads = q.shape[:2]
+    kv_heads, seq = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    total_pages = -(-seq // page_size)
+    idx = torch.zeros(batch, heads, 1, total_pages, dtype=torch.int32, device=q.device)
+    idx[..., : pages.shape[-1]] = pages.repeat_interleave(group, 1)[:, :, None, :]
+    num = counts.repeat_interleave(group, 1)[:, :, None].contiguous()
+    mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(128, page_size), seq_lengths=(1, seq))
+    fn = _compiled_flex()
+
+    def run():
+        with _recompile_limit():
+            return fn(q, k, v, block_mask=mask, enable_gqa=True)
+
+    return run
+
+
+def kernel_rows(args, copy_gbs):
+    dtype = torch.bfloat16
+    heads, kv_heads, dim, page = args.heads, args.kv_heads, args.head_dim, args.page
+    for context in args.contexts:
+        for batch in args.batches:
+            cache_gib = 2 * batch * kv_heads * context * dim * 2 / 2 ** 30
+            if cache_gib > args.max_cache_gib:
+                yield {"context": context, "batch": batch,
+                       "skipped": f"K/V cache {cache_gib:.0f} GiB > --max-cache-gib"}
+                continue
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            k = torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=dtype, generator=gen)
+            v = torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=dtype, generator=gen)
+            q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=dtype, generator=gen)
+            dense = {name: bench(dense_sdpa(q, k, v, name)) for name in ("flash", "cudnn")}
+            dense_bytes = 2 * batch * kv_heads * context * dim * 2
+            # The index holds every key but the step's own, which the timed step appends.
+            index = PageIndex.build(k[:, :, : context - 1], page, capacity=context)
+            index.append(k[:, :, context - 1:])
+            lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+            scale = 1.0 / math.sqrt(dim)
+            for budget in args.budgets:
+                row = {"context": context, "batch": batch, "budget": budget, "page": page,
+                       "flash_ms": dense["flash"], "cudnn_ms": dense["cudnn"],
+                       "dense_gbs": dense_bytes / min(dense.values()) / 1e6}
+                selection = PageSelection(method=args.method, budget=budget, sink=64, recent=64)
+                pages, counts = selection(q, index)
+                ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731
+                out = ours()[0]
+                ref = reference_decode_attention(q, k, v, pages, counts, lens, page, scale)[0]
+                row["check_rel_err"] = rel(out, ref)
+                row["kernel_ms"] = bench(ours)
+                read = 2 * batch * kv_heads * int(counts.sum() // (batch * kv_heads)) * page * dim * 2
+                row["kernel_gbs"] = read / row["kernel_ms"] / 1e6
+                row["kernel_of_copy"] = row["kernel_gbs"] / copy_gbs
+                new_key = k[:, :, context - 1:].clone()
+
+                def step():
+                    # Rewind the index by the one key the step appends, so the timed step repeats.
+                    index.lengths.fill_(context - 1)
+                    index._length_bound = context - 1
+                    index.append(new_key)
+                    p, c = selection(q, index)
+                    return triton_decode_attention(q, k, v, p, c, lens, page, scale)
+
+                row["step_ms"] = bench(step)
+                try:
+                    row["step_graph_ms"] = bench(graphed(lambda: step))
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    row["step_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                try:
+                    flex = flex_on_selection(q, k, v, pages, counts, page)
+                    row["flex_rel_err"] = rel(flex(), out)
+                    row["flex_ms"] = bench(flex)
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    row["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                best_dense = min(dense.values())
+                row["dense_over_kernel"] = best_dense / row["kernel_ms"]
+                row["dense_over_step"] = best_dense / row.get("step_graph_ms", row["step_ms"])
+                if "flex_ms" in row:
+                    row["flex_over_kernel"] = row["flex_ms"] / row["kernel_ms"]
+                yield row
+            k = v = index = None  # frees the cache before the next shape
+            torch.cuda.empty_cache()
+
+
+def generate_rows(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sparse_attn
+
+    longest = max(args.contexts) + args.new_tokens + 8
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         num_hidden_layers=args.layers, vocab_size=32000, max_position_embeddings=longest,
+                         attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+
+    def seconds(ids, new):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    decode = {"method": args.method, "budget": args.budgets[0], "page": args.page}
+    for context in args.contexts:
+        ids = torch.randint(1000, 30000, (1, context), device="cuda")
+        row = {"context": context, "layers": args.layers, "new_tokens": args.new_tokens, **{
+            f"decode_{k}": v for k, v in decode.items()}}
+        for mode in ("dense", "sparse"):
+            if mode == "sparse":
+                sparse_attn.patch(model, method="dense", decode=decode, record=False)
+            seconds(ids, 2)  # warm-up (compiles the kernels)
+            prefill = [seconds(ids, 1) for _ in range(args.rounds)]
+            full = [seconds(ids, 1 + args.new_tokens) for _ in range(args.rounds)]
+            per_token = (statistics.median(full) - statistics.median(prefill)) / args.new_tokens
+            row[f"{mode}_ms_per_token"] = per_token * 1e3
+            row[f"{mode}_tokens_per_s"] = 1.0 / per_token
+            if mode == "sparse":
+                sparse_attn.unpatch(model)
+        row["speedup"] = row["dense_ms_per_token"] / row["sparse_ms_per_token"]
+        yield row
+        torch.cuda.empty_cache()
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def kernel_table(rows, meta) -> str:
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, H={meta['heads']}, "
+             f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
+             f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", "",
+             "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | ours step ms | "
+             "step, CUDA graph ms | dense/kernel | dense/step | Flex/kernel | kernel GB/s (of copy) | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['context']} | {r['batch']} | - | {r['skipped']} |")
+            continue
+        flex = fmt(r.get("flex_ms"), ".4f") if "flex_ms" in r else "failed"
+        graph = fmt(r.get("step_graph_ms"), ".4f") if "step_graph_ms" in r else "failed"
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
+            f"{r['kernel_ms']:.4f} | {r['step_ms']:.4f} | {graph} | {r['dense_over_kernel']:.1f}x | "
+            f"{r['dense_over_step']:.1f}x | {fmt(r.get('flex_over_kernel'), '.1f')}x | "
+            f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def generate_table(rows, meta) -> str:
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
+             f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16, batch 1", "",
+             "| context | layers | decode | dense ms/token | sparse ms/token | dense tok/s | sparse tok/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['layers']} | {r['decode_method']} budget {r['decode_budget']} page "
+                     f"{r['decode_page']} | {r['dense_ms_per_token']:.2f} | {r['sparse_ms_per_token']:.2f} | "
+                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096],
+                        help="tokens read per (sequence, KV head); --generate uses the first")
+    parser.add_argument("--page", type=int, default=16)
+    parser.add_argument("--method", default="quest", choices=("quest", "pooled", "sink_window"))
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--max-cache-gib", type=float, default=40.0, help="skip shapes whose K/V cache is larger")
+    parser.add_argument("--generate", action="store_true", help="time model.generate() instead of one step")
+    parser.add_argument("--layers", type=int, default=4, help="--generate: decoder layers")
+    parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens decoded per call")
+    parser.add_argument("--rounds", type=int, default=3, help="--generate: calls per median")
+    parser.add_argument("--out", default="results/decode")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode.py needs a CUDA GPU: none is visible, nothing was measured", file=sys.stderr)
+        return 2
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page": args.page,
+            "method": args.method, "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.generate:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+        rows_iter, table = generate_rows(args), generate_table
+    else:
+        meta["copy_gbs"] = copy_bandwidth_gbs()
+        rows_iter, table = kernel_rows(args, meta["copy_gbs"]), kernel_table
+    rows = []
+    for row in tqdm(rows_iter, desc="decode rows"):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    text = table(rows, meta)
+    print(text)
+    with open(args.out + ".md", "w") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
