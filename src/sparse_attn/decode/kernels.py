@@ -326,3 +326,82 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
             SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
         )
     return out, lse
+
+
+# --------------------------------------------------------------------------- page scores
+PAGE_TILE = 64  # pages per program of the page-score kernel
+
+
+@triton.jit
+def _page_logits_kernel(
+    Q, KA, KB, LENGTHS, OUT,
+    stride_qb, stride_qh, stride_qs,
+    stride_ib, stride_ih, stride_ip,
+    stride_ob, stride_oh, stride_or,
+    scale, max_pages,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group:
+    ``scale * score + log(tokens in the page)`` (``-inf`` for a page with no token). Quest:
+    ``score = max(q, 0) . kmax + min(q, 0) . kmin`` (``KA`` = kmax, ``KB`` = kmin, key dtype);
+    pooled: ``score = q . ksum / tokens`` (``KA`` = ksum, float32). Summaries are read once per
+    group, in their stored dtype; pages past the sequence are not read."""
+    pid_p = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // KV_HEADS).to(tl.int64)
+    kvh = (pid % KV_HEADS).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * SQ
+    h = kvh * GROUP + rows // SQ
+    qi = rows % SQ
+    offs_d = tl.arange(0, HEAD_DIM)
+    pages = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    length = tl.load(LENGTHS + b)
+    tokens = tl.minimum(tl.maximum(length - pages.to(tl.int64) * PAGE_SIZE, 0), PAGE_SIZE)
+    has = (tokens > 0) & (pages < max_pages)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:  # the interpreter's bf16 arithmetic is not exact: work in float32 there
+        q = q.to(tl.float32)
+    base = b * stride_ib + kvh * stride_ih + pages[:, None].to(tl.int64) * stride_ip + offs_d[None, :]
+    if QUEST:
+        kmax = tl.load(KA + base, mask=has[:, None], other=0.0).to(q.dtype)
+        kmin = tl.load(KB + base, mask=has[:, None], other=0.0).to(q.dtype)
+        zero = tl.zeros_like(q)
+        score = dot(tl.maximum(q, zero), tl.trans(kmax), UPCAST)
+        score = dot(tl.minimum(q, zero), tl.trans(kmin), UPCAST, score)
+    else:
+        ksum = tl.load(KA + base, mask=has[:, None], other=0.0)
+        mean = ksum / tl.maximum(tokens, 1).to(tl.float32)[:, None]
+        score = dot(q, tl.trans(mean.to(q.dtype)), UPCAST)
+    logw = tl.where(has[None, :], score * scale + tl.log(tl.maximum(tokens, 1).to(tl.float32))[None, :], float("-inf"))
+    o_ptrs = OUT + b * stride_ob + kvh * stride_oh + rows[:, None] * stride_or + pages[None, :]
+    tl.store(o_ptrs, logw, mask=row_ok[:, None] & (pages[None, :] < max_pages))
+
+
+def triton_page_logits(q: Tensor, index, method: str, scale: float) -> Tensor:
+    """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
+    index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
+    against a :class:`~.page_index.PageIndex`."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, max_pages = index.kv_heads, index.max_pages
+    group = heads // kv_heads
+    rows = max(16, triton.next_power_of_2(group * q_len))
+    q = _unit_last_stride(q)
+    if method == "quest":
+        first, second = index.kmax, index.kmin
+    else:
+        first = second = index.ksum
+    out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(max_pages, PAGE_TILE), batch * kv_heads)
+    _page_logits_kernel[grid](
+        q, first, second, index.lengths, out,
+        *q.stride()[:3], *first.stride()[:3], *out.stride()[:3],
+        scale, max_pages,
+        KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
+        BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype),
+        num_warps=4 if rows * dim <= 64 * 128 else 8,
+    )
+    return out

@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 
 from ..methods.knobs import KnobError, KnobSpec
+from ..methods.primitives.dispatch import use_triton
+from ..options import KernelOptions
 from .page_index import PageIndex, _capturing
 
 __all__ = ["PageSelection", "select_pages", "page_mass", "SELECT_METHODS", "MAX_QUERY_ROWS"]
@@ -119,7 +121,8 @@ class PageSelection:
                              f"page(s)) are always kept; raise the budget or lower sink/recent")
 
     # ------------------------------------------------------------------ selection
-    def __call__(self, q: Tensor, index: PageIndex, k_cache: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def __call__(self, q: Tensor, index: PageIndex, k_cache: Optional[Tensor] = None,
+                 kernel_options: Optional[KernelOptions] = None) -> Tuple[Tensor, Tensor]:
         """``(pages, page_counts)`` for the queries ``q (B, H, Sq, D)`` (see :func:`select_pages`)."""
         _check_inputs(q, index, k_cache, self.method)
         page = index.page_size
@@ -143,7 +146,7 @@ class PageSelection:
             score = torch.zeros(batch, kv_heads, max_pages, device=device)
         else:
             candidates = valid
-            share = _page_mass(q, index, self.method, self.scale, k_cache)
+            share = _page_mass(q, index, self.method, self.scale, k_cache, kernel_options)
             share = share.flatten(2, 3)  # (B, Hkv, G * Sq, Np)
             score = share.sum(2) if self.group_score == "mass" else share.amax(2)
             score = score.nan_to_num(nan=0.0)
@@ -162,7 +165,8 @@ class PageSelection:
 
 
 def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink: int = 64, recent: int = 64,
-                 k_cache: Optional[Tensor] = None, **knobs) -> Tuple[Tensor, Tensor]:
+                 k_cache: Optional[Tensor] = None, kernel_options: Optional[KernelOptions] = None,
+                 **knobs) -> Tuple[Tensor, Tensor]:
     """The pages each KV group of each sequence reads this step.
 
     Args:
@@ -173,6 +177,10 @@ def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink:
         method, budget, sink, recent: see :class:`PageSelection` and the module docstring.
         k_cache: ``(B, Hkv, S, D)``, the K cache with ``S >= lengths``; read by ``method="oracle"``
             only (ignored otherwise).
+        kernel_options: a :class:`~sparse_attn.options.KernelOptions` (None: the current default);
+            its ``estimator_kernels`` picks how ``quest`` and ``pooled`` score the pages: a Triton
+            kernel that reads the page summaries once per KV group in their stored dtype
+            (``"auto"`` on CUDA tensors) or PyTorch (the reference).
         knobs: ``group_score`` and ``scale`` (:class:`PageSelection`).
 
     Returns:
@@ -192,29 +200,44 @@ def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink:
         detail = f"no knob(s) {unknown}; knobs: {sorted(names)}"
         raise KnobError(f"{OWNER}: {detail}", owner=OWNER, detail=detail)
     selection = PageSelection(method=method, budget=budget, sink=sink, recent=recent, **knobs)
-    return selection(q, index, k_cache=k_cache)
+    return selection(q, index, k_cache=k_cache, kernel_options=kernel_options)
 
 
 def page_mass(q: Tensor, index: PageIndex, *, method: str, scale: Optional[float] = None,
-              k_cache: Optional[Tensor] = None) -> Tensor:
+              k_cache: Optional[Tensor] = None, kernel_options: Optional[KernelOptions] = None) -> Tensor:
     """``(B, Hkv, G, Sq, max_pages)`` float32: each query head's and row's share of attention mass per
     page, as ``method`` estimates it (``"quest"``, ``"pooled"``) or exactly (``"oracle"``, from
     ``k_cache``). Shares sum to 1 over a row's pages (0 for a sequence with no token); a page past the
     length gets 0. The oracle masks causally (row ``i`` sees positions up to ``lengths - Sq + i``); the
-    estimators score every page of the sequence for every row."""
+    estimators score every page of the sequence for every row. ``kernel_options``: as in
+    :func:`select_pages`."""
     if method not in ("quest", "pooled", "oracle"):
         raise ValueError(f"page_mass: method must be 'quest', 'pooled' or 'oracle', got {method!r}")
     _check_inputs(q, index, k_cache, method)
     if scale is not None:
         PageSelection(method=method, budget=1, sink=0, recent=0, scale=scale)  # checks the scale
-    return _page_mass(q, index, method, scale, k_cache)
+    return _page_mass(q, index, method, scale, k_cache, kernel_options)
+
+
+# The page-score kernel's limits: dtypes, head dims, and query rows of one KV group (G * Sq).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+KERNEL_MAX_ROWS = 128
 
 
 def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
-               k_cache: Optional[Tensor]) -> Tensor:
+               k_cache: Optional[Tensor], kernel_options: Optional[KernelOptions] = None) -> Tensor:
     batch, heads, rows, dim = q.shape
     kv_heads, max_pages, page = index.kv_heads, index.max_pages, index.page_size
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    supported = (q.dtype in KERNEL_DTYPES and dim in KERNEL_HEAD_DIMS
+                 and (heads // kv_heads) * rows <= KERNEL_MAX_ROWS)
+    if method in ("quest", "pooled") and use_triton(q, kernel_options, supported):
+        from .kernels import triton_page_logits
+
+        logw = triton_page_logits(q, index, method, scale)
+        share = torch.softmax(logw, dim=-1).nan_to_num(nan=0.0)
+        return share.view(batch, kv_heads, heads // kv_heads, rows, max_pages)
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * rows, dim).float()  # head-major, then row
 
     if method == "oracle":
