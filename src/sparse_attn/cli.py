@@ -49,7 +49,7 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except Exception as exc:  # noqa: BLE001 - every other error is reported the same way
+        except Exception as exc:  # every other error is reported the same way
             if ctx.params.get("debug"):
                 raise
             click.echo(f"Error: {exc} (run with --debug for the traceback)", err=True)
@@ -224,16 +224,46 @@ def _choices(value: str, allowed: list, param_hint: str) -> list:
     return items
 
 
-def _lengths(value: str) -> list:
-    """Comma-separated prompt lengths in tokens, each a positive int."""
+def _lengths(value: str, param_hint: str = "--lengths", example: str = "1024,2048") -> list:
+    """Comma-separated token counts (prompt lengths, decode budgets), each a positive int."""
     try:
         lengths = [int(v) for v in _csv(value)]
     except ValueError:
         lengths = []
     if not lengths or min(lengths) < 1:
-        raise click.BadParameter(f"{value!r}: give positive token counts, comma-separated (e.g. 1024,2048)",
-                                 param_hint="--lengths")
+        raise click.BadParameter(f"{value!r}: give positive token counts, comma-separated (e.g. {example})",
+                                 param_hint=param_hint)
     return lengths
+
+
+def _decode_options(ctx, methods, budgets, page, sink, recent):
+    """The decode axis's checked options: ``(methods, budgets)``, ``([], [])`` without
+    ``--decode-methods``. Every (method, budget) is checked by SparseConfig (one validation for the API
+    and the CLI), its error naming the option at fault."""
+    from click.core import ParameterSource
+
+    from .eval.runner import DECODE_METHODS, decode_config, decode_knobs
+
+    if not methods.strip():
+        given = [f"--decode-{name}" for name in ("budgets", "page", "sink", "recent")
+                 if ctx.get_parameter_source(f"decode_{name}") == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.BadParameter("the decode axis runs only with --decode-methods (e.g. quest,pooled,sink_window)",
+                                     param_hint=given[0])
+        return [], []
+    method_list = _choices(methods, list(DECODE_METHODS), "--decode-methods")
+    budget_list = _lengths(budgets, "--decode-budgets", "128,512,2048")
+    try:  # the page size, with a budget that holds any sink and recent
+        decode_config(method_list[0], decode_knobs(method_list[0], 1 << 30, page, sink, recent), recall_every=None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--decode-page") from None
+    for method in method_list:
+        for budget in budget_list:
+            try:
+                decode_config(method, decode_knobs(method, budget, page, sink, recent), recall_every=None)
+            except ValueError as exc:
+                raise click.BadParameter(f"{method} at budget {budget}: {exc}", param_hint="--decode-budgets") from None
+    return method_list, budget_list
 
 
 @main.command("eval")
@@ -247,8 +277,22 @@ def _lengths(value: str) -> list:
 @click.option("--block-size", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]))
 @click.option("--out", default="results/eval", show_default=True, help="output prefix (.json, .md, .png)")
 @click.option("--device", default=None)
-def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, device):
-    """Accuracy vs density vs speed: dense and each method over its knob range."""
+@click.option("--decode-methods", default="", show_default="none",
+              help="decode axis: page-selection methods for the generated tokens after a dense prefill "
+                   "(comma-separated: quest, pooled, sink_window); none: no decode axis")
+@click.option("--decode-budgets", default="128,256,512,1024,2048", show_default=True,
+              help="decode axis: tokens each decode step reads per KV head (comma-separated)")
+@click.option("--decode-page", default=16, show_default=True, type=int,
+              help="decode axis: page size in tokens (a power of two, 16-256)")
+@click.option("--decode-sink", default=None, type=click.IntRange(min=0),
+              help="decode axis: first tokens always read (default: one page)")
+@click.option("--decode-recent", default=None, type=click.IntRange(min=0),
+              help="decode axis: last tokens always read (default: one page; sink_window: the rest of the budget)")
+@click.pass_context
+def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, out, device, decode_methods,
+                 decode_budgets, decode_page, decode_sink, decode_recent):
+    """Accuracy vs density vs speed: dense and each method over its knob range; with --decode-methods,
+    also accuracy of sparse decode (after a dense prefill) per method and budget."""
     import datetime
 
     import torch
@@ -261,6 +305,8 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     method_list = _choices(methods, sorted(SWEEPS), "--methods")
     task_list = _choices(tasks, list(TASKS), "--tasks")
     length_list = _lengths(lengths)
+    decode_list, budget_list = _decode_options(ctx, decode_methods, decode_budgets, decode_page, decode_sink,
+                                               decode_recent)
     block_size = int(block_size)
     path, device = _model_dir(model_path), _device(device)
     limit = _position_limit(path)
@@ -270,9 +316,13 @@ def eval_command(model_path, methods, lengths, tasks, samples, block_size, out, 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size)  # progress on stderr
+    rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,  # progress on stderr
+                    decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
+                    decode_sink=decode_sink, decode_recent=decode_recent)
     meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
+    if decode_list:
+        meta["decode_page"] = decode_page
     result = write_report(rows, meta, out)
     click.echo(result["summary"])
     click.echo(result["table"])

@@ -8,6 +8,10 @@ the same explanations next to the rows.
 
 Every plot draws a method in the same colour and marker (:func:`method_style`), whatever else the
 run holds, and dense as labelled reference lines.
+
+Rows of the decode axis (``"axis": "decode"``: dense prefill, sparse decode at a token budget) get
+their own table (:func:`decode_table`, :data:`DECODE_COLUMNS`), section and plot of accuracy vs
+budget; every other function here reads the prefill rows only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import textwrap
 import zlib
 from pathlib import Path
-from typing import Optional
 
 from .stats import wilson_interval
 
@@ -35,6 +38,8 @@ METHOD_STYLES = {
     "strided": ("#e377c2", "X"),
     "power": ("#bcbd22", "*"),
     "quest": ("#17becf", "h"),
+    "pooled": ("#393b79", "p"),
+    "sink_window": ("#637939", "<"),
 }
 _SPARE_COLORS = ["#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
                  "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
@@ -70,6 +75,43 @@ COLUMNS = [
                   "1.00x is faster than dense, above is slower. `~` marks a ratio whose min-max range overlaps "
                   "dense's, i.e. a difference within the timing noise.")),
 ]
+
+
+# Decode-axis column -> definition, in table order.
+DECODE_COLUMNS = [
+    ("length", "prompt length in tokens (of the model's tokenizer)."),
+    ("decode method", ("how each generated token's attention reads the KV cache: `dense` reads all of it (the "
+                       "baseline); `quest` (Quest's upper bound of the query-key product over a page), `pooled` "
+                       "(the query against a page's mean key) and `sink_window` (no scoring: the first and the "
+                       "most recent tokens only, StreamingLLM) read the pages they select within the budget. "
+                       "The prompt itself is always read with dense attention.")),
+    ("budget", ("tokens each decode step reads per KV head, in whole pages (the always-kept sink and recent "
+                "pages included); a budget at or above the cache length reads everything (the step runs "
+                "dense). `-` for dense.")),
+    ("settings", "the page size, the `sink` tokens at the start and the `recent` last tokens always read."),
+    ("accuracy [95% CI]", ("task accuracy, scored as in the prefill table (RULER's `string_match_all` over the "
+                           "greedy continuation), with its 95% Wilson score interval over the prompt count.")),
+    ("prompts", "the number of prompts behind the accuracy (tasks x prompts per task)."),
+    ("per task", "accuracy on each task's prompts alone (the prompts per task in brackets)."),
+    ("same as dense", ("the share of prompts whose generated text equals the dense-decode row's at the same "
+                       "length, character for character.")),
+    ("decode density", ("the share of the cached tokens a decode step read, averaged over layers, KV heads, "
+                        "steps and prompts; a step that ran dense counts as 1. Lower means less of the cache "
+                        "read per generated token.")),
+    ("decode recall", ("the share of the exact softmax attention mass of a decode step that the selected pages "
+                       "hold, averaged over the sampled steps; 1 for dense (and for a row whose steps all ran dense). `-` where "
+                       "it was not measured.")),
+]
+
+
+def _prefill_rows(rows: list) -> list:
+    """The rows of the prefill axis (rows without an ``axis`` key are prefill rows)."""
+    return [r for r in rows if r.get("axis", "prefill") != "decode"]
+
+
+def decode_rows(rows: list) -> list:
+    """The rows of the decode axis."""
+    return [r for r in rows if r.get("axis") == "decode"]
 
 
 def _knobs(knobs: dict) -> str:
@@ -116,7 +158,9 @@ def _order(values) -> list:
 def markdown_table(rows: list) -> str:
     """One line per row: accuracy with its 95% interval, the prompts behind it, per-task accuracy,
     recall, density, estimation and prefill time (median and min-max), and prefill time as a ratio
-    to dense at the same length (where the rows have a dense one). :data:`COLUMNS` defines them."""
+    to dense at the same length (where the rows have a dense one). :data:`COLUMNS` defines them.
+    Decode-axis rows are left out (:func:`decode_table`)."""
+    rows = _prefill_rows(rows)
     dense = {r["length"]: r for r in rows if r["method"] == "dense"}
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -154,7 +198,10 @@ def _on_cpu(rows: list, meta: dict) -> bool:
 
 
 def describe_run(rows: list, meta: dict) -> dict:
-    """What the rows measured, for the report's introduction (and the JSON's ``run``)."""
+    """What the rows measured, for the report's introduction (and the JSON's ``run``); ``decode``
+    describes the decode axis (None without decode rows)."""
+    decode = decode_rows(rows)
+    rows = _prefill_rows(rows)
     sparse = [r for r in rows if r["method"] != "dense"]
     methods = {}
     for r in sparse:
@@ -190,7 +237,25 @@ def describe_run(rows: list, meta: dict) -> dict:
         "dense_backend": dense_backend,
         "timing_repeats": repeats,
         "timed_tokens": _order(r.get("timed_tokens") for r in rows if r.get("timed_tokens")),
+        "decode": _describe_decode(decode),
     }
+
+
+def _describe_decode(rows: list) -> dict | None:
+    if not rows:
+        return None
+    sparse = [r for r in rows if r["method"] != "dense"]
+    settings = {}
+    for r in sparse:
+        knobs = {k: v for k, v in r["knobs"].items() if k != "budget"}
+        settings.setdefault(r["method"], [])
+        if knobs not in settings[r["method"]]:
+            settings[r["method"]].append(knobs)
+    return {"lengths": _order(r["length"] for r in rows), "methods": _order(r["method"] for r in sparse),
+            "budgets": sorted(_order(r["budget"] for r in sparse)), "settings": settings,
+            "recall_measured": any(r.get("decode_recall") is not None and r.get("decode_sparse_share", 1) > 0
+                                   for r in sparse),
+            "prompts_per_row": _order(r.get("samples") for r in rows)}
 
 
 def _methods_text(methods: dict) -> str:
@@ -227,6 +292,7 @@ def _list(values) -> str:
 
 def introduction(rows: list, meta: dict) -> str:
     """The paragraph saying what ran and how to read the table."""
+    rows = _prefill_rows(rows)
     run = describe_run(rows, meta)
     block = f"{run['block_size']}-token" if run["block_size"] else "fixed-size"
     samples = run["samples_per_task"]
@@ -252,6 +318,7 @@ def introduction(rows: list, meta: dict) -> str:
 
 def timing_note(rows: list, meta: dict) -> str:
     """What the prefill times mean, from the device and backend that produced them."""
+    rows = _prefill_rows(rows)
     run = describe_run(rows, meta)
     backend = _backend_text(run)
     repeats = _list(run["timing_repeats"]) if run["timing_repeats"] else "several"
@@ -292,35 +359,90 @@ def columns_text() -> str:
     return "\n".join(f"* **{name}**: {definition}" for name, definition in COLUMNS)
 
 
+def decode_table(rows: list) -> str:
+    """The decode axis's table (:data:`DECODE_COLUMNS`): one line per (length, decode method, budget),
+    the dense-decode row first at each length; empty without decode rows."""
+    rows = decode_rows(rows)
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(name for name, _ in DECODE_COLUMNS) + " |", "|" + "---|" * len(DECODE_COLUMNS)]
+    for r in rows:
+        lo, hi = _interval(r)
+        per_task_n = r.get("per_task_prompts", {})
+        per_task = ", ".join(f"{task} {acc:.2f}" + (f" ({per_task_n[task]})" if task in per_task_n else "")
+                             for task, acc in r.get("per_task", {}).items()) or "-"
+        settings = _knobs({k: v for k, v in r["knobs"].items() if k != "budget"})
+        same = "-" if r.get("same_as_dense") is None else f"{r['same_as_dense']:.2f}"
+        density = "-" if r.get("decode_density") is None else f"{r['decode_density']:.3f}"
+        recall = "-" if r.get("decode_recall") is None else f"{r['decode_recall']:.3f}"
+        budget = "-" if r.get("budget") is None else str(r["budget"])
+        lines.append(f"| {r['length']} | {r['method']} | {budget} | {settings} | {r['accuracy']:.2f} [{lo:.2f}, "
+                     f"{hi:.2f}] | {r.get('samples', '?')} | {per_task} | {same} | {density} | {recall} |")
+    return "\n".join(lines)
+
+
+def decode_introduction(rows: list) -> str:
+    """The paragraph introducing the decode table (empty without decode rows)."""
+    run = _describe_decode(decode_rows(rows))
+    if run is None:
+        return ""
+    methods = ", ".join(f"`{m}`" for m in run["methods"]) or "none"
+    budgets = _list(run["budgets"]) if run["budgets"] else "none"
+    recall = ("Decode recall was measured on sampled steps." if run["recall_measured"] else
+              "Decode recall was not measured in this run (`-`).")
+    return (
+        f"The decode axis measures sparse attention while the answer is generated. The prompt is read with the "
+        f"model's own dense attention, except its last token; that token and every generated one then go through "
+        f"a decode step that reads only some pages of the KV cache, chosen by the decode method ({methods}) "
+        f"within a budget of {budgets} tokens per step and KV head. So every answer token comes from a sparse "
+        f"decode step, and a row's accuracy shows what the decode method costs. The `dense` row of each length "
+        f"runs the same procedure with dense decode steps: compare a row with it (`same as dense`: the share of "
+        f"identical answers). A budget at or above the cache length reads the whole cache, so that row "
+        f"matches dense. {recall}"
+    )
+
+
+def decode_columns_text() -> str:
+    return "\n".join(f"* **{name}**: {definition}" for name, definition in DECODE_COLUMNS)
+
+
 def _details(meta: dict) -> str:
     return "\n".join(f"* {key}: {value}" for key, value in meta.items()) or "* (none given)"
 
 
 def markdown_report(rows: list, meta: dict, plots=()) -> str:
-    """The whole markdown report: title, introduction, timing note, table, columns, plots, details."""
+    """The whole markdown report: title, introduction, timing note, table, columns, the decode axis
+    (its introduction, table and columns, where the rows have one), plots, details."""
     run = describe_run(rows, meta)
     title = f"# Sparse attention evaluation: `{run['model']}` on {run['device']}"
     parts = [title, introduction(rows, meta), "## What the timings mean", timing_note(rows, meta),
              "## Results", markdown_table(rows), "## Columns", columns_text()]
+    if decode_rows(rows):
+        parts += ["## Decode: dense prefill, sparse decode", decode_introduction(rows), decode_table(rows),
+                  "### Decode columns", decode_columns_text()]
     if plots:
         parts.append("## Plots")
         parts.append("Each panel is one prompt length; each method has one colour and marker in every panel "
                      "and plot, dense is the labelled black dashed line (its band: its 95% interval or its "
                      "timing range). Error bars: the 95% Wilson interval of accuracy, the min-max of prefill "
                      "time. Accuracy points of different methods are nudged apart vertically by at most "
-                     "0.02 so that equal values stay visible.")
+                     "0.02 so that equal values stay visible." + (
+                         " The decode plot draws accuracy against the decode budget (log scale), one line "
+                         "per decode method, with the dense-decode row as the dashed line."
+                         if any(str(p).endswith("_decode_accuracy_vs_budget.png") for p in plots) else ""))
         parts.extend(f"![{Path(p).stem}]({Path(p).name})" for p in plots)
     parts += ["## Run details", _details(meta)]
     return "\n\n".join(parts) + "\n"
 
 
-def _figure(rows: list, metric: str, meta: Optional[dict] = None):
+def _figure(rows: list, metric: str, meta: dict | None = None):
     """The figure of ``metric`` ("accuracy" or "prefill_ms") vs density: one panel per length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _prefill_rows(rows)
     run = describe_run(rows, meta or {})
     lengths = sorted({r["length"] for r in rows})
     methods = _order(r["method"] for r in rows if r["method"] != "dense")
@@ -391,9 +513,75 @@ def _figure(rows: list, metric: str, meta: Optional[dict] = None):
     return fig
 
 
-def plot(rows: list, out_prefix: str, meta: Optional[dict] = None) -> list:
-    """Accuracy vs density and prefill time vs density, one panel per length (needs matplotlib);
-    ``meta`` (as for :func:`write_report`) names the device in the titles where rows do not."""
+def _decode_figure(rows: list):
+    """Decode accuracy vs budget: one panel per length, one line per decode method (95% Wilson bars),
+    dense decode as the labelled reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = decode_rows(rows)
+    lengths = _order(r["length"] for r in rows)
+    methods = _order(r["method"] for r in rows if r["method"] != "dense")
+    styles = method_style(methods)
+    budgets = sorted(_order(r["budget"] for r in rows if r["method"] != "dense"))
+    width = max(7.0, 4.6 * len(lengths) + 0.6)
+    fig, axes = plt.subplots(1, len(lengths), figsize=(width, 4.8), squeeze=False, sharey=True)
+    handles = {}
+    for ax, length in zip(axes[0], lengths):
+        here = [r for r in rows if r["length"] == length]
+        for index, method in enumerate(methods):
+            pts = sorted((r for r in here if r["method"] == method), key=lambda r: r["budget"])
+            if not pts:
+                continue
+            color, marker = styles[method]
+            offset = (index - (len(methods) - 1) / 2) / max(len(methods) - 1, 1) * 2  # -1 .. 1
+            nudge = 0.02 * offset
+            xs = [r["budget"] * 2 ** (0.06 * offset) for r in pts]  # apart on the log axis too
+            ys = [r["accuracy"] + nudge for r in pts]
+            lows = [y - (_interval(r)[0] + nudge) for r, y in zip(pts, ys)]
+            highs = [(_interval(r)[1] + nudge) - y for r, y in zip(pts, ys)]
+            ax.errorbar(xs, ys, yerr=[lows, highs], fmt="none", color=color, ecolor=color, alpha=0.35, capsize=2,
+                        linewidth=1, gid=method)
+            ax.plot(xs, ys, color=color, alpha=0.45, linewidth=1, gid=method)
+            handles[method] = ax.scatter(xs, ys, color=color, marker=marker, s=46, alpha=0.75, edgecolors="white",
+                                         linewidths=0.6, zorder=3, gid=method, label=method)
+        dense = [r for r in here if r["method"] == "dense"]
+        if dense:
+            ref = dense[0]
+            low, high = _interval(ref)
+            handles["dense"] = ax.axhline(ref["accuracy"], color=method_color("dense"), linestyle="--",
+                                          linewidth=1.2, gid="dense", label="dense decode (reference)")
+            ax.axhspan(low, high, color=method_color("dense"), alpha=0.07, linewidth=0)
+            ax.annotate(f"dense {ref['accuracy']:.2f}", xy=(0.01, ref["accuracy"]), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize=9, color=method_color("dense"))
+        ax.set_title(f"{length} tokens", fontsize=11)
+        ax.set_xlabel("decode budget (tokens read per step and KV head)", fontsize=10)
+        if budgets:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([str(b) for b in budgets], fontsize=9)
+            ax.minorticks_off()
+        ax.set_ylim(-0.05, 1.08)
+        ax.grid(alpha=0.25)
+    axes[0][0].set_ylabel("task accuracy (RULER string_match_all)", fontsize=10)
+    counts = _list(_order(r.get("samples") for r in rows))
+    title = (f"Decode accuracy vs budget (dense prefill, sparse decode): {counts} prompts per point, "
+             "bars: 95% Wilson interval")
+    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 12))), fontsize=11)
+    order = [m for m in ["dense", *methods] if m in handles]
+    fig.legend([handles[m] for m in order], [handles[m].get_label() for m in order], loc="lower center",
+               ncol=min(len(order), 5), fontsize=10, frameon=False, markerscale=1.2)
+    rows_of_legend = (len(order) + 4) // 5
+    fig.tight_layout(rect=(0, 0.07 * rows_of_legend + 0.02, 1, 1))
+    return fig
+
+
+def plot(rows: list, out_prefix: str, meta: dict | None = None) -> list:
+    """Accuracy vs density and prefill time vs density, one panel per length, and with decode rows
+    decode accuracy vs budget (needs matplotlib); ``meta`` (as for :func:`write_report`) names the
+    device in the titles where rows do not."""
     try:
         import matplotlib
 
@@ -402,9 +590,16 @@ def plot(rows: list, out_prefix: str, meta: Optional[dict] = None) -> list:
     except ImportError:
         return []
     paths = []
-    for metric in ("accuracy", "prefill_ms"):
-        fig = _figure(rows, metric, meta)
-        path = f"{out_prefix}_{metric}_vs_density.png"
+    if _prefill_rows(rows):
+        for metric in ("accuracy", "prefill_ms"):
+            fig = _figure(rows, metric, meta)
+            path = f"{out_prefix}_{metric}_vs_density.png"
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            paths.append(path)
+    if decode_rows(rows):
+        fig = _decode_figure(rows)
+        path = f"{out_prefix}_decode_accuracy_vs_budget.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
@@ -419,9 +614,13 @@ def write_report(rows: list, meta: dict, out_prefix: str) -> dict:
     run = describe_run(rows, meta)
     about = {"introduction": introduction(rows, meta), "timings": timing_note(rows, meta),
              "columns": dict(COLUMNS), "accuracy_interval": "95% Wilson score interval over the prompt count"}
+    if decode_rows(rows):
+        about.update(decode=decode_introduction(rows), decode_columns=dict(DECODE_COLUMNS))
     with open(out_prefix + ".json", "w") as fh:
         json.dump({"meta": meta, "run": run, "about": about, "rows": rows}, fh, indent=1, default=str)
     table = markdown_table(rows)
+    if decode_rows(rows):
+        table += "\n\n" + decode_table(rows)
     markdown = markdown_report(rows, meta, plots)
     with open(out_prefix + ".md", "w") as fh:
         fh.write(markdown)
