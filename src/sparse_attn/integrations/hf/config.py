@@ -51,6 +51,11 @@ class SparseConfig(CheckedOnAssignment):
       kept per layer (:mod:`sparse_attn.decode`): ``{"method": "quest" | "pooled" | "sink_window",
       "budget": tokens, "page": 16, "sink": 64, "recent": 64}``; ``page`` a power of two in 16..256,
       ``budget >= page`` and large enough for the sink and recent pages, ``sink``/``recent`` >= 0.
+      Policies in the same dict: ``streaming_heads``/``full_heads`` ``{layer: [kv_head, ...]}`` (those
+      KV heads read only the sink and recent pages / every page), ``per_layer`` ``{layer: {knob:
+      value}}`` (method, budget, page, sink, recent; ``"method": "dense"`` keeps a layer's decode
+      dense), ``select_layers`` ``[layer, ...]`` (only these select; later layers reuse the last
+      selection) and ``recall_every`` (every Nth decode step records the oracle recall; 0: off).
     * ``record``: keep per-forward, per-layer density and estimation cost in the state.
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
@@ -111,9 +116,6 @@ class SparseConfig(CheckedOnAssignment):
         for idx, spec in layers.items():
             methods[idx] = self._build(idx, spec)
         decode = None
-        if isinstance(self.decode, str):
-            if self.decode != "dense":
-                decode = self._build_named("decode", "decode", self.decode, {})
         decode_pages = None
         if isinstance(self.decode, str):
             if self.decode != "dense":
@@ -162,10 +164,15 @@ class SparseConfig(CheckedOnAssignment):
             self._methods[key] = self._build(key, self.layers[key])
         return self._methods[key]
 
-    def check_layers(self, num_layers: int) -> None:
+    def check_layers(self, num_layers: int, kv_heads: int | None = None) -> None:
+        """The layer indexes (of ``layers`` and the page-decode policies) and KV head indexes exist in a
+        model of ``num_layers`` layers and ``kv_heads`` KV heads (None: not checked); ValueError
+        otherwise."""
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
+        if self._decode_pages is not None:
+            _check_decode_model(self._decode_pages, num_layers, kv_heads)
 
     def cost_model(self) -> CostModel:
         return CostModel(min_kv_len=self.min_kv_len)
@@ -214,43 +221,147 @@ class SparseConfig(CheckedOnAssignment):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-# Page-index decode: ``decode={"method": ..., "budget": ..., "page": ..., "sink": ..., "recent": ...}``.
+# Page-index decode: ``decode={"method": ..., "budget": ..., "page": ..., "sink": ..., "recent": ...}``
+# plus the policy keys of DECODE_PAGE_POLICIES.
 DECODE_PAGE_METHODS = ("quest", "pooled", "sink_window")
 DECODE_PAGE_DEFAULTS = {"page": 16, "sink": 64, "recent": 64}
+DECODE_PAGE_KNOBS = ("method", "budget", *DECODE_PAGE_DEFAULTS)  # the ones per_layer may override
+DECODE_PAGE_POLICIES = {"streaming_heads": {}, "full_heads": {}, "per_layer": {}, "select_layers": (),
+                        "recall_every": 0}
 
 
 def _check_decode_pages(spec: dict) -> dict:
-    """The checked settings of page-index decode (a dict with method, budget, page, sink, recent);
-    :class:`SparseConfigError` naming the knob otherwise."""
+    """The checked settings of page-index decode: the knobs (method, budget, page, sink, recent) and
+    the policies (streaming_heads, full_heads, per_layer, select_layers, recall_every), normalized
+    (layer keys as ints, head lists as sorted tuples, per_layer entries fully resolved);
+    :class:`SparseConfigError` naming the key otherwise."""
+    unknown = sorted(set(spec) - {*DECODE_PAGE_KNOBS, *DECODE_PAGE_POLICIES}, key=str)
+    if unknown:
+        raise _error(f"decode: unknown key(s) {unknown} for page-index decode; keys: "
+                     f"{', '.join((*DECODE_PAGE_KNOBS, *DECODE_PAGE_POLICIES))}")
+    knobs = _check_page_knobs("decode", {**DECODE_PAGE_DEFAULTS, **{k: spec[k] for k in DECODE_PAGE_KNOBS if k in spec}})
+    out = dict(knobs)
+    per_layer = {}
+    for layer, override in _layer_map("per_layer", spec.get("per_layer", {})).items():
+        if not isinstance(override, Mapping):
+            raise _error(f"decode: per_layer[{layer}]={override!r} is not a dict {{knob: value}}")
+        bad = sorted(set(override) - set(DECODE_PAGE_KNOBS), key=str)
+        if bad:
+            raise _error(f"decode: per_layer[{layer}]: unknown key(s) {bad}; keys: {', '.join(DECODE_PAGE_KNOBS)}")
+        per_layer[layer] = _check_page_knobs(f"decode: per_layer[{layer}]", {**knobs, **override}, allow_dense=True)
+    out["per_layer"] = per_layer
+    heads = {}
+    for name in ("streaming_heads", "full_heads"):
+        heads[name] = {}
+        for layer, value in _layer_map(name, spec.get(name, {})).items():
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or any(
+                    isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in value):
+                raise _error(f"decode: {name}[{layer}]={value!r} is not a list of KV head indices (ints >= 0)")
+            if len(set(value)) != len(value):
+                raise _error(f"decode: {name}[{layer}]={list(value)!r} names a KV head twice")
+            heads[name][layer] = tuple(sorted(value))
+        out[name] = heads[name]
+    for layer in sorted(set(heads["streaming_heads"]) & set(heads["full_heads"])):
+        both = sorted(set(heads["streaming_heads"][layer]) & set(heads["full_heads"][layer]))
+        if both:
+            raise _error(f"decode: KV head(s) {both} of layer {layer} are in both streaming_heads and full_heads")
+    select = spec.get("select_layers", ())
+    if isinstance(select, (str, bytes)) or not isinstance(select, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in select):
+        raise _error(f"decode: select_layers={select!r} is not a list of layer indices (ints >= 0)")
+    if len(set(select)) != len(select):
+        raise _error(f"decode: select_layers={list(select)!r} names a layer twice")
+    out["select_layers"] = tuple(sorted(select))
+    for layer in out["select_layers"]:
+        if decode_layer_knobs(out, layer)["method"] == "dense":
+            raise _error(f"decode: select_layers: layer {layer} decodes dense (per_layer[{layer}]), so it has no "
+                         "selection to share")
+    every = spec.get("recall_every", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise _error(f"decode: recall_every={every!r} is not an int >= 0 (0: off)")
+    out["recall_every"] = every
+    return out
+
+
+def _check_page_knobs(where: str, out: dict, allow_dense: bool = False) -> dict:
+    """method, budget, page, sink and recent of one (layer's) page-index decode, checked; ``where``
+    prefixes the error (``decode`` or ``decode: per_layer[i]``)."""
     from ...decode import PAGE_SIZES
     from ...decode.select import PageSelection
 
-    unknown = sorted(set(spec) - {"method", "budget", *DECODE_PAGE_DEFAULTS}, key=str)
-    if unknown:
-        raise _error(f"decode: unknown key(s) {unknown} for page-index decode; keys: method, budget, "
-                     f"{', '.join(DECODE_PAGE_DEFAULTS)}")
-    out = {**DECODE_PAGE_DEFAULTS, **spec}
     method = out["method"]
-    if not isinstance(method, str) or method not in DECODE_PAGE_METHODS:
-        raise _error(f"decode: method={method!r} is not a page-selection method; one of {list(DECODE_PAGE_METHODS)}")
+    choices = (*DECODE_PAGE_METHODS, "dense") if allow_dense else DECODE_PAGE_METHODS
+    if not isinstance(method, str) or method not in choices:
+        raise _error(f"{where}: method={method!r} is not a page-selection method; one of {list(choices)}")
     for name in ("budget", "page", "sink", "recent"):
         value = out[name]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _error(f"decode: {name}={value!r} is not an int")
+            raise _error(f"{where}: {name}={value!r} is not an int")
     if out["page"] not in PAGE_SIZES:
-        raise _error(f"decode: page={out['page']!r} is not a power of two from {PAGE_SIZES[0]} to {PAGE_SIZES[-1]}")
+        raise _error(f"{where}: page={out['page']!r} is not a power of two from {PAGE_SIZES[0]} to {PAGE_SIZES[-1]}")
     for name in ("sink", "recent"):
         if out[name] < 0:
-            raise _error(f"decode: {name}={out[name]!r} is negative (must be >= 0)")
+            raise _error(f"{where}: {name}={out[name]!r} is negative (must be >= 0)")
+    if method == "dense":
+        return {k: out[k] for k in DECODE_PAGE_KNOBS}
     if out["budget"] < out["page"]:
-        raise _error(f"decode: budget={out['budget']!r} is smaller than page={out['page']} (the budget is read "
+        raise _error(f"{where}: budget={out['budget']!r} is smaller than page={out['page']} (the budget is read "
                      "in whole pages)")
     selection = PageSelection(method=method, budget=out["budget"], sink=out["sink"], recent=out["recent"])
     try:
         selection.check_budget(out["page"])
     except ValueError as err:
-        raise _error(f"decode: {str(err).split(': ', 1)[-1]}") from None
+        raise _error(f"{where}: {str(err).split(': ', 1)[-1]}") from None
+    return {k: out[k] for k in DECODE_PAGE_KNOBS}
+
+
+def _layer_map(name: str, value) -> dict:
+    """``{layer: ...}`` with int keys (digit strings, as JSON writes them, accepted)."""
+    if not isinstance(value, Mapping):
+        raise _error(f"decode: {name}={value!r} is not a dict {{layer_idx: ...}}")
+    out = {}
+    for key, item in value.items():
+        idx = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise _error(f"decode: {name} has key {key!r}, not a layer index (an int >= 0)")
+        out[idx] = item
     return out
+
+
+def decode_layer_knobs(pages: dict, layer: int) -> dict:
+    """The method, budget, page, sink and recent of ``layer`` under the checked page-decode settings
+    ``pages`` (its per_layer entry, else the defaults)."""
+    return pages.get("per_layer", {}).get(layer) or {k: pages[k] for k in DECODE_PAGE_KNOBS}
+
+
+def decode_selection_source(pages: dict, layer: int) -> int:
+    """The layer whose page selection ``layer`` reads: the last of ``select_layers`` at or before it,
+    or the layer itself (no select_layers, a layer before the first of them, or one of them)."""
+    earlier = [s for s in pages.get("select_layers", ()) if s <= layer]
+    return earlier[-1] if earlier else layer
+
+
+def _check_decode_model(pages: dict, num_layers: int, kv_heads: int | None) -> None:
+    """The page-decode policies against the model: layers exist, KV heads exist, and a layer that
+    reads another's selection has its page size."""
+    for name in ("per_layer", "streaming_heads", "full_heads", "select_layers"):
+        bad = sorted(i for i in pages[name] if not 0 <= i < num_layers)
+        if bad:
+            raise _error(f"decode: {name} names layer(s) {bad}, which do not exist: the model has {num_layers} "
+                         f"layers (0..{num_layers - 1})")
+    if kv_heads is not None:
+        for name in ("streaming_heads", "full_heads"):
+            for layer, heads in pages[name].items():
+                bad = [h for h in heads if h >= kv_heads]
+                if bad:
+                    raise _error(f"decode: {name}[{layer}] names KV head(s) {bad}; the model has {kv_heads} KV "
+                                 f"heads (0..{kv_heads - 1})")
+    for layer in range(num_layers):
+        source = decode_selection_source(pages, layer)
+        mine, theirs = decode_layer_knobs(pages, layer), decode_layer_knobs(pages, source)
+        if source != layer and mine["method"] != "dense" and mine["page"] != theirs["page"]:
+            raise _error(f"decode: select_layers: layer {layer} reads the pages layer {source} selects, but its "
+                         f"page={mine['page']} differs from layer {source}'s page={theirs['page']}")
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SparseConfig))

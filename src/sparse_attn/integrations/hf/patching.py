@@ -11,10 +11,13 @@ Routing per call: prefill (``q_len > 1``, with or without a KV cache already pre
 the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method; with
 ``decode={"method": ..., "budget": ...}`` each layer keeps a :class:`~sparse_attn.decode.PageIndex`
 of its K cache (built at prefill, appended each step) and decode steps (1-16 query rows against a
-cache) attend only to the pages ``select_pages`` picks (see :func:`_page_decode`); layers configured
-dense, short sequences, masks other than causal or causal-with-padding (sliding windows) and
-unsupported features (softcapping, dropout in training) run transformers' own SDPA path, with the
-reason recorded. A padded batch (left or right padding) runs each sequence on its own unpadded span.
+cache) attend only to the pages ``select_pages`` picks (see :func:`_page_decode`), with per-head
+policies (streaming and full heads), per-layer knobs, selections shared across layers and sampled
+oracle recall; layers configured dense, short sequences, masks other than causal or
+causal-with-padding (sliding windows) and unsupported features (softcapping, dropout in training)
+run transformers' own SDPA path, with the reason recorded. A padded batch (left or right padding)
+runs each sequence on its own unpadded span. A static cache (keys past the filled length masked, or
+a prefill from position 0 with no mask) is read up to its filled length only.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from ...methods.cost import attend
 from ...metrics import attention_recall
-from .config import SparseConfig
+from .config import SparseConfig, decode_layer_knobs, decode_selection_source
 
 ATTN_NAME = "sparse_attn"
 
@@ -46,20 +49,29 @@ class SparseState:
     page_indexes: dict = field(default_factory=dict)
     index_lengths: dict = field(default_factory=dict)
     index_builds: dict = field(default_factory=dict)
+    # Per layer: the page selection of its current decode step, ``(pages, counts, filled, page)``, kept
+    # for the later layers that reuse it (``select_layers``), and the sparse decode steps since its
+    # index was built at prefill (``recall_every`` counts them).
+    selections: dict = field(default_factory=dict)
+    decode_steps: dict = field(default_factory=dict)
 
     def summary(self) -> list:
-        """Per-layer mean density and estimation time over the recorded sparse calls."""
+        """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
+        calls, the distinct reasons, and ``decode_recall``, the mean oracle recall of the decode steps
+        that measured it (``decode={..., "recall_every": N}``; None where none did)."""
         by_layer: dict = {}
         for r in self.records:
             by_layer.setdefault(r["layer"], []).append(r)
         out = []
         for layer, rs in sorted(by_layer.items()):
             sparse = [r for r in rs if r["sparse"]]
+            recalls = [r["recall"] for r in rs if r.get("decode") and r.get("recall") is not None]
             out.append({
                 "layer": layer, "calls": len(rs), "sparse_calls": len(sparse),
                 "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
                 "estimate_ms": sum(r["estimate_ms"] for r in sparse),
                 "reasons": sorted({r["reason"] for r in rs}),
+                "decode_recall": sum(recalls) / len(recalls) if recalls else None,
             })
         return out
 
@@ -100,7 +112,9 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
     modules = _attention_modules(model)
     if not modules:
         raise TypeError(f"{type(model).__name__} has no attention modules with a layer_idx to patch")
-    config.check_layers(1 + max(int(m.layer_idx) for m in modules))
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
+    config.check_layers(1 + max(int(m.layer_idx) for m in modules), kv_heads if isinstance(kv_heads, int) else None)
     if is_patched(model):
         unpatch(model)
     _register()
@@ -120,7 +134,8 @@ def unpatch(model) -> None:
     if state is None:
         return
     model.set_attn_implementation(state.original_implementation)
-    for store in (state.page_indexes, state.index_lengths, state.index_builds):
+    for store in (state.page_indexes, state.index_lengths, state.index_builds, state.selections,
+                  state.decode_steps):
         store.clear()
     for module in model.modules():
         if hasattr(module, "_sparse_attn_state"):
@@ -138,6 +153,25 @@ def _is_plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
     positions = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
     expected = torch.arange(kv_len, device=mask.device)[None, :] <= positions
     return bool((mask == expected).all())
+
+
+def _filled_length(mask: torch.Tensor | None, q_len: int, kv_len: int) -> int:
+    """How many leading keys the call may read: ``kv_len`` less a static cache's unused tail.
+
+    Without a mask, a prefill (``q_len > 1``) against more keys than queries is a static cache filled
+    from position 0 (transformers leaves the mask out and SDPA aligns ``is_causal`` top-left): its
+    first ``q_len`` keys. With a boolean mask, the keys up to the last one any query may read (the
+    tail no query reads is a static cache's unused part), provided that leaves at least ``q_len``
+    keys; otherwise (and for other masks) ``kv_len``."""
+    if mask is None:
+        return q_len if 1 < q_len < kv_len else kv_len
+    if mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != kv_len:
+        return kv_len
+    seen = mask.reshape(-1, kv_len).any(0).nonzero()
+    if seen.numel() == 0:
+        return kv_len
+    end = int(seen[-1]) + 1
+    return end if end >= q_len else kv_len
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
@@ -161,25 +195,36 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     config = state.config
     layer = int(module.layer_idx)
     q_len, kv_len = query.shape[2], key.shape[2]
+    # A static cache is read up to its filled length only; the mask is judged over that part.
+    filled = _filled_length(attention_mask, q_len, kv_len)
+    mask = attention_mask if attention_mask is None or filled == kv_len else attention_mask[..., :filled]
+    plain = mask is None or _is_plain_causal(mask, q_len, filled)
+    pages_cfg = getattr(config, "_decode_pages", None)
+    page_step = pages_cfg is not None and (q_len == 1 or (q_len <= 16 and filled > q_len
+                                                           and layer in state.page_indexes))
 
-    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=kv_len):
+    def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=filled,
+               select_layer=None):
         if config.record:
             state.records.append({"layer": layer, "q_len": rows, "kv_len": keys, "sparse": sparse,
                                   "reason": reason, "density": density, "estimate_ms": estimate_ms,
-                                  "recall": recall})
+                                  "recall": recall, "decode": page_step or q_len == 1,
+                                  "select_layer": select_layer})
 
     def dense(reason: str):
         record(False, reason)
         return _dense(module, query, key, value, attention_mask, **dense_kwargs)
 
-    pages_cfg = getattr(config, "_decode_pages", None)
-    if pages_cfg is not None and (q_len == 1 or (q_len <= 16 and kv_len > q_len and layer in state.page_indexes)):
-        return _page_decode(state, module, query, key, value, attention_mask, dropout, scaling, kwargs,
-                            pages_cfg, record, dense)
-    if pages_cfg is not None and q_len > 1:  # prefill: index the full keys for the decode steps
-        if attention_mask is None or _is_plain_causal(attention_mask, q_len, kv_len):
-            _sync_index(state, layer, key, pages_cfg["page"], fresh=kv_len == q_len)
-        else:  # padded: its decode steps run dense; drop any index of an earlier sequence
+    if pages_cfg is not None:
+        state.selections.pop(layer, None)  # a selection is shared only within the step that made it
+    if page_step:
+        return _page_decode(state, module, query, key, value, dropout, scaling, kwargs, pages_cfg, filled, plain,
+                            record, dense)
+    if pages_cfg is not None and q_len > 1:  # prefill: index the filled keys for the decode steps
+        if plain and decode_layer_knobs(pages_cfg, layer)["method"] != "dense":
+            _sync_index(state, layer, key, decode_layer_knobs(pages_cfg, layer)["page"], fresh=filled == q_len,
+                        length=filled)
+        else:  # padded (its decode steps run dense) or a dense layer: drop any index of an earlier sequence
             for store in (state.page_indexes, state.index_lengths):
                 store.pop(layer, None)
     if q_len == 1:
@@ -195,17 +240,19 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if dropout > 0.0 and module.training:
         return dense("attention dropout in training runs dense")
     spans = None
-    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
-        spans = _padding_spans(attention_mask, q_len, kv_len)
+    if not plain:
+        spans = _padding_spans(mask, q_len, filled)
         if spans is None:
             return dense("mask is neither causal nor causal with padding (e.g. sliding window): dense")
-    if config.fallback != "never" and kv_len < config.min_kv_len:
+    # A static cache's unused tail is never read (``dense`` keeps the full tensors and the mask).
+    k_run, v_run = (key, value) if filled == kv_len else (key[:, :, :filled], value[:, :, :filled])
+    if config.fallback != "never" and filled < config.min_kv_len:
         if not state.warned_short:
             state.warned_short = True
-            warnings.warn(f"sparse_attn: a {kv_len}-token prefill runs dense attention because it is shorter than "
+            warnings.warn(f"sparse_attn: a {filled}-token prefill runs dense attention because it is shorter than "
                           f"min_kv_len={config.min_kv_len} (below that length sparse attention does not pay); "
                           "pass min_kv_len=... to patch() to change it. Said once per patch.", stacklevel=2)
-        return dense(f"kv_len {kv_len} < min_kv_len {config.min_kv_len}")
+        return dense(f"kv_len {filled} < min_kv_len {config.min_kv_len}")
     cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
 
     def run(q, k, v):
@@ -219,85 +266,165 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         return out
 
     if spans is None:
-        return run(query, key, value).transpose(1, 2).contiguous(), None
+        return run(query, k_run, v_run).transpose(1, 2).contiguous(), None
     # Padded batch: each sequence runs on its own unpadded span; padded query rows get zeros.
     out = query.new_zeros(query.shape[0], q_len, query.shape[1], query.shape[3])
-    offset = kv_len - q_len
+    offset = filled - q_len
     for b, (start, end) in enumerate(spans):
         q0, q1 = max(start - offset, 0), max(end - offset, 0)
         if q1 > q0:
-            part = run(query[b:b + 1, :, q0:q1], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end])
+            part = run(query[b:b + 1, :, q0:q1], k_run[b:b + 1, :, start:end], v_run[b:b + 1, :, start:end])
             out[b, q0:q1] = part[0].transpose(0, 1)
     return out, None
 
 
-def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False):
-    """Bring the layer's page index up to the cache ``key (B, Hkv, S, D)``: append the keys it lacks
-    when it is at most 16 tokens behind and has room, else (no index, a new sequence, a different
-    shape, full; ``fresh``: a prefill from position 0) rebuild it from ``key`` with headroom. Returns
-    the index."""
+def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False,
+                length: int | None = None):
+    """Bring the layer's page index up to the first ``length`` (default: all) positions of the cache
+    ``key (B, Hkv, S, D)``: append the keys it lacks when it is at most 16 tokens behind and has room,
+    else (no index, a new sequence, a different shape or page size, full; ``fresh``: a prefill from
+    position 0) rebuild it from those keys with headroom (a static cache, longer than ``length``: its
+    whole length). Returns the index."""
     from ...decode import PageIndex
 
-    kv_len = key.shape[2]
+    kv_len = key.shape[2] if length is None else length
     index = state.page_indexes.get(layer)
     have = state.index_lengths.get(layer, -1)
     fits = (not fresh and index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
-            and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device)
+            and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
+            and index.page_size == page)
     if fits and have == kv_len:
         return index
     if fits and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
-        index.append(key[:, :, have:])
+        index.append(key[:, :, have:kv_len])
     else:
-        headroom = max(256, kv_len // 2)
-        capacity = -(-(kv_len + headroom) // page) * page
-        index = PageIndex.build(key.detach(), page_size=page, capacity=capacity)
+        room = key.shape[2] if key.shape[2] > kv_len else kv_len + max(256, kv_len // 2)
+        capacity = -(-room // page) * page
+        index = PageIndex.build(key[:, :, :kv_len].detach(), page_size=page, capacity=capacity)
         state.page_indexes[layer] = index
         state.index_builds[layer] = state.index_builds.get(layer, 0) + 1
+        if fresh:
+            state.decode_steps[layer] = 0
     state.index_lengths[layer] = kv_len
     return index
 
 
-def _page_decode(state: SparseState, module, query, key, value, attention_mask, dropout, scaling, kwargs,
-                 cfg: dict, record, dense):
-    """A decode step (1-16 query rows at the end of the cache) through the layer's page index:
-    append the new keys, ``select_pages``, ``decode_attention`` over the contiguous cache. Runs dense,
-    with the reason recorded, for masks other than plain causal (padding, sliding window, a static
-    cache's unused tail), a budget covering the cache, softcapping or attention outputs."""
+def _page_decode(state: SparseState, module, query, key, value, dropout, scaling, kwargs, cfg: dict,
+                 filled: int, plain: bool, record, dense):
+    """A decode step (1-16 query rows at the end of the filled cache) through the layer's page index:
+    append the new keys, pick the pages (``select_pages`` with the layer's knobs, or the selection of
+    the layer's ``select_layers`` source in this step; then the streaming and full heads' policies),
+    ``decode_attention`` over the first ``filled`` positions of the contiguous cache. Runs dense, with
+    the reason recorded, for masks other than causal over the filled cache (padding, sliding window),
+    a layer configured dense, a budget covering the cache, softcapping or attention outputs."""
     from ...decode import decode_attention, select_pages
 
-    q_len, kv_len = query.shape[2], key.shape[2]
+    q_len = query.shape[2]
     if kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
         return dense("decode pages: softcap/output_attentions need dense attention")
     if dropout > 0.0 and module.training:
         return dense("decode pages: attention dropout in training runs dense")
-    if attention_mask is not None and not _is_plain_causal(attention_mask, q_len, kv_len):
+    if not plain:
         return dense("decode pages: mask is not plain causal (padding or window): dense")
-    if kv_len < q_len or key.dim() != 4:
+    if filled < q_len or key.dim() != 4:
         return dense("decode pages: not a decode step against a cache: dense")
     layer = int(module.layer_idx)
-    page, budget = cfg["page"], cfg["budget"]
-    index = _sync_index(state, layer, key, page)
-    if budget >= kv_len:
-        return dense(f"decode pages: budget {budget} covers the {kv_len}-token cache: dense")
+    knobs = decode_layer_knobs(cfg, layer)
+    if knobs["method"] == "dense":
+        return dense("decode pages: layer configured dense (per_layer)")
+    page, budget = knobs["page"], knobs["budget"]
+    index = _sync_index(state, layer, key, page, length=filled)
+    if budget >= filled:
+        return dense(f"decode pages: budget {budget} covers the {filled}-token cache: dense")
+    streaming, full = cfg["streaming_heads"].get(layer, ()), cfg["full_heads"].get(layer, ())
+    for name, heads in (("streaming_heads", streaming), ("full_heads", full)):
+        bad = [h for h in heads if h >= key.shape[1]]
+        if bad:
+            raise ValueError(f"decode: {name}[{layer}] names KV head(s) {bad}; layer {layer} has "
+                             f"{key.shape[1]} KV heads (0..{key.shape[1] - 1})")
     timed = state.config.record
     if timed and query.is_cuda:
         torch.cuda.synchronize(query.device)
     start = time.perf_counter()
-    pages, counts = select_pages(query, index, method=cfg["method"], budget=budget, sink=cfg["sink"],
-                                 recent=cfg["recent"], scale=scaling)
+    source = decode_selection_source(cfg, layer)
+    shared = state.selections.get(source) if source != layer else None
+    if shared is not None and shared[2:] == (filled, page) and shared[0].shape[:2] == key.shape[:2]:
+        pages, counts = shared[:2]
+        used = source
+    else:  # a selecting layer, one before the first of select_layers, or its source ran dense this step
+        pages, counts = select_pages(query, index, method=knobs["method"], budget=budget, sink=knobs["sink"],
+                                     recent=knobs["recent"], scale=scaling)
+        used = layer
+        if layer in cfg["select_layers"]:
+            state.selections[layer] = (pages, counts, filled, page)
+    if streaming or full:
+        pages, counts = _head_policies(query, index, pages, counts, knobs, streaming, full, filled, scaling)
     if timed and query.is_cuda:
         torch.cuda.synchronize(query.device)
     select_ms = (time.perf_counter() - start) * 1e3
-    cache_lens = torch.full((key.shape[0],), kv_len, dtype=torch.int32, device=key.device)
+    cache_lens = torch.full((key.shape[0],), filled, dtype=torch.int32, device=key.device)
     out = decode_attention(query, key.contiguous(), value.contiguous(), pages, counts, cache_lens,
                            page_size=page, scale=scaling, check_values=False)
+    step = state.decode_steps.get(layer, 0)
+    state.decode_steps[layer] = step + 1
     if timed:
         slot = torch.arange(pages.shape[-1], device=pages.device)
         tokens = index.page_tokens().gather(1, pages.flatten(1).long()).view(pages.shape)
         selected = torch.where(slot < counts[..., None], tokens, torch.zeros_like(tokens)).sum()
-        density = float(selected) / (pages.shape[0] * pages.shape[1] * kv_len)
-        record(True, f"decode pages: {cfg['method']} budget {budget}", density, select_ms)
+        density = float(selected) / (pages.shape[0] * pages.shape[1] * filled)
+        recall = None
+        if cfg["recall_every"] and step % cfg["recall_every"] == 0:
+            recall = _oracle_recall(query, index, key[:, :, :filled], pages, counts, scaling)
+        reason = f"decode pages: {knobs['method']} budget {budget}"
+        if used != layer:
+            reason = f"decode pages: the pages layer {used} selected"
+        record(True, reason, density, select_ms, recall, select_layer=used)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _widen(pages: torch.Tensor, width: int) -> torch.Tensor:
+    """``pages (B, Hkv, W)`` padded to ``width`` slots by repeating the last one (as select_pages pads)."""
+    extra = width - pages.shape[-1]
+    return pages if extra <= 0 else torch.cat([pages, pages[..., -1:].expand(*pages.shape[:-1], extra)], -1)
+
+
+def _head_policies(query, index, pages, counts, knobs: dict, streaming: tuple, full: tuple, filled: int, scaling):
+    """The layer's selection with its streaming KV heads switched to the sink and recent pages
+    (``sink_window`` under the layer's budget) and its full KV heads to every page of the filled
+    cache; the three selections are widened to one width and combined per KV head."""
+    from ...decode import select_pages
+
+    kv_heads = pages.shape[1]
+    choices = [(pages, counts, None)]
+    if streaming:
+        s_pages, s_counts = select_pages(query, index, method="sink_window", budget=knobs["budget"],
+                                         sink=knobs["sink"], recent=knobs["recent"], scale=scaling)
+        choices.append((s_pages, s_counts, streaming))
+    if full:
+        n = -(-filled // index.page_size)
+        f_pages = torch.arange(n, dtype=pages.dtype, device=pages.device).expand(pages.shape[0], kv_heads, n)
+        choices.append((f_pages, torch.full_like(counts, n), full))
+    width = max(p.shape[-1] for p, _, _ in choices)
+    out_pages, out_counts = _widen(pages, width), counts
+    for p, c, heads in choices[1:]:
+        pick = torch.zeros(kv_heads, dtype=torch.bool, device=pages.device)
+        pick[list(heads)] = True
+        out_pages = torch.where(pick[None, :, None], _widen(p, width), out_pages)
+        out_counts = torch.where(pick[None, :], c, out_counts)
+    return out_pages, out_counts
+
+
+def _oracle_recall(query, index, k_filled, pages, counts, scaling) -> float:
+    """The exact share of the step's attention mass (``page_mass(method="oracle")``) held by the
+    selected pages, averaged over sequences, query heads and rows."""
+    from ...decode import page_mass
+
+    mass = page_mass(query, index, method="oracle", scale=scaling, k_cache=k_filled)  # (B, Hkv, G, Sq, Np)
+    batch, kv_heads, groups, rows, _ = mass.shape
+    width = pages.shape[-1]
+    picked = mass.gather(-1, pages.long()[:, :, None, None, :].expand(batch, kv_heads, groups, rows, width))
+    valid = (torch.arange(width, device=pages.device) < counts[..., None])[:, :, None, None, :]
+    return float((picked * valid).sum(-1).mean())
 
 
 def _padding_spans(mask: torch.Tensor, q_len: int, kv_len: int):
