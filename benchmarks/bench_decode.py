@@ -6,7 +6,10 @@ bf16, one query row per sequence):
 * ``kernel``: our split-KV decode kernel over the selected pages (no checks, no selection), launched
   eagerly and replayed as a CUDA graph (the graph shows the GPU time of launch-bound rows).
 * ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
-  scores, one selection per KV group) and the kernel; eagerly and replayed as a CUDA graph.
+  scores, one selection per KV group) and the kernel; eagerly and replayed as a CUDA graph (the
+  graph also resets the index's lengths, one small kernel, so that each replay appends the same
+  key). ``append`` and ``select`` time those two parts alone as CUDA graphs, and ``same pages``
+  is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
   their KV head, so K/V are read once, as GQA decode kernels do).
 * ``flex``: FlexAttention (compiled) on a BlockMask holding the same selection (page-sized KV
@@ -49,6 +52,7 @@ from bench_attention import bench, graphed, rel  # noqa: E402
 from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
 from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
 from sparse_attn.decode.reference import reference_decode_attention  # noqa: E402
+from sparse_attn.options import KernelOptions  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -133,6 +137,8 @@ def kernel_rows(args, copy_gbs):
                        "dense_gbs": dense_bytes / min(dense.values()) / 1e6}
                 selection = PageSelection(method=args.method, budget=budget, sink=64, recent=64)
                 pages, counts = selection(q, index)
+                torch_pages, torch_counts = selection(q, index, kernel_options=KernelOptions(estimator_kernels="torch"))
+                row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
                 ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731
                 out = ours()[0]
                 ref = reference_decode_attention(q, k, v, pages, counts, lens, page, scale)[0]
@@ -152,6 +158,13 @@ def kernel_rows(args, copy_gbs):
                     p, c = selection(q, index)
                     return triton_decode_attention(q, k, v, p, c, lens, page, scale)
 
+                def append():
+                    index.lengths.fill_(context - 1)
+                    index._length_bound = context - 1
+                    return index.append(new_key)
+
+                row["append_graph_ms"] = bench(graphed(lambda: append))
+                row["select_graph_ms"] = bench(graphed(lambda: lambda: selection(q, index)))
                 row["step_ms"] = bench(step)
                 try:
                     row["step_graph_ms"] = bench(graphed(lambda: step))
@@ -230,9 +243,9 @@ def kernel_table(rows, meta) -> str:
              f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
-             "ours step ms | step, CUDA graph ms | dense/kernel | dense/step | Flex/kernel | "
-             "kernel GB/s (of copy) | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ours step ms | step, CUDA graph ms | append ms | select ms | dense/kernel | dense/step | Flex/kernel | "
+             "kernel GB/s (of copy) | check | same pages |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['context']} | {r['batch']} | - | {r['skipped']} |")
@@ -242,8 +255,10 @@ def kernel_table(rows, meta) -> str:
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
             f"{r['kernel_ms']:.4f} | {r['kernel_graph_ms']:.4f} | {r['step_ms']:.4f} | {graph} | "
+            f"{r['append_graph_ms']:.4f} | {r['select_graph_ms']:.4f} | "
             f"{r['dense_over_kernel']:.1f}x | {r['dense_over_step']:.1f}x | {fmt(r.get('flex_over_kernel'), '.1f')}x | "
-            f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} |")
+            f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} | "
+            f"{100 * r['same_pages_as_torch']:.1f}% |")
     return "\n".join(lines)
 
 

@@ -24,10 +24,13 @@ import torch
 from torch import Tensor
 
 from ..layout import SUPPORTED_BLOCK_SIZES
+from ..methods.primitives.dispatch import use_triton
+from ..options import KernelOptions
 
 __all__ = ["PageIndex", "PAGE_SIZES"]
 
 PAGE_SIZES = SUPPORTED_BLOCK_SIZES  # the powers of two from 16 to 256
+KERNEL_MAX_NEW = 16  # most new tokens per append that the Triton kernel takes
 
 Lengths = Union[None, int, Sequence[int], Tensor]
 
@@ -194,7 +197,8 @@ class PageIndex:
                 f"page_size={self.page_size}, capacity={self.capacity}, dtype={self.dtype}, device={self.device})")
 
     # ------------------------------------------------------------------ updates
-    def append(self, k_new: Tensor, counts: Lengths = None) -> "PageIndex":
+    def append(self, k_new: Tensor, counts: Lengths = None, *,
+               kernel_options: Optional[KernelOptions] = None) -> "PageIndex":
         """Add the keys of new tokens, ``k_new (B, Hkv, T, D)``; returns ``self``.
 
         The new tokens of sequence ``b`` take positions ``lengths[b]`` to ``lengths[b] + counts[b] - 1``
@@ -207,6 +211,11 @@ class PageIndex:
         host only when a host-side bound says the capacity may be passed, never while a CUDA graph is
         captured (there, tokens past the capacity are dropped). ``counts`` given as a CUDA tensor are
         clamped to ``[0, T]`` rather than checked (no device sync); elsewhere they are checked.
+
+        ``kernel_options``: a :class:`~sparse_attn.options.KernelOptions` (None: the current default);
+        its ``estimator_kernels`` picks a single Triton kernel launch (``"auto"`` on CUDA tensors, for
+        up to :data:`KERNEL_MAX_NEW` new tokens and power-of-two head dims) or the PyTorch update (the
+        reference).
         """
         _check_keys("k_new", k_new)
         batch, kv_heads, new, dim = k_new.shape
@@ -233,6 +242,12 @@ class PageIndex:
         # A window of whole pages from the page holding each sequence's next position: slot s holds
         # new token s - (lengths % page_size) where that is one of this step's real tokens.
         pages_in_window = min((page - 1 + new + page - 1) // page, self.max_pages)
+        if use_triton(k_new, kernel_options, self._append_kernel_supports(k_new)):
+            from .index_kernels import triton_append
+
+            triton_append(self, k_new, counts_t.contiguous(), pages_in_window)
+            self._length_bound = min(bound, cap)
+            return self
         width = pages_in_window * page
         offset = start % page
         token = torch.arange(width, device=self.device)[None, :] - offset[:, None]  # (B, W)
@@ -255,6 +270,12 @@ class PageIndex:
         self.lengths.copy_((start + counts_t).clamp(max=cap))
         self._length_bound = min(bound, cap)
         return self
+
+    def _append_kernel_supports(self, k_new: Tensor) -> bool:
+        kv_heads, new, dim = k_new.shape[1:]
+        return (new <= KERNEL_MAX_NEW and dim >= 16 and dim & (dim - 1) == 0
+                and kv_heads * new * dim <= 32768 and self.kmin.stride() == self.kmax.stride()
+                and self.kmin.stride(-1) == 1 and self.ksum.stride(-1) == 1)
 
     def _clear_from(self, lengths: Tensor) -> None:
         """Reset every page from ``ceil(lengths / page_size)`` on to the empty summaries."""

@@ -130,6 +130,15 @@ class PageSelection:
         batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
         width = min(self.budget_pages(page), max_pages)
         device = index.device
+        if self._kernel_runs(q, index, kernel_options):
+            from .select_kernels import triton_page_logits, triton_select_pages
+
+            logits = None
+            if self.method != "sink_window":
+                scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
+                logits = triton_page_logits(q, index, self.method, scale)
+            return triton_select_pages(logits, index, width, self.sink_pages(page), self.recent,
+                                       group_max=self.group_score == "max")
 
         lengths = index.lengths
         num_pages = index.num_pages()  # (B,)
@@ -162,6 +171,16 @@ class PageSelection:
         slot = torch.arange(width, device=device)
         pages = torch.where(slot < counts[..., None], ordered, last)
         return pages.to(torch.int32), counts.to(torch.int32)
+
+
+    def _kernel_runs(self, q: Tensor, index: PageIndex, kernel_options: Optional[KernelOptions]) -> bool:
+        """Whether the Triton kernels score and select (``estimator_kernels``; quest, pooled and
+        sink_window within the kernels' limits), else PyTorch (the reference)."""
+        if self.method == "oracle":
+            return False
+        supported = index.max_pages <= KERNEL_MAX_PAGES and (
+            self.method == "sink_window" or _score_kernel_supports(q, index))
+        return use_triton(q, kernel_options, supported)
 
 
 def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink: int = 64, recent: int = 64,
@@ -219,10 +238,17 @@ def page_mass(q: Tensor, index: PageIndex, *, method: str, scale: Optional[float
     return _page_mass(q, index, method, scale, k_cache, kernel_options)
 
 
-# The page-score kernel's limits: dtypes, head dims, and query rows of one KV group (G * Sq).
+# The page-score kernel's limits: dtypes, head dims, and query rows of one KV group (G * Sq); the
+# top-k kernel's: pages per sequence.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_MAX_ROWS = 128
+KERNEL_MAX_PAGES = 16384  # the top-k kernel holds a sequence's page scores in registers
+
+
+def _score_kernel_supports(q: Tensor, index: PageIndex) -> bool:
+    heads, rows, dim = q.shape[1:]
+    return q.dtype in KERNEL_DTYPES and dim in KERNEL_HEAD_DIMS and (heads // index.kv_heads) * rows <= KERNEL_MAX_ROWS
 
 
 def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
@@ -230,10 +256,8 @@ def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
     batch, heads, rows, dim = q.shape
     kv_heads, max_pages, page = index.kv_heads, index.max_pages, index.page_size
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    supported = (q.dtype in KERNEL_DTYPES and dim in KERNEL_HEAD_DIMS
-                 and (heads // kv_heads) * rows <= KERNEL_MAX_ROWS)
-    if method in ("quest", "pooled") and use_triton(q, kernel_options, supported):
-        from .kernels import triton_page_logits
+    if method in ("quest", "pooled") and use_triton(q, kernel_options, _score_kernel_supports(q, index)):
+        from .select_kernels import triton_page_logits
 
         logw = triton_page_logits(q, index, method, scale)
         share = torch.softmax(logw, dim=-1).nan_to_num(nan=0.0)

@@ -1,11 +1,14 @@
-"""The page-score kernel (Triton, run by the CPU interpreter here) against the PyTorch page scores:
-the same shares per page for quest and pooled across dtypes, GQA ratios, query rows, page sizes and
-sequence lengths that are not page multiples (an empty sequence included), the same selection, and
-the cases it leaves to PyTorch."""
+"""The selection kernels (Triton, run by the CPU interpreter here) against the PyTorch selection:
+the page-score kernel gives the same shares per page for quest and pooled across dtypes, GQA ratios,
+query rows, page sizes and sequence lengths that are not page multiples (an empty sequence
+included); the top-k kernel selects the same pages and counts for every method, group rule, budget,
+sink and recent window, takes tied pages in page order, writes every slot, and leaves larger
+indexes to PyTorch."""
 
 import pytest
 import torch
 
+import sparse_attn.decode.select as select_module
 from sparse_attn.decode import PageIndex, page_mass, select_pages
 from sparse_attn.options import KernelOptions
 
@@ -79,3 +82,46 @@ def test_kernel_on_the_gpu_at_a_long_context(method, rows):
     got = page_mass(q, index, method=method, kernel_options=TRITON)
     want = page_mass(q, index, method=method, kernel_options=TORCH)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=3e-2)
+
+
+@pytest.mark.parametrize("method", ["quest", "pooled", "sink_window"])
+@pytest.mark.parametrize("group_score", ["mass", "max"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("budget,sink,recent", [(64, 16, 16), (96, 0, 0), (48, 0, 20), (1000, 16, 16), (16, 0, 0)])
+def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budget, sink, recent):
+    """Lengths that are not page multiples, a short and an empty sequence, 4 heads per KV head,
+    two query rows; a budget that covers every page, and one of a single page."""
+    q, index = make((300, 37, 0), 8, 2, 2, 32, 16, dtype, capacity=320, seed=3)
+    knobs = dict(method=method, budget=budget, sink=sink, recent=recent, group_score=group_score)
+    got = select_pages(q, index, kernel_options=TRITON, **knobs)
+    want = select_pages(q, index, kernel_options=TORCH, **knobs)
+    assert got[0].dtype == torch.int32 and got[1].dtype == torch.int32
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
+def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
+    """A zero query scores every full page alike: the budget goes to the first pages after the
+    forced ones, in order; padding repeats the last page."""
+    q, index = make((200, 40), 4, 2, 1, 32, 16, torch.float16, capacity=256)
+    q = torch.zeros_like(q)
+    pages, counts = select_pages(q, index, method="quest", budget=96, sink=16, recent=16, kernel_options=TRITON)
+    # Sequence 0: 13 pages (the last holds 8 tokens, so a lower score); sink page 0, recent pages
+    # 11-12 forced, then pages 1-3 by page order among the tied full pages.
+    assert pages[0].tolist() == [[0, 1, 2, 3, 11, 12]] * 2
+    # Sequence 1: 3 pages fit the 6-page budget: all of them, padded with the last.
+    assert pages[1].tolist() == [[0, 1, 2, 2, 2, 2]] * 2 and counts[1].tolist() == [3, 3]
+
+
+def test_larger_indexes_than_the_topk_kernel_holds_run_pytorch(monkeypatch):
+    q, index = make((150, 60), 4, 2, 1, 32, 16, torch.float16)
+    want = select_pages(q, index, method="quest", budget=48, sink=16, recent=16, kernel_options=TORCH)
+    monkeypatch.setattr(select_module, "KERNEL_MAX_PAGES", index.max_pages - 1)
+    import sparse_attn.decode.select_kernels as kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the top-k kernel ran on an index larger than it holds")
+
+    monkeypatch.setattr(kernels, "triton_select_pages", refuse)
+    got = select_pages(q, index, method="quest", budget=48, sink=16, recent=16, kernel_options=TRITON)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

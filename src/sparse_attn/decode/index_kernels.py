@@ -1,0 +1,74 @@
+"""Triton kernel of :meth:`~.page_index.PageIndex.append` for a decode step's few new tokens.
+
+:func:`_append_kernel`, one program per sequence: loads the step's new keys of every KV head
+(``(Hkv, T, D)``, only the real tokens below the capacity), reduces them per page of the window
+the sequence's next positions fall in (min, max, float32 sum), combines them with the stored
+summaries of those pages, and finally moves the sequence's length on. A program reads its
+sequence's length before it writes it and no other program touches it, so one launch updates the
+whole index. Follows the PyTorch update of :meth:`PageIndex.append` (its reference), which tests
+compare it with.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _append_kernel(
+    K_NEW, COUNTS, KMIN, KMAX, KSUM, LENGTHS,
+    stride_kb, stride_kh, stride_kt,
+    stride_ib, stride_ih, stride_ip,
+    stride_sb, stride_sh, stride_sp,
+    capacity, max_pages, new,
+    KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, T_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.load(LENGTHS + b)
+    count = tl.minimum(tl.maximum(tl.load(COUNTS + b), 0), new)
+    heads = tl.arange(0, HEADS_P2)
+    t = tl.arange(0, T_P2)
+    d = tl.arange(0, HEAD_DIM)
+    pos = start + t
+    real = (t < count) & (pos < capacity)
+    head_ok = heads < KV_HEADS
+    k = tl.load(K_NEW + b * stride_kb + heads[:, None, None] * stride_kh + t[None, :, None] * stride_kt
+                + d[None, None, :], mask=head_ok[:, None, None] & real[None, :, None], other=0.0).to(tl.float32)
+    first = start // PAGE_SIZE
+    for w in tl.static_range(WINDOW):
+        page = first + w
+        in_page = real & (pos // PAGE_SIZE == page)
+        sel = in_page[None, :, None]
+        new_min = tl.min(tl.where(sel, k, float("inf")), 1)
+        new_max = tl.max(tl.where(sel, k, float("-inf")), 1)
+        new_sum = tl.sum(tl.where(sel, k, 0.0), 1)
+        # Only pages this step writes to, below the capacity (a page past it gets no token).
+        limit = tl.where(tl.sum(in_page.to(tl.int32), 0) > 0, tl.minimum(page + 1, max_pages), 0)
+        ok = head_ok[:, None] & (page + d[None, :] * 0 < limit)
+        at = b * stride_ib + heads[:, None] * stride_ih + page * stride_ip + d[None, :]
+        at_sum = b * stride_sb + heads[:, None] * stride_sh + page * stride_sp + d[None, :]
+        old_min = tl.load(KMIN + at, mask=ok, other=0.0).to(tl.float32)
+        old_max = tl.load(KMAX + at, mask=ok, other=0.0).to(tl.float32)
+        old_sum = tl.load(KSUM + at_sum, mask=ok, other=0.0)
+        tl.store(KMIN + at, tl.minimum(old_min, new_min).to(KMIN.dtype.element_ty), mask=ok)
+        tl.store(KMAX + at, tl.maximum(old_max, new_max).to(KMAX.dtype.element_ty), mask=ok)
+        tl.store(KSUM + at_sum, old_sum + new_sum, mask=ok)
+    tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
+
+
+def triton_append(index, k_new: Tensor, counts: Tensor, window: int) -> None:
+    """Append ``k_new (B, Hkv, T, D)`` (the first ``counts[b]`` rows real; int64 ``(B,)``) to the
+    summaries and lengths of ``index`` in place; ``window``: pages the new tokens can span."""
+    batch, kv_heads, new, dim = k_new.shape
+    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+    _append_kernel[(batch,)](
+        k_new, counts, index.kmin, index.kmax, index.ksum, index.lengths,
+        *k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3],
+        index.capacity, index.max_pages, new,
+        KV_HEADS=kv_heads, HEADS_P2=triton.next_power_of_2(kv_heads), T_P2=triton.next_power_of_2(new),
+        HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window,
+        num_warps=max(4, min(16, triton.next_power_of_2(kv_heads) * triton.next_power_of_2(new) * dim // 1024)),
+    )

@@ -1,0 +1,199 @@
+"""Triton kernels of the decode page selection (:mod:`.select`): page scores, then top-k pages.
+
+* :func:`_page_logits_kernel`, grid ``(page tiles, B * Hkv)``: the logits of ``PAGE_TILE`` pages
+  of one (sequence, KV head) for every query row of its group, read once per group from the page
+  summaries in their stored dtype. Quest: ``max(q, 0) . kmax + min(q, 0) . kmin``; pooled:
+  ``q . ksum / tokens``; either way ``scale * score + log(tokens in the page)``, ``-inf`` for a page
+  with no token.
+* :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
+  over the pages, the group's score per page (sum or max of the rows' shares), sink and recent
+  pages forced in, and the ``width`` best pages found by a bisection on the scores' bit patterns
+  (non-negative float32 values order as their int32 bits), written in increasing page order with
+  the padding slots repeating the last page. The whole row of pages lives in registers, so the
+  kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
+
+Both follow the PyTorch selection of :class:`~.select.PageSelection` (its reference), which tests
+compare them with; pages whose scores tie at the budget's edge are taken in page order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..backends.triton.kernels import dot
+from ..backends.triton.runtime import fp32_dot_operands
+
+PAGE_TILE = 64  # pages per program of the page-score kernel
+
+
+@triton.jit
+def _page_logits_kernel(
+    Q, KA, KB, LENGTHS, OUT,
+    stride_qb, stride_qh, stride_qs,
+    stride_ib, stride_ih, stride_ip,
+    stride_ob, stride_oh, stride_or,
+    scale, max_pages,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group
+    (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, ``KA`` = ksum in float32 for
+    pooled). Pages past the sequence are not read."""
+    pid_p = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = (pid // KV_HEADS).to(tl.int64)
+    kvh = (pid % KV_HEADS).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * SQ
+    h = kvh * GROUP + rows // SQ
+    qi = rows % SQ
+    offs_d = tl.arange(0, HEAD_DIM)
+    pages = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    length = tl.load(LENGTHS + b)
+    tokens = tl.minimum(tl.maximum(length - pages.to(tl.int64) * PAGE_SIZE, 0), PAGE_SIZE)
+    has = (tokens > 0) & (pages < max_pages)
+    q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    base = b * stride_ib + kvh * stride_ih + pages[:, None].to(tl.int64) * stride_ip + offs_d[None, :]
+    if QUEST:
+        # The positive and negative parts of q, split in float32 (exact) and fed to the dots in
+        # the key dtype.
+        q32 = q.to(tl.float32)
+        q_pos = tl.where(q32 > 0.0, q32, 0.0).to(KA.dtype.element_ty)
+        q_neg = tl.where(q32 < 0.0, q32, 0.0).to(KA.dtype.element_ty)
+        kmax = tl.load(KA + base, mask=has[:, None], other=0.0)
+        kmin = tl.load(KB + base, mask=has[:, None], other=0.0)
+        score = dot(q_pos, tl.trans(kmax), UPCAST)
+        score = dot(q_neg, tl.trans(kmin), UPCAST, score)
+    else:
+        ksum = tl.load(KA + base, mask=has[:, None], other=0.0)
+        mean = ksum / tl.maximum(tokens, 1).to(tl.float32)[:, None]
+        score = dot(q, tl.trans(mean.to(Q.dtype.element_ty)), UPCAST)
+    log_tokens = tl.log(tl.maximum(tokens, 1).to(tl.float32))
+    logw = tl.where(has[None, :], score * scale + log_tokens[None, :], float("-inf"))
+    o_ptrs = OUT + b * stride_ob + kvh * stride_oh + rows[:, None] * stride_or + pages[None, :]
+    tl.store(o_ptrs, logw, mask=row_ok[:, None] & (pages[None, :] < max_pages))
+
+
+@triton.jit
+def _select_pages_kernel(
+    LOGITS, LENGTHS, PAGES, COUNTS,
+    stride_lb, stride_lh, stride_lr,
+    stride_pb, stride_ph, stride_cb,
+    max_pages, width, sink_pages, recent,
+    KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
+    W_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
+):
+    """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
+    ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
+    sink_window) takes every page of a sequence that fits the width, else the forced ones."""
+    pid = tl.program_id(0)
+    b = (pid // KV_HEADS).to(tl.int64)
+    kvh = (pid % KV_HEADS).to(tl.int64)
+    offs = tl.arange(0, NP_P2)
+    length = tl.load(LENGTHS + b)
+    num_pages = tl.minimum((length + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
+    valid = offs < num_pages
+    forced = offs < sink_pages
+    if recent > 0:
+        recent_first = tl.maximum(length - recent, 0) // PAGE_SIZE
+        forced = forced | (offs >= recent_first)
+    forced = forced & valid
+
+    group = tl.zeros([NP_P2], dtype=tl.float32)
+    if SCORED:
+        candidates = valid
+        row_ptr = LOGITS + b * stride_lb + kvh * stride_lh
+        for r in range(ROWS):
+            logw = tl.load(row_ptr + r * stride_lr + offs, mask=offs < max_pages, other=float("-inf"))
+            top = tl.max(logw, 0)
+            top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
+            e = tl.exp(logw - top)
+            total = tl.sum(e, 0)
+            share = e / tl.where(total > 0, total, 1.0)
+            if GROUP_MAX:
+                group = tl.maximum(group, share)
+            else:
+                group += share
+    else:
+        candidates = forced | (valid & (num_pages <= width))
+    key = tl.where(forced, float("inf"), group)
+    bits = tl.where(candidates, key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as values
+
+    # Bisection for the width-th largest key's bits: count(bits >= lo) >= width > count(bits >= hi).
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = lo + (0x7F800000 + 1)
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= width
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = bits > lo
+    take = width - tl.sum(above.to(tl.int32), 0)
+    ties = bits == lo
+    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= take))
+
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    count = tl.sum(chosen.to(tl.int32), 0)
+    out = PAGES + b * stride_pb + kvh * stride_ph
+    tl.store(out + slot, offs, mask=chosen)
+    last = tl.max(tl.where(chosen, offs, 0), 0)
+    slots = tl.arange(0, W_P2)
+    tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
+    tl.store(COUNTS + b * stride_cb + kvh, count)
+
+
+def triton_page_logits(q: Tensor, index, method: str, scale: float) -> Tensor:
+    """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
+    index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
+    against a :class:`~.page_index.PageIndex`."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, max_pages = index.kv_heads, index.max_pages
+    group = heads // kv_heads
+    rows = max(16, triton.next_power_of_2(group * q_len))
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if method == "quest":
+        first, second = index.kmax, index.kmin
+    else:
+        first = second = index.ksum
+    out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(max_pages, PAGE_TILE), batch * kv_heads)
+    _page_logits_kernel[grid](
+        q, first, second, index.lengths, out,
+        *q.stride()[:3], *first.stride()[:3], *out.stride()[:3],
+        scale, max_pages,
+        KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
+        BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype),
+        num_warps=4 if rows * dim <= 64 * 128 else 8,
+    )
+    return out
+
+
+def triton_select_pages(logits: Tensor | None, index, width: int, sink_pages: int, recent: int,
+                        group_max: bool) -> tuple[Tensor, Tensor]:
+    """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
+    :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
+    max_pages)`` of :func:`triton_page_logits` (None: no scores, the sink_window selection)."""
+    batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
+    device = index.device
+    pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
+    counts = torch.empty(batch, kv_heads, device=device, dtype=torch.int32)
+    scored = logits is not None
+    if scored:
+        rows, strides = logits.shape[2], logits.stride()[:3]
+    else:
+        logits, rows, strides = counts, 0, (0, 0, 0)  # placeholder pointer, never read
+    np_p2 = triton.next_power_of_2(max_pages)
+    _select_pages_kernel[(batch * kv_heads,)](
+        logits, index.lengths, pages, counts,
+        *strides, pages.stride(0), pages.stride(1), counts.stride(0),
+        max_pages, width, sink_pages, recent,
+        KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
+        W_P2=triton.next_power_of_2(width), SCORED=scored, GROUP_MAX=group_max,
+        num_warps=max(4, min(16, np_p2 // 512)),
+    )
+    return pages, counts

@@ -1,0 +1,73 @@
+"""The page-index append kernel (Triton, run by the CPU interpreter here) against the PyTorch
+update: the same summaries and lengths after several appends, across dtypes, page sizes, new-token
+counts that cross pages, ragged counts, an empty sequence and an append that reaches the capacity;
+the cases it leaves to PyTorch."""
+
+import os
+
+import pytest
+import torch
+
+from sparse_attn.decode import PageIndex
+from sparse_attn.options import KernelOptions
+
+TRITON = KernelOptions(estimator_kernels="triton")
+TORCH = KernelOptions(estimator_kernels="torch")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def twins(k, page, lengths, capacity):
+    return (PageIndex.build(k, page, lengths=lengths, capacity=capacity),
+            PageIndex.build(k, page, lengths=lengths, capacity=capacity))
+
+
+def assert_same(got, want):
+    assert torch.equal(got.lengths, want.lengths)
+    assert torch.equal(got.kmin, want.kmin) and torch.equal(got.kmax, want.kmax)  # min and max are exact
+    torch.testing.assert_close(got.ksum, want.ksum, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("page", [16, 32])
+@pytest.mark.parametrize("new", [1, 3, 16])
+def test_appends_match_pytorch(dtype, page, new):
+    gen = torch.Generator().manual_seed(new + page)
+    k = torch.randn(3, 3, 100, 32, generator=gen).to(DEVICE, dtype)
+    got, want = twins(k, page, [100, 37, 0], 160)
+    for _ in range(3):
+        k_new = torch.randn(3, 3, new, 32, generator=gen).to(DEVICE, dtype)
+        counts = torch.tensor([new, new - 1, new], device=DEVICE)
+        got.append(k_new, counts, kernel_options=TRITON)
+        want.append(k_new, counts, kernel_options=TORCH)
+        assert_same(got, want)
+
+
+def test_append_up_to_the_capacity():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 2, 31, 16, generator=gen).to(DEVICE, torch.float16)
+    got, want = twins(k, 16, [30, 31], 32)
+    k_new = torch.randn(2, 2, 2, 16, generator=gen).to(DEVICE, torch.float16)
+    counts = torch.tensor([2, 1], device=DEVICE)
+    got.append(k_new, counts, kernel_options=TRITON)
+    want.append(k_new, counts, kernel_options=TORCH)
+    assert_same(got, want)
+    assert got.lengths.tolist() == [32, 32]
+
+
+def test_more_new_tokens_than_the_kernel_takes_run_pytorch(monkeypatch):
+    import sparse_attn.decode.index_kernels as kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the append kernel ran on more tokens than it takes")
+
+    monkeypatch.setattr(kernels, "triton_append", refuse)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE, torch.float16)
+    got, want = twins(k, 16, [40], 80)
+    k_new = torch.randn(1, 2, 17, 16, generator=gen).to(DEVICE, torch.float16)  # 17 > KERNEL_MAX_NEW
+    got.append(k_new, kernel_options=TRITON)
+    want.append(k_new, kernel_options=TORCH)
+    assert_same(got, want)
