@@ -16,6 +16,9 @@
 #   recipe_end   the canary recipe, part 2: the last refine, 2.2 minutes (~3.5 min)
 #   sweep        evaluation sweep of the shipped canary at 8K, 4K and 2K: accuracy, density, prefill (~8.5 min)
 #   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
+#   gpu_tests    every test marked gpu (~3 min)
+#   decode       decode tests on the GPU, then one decode step vs dense SDPA and Flex, pages of 16 and 32 (~5 min)
+#   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K (~4 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
 # into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
@@ -123,6 +126,17 @@ for step in "${@:-attention}"; do
     prefill)
       timeout 330 python3 benchmarks/bench_prefill.py --model canary --lengths 32768 131072 65536 \
         --out "$out/prefill_canary" ;;
-    *) echo "unknown step $step (attention, evidence, estimators, canary, refine, recipe, recipe_end, sweep, prefill)" ;;
+    gpu_tests)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -n 8 2>&1 | tail -15 ;;
+    decode)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 -m "gpu or not gpu" tests/decode 2>&1 | tail -5
+      timeout 170 python3 benchmarks/bench_decode.py --contexts 32768 131072 --batches 1 8 32 --budgets 2048 \
+        --page 16 --out "$out/decode_page16" 2>&1 | tee "$out/decode_page16.log" | grep -a "^|"
+      timeout 110 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 \
+        --page 32 --out "$out/decode_page32" 2>&1 | tee "$out/decode_page32.log" | grep -a "^|" ;;
+    generate)
+      timeout 280 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --budgets 2048 \
+        --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, generate)" ;;
   esac
 done

@@ -124,13 +124,17 @@ def _select_pages_kernel(
     key = tl.where(forced, float("inf"), group)
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as values
 
-    # Bisection for the width-th largest key's bits: count(bits >= lo) >= width > count(bits >= hi).
+    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (0x7F800000 + 1)
-    for _ in range(31):
+    at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
+    while (hi - lo > 1) & (at_lo > width):
         mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid).to(tl.int32), 0) >= width
+        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
+        enough = at_mid >= width
         lo = tl.where(enough, mid, lo)
+        at_lo = tl.where(enough, at_mid, at_lo)
         hi = tl.where(enough, hi, mid)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
