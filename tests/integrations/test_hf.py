@@ -330,3 +330,18 @@ def test_batched_generate_with_left_padding_matches_dense():
     state = patch(model, method="dense", record=True, **EXACT)
     assert torch.equal(model.generate(ids, **kwargs), want)
     assert any(r["sparse"] and r["q_len"] == 24 for r in state.records)
+
+
+def test_records_name_the_knob_that_made_a_call_dense():
+    model = _tiny("llama")
+    ids = _ids(length=96)
+    with torch.no_grad():
+        state = patch(model, method="pooled_topk", top_k=100, record=True, **EXACT)  # 6 key blocks of 16
+        model(ids)
+        assert [r["knob_dense"] for r in state.records] == [("top_k",)] * COMMON["num_hidden_layers"]
+        assert all("dense by knob: top_k" in r["reason"] and r["density"] == 1.0 for r in state.records)
+        assert [s["knob_dense"] for s in state.summary()] == [["top_k"]] * COMMON["num_hidden_layers"]
+        state = patch(model, method="pooled_topk", top_k=0.34, record=True, **EXACT)  # 2 of 6 key blocks
+        model(ids)
+    assert all(r["knob_dense"] == () and r["density"] < 1.0 for r in state.records)
+    assert [s["knob_dense"] for s in state.summary()] == [[]] * COMMON["num_hidden_layers"]

@@ -9,6 +9,9 @@ always a valid causal layout. ``estimate(..., return_report=True)`` also returns
 
 Every knob has a declared type and range (a :class:`~.knobs.KnobSpec` in the class's ``KNOBS``),
 checked whenever a method is built or a knob assigned; ``per_layer`` overrides are checked too.
+Count knobs take an int (a count) or a float in (0, 1) (a share of the call's keys or key blocks),
+resolved per call by :meth:`Method.count`. A method whose count knobs keep every block of a call
+whatever the attention names them in its report (:attr:`EstimateReport.knob_dense`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from ..options import KernelOptions, resolve_kernel_options
 from ..patterns.grid import BlockGrid
 from .common import default_scale
-from .knobs import CheckedOnAssignment, KnobError, KnobSpec
+from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
 METHODS: dict = {}
 Knob = Union[float, Sequence[float]]  # a scalar knob, or one value per KV group or per query head
@@ -68,7 +71,9 @@ class EstimateReport:
     ``seconds`` is the wall time of the estimate (the device synchronized before and after it when
     ``measure_cost`` is on); ``density_per_head`` is averaged over the batch; ``details`` holds what
     a method reports beyond the layout (FlexPrefill: ``"query_aware"``, ``(B, H)`` bool, True where a
-    head took the query-aware pattern).
+    head took the query-aware pattern). ``knob_dense`` names the knobs that made the call dense by
+    themselves: their counts at this length keep every reachable block whatever the scores (e.g.
+    ``("top_k",)`` when ``top_k`` is at least the key blocks of a row); empty otherwise.
     """
 
     method: str
@@ -79,6 +84,7 @@ class EstimateReport:
     q_len: int
     kv_len: int
     details: dict = field(default_factory=dict)
+    knob_dense: tuple = ()
 
 
 @dataclass
@@ -177,7 +183,25 @@ class Method(CheckedOnAssignment):
         (resolved) goes to the estimation primitives."""
         raise NotImplementedError
 
+    def dense_knobs(self, grid: BlockGrid, forced: Tensor) -> tuple:
+        """The knobs whose values alone keep every reachable block of ``grid`` (beyond the
+        ``forced`` sink and diagonal blocks), whatever the scores; ``()`` when none does. Methods
+        with count knobs implement it; :meth:`estimate` puts it in the report."""
+        return ()
+
     # -- shared machinery -------------------------------------------------------------------
+    @staticmethod
+    def count(value, total: int):
+        """A count knob for a call with ``total`` of its unit: an int as is, a float share in
+        (0, 1) as ``round(share * total)`` (at least 1); per-head lists entry by entry."""
+        return resolve_count(value, total)
+
+    def forced_blocks(self, grid: BlockGrid) -> Tensor:
+        """``(NQ, NK)`` blocks kept whatever the scores: the sink blocks and (``keep_diagonal``) the
+        diagonal ones."""
+        forced = grid.sink_blocks(self.sink)
+        return forced | grid.diagonal_blocks() if self.keep_diagonal else forced
+
     def for_layer(self, layer_idx: Optional[int]) -> "Method":
         """This method with the overrides of ``per_layer[layer_idx]`` applied."""
         if layer_idx is None or layer_idx not in self.per_layer:
@@ -244,18 +268,18 @@ class Method(CheckedOnAssignment):
             torch.cuda.synchronize(q.device)
         seconds = time.perf_counter() - start
         per_head = layout.density_per_head()
+        knob_dense = ()
+        if float(per_head.min()) >= 1.0 - 1e-9:  # every reachable block kept: was it the knobs?
+            knob_dense = method.dense_knobs(grid, method.forced_blocks(grid) & grid.reachable)
         report = EstimateReport(method.name, layer_idx, seconds, float(per_head.mean()), per_head.mean(0).tolist(),
-                                q_len, kv_len, details)
+                                q_len, kv_len, details, tuple(knob_dense))
         return layout, report
 
     def _finalize(self, keep: Tensor, grid: BlockGrid, kv_heads: int) -> Tensor:
         batch, heads = keep.shape[:2]
         if self.granularity == "kv" and heads != kv_heads:
             keep = keep.view(batch, kv_heads, heads // kv_heads, *keep.shape[2:]).any(2)
-        forced = grid.sink_blocks(self.sink)
-        if self.keep_diagonal:
-            forced = forced | grid.diagonal_blocks()
-        return (keep | forced) & grid.reachable
+        return (keep | self.forced_blocks(grid)) & grid.reachable
 
 
 def _check_qk(q: Tensor, k: Tensor, name: str) -> None:

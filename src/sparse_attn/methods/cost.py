@@ -55,11 +55,15 @@ class CostModel:
 
 @dataclass
 class AttendReport:
+    """What :func:`attend` chose: ``knob_dense`` names the knobs that made the estimate dense by
+    themselves (:attr:`~.base.EstimateReport.knob_dense`)."""
+
     used_sparse: bool
     reason: str
     density: Optional[float]
     estimate_ms: float
     layout: Optional[BlockSparseLayout]
+    knob_dense: tuple = ()
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
@@ -82,9 +86,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     if cost_model is not None:
         use_sparse, reason = cost_model.choose(report.density, estimate_ms, batch, heads, q_len, kv_len, dim)
     if not use_sparse:
-        return _dense(q, k, v, scale), AttendReport(False, reason, report.density, estimate_ms, layout)
+        return _dense(q, k, v, scale), AttendReport(False, reason, report.density, estimate_ms, layout,
+                                                    report.knob_dense)
     out = sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options)
-    return out, AttendReport(True, reason, report.density, estimate_ms, layout)
+    return out, AttendReport(True, reason, report.density, estimate_ms, layout, report.knob_dense)
 
 
 def _dense(q, k, v, scale):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,9 @@ from .knobs import KnobSpec
 from .pooled import pooled_block_probs
 from .primitives.line_scores import KV_GROUPS_PER_CHUNK, diagonal_sums, last_rows_attention, line_scores
 from .primitives.top_p import select_top_p, top_p_mask
-from .selection import lines_to_blocks
+from .selection import lines_keep_every_block, lines_to_blocks, top_k_keeps_every_block
+
+MAX_PATTERN_DISTANCE = math.sqrt(math.log(2))  # the largest sqrt(JS divergence), natural log
 
 
 def jensen_shannon(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
@@ -91,7 +94,7 @@ class FlexPrefill(Method):
         # sqrt(JS divergence), natural log, lies in [0, sqrt(ln 2) ~ 0.83]: tau 0 makes every head
         # vertical-slash, tau 1 every head query-aware.
         "tau": KnobSpec.real(0.0, 1.0),
-        "min_budget": KnobSpec.integer(0),  # tokens; 0 still keeps one block / one line
+        "min_budget": KnobSpec.count(0),  # tokens (or a share of the key length); 0 still keeps one block / one line
         "line_search": KnobSpec.choice("separate", "union"),
         "kv_groups_per_chunk": KnobSpec.integer(1),
     }
@@ -105,7 +108,7 @@ class FlexPrefill(Method):
         heads, kv_heads = q.shape[1], k.shape[1]
         group = heads // kv_heads
         pooled = pooled_block_probs(q, k, grid, scale, kernel_options)  # (B, H, NQ, NK)
-        min_blocks = max(1, -(-self.min_budget // grid.kv_block))
+        min_blocks, min_lines = self.minimums(grid)
         # Query-aware heads: cumulative mass on pooled block scores, at least min_blocks.
         qa = top_p_mask(pooled, self.row_values(self.gamma, pooled, kv_heads), min_keep=min_blocks,
                         kernel_options=kernel_options) & grid.reachable
@@ -113,7 +116,6 @@ class FlexPrefill(Method):
         nk = grid.reachable.shape[1]
         # Vertical-slash heads: the fewest lines covering a gamma share of the last block's attention,
         # at least min_budget tokens' worth of lines.
-        min_lines = max(1, self.min_budget // grid.q_block)
         if self.line_search == "separate":  # line sums only (line_scores bounds its own memory)
             v_scores, s_scores = line_scores(q, k, grid.q_block, scale, causal=True, kernel_options=kernel_options,
                                              kv_groups_per_chunk=self.kv_groups_per_chunk)
@@ -136,3 +138,15 @@ class FlexPrefill(Method):
         truth = padded.view(*v_scores.shape[:2], nk, grid.kv_block).sum(-1)  # (B, H, NK), unnormalized
         query_aware = jensen_shannon(truth, pooled[:, :, -1]).clamp_min(0).sqrt() < self.tau  # (B, H)
         return torch.where(query_aware[..., None, None], qa, vs), {"query_aware": query_aware}
+
+    def minimums(self, grid) -> tuple:
+        """``min_budget`` at this call's length as (key blocks per row of a query-aware head, lines of
+        a vertical-slash head)."""
+        budget = self.count(self.min_budget, grid.kv_len)
+        return max(1, -(-budget // grid.kv_block)), max(1, budget // grid.q_block)
+
+    def dense_knobs(self, grid, forced):
+        min_blocks, min_lines = self.minimums(grid)
+        query_aware = self.tau <= 0 or top_k_keeps_every_block(grid, min_blocks)  # tau 0: no head is query-aware
+        lines = self.tau > MAX_PATTERN_DISTANCE or lines_keep_every_block(grid, min_lines, min_lines, forced)
+        return ("min_budget",) if query_aware and lines else ()

@@ -7,6 +7,12 @@ choices; ``per_head`` specs also take a non-empty list of values (one per query 
 group), each checked on its own. Numbers never accept booleans, floats never accept NaN, ints never
 accept floats. A failed check raises :class:`KnobError` (a ``ValueError``) naming the owner (the
 method), the knob, the value and what is allowed, e.g. ``xattention: threshold=2 is outside (0, 1]``.
+
+Count knobs (:meth:`KnobSpec.count`: key columns, diagonals, key blocks, tokens) follow one rule for
+every method: an int is an absolute count, a float in (0, 1) a share of what the call has of that
+unit (its key length, or its key blocks), turned into a count per call by :func:`resolve_count`
+(rounded to the nearest count, at least 1). So ``vertical_size=0.008`` keeps the same share of the
+key columns at every length, where ``vertical_size=1000`` keeps 1000 columns whatever the length.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["KnobError", "KnobSpec"]
+__all__ = ["KnobError", "KnobSpec", "min_count", "resolve_count"]
 
 KINDS = ("float", "int", "bool", "choice")
 
@@ -44,6 +50,9 @@ class KnobSpec:
     * ``low`` / ``high``: bounds of a number (None: unbounded), excluded where ``low_open`` /
       ``high_open``.
     * ``per_head``: a non-empty list or tuple of such values is accepted too (checked element-wise).
+    * ``share_of`` (``"int"`` only; a count knob, see :meth:`count`): a float in (0, 1) is accepted
+      too, as a share of ``share_of`` (e.g. ``"the key length"``), resolved per call by
+      :func:`resolve_count`.
     """
 
     kind: str
@@ -53,12 +62,15 @@ class KnobSpec:
     high_open: bool = False
     choices: tuple = ()
     per_head: bool = False
+    share_of: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"KnobSpec kind must be one of {KINDS}, got {self.kind!r}")
         if (self.kind == "choice") != bool(self.choices):
             raise ValueError("KnobSpec: choices go with kind='choice' (and only with it)")
+        if self.share_of is not None and self.kind != "int":
+            raise ValueError("KnobSpec: share_of goes with kind='int' (a count knob)")
 
     # -- constructors for the common cases -------------------------------------------------------
     @classmethod
@@ -69,6 +81,11 @@ class KnobSpec:
     @classmethod
     def integer(cls, low: Optional[int] = None, high: Optional[int] = None, per_head: bool = False) -> "KnobSpec":
         return cls("int", low, high, per_head=per_head)
+
+    @classmethod
+    def count(cls, low: int = 0, share_of: str = "the key length", per_head: bool = False) -> "KnobSpec":
+        """A count (an int ``>= low``) or a share of ``share_of`` (a float in (0, 1))."""
+        return cls("int", low, per_head=per_head, share_of=share_of)
 
     @classmethod
     def real(cls, low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
@@ -90,6 +107,11 @@ class KnobSpec:
             return "True or False"
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.share_of is not None:
+            return f"{self._bounds_text()}, or a share in (0, 1)"
+        return self._bounds_text()
+
+    def _bounds_text(self) -> str:
         if self.low is not None and self.high is not None:
             return (f"{'(' if self.low_open else '['}{_number(self.low)}, "
                     f"{_number(self.high)}{')' if self.high_open else ']'}")
@@ -102,7 +124,9 @@ class KnobSpec:
     def describe(self) -> str:
         """What is allowed, in words (for messages and documentation)."""
         what = {"float": "a number", "int": "an int"}.get(self.kind)
-        if what is None:
+        if self.share_of is not None:
+            text = f"an int {self.range_text()} (a float is a share of {self.share_of})"
+        elif what is None:
             text = self.range_text()
         elif self.low is None and self.high is None:
             text = what
@@ -139,6 +163,13 @@ class KnobSpec:
         expected = self.describe()
         if isinstance(value, bool):
             self._fail(owner, name, value, f"is a bool, not a number; expected {expected}")
+        if self.share_of is not None and isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+            if math.isnan(value):
+                self._fail(owner, name, value, f"is not a number; expected {expected}")
+            if not 0.0 < value < 1.0:
+                self._fail(owner, name, value, f"is not {self.range_text()}: a float is a share of "
+                           f"{self.share_of}, in (0, 1); a count is an int")
+            return
         if self.kind == "int" and not isinstance(value, numbers.Integral):
             self._fail(owner, name, value, f"is not an int; expected {expected}")
         if not isinstance(value, numbers.Real):
@@ -151,6 +182,22 @@ class KnobSpec:
             if self.low is not None and self.high is not None:
                 self._fail(owner, name, value, f"is outside {self.range_text()}")
             self._fail(owner, name, value, f"is not {self.range_text()}")
+
+
+def resolve_count(value, total: int):
+    """A count knob's value for a call with ``total`` of its unit (keys, diagonals, key blocks): an
+    int as it is, a float share in (0, 1) as ``round(share * total)``, at least 1; a per-head list
+    entry by entry."""
+    if isinstance(value, (list, tuple)):
+        return [resolve_count(v, total) for v in value]
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return max(1, int(round(float(value) * total)))
+
+
+def min_count(value) -> int:
+    """The smallest entry of a resolved count knob (an int or a per-head list)."""
+    return int(min(value)) if isinstance(value, (list, tuple)) else int(value)
 
 
 def _hashable(value) -> bool:

@@ -16,7 +16,7 @@ from .common import group_queries
 from .knobs import KnobSpec
 from .primitives.mean_pool import block_mean_pool
 from .primitives.top_p import top_p_mask
-from .selection import select_top_k
+from .selection import select_top_k, top_k_dense
 
 
 def pooled_block_probs(q: Tensor, k: Tensor, grid: BlockGrid, scale: float,
@@ -54,13 +54,19 @@ class PooledTopP(Method):
 @register_method
 @dataclass
 class PooledTopK(Method):
-    """Mean-pooled block scores; keep the ``top_k`` best key blocks per query block."""
+    """Mean-pooled block scores; keep the ``top_k`` best key blocks per query block (a count, or a
+    share of the key blocks)."""
 
     name = "pooled_topk"
-    KNOBS = {"top_k": KnobSpec.integer(1, per_head=True)}  # key blocks per query block
+    KNOBS = {"top_k": KnobSpec.count(1, share_of="the key blocks", per_head=True)}  # key blocks per query block
     top_k: Knob = 8
 
     def select(self, q, k, grid, scale, kernel_options=None):
         probs = pooled_block_probs(q, k, grid, scale, kernel_options)
-        return select_top_k(probs, self.row_values(self.top_k, probs, k.shape[1]).long(),
-                            valid=grid.reachable, k_max=int(self.knob_max(self.top_k)))
+        top_k = self.count(self.top_k, grid.reachable.shape[1])
+        return select_top_k(probs, self.row_values(top_k, probs, k.shape[1]).long(),
+                            valid=grid.reachable, k_max=int(self.knob_max(top_k)))
+
+    def dense_knobs(self, grid, forced):
+        return top_k_dense(self.top_k, grid)
+

@@ -1,5 +1,6 @@
 """Block- and line-level selection shared by several estimators (plain PyTorch): the top ``k``
-entries per row, and the blocks that kept vertical and slash lines cross."""
+entries per row, the blocks that kept vertical and slash lines cross, and whether line or block
+counts keep every block whatever the scores."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..patterns.grid import BlockGrid
+from .knobs import min_count, resolve_count
 
 
 def select_top_k(scores: Tensor, k, valid: Tensor | None = None, k_max: int | None = None) -> Tensor:
@@ -58,3 +60,28 @@ def lines_to_blocks(grid: BlockGrid, vertical: Tensor, slash: Tensor) -> Tensor:
     columns = any_kept(vertical, k_first.expand(nq, nk), torch.minimum(k_last, q_last))
     diagonals = any_kept(slash, (q_first - k_last).clamp(min=0), q_last - k_first)
     return (columns | diagonals) & grid.reachable
+
+
+def lines_keep_every_block(grid: BlockGrid, columns: int, diagonals: int, forced: Tensor) -> bool:
+    """Whether keeping *any* ``columns`` of the key columns and *any* ``diagonals`` of the diagonals
+    keeps every reachable block outside ``forced (NQ, NK)``: true when, in each such block, the
+    columns or the diagonals crossing it at an allowed position outnumber the lines left out."""
+    kv_len = grid.kv_len
+    dev = grid.reachable.device
+    q_first, q_last = grid.q_first.to(dev)[:, None], grid.q_last.to(dev)[:, None]
+    k_first, k_last = grid.k_first.to(dev)[None, :], grid.k_last.to(dev)[None, :]
+    crossing_columns = (torch.minimum(k_last, q_last) - k_first + 1).clamp(min=0)
+    crossing_diagonals = ((q_last - k_first).clamp(max=kv_len - 1) - (q_first - k_last).clamp(min=0) + 1).clamp(min=0)
+    kept = (crossing_columns > kv_len - columns) | (crossing_diagonals > kv_len - diagonals)
+    return bool((kept | forced | ~grid.reachable).all())
+
+
+def top_k_keeps_every_block(grid: BlockGrid, k: int) -> bool:
+    """Whether keeping the ``k`` best key blocks of each query block keeps all its reachable ones."""
+    return k >= int(grid.reachable.sum(1).max())
+
+
+def top_k_dense(top_k, grid: BlockGrid) -> tuple:
+    """``("top_k",)`` when ``top_k`` (a count or a share of the key blocks, per head or not) keeps
+    every reachable key block of each query block of ``grid``; ``()`` otherwise."""
+    return ("top_k",) if top_k_keeps_every_block(grid, min_count(resolve_count(top_k, grid.reachable.shape[1]))) else ()

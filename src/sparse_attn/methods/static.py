@@ -35,15 +35,20 @@ class Dense(StaticPattern):
 @register_method
 @dataclass
 class SlidingWindow(StaticPattern):
-    """Sliding window + sinks (StreamingLLM, MInference A-shape); ``window`` in tokens."""
+    """Sliding window + sinks (StreamingLLM, MInference A-shape); ``window`` in tokens (or a share
+    of the key length)."""
 
     name = "sliding_window"
-    KNOBS = {"window": KnobSpec.integer(1)}  # tokens
+    KNOBS = {"window": KnobSpec.count(1)}  # tokens
     window: int = 4096
 
     def build(self, q_len, kv_len, heads, kv_heads, device):
-        return sliding_window_layout(q_len, kv_len, window=self.window, sink=self.sink,
+        return sliding_window_layout(q_len, kv_len, window=self.count(self.window, kv_len), sink=self.sink,
                                      block_size=self.block_size, device=device)
+
+    def dense_knobs(self, grid, forced):
+        window = grid.window_blocks(self.count(self.window, grid.kv_len))
+        return ("window",) if bool((window | forced | ~grid.reachable).all()) else ()
 
 
 @register_method

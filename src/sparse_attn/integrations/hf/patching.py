@@ -57,8 +57,9 @@ class SparseState:
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
-        calls, the distinct reasons, and ``decode_recall``, the mean oracle recall of the decode steps
-        that measured it (``decode={..., "recall_every": N}``; None where none did)."""
+        calls, the distinct reasons, ``knob_dense``, the knobs that made any of its calls dense by
+        themselves (sorted; empty when none did), and ``decode_recall``, the mean oracle recall of the
+        decode steps that measured it (``decode={..., "recall_every": N}``; None where none did)."""
         by_layer: dict = {}
         for r in self.records:
             by_layer.setdefault(r["layer"], []).append(r)
@@ -71,6 +72,7 @@ class SparseState:
                 "density": sum(r["density"] for r in sparse) / len(sparse) if sparse else 1.0,
                 "estimate_ms": sum(r["estimate_ms"] for r in sparse),
                 "reasons": sorted({r["reason"] for r in rs}),
+                "knob_dense": sorted({knob for r in rs for knob in r.get("knob_dense", ())}),
                 "decode_recall": sum(recalls) / len(recalls) if recalls else None,
             })
         return out
@@ -204,12 +206,12 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                                                            and layer in state.page_indexes))
 
     def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=filled,
-               select_layer=None):
+               select_layer=None, knob_dense=()):
         if config.record:
             state.records.append({"layer": layer, "q_len": rows, "kv_len": keys, "sparse": sparse,
                                   "reason": reason, "density": density, "estimate_ms": estimate_ms,
                                   "recall": recall, "decode": page_step or q_len == 1,
-                                  "select_layer": select_layer})
+                                  "select_layer": select_layer, "knob_dense": tuple(knob_dense)})
 
     def dense(reason: str):
         record(False, reason)
@@ -261,8 +263,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         recall = None
         if config.record and config.measure_recall and report.used_sparse:
             recall = float(attention_recall(q, k, report.layout, num_rows=32, scale=scaling).mean())
-        record(report.used_sparse, report.reason, report.density, report.estimate_ms, recall,
-               rows=q.shape[2], keys=k.shape[2])
+        reason = report.reason
+        if report.knob_dense:
+            reason += f" (dense by knob: {', '.join(report.knob_dense)} keep every block at kv_len {k.shape[2]})"
+        record(report.used_sparse, reason, report.density, report.estimate_ms, recall,
+               rows=q.shape[2], keys=k.shape[2], knob_dense=report.knob_dense)
         return out
 
     if spans is None:
