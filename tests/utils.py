@@ -99,3 +99,17 @@ def import_cycles(graph):
         if v not in index:
             visit(v)
     return found
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 64, intermediate_size: int = 96, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, positions: int = 1024, seed: int = 0):
+    """A random-weight transformers Llama (float32, eval mode, SDPA attention) of a few thousand
+    parameters, for CPU tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                      intermediate_size=intermediate_size, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=positions)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()

@@ -18,11 +18,12 @@ from .patterns import (
 __version__ = "0.1.0"
 
 
-def patch(model, method=None, config=None, **knobs):
-    """Make a transformers model's prefill sparse (see :mod:`sparse_attn.integrations.hf`)."""
+def patch(model, method=None, config=None, *, profile=None, **knobs):
+    """Make a transformers model's prefill sparse (see :mod:`sparse_attn.integrations.hf`);
+    ``profile="profile.json"`` applies the config a ``sparse-attn profile`` run chose."""
     from .integrations.hf import patch as _patch
 
-    return _patch(model, method=method, config=config, **knobs)
+    return _patch(model, method=method, config=config, profile=profile, **knobs)
 
 
 def unpatch(model):
@@ -34,7 +35,8 @@ def unpatch(model):
 
 __all__ = [
     "patch", "unpatch", "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
-    "sparse_attention", "sparse_attention_varlen", "which_backend", "KernelOptions", "kernel_options", "BlockSparseLayout", "KVMajorLayout", "LayoutError",
+    "sparse_attention", "sparse_attention_varlen", "which_backend", "KernelOptions", "kernel_options",
+    "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",
     "layout_from_mask_mod",
 ]

@@ -1,5 +1,6 @@
 """``sparse-attn`` command line: ``demo`` (static patterns vs dense), ``generate`` (a local HF model,
-sparse prefill vs dense, then generation) and ``eval`` (accuracy vs density vs speed).
+sparse prefill vs dense, then generation), ``eval`` (accuracy vs density vs speed) and ``profile``
+(per-layer choices that meet a target recall, written as a SparseConfig that ``patch`` reads).
 
 Bad options end in one line naming the option and what is expected, exit code 2; ``--debug`` shows
 the traceback of any error instead.
@@ -78,7 +79,8 @@ def _device(value, param_hint: str = "--device") -> str:
             raise click.BadParameter("cuda was asked for but this machine has no CUDA GPU (or torch is a CPU build); "
                                      "use --device cpu", param_hint=param_hint)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise click.BadParameter(f"{value} does not exist: {torch.cuda.device_count()} GPU(s)", param_hint=param_hint)
+            raise click.BadParameter(f"{value} does not exist: {torch.cuda.device_count()} GPU(s)",
+                                     param_hint=param_hint)
     elif device.type != "cpu":
         raise click.BadParameter(f"{value!r}: use cpu or cuda[:N]", param_hint=param_hint)
     return str(device)
@@ -158,7 +160,8 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
     with open(prompt_file) as fh:
         prompt = fh.read()
     if not prompt.strip():
-        raise click.BadParameter(f"{prompt_file} is empty; give a file with the prompt text", param_hint="--prompt-file")
+        raise click.BadParameter(f"{prompt_file} is empty; give a file with the prompt text",
+                                 param_hint="--prompt-file")
     if config_path:
         config = SparseConfig.from_file(config_path)
     else:
@@ -327,6 +330,69 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     click.echo(result["summary"])
     click.echo(result["table"])
     click.echo(f"\nwrote {out}.json, {out}.md" + "".join(f", {p}" for p in result["plots"]))
+
+
+@main.command("profile")
+@click.option("--model", "model_path", required=True,
+              help="local transformers model directory, or 'canary' for the shipped canary model")
+@click.option("--out", required=True, help="the profile to write (JSON), read by patch(model, profile=...)")
+@click.option("--methods", default="xattention,flexprefill,vertical_slash,pooled_topp", show_default=True,
+              help="methods to try (comma-separated)")
+@click.option("--lengths", default="4096", show_default=True, help="calibration prompt lengths (comma-separated)")
+@click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="attention recall each layer's choice must reach on every KV head")
+@click.option("--samples", default=2, show_default=True, type=click.IntRange(min=1),
+              help="calibration prompts per length")
+@click.option("--prompt-file", default=None, type=click.Path(dir_okay=False),
+              help="calibration text (windows of it); default: the retrieval tasks' prompts")
+@click.option("--block-size", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]))
+@click.option("--min-kv-len", default=None, type=click.IntRange(min=0),
+              help="the config's min_kv_len (default: SparseConfig's)")
+@click.option("--device", default=None)
+def profile_command(model_path, out, methods, lengths, target_recall, samples, prompt_file, block_size, min_kv_len,
+                    device):
+    """Profile once, serve many: measure density and attention recall per layer and KV head at each
+    value of each method's main knob, and write the cheapest SparseConfig meeting --target-recall."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.hf.profile import PROFILE_SWEEPS, calibration_prompts, profile_model, write_profile
+
+    method_list = _choices(methods, sorted(PROFILE_SWEEPS), "--methods")
+    length_list = _lengths(lengths, example="4096,16384")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise click.BadParameter(f"{out_dir} is not a directory: the profile cannot be written there",
+                                 param_hint="--out")
+    text = None
+    if prompt_file is not None:
+        if not os.path.isfile(prompt_file):
+            raise click.BadParameter(f"{prompt_file} does not exist", param_hint="--prompt-file")
+        with open(prompt_file) as fh:
+            text = fh.read()
+        if not text.strip():
+            raise click.BadParameter(f"{prompt_file} is empty; give a file with calibration text",
+                                     param_hint="--prompt-file")
+    path, device = _model_dir(model_path), _device(device)
+    limit = _position_limit(path)
+    if limit is not None and max(length_list) > limit:
+        raise click.BadParameter(f"{max(length_list)} is over the model's {limit} positions (max_position_embeddings)",
+                                 param_hint="--lengths")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        prompts = calibration_prompts(tokenizer, length_list, samples, text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prompt-file" if text is not None else "--lengths") from None
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    profile = profile_model(model, prompts=prompts, methods=method_list, target_recall=target_recall,
+                            block_size=int(block_size), min_kv_len=min_kv_len, progress=True, model_name=model_path)
+    write_profile(profile, out)
+    for layer in profile["layers"]:
+        knobs = ", ".join(f"{k}={v}" for k, v in layer["knobs"].items())
+        click.echo(f"layer {layer['layer']}: {layer['method']}{f' ({knobs})' if knobs else ''}, "
+                   f"density {layer['density']:.3f}, recall >= {min(layer['kv_head_recall']):.3f}")
+    click.echo(f"wrote {out}: patch(model, profile={out!r})")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Hugging Face transformers integration: ``patch(model, method=...)`` / ``unpatch(model)``."""
+"""Hugging Face transformers integration: ``patch(model, method=...)`` / ``unpatch(model)``, and
+``profile_model`` (profile once, ``patch(model, profile=...)`` many times)."""
 
 from .config import SparseConfig
 from .patching import ATTN_NAME, SparseState, is_patched, patch, sparse_attention_forward, unpatch
+from .profile import profile_model, write_profile
 
 __all__ = ["patch", "unpatch", "is_patched", "SparseConfig", "SparseState", "ATTN_NAME",
-           "sparse_attention_forward"]
+           "sparse_attention_forward", "profile_model", "write_profile"]

@@ -13,6 +13,7 @@ from ...methods import METHODS, CostModel, KnobError, KnobSpec, Method, get_meth
 from ...methods.knobs import CheckedOnAssignment
 
 FALLBACKS = ("auto", "length", "never")
+PROFILE_FORMAT = "sparse_attn.profile"  # the "format" of a profile file (:mod:`.profile`)
 
 # Declared types and ranges of the plain settings (the method ones are checked by building them).
 SETTINGS = {
@@ -193,8 +194,9 @@ class SparseConfig(CheckedOnAssignment):
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "SparseConfig":
-        """Read a ``.json`` or ``.yaml``/``.yml`` file (YAML needs PyYAML). Every error of the
-        contents (syntax, unknown key, bad value) is a :class:`SparseConfigError` naming the file."""
+        """Read a ``.json`` or ``.yaml``/``.yml`` file (YAML needs PyYAML), or a profile (its config,
+        as :meth:`from_profile`). Every error of the contents (syntax, unknown key, bad value) is a
+        :class:`SparseConfigError` naming the file."""
         path = Path(path)
         text = path.read_text()
         try:
@@ -212,7 +214,28 @@ class SparseConfig(CheckedOnAssignment):
                     data = json.loads(text)
                 except json.JSONDecodeError as err:
                     raise SparseConfigError(f"not valid JSON: {err}") from None
+            if isinstance(data, Mapping) and data.get("format") == PROFILE_FORMAT and "config" in data:
+                data = data["config"]  # a profile: the config it chose
             return cls.from_dict(data or {})
+        except (SparseConfigError, KnobError) as err:
+            raise SparseConfigError(f"{path}: {err}", owner=getattr(err, "owner", None),
+                                    detail=getattr(err, "detail", None)) from None
+
+    @classmethod
+    def from_profile(cls, path: Union[str, Path]) -> "SparseConfig":
+        """The config a profile (``sparse-attn profile``, :mod:`.profile`) chose: its ``"config"``.
+        A file that is not a profile, or whose config is refused, is a :class:`SparseConfigError`
+        naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SparseConfigError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT or "config" not in data:
+            raise SparseConfigError(f"{path}: not a profile (a JSON object with format={PROFILE_FORMAT!r} and a "
+                                    "'config'; write one with `sparse-attn profile`)")
+        try:
+            return cls.from_dict(data["config"])
         except (SparseConfigError, KnobError) as err:
             raise SparseConfigError(f"{path}: {err}", owner=getattr(err, "owner", None),
                                     detail=getattr(err, "detail", None)) from None
@@ -239,7 +262,8 @@ def _check_decode_pages(spec: dict) -> dict:
     if unknown:
         raise _error(f"decode: unknown key(s) {unknown} for page-index decode; keys: "
                      f"{', '.join((*DECODE_PAGE_KNOBS, *DECODE_PAGE_POLICIES))}")
-    knobs = _check_page_knobs("decode", {**DECODE_PAGE_DEFAULTS, **{k: spec[k] for k in DECODE_PAGE_KNOBS if k in spec}})
+    given = {k: spec[k] for k in DECODE_PAGE_KNOBS if k in spec}
+    knobs = _check_page_knobs("decode", {**DECODE_PAGE_DEFAULTS, **given})
     out = dict(knobs)
     per_layer = {}
     for layer, override in _layer_map("per_layer", spec.get("per_layer", {})).items():

@@ -91,14 +91,20 @@ def _attention_modules(model):
     return [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
 
 
-def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = None, **knobs):
+def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = None, *, profile=None, **knobs):
     """Route ``model``'s attention through sparse_attn; returns the :class:`SparseState`.
 
-    ``patch(model, method="xattention", threshold=0.9)`` or ``patch(model, config=SparseConfig(...))``
-    (``config`` may also be a dict or a path to a JSON/YAML file).
+    ``patch(model, method="xattention", threshold=0.9)``, ``patch(model, config=SparseConfig(...))``
+    (``config`` may also be a dict or a path to a JSON/YAML file) or ``patch(model,
+    profile="profile.json")``: the config a profile chose (``sparse-attn profile``,
+    :meth:`SparseConfig.from_profile`).
     """
     if getattr(model, "config", None) is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError("patch() needs a transformers PreTrainedModel (with .config and set_attn_implementation)")
+    if profile is not None:
+        if config is not None or method is not None or knobs:
+            raise ValueError("pass either profile=... or config=/method=/knobs, not both")
+        config = SparseConfig.from_profile(profile)
     if config is not None and (method is not None or knobs):
         raise ValueError("pass either config=... or method=/knobs, not both")
     if config is None:
