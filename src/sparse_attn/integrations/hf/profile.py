@@ -212,7 +212,7 @@ def profile_model(model, tokenizer=None, *, prompts: Optional[dict] = None, text
     original = model.config._attn_implementation
     total = sum(step_cost(length) * len(prompts[length]) for length in lengths)
     bar = Progress(total, enabled=progress, label="sparse-attn profile",
-                   intro=f"{len(methods)} methods x {len(plan)} settings, {len(lengths)} lengths")
+                   intro=f"{len(methods)} method(s), {len(plan)} settings, {len(lengths)} length(s)")
     device = next(model.parameters()).device
     try:
         model.set_attn_implementation(CAPTURE_NAME)
