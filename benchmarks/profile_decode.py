@@ -1,0 +1,137 @@
+"""Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
+scores, top-k selection, decode attention and its merge) with its device time from the PyTorch
+profiler, at each (context, batch, page); and the top-k kernel's time at several warp counts,
+replayed as CUDA graphs.
+
+    python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
+
+Same inputs as ``bench_decode.py`` (bf16, H=32, Hkv=8, D=128, Quest selection, sink 64, recent 64).
+Prints a table and writes ``<out>.json``; needs a CUDA GPU (exits with status 2 without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_attention import bench, graphed  # noqa: E402
+
+from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
+from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
+
+
+def kernel_times(step, repeats: int = 20) -> dict:
+    """Mean device time (microseconds) per call of each kernel ``step()`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name[:60]] += event.device_time / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def topk_warp_variants(logits, index, width, warps_list) -> dict:
+    """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
+    import triton
+
+    from sparse_attn.decode.select_kernels import _select_pages_kernel
+
+    batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
+    pages = torch.empty(batch, kv_heads, width, device="cuda", dtype=torch.int32)
+    counts = torch.empty(batch, kv_heads, device="cuda", dtype=torch.int32)
+    out = {}
+    for warps in warps_list:
+        def launch(warps=warps):
+            _select_pages_kernel[(batch * kv_heads,)](
+                logits, index.lengths, pages, counts, *logits.stride()[:3], pages.stride(0), pages.stride(1),
+                counts.stride(0), max_pages, width, 4, 64,
+                KV_HEADS=kv_heads, ROWS=logits.shape[2], PAGE_SIZE=index.page_size,
+                NP_P2=triton.next_power_of_2(max_pages), W_P2=triton.next_power_of_2(width), SCORED=True,
+                GROUP_MAX=False, num_warps=warps)
+        try:
+            out[warps] = bench(graphed(lambda launch=launch: launch))
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            out[warps] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--out", default="results/decode_profile")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode.py needs a CUDA GPU: none is visible, nothing was measured", file=sys.stderr)
+        return 2
+    import triton
+
+    from sparse_attn.decode.select_kernels import triton_page_logits
+
+    heads, kv_heads, dim = 32, 8, 128
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            k = torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            v = torch.randn_like(k)
+            q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+            new_key = k[:, :, context - 1:].clone()
+            for page in args.pages:
+                index = PageIndex.build(k, page, capacity=context)
+                selection = PageSelection(method="quest", budget=args.budget, sink=64, recent=64)
+
+                def step():
+                    index.lengths.fill_(context - 1)
+                    index._length_bound = context - 1
+                    index.append(new_key)
+                    p, c = selection(q, index)
+                    return triton_decode_attention(q, k, v, p, c, lens, page, 1.0 / math.sqrt(dim))
+
+                row = {"context": context, "batch": batch, "page": page, "budget": args.budget,
+                       "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
+                logits = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim))
+                width = -(-args.budget // page)
+                row["topk_graph_ms_by_warps"] = topk_warp_variants(logits, index, width, args.warps)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            k = v = None
+            torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    for r in rows:
+        print(f"\ncontext {r['context']}, batch {r['batch']}, page {r['page']}, budget {r['budget']}")
+        print("| kernel | device us per step |\n|---|---|")
+        for name, us in r["kernels_us"].items():
+            print(f"| {name} | {us:.2f} |")
+        print("top-k kernel by warps (CUDA graph ms):", r["topk_graph_ms_by_warps"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
