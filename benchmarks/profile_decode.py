@@ -48,7 +48,7 @@ def kernel_times(step, repeats: int = 20) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def topk_warp_variants(logits, index, width, warps_list) -> dict:
+def topk_warp_variants(logits, stats, index, width, warps_list) -> dict:
     """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
     import triton
 
@@ -61,11 +61,11 @@ def topk_warp_variants(logits, index, width, warps_list) -> dict:
     for warps in warps_list:
         def launch(warps=warps):
             _select_pages_kernel[(batch * kv_heads,)](
-                logits, index.lengths, pages, counts, *logits.stride()[:3], pages.stride(0), pages.stride(1),
-                counts.stride(0), max_pages, width, 4, 64,
+                logits, stats, index.lengths, pages, counts, *logits.stride()[:3], *stats.stride()[:4],
+                pages.stride(0), pages.stride(1), counts.stride(0), max_pages, width, 4, 64, stats.shape[-1],
                 KV_HEADS=kv_heads, ROWS=logits.shape[2], PAGE_SIZE=index.page_size,
-                NP_P2=triton.next_power_of_2(max_pages), W_P2=triton.next_power_of_2(width), SCORED=True,
-                GROUP_MAX=False, num_warps=warps)
+                NP_P2=triton.next_power_of_2(max_pages), W_P2=triton.next_power_of_2(width),
+                TILES_P2=triton.next_power_of_2(stats.shape[-1]), SCORED=True, GROUP_MAX=False, num_warps=warps)
         try:
             out[warps] = bench(graphed(lambda launch=launch: launch))
         except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -114,9 +114,9 @@ def main(argv=None):
 
                 row = {"context": context, "batch": batch, "page": page, "budget": args.budget,
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
-                logits = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim))
+                logits, stats = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = -(-args.budget // page)
-                row["topk_graph_ms_by_warps"] = topk_warp_variants(logits, index, width, args.warps)
+                row["topk_graph_ms_by_warps"] = topk_warp_variants(logits, stats, index, width, args.warps)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None

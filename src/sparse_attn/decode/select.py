@@ -133,11 +133,11 @@ class PageSelection:
         if self._kernel_runs(q, index, kernel_options):
             from .select_kernels import triton_page_logits, triton_select_pages
 
-            logits = None
+            scores = None
             if self.method != "sink_window":
                 scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
-                logits = triton_page_logits(q, index, self.method, scale)
-            return triton_select_pages(logits, index, width, self.sink_pages(page), self.recent,
+                scores = triton_page_logits(q, index, self.method, scale, with_stats=True)
+            return triton_select_pages(scores, index, width, self.sink_pages(page), self.recent,
                                        group_max=self.group_score == "max")
 
         lengths = index.lengths

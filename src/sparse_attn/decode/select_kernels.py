@@ -6,7 +6,8 @@
   ``q . ksum / tokens``; either way ``scale * score + log(tokens in the page)``, ``-inf`` for a page
   with no token.
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
-  over the pages, the group's score per page (sum or max of the rows' shares), sink and recent
+  over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
+  logits), the group's score per page (sum or max of the rows' shares), sink and recent
   pages forced in, and the ``width`` best pages found by a bisection on the scores' bit patterns
   (non-negative float32 values order as their int32 bits), written in increasing page order with
   the padding slots repeating the last page. The whole row of pages lives in registers, so the
@@ -31,18 +32,21 @@ PAGE_TILE = 64  # pages per program of the page-score kernel
 
 @triton.jit
 def _page_logits_kernel(
-    Q, KA, KB, LENGTHS, OUT,
+    Q, KA, KB, LENGTHS, OUT, STATS,
     stride_qb, stride_qh, stride_qs,
     stride_ib, stride_ih, stride_ip,
     stride_ob, stride_oh, stride_or,
+    stride_s0, stride_sb, stride_sh, stride_sr,
     scale, max_pages,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr,
 ):
     """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group
     (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, ``KA`` = ksum in float32 for
-    pooled). Pages past the sequence are not read."""
+    pooled). Pages past the sequence are not read. With ``WRITE_STATS``, also each row's softmax
+    statistics over the tile: ``STATS[0]`` the largest logit, ``STATS[1]`` the sum of
+    ``exp(logit - largest)`` (0 for a tile without pages), at column ``pid_p``."""
     pid_p = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)
@@ -77,16 +81,24 @@ def _page_logits_kernel(
     logw = tl.where(has[None, :], score * scale + log_tokens[None, :], float("-inf"))
     o_ptrs = OUT + b * stride_ob + kvh * stride_oh + rows[:, None] * stride_or + pages[None, :]
     tl.store(o_ptrs, logw, mask=row_ok[:, None] & (pages[None, :] < max_pages))
+    if WRITE_STATS:
+        top = tl.max(logw, 1)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp(logw - top_safe[:, None]), 1)
+        s_ptrs = STATS + b * stride_sb + kvh * stride_sh + rows * stride_sr + pid_p
+        tl.store(s_ptrs, top, mask=row_ok)
+        tl.store(s_ptrs + stride_s0, total, mask=row_ok)
 
 
 @triton.jit
 def _select_pages_kernel(
-    LOGITS, LENGTHS, PAGES, COUNTS,
+    LOGITS, STATS, LENGTHS, PAGES, COUNTS,
     stride_lb, stride_lh, stride_lr,
+    stride_s0, stride_sb, stride_sh, stride_sr,
     stride_pb, stride_ph, stride_cb,
-    max_pages, width, sink_pages, recent,
+    max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
-    W_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
+    W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -108,13 +120,17 @@ def _select_pages_kernel(
     if SCORED:
         candidates = valid
         row_ptr = LOGITS + b * stride_lb + kvh * stride_lh
+        stats_ptr = STATS + b * stride_sb + kvh * stride_sh
+        tile = tl.arange(0, TILES_P2)
         for r in range(ROWS):
-            logw = tl.load(row_ptr + r * stride_lr + offs, mask=offs < max_pages, other=float("-inf"))
-            top = tl.max(logw, 0)
+            # The row's softmax over all pages, from the per-tile maxima and sums.
+            tile_top = tl.load(stats_ptr + r * stride_sr + tile, mask=tile < tiles, other=float("-inf"))
+            tile_sum = tl.load(stats_ptr + stride_s0 + r * stride_sr + tile, mask=tile < tiles, other=0.0)
+            top = tl.max(tile_top, 0)
             top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
-            e = tl.exp(logw - top)
-            total = tl.sum(e, 0)
-            share = e / tl.where(total > 0, total, 1.0)
+            total = tl.sum(tile_sum * tl.exp(tile_top - top), 0)
+            logw = tl.load(row_ptr + r * stride_lr + offs, mask=offs < max_pages, other=float("-inf"))
+            share = tl.exp(logw - top) / tl.where(total > 0, total, 1.0)
             if GROUP_MAX:
                 group = tl.maximum(group, share)
             else:
@@ -139,7 +155,10 @@ def _select_pages_kernel(
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
-    chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= take))
+    if take < tl.sum(ties.to(tl.int32), 0):  # more pages tie at the bound than fit: the first ones
+        chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= take))
+    else:
+        chosen = above | ties
 
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
     count = tl.sum(chosen.to(tl.int32), 0)
@@ -151,10 +170,11 @@ def _select_pages_kernel(
     tl.store(COUNTS + b * stride_cb + kvh, count)
 
 
-def triton_page_logits(q: Tensor, index, method: str, scale: float) -> Tensor:
+def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False):
     """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
     index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
-    against a :class:`~.page_index.PageIndex`."""
+    against a :class:`~.page_index.PageIndex`; ``with_stats``: ``(logits, stats)`` with the rows'
+    per-tile softmax statistics ``(2, B, Hkv, G * Sq, tiles)`` that :func:`triton_select_pages` reads."""
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
@@ -165,39 +185,45 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float) -> Tensor:
     else:
         first = second = index.ksum
     out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(max_pages, PAGE_TILE), batch * kv_heads)
-    _page_logits_kernel[grid](
-        q, first, second, index.lengths, out,
-        *q.stride()[:3], *first.stride()[:3], *out.stride()[:3],
+    tiles = triton.cdiv(max_pages, PAGE_TILE)
+    stats = torch.empty(2, batch, kv_heads, group * q_len, tiles, device=q.device, dtype=torch.float32) \
+        if with_stats else out
+    _page_logits_kernel[(tiles, batch * kv_heads)](
+        q, first, second, index.lengths, out, stats,
+        *q.stride()[:3], *first.stride()[:3], *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4),
         scale, max_pages,
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
-        BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype),
+        BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype), WRITE_STATS=with_stats,
         num_warps=4 if rows * dim <= 64 * 128 else 8,
     )
-    return out
+    return (out, stats) if with_stats else out
 
 
-def triton_select_pages(logits: Tensor | None, index, width: int, sink_pages: int, recent: int,
+def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
-    max_pages)`` of :func:`triton_page_logits` (None: no scores, the sink_window selection)."""
+    max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
+    scores, the sink_window selection)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
     counts = torch.empty(batch, kv_heads, device=device, dtype=torch.int32)
-    scored = logits is not None
+    scored = scores is not None
     if scored:
-        rows, strides = logits.shape[2], logits.stride()[:3]
-    else:
-        logits, rows, strides = counts, 0, (0, 0, 0)  # placeholder pointer, never read
+        logits, stats = scores
+        rows, tiles = logits.shape[2], stats.shape[-1]
+        strides = (*logits.stride()[:3], *stats.stride()[:4])
+    else:  # placeholder pointers, never read
+        logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
     np_p2 = triton.next_power_of_2(max_pages)
     _select_pages_kernel[(batch * kv_heads,)](
-        logits, index.lengths, pages, counts,
+        logits, stats, index.lengths, pages, counts,
         *strides, pages.stride(0), pages.stride(1), counts.stride(0),
-        max_pages, width, sink_pages, recent,
+        max_pages, width, sink_pages, recent, tiles,
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
-        W_P2=triton.next_power_of_2(width), SCORED=scored, GROUP_MAX=group_max,
+        W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
+        GROUP_MAX=group_max,
         num_warps=max(4, min(16, np_p2 // 512)),
     )
     return pages, counts
