@@ -125,3 +125,26 @@ def test_larger_indexes_than_the_topk_kernel_holds_run_pytorch(monkeypatch):
     monkeypatch.setattr(kernels, "triton_select_pages", refuse)
     got = select_pages(q, index, method="quest", budget=48, sink=16, recent=16, kernel_options=TRITON)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("page", [16, 32])
+def test_append_and_selection_kernels_on_the_gpu_at_a_long_context(page):
+    """A decode step's append and selection, kernels vs PyTorch, on 8K-token bf16 caches of two
+    lengths with 4 query heads per KV head: the same summaries and lengths, the same page counts,
+    and the same pages but for near-ties of the scores."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(2, 8, 8192, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_new = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    got = PageIndex.build(k, page, lengths=[8192, 5000], capacity=8192 + 64).append(k_new, kernel_options=TRITON)
+    want = PageIndex.build(k, page, lengths=[8192, 5000], capacity=8192 + 64).append(k_new, kernel_options=TORCH)
+    assert torch.equal(got.lengths, want.lengths)
+    assert torch.equal(got.kmin, want.kmin) and torch.equal(got.kmax, want.kmax)
+    torch.testing.assert_close(got.ksum, want.ksum, atol=1e-3, rtol=1e-5)
+    knobs = dict(method="quest", budget=2048, sink=64, recent=64)
+    pages, counts = select_pages(q, got, kernel_options=TRITON, **knobs)
+    ref_pages, ref_counts = select_pages(q, want, kernel_options=TORCH, **knobs)
+    assert torch.equal(counts, ref_counts)
+    assert (pages == ref_pages).float().mean() > 0.98
