@@ -147,4 +147,6 @@ def test_append_and_selection_kernels_on_the_gpu_at_a_long_context(page):
     pages, counts = select_pages(q, got, kernel_options=TRITON, **knobs)
     ref_pages, ref_counts = select_pages(q, want, kernel_options=TORCH, **knobs)
     assert torch.equal(counts, ref_counts)
-    assert (pages == ref_pages).float().mean() > 0.98
+    shared = sum(len(set(a[:n]) & set(b[:n])) for a, b, n in
+                 zip(pages.flatten(0, 1).tolist(), ref_pages.flatten(0, 1).tolist(), counts.flatten().tolist()))
+    assert shared >= 0.98 * int(counts.sum())
