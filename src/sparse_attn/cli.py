@@ -390,6 +390,8 @@ def profile_command(model_path, out, methods, lengths, target_recall, samples, p
     write_profile(profile, out)
     for layer in profile["layers"]:
         knobs = ", ".join(f"{k}={v}" for k, v in layer["knobs"].items())
+        if layer["method"] != "dense" and layer["dense_heads"]:
+            knobs += f"{', ' if knobs else ''}dense KV heads {layer['dense_heads']}"
         click.echo(f"layer {layer['layer']}: {layer['method']}{f' ({knobs})' if knobs else ''}, "
                    f"density {layer['density']:.3f}, recall >= {min(layer['kv_head_recall']):.3f}")
     click.echo(f"wrote {out}: patch(model, profile={out!r})")

@@ -322,6 +322,21 @@ class BlockSparseLayout:
             self, kv_num_blocks=cnt.contiguous(), kv_indices=idx.contiguous(), check=False
         )
 
+    def with_full_rows(self, heads: Tensor) -> "BlockSparseLayout":
+        """This layout with every causally reachable block kept in the rows of the heads ``heads``
+        marks: a bool ``(Hl,)`` (every sequence) or ``(B, Hl)`` (per sequence) over the layout's heads;
+        the other rows unchanged. One layout, so one attention call runs full and sparse heads."""
+        if not isinstance(heads, Tensor) or heads.dtype != torch.bool or heads.dim() not in (1, 2) \
+                or heads.shape[-1] != self.heads or (heads.dim() == 2 and self.batch not in (1, heads.shape[0])):
+            raise LayoutError(f"heads must be a bool tensor (heads,) or (batch, heads) over the layout's {self.heads} "
+                              f"heads and batch {self.batch}, got "
+                              f"{tuple(heads.shape) if isinstance(heads, Tensor) else type(heads).__name__}")
+        heads = heads.to(self.device)
+        rows = heads[None] if heads.dim() == 1 else heads
+        dense = self.to_dense() | (rows[:, :, None, None] & self.causal_block_mask())
+        cnt, idx = dense_to_csr(dense)
+        return dataclasses.replace(self, kv_num_blocks=cnt, kv_indices=idx, check=False)
+
     # ------------------------------------------------------------------ conversions
     def to_dense(self) -> Tensor:
         """``(Bl, Hl, NQ, NK)`` bool block mask."""

@@ -345,3 +345,27 @@ def test_records_name_the_knob_that_made_a_call_dense():
         model(ids)
     assert all(r["knob_dense"] == () and r["density"] < 1.0 for r in state.records)
     assert [s["knob_dense"] for s in state.summary()] == [[]] * COMMON["num_hidden_layers"]
+
+
+def test_dense_heads_run_full_rows_inside_the_sparse_call_and_are_recorded():
+    model = _tiny("llama")
+    ids = _ids(length=160)
+    with torch.no_grad():
+        want = model(ids).logits
+        state = patch(model, method="pooled_topk", top_k=1, sink=16, record=True, dense_heads=[0, 1], **EXACT)
+        got = model(ids).logits  # every KV head full: the model's own attention, through the sparse kernels
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert all(r["sparse"] and r["full_heads"] == (0, 1) and r["kv_head_density"] == [1.0, 1.0]
+                   for r in state.records)
+        state = patch(model, method="pooled_topk", top_k=1, sink=16, record=True,
+                      layers={1: {"method": "pooled_topk", "dense_heads": [1]}}, **EXACT)
+        model(ids)
+    first, second = state.records
+    assert first["sparse"] and first["full_heads"] == () and max(first["kv_head_density"]) < 1.0
+    assert second["sparse"] and second["full_heads"] == (1,)
+    assert second["kv_head_density"][1] == 1.0 and second["kv_head_density"][0] < 1.0
+    assert second["density"] == pytest.approx(sum(second["kv_head_density"]) / 2)
+    assert [s["full_heads"] for s in state.summary()] == [[], [1]]
+    with pytest.raises(ValueError, match=re.escape("SparseConfig: layers[1]: pooled_topk: dense_heads=[2] names KV "
+                                                   "head(s) [2]; the model has 2 KV heads (0..1)")):
+        patch(model, method="pooled_topk", layers={1: {"method": "pooled_topk", "dense_heads": [2]}})

@@ -51,8 +51,58 @@ def test_choose_layer_takes_the_cheapest_setting_per_kv_head_meeting_the_target(
     same = choose_layer(["xattention"], sweeps, density, recall, 0.9)
     assert same["knobs"] == {"threshold": 0.8}  # one value for every KV head collapses to a scalar
     dense = choose_layer(["xattention", "sliding_window"], sweeps, density, recall, 0.999)
-    assert dense == {"method": "dense", "knobs": {}, "density": 1.0, "kv_head_density": [1.0, 1.0],
-                     "kv_head_recall": [1.0, 1.0]}
+    assert dense == {"method": "dense", "knobs": {}, "dense_heads": [0, 1], "density": 1.0,
+                     "kv_head_density": [1.0, 1.0], "kv_head_recall": [1.0, 1.0]}
+
+
+def test_choose_layer_sends_kv_heads_no_setting_serves_to_dense_heads():
+    sweeps = {"xattention": [{"threshold": 0.8}, {"threshold": 0.9}],
+              "sliding_window": [{"window": 0.1}, {"window": 0.5}]}
+    t = torch.tensor
+    density = {("xattention", 0): t([0.2, 0.3, 0.4]), ("xattention", 1): t([0.4, 0.5, 0.6]),
+               ("sliding_window", 0): t([0.1, 0.1, 0.1]), ("sliding_window", 1): t([0.5, 0.5, 0.5])}
+    recall = {("xattention", 0): t([0.97, 0.90, 0.5]), ("xattention", 1): t([0.99, 0.96, 0.6]),
+              ("sliding_window", 0): t([0.99, 0.5, 0.5]), ("sliding_window", 1): t([0.99, 0.97, 0.5])}
+    choice = choose_layer(["xattention", "sliding_window"], sweeps, density, recall, 0.95)
+    # xattention: head 0 at 0.8 (0.2), head 1 at 0.9 (0.5), head 2 served by neither: dense (1.0)
+    assert choice["method"] == "xattention" and choice["dense_heads"] == [2]
+    assert choice["knobs"] == {"threshold": [0.8, 0.9, 0.8]}  # a dense head's value is never used
+    assert choice["kv_head_density"] == pytest.approx([0.2, 0.5, 1.0])
+    assert choice["kv_head_recall"] == pytest.approx([0.97, 0.96, 1.0])
+    assert choice["density"] == pytest.approx(1.7 / 3)
+    window = choose_layer(["sliding_window"], sweeps, density, recall, 0.95)
+    # one window for the layer: 0.1 serves head 0 only (0.1 + 1 + 1), 0.5 heads 0 and 1 (0.5 + 0.5 + 1)
+    assert window["knobs"] == {"window": 0.5} and window["dense_heads"] == [2]
+    assert window["density"] == pytest.approx(2.0 / 3)
+
+
+def test_a_profile_with_dense_kv_heads_patches_them_as_full_rows(tokenizer, tmp_path):
+    from sparse_attn.integrations.hf.profile import _build_profile
+
+    sweeps = {"pooled_topk": [{"top_k": 0.1}, {"top_k": 0.4}]}
+    t = torch.tensor
+    # per layer: KV head 1 never reaches the target on layer 1; every head does on layer 0
+    layer_data = {0: {("pooled_topk", 0): ([t([0.2, 0.2])], [t([0.99, 0.99])]),
+                      ("pooled_topk", 1): ([t([0.5, 0.5])], [t([1.0, 1.0])])},
+                  1: {("pooled_topk", 0): ([t([0.2, 0.2])], [t([0.99, 0.5])]),
+                      ("pooled_topk", 1): ([t([0.5, 0.5])], [t([1.0, 0.6])])}}
+    profile = _build_profile({256: layer_data}, {0: KV_HEADS, 1: KV_HEADS}, ["pooled_topk"], sweeps, [256],
+                             {256: [None]}, 0.95, 32, 0, "tiny")
+    assert [layer["dense_heads"] for layer in profile["layers"]] == [[], [1]]
+    assert profile["config"]["layers"]["1"] == {"method": "pooled_topk", "block_size": 32, "top_k": 0.1,
+                                                "dense_heads": [1]}
+    assert "dense_heads" not in profile["config"]["layers"]["0"]
+    path = tmp_path / "profile.json"
+    write_profile(profile, path)
+    config = SparseConfig.from_profile(path)
+    assert config.method_for(1).dense_heads == [1] and config.method_for(0).dense_heads == ()
+    config.record = True
+    model = _tiny(tokenizer)
+    state = patch(model, config=config)
+    with torch.no_grad():
+        model(calibration_prompts(tokenizer, [256], 1)[256][0])
+    assert [r["full_heads"] for r in state.records] == [(), (1,)]
+    assert state.records[1]["kv_head_density"][1] == 1.0 and state.records[1]["kv_head_density"][0] < 1.0
 
 
 def test_profile_json_schema_and_the_patch_round_trip(tokenizer, tmp_path):
@@ -68,8 +118,8 @@ def test_profile_json_schema_and_the_patch_round_trip(tokenizer, tmp_path):
     assert data["methods"]["xattention"] == PROFILE_SWEEPS["xattention"]
     assert [layer["layer"] for layer in data["layers"]] == list(range(LAYERS))
     for layer in data["layers"]:
-        assert set(layer) == {"layer", "method", "knobs", "density", "kv_head_density", "kv_head_recall",
-                              "measurements"}
+        assert set(layer) == {"layer", "method", "knobs", "dense_heads", "density", "kv_head_density",
+                              "kv_head_recall", "measurements"}
         assert len(layer["measurements"]) == 12  # 3 methods x 4 settings
         for row in layer["measurements"]:
             assert len(row["kv_head_density"]) == KV_HEADS and len(row["kv_head_recall"]) == KV_HEADS

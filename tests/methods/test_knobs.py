@@ -83,8 +83,13 @@ def test_bad_values_are_refused_and_good_values_pass(name, knob, spec):
         assert getattr(get_method(name, **{knob: good}), knob) == good
         with pytest.raises(KnobError, match=re.escape(f"{name}: {knob}[1]=")):
             get_method(name, **{knob: [good[0], _bad_values(spec)[0]]})
-        with pytest.raises(KnobError, match=re.escape(f"{name}: {knob}=[] is empty")):
-            get_method(name, **{knob: []})
+        if spec.indices_of is None:
+            with pytest.raises(KnobError, match=re.escape(f"{name}: {knob}=[] is empty")):
+                get_method(name, **{knob: []})
+        else:  # an index knob: none is a valid choice, the same index twice is not
+            assert getattr(get_method(name, **{knob: []}), knob) == []
+            with pytest.raises(KnobError, match=re.escape(f"{name}: {knob}=[1, 1] names a {spec.indices_of} twice")):
+                get_method(name, **{knob: [1, 1]})
     else:
         with pytest.raises(KnobError, match=re.escape(f"{name}: {knob}=")):
             get_method(name, **{knob: [_good_values(spec)[0]]})

@@ -12,6 +12,10 @@ checked whenever a method is built or a knob assigned; ``per_layer`` overrides a
 Count knobs take an int (a count) or a float in (0, 1) (a share of the call's keys or key blocks),
 resolved per call by :meth:`Method.count`. A method whose count knobs keep every block of a call
 whatever the attention names them in its report (:attr:`EstimateReport.knob_dense`).
+
+Decisions are per KV head: ``dense_heads`` names KV heads that keep every reachable block (full
+causal rows) whatever the scores, and a KV group whose estimated density reaches ``dense_above``
+does too; the others keep their selection, all in the one layout the call returns.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import Tensor
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from ..options import KernelOptions, resolve_kernel_options
 from ..patterns.grid import BlockGrid
-from .common import default_scale
+from .common import default_scale, head_mask, index_list, per_kv_head
 from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
 METHODS: dict = {}
@@ -74,6 +78,9 @@ class EstimateReport:
     head took the query-aware pattern). ``knob_dense`` names the knobs that made the call dense by
     themselves: their counts at this length keep every reachable block whatever the scores (e.g.
     ``("top_k",)`` when ``top_k`` is at least the key blocks of a row); empty otherwise.
+    ``density_per_kv_head`` is the density of each KV group (the mean over its query heads and the
+    batch); ``full_heads`` the KV heads that keep every reachable block in every sequence (those of
+    ``dense_heads``, those that reached ``dense_above`` and those the scores made dense).
     """
 
     method: str
@@ -85,6 +92,8 @@ class EstimateReport:
     kv_len: int
     details: dict = field(default_factory=dict)
     knob_dense: tuple = ()
+    density_per_kv_head: list = field(default_factory=list)
+    full_heads: tuple = ()
 
 
 @dataclass
@@ -99,6 +108,8 @@ class Method(CheckedOnAssignment):
         "sink": KnobSpec.integer(0),
         "keep_diagonal": KnobSpec.boolean(),
         "measure_cost": KnobSpec.boolean(),
+        "dense_heads": KnobSpec.indices("KV head"),  # checked against the call's KV heads by estimate
+        "dense_above": KnobSpec.fraction(per_head=False),
     }
 
     block_size: int = 128
@@ -107,6 +118,8 @@ class Method(CheckedOnAssignment):
     keep_diagonal: bool = True
     per_layer: dict = field(default_factory=dict)
     measure_cost: bool = True
+    dense_heads: Union[int, Sequence[int]] = ()
+    dense_above: float = 1.0
 
     def __post_init__(self):
         self.validate()
@@ -261,6 +274,7 @@ class Method(CheckedOnAssignment):
             keep = method.select(q.detach(), k.detach(), grid, scale, kernel_options=options)
             keep, details = keep if isinstance(keep, tuple) else (keep, {})
             keep = method._finalize(keep, grid, kv_heads)
+            keep = method._fill_heads(keep, grid, kv_heads)
             layout = BlockSparseLayout.from_dense(keep, q_len, kv_len, method.block_size, causal=True)
         if not return_report:
             return layout
@@ -271,9 +285,34 @@ class Method(CheckedOnAssignment):
         knob_dense = ()
         if float(per_head.min()) >= 1.0 - 1e-9:  # every reachable block kept: was it the knobs?
             knob_dense = method.dense_knobs(grid, method.forced_blocks(grid) & grid.reachable)
+        full = (per_head.view(per_head.shape[0], kv_heads, -1) >= 1.0 - 1e-9).all(2).all(0)
         report = EstimateReport(method.name, layer_idx, seconds, float(per_head.mean()), per_head.mean(0).tolist(),
-                                q_len, kv_len, details, tuple(knob_dense))
+                                q_len, kv_len, details, tuple(knob_dense), per_kv_head(per_head, kv_heads).tolist(),
+                                tuple(int(h) for h in full.nonzero().flatten()))
         return layout, report
+
+    def dense_head_mask(self, kv_heads: int, device=None, holder: str = "the call") -> Tensor:
+        """Bool ``(Hkv,)``: the KV heads of ``dense_heads``; ValueError naming the knob when one of them
+        is not one of the ``kv_heads`` KV heads ``holder`` has."""
+        heads = index_list(self.dense_heads)
+        bad = [h for h in heads if h >= kv_heads]
+        if bad:
+            raise ValueError(f"{self.name}: dense_heads={self.dense_heads!r} names KV head(s) {bad}; {holder} has "
+                             f"{kv_heads} KV heads (0..{kv_heads - 1})")
+        return head_mask(heads, kv_heads, device)
+
+    def _fill_heads(self, keep: Tensor, grid: BlockGrid, kv_heads: int) -> Tensor:
+        """``keep (B, Hl, NQ, NK)`` (Hl: KV or query heads) with full causal rows for the KV groups of
+        ``dense_heads`` and those whose density (mean over the group and the batch) reaches
+        ``dense_above``."""
+        full = self.dense_head_mask(kv_heads, keep.device)
+        if self.dense_above < 1.0:
+            density = keep.sum((-1, -2), dtype=torch.float32) / grid.reachable.sum().clamp_min(1)
+            full = full | (per_kv_head(density, kv_heads) >= self.dense_above)
+        elif not index_list(self.dense_heads):
+            return keep
+        rows = full.repeat_interleave(keep.shape[1] // kv_heads)
+        return keep | (rows[None, :, None, None] & grid.reachable)
 
     def _finalize(self, keep: Tensor, grid: BlockGrid, kv_heads: int) -> Tensor:
         batch, heads = keep.shape[:2]

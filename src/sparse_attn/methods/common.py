@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 LOG2E = 1.4426950408889634  # log2(e): the kernels work in base 2
@@ -26,3 +27,24 @@ def default_scale(q: Tensor) -> float:
 
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def per_kv_head(values: Tensor, kv_heads: int) -> Tensor:
+    """``(B, Hx)`` values per query head, per KV head or one shared row: the mean over the batch and
+    over each KV group's query heads, float32 ``(Hkv,)`` on the values' device."""
+    values = values.float().mean(0)
+    if values.numel() == 1:
+        return values.expand(kv_heads)
+    return values.view(kv_heads, -1).mean(1)
+
+
+def index_list(value) -> list:
+    """An index knob (one int or a list of them) as a list."""
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def head_mask(indices, kv_heads: int, device=None) -> Tensor:
+    """Bool ``(Hkv,)``, True at ``indices``."""
+    mask = torch.zeros(kv_heads, dtype=torch.bool, device=device)
+    mask[list(indices)] = True
+    return mask

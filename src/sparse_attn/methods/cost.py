@@ -44,6 +44,30 @@ class CostModel:
             return False, f"kv_len {kv_len} < min_kv_len {self.min_kv_len}: dense"
         return True, ""
 
+    def full_head_density(self) -> float:
+        """The density from which a KV group's share of a sparse call costs at least its share of dense
+        attention (``1 / sparse_slowdown``, at most 1): such a group gains nothing from skipping
+        blocks, so it runs full causal rows (exact) inside the sparse call."""
+        return min(1.0, 1.0 / self.sparse_slowdown)
+
+    def choose_heads(self, density_per_kv_head, estimate_ms: float, batch: int, heads: int, q_len: int,
+                     kv_len: int, dim: int) -> tuple[bool, list, str]:
+        """Per KV group and for the call: ``(use_sparse, full, reason)``. ``full[g]`` is True where
+        group ``g``'s density is at least :meth:`full_head_density` (it runs full rows, density 1);
+        the call runs sparse when the fixed cost plus the sparse time of every group at its density
+        (1 for full ones) plus ``estimate_ms`` is below dense."""
+        limit = self.full_head_density()
+        full = [float(d) >= limit - 1e-9 for d in density_per_kv_head]
+        densities = [1.0 if f else float(d) for f, d in zip(full, density_per_kv_head)]
+        dense = self.dense_ms(batch, heads, q_len, kv_len, dim)
+        sparse = self.sparse_ms(sum(densities) / max(len(densities), 1), dense)
+        heads_text = f" ({sum(full)} of {len(full)} KV heads full)" if any(full) else ""
+        if sparse + estimate_ms < dense:
+            return True, full, (f"sparse: predicted {sparse:.2f} ms{heads_text} + estimate {estimate_ms:.2f} ms < "
+                                f"dense {dense:.2f} ms")
+        return False, full, (f"dense: predicted sparse {sparse:.2f} ms{heads_text} + estimate {estimate_ms:.2f} ms "
+                             f">= dense {dense:.2f} ms")
+
     def choose(self, density: float, estimate_ms: float, batch: int, heads: int, q_len: int,
                kv_len: int, dim: int) -> tuple[bool, str]:
         dense = self.dense_ms(batch, heads, q_len, kv_len, dim)
@@ -56,7 +80,9 @@ class CostModel:
 @dataclass
 class AttendReport:
     """What :func:`attend` chose: ``knob_dense`` names the knobs that made the estimate dense by
-    themselves (:attr:`~.base.EstimateReport.knob_dense`)."""
+    themselves (:attr:`~.base.EstimateReport.knob_dense`); ``density_per_kv_head`` is each KV group's
+    density in the layout that ran (or would have run) and ``full_heads`` the KV heads that kept
+    every reachable block in it (empty when no estimate ran)."""
 
     used_sparse: bool
     reason: str
@@ -64,6 +90,8 @@ class AttendReport:
     estimate_ms: float
     layout: Optional[BlockSparseLayout]
     knob_dense: tuple = ()
+    density_per_kv_head: list = field(default_factory=list)
+    full_heads: tuple = ()
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
@@ -73,6 +101,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
 
     Returns ``(out, AttendReport)``. The dense path is exact causal attention (SDPA).
     ``kernel_options`` (None: the current default) goes to ``method.estimate`` and the attention call.
+    Decisions are per KV head: the method's ``dense_heads`` and ``dense_above`` give some heads full
+    causal rows in its layout, and the cost model gives them to every KV group whose density is at
+    least :meth:`CostModel.full_head_density`; then it predicts the whole call (full groups at
+    density 1) and runs that one layout sparse, or everything dense.
     """
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -83,13 +115,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     layout, report = method.estimate(q, k, layer_idx, scale=scale, return_report=True, kernel_options=kernel_options)
     estimate_ms = report.seconds * 1e3
     use_sparse, reason = True, "sparse: no cost model"
+    density, per_kv, full_heads = report.density, list(report.density_per_kv_head), report.full_heads
     if cost_model is not None:
-        use_sparse, reason = cost_model.choose(report.density, estimate_ms, batch, heads, q_len, kv_len, dim)
+        use_sparse, full, reason = cost_model.choose_heads(per_kv, estimate_ms, batch, heads, q_len, kv_len, dim)
+        if use_sparse and not set(full_heads) >= {g for g, f in enumerate(full) if f}:
+            layout = _full_rows(layout, full, k.shape[1])
+            per_kv = [1.0 if f else d for f, d in zip(full, per_kv)]
+            full_heads = tuple(g for g, f in enumerate(full) if f or g in full_heads)
+            density = sum(per_kv) / len(per_kv)
+    result = AttendReport(use_sparse, reason, density, estimate_ms, layout, report.knob_dense, per_kv, full_heads)
     if not use_sparse:
-        return _dense(q, k, v, scale), AttendReport(False, reason, report.density, estimate_ms, layout,
-                                                    report.knob_dense)
-    out = sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options)
-    return out, AttendReport(True, reason, report.density, estimate_ms, layout, report.knob_dense)
+        return _dense(q, k, v, scale), result
+    return sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options), result
+
+
+def _full_rows(layout: BlockSparseLayout, full: list, kv_heads: int) -> BlockSparseLayout:
+    """``layout`` with full causal rows for the KV groups ``full`` marks (a bool per KV head)."""
+    if layout.heads % kv_heads:
+        layout = layout.expand(heads=kv_heads)
+    rows = torch.tensor(full, dtype=torch.bool).repeat_interleave(layout.heads // kv_heads)
+    return layout.with_full_rows(rows)
 
 
 def _dense(q, k, v, scale):

@@ -53,6 +53,8 @@ class KnobSpec:
     * ``share_of`` (``"int"`` only; a count knob, see :meth:`count`): a float in (0, 1) is accepted
       too, as a share of ``share_of`` (e.g. ``"the key length"``), resolved per call by
       :func:`resolve_count`.
+    * ``indices_of`` (an index knob, see :meth:`indices`): an int >= 0 or a list of distinct ones,
+      possibly empty, each an index of ``indices_of`` (e.g. ``"KV head"``).
     """
 
     kind: str
@@ -63,6 +65,7 @@ class KnobSpec:
     choices: tuple = ()
     per_head: bool = False
     share_of: Optional[str] = None
+    indices_of: Optional[str] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -71,6 +74,8 @@ class KnobSpec:
             raise ValueError("KnobSpec: choices go with kind='choice' (and only with it)")
         if self.share_of is not None and self.kind != "int":
             raise ValueError("KnobSpec: share_of goes with kind='int' (a count knob)")
+        if self.indices_of is not None and (self.kind != "int" or not self.per_head):
+            raise ValueError("KnobSpec: indices_of goes with kind='int' and per_head (an index knob)")
 
     # -- constructors for the common cases -------------------------------------------------------
     @classmethod
@@ -86,6 +91,11 @@ class KnobSpec:
     def count(cls, low: int = 0, share_of: str = "the key length", per_head: bool = False) -> "KnobSpec":
         """A count (an int ``>= low``) or a share of ``share_of`` (a float in (0, 1))."""
         return cls("int", low, per_head=per_head, share_of=share_of)
+
+    @classmethod
+    def indices(cls, of: str = "KV head") -> "KnobSpec":
+        """Indices (ints >= 0) of ``of``: one int, or a list of distinct ones, possibly empty."""
+        return cls("int", 0, per_head=True, indices_of=of)
 
     @classmethod
     def real(cls, low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
@@ -124,6 +134,8 @@ class KnobSpec:
     def describe(self) -> str:
         """What is allowed, in words (for messages and documentation)."""
         what = {"float": "a number", "int": "an int"}.get(self.kind)
+        if self.indices_of is not None:
+            return f"a {self.indices_of} index (an int {self.range_text()}) or a list of distinct ones, possibly empty"
         if self.share_of is not None:
             text = f"an int {self.range_text()} (a float is a share of {self.share_of})"
         elif what is None:
@@ -140,10 +152,12 @@ class KnobSpec:
     def check(self, owner: str, name: str, value: Any) -> None:
         """Raise :class:`KnobError` unless ``value`` fits; ``owner`` and ``name`` go in the message."""
         if self.per_head and isinstance(value, (list, tuple)):
-            if not value:
+            if not value and self.indices_of is None:
                 self._fail(owner, name, value, f"is empty; expected {self.describe()}")
             for i, item in enumerate(value):
                 self._check_one(owner, f"{name}[{i}]", item)
+            if self.indices_of is not None and len(set(value)) != len(value):
+                self._fail(owner, name, value, f"names a {self.indices_of} twice; expected {self.describe()}")
             return
         self._check_one(owner, name, value)
 

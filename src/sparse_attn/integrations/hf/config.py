@@ -172,6 +172,15 @@ class SparseConfig(CheckedOnAssignment):
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
+        if kv_heads is not None:  # every method's dense_heads (and its per_layer overrides') name KV heads
+            named = [("method", self._methods[None]), ("decode", self._decode_method),
+                     *((f"layers[{i}]", m) for i, m in self._methods.items() if i is not None)]
+            for where, method in named:
+                for idx in [None, *method.per_layer] if method is not None else []:
+                    try:
+                        method.for_layer(idx).dense_head_mask(kv_heads, holder="the model")
+                    except ValueError as err:
+                        raise _error(f"{where}: {err}") from None
         if self._decode_pages is not None:
             _check_decode_model(self._decode_pages, num_layers, kv_heads)
 

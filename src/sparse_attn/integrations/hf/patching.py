@@ -58,7 +58,8 @@ class SparseState:
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
         calls, the distinct reasons, ``knob_dense``, the knobs that made any of its calls dense by
-        themselves (sorted; empty when none did), and ``decode_recall``, the mean oracle recall of the
+        themselves (sorted; empty when none did), ``full_heads``, the KV heads that ran full causal
+        rows in any of its sparse calls (sorted), and ``decode_recall``, the mean oracle recall of the
         decode steps that measured it (``decode={..., "recall_every": N}``; None where none did)."""
         by_layer: dict = {}
         for r in self.records:
@@ -73,6 +74,7 @@ class SparseState:
                 "estimate_ms": sum(r["estimate_ms"] for r in sparse),
                 "reasons": sorted({r["reason"] for r in rs}),
                 "knob_dense": sorted({knob for r in rs for knob in r.get("knob_dense", ())}),
+                "full_heads": sorted({h for r in sparse for h in r.get("full_heads", ())}),
                 "decode_recall": sum(recalls) / len(recalls) if recalls else None,
             })
         return out
@@ -212,12 +214,13 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                                                            and layer in state.page_indexes))
 
     def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=filled,
-               select_layer=None, knob_dense=()):
+               select_layer=None, knob_dense=(), kv_head_density=None, full_heads=()):
         if config.record:
             state.records.append({"layer": layer, "q_len": rows, "kv_len": keys, "sparse": sparse,
                                   "reason": reason, "density": density, "estimate_ms": estimate_ms,
                                   "recall": recall, "decode": page_step or q_len == 1,
-                                  "select_layer": select_layer, "knob_dense": tuple(knob_dense)})
+                                  "select_layer": select_layer, "knob_dense": tuple(knob_dense),
+                                  "kv_head_density": kv_head_density, "full_heads": tuple(full_heads)})
 
     def dense(reason: str):
         record(False, reason)
@@ -273,7 +276,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         if report.knob_dense:
             reason += f" (dense by knob: {', '.join(report.knob_dense)} keep every block at kv_len {k.shape[2]})"
         record(report.used_sparse, reason, report.density, report.estimate_ms, recall,
-               rows=q.shape[2], keys=k.shape[2], knob_dense=report.knob_dense)
+               rows=q.shape[2], keys=k.shape[2], knob_dense=report.knob_dense,
+               kv_head_density=report.density_per_kv_head or None,
+               full_heads=report.full_heads if report.used_sparse else ())
         return out
 
     if spans is None:

@@ -8,9 +8,12 @@ rows) of the layout per KV head. Then, per layer, it keeps the cheapest choice t
 recall on every KV head at every profiled length:
 
 * a method whose sweep knobs take per-head values gets one value per KV head (``threshold=[0.8,
-  0.95]``): each KV group the cheapest value its own heads accept; the others one value per layer;
-* the method with the lowest mean density wins; a layer that no method serves below density 1 is
-  ``{"method": "dense"}``.
+  0.95]``): each KV group the cheapest value its own heads accept; the others one value per layer
+  (the cheapest for the KV heads it serves);
+* a KV head that no value of the method serves runs dense inside the layer's calls: it goes to the
+  method's ``dense_heads`` (full causal rows, density 1, exact);
+* the method with the lowest mean density wins; a layer that no method serves on any KV head below
+  density 1 is ``{"method": "dense"}``.
 
 Recall of a KV head is the mean over its group's query heads and the prompts of a length, the
 minimum over the lengths; density is the mean over the prompts and lengths. The profile is JSON
@@ -29,6 +32,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ...methods import METHODS, get_method
+from ...methods.common import per_kv_head
 from ...metrics import attention_recall
 from .config import PROFILE_FORMAT, SparseConfig
 
@@ -98,14 +102,6 @@ def _check(methods, sweeps, lengths, samples, target_recall, block_size) -> None
             get_method(name, block_size=block_size, **knobs)
 
 
-def _per_kv_head(values: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``(B, Hx)`` per query head, per KV head or one row: the mean per KV head, ``(Hkv,)``."""
-    values = values.float().mean(0)
-    if values.numel() == 1:
-        return values.expand(kv_heads)
-    return values.view(kv_heads, -1).mean(1)
-
-
 def measure_layer(q: torch.Tensor, k: torch.Tensor, plan: list, block_size: int, num_rows: int = 64,
                   scale: Optional[float] = None) -> list:
     """Per ``(method, knobs)`` of ``plan``, the layout's density and attention recall per KV head:
@@ -115,7 +111,7 @@ def measure_layer(q: torch.Tensor, k: torch.Tensor, plan: list, block_size: int,
     for name, knobs in plan:
         layout = get_method(name, block_size=block_size, **knobs).estimate(q, k, scale=scale)
         recall = attention_recall(q, k, layout, num_rows=num_rows, scale=scale)
-        out.append((_per_kv_head(layout.density_per_head(), kv_heads).cpu(), _per_kv_head(recall, kv_heads).cpu()))
+        out.append((per_kv_head(layout.density_per_head(), kv_heads).cpu(), per_kv_head(recall, kv_heads).cpu()))
     return out
 
 
@@ -126,36 +122,40 @@ def _collapse(values: list):
 def choose_layer(methods: Sequence[str], sweeps: dict, density: dict, recall: dict, target_recall: float) -> dict:
     """The cheapest choice for one layer: ``density[(method, i)]`` and ``recall[(method, i)]`` are
     ``(Hkv,)`` tensors for setting ``i`` of ``sweeps[method]``. Returns ``{"method", "knobs",
-    "density", "kv_head_density", "kv_head_recall"}``; ``{"method": "dense", ...}`` when no method
-    meets ``target_recall`` on every KV head below density 1."""
+    "dense_heads", "density", "kv_head_density", "kv_head_recall"}``: the KV heads no setting of the
+    method serves are in ``dense_heads`` (density and recall 1 there); ``{"method": "dense", ...}``
+    (every KV head in ``dense_heads``) when no method meets ``target_recall`` on any KV head below
+    density 1."""
     best = None
     for name in methods:
         settings = sweeps[name]
-        dens = torch.stack([density[(name, i)] for i in range(len(settings))])  # (S, Hkv)
-        rec = torch.stack([recall[(name, i)] for i in range(len(settings))])
+        dens = torch.stack([density[(name, i)] for i in range(len(settings))]).float()  # (S, Hkv)
+        rec = torch.stack([recall[(name, i)] for i in range(len(settings))]).float()
         ok = rec >= target_recall
+        # A KV head a setting does not serve runs dense under it: density and recall 1.
+        cost, served = torch.where(ok, dens, torch.ones_like(dens)), torch.where(ok, rec, torch.ones_like(rec))
         specs = METHODS[name].knob_specs()
         if all(specs[knob].per_head for knob in settings[0]):  # one setting per KV head
-            if not bool(ok.any(0).all()):
-                continue
-            picks = dens.masked_fill(~ok, float("inf")).argmin(0).tolist()
-            knobs = {knob: _collapse([settings[i][knob] for i in picks]) for knob in settings[0]}
+            picks = cost.argmin(0).tolist()
         else:  # one setting for the layer
-            rows = ok.all(1)
-            if not bool(rows.any()):
-                continue
-            pick = int(dens.mean(1).masked_fill(~rows, float("inf")).argmin())
-            picks, knobs = [pick] * dens.shape[1], dict(settings[pick])
+            picks = [int(cost.mean(1).argmin())] * dens.shape[1]
         heads = range(dens.shape[1])
-        head_density = [float(dens[i, h]) for h, i in zip(heads, picks)]
-        choice = {"method": name, "knobs": knobs, "density": sum(head_density) / len(head_density),
-                  "kv_head_density": head_density, "kv_head_recall": [float(rec[i, h]) for h, i in zip(heads, picks)]}
+        dense_heads = [h for h, i in zip(heads, picks) if not bool(ok[i, h])]
+        if len(dense_heads) == dens.shape[1]:
+            continue
+        first = next(i for h, i in zip(heads, picks) if h not in dense_heads)
+        picks = [first if h in dense_heads else i for h, i in zip(heads, picks)]  # any value: full rows there
+        knobs = {knob: _collapse([settings[i][knob] for i in picks]) for knob in settings[0]}
+        head_density = [float(cost[i, h]) for h, i in zip(heads, picks)]
+        choice = {"method": name, "knobs": knobs, "dense_heads": dense_heads,
+                  "density": sum(head_density) / len(head_density), "kv_head_density": head_density,
+                  "kv_head_recall": [float(served[i, h]) for h, i in zip(heads, picks)]}
         if best is None or choice["density"] < best["density"]:
             best = choice
     if best is None or best["density"] >= 1.0 - 1e-6:
         kv_heads = next(iter(density.values())).numel()
-        return {"method": "dense", "knobs": {}, "density": 1.0, "kv_head_density": [1.0] * kv_heads,
-                "kv_head_recall": [1.0] * kv_heads}
+        return {"method": "dense", "knobs": {}, "dense_heads": list(range(kv_heads)), "density": 1.0,
+                "kv_head_density": [1.0] * kv_heads, "kv_head_recall": [1.0] * kv_heads}
     return best
 
 
@@ -243,8 +243,12 @@ def _build_profile(measured, kv_heads, methods, sweeps, lengths, prompts, target
                              "kv_head_recall": recall[(name, i)].tolist()})
         choice = choose_layer(methods, sweeps, density, recall, target_recall)
         layers_out.append({"layer": layer, **choice, "measurements": rows})
-        config_layers[layer] = ({"method": "dense"} if choice["method"] == "dense"
-                                else {"method": choice["method"], "block_size": block_size, **choice["knobs"]})
+        spec = {"method": "dense"}
+        if choice["method"] != "dense":
+            spec = {"method": choice["method"], "block_size": block_size, **choice["knobs"]}
+            if choice["dense_heads"]:
+                spec["dense_heads"] = choice["dense_heads"]
+        config_layers[layer] = spec
     used = Counter(spec["method"] for spec in config_layers.values() if spec["method"] != "dense")
     settings = {} if min_kv_len is None else {"min_kv_len": min_kv_len}
     config = SparseConfig(method=used.most_common(1)[0][0] if used else "dense", knobs={"block_size": block_size},
@@ -254,7 +258,7 @@ def _build_profile(measured, kv_heads, methods, sweeps, lengths, prompts, target
         "target_recall": target_recall, "lengths": list(lengths),
         "prompts": {str(length): len(prompts[length]) for length in lengths}, "block_size": block_size,
         "methods": {name: sweeps[name] for name in methods}, "decisions": "per layer: method; per KV head: "
-        "the values of per-head knobs",
+        "the values of per-head knobs, and dense_heads (full rows) where no value meets the target",
         "layers": layers_out, "config": _jsonable(config.to_dict()),
     }
 
