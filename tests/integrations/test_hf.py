@@ -369,3 +369,61 @@ def test_dense_heads_run_full_rows_inside_the_sparse_call_and_are_recorded():
     with pytest.raises(ValueError, match=re.escape("SparseConfig: layers[1]: pooled_topk: dense_heads=[2] names KV "
                                                    "head(s) [2]; the model has 2 KV heads (0..1)")):
         patch(model, method="pooled_topk", layers={1: {"method": "pooled_topk", "dense_heads": [2]}})
+
+
+def test_precheck_skips_the_estimate_of_diffuse_layers_and_reuses_the_decision(monkeypatch):
+    from sparse_attn.methods.base import Method
+
+    rows = []
+    real = Method.estimate
+    monkeypatch.setattr(Method, "estimate", lambda self, q, k, *a, **kw: rows.append(q.shape[2]) or real(
+        self, q, k, *a, **kw))
+    model = _tiny("llama")
+    ids = _ids(length=512)
+    settings = dict(method="xattention", stride=4, block_size=16, min_kv_len=0, fallback="length", record=True)
+    with torch.no_grad():
+        want = model(ids).logits
+        state = patch(model, dense_above=0.5, precheck={"share": 0.1}, **settings)
+        got = model(ids).logits
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert 512 not in rows and rows  # sampled rows only
+        for r in state.records:
+            assert not r["sparse"] and r["reason"].startswith("dense: pre-check on")
+            assert r["precheck"]["outcome"] == "dense" and r["precheck"]["skipped_estimate"]
+            assert 0 < r["precheck"]["share"] < 0.2 and len(r["precheck"]["density_per_kv_head"]) == 2
+        rows.clear()
+        model(ids)
+        assert rows == [] and [r["precheck"]["outcome"] for r in state.records[2:]] == ["cached dense"] * 2
+        assert [s["skipped_estimates"] for s in state.summary()] == [2, 2] and len(state.decisions) == 2
+        unpatch(model)
+        assert len(state.decisions) == 0
+        window = {**settings, "method": "sliding_window", "window": 64}
+        window.pop("stride")
+        state = patch(model, precheck={"share": 0.1}, **window)  # a new config: a new cache, sparse pays here
+        model(ids)
+        model(ids)
+    assert [r["precheck"]["outcome"] for r in state.records] == ["estimate"] * 2 + ["cached sparse"] * 2
+    assert all(r["sparse"] for r in state.records) and rows.count(512) == 4
+    state = patch(model, **settings)  # "auto": on CPU no cost model decides, so no pre-check
+    with torch.no_grad():
+        model(ids)
+    assert all(r["precheck"] is None and r["sparse"] for r in state.records)
+
+
+def test_precheck_setting_is_checked_naming_it():
+    assert SparseConfig().precheck == "auto" and SparseConfig().precheck_for(cuda=False) is None
+    assert SparseConfig().precheck_for(cuda=True).share == pytest.approx(1 / 32)
+    assert SparseConfig(fallback="length").precheck_for(cuda=True) is None
+    assert SparseConfig(precheck={"runs": 2}).precheck_for(cuda=False).runs == 2
+    assert SparseConfig(precheck=False).precheck_for(cuda=True) is None
+    for kwargs, message in (
+            ({"precheck": "yes"}, "SparseConfig: precheck='yes' is not 'auto', True, False or a dict"),
+            ({"precheck": {"share": 2}}, "SparseConfig: precheck: share=2 is outside (0, 1)"),
+            ({"precheck": {"rows": 2}}, "SparseConfig: precheck: unknown key(s) ['rows']"),
+            ({"precheck": True, "fallback": "never"}, "SparseConfig: precheck=True with fallback='never'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            SparseConfig(**kwargs)
+    config = SparseConfig(precheck=True)
+    with pytest.raises(ValueError, match="fallback='never'"):
+        config.fallback = "never"
+    assert config.fallback == "auto"

@@ -13,6 +13,7 @@ from .flexprefill import FlexPrefill
 from .knobs import KnobError, KnobSpec
 from .oracle import Oracle
 from .pooled import PooledTopK, PooledTopP
+from .precheck import DecisionCache, Precheck, PrecheckReport
 from .quest import Quest
 from .static import StaticPattern
 from .vertical_slash import VerticalSlash
@@ -20,6 +21,6 @@ from .xattention import XAttention
 
 __all__ = [
     "METHODS", "Method", "EstimateReport", "get_method", "register_method", "KnobSpec", "KnobError",
-    "CostModel", "attend",
+    "CostModel", "attend", "Precheck", "PrecheckReport", "DecisionCache",
     "PooledTopP", "PooledTopK", "Oracle", "Quest", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
 ]

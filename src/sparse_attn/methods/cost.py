@@ -19,6 +19,7 @@ from torch import Tensor
 from ..attention import sparse_attention
 from ..layout import BlockSparseLayout
 from ..options import KernelOptions
+from .precheck import DecisionCache, Precheck, PrecheckReport, run_precheck
 
 
 @dataclass
@@ -92,11 +93,13 @@ class AttendReport:
     knob_dense: tuple = ()
     density_per_kv_head: list = field(default_factory=list)
     full_heads: tuple = ()
+    precheck: Optional[PrecheckReport] = None
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
            cost_model: Optional[CostModel] = None, backend: str = "auto", scale=None,
-           kernel_options: Optional[KernelOptions] = None):
+           kernel_options: Optional[KernelOptions] = None, precheck: Optional[Precheck] = None,
+           decisions: Optional[DecisionCache] = None):
     """Estimate with ``method``, let ``cost_model`` (None: always sparse) decide, and run.
 
     Returns ``(out, AttendReport)``. The dense path is exact causal attention (SDPA).
@@ -105,6 +108,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     causal rows in its layout, and the cost model gives them to every KV group whose density is at
     least :meth:`CostModel.full_head_density`; then it predicts the whole call (full groups at
     density 1) and runs that one layout sparse, or everything dense.
+
+    ``precheck`` (:class:`~.precheck.Precheck`) first estimates a sample of query blocks and runs
+    dense without the full estimate when the sample says the call will not pay; with
+    ``precheck.cache`` and a ``decisions`` cache, each final decision is kept per layer and length
+    bucket and reused by later calls (a cached dense decision skips the estimate too). The report's
+    ``precheck`` says what happened (None without a pre-check).
     """
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -112,6 +121,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
         ok, reason = cost_model.worth_estimating(kv_len)
         if not ok:
             return _dense(q, k, v, scale), AttendReport(False, reason, None, 0.0, None)
+    checked = None
+    cache = decisions if precheck is not None and precheck.cache else None
+    if precheck is not None:
+        cached = cache.get(method, layer_idx, q_len, kv_len) if cache is not None else None
+        if cached is None:
+            checked, dense_reason = run_precheck(method, q, k, layer_idx, precheck, cost_model, scale=scale,
+                                                 kernel_options=kernel_options)
+        else:
+            checked = PrecheckReport("cached sparse" if cached else "cached dense")
+            dense_reason = None if cached else f"dense: the decision cached for layer {layer_idx} at this length"
+        if dense_reason is not None:
+            if cache is not None:
+                cache.put(method, layer_idx, q_len, kv_len, False)
+            return _dense(q, k, v, scale), AttendReport(False, dense_reason, None, 0.0, None, precheck=checked)
     layout, report = method.estimate(q, k, layer_idx, scale=scale, return_report=True, kernel_options=kernel_options)
     estimate_ms = report.seconds * 1e3
     use_sparse, reason = True, "sparse: no cost model"
@@ -123,7 +146,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
             per_kv = [1.0 if f else d for f, d in zip(full, per_kv)]
             full_heads = tuple(g for g, f in enumerate(full) if f or g in full_heads)
             density = sum(per_kv) / len(per_kv)
-    result = AttendReport(use_sparse, reason, density, estimate_ms, layout, report.knob_dense, per_kv, full_heads)
+    result = AttendReport(use_sparse, reason, density, estimate_ms, layout, report.knob_dense, per_kv, full_heads,
+                          checked)
+    if cache is not None:
+        cache.put(method, layer_idx, q_len, kv_len, use_sparse)
     if not use_sparse:
         return _dense(q, k, v, scale), result
     return sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options), result

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 from ...backends import BACKENDS
-from ...methods import METHODS, CostModel, KnobError, KnobSpec, Method, get_method
+from ...methods import METHODS, CostModel, KnobError, KnobSpec, Method, Precheck, get_method
 from ...methods.knobs import CheckedOnAssignment
 
 FALLBACKS = ("auto", "length", "never")
@@ -61,6 +61,11 @@ class SparseConfig(CheckedOnAssignment):
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
     * ``backend``: attention backend for the sparse path (``"auto"`` picks Triton on GPUs).
+    * ``precheck``: the pre-check before each estimate and the per-model decision cache
+      (:mod:`sparse_attn.methods.precheck`): ``"auto"`` (default: on with the default settings
+      where the cost model decides, i.e. ``fallback="auto"`` on CUDA; off elsewhere), ``True``,
+      ``False``, or a dict of :class:`~sparse_attn.methods.Precheck` settings (``share``, ``runs``,
+      ``cache``), which turns it on. Not with ``fallback="never"`` (always sparse).
 
     Everything is checked when the config is built and again when a field is assigned
     (``config.min_kv_len = -1`` raises and leaves the config as it was): the method names exist,
@@ -81,6 +86,7 @@ class SparseConfig(CheckedOnAssignment):
     record: bool = False
     measure_recall: bool = False
     backend: str = "auto"
+    precheck: Union[str, bool, dict] = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -101,6 +107,7 @@ class SparseConfig(CheckedOnAssignment):
             raise _error(f"backend={self.backend!r} is not one of {['auto', *BACKENDS]}")
         if not isinstance(self.method, str):
             raise _error(f"method={self.method!r} is not a method name (a str)")
+        precheck = self._check_precheck()
         if not isinstance(self.knobs, Mapping):
             raise _error(f"knobs={self.knobs!r} is not a dict {{knob: value}}")
         if not isinstance(self.layers, Mapping):
@@ -136,6 +143,35 @@ class SparseConfig(CheckedOnAssignment):
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_decode_method", decode)
         object.__setattr__(self, "_decode_pages", decode_pages)
+        object.__setattr__(self, "_precheck", precheck)
+
+    def _check_precheck(self) -> Optional[Precheck]:
+        """The checked ``precheck`` setting: the :class:`Precheck` it turns on (``"auto"`` and True:
+        the defaults), or None for False."""
+        value = self.precheck
+        if isinstance(value, Mapping):
+            try:
+                built = Precheck.from_dict(dict(value))
+            except KnobError as err:
+                raise _error(f"precheck: {err.detail}") from None
+        elif value is True or value == "auto":
+            built = Precheck()
+        elif value is False:
+            return None
+        else:
+            raise _error(f"precheck={value!r} is not 'auto', True, False or a dict of settings "
+                         f"{{'share': ..., 'runs': ..., 'cache': ...}}")
+        if self.fallback == "never" and value != "auto":
+            raise _error(f"precheck={value!r} with fallback='never': 'never' always runs sparse, so nothing may "
+                         "decide dense; use fallback='auto' or 'length'")
+        return built
+
+    def precheck_for(self, cuda: bool) -> Optional[Precheck]:
+        """The pre-check a call gets (None: none): ``"auto"`` only where the cost model decides
+        (``fallback="auto"`` and ``cuda``)."""
+        if self.precheck == "auto" and not (self.fallback == "auto" and cuda):
+            return None
+        return self._precheck
 
     def _build(self, key: Optional[int], spec: dict) -> Optional[Method]:
         """The method of ``layers[key]`` (``key`` None: the default method), built (and so checked);

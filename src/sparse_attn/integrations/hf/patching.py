@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ...methods import DecisionCache
 from ...methods.cost import attend
 from ...metrics import attention_recall
 from .config import SparseConfig, decode_layer_knobs, decode_selection_source
@@ -54,12 +55,16 @@ class SparseState:
     # index was built at prefill (``recall_every`` counts them).
     selections: dict = field(default_factory=dict)
     decode_steps: dict = field(default_factory=dict)
+    # Prefill decisions (sparse or dense) per layer and length bucket, reused while the config's
+    # ``precheck`` has ``cache`` on (:class:`~sparse_attn.methods.DecisionCache`); emptied by unpatch.
+    decisions: DecisionCache = field(default_factory=DecisionCache)
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
         calls, the distinct reasons, ``knob_dense``, the knobs that made any of its calls dense by
         themselves (sorted; empty when none did), ``full_heads``, the KV heads that ran full causal
-        rows in any of its sparse calls (sorted), and ``decode_recall``, the mean oracle recall of the
+        rows in any of its sparse calls (sorted), ``skipped_estimates``, the calls the pre-check or a
+        cached decision sent to dense without an estimate, and ``decode_recall``, the mean oracle recall of the
         decode steps that measured it (``decode={..., "recall_every": N}``; None where none did)."""
         by_layer: dict = {}
         for r in self.records:
@@ -75,6 +80,7 @@ class SparseState:
                 "reasons": sorted({r["reason"] for r in rs}),
                 "knob_dense": sorted({knob for r in rs for knob in r.get("knob_dense", ())}),
                 "full_heads": sorted({h for r in sparse for h in r.get("full_heads", ())}),
+                "skipped_estimates": sum(1 for r in rs if (r.get("precheck") or {}).get("skipped_estimate")),
                 "decode_recall": sum(recalls) / len(recalls) if recalls else None,
             })
         return out
@@ -111,7 +117,8 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
         raise ValueError("pass either config=... or method=/knobs, not both")
     if config is None:
         settings = {"method": method or "xattention"}
-        for name in ("layers", "dense_first_layers", "min_kv_len", "fallback", "decode", "record", "backend"):
+        for name in ("layers", "dense_first_layers", "min_kv_len", "fallback", "decode", "record", "backend",
+                     "precheck"):
             if name in knobs:
                 settings[name] = knobs.pop(name)
         config = SparseConfig(knobs=knobs, **settings)
@@ -145,7 +152,7 @@ def unpatch(model) -> None:
         return
     model.set_attn_implementation(state.original_implementation)
     for store in (state.page_indexes, state.index_lengths, state.index_builds, state.selections,
-                  state.decode_steps):
+                  state.decode_steps, state.decisions):
         store.clear()
     for module in model.modules():
         if hasattr(module, "_sparse_attn_state"):
@@ -214,13 +221,14 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                                                            and layer in state.page_indexes))
 
     def record(sparse: bool, reason: str, density=None, estimate_ms=0.0, recall=None, rows=q_len, keys=filled,
-               select_layer=None, knob_dense=(), kv_head_density=None, full_heads=()):
+               select_layer=None, knob_dense=(), kv_head_density=None, full_heads=(), precheck=None):
         if config.record:
             state.records.append({"layer": layer, "q_len": rows, "kv_len": keys, "sparse": sparse,
                                   "reason": reason, "density": density, "estimate_ms": estimate_ms,
                                   "recall": recall, "decode": page_step or q_len == 1,
                                   "select_layer": select_layer, "knob_dense": tuple(knob_dense),
-                                  "kv_head_density": kv_head_density, "full_heads": tuple(full_heads)})
+                                  "kv_head_density": kv_head_density, "full_heads": tuple(full_heads),
+                                  "precheck": precheck})
 
     def dense(reason: str):
         record(False, reason)
@@ -265,10 +273,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
                           "pass min_kv_len=... to patch() to change it. Said once per patch.", stacklevel=2)
         return dense(f"kv_len {filled} < min_kv_len {config.min_kv_len}")
     cost_model = config.cost_model() if config.fallback == "auto" and query.is_cuda else None
+    precheck = config.precheck_for(query.is_cuda)
 
     def run(q, k, v):
         out, report = attend(q, k, v, method, layer_idx=layer, cost_model=cost_model,
-                             backend=config.backend, scale=scaling)
+                             backend=config.backend, scale=scaling, precheck=precheck, decisions=state.decisions)
         recall = None
         if config.record and config.measure_recall and report.used_sparse:
             recall = float(attention_recall(q, k, report.layout, num_rows=32, scale=scaling).mean())
@@ -278,7 +287,8 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         record(report.used_sparse, reason, report.density, report.estimate_ms, recall,
                rows=q.shape[2], keys=k.shape[2], knob_dense=report.knob_dense,
                kv_head_density=report.density_per_kv_head or None,
-               full_heads=report.full_heads if report.used_sparse else ())
+               full_heads=report.full_heads if report.used_sparse else (),
+               precheck=report.precheck.as_record() if report.precheck is not None else None)
         return out
 
     if spans is None:
