@@ -63,10 +63,10 @@ def test_more_new_tokens_than_the_kernel_takes_run_pytorch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the append kernel ran on more tokens than it takes")
 
-    monkeypatch.setattr(kernels, "triton_append", refuse)
     gen = torch.Generator().manual_seed(1)
     k = torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE, torch.float16)
     got, want = twins(k, 16, [40], 80)
+    monkeypatch.setattr(kernels, "triton_append", refuse)
     k_new = torch.randn(1, 2, 17, 16, generator=gen).to(DEVICE, torch.float16)  # 17 > KERNEL_MAX_NEW
     got.append(k_new, kernel_options=TRITON)
     want.append(k_new, kernel_options=TORCH)

@@ -224,6 +224,6 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
         GROUP_MAX=group_max,
-        num_warps=max(4, min(16, np_p2 // 512)),
+        num_warps=max(4, min(16, np_p2 // 128)),
     )
     return pages, counts
