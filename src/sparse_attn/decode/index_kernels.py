@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..backends.triton.launch import launch_jit
+
 
 @triton.jit
 def _append_kernel(
@@ -59,16 +61,18 @@ def _append_kernel(
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 
 
-def triton_append(index, k_new: Tensor, counts: Tensor, window: int) -> None:
+def triton_append(index, k_new: Tensor, counts: Tensor, window: int, fast_launch: bool = True) -> None:
     """Append ``k_new (B, Hkv, T, D)`` (the first ``counts[b]`` rows real; int64 ``(B,)``) to the
-    summaries and lengths of ``index`` in place; ``window``: pages the new tokens can span."""
+    summaries and lengths of ``index`` in place; ``window``: pages the new tokens can span;
+    ``fast_launch``: see :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
     batch, kv_heads, new, dim = k_new.shape
     k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    _append_kernel[(batch,)](
+    launch_jit(_append_kernel, (batch,), (
         k_new, counts, index.kmin, index.kmax, index.ksum, index.lengths,
         *k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3],
         index.capacity, index.max_pages, new,
+    ), dict(
         KV_HEADS=kv_heads, HEADS_P2=triton.next_power_of_2(kv_heads), T_P2=triton.next_power_of_2(new),
         HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window,
         num_warps=max(4, min(16, triton.next_power_of_2(kv_heads) * triton.next_power_of_2(new) * dim // 1024)),
-    )
+    ), fast_launch)

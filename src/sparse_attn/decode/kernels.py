@@ -43,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.triton.kernels import LN2, dot
+from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import fp32_dot_operands
 
 LOG2E = 1.4426950408889634
@@ -274,10 +275,12 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 
 def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
                             cache_lens: Tensor, page_size: int, scale: float,
-                            block_table: Tensor | None = None, num_splits: int | None = None):
+                            block_table: Tensor | None = None, num_splits: int | None = None,
+                            fast_launch: bool = True):
     """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
     natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
-    :func:`choose_num_splits` (tests use it to exercise the merge)."""
+    :func:`choose_num_splits` (tests use it to exercise the merge); ``fast_launch``: see
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
     batch, heads, q_len, dim = q.shape
     paged = block_table is not None
     q, k_cache, v_cache, pages = (_unit_last_stride(t) for t in (q, k_cache, v_cache, pages))
@@ -309,20 +312,22 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
         lse_part = torch.empty(batch, heads, q_len, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part, lse_part = out, lse  # placeholders, not written
-    _decode_split_kernel[(num_splits, batch * kv_heads, row_tiles)](
+    launch_jit(_decode_split_kernel, (num_splits, batch * kv_heads, row_tiles), (
         q, k_cache, v_cache, pages, page_counts, cache_lens, block_table, out, lse, o_part, lse_part,
         *q.stride()[:3], *stride_k, *stride_v,
         pages.stride(0), pages.stride(1), page_counts.stride(0), page_counts.stride(1), stride_t,
         *out.stride()[:3], lse.stride(0), lse.stride(1),
         scale * LOG2E, pages.shape[-1], capacity, num_blocks,
+    ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=BLOCK_N,
         ROWS=rows, NUM_SPLITS=num_splits, PAGED=paged, UPCAST=fp32_dot_operands(q.dtype), SCAN=64,
         num_warps=8 if rows * dim >= 128 * 128 else 4,
-    )
+    ), fast_launch)
     if num_splits > 1:
-        _decode_merge_kernel[(batch * heads * q_len,)](
+        launch_jit(_decode_merge_kernel, (batch * heads * q_len,), (
             o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
+        ), dict(
             HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits,
             SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
-        )
+        ), fast_launch)
     return out, lse

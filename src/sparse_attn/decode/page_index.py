@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..methods.primitives.dispatch import use_triton
-from ..options import KernelOptions
+from ..options import KernelOptions, resolve_kernel_options
 
 __all__ = ["PageIndex", "PAGE_SIZES"]
 
@@ -245,7 +245,8 @@ class PageIndex:
         if use_triton(k_new, kernel_options, self._append_kernel_supports(k_new)):
             from .index_kernels import triton_append
 
-            triton_append(self, k_new, counts_t.contiguous(), pages_in_window)
+            triton_append(self, k_new, counts_t.contiguous(), pages_in_window,
+                          fast_launch=resolve_kernel_options(kernel_options).fast_launch)
             self._length_bound = min(bound, cap)
             return self
         width = pages_in_window * page

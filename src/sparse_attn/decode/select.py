@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..methods.knobs import KnobError, KnobSpec
 from ..methods.primitives.dispatch import use_triton
-from ..options import KernelOptions
+from ..options import KernelOptions, resolve_kernel_options
 from .page_index import PageIndex, _capturing
 
 __all__ = ["PageSelection", "select_pages", "page_mass", "SELECT_METHODS", "MAX_QUERY_ROWS"]
@@ -133,12 +133,13 @@ class PageSelection:
         if self._kernel_runs(q, index, kernel_options):
             from .select_kernels import triton_page_logits, triton_select_pages
 
+            fast = resolve_kernel_options(kernel_options).fast_launch
             scores = None
             if self.method != "sink_window":
                 scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
-                scores = triton_page_logits(q, index, self.method, scale, with_stats=True)
+                scores = triton_page_logits(q, index, self.method, scale, with_stats=True, fast_launch=fast)
             return triton_select_pages(scores, index, width, self.sink_pages(page), self.recent,
-                                       group_max=self.group_score == "max")
+                                       group_max=self.group_score == "max", fast_launch=fast)
 
         lengths = index.lengths
         num_pages = index.num_pages()  # (B,)
@@ -259,7 +260,8 @@ def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
     if method in ("quest", "pooled") and use_triton(q, kernel_options, _score_kernel_supports(q, index)):
         from .select_kernels import triton_page_logits
 
-        logw = triton_page_logits(q, index, method, scale)
+        logw = triton_page_logits(q, index, method, scale,
+                                  fast_launch=resolve_kernel_options(kernel_options).fast_launch)
         share = torch.softmax(logw, dim=-1).nan_to_num(nan=0.0)
         return share.view(batch, kv_heads, heads // kv_heads, rows, max_pages)
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * rows, dim).float()  # head-major, then row

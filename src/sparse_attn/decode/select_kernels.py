@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.triton.kernels import dot
+from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import fp32_dot_operands
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
@@ -170,11 +171,13 @@ def _select_pages_kernel(
     tl.store(COUNTS + b * stride_cb + kvh, count)
 
 
-def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False):
+def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
+                       fast_launch: bool = True):
     """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
     index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
     against a :class:`~.page_index.PageIndex`; ``with_stats``: ``(logits, stats)`` with the rows'
-    per-tile softmax statistics ``(2, B, Hkv, G * Sq, tiles)`` that :func:`triton_select_pages` reads."""
+    per-tile softmax statistics ``(2, B, Hkv, G * Sq, tiles)`` that :func:`triton_select_pages` reads.
+    ``fast_launch`` (here and below): see :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
@@ -188,19 +191,20 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
     tiles = triton.cdiv(max_pages, PAGE_TILE)
     stats = torch.empty(2, batch, kv_heads, group * q_len, tiles, device=q.device, dtype=torch.float32) \
         if with_stats else out
-    _page_logits_kernel[(tiles, batch * kv_heads)](
+    launch_jit(_page_logits_kernel, (tiles, batch * kv_heads), (
         q, first, second, index.lengths, out, stats,
         *q.stride()[:3], *first.stride()[:3], *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4),
         scale, max_pages,
+    ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
         BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype), WRITE_STATS=with_stats,
         num_warps=4 if rows * dim <= 64 * 128 else 8,
-    )
+    ), fast_launch)
     return (out, stats) if with_stats else out
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
-                        group_max: bool) -> tuple[Tensor, Tensor]:
+                        group_max: bool, fast_launch: bool = True) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
@@ -217,13 +221,13 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     else:  # placeholder pointers, never read
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
     np_p2 = triton.next_power_of_2(max_pages)
-    _select_pages_kernel[(batch * kv_heads,)](
+    launch_jit(_select_pages_kernel, (batch * kv_heads,), (
         logits, stats, index.lengths, pages, counts,
         *strides, pages.stride(0), pages.stride(1), counts.stride(0),
         max_pages, width, sink_pages, recent, tiles,
+    ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max,
-        num_warps=max(4, min(16, np_p2 // 128)),
-    )
+        GROUP_MAX=group_max, num_warps=max(4, min(16, np_p2 // 128)),
+    ), fast_launch)
     return pages, counts

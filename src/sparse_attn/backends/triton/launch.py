@@ -83,8 +83,9 @@ def _no_hook(hook) -> bool:
 
 def _fast_key(name: str, fn, args, meta, fast: bool, spec=None):
     """The compiled-launcher cache key of a launch of ``fn`` (named ``name``), or None when it must
-    go through Triton's own path (``fast``: ``KernelOptions.fast_launch``). ``spec``: what the launch's specialization depends on, when the
-    caller knows it (the Gluon modules' ``launch_spec``); otherwise :func:`_specialization`."""
+    go through Triton's own path (``fast``: ``KernelOptions.fast_launch``). ``spec``: what the
+    launch's specialization depends on, when the caller knows it (the Gluon modules'
+    ``launch_spec``); otherwise :func:`_specialization`."""
     if not _fast_launch_ready(fn, fast):
         return None
     if spec is None:
@@ -103,10 +104,10 @@ def _launch_cached(fast_key, grid, args) -> bool:
     if entry is None:
         return False
     kernel, constexprs, tiles = entry
-    dims = grid(tiles) if callable(grid) else grid
+    dims = tuple(grid(tiles) if callable(grid) else grid) + (1, 1)
     stream = triton.runtime.driver.active.get_current_stream(fast_key[1])
     try:
-        kernel.run(dims[0], dims[1], 1, stream, kernel.function, kernel.packed_metadata,
+        kernel.run(dims[0], dims[1], dims[2], stream, kernel.function, kernel.packed_metadata,
                    None, None, None, *args, *constexprs)
         return True
     except (TypeError, AttributeError) as exc:
@@ -142,15 +143,24 @@ def _launch(kind: str, grid, fast: bool, *args, **meta):
     _remember(fast_key, fn, kernel, args, meta, tiles)
 
 
+def launch_jit(fn, grid, args: tuple, meta: dict, fast: bool = True, spec=None) -> None:
+    """Launch the ``@triton.jit`` (or Gluon) kernel ``fn`` on ``grid`` (1 to 3 dims) with the
+    positional ``args`` and the keyword ``meta`` (every constexpr after ``args``, plus
+    ``num_warps``/``num_stages``): through Triton's own path the first time, then, once compiled
+    for this argument specialization, through its compiled launcher (``fast``:
+    ``KernelOptions.fast_launch``; ``spec``: see :func:`_fast_key`)."""
+    fast_key = _fast_key(fn.__name__, fn, args, meta, fast, spec)
+    if fast_key is not None and _launch_cached(fast_key, grid, args):
+        return
+    _remember(fast_key, fn, fn[grid](*args, **meta), args, meta)
+
+
 def _launch_gluon(fn, grid, args, meta, spec, fast: bool = True):
     """Launch a Gluon kernel (the ``launch`` the gluon_* modules take, with their ``launch_spec``):
     through its compiled launcher once compiled for this specialization. Gluon's JIT path costs
     the host as much per launch as Triton's (``autotune._COMPILED``), and at 8K the Gluon kernels take
     0.1-0.3 ms."""
-    fast_key = _fast_key(fn.__name__, fn, args, meta, fast, spec)
-    if fast_key is not None and _launch_cached(fast_key, grid, args):
-        return
-    _remember(fast_key, fn, fn[grid](*args, **meta), args, meta)
+    launch_jit(fn, grid, args, meta, fast, spec)
 
 
 def _launch_gluon_jit(fn, grid, args, meta, spec):
