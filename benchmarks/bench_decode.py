@@ -23,6 +23,9 @@ against the PyTorch reference, and Flex against ours, on the same selection.
     python benchmarks/bench_decode.py --contexts 32768 131072 --batches 1 8 --budgets 2048 --out results/decode
     python benchmarks/bench_decode.py --generate --contexts 32768 131072 --out results/decode_generate
 
+``--launch triton`` launches every kernel through Triton's own path (more host time per launch);
+the default launches compiled kernels through their compiled launchers.
+
 ``--generate`` times ``model.generate()`` instead: an 8B-shaped Llama (hidden 4096, 32 heads / 8 KV
 heads, MLP 14336, ``--layers`` layers, random weights, bf16), dense decode vs sparse decode through
 ``sparse_attn.patch(model, decode={...})``, in decode tokens per second (prefill excluded).
@@ -52,7 +55,7 @@ from bench_attention import bench, graphed, rel  # noqa: E402
 from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
 from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
 from sparse_attn.decode.reference import reference_decode_attention  # noqa: E402
-from sparse_attn.options import KernelOptions  # noqa: E402
+from sparse_attn.options import KernelOptions, kernel_options  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -241,7 +244,7 @@ def fmt(x, spec=".3f"):
 def kernel_table(rows, meta) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, H={meta['heads']}, "
              f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
-             f"copy bandwidth {meta['copy_gbs']:.0f} GB/s", "",
+             f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; launches: {meta.get('launch', 'fast')}", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
              "ours step ms | step, CUDA graph ms | append ms | select ms | dense/kernel | dense/step | Flex/kernel | "
              "kernel GB/s (of copy) | check | same pages |",
@@ -264,7 +267,8 @@ def kernel_table(rows, meta) -> str:
 
 def generate_table(rows, meta) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
-             f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16, batch 1", "",
+             f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16, batch 1; launches: "
+             f"{meta.get('launch', 'fast')}", "",
              "| context | layers | decode | dense ms/token | sparse ms/token | dense tok/s | sparse tok/s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -290,6 +294,9 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="--generate: decoder layers")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens decoded per call")
     parser.add_argument("--rounds", type=int, default=3, help="--generate: calls per median")
+    parser.add_argument("--launch", choices=("fast", "triton"), default="fast",
+                        help="kernel launches: compiled launchers once compiled (fast) or Triton's own path "
+                             "each time (KernelOptions.fast_launch); host-bound rows depend on it")
     parser.add_argument("--out", default="results/decode")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -299,7 +306,8 @@ def main(argv=None):
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page": args.page,
-            "method": args.method, "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
+            "method": args.method, "launch": args.launch, "date": datetime.date.today().isoformat(),
+            "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.generate:
         import transformers
@@ -310,11 +318,12 @@ def main(argv=None):
         meta["copy_gbs"] = copy_bandwidth_gbs()
         rows_iter, table = kernel_rows(args, meta["copy_gbs"]), kernel_table
     rows = []
-    for row in tqdm(rows_iter, desc="decode rows"):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with kernel_options(fast_launch=args.launch == "fast"):
+        for row in tqdm(rows_iter, desc="decode rows"):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out + ".json", "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
     text = table(rows, meta)
     print(text)
     with open(args.out + ".md", "w") as f:
