@@ -12,7 +12,6 @@ Prints a table and writes ``<out>.json``; needs a CUDA GPU (exits with status 2 
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import math
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_attention import bench, graphed  # noqa: E402
+from profile_estimators import kernel_breakdown  # noqa: E402
 
 from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
 from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
@@ -32,20 +32,10 @@ from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
 
 def kernel_times(step, repeats: int = 20) -> dict:
     """Mean device time (microseconds) per call of each kernel ``step()`` launches."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
+    for _ in range(2):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            step()
-        torch.cuda.synchronize()
-    totals = collections.defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name[:60]] += event.device_time / repeats
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    breakdown = kernel_breakdown(step, repeats, top=32)
+    return {k["name"][:60]: 1000.0 * k["ms_per_estimate"] for k in breakdown["kernels"]}
 
 
 def topk_warp_variants(logits, stats, index, width, warps_list) -> dict:
