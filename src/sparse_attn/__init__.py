@@ -33,8 +33,17 @@ def unpatch(model):
     return _unpatch(model)
 
 
+def warmup(model, lengths, *, batch_size=1, decode_steps=None, seed=0):
+    """Compile a patched model's kernels before serving (see
+    :func:`sparse_attn.integrations.hf.warmup`)."""
+    from .integrations.hf import warmup as _warmup
+
+    return _warmup(model, lengths, batch_size=batch_size, decode_steps=decode_steps, seed=seed)
+
+
 __all__ = [
-    "patch", "unpatch", "get_method", "Method", "attend", "CostModel", "attention_recall", "output_relative_error",
+    "patch", "unpatch", "warmup", "get_method", "Method", "attend", "CostModel", "attention_recall",
+    "output_relative_error",
     "sparse_attention", "sparse_attention_varlen", "which_backend", "KernelOptions", "kernel_options",
     "BlockSparseLayout", "KVMajorLayout", "LayoutError",
     "dense_layout", "sliding_window_layout", "strided_layout", "power_layout", "neighborhood_layout", "random_layout",

@@ -4,6 +4,7 @@
 from .config import SparseConfig
 from .patching import ATTN_NAME, SparseState, is_patched, patch, sparse_attention_forward, unpatch
 from .profile import profile_model, write_profile
+from .warmup import warmup
 
-__all__ = ["patch", "unpatch", "is_patched", "SparseConfig", "SparseState", "ATTN_NAME",
+__all__ = ["patch", "unpatch", "warmup", "is_patched", "SparseConfig", "SparseState", "ATTN_NAME",
            "sparse_attention_forward", "profile_model", "write_profile"]

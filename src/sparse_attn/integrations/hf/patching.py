@@ -59,6 +59,13 @@ class SparseState:
     # ``precheck`` has ``cache`` on (:class:`~sparse_attn.methods.DecisionCache`); emptied by unpatch.
     decisions: DecisionCache = field(default_factory=DecisionCache)
 
+    def clear_caches(self) -> None:
+        """Forget what earlier calls left for later ones: page indexes and selections, decode step
+        counts and cached prefill decisions (records stay)."""
+        for store in (self.page_indexes, self.index_lengths, self.index_builds, self.selections,
+                      self.decode_steps, self.decisions):
+            store.clear()
+
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
         calls, the distinct reasons, ``knob_dense``, the knobs that made any of its calls dense by
@@ -151,9 +158,7 @@ def unpatch(model) -> None:
     if state is None:
         return
     model.set_attn_implementation(state.original_implementation)
-    for store in (state.page_indexes, state.index_lengths, state.index_builds, state.selections,
-                  state.decode_steps, state.decisions):
-        store.clear()
+    state.clear_caches()
     for module in model.modules():
         if hasattr(module, "_sparse_attn_state"):
             del module._sparse_attn_state
