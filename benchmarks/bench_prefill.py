@@ -9,6 +9,16 @@ answers are meaningless, but its prefill time is not: this measures what sparse 
 in a whole model (embeddings, MLPs and the LM head included).
 
     python benchmarks/bench_prefill.py --model canary --lengths 32768 131072 --out results/prefill
+    python benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 32768 131072 --densities 0.05 0.1 0.2 \
+        --out results/prefill_8b_shape
+
+``--model 8b-shape`` is a Llama-8B-shaped model with random weights (hidden 4096, 32 heads / 8 KV
+heads, head dim 128, MLP 14336, vocab 32000, ``--layers`` layers), fed random tokens: random
+weights give diffuse attention, so the methods show what they cost when they do not pay, and
+``--densities`` adds static random layouts (method ``random``) at those densities, to show what
+the pipeline delivers when attention is sparse. Every row also splits its time: ``rest`` is the
+same model with attention replaced by nothing (the embeddings, MLPs, norms and LM head), the
+estimate is the method's recorded estimation time, attention is the remainder.
 """
 
 from __future__ import annotations
@@ -47,9 +57,50 @@ def _dense_backends(device: str) -> dict:
             "dense_cudnn": lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)}
 
 
+NO_ATTENTION = "bench_no_attention"
+
+
+def _no_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention function that attends to nothing (zeros out, in the (B, S, H, D) layout
+    transformers expects): times the rest of the model."""
+    return torch.zeros_like(query).transpose(1, 2), None
+
+
+def _eight_b_shape(layers: int, device: str, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=262144,
+                         attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _rest_of_model_ms(model, ids, device, repeats: int) -> float:
+    """Prefill time with attention replaced by :func:`_no_attention`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NO_ATTENTION, _no_attention)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(NO_ATTENTION)
+    try:
+        return timed_prefills(model, ids, device, None, repeats)[0]
+    finally:
+        model.set_attn_implementation(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="canary", help="local HF causal LM path, or 'canary'")
+    parser.add_argument("--model", default="canary",
+                        help="local HF causal LM path, 'canary', or '8b-shape' (random weights, random tokens)")
+    parser.add_argument("--layers", type=int, default=2, help="--model 8b-shape: decoder layers")
+    parser.add_argument("--densities", type=float, nargs="*", default=[],
+                        help="also static random layouts (method 'random') at these densities")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--block-size", type=int, default=64)
@@ -62,22 +113,36 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    if any(not 0.0 < d <= 1.0 for d in args.densities):
+        parser.error(f"--densities must lie in (0, 1], got {args.densities}")
+    if args.model == "8b-shape":
+        tokenizer, model = None, _eight_b_shape(args.layers, device, dtype)
+    else:
+        path = resolve_model(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "dtype": str(dtype),
-            "block_size": args.block_size, "repeats": args.repeats}
+            "block_size": args.block_size, "repeats": args.repeats,
+            "layers": model.config.num_hidden_layers}
+    configs = [(method, method, METHODS[method]) for method in args.methods]
+    configs += [(f"random d={d}", "random", {"density": d}) for d in args.densities]
     rows = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     print(f"# prefill, {meta['device']}, {args.model}\n")
-    print("| length | config | prefill ms | estimate ms | density | vs dense flash | vs dense cuDNN |")
-    print("|---|---|---|---|---|---|---|")
+    print("| length | config | prefill ms | estimate ms | density | vs dense flash | vs dense cuDNN | "
+          "attention / estimate / rest |")
+    print("|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
-        ids = tokenizer(make_sample("passkey", tokenizer, length, seed=0).prompt, return_tensors="pt").input_ids
+        if tokenizer is None:
+            ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+        else:
+            ids = tokenizer(make_sample("passkey", tokenizer, length, seed=0).prompt, return_tensors="pt").input_ids
         ids = ids.to(device)
         dense = {}
         unpatch(model)
+        rest_ms = _rest_of_model_ms(model, ids, device, args.repeats)
+        rows.append({"length": length, "config": "rest of the model (no attention)", "prefill_ms": rest_ms})
         for label, backend in _dense_backends(device).items():
             try:
                 with backend():
@@ -85,9 +150,9 @@ def main() -> None:
                 rows.append({"length": length, "config": label, "prefill_ms": dense[label], "density": 1.0})
             except RuntimeError as exc:  # a backend that does not run here says so
                 rows.append({"length": length, "config": label, "error": str(exc).splitlines()[0]})
-        for method in args.methods:
+        for label, method, knobs in configs:
             state = patch(model, config=SparseConfig(
-                method=method, knobs={"block_size": args.block_size, **METHODS[method]}, min_kv_len=0,
+                method=method, knobs={"block_size": args.block_size, **knobs}, min_kv_len=0,
                 fallback="never", record=True))
             with torch.no_grad():
                 model(ids)  # one recorded pass for the density
@@ -96,18 +161,25 @@ def main() -> None:
             state.records.clear()
             prefill_ms, estimate_ms = timed_prefills(model, ids, device, state, args.repeats)
             unpatch(model)
-            rows.append({"length": length, "config": method, "knobs": METHODS[method], "prefill_ms": prefill_ms,
-                         "estimate_ms": estimate_ms, "density": density})
+            rows.append({"length": length, "config": label, "method": method, "knobs": knobs,
+                         "prefill_ms": prefill_ms, "estimate_ms": estimate_ms, "density": density})
         for row in rows:
             if row["length"] != length:
                 continue
             if "error" in row:
-                print(f"| {length} | {row['config']} | failed: {row['error'][:60]} | | | | |")
+                print(f"| {length} | {row['config']} | failed: {row['error'][:60]} | | | | | |")
+                continue
+            if "density" not in row:  # the rest of the model
+                print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | | | | | |")
                 continue
             ratios = [f"{row['prefill_ms'] / dense[k]:.2f}x" if k in dense else "-"
                       for k in ("dense_flash", "dense_cudnn")]
-            print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | {row.get('estimate_ms', 0.0):.1f} | "
-                  f"{row['density']:.3f} | {ratios[0]} | {ratios[1]} |", flush=True)
+            estimate = row.get("estimate_ms", 0.0)
+            attention = max(row["prefill_ms"] - rest_ms - estimate, 0.0)
+            row["attention_ms"] = attention
+            split = " / ".join(f"{100 * part / row['prefill_ms']:.0f}%" for part in (attention, estimate, rest_ms))
+            print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | {estimate:.1f} | "
+                  f"{row['density']:.3f} | {ratios[0]} | {ratios[1]} | {split} |", flush=True)
         with open(args.out + ".json", "w") as fh:  # rewritten per length: a cut run keeps what it measured
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     print(f"\nwrote {args.out}.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..patterns import dense_layout, power_layout, sliding_window_layout, strided_layout
+from ..patterns import dense_layout, power_layout, random_layout, sliding_window_layout, strided_layout
 from .base import Method, register_method
 from .knobs import KnobSpec
 
@@ -80,3 +80,20 @@ class Power(StaticPattern):
     def build(self, q_len, kv_len, heads, kv_heads, device):
         return power_layout(q_len, kv_len, local_blocks=self.local_blocks, sink=self.sink,
                             block_size=self.block_size, device=device)
+
+
+@register_method
+@dataclass
+class RandomBlocks(StaticPattern):
+    """Independent random blocks at an expected ``density`` of the reachable blocks (the diagonal
+    block of every row always kept), one layout shared by every head and fixed by ``seed``: a
+    controlled density, e.g. to measure what a whole model gains at that density."""
+
+    name = "random"
+    KNOBS = {"density": KnobSpec.real(0.0, 1.0, low_open=True), "seed": KnobSpec.integer(0)}
+    density: float = 0.1
+    seed: int = 0
+
+    def build(self, q_len, kv_len, heads, kv_heads, device):
+        return random_layout(q_len, kv_len, density=self.density, block_size=self.block_size, seed=self.seed,
+                             device=device)
