@@ -1,6 +1,7 @@
 """``sparse-attn`` command line: ``demo`` (static patterns vs dense), ``generate`` (a local HF model,
-sparse prefill vs dense, then generation), ``eval`` (accuracy vs density vs speed) and ``profile``
-(per-layer choices that meet a target recall, written as a SparseConfig that ``patch`` reads).
+sparse prefill vs dense, then generation), ``eval`` (accuracy vs density vs speed), ``train-gates``
+(learned gates for the ``seer`` method, distilled from the frozen model) and ``profile`` (per-layer
+choices that meet a target recall, written as a SparseConfig that ``patch`` reads).
 
 Bad options end in one line naming the option and what is expected, exit code 2; ``--debug`` shows
 the traceback of any error instead.
@@ -239,6 +240,35 @@ def _lengths(value: str, param_hint: str = "--lengths", example: str = "1024,204
     return lengths
 
 
+def _check_out_dir(out: str, what: str) -> None:
+    """BadParameter naming --out unless the directory of ``out`` exists."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise click.BadParameter(f"{out_dir} is not a directory: {what} cannot be written there", param_hint="--out")
+
+
+def _check_positions(path: str, lengths: list) -> None:
+    """BadParameter naming --lengths when the longest length is over the model's positions."""
+    limit = _position_limit(path)
+    if limit is not None and max(lengths) > limit:
+        raise click.BadParameter(f"{max(lengths)} is over the model's {limit} positions (max_position_embeddings)",
+                                 param_hint="--lengths")
+
+
+def _read_text(path, param_hint: str, purpose: str):
+    """The contents of the text file ``path`` (None: None); BadParameter naming ``param_hint`` when it
+    does not exist or is empty."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise click.BadParameter(f"{path} does not exist", param_hint=param_hint)
+    with open(path) as fh:
+        text = fh.read()
+    if not text.strip():
+        raise click.BadParameter(f"{path} is empty; give a file with {purpose} text", param_hint=param_hint)
+    return text
+
+
 def _decode_options(ctx, methods, budgets, page, sink, recent):
     """The decode axis's checked options: ``(methods, budgets)``, ``([], [])`` without
     ``--decode-methods``. Every (method, budget) is checked by SparseConfig (one validation for the API
@@ -332,6 +362,51 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     click.echo(f"\nwrote {out}.json, {out}.md" + "".join(f", {p}" for p in result["plots"]))
 
 
+@main.command("train-gates")
+@click.option("--model", "model_path", required=True,
+              help="local transformers model directory, or 'canary' for the shipped canary model")
+@click.option("--out", required=True, help="the gates file to write (.safetensors; its .json is written beside it)")
+@click.option("--lengths", default="1024,2048", show_default=True, help="prompt lengths (comma-separated)")
+@click.option("--minutes", required=True, type=click.FloatRange(0, min_open=True), help="wall-time budget")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="stop after this many steps (default: time)")
+@click.option("--text", "text_path", default=None, type=click.Path(dir_okay=False),
+              help="train on windows of this text file (default: retrieval episodes and the bundled corpus)")
+@click.option("--block-size", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]))
+@click.option("--gate-dim", default=None, type=click.IntRange(min=2), help="gate width (even; default: head_dim)")
+@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--resume", is_flag=True, help="continue from OUT.ckpt")
+@click.option("--device", default=None)
+def train_gates_command(model_path, out, lengths, minutes, steps, text_path, block_size, gate_dim, lr, resume, device):
+    """Distill SeerAttention-style gates from a frozen model (its block attention mass, KL loss) and
+    write them for patch(model, method="seer", gates=OUT)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .integrations.hf.train_gates import checkpoint_path, train_gates
+
+    length_list = _lengths(lengths)
+    if not out.endswith(".safetensors"):
+        raise click.BadParameter(f"{out!r} does not end in .safetensors", param_hint="--out")
+    _check_out_dir(out, "the gates")
+    if resume and not checkpoint_path(out).is_file():
+        raise click.BadParameter(f"no checkpoint {checkpoint_path(out)} to resume from", param_hint="--resume")
+    if gate_dim is not None and gate_dim % 2:
+        raise click.BadParameter(f"{gate_dim} is odd; give an even width (RoPE rotates pairs)", param_hint="--gate-dim")
+    text = _read_text(text_path, "--text", "training")
+    path, device = _model_dir(model_path), _device(device)
+    _check_positions(path, length_list)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if text is not None and len(tokenizer(text, add_special_tokens=False).input_ids) < max(length_list):
+        raise click.BadParameter(f"{text_path} is shorter than the longest length, {max(length_list)} tokens",
+                                 param_hint="--text")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    summary = train_gates(model, tokenizer, out, length_list, minutes, steps=steps, text=text,
+                          block_size=int(block_size), gate_dim=gate_dim, lr=lr, resume=resume, model_name=model_path)
+    click.echo(f"{summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s; KL "
+               f"{summary['first_loss']:.4f} (first steps) -> {summary['last_loss']:.4f} (last steps)")
+    click.echo(f"wrote {out}: patch(model, method='seer', gates={out!r}, block_size={block_size})")
+
+
 @main.command("profile")
 @click.option("--model", "model_path", required=True,
               help="local transformers model directory, or 'canary' for the shipped canary model")
@@ -360,24 +435,10 @@ def profile_command(model_path, out, methods, lengths, target_recall, samples, p
 
     method_list = _choices(methods, sorted(PROFILE_SWEEPS), "--methods")
     length_list = _lengths(lengths, example="4096,16384")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise click.BadParameter(f"{out_dir} is not a directory: the profile cannot be written there",
-                                 param_hint="--out")
-    text = None
-    if prompt_file is not None:
-        if not os.path.isfile(prompt_file):
-            raise click.BadParameter(f"{prompt_file} does not exist", param_hint="--prompt-file")
-        with open(prompt_file) as fh:
-            text = fh.read()
-        if not text.strip():
-            raise click.BadParameter(f"{prompt_file} is empty; give a file with calibration text",
-                                     param_hint="--prompt-file")
+    _check_out_dir(out, "the profile")
+    text = _read_text(prompt_file, "--prompt-file", "calibration")
     path, device = _model_dir(model_path), _device(device)
-    limit = _position_limit(path)
-    if limit is not None and max(length_list) > limit:
-        raise click.BadParameter(f"{max(length_list)} is over the model's {limit} positions (max_position_embeddings)",
-                                 param_hint="--lengths")
+    _check_positions(path, length_list)
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:
         prompts = calibration_prompts(tokenizer, length_list, samples, text)
