@@ -1,7 +1,7 @@
 """Sparsity methods behind one interface: ``get_method(name, **knobs).estimate(q, k) -> layout``.
 
 One module per method (:mod:`.pooled`, :mod:`.oracle`, :mod:`.xattention`, :mod:`.vertical_slash`,
-:mod:`.flexprefill`, :mod:`.quest`, :mod:`.static`); the estimation steps they share are in
+:mod:`.flexprefill`, :mod:`.quest`, :mod:`.moba`, :mod:`.static`); the estimation steps they share are in
 :mod:`.primitives` (Triton kernels with PyTorch references side by side), :mod:`.selection` and
 :mod:`.common`. Knobs are declared (type and range) with :class:`.knobs.KnobSpec` and checked
 when a method is built.
@@ -14,6 +14,7 @@ from .knobs import KnobError, KnobSpec
 from .oracle import Oracle
 from .pooled import PooledTopK, PooledTopP
 from .precheck import DecisionCache, Precheck, PrecheckReport
+from .moba import MoBA
 from .quest import Quest
 from .static import StaticPattern
 from .vertical_slash import VerticalSlash
@@ -23,4 +24,5 @@ __all__ = [
     "METHODS", "Method", "EstimateReport", "get_method", "register_method", "KnobSpec", "KnobError",
     "CostModel", "attend", "Precheck", "PrecheckReport", "DecisionCache",
     "PooledTopP", "PooledTopK", "Oracle", "Quest", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
+    "MoBA",
 ]
