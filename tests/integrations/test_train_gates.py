@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import utils
 from click.testing import CliRunner
 
 from sparse_attn.integrations.hf.train_gates import (capture_qk, checkpoint_path, distill_loss, gate_targets,
@@ -15,13 +16,8 @@ TEXT = " ".join(f"line {i}: the {['red', 'blue', 'green'][i % 3]} key opens door
 
 
 def tiny_llama(layers=2, seed=0, sharpen=8.0):
-    """A random Llama whose attention is far from uniform (its Q and K projections scaled up)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    model = LlamaForCausalLM(config).eval()
+    """A random tiny Llama whose attention is far from uniform (its Q and K projections scaled up)."""
+    model = utils.tiny_llama(300, layers=layers, seed=seed)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(sharpen)

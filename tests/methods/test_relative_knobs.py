@@ -26,7 +26,7 @@ def _density(name, length, **knobs):
 
 def test_the_count_knobs_are_the_ones_the_length_scales():
     assert COUNT_KNOBS == [("flexprefill", "min_budget"), ("pooled_topk", "top_k"), ("quest", "top_k"),
-                           ("sliding_window", "window"), ("vertical_slash", "slash_size"),
+                           ("seer", "top_k"), ("sliding_window", "window"), ("vertical_slash", "slash_size"),
                            ("vertical_slash", "vertical_size")]
 
 

@@ -1,7 +1,8 @@
 """Sparsity methods behind one interface: ``get_method(name, **knobs).estimate(q, k) -> layout``.
 
 One module per method (:mod:`.pooled`, :mod:`.oracle`, :mod:`.xattention`, :mod:`.vertical_slash`,
-:mod:`.flexprefill`, :mod:`.quest`, :mod:`.moba`, :mod:`.static`); the estimation steps they share are in
+:mod:`.flexprefill`, :mod:`.quest`, :mod:`.moba`, :mod:`.static`, :mod:`.seer` with its learned gates in
+:mod:`.seer_gate`); the estimation steps they share are in
 :mod:`.primitives` (Triton kernels with PyTorch references side by side), :mod:`.selection` and
 :mod:`.common`. Knobs are declared (type and range) with :class:`.knobs.KnobSpec` and checked
 when a method is built.
@@ -16,6 +17,7 @@ from .pooled import PooledTopK, PooledTopP
 from .precheck import DecisionCache, Precheck, PrecheckReport
 from .moba import MoBA
 from .quest import Quest
+from .seer import Seer
 from .static import StaticPattern
 from .vertical_slash import VerticalSlash
 from .xattention import XAttention
@@ -25,4 +27,5 @@ __all__ = [
     "CostModel", "attend", "Precheck", "PrecheckReport", "DecisionCache",
     "PooledTopP", "PooledTopK", "Oracle", "Quest", "XAttention", "VerticalSlash", "FlexPrefill", "StaticPattern",
     "MoBA",
+    "Seer",
 ]

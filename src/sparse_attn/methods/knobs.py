@@ -2,9 +2,10 @@
 is built (construction, :func:`~sparse_attn.methods.get_method`, ``dataclasses.replace``, assignment
 and every ``per_layer`` override).
 
-A spec is a kind (``"float"``, ``"int"``, ``"bool"`` or ``"choice"``) with a range or a set of
-choices; ``per_head`` specs also take a non-empty list of values (one per query head or per KV
-group), each checked on its own. Numbers never accept booleans, floats never accept NaN, ints never
+A spec is a kind (``"float"``, ``"int"``, ``"bool"``, ``"choice"`` or ``"path"``) with a range or a
+set of choices (a path knob takes None or a file path, whose contents the method checks); ``per_head``
+specs also take a non-empty list of values (one per query head or per KV group), each checked on its
+own. Numbers never accept booleans, floats never accept NaN, ints never
 accept floats. A failed check raises :class:`KnobError` (a ``ValueError``) naming the owner (the
 method), the knob, the value and what is allowed, e.g. ``xattention: threshold=2 is outside (0, 1]``.
 
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = ["KnobError", "KnobSpec", "min_count", "resolve_count"]
 
-KINDS = ("float", "int", "bool", "choice")
+KINDS = ("float", "int", "bool", "choice", "path")
 
 
 class KnobError(ValueError):
@@ -46,7 +48,8 @@ class KnobSpec:
     """The declared type and range of one knob.
 
     * ``kind``: ``"float"`` (an int or a float, not a bool, not NaN), ``"int"`` (an int, not a bool),
-      ``"bool"`` (True or False) or ``"choice"`` (one of ``choices``).
+      ``"bool"`` (True or False), ``"choice"`` (one of ``choices``) or ``"path"`` (None or a file
+      path: a non-empty str or ``os.PathLike``; the method checks the file).
     * ``low`` / ``high``: bounds of a number (None: unbounded), excluded where ``low_open`` /
       ``high_open``.
     * ``per_head``: a non-empty list or tuple of such values is accepted too (checked element-wise).
@@ -110,11 +113,18 @@ class KnobSpec:
     def choice(cls, *choices) -> "KnobSpec":
         return cls("choice", choices=tuple(choices))
 
+    @classmethod
+    def path(cls) -> "KnobSpec":
+        """None or the path of a file (a non-empty str or ``os.PathLike``)."""
+        return cls("path")
+
     # -- text ------------------------------------------------------------------------------------
     def range_text(self) -> str:
         """The allowed values alone: ``(0, 1]``, ``>= 1``, ``one of 'kv', 'head'``, ``True or False``."""
         if self.kind == "bool":
             return "True or False"
+        if self.kind == "path":
+            return "None or a file path (a non-empty str)"
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.share_of is not None:
@@ -169,6 +179,10 @@ class KnobSpec:
         if self.kind == "bool":
             if not isinstance(value, bool):
                 self._fail(owner, name, value, "is not a bool (True or False)")
+            return
+        if self.kind == "path":
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+                self._fail(owner, name, value, f"is not {self.range_text()}")
             return
         if self.kind == "choice":
             if isinstance(value, bool) or not _hashable(value) or value not in self.choices:

@@ -139,6 +139,9 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     kv_heads = getattr(text_config, "num_key_value_heads", None) or getattr(text_config, "num_attention_heads", None)
     config.check_layers(1 + max(int(m.layer_idx) for m in modules), kv_heads if isinstance(kv_heads, int) else None)
+    for built in {id(m): m for m in config._methods.values() if m is not None}.values():
+        if hasattr(built, "check_model"):  # methods tied to a model (seer's gates) check it
+            built.check_model(model)
     if is_patched(model):
         unpatch(model)
     _register()
