@@ -383,7 +383,7 @@ def test_precheck_skips_the_estimate_of_diffuse_layers_and_reuses_the_decision(m
     settings = dict(method="xattention", stride=4, block_size=16, min_kv_len=0, fallback="length", record=True)
     with torch.no_grad():
         want = model(ids).logits
-        state = patch(model, dense_above=0.5, precheck={"share": 0.1}, **settings)
+        state = patch(model, dense_above=0.5, precheck={"share": 0.1, "cache": True}, **settings)
         got = model(ids).logits
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
         assert 512 not in rows and rows  # sampled rows only
@@ -399,7 +399,7 @@ def test_precheck_skips_the_estimate_of_diffuse_layers_and_reuses_the_decision(m
         assert len(state.decisions) == 0
         window = {**settings, "method": "sliding_window", "window": 64}
         window.pop("stride")
-        state = patch(model, precheck={"share": 0.1}, **window)  # a new config: a new cache, sparse pays here
+        state = patch(model, precheck={"share": 0.1, "cache": True}, **window)  # a new config: a new cache
         model(ids)
         model(ids)
     assert [r["precheck"]["outcome"] for r in state.records] == ["estimate"] * 2 + ["cached sparse"] * 2

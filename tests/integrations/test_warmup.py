@@ -63,3 +63,24 @@ def test_errors_name_the_argument():
         sparse_attn.warmup(model, [32], batch_size=0)
     with pytest.raises(ValueError, match="decode_steps"):
         sparse_attn.warmup(model, [32], decode_steps=-1)
+
+
+def test_warmup_runs_the_full_estimate_where_the_config_would_go_dense(monkeypatch):
+    """A pre-check (or the length rule) would send random prompts dense before the full estimate
+    and the sparse kernels ran; the warm-up runs them, then gives the config back."""
+    from sparse_attn.methods.xattention import XAttention
+
+    model = tiny_llama(vocab_size=64, layers=2)
+    state = sparse_attn.patch(model, method="xattention", block_size=16, min_kv_len=4096, fallback="length",
+                              precheck=True, dense_above=0.5)
+    lengths = []
+    real = XAttention.estimate
+
+    def spy(self, q, k, *args, **kwargs):
+        lengths.append(q.shape[2])
+        return real(self, q, k, *args, **kwargs)
+
+    monkeypatch.setattr(XAttention, "estimate", spy)
+    sparse_attn.warmup(model, [256])
+    assert 256 in lengths  # the full estimate of the whole prompt ran
+    assert state.config.fallback == "length" and state.config.precheck is True and state.config.min_kv_len == 4096

@@ -9,7 +9,7 @@ import torch
 
 from sparse_attn.methods import CostModel, DecisionCache, KnobError, Precheck, attend, get_method
 from sparse_attn.methods.base import Method
-from sparse_attn.methods.precheck import _reachable
+from sparse_attn.methods.precheck import _reachable, sample_density
 from planted import planted
 
 LENGTH, BLOCK = 1024, 32
@@ -39,6 +39,9 @@ def _diffuse(length=LENGTH):
 def _band():
     q, k, _ = planted("band", q_len=LENGTH, dim=32)
     return q, k, torch.randn_like(k)
+
+
+CACHED = Precheck(cache=True)
 
 
 def _xattention(**knobs):
@@ -105,28 +108,28 @@ def test_decisions_are_cached_per_layer_and_length_bucket_and_invalidated(estima
     cache = DecisionCache()
     q, k, v = _diffuse()
     method = _xattention()
-    _, report = attend(q, k, v, method, layer_idx=3, precheck=Precheck(), decisions=cache)
+    _, report = attend(q, k, v, method, layer_idx=3, precheck=CACHED, decisions=cache)
     assert report.precheck.outcome == "dense" and len(cache) == 1
     short = [t[:, :, :900] for t in (q, k, v)]  # 900 tokens: bucket [512, 1024), 1024 is in [1024, 2048)
-    _, report = attend(*short, method, layer_idx=3, precheck=Precheck(), decisions=cache)
+    _, report = attend(*short, method, layer_idx=3, precheck=CACHED, decisions=cache)
     assert report.precheck.outcome == "dense" and len(cache) == 2 and cache.hits == 0  # checked, not reused
-    _, report = attend(*[t[:, :, :600] for t in (q, k, v)], method, layer_idx=3, precheck=Precheck(),
+    _, report = attend(*[t[:, :, :600] for t in (q, k, v)], method, layer_idx=3, precheck=CACHED,
                        decisions=cache)
     assert report.precheck.outcome == "cached dense" and cache.hits == 1  # 600 shares 900's bucket
     estimates.clear()
-    out, report = attend(q, k, v, method, layer_idx=3, precheck=Precheck(), decisions=cache)
+    out, report = attend(q, k, v, method, layer_idx=3, precheck=CACHED, decisions=cache)
     assert report.precheck.outcome == "cached dense" and report.precheck.skipped_estimate and estimates == []
     assert cache.hits == 2 and "decision cached for layer 3" in report.reason
     assert torch.allclose(out, _sdpa(q, k, v), atol=1e-6)
     # another layer, other knobs or no cache setting: not reused
     for other, kwargs in ((method, {"layer_idx": 4}), (_xattention(threshold=0.8), {"layer_idx": 3})):
-        _, report = attend(q, k, v, other, precheck=Precheck(), decisions=cache, **kwargs)
+        _, report = attend(q, k, v, other, precheck=CACHED, decisions=cache, **kwargs)
         assert report.precheck.outcome == "dense"
     _, report = attend(q, k, v, method, layer_idx=3, precheck=Precheck(cache=False), decisions=cache)
     assert report.precheck.outcome == "dense"
     cache.clear()
     assert len(cache) == 0 and cache.hits == 0
-    _, report = attend(q, k, v, method, layer_idx=3, precheck=Precheck(), decisions=cache)
+    _, report = attend(q, k, v, method, layer_idx=3, precheck=CACHED, decisions=cache)
     assert report.precheck.outcome == "dense"
 
 
@@ -134,9 +137,9 @@ def test_a_cached_sparse_decision_skips_the_sample_but_not_the_estimate(estimate
     cache = DecisionCache()
     q, k, v = _band()
     method = _xattention()
-    attend(q, k, v, method, layer_idx=0, precheck=Precheck(), decisions=cache)
+    attend(q, k, v, method, layer_idx=0, precheck=CACHED, decisions=cache)
     estimates.clear()
-    _, report = attend(q, k, v, method, layer_idx=0, precheck=Precheck(), decisions=cache)
+    _, report = attend(q, k, v, method, layer_idx=0, precheck=CACHED, decisions=cache)
     assert report.precheck.outcome == "cached sparse" and report.used_sparse and estimates == [LENGTH]
 
 
@@ -169,3 +172,37 @@ def test_precheck_settings_are_checked_naming_the_field():
     with pytest.raises(KnobError, match="runs=-1"):
         settings.runs = -1
     assert settings.runs == 4
+
+
+def test_the_decision_cache_is_off_by_default():
+    assert Precheck().cache is False
+
+
+def test_with_a_cost_model_the_estimate_is_counted_as_free(monkeypatch):
+    """The cost model judges the sampled densities with an estimate that costs nothing: the
+    pre-check's own time (each sampled run pays the estimate's fixed costs) never sends a call that
+    would pay sparse to dense."""
+    seen = []
+    real = CostModel.choose_heads
+
+    def spy(self, density, estimate_ms, *args, **kwargs):
+        seen.append(estimate_ms)
+        return real(self, density, estimate_ms, *args, **kwargs)
+
+    monkeypatch.setattr(CostModel, "choose_heads", spy)
+    q, k, v = _band()
+    attend(q, k, v, get_method("xattention", block_size=BLOCK, stride=4), cost_model=CostModel(min_kv_len=0),
+           precheck=Precheck())
+    assert seen and seen[0] == 0.0
+
+
+@pytest.mark.parametrize("name,share,count", [("sliding_window", {"window": 0.25}, {"window": LENGTH // 4}),
+                                              ("pooled_topk", {"top_k": 0.25}, {"top_k": LENGTH // BLOCK // 4})])
+def test_count_knobs_given_as_shares_are_resolved_against_the_whole_call(name, share, count):
+    """A sample is a shorter call: its shares would resolve to fewer keys; they resolve against
+    the whole call, so the sample sees the counts the call has."""
+    q, k, _ = _band()
+    spans = Precheck().spans(LENGTH // BLOCK)
+    by_share = sample_density(get_method(name, block_size=BLOCK, **share), q, k, None, spans)
+    by_count = sample_density(get_method(name, block_size=BLOCK, **count), q, k, None, spans)
+    assert torch.equal(by_share[0], by_count[0]) and by_share[1] == by_count[1]

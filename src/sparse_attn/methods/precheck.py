@@ -3,20 +3,24 @@ estimate, and a cache of decisions per layer and length bucket.
 
 :func:`~.cost.attend` with ``precheck=Precheck(...)`` first estimates only a few runs of query blocks
 spread over the call (``share`` of the query blocks, at least one per run), each as a chunked
-prefill against the keys up to its last row: for the methods that choose each query block from its
-own row (XAttention, the pooled methods, the oracle, Quest, the static patterns) the sampled rows are
-exactly the rows the full estimate would give. When the sampled density per KV group says the call
-will not pay (every group at least the method's ``dense_above``, or, with a cost model, the whole
-call predicted no faster than dense with the estimate's cost extrapolated from the pre-check's), the
+prefill against the keys up to its last row, with count knobs given as shares resolved against the
+whole call: for the methods that choose each query block from its own row (XAttention, the pooled
+methods, the oracle, Quest, the static patterns but ``random``, which draws its layout per shape)
+the sampled rows are exactly the rows the full estimate would give. When the sampled density per KV
+group says the call will not pay (every group at least the method's ``dense_above``, or, with a cost
+model, the whole call predicted no faster than dense even with an estimate that costs nothing), the
 call runs dense without the full estimate. Otherwise the full estimate runs and decides as usual.
 
 A :class:`DecisionCache` keeps each call's final decision (sparse or dense) per layer and length
 bucket (the powers of two of the query and key lengths) for the method it was made with; a later
 call in the same bucket reuses it and skips the pre-check (and, for a dense decision, the estimate).
+The first prompt of a bucket then decides for the later ones, whatever their content: it is off by
+default (``Precheck(cache=True)`` turns it on, for traffic whose prompts of one length behave alike).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from typing import Optional
 import torch
 
 from .common import per_kv_head
-from .knobs import CheckedOnAssignment, KnobError, KnobSpec
+from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
 OWNER = "precheck"
 OUTCOMES = ("dense", "estimate", "short", "cached dense", "cached sparse")
@@ -44,7 +48,7 @@ class Precheck(CheckedOnAssignment):
 
     share: float = 1 / 32
     runs: int = 4
-    cache: bool = True
+    cache: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -148,17 +152,32 @@ def _reachable(q_len: int, kv_len: int, q_block: int, kv_block: int, first: int,
     return sum(min(nk, (min((j + 1) * q_block, q_len) - 1 + offset) // kv_block + 1) for j in range(first, end))
 
 
+def _counts_of_the_call(method, kv_len: int):
+    """``method`` with each count knob given as a share resolved against a call of ``kv_len`` keys
+    (or its key blocks), so that estimating a shorter sample keeps the call's counts."""
+    changes = {}
+    for name, spec in method.knob_specs().items():
+        value = getattr(method, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if spec.share_of is None or not any(isinstance(v, float) for v in values):
+            continue
+        total = kv_len if spec.share_of == "the key length" else -(-kv_len // method.block_size)
+        changes[name] = resolve_count(value, total)
+    return dataclasses.replace(method, per_layer={}, **changes) if changes else method
+
+
 def sample_density(method, q, k, layer_idx, spans: list, *, scale=None, kernel_options=None):
     """Estimate the query-block runs ``spans`` of the call ``q``, ``k`` with ``method``, each as a
     chunked prefill against the keys up to its last row. Returns ``(density (Hkv,), share)``: each KV
     group's density over the sampled rows and their share of the call's reachable blocks."""
     q_len, kv_len, kv_heads = q.shape[2], k.shape[2], k.shape[1]
-    block = method.for_layer(layer_idx).block_size
+    method = _counts_of_the_call(method.for_layer(layer_idx), kv_len)
+    block = method.block_size
     offset = kv_len - q_len
     kept, reach = None, 0
     for first, end in spans:
         rows_end = min(end * block, q_len)
-        layout = method.estimate(q[:, :, first * block:rows_end], k[:, :, :offset + rows_end], layer_idx,
+        layout = method.estimate(q[:, :, first * block:rows_end], k[:, :, :offset + rows_end],
                                  scale=scale, kernel_options=kernel_options)
         blocks = layout.kept_blocks().double()
         kept = blocks if kept is None else kept + blocks
@@ -172,8 +191,9 @@ def run_precheck(method, q, k, layer_idx, precheck: Precheck, cost_model=None, *
     """The pre-check of one call: ``(report, reason)``, ``reason`` a string when the call should run
     dense (the estimate skipped), else None. Without a cost model the call is dense when every KV
     group's sampled density is at least the layer's ``dense_above``; with one, when
-    ``cost_model.choose_heads`` on the sampled densities, with the estimate's cost taken as the
-    pre-check's time over its share, predicts no gain."""
+    ``cost_model.choose_heads`` on the sampled densities predicts no gain even with an estimate that
+    costs nothing (the pre-check's own time says little about the full estimate's: each sampled run
+    pays the estimate's fixed costs)."""
     layer_method = method.for_layer(layer_idx)
     spans = precheck.spans(-(-q.shape[2] // layer_method.block_size))
     if spans is None:
@@ -196,6 +216,6 @@ def run_precheck(method, q, k, layer_idx, precheck: Precheck, cost_model=None, *
                   f"(sampled {min(density):.2f}-{max(density):.2f})") if dense else None
     else:
         batch, heads, q_len, dim = q.shape
-        use, _, why = cost_model.choose_heads(density, ms / max(share, 1e-9), batch, heads, q_len, k.shape[2], dim)
+        use, _, why = cost_model.choose_heads(density, 0.0, batch, heads, q_len, k.shape[2], dim)
         reason = None if use else f"dense: {sampled}: {why.removeprefix('dense: ')}"
     return PrecheckReport("dense" if reason else "estimate", ms, share, density), reason

@@ -11,7 +11,7 @@ from .knobs import KnobSpec
 
 @dataclass
 class StaticPattern(Method):
-    """A layout that depends only on the shapes (cached per shape), not on q and k."""
+    """A layout that depends only on the shapes, not on q and k (built for each call)."""
 
     def build(self, q_len, kv_len, heads, kv_heads, device):
         raise NotImplementedError

@@ -42,9 +42,13 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
             path; None: 2 when the config decodes sparsely (``decode`` other than "dense"), else 0.
         seed: seed of the random prompts.
 
-    Afterwards the patch state holds no trace of the warm-up: its records, its cached prefill
-    decisions (``precheck``), its page indexes and page selections are emptied, and the one-time
-    short-prompt warning is left as it was.
+    Random tokens give diffuse attention, which a config's length rule, pre-check or cost model
+    would send to dense attention without running the method's full estimate and sparse kernels; the
+    warm-up therefore runs every layer sparse (as ``fallback="never"``, the pre-check off) and puts
+    the config back afterwards. Run it before serving, not beside requests. Afterwards the patch
+    state holds no trace of the warm-up: its records, its cached prefill decisions (``precheck``),
+    its page indexes and page selections are emptied, and the one-time short-prompt warning is left
+    as it was.
     """
     state = getattr(model, "_sparse_attn_state", None)
     if state is None:
@@ -66,6 +70,10 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     first_record, warned = len(state.records), state.warned_short
+    config = state.config
+    precheck, fallback = config.precheck, config.fallback
+    config.precheck = "auto"  # "never" takes no other pre-check setting
+    config.fallback = "never"
     rows = []
     try:
         for length in lengths:
@@ -88,6 +96,8 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
             rows.append({"length": length, "batch_size": batch_size, "decode_steps": decode_steps,
                          "seconds": time.perf_counter() - start})
     finally:
+        config.fallback = fallback
+        config.precheck = precheck
         del state.records[first_record:]
         state.warned_short = warned
         state.clear_caches()
