@@ -206,3 +206,13 @@ def test_count_knobs_given_as_shares_are_resolved_against_the_whole_call(name, s
     by_share = sample_density(get_method(name, block_size=BLOCK, **share), q, k, None, spans)
     by_count = sample_density(get_method(name, block_size=BLOCK, **count), q, k, None, spans)
     assert torch.equal(by_share[0], by_count[0]) and by_share[1] == by_count[1]
+
+
+def test_a_knob_that_keeps_every_block_is_named_when_the_precheck_decides_dense():
+    q, k, v = _band()
+    method = get_method("pooled_topk", block_size=BLOCK, top_k=LENGTH // BLOCK)  # every key block of every row
+    _, report = attend(q, k, v, method, precheck=Precheck())
+    assert report.precheck.outcome == "dense" and report.knob_dense == ("top_k",)
+    _, report = attend(q, k, v, get_method("pooled_topk", block_size=BLOCK, top_k=2, dense_above=0.01),
+                       precheck=Precheck())
+    assert report.precheck.outcome == "dense" and report.knob_dense == ()

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..attention import sparse_attention
 from ..layout import BlockSparseLayout
 from ..options import KernelOptions
+from ..patterns.grid import BlockGrid
 from .precheck import DecisionCache, Precheck, PrecheckReport, run_precheck
 
 
@@ -96,6 +97,14 @@ class AttendReport:
     precheck: Optional[PrecheckReport] = None
 
 
+def _knob_dense(method, layer_idx, q_len: int, kv_len: int, device) -> tuple:
+    """The knobs that keep every reachable block of the whole call by themselves (what the full
+    estimate would report), for a call decided without it."""
+    layer_method = method.for_layer(layer_idx)
+    grid = BlockGrid(q_len, kv_len, layer_method.block_size, causal=True, device=device)
+    return tuple(layer_method.dense_knobs(grid, layer_method.forced_blocks(grid) & grid.reachable))
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] = None,
            cost_model: Optional[CostModel] = None, backend: str = "auto", scale=None,
            kernel_options: Optional[KernelOptions] = None, precheck: Optional[Precheck] = None,
@@ -134,7 +143,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
         if dense_reason is not None:
             if cache is not None:
                 cache.put(method, layer_idx, q_len, kv_len, False)
-            return _dense(q, k, v, scale), AttendReport(False, dense_reason, None, 0.0, None, precheck=checked)
+            return _dense(q, k, v, scale), AttendReport(False, dense_reason, None, 0.0, None,
+                                                        knob_dense=_knob_dense(method, layer_idx, q_len, kv_len,
+                                                                               q.device),
+                                                        precheck=checked)
     layout, report = method.estimate(q, k, layer_idx, scale=scale, return_report=True, kernel_options=kernel_options)
     estimate_ms = report.seconds * 1e3
     use_sparse, reason = True, "sparse: no cost model"

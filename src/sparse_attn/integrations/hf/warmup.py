@@ -12,7 +12,6 @@ compilation. Triton also keeps compiled kernels on disk (``TRITON_CACHE_DIR``, b
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -81,9 +80,8 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            with torch.no_grad(), warnings.catch_warnings():
-                # Said to the first real request instead (the state's flag is restored below).
-                warnings.filterwarnings("ignore", message="sparse_attn: a .*-token prefill runs dense")
+            state.warned_short = True  # the short-prompt warning is for the first real request (restored below)
+            with torch.no_grad():
                 if decode_steps:
                     pad = model.generation_config.pad_token_id
                     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_steps,
