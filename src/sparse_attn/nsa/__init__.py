@@ -1,0 +1,14 @@
+"""Native Sparse Attention (DeepSeek, "Native Sparse Attention: Hardware-Aligned and Natively Trainable
+Sparse Attention", 2025): compressed, selected and sliding-window branches mixed by learned gates.
+
+* :class:`NSAConfig`: the branches' sizes (validated);
+* :func:`nsa_reference`: the math in plain PyTorch with dense masks (for tests and short inputs);
+* :class:`NSAAttention`: the same math as a module whose selected and window branches run on the
+  block-sparse kernels (forward and backward).
+"""
+
+from .config import NSAConfig
+from .module import NSAAttention
+from .reference import nsa_reference, select_blocks
+
+__all__ = ["NSAConfig", "NSAAttention", "nsa_reference", "select_blocks"]

@@ -1,0 +1,159 @@
+"""NSAAttention: Native Sparse Attention as a module whose selected and window branches run on the
+library's block-sparse kernels (forward and backward).
+
+The selected branch lets every query token read its own blocks. A layout keeps blocks per query
+*block*, so the queries are laid out token-major: the ``G`` query heads of a KV group at one token
+form one query block (padded to 16 rows, the smallest kernel block, when ``G < 16``), and one layout
+row per token and KV group lists the token's selected blocks before its own block (non-causal call,
+key blocks of ``l'``). The token's own block is a second, causal call whose layout keeps the
+diagonal block; the two results merge by their log-sum-exp. The window branch is one causal call
+with a banded layout. The compressed branch and the selection are PyTorch (:mod:`.reference`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import sparse_attention
+from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, dense_to_csr
+from ..options import KernelOptions
+from .config import NSAConfig
+from .reference import PARAMETER_NAMES, compressed_attention, nsa_gates, select_blocks
+
+__all__ = ["NSAAttention"]
+
+
+def _group_rows(group: int) -> int:
+    """Query rows per token in the selected branch's token-major call: ``group`` padded to a kernel block."""
+    for size in SUPPORTED_BLOCK_SIZES:
+        if size >= group:
+            return size
+    raise ValueError(f"NSAAttention supports at most {SUPPORTED_BLOCK_SIZES[-1]} query heads per KV head, "
+                     f"got {group}")
+
+
+class NSAAttention(nn.Module):
+    """Native Sparse Attention over ``q (B, H, S, D)``, ``k, v (B, Hkv, S, D)`` (causal self-attention;
+    any ``Hkv`` dividing ``H``, up to 256 query heads per KV head).
+
+    Args:
+        config: an :class:`NSAConfig`.
+        num_heads, num_kv_heads, head_dim: the shapes the parameters are made for.
+
+    Parameters (names as in :data:`~sparse_attn.nsa.reference.PARAMETER_NAMES`): the key and value
+    compression MLPs with their intra-block position embeddings, and per-head gate weights. At
+    initialisation the MLPs' output layers and the gate weights are zero: compression is mean
+    pooling and every gate is ``sigmoid(gate_bias)`` (:meth:`reset_parameters`).
+    """
+
+    def __init__(self, config: NSAConfig, num_heads: int, num_kv_heads: int, head_dim: int,
+                 gate_bias=(0.0, 0.0, 0.0)) -> None:
+        super().__init__()
+        if not isinstance(config, NSAConfig):
+            raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+        for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+        self.config, self.num_heads, self.num_kv_heads, self.head_dim = config, num_heads, num_kv_heads, head_dim
+        self.group_rows = _group_rows(num_heads // num_kv_heads)
+        block, hidden = config.compress_block, config.hidden(head_dim)
+        shapes = {"pos": (block, head_dim), "fc1_weight": (hidden, block * head_dim), "fc1_bias": (hidden,),
+                  "fc2_weight": (head_dim, hidden), "fc2_bias": (head_dim,)}
+        for name in PARAMETER_NAMES[:-2]:
+            self.register_parameter(name, nn.Parameter(torch.empty(shapes[name[2:]])))
+        self.gate_weight = nn.Parameter(torch.empty(num_heads, 3, head_dim))
+        self.gate_bias = nn.Parameter(torch.empty(num_heads, 3))
+        self.reset_parameters(gate_bias)
+
+    def reset_parameters(self, gate_bias=(0.0, 0.0, 0.0)) -> None:
+        """Position embeddings ``N(0, 0.02)``, first MLP layers as ``nn.Linear``, zero output layers
+        and gate weights, gate biases ``gate_bias`` (compressed, selected, window)."""
+        with torch.no_grad():
+            for t in "kv":
+                nn.init.normal_(getattr(self, f"{t}_pos"), std=0.02)
+                fc1 = getattr(self, f"{t}_fc1_weight")
+                nn.init.kaiming_uniform_(fc1, a=math.sqrt(5))
+                bound = 1 / math.sqrt(fc1.shape[1])
+                nn.init.uniform_(getattr(self, f"{t}_fc1_bias"), -bound, bound)
+                nn.init.zeros_(getattr(self, f"{t}_fc2_weight"))
+                nn.init.zeros_(getattr(self, f"{t}_fc2_bias"))
+            nn.init.zeros_(self.gate_weight)
+            self.gate_bias.copy_(torch.tensor(gate_bias, dtype=self.gate_bias.dtype).expand(self.num_heads, 3))
+
+    def nsa_params(self) -> dict:
+        """The parameters by name, as :func:`~sparse_attn.nsa.nsa_reference` takes them."""
+        return {name: getattr(self, name) for name in PARAMETER_NAMES}
+
+    def _check(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor (batch, heads, seq, head_dim)")
+        expected = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[1] != expected[name] or t.shape[-1] != self.head_dim:
+                raise ValueError(f"{name} must have {expected[name]} heads of dim {self.head_dim}, "
+                                 f"got shape {tuple(t.shape)}")
+        if not q.shape[2] == k.shape[2] == v.shape[2] or q.shape[2] == 0:
+            raise ValueError(f"q, k, v must share one non-empty sequence length (causal self-attention), got "
+                             f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, backend: str = "auto",
+                kernel_options: Optional[KernelOptions] = None, selection: Optional[Tensor] = None,
+                return_selection: bool = False):
+        """``(B, H, S, D)`` NSA output; with ``return_selection`` also the bool ``(B, Hkv, S, Ns)`` blocks
+        each token's group read. ``selection`` replaces the computed choice; ``backend`` and
+        ``kernel_options`` go to :func:`~sparse_attn.sparse_attention`."""
+        self._check(q, k, v)
+        seq = q.shape[2]
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        params = {name: p.to(q.dtype) for name, p in self.nsa_params().items()}
+        out_cmp, probs = compressed_attention(q, k, v, params, self.config, scale)
+        if selection is None:
+            chosen = select_blocks(probs, self.config, seq)
+        else:
+            expected = (q.shape[0], self.num_kv_heads, seq, math.ceil(seq / self.config.select_block))
+            if not isinstance(selection, Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
+                raise ValueError(f"selection must be a bool tensor of shape {expected} (batch, KV heads, tokens, "
+                                 f"selection blocks), got {getattr(selection, 'shape', selection)!r}")
+            chosen = selection
+        call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
+        out_slc = self._selected(q, k, v, chosen, call)
+        out_win = sparse_attention(q, k, v, self._window_layout(seq, q.device), **call)
+        gates = nsa_gates(q, params)
+        out = gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
+        return (out, chosen) if return_selection else out
+
+    def _window_layout(self, seq: int, device) -> BlockSparseLayout:
+        nb = math.ceil(seq / self.config.window_block)
+        blk = torch.arange(nb, device=device)
+        band = (blk[None, :] <= blk[:, None]) & (blk[None, :] > blk[:, None] - self.config.window_blocks)
+        return BlockSparseLayout.from_dense(band, seq, seq, self.config.window_block, causal=True)
+
+    def _selected(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict) -> Tensor:
+        """Selected-branch attention: earlier blocks token-major, the own block causal, merged by LSE."""
+        batch, heads, seq, dim = q.shape
+        kv_heads, rows, block = self.num_kv_heads, self.group_rows, self.config.select_block
+        group = heads // kv_heads
+        own = torch.arange(seq, device=q.device) // block
+        earlier = chosen & (torch.arange(chosen.shape[-1], device=q.device)[None, :] < own[:, None])
+        counts, indices = dense_to_csr(earlier)  # one row per (batch, KV head, token)
+        layout = BlockSparseLayout(counts, indices, seq * rows, seq, rows, block, causal=False, check=False)
+        qt = q.view(batch, kv_heads, group, seq, dim).transpose(2, 3)  # (B, Hkv, S, G, D)
+        if rows > group:
+            qt = torch.cat([qt, qt.new_zeros(batch, kv_heads, seq, rows - group, dim)], dim=3)
+        out_e, lse_e = sparse_attention(qt.reshape(batch, kv_heads, seq * rows, dim), k, v, layout,
+                                        return_lse=True, **call)
+        out_e = out_e.view(batch, kv_heads, seq, rows, dim)[:, :, :, :group].transpose(2, 3).reshape(q.shape)
+        lse_e = lse_e.view(batch, kv_heads, seq, rows)[..., :group].transpose(2, 3).reshape(batch, heads, seq)
+        nb = math.ceil(seq / block)
+        diagonal = BlockSparseLayout.from_dense(torch.eye(nb, dtype=torch.bool, device=q.device), seq, seq, block)
+        out_o, lse_o = sparse_attention(q, k, v, diagonal, return_lse=True, **call)
+        lse = torch.logaddexp(lse_e, lse_o)
+        w_e, w_o = torch.exp(lse_e - lse)[..., None], torch.exp(lse_o - lse)[..., None]
+        return (w_e * out_e.to(w_e.dtype) + w_o * out_o.to(w_o.dtype)).to(q.dtype)

@@ -1,0 +1,152 @@
+"""NSA: the selection against a loop written from the paper's eq. 9; NSAAttention equal to
+nsa_reference (outputs and gradients wrt q, k, v and every parameter) in float64 on the reference
+backend for GQA ratios 1-16 and lengths that are not block multiples, and in float16/bfloat16 on the
+Triton kernels (interpreter); causality; config and input errors."""
+
+import pytest
+import torch
+
+from sparse_attn.nsa import NSAAttention, NSAConfig, nsa_reference, select_blocks
+from sparse_attn.nsa.reference import compressed_attention
+from utils import rel_error
+
+CONFIG = NSAConfig(compress_block=16, compress_stride=8, select_block=16, select_blocks=4, forced_initial=1,
+                   forced_local=2, window=32, window_block=16, compress_hidden=8)
+
+
+def random_module(heads, kv_heads, dim=16, config=CONFIG, dtype=torch.float64, seed=0):
+    """A module whose every parameter is random (the default init zeroes some)."""
+    gen = torch.Generator().manual_seed(seed)
+    module = NSAAttention(config, heads, kv_heads, dim).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.3)
+    return module
+
+
+def make_inputs(heads, kv_heads, seq, dim=16, batch=2, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, seq, dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(batch, kv_heads, seq, dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(batch, kv_heads, seq, dim, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def grads(out, tensors, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, tensors, dout)
+
+
+def golden_selection(probs, config, seq):
+    """Per token and KV group: importance of selection block j = sum over the group's heads and the
+    compressed blocks i of p[i] times the stride-d pieces of block i that lie in block j; forced blocks
+    first, then by importance (ties: the earlier block); the best n of blocks 0..own."""
+    batch, kv_heads, group, _, nc = probs.shape
+    d, l, ls = config.compress_stride, config.compress_block, config.select_block
+    ns = -(-seq // ls)
+    chosen = torch.zeros(batch, kv_heads, seq, ns, dtype=torch.bool)
+    for b in range(batch):
+        for n in range(kv_heads):
+            for t in range(seq):
+                own = t // ls
+                imp = [0.0] * (own + 1)
+                for j in range(own + 1):
+                    for i in range(nc):
+                        pieces = sum(1 for s in range(i * d, i * d + l, d) if j * ls <= s < (j + 1) * ls)
+                        imp[j] += float(probs[b, n, :, t, i].detach().sum()) * pieces
+                forced = [j for j in range(own + 1) if j < config.forced_initial or j > own - config.forced_local]
+                rest = sorted((j for j in range(own + 1) if j not in forced), key=lambda j: (-imp[j], j))
+                for j in (forced + rest)[:config.select_blocks]:
+                    chosen[b, n, t, j] = True
+    return chosen
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)])
+def test_selection_matches_paper_loop(heads, kv_heads):
+    module = random_module(heads, kv_heads)
+    q, k, v = make_inputs(heads, kv_heads, 83, batch=1)
+    _, probs = compressed_attention(q, k, v, module.nsa_params(), CONFIG, 0.25)
+    chosen = select_blocks(probs, CONFIG, 83)
+    assert torch.equal(chosen, golden_selection(probs, CONFIG, 83))
+    own = torch.arange(83) // 16
+    assert torch.equal(chosen.sum(-1)[0, 0], torch.clamp(own + 1, max=4))
+    assert bool(chosen[..., 0].all()) and bool(chosen[:, :, torch.arange(83), own].all())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1), (16, 1)])
+@pytest.mark.parametrize("seq", [64, 91])
+def test_module_equals_reference_float64(heads, kv_heads, seq):
+    """Reference backend. The two calls of the selected branch merge through the float32 LSE the
+    attention calls return, which bounds the agreement near 1e-7."""
+    module = random_module(heads, kv_heads)
+    q, k, v = make_inputs(heads, kv_heads, seq)
+    out, chosen = module(q, k, v, backend="reference", return_selection=True)
+    ref = nsa_reference(q, k, v, module.nsa_params(), CONFIG)
+    assert rel_error(out, ref) < 2e-6
+    params = list(module.parameters())
+    got, want = grads(out, [q, k, v] + params), grads(ref, [q, k, v] + params)
+    names = ["q", "k", "v"] + [name for name, _ in module.named_parameters()]
+    for name, g, w in zip(names, got, want):
+        assert w.norm() > 0, name
+        assert rel_error(g, w) < 2e-6, name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_triton_kernels_match_reference(dtype, tol):
+    """Triton kernels (interpreter) in float16/bfloat16 against the float64 reference on the same
+    rounded inputs and the same block choice."""
+    heads, kv_heads, seq = 4, 2, 50
+    module = random_module(heads, kv_heads)
+    q, k, v = make_inputs(heads, kv_heads, seq, batch=1)
+    q, k, v = (t.detach().to(dtype).double().requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(dtype).double())
+    ref, chosen = module(q, k, v, backend="reference", return_selection=True)
+    ref_grads = grads(ref, [q, k, v])
+    low = random_module(heads, kv_heads).to(dtype)
+    low.load_state_dict(module.state_dict())
+    ql, kl, vl = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = low(ql, kl, vl, backend="triton", selection=chosen)
+    assert out.dtype == dtype
+    assert rel_error(out, ref) < tol
+    for name, g, w in zip("qkv", grads(out, [ql, kl, vl]), ref_grads):
+        assert rel_error(g, w) < 2 * tol, name
+
+
+def test_causal():
+    """Changing q, k, v from position 40 on leaves outputs before 40 unchanged (also within a block)."""
+    module = random_module(4, 2)
+    q, k, v = (t.detach() for t in make_inputs(4, 2, 70))
+    out = module(q, k, v, backend="reference")
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, 40:] = torch.randn_like(t[:, :, 40:]) * 3
+    out2 = module(q2, k2, v2, backend="reference")
+    torch.testing.assert_close(out2[:, :, :40], out[:, :, :40], rtol=0, atol=0)
+    assert not torch.allclose(out2[:, :, 40:], out[:, :, 40:])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("compress_block", 0), ("compress_stride", 40), ("select_block", 24), ("select_blocks", 2),
+    ("forced_local", 0), ("window", 40), ("window_block", 8), ("compress_hidden", -1), ("forced_initial", -1),
+])
+def test_config_errors_name_the_field(field, value):
+    base = dict(compress_block=32, compress_stride=16, select_block=64, select_blocks=3, forced_initial=1,
+                forced_local=2, window=64, window_block=32)
+    with pytest.raises(ValueError, match=f"NSAConfig.{field} "):
+        NSAConfig(**{**base, field: value})
+
+
+def test_module_input_errors():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        NSAAttention(CONFIG, 6, 4, 16)
+    module = NSAAttention(CONFIG, 4, 2, 16)
+    q, k, v = (t.detach() for t in make_inputs(4, 2, 20, dtype=torch.float32))
+    with pytest.raises(ValueError, match="k must have 2 heads"):
+        module(q, q, v)
+    with pytest.raises(ValueError, match="sequence length"):
+        module(q, k[:, :, :10], v)
+    with pytest.raises(ValueError, match="selection must be a bool tensor of shape"):
+        module(q, k, v, selection=torch.ones(2, 2, 20, 1, dtype=torch.bool))
