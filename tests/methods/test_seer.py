@@ -93,3 +93,21 @@ def test_gates_are_checked_when_built_and_patched(trained, tmp_path):
     with pytest.raises(ValueError, match="seer: layer_idx=None"):
         q, k = _qk(model, ids)[0]
         get_method("seer", gates=gates, block_size=16).estimate(q, k)
+
+
+def test_shipped_canary_gates_fit_the_canary_model_and_the_eval_sweep():
+    import types
+
+    from transformers import AutoConfig
+
+    from sparse_attn.eval.canary import canary_dir
+    from sparse_attn.eval.runner import SWEEPS
+    from sparse_attn.methods.seer import load_gates
+    from sparse_attn.methods.seer_gate import resolve_gates
+
+    canary = types.SimpleNamespace(config=AutoConfig.from_pretrained(str(canary_dir())))
+    gates = load_gates("canary", model=canary)
+    assert gates.spec.block_size == 64 and gates.spec.layers == 4
+    assert resolve_gates("canary").stat().st_size < 1 << 20
+    for knobs in SWEEPS["seer"]:
+        get_method("seer", block_size=64, **knobs)

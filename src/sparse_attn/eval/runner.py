@@ -47,6 +47,8 @@ SWEEPS = {
     "vertical_slash": [{"vertical_size": v, "slash_size": s} for v, s in ((32, 128), (64, 256), (128, 512))],
     "pooled_topp": [{"top_p": p} for p in (0.8, 0.9, 0.95)],
     "oracle": [{"top_p": p} for p in (0.8, 0.9, 0.95)],
+    # Gates shipped with the canary ("canary"); another model needs its own (sparse-attn train-gates).
+    "seer": [{"gates": "canary", "threshold": t} for t in (0.01, 0.03, 0.1)],
     "sliding_window": [{"window": w} for w in (256, 1024)],
     "strided": [{"stride": 4, "local_blocks": 4}],
     "power": [{"local_blocks": 2}],
