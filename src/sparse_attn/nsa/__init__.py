@@ -4,11 +4,15 @@ Sparse Attention", 2025): compressed, selected and sliding-window branches mixed
 * :class:`NSAConfig`: the branches' sizes (validated);
 * :func:`nsa_reference`: the math in plain PyTorch with dense masks (for tests and short inputs);
 * :class:`NSAAttention`: the same math as a module whose selected and window branches run on the
-  block-sparse kernels (forward and backward).
+  block-sparse kernels (forward and backward);
+* :func:`convert_llama`: a transformers Llama-family model's attention layers replaced by NSA, from
+  their dense projections.
 """
 
 from .config import NSAConfig
+from .llama import NSALlamaAttention, convert_llama, nsa_parameters
 from .module import NSAAttention
 from .reference import nsa_reference, select_blocks
 
-__all__ = ["NSAConfig", "NSAAttention", "nsa_reference", "select_blocks"]
+__all__ = ["NSAConfig", "NSAAttention", "nsa_reference", "select_blocks", "convert_llama", "NSALlamaAttention",
+           "nsa_parameters"]

@@ -1,0 +1,91 @@
+"""Replace a transformers Llama-family model's attention layers by NSA (:func:`convert_llama`)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from ..options import KernelOptions
+from .config import NSAConfig
+from .module import NSAAttention
+
+__all__ = ["convert_llama", "NSALlamaAttention", "nsa_parameters"]
+
+DEFAULT_GATE_BIAS = (-4.0, 4.0, -4.0)
+
+
+class NSALlamaAttention(nn.Module):
+    """A Llama attention layer whose attention is NSA: the dense layer's ``q_proj``, ``k_proj``,
+    ``v_proj``, ``o_proj`` (the same modules) and rotary embedding around an :class:`NSAAttention`
+    (``.nsa``). Causal self-attention over whole unpadded sequences: training and prefill; a KV cache
+    is filled, but a call with earlier tokens in the cache (decoding) raises."""
+
+    def __init__(self, dense: nn.Module, config: NSAConfig, *, backend: str = "auto",
+                 kernel_options: Optional[KernelOptions] = None, gate_bias=DEFAULT_GATE_BIAS) -> None:
+        super().__init__()
+        model_config = dense.config
+        self.config, self.layer_idx = model_config, getattr(dense, "layer_idx", None)
+        self.head_dim, self.scaling = dense.head_dim, dense.scaling
+        self.num_heads = model_config.num_attention_heads
+        self.num_kv_heads = model_config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = dense.q_proj, dense.k_proj, dense.v_proj, dense.o_proj
+        weight = dense.q_proj.weight
+        self.nsa = NSAAttention(config, self.num_heads, self.num_kv_heads, self.head_dim,
+                                gate_bias=gate_bias).to(device=weight.device, dtype=weight.dtype)
+        self.backend, self.kernel_options = backend, kernel_options
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            if k.shape[2] != q.shape[2]:
+                raise NotImplementedError("NSALlamaAttention runs whole sequences (training, prefill); decoding "
+                                          "with earlier tokens in the KV cache is not supported")
+        out = self.nsa(q, k, v, scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
+        out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+
+def convert_llama(model: nn.Module, config: NSAConfig, *, layers: Optional[Iterable[int]] = None,
+                  backend: str = "auto", kernel_options: Optional[KernelOptions] = None,
+                  gate_bias=DEFAULT_GATE_BIAS) -> nn.Module:
+    """Replace the attention of a transformers Llama-family model's decoder layers (``layers``: their
+    indices, default all) by :class:`NSALlamaAttention`, in place; returns ``model``.
+
+    The dense q/k/v/o projections are kept (the same modules). The new parameters start as in
+    :meth:`NSAAttention.reset_parameters`: compression is mean pooling and the gates are
+    ``sigmoid(gate_bias)`` per branch (compressed, selected, window), by default about 0.02, 0.98 and
+    0.02, so a sequence whose blocks all fit the selection starts within a few percent of the dense
+    attention. ``backend`` and ``kernel_options`` go to the attention calls. The model attends whole
+    unpadded sequences (no padding mask)."""
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    decoder = getattr(getattr(model, "model", model), "layers", None)
+    if decoder is None:
+        raise ValueError("model must be a transformers Llama-family model (model.model.layers)")
+    chosen = range(len(decoder)) if layers is None else list(layers)
+    for index in chosen:
+        if not isinstance(index, int) or not 0 <= index < len(decoder):
+            raise ValueError(f"layers must hold layer indices in [0, {len(decoder)}), got {index!r}")
+        dense = decoder[index].self_attn
+        if isinstance(dense, NSALlamaAttention):
+            continue
+        decoder[index].self_attn = NSALlamaAttention(dense, config, backend=backend, kernel_options=kernel_options,
+                                                     gate_bias=gate_bias)
+    return model
+
+
+def nsa_parameters(model: nn.Module) -> list:
+    """The parameters :func:`convert_llama` added (every ``NSAAttention``'s), e.g. for their own
+    learning rate."""
+    return [p for m in model.modules() if isinstance(m, NSAAttention) for p in m.parameters()]
