@@ -46,7 +46,8 @@ from ..methods.primitives.dispatch import use_triton
 from ..options import KernelOptions, resolve_kernel_options
 from .page_index import PageIndex, _capturing
 
-__all__ = ["PageSelection", "select_pages", "page_mass", "SELECT_METHODS", "MAX_QUERY_ROWS"]
+__all__ = ["PageSelection", "select_pages", "select_pages_by_score", "page_mass", "SELECT_METHODS",
+           "MAX_QUERY_ROWS"]
 
 SELECT_METHODS = ("quest", "pooled", "sink_window", "oracle")
 MAX_QUERY_ROWS = 16  # query rows per step (decode: 1; speculative or chunked steps: up to 16)
@@ -127,9 +128,7 @@ class PageSelection:
         _check_inputs(q, index, k_cache, self.method)
         page = index.page_size
         self.check_budget(page)
-        batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
-        width = min(self.budget_pages(page), max_pages)
-        device = index.device
+        width = min(self.budget_pages(page), index.max_pages)
         if self._kernel_runs(q, index, kernel_options):
             from .select_kernels import triton_page_logits, triton_select_pages
 
@@ -141,6 +140,35 @@ class PageSelection:
             return triton_select_pages(scores, index, width, self.sink_pages(page), self.recent,
                                        group_max=self.group_score == "max", fast_launch=fast)
 
+        score = None
+        if self.method != "sink_window":
+            share = _page_mass(q, index, self.method, self.scale, k_cache, kernel_options)
+            share = share.flatten(2, 3)  # (B, Hkv, G * Sq, Np)
+            score = share.sum(2) if self.group_score == "mass" else share.amax(2)
+            score = score.nan_to_num(nan=0.0)
+        return self._top_pages(score, index)
+
+    def by_score(self, score: Tensor, index: PageIndex) -> Tuple[Tensor, Tensor]:
+        """``(pages, page_counts)`` from given page scores ``score (B, Hkv, max_pages)`` (higher is
+        better, e.g. a learned gate's share of attention mass per page) instead of the method's:
+        the budget, sink and recent pages as for :meth:`__call__` (``method`` is not used)."""
+        if not isinstance(index, PageIndex):
+            raise TypeError(f"{OWNER}: index must be a PageIndex, got {type(index).__name__}")
+        shape = (index.batch, index.kv_heads, index.max_pages)
+        if not isinstance(score, Tensor) or tuple(score.shape) != shape or not score.is_floating_point():
+            got = tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__
+            raise ValueError(f"{OWNER}: score must be a float (B, Hkv, max_pages) = {shape} tensor, got {got}")
+        if score.device != index.device:
+            raise ValueError(f"{OWNER}: score is on device {score.device}, the index on device {index.device}")
+        self.check_budget(index.page_size)
+        return self._top_pages(score.float().nan_to_num(nan=0.0), index)
+
+    def _top_pages(self, score: Optional[Tensor], index: PageIndex) -> Tuple[Tensor, Tensor]:
+        """The selection from page scores ``(B, Hkv, Np)`` (None: none, the sink_window rule)."""
+        page = index.page_size
+        batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
+        width = min(self.budget_pages(page), max_pages)
+        device = index.device
         lengths = index.lengths
         num_pages = index.num_pages()  # (B,)
         page_ids = torch.arange(max_pages, device=device)
@@ -151,15 +179,11 @@ class PageSelection:
             forced = forced | (page_ids[None, :] >= recent_first[:, None])
         forced = forced & valid
 
-        if self.method == "sink_window":
+        if score is None:
             candidates = forced | (valid & (num_pages <= width)[:, None])
             score = torch.zeros(batch, kv_heads, max_pages, device=device)
         else:
             candidates = valid
-            share = _page_mass(q, index, self.method, self.scale, k_cache, kernel_options)
-            share = share.flatten(2, 3)  # (B, Hkv, G * Sq, Np)
-            score = share.sum(2) if self.group_score == "mass" else share.amax(2)
-            score = score.nan_to_num(nan=0.0)
         key = torch.where(forced[:, None, :], torch.full_like(score, float("inf")), score)
         key = torch.where(candidates[:, None, :], key, torch.full_like(score, float("-inf")))
 
@@ -221,6 +245,14 @@ def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink:
         raise KnobError(f"{OWNER}: {detail}", owner=OWNER, detail=detail)
     selection = PageSelection(method=method, budget=budget, sink=sink, recent=recent, **knobs)
     return selection(q, index, k_cache=k_cache, kernel_options=kernel_options)
+
+
+def select_pages_by_score(score: Tensor, index: PageIndex, *, budget: int, sink: int = 64,
+                          recent: int = 64) -> Tuple[Tensor, Tensor]:
+    """:func:`select_pages` with given page scores ``score (B, Hkv, max_pages)`` (higher is better; e.g.
+    :func:`sparse_attn.methods.seer.decode_page_shares`, a learned gate's share of the step's attention
+    mass per page) in place of a method's: the same budget, sink and recent pages and output."""
+    return PageSelection(method="quest", budget=budget, sink=sink, recent=recent).by_score(score, index)
 
 
 def page_mass(q: Tensor, index: PageIndex, *, method: str, scale: Optional[float] = None,

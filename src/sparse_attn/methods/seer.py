@@ -10,7 +10,7 @@ import torch
 
 from .base import Knob, Method, register_method
 from .knobs import KnobSpec
-from .seer_gate import GatesError, SeerGates, resolve_gates
+from .seer_gate import GatesError, SeerGates, block_shares_to_pages, resolve_gates
 from .selection import select_top_k, top_k_dense
 
 _LOADED: dict = {}  # (resolved path, mtime) -> SeerGates, so every layer and call reads a file once
@@ -111,3 +111,26 @@ class Seer(Method):
 
     def dense_knobs(self, grid, forced):
         return top_k_dense(self.top_k, grid) if self._top_k_on() else ()
+
+
+def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
+    """The decode gate of ``layer`` scoring the pages of a :class:`~sparse_attn.decode.PageIndex`:
+    ``(B, Hkv, max_pages)`` float32, each page's share of the step's attention mass as the gate
+    estimates it (one row per KV group). ``q (B, H, Sq, D)``: the step's post-RoPE query rows, the
+    last ``Sq`` positions of each sequence; ``k (B, Hkv, S, D)``: the post-RoPE K cache holding at
+    least ``index.lengths`` tokens. The gate pools the cache's keys per block at each call (work
+    linear in the cache) and reads the lengths on the host (one device sync). Feed the result to
+    :func:`sparse_attn.decode.select_pages_by_score`."""
+    spec = gates.spec
+    if not 0 <= layer < spec.layers:
+        raise ValueError(f"decode_page_shares: layer={layer!r}; the gates have layers 0..{spec.layers - 1}")
+    if spec.block_size % index.page_size:
+        raise ValueError(f"decode_page_shares: the gates' block_size={spec.block_size} is not a multiple of the "
+                         f"index's page_size={index.page_size}")
+    gates = gates.to(q.device)
+    rows, lengths = q.shape[2], index.lengths
+    q_pre = torch.cat([gates.unrotate(q[b:b + 1], max(int(lengths[b]) - rows, 0)) for b in range(q.shape[0])])
+    k_pre = gates.unrotate(k[:, :, :int(lengths.max())], 0)
+    shares = gates.gates[layer].decode_probs(q_pre, k_pre, spec.block_size, lengths)
+    pages = block_shares_to_pages(shares, spec.block_size, index.page_size, index.page_tokens())
+    return torch.nn.functional.pad(pages, (0, index.max_pages - pages.shape[-1]))

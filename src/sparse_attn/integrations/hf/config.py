@@ -291,11 +291,11 @@ class SparseConfig(CheckedOnAssignment):
 
 # Page-index decode: ``decode={"method": ..., "budget": ..., "page": ..., "sink": ..., "recent": ...}``
 # plus the policy keys of DECODE_PAGE_POLICIES.
-DECODE_PAGE_METHODS = ("quest", "pooled", "sink_window")
+DECODE_PAGE_METHODS = ("quest", "pooled", "sink_window", "seer")  # seer: a learned decode gate (``gates``)
 DECODE_PAGE_DEFAULTS = {"page": 16, "sink": 64, "recent": 64}
 DECODE_PAGE_KNOBS = ("method", "budget", *DECODE_PAGE_DEFAULTS)  # the ones per_layer may override
 DECODE_PAGE_POLICIES = {"streaming_heads": {}, "full_heads": {}, "per_layer": {}, "select_layers": (),
-                        "recall_every": 0}
+                        "recall_every": 0, "gates": None}
 
 
 def _check_decode_pages(spec: dict) -> dict:
@@ -349,7 +349,31 @@ def _check_decode_pages(spec: dict) -> dict:
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise _error(f"decode: recall_every={every!r} is not an int >= 0 (0: off)")
     out["recall_every"] = every
+    out["gates"] = _check_decode_gates(out, spec.get("gates"))
     return out
+
+
+def _check_decode_gates(pages: dict, gates):
+    """The ``gates`` of page decode: required (a gates file, or ``"canary"``) when a layer's method is
+    ``seer``, with a block size that is a multiple of every seer layer's page."""
+    seer_pages = {pages["page"]} if pages["method"] == "seer" else set()
+    seer_pages |= {o["page"] for o in pages["per_layer"].values() if o["method"] == "seer"}
+    if gates is None:
+        if seer_pages:
+            raise _error("decode: method='seer' needs gates=PATH (a file written by `sparse-attn train-gates`, "
+                         "or 'canary')")
+        return None
+    from ...methods.seer_gate import GatesError, SeerGates, resolve_gates
+
+    try:
+        spec = SeerGates.read_spec(resolve_gates(gates))
+    except (GatesError, OSError, TypeError) as err:
+        raise _error(f"decode: gates={gates!r}: {err}") from None
+    bad = sorted(p for p in seer_pages if spec.block_size % p)
+    if bad:
+        raise _error(f"decode: gates={gates!r} score blocks of {spec.block_size} tokens, not a multiple of "
+                     f"page={bad[0]}; use a page that divides {spec.block_size}")
+    return str(gates)
 
 
 def _check_page_knobs(where: str, out: dict, allow_dense: bool = False) -> dict:
@@ -376,7 +400,8 @@ def _check_page_knobs(where: str, out: dict, allow_dense: bool = False) -> dict:
     if out["budget"] < out["page"]:
         raise _error(f"{where}: budget={out['budget']!r} is smaller than page={out['page']} (the budget is read "
                      "in whole pages)")
-    selection = PageSelection(method=method, budget=out["budget"], sink=out["sink"], recent=out["recent"])
+    selection = PageSelection(method="quest" if method == "seer" else method, budget=out["budget"],
+                              sink=out["sink"], recent=out["recent"])
     try:
         selection.check_budget(out["page"])
     except ValueError as err:

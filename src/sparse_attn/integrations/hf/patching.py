@@ -142,6 +142,10 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
     for built in {id(m): m for m in config._methods.values() if m is not None}.values():
         if hasattr(built, "check_model"):  # methods tied to a model (seer's gates) check it
             built.check_model(model)
+    if config._decode_pages is not None and config._decode_pages.get("gates") is not None:
+        from ...methods.seer import load_gates
+
+        load_gates(config._decode_pages["gates"], model)  # refused for gates trained on another model
     if is_patched(model):
         unpatch(model)
     _register()
@@ -386,8 +390,16 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
         pages, counts = shared[:2]
         used = source
     else:  # a selecting layer, one before the first of select_layers, or its source ran dense this step
-        pages, counts = select_pages(query, index, method=knobs["method"], budget=budget, sink=knobs["sink"],
-                                     recent=knobs["recent"], scale=scaling)
+        if knobs["method"] == "seer":
+            from ...decode import select_pages_by_score
+            from ...methods.seer import decode_page_shares, load_gates
+
+            shares = decode_page_shares(load_gates(cfg["gates"]), layer, query, key, index)
+            pages, counts = select_pages_by_score(shares, index, budget=budget, sink=knobs["sink"],
+                                                  recent=knobs["recent"])
+        else:
+            pages, counts = select_pages(query, index, method=knobs["method"], budget=budget, sink=knobs["sink"],
+                                         recent=knobs["recent"], scale=scaling)
         used = layer
         if layer in cfg["select_layers"]:
             state.selections[layer] = (pages, counts, filled, page)

@@ -1,0 +1,65 @@
+"""Page selection from given page scores (select_pages_by_score), and the seer decode gate's page
+shares feeding it: the same pages as select_pages when given the method's own scores, the budget,
+sink and recent pages kept, shares that sum to one over each sequence's pages, input checks."""
+
+import pytest
+import torch
+
+from sparse_attn.decode import PageIndex, page_mass, select_pages, select_pages_by_score
+from sparse_attn.integrations.hf.train_gates import capture_qk
+from sparse_attn.methods.seer import decode_page_shares
+from sparse_attn.methods.seer_gate import SeerGates
+from sparse_attn.options import KernelOptions
+from utils import tiny_llama
+
+TORCH = KernelOptions(estimator_kernels="torch")
+
+
+def _case(lengths=(150, 37), heads=4, kv_heads=2, dim=32, capacity=160, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(len(lengths), kv_heads, capacity, dim, generator=gen)
+    q = torch.randn(len(lengths), heads, 1, dim, generator=gen)
+    return q, PageIndex.build(k, 16, lengths=list(lengths), capacity=capacity)
+
+
+def test_given_the_methods_own_scores_the_selection_is_select_pages():
+    q, index = _case()
+    knobs = dict(budget=64, sink=16, recent=16)
+    score = page_mass(q, index, method="quest", kernel_options=TORCH).flatten(2, 3).sum(2)
+    got = select_pages_by_score(score, index, **knobs)
+    want = select_pages(q, index, method="quest", kernel_options=TORCH, **knobs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_best_scored_pages_and_the_forced_ones_are_kept():
+    _, index = _case(lengths=(160,))
+    score = torch.zeros(1, 2, index.max_pages)
+    score[0, 0, 4], score[0, 1, 6] = 1.0, 1.0
+    pages, counts = select_pages_by_score(score, index, budget=48, sink=16, recent=16)
+    assert pages[0, 0].tolist() == [0, 4, 9] and pages[0, 1].tolist() == [0, 6, 9] and counts.tolist() == [[3, 3]]
+
+
+def test_bad_scores_are_refused_naming_score():
+    _, index = _case()
+    for bad in (torch.zeros(2, 2, 3), torch.zeros(2, 2, index.max_pages, dtype=torch.int64), "x"):
+        with pytest.raises(ValueError, match="score"):
+            select_pages_by_score(bad, index, budget=64)
+
+
+def test_seer_decode_shares_cover_each_sequences_pages():
+    model = tiny_llama(vocab_size=64, layers=2, positions=512)
+    gates = SeerGates.for_model(model, block_size=32, gate_dim=16)
+    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), capture_qk(model) as captured:
+        model(ids)
+    q, k = captured[1]
+    index = PageIndex.build(k, 16, lengths=[200, 90], capacity=256)
+    step_q = torch.stack([q[0, :, 199:200], q[1, :, 89:90]])  # each sequence's last query row
+    shares = decode_page_shares(gates, 1, step_q, k, index)
+    assert shares.shape == (2, 2, index.max_pages)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2, 2), atol=1e-5, rtol=0)
+    assert (shares[1, :, 6:] == 0).all()  # 90 tokens fill pages 0-5
+    pages, counts = select_pages_by_score(shares, index, budget=64, sink=16, recent=16)
+    assert counts.tolist() == [[4, 4], [4, 4]] and (pages[1] < 6).all()
+    with pytest.raises(ValueError, match="layer"):
+        decode_page_shares(gates, 2, step_q, k, index)
