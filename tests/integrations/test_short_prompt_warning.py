@@ -38,3 +38,16 @@ def test_long_enough_prompts_do_not_warn():
         with torch.no_grad():
             model(torch.randint(0, 64, (1, 128)))
     assert not [w for w in caught if "min_kv_len" in str(w.message)]
+
+
+def test_a_dense_prefill_method_says_nothing():
+    """method="dense" (e.g. with sparse decode only) asks for no sparse prefill: no warning."""
+    model = tiny_llama()
+    sparse_attn.patch(model, method="dense", decode={"method": "quest", "budget": 32, "page": 16, "sink": 0,
+                                                     "recent": 16})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(torch.randint(0, 64, (1, 40)))
+    assert not [w for w in caught if "min_kv_len" in str(w.message)]
+    sparse_attn.unpatch(model)

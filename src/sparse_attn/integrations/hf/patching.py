@@ -278,7 +278,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     # A static cache's unused tail is never read (``dense`` keeps the full tensors and the mask).
     k_run, v_run = (key, value) if filled == kv_len else (key[:, :, :filled], value[:, :, :filled])
     if config.fallback != "never" and filled < config.min_kv_len:
-        if not state.warned_short:
+        if not state.warned_short and method.name != "dense":  # nothing sparse was asked for: nothing to say
             state.warned_short = True
             warnings.warn(f"sparse_attn: a {filled}-token prefill runs dense attention because it is shorter than "
                           f"min_kv_len={config.min_kv_len} (below that length sparse attention does not pay); "
