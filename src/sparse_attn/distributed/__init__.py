@@ -1,0 +1,6 @@
+"""Context-parallel block-sparse attention over ``torch.distributed`` (see docs/distributed.md)."""
+
+from .context_parallel import context_parallel_attention, local_layout
+from .partition import PartitionPlan, plan_partition
+
+__all__ = ["context_parallel_attention", "local_layout", "PartitionPlan", "plan_partition"]
