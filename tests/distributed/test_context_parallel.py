@@ -22,6 +22,8 @@ def _layouts(world: int) -> dict:
         "random_causal": random_layout(B, HKV, seq, seq, BLOCK, causal=True, density=0.5),
         "random_full": random_layout(1, H, seq, seq, BLOCK, causal=False, density=0.4),
         "window_causal": sliding_window_layout(seq, window=24, sink=16, num_heads=1, block_size=BLOCK),
+        # A partial last block (seq - 7 tokens) that lower ranks read too.
+        "random_full_tail": random_layout(B, 1, seq - 7, seq - 7, BLOCK, causal=False, density=0.5),
     }
     # Rank 0's rows read rank 1's shard; rank 1's rows read only their own shard.
     local = torch.zeros(seq // BLOCK, seq // BLOCK, dtype=torch.bool)
@@ -83,6 +85,7 @@ def _worker(rank, world, store, fp16):
         _compare(layouts["random_full"], rank, world, use_plan=False)
         if world == 2:
             _compare(layouts["window_causal"], rank, world)
+            _compare(layouts["random_full_tail"], rank, world)
         received = []
         real = dist.all_to_all_single
 
@@ -96,10 +99,10 @@ def _worker(rank, world, store, fp16):
         finally:
             dist.all_to_all_single = real
         assert plan.needs[rank] == ((0, world - 1) if rank == 0 else (rank,))
-        # Forward: rank 0 receives rank world-1's 32 rows, the others nothing; backward: the
-        # gradient of those rows goes back to rank world-1 alone.
-        assert received == [plan.received_tokens()[rank], 32 if rank == world - 1 else 0]
-        assert plan.received_tokens()[rank] == (32 if rank == 0 else 0)
+        # Forward: rank 0 receives the 16 rows of the one block of rank world-1 it reads, the others
+        # nothing; backward: the gradient of those rows goes back to rank world-1 alone.
+        assert received == [plan.received_tokens()[rank], 16 if rank == world - 1 else 0]
+        assert plan.received_tokens()[rank] == (16 if rank == 0 else 0)
         if world == 2:
             _errors(rank, world)
         if fp16:  # the Triton forward in the interpreter (the exchange's backward is dtype-blind)
@@ -145,11 +148,15 @@ def test_partition_balances_a_skewed_layout_better_than_equal_tokens():
     assert blocks.shard_lengths[0] < blocks.shard_lengths[-1]
 
 
-def test_plan_reports_needed_shards_and_received_bytes():
+def test_plan_sends_only_the_key_blocks_a_rank_reads():
     layout = sliding_window_layout(256, window=32, sink=16, num_heads=1, block_size=BLOCK)
     plan = plan_partition(layout, 4, balance="tokens")
+    # Rank 3 (rows 12-15) reads the sink block 0 of rank 0, blocks 10-11 of rank 2 and its own 12-15.
+    assert plan.kv_blocks[3] == (0, 10, 11, 12, 13, 14, 15)
     assert plan.needs == ((0,), (0, 1), (0, 1, 2), (0, 2, 3))
-    assert plan.received_tokens() == (0, 64, 128, 128)
-    assert plan.received_bytes(2, 2, 8, torch.float16) == tuple(t * 2 * 2 * 16 * 2 for t in (0, 64, 128, 128))
+    assert plan.received_tokens() == (0, 48, 48, 48)
+    assert plan.received_bytes(2, 2, 8, torch.float16) == tuple(t * 2 * 2 * 16 * 2 for t in (0, 48, 48, 48))
     packed = local_layout(layout, plan, 3)
-    assert (packed.q_len, packed.kv_len) == (64, 192)
+    assert (packed.q_len, packed.kv_len) == (64, 112)
+    # Row 0 of rank 3 (global block 12) keeps the sink, blocks 10-11 and itself: buffer blocks 0-3.
+    assert packed.kv_indices[0, 0, 0, : packed.kv_num_blocks[0, 0, 0]].tolist() == [0, 1, 2, 3]

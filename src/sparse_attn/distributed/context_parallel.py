@@ -1,15 +1,15 @@
 """Context-parallel block-sparse attention: the sequence split over the ranks of a process group.
 
 Each rank holds the queries, keys and values of one contiguous shard of the sequence. The key/value
-shards a rank's kept blocks read are sent to it with one ``all_to_all_single`` (shards nobody's rows
-need stay home; a rank that needs no remote shard receives zero rows); the rank then runs
-:func:`~sparse_attn.sparse_attention` once on its own query rows against the received shards in rank
-order followed by its own shard, under a layout whose key-block indices point into that buffer. Under
-a causal layout a rank reads only shards at or before its own, so the buffer is in sequence order and
-ends with the rank's own tokens: the kernels' bottom-right causal alignment puts each query at its
-true position relative to every key it reads. The backward of the exchange is the reverse
+blocks a rank's kept blocks read from other shards are sent to it with one ``all_to_all_single``
+(blocks nobody else reads stay home; a rank that reads no remote block receives zero rows); the rank
+then runs :func:`~sparse_attn.sparse_attention` once on its own query rows against a buffer of the
+received blocks and its own shard in sequence order, under a layout whose key-block indices point into
+that buffer. Under a causal layout every remote block a rank reads precedes its shard, so the buffer
+ends with the rank's own tokens: the kernels' bottom-right causal alignment puts each query at its true
+position relative to every key it reads. The backward of the exchange is the reverse
 ``all_to_all_single``: every rank gets back the gradients the other ranks computed for its keys and
-values, and sums them.
+values, and adds them up.
 """
 
 from __future__ import annotations
@@ -77,27 +77,39 @@ def context_parallel_attention(q_shard: Tensor, k_shard: Tensor, v_shard: Tensor
     layout.check_compatible(batch, heads, k_shard.shape[1], layout.q_len, layout.kv_len, q_shard.device)
 
     k_remote, v_remote = _gather_needed_kv(k_shard, v_shard, plan, rank, group)
+    # The buffer in sequence order: blocks from lower ranks, the own shard, blocks from higher ranks.
     # Joined even when nothing arrived: every rank's graph then holds the exchange, so every rank
     # runs its backward (a collective) when the loss is differentiated.
-    k_all = torch.cat([k_remote, k_shard], dim=2)
-    v_all = torch.cat([v_remote, v_shard], dim=2)
+    before = sum(_split_sizes(plan, rank)[1][:rank])
+    k_all = torch.cat([k_remote[:, :, :before], k_shard, k_remote[:, :, before:]], dim=2)
+    v_all = torch.cat([v_remote[:, :, :before], v_shard, v_remote[:, :, before:]], dim=2)
     scale = 1.0 / math.sqrt(q_shard.shape[-1]) if scale is None else float(scale)
     return sparse_attention(q_shard, k_all, v_all, local_layout(layout, plan, rank), scale=scale, backend=backend)
 
 
 def local_layout(layout: BlockSparseLayout, plan: PartitionPlan, rank: int) -> BlockSparseLayout:
     """The layout rank ``rank`` runs: its query rows of ``layout`` against the key buffer it holds
-    (the remote shards it needs in rank order, then its own), key-block indices renumbered to that
-    buffer. Kept blocks that hold no allowed (query, key) pair are dropped."""
+    (the remote key blocks it reads and all blocks of its own shard, in sequence order), key-block
+    indices renumbered to that buffer. Kept blocks that hold no allowed (query, key) pair are dropped."""
     q0, q1 = plan.bounds[rank], plan.bounds[rank + 1]
     reach = reachable_dense(layout)[:, :, q0 // layout.q_block:math.ceil(q1 / layout.q_block)]
-    shards = [s for s in plan.needs[rank] if s != rank] + [rank]
-    columns = [reach[..., plan.bounds[s] // layout.kv_block:math.ceil(plan.bounds[s + 1] / layout.kv_block)]
-               for s in shards]
-    cnt, idx = dense_to_csr(torch.cat(columns, dim=-1))
-    kv_len = sum(plan.shard_lengths[s] for s in shards)
+    columns = _buffer_blocks(plan, rank)
+    cnt, idx = dense_to_csr(reach[..., columns])
+    kv_len = sum(plan.block_tokens(j) for j in columns)
     return BlockSparseLayout(cnt, idx, q1 - q0, kv_len, layout.q_block, layout.kv_block, layout.causal,
                              check=False)
+
+
+def _own_blocks(plan: PartitionPlan, rank: int) -> range:
+    return range(plan.bounds[rank] // plan.kv_block, math.ceil(plan.bounds[rank + 1] / plan.kv_block))
+
+
+def _buffer_blocks(plan: PartitionPlan, rank: int) -> list:
+    """The key blocks of rank ``rank``'s buffer, in sequence order. Under a causal layout the remote
+    ones all precede the own shard, so the buffer ends with the rank's own tokens; without causality
+    a partial last block of the sequence can only come last."""
+    remote = {j for j in plan.kv_blocks[rank] if plan.owner(j) != rank}
+    return sorted(remote | set(_own_blocks(plan, rank)))
 
 
 def _check_plan(plan: PartitionPlan, layout: BlockSparseLayout, world: int) -> None:
@@ -138,48 +150,62 @@ def _unpack(packed: Tensor, k: Tensor, v: Tensor):
 
 
 def _gather_needed_kv(k_shard: Tensor, v_shard: Tensor, plan: PartitionPlan, rank: int, group):
-    """The remote shards rank ``rank`` needs, in rank order, as ``(B, Hkv, rows, D)`` keys and values."""
+    """The remote key blocks rank ``rank`` reads, in sequence order, as ``(B, Hkv, rows, D)`` keys and values."""
     packed = _ExchangeShards.apply(_pack(k_shard, v_shard), plan, rank, group)
     return _unpack(packed, k_shard, v_shard)
 
 
+def _send_rows(plan: PartitionPlan, rank: int) -> list:
+    """Per destination rank, the rows of this rank's shard it reads (empty for itself)."""
+    base = plan.bounds[rank]
+    own = set(_own_blocks(plan, rank))
+    rows = []
+    for d in range(plan.world_size):
+        blocks = [j for j in plan.kv_blocks[d] if j in own] if d != rank else []
+        rows.append([j * plan.kv_block + t - base for j in blocks for t in range(plan.block_tokens(j))])
+    return rows
+
+
 def _split_sizes(plan: PartitionPlan, rank: int):
     """Rows rank ``rank`` sends to and receives from every rank (its own shard never travels)."""
-    lengths = plan.shard_lengths
-    send = [lengths[rank] if rank in plan.needs[d] and d != rank else 0 for d in range(plan.world_size)]
-    recv = [lengths[s] if s in plan.needs[rank] and s != rank else 0 for s in range(plan.world_size)]
+    send = [len(rows) for rows in _send_rows(plan, rank)]
+    recv = [0] * plan.world_size
+    for j in plan.kv_blocks[rank]:
+        if plan.owner(j) != rank:
+            recv[plan.owner(j)] += plan.block_tokens(j)
     return send, recv
 
 
 def _any_transfer(plan: PartitionPlan) -> bool:
-    return any(s != r for r in range(plan.world_size) for s in plan.needs[r])
+    return any(plan.owner(j) != r for r in range(plan.world_size) for j in plan.kv_blocks[r])
 
 
 class _ExchangeShards(torch.autograd.Function):
-    """Forward: every rank sends its packed K/V shard to the ranks that need it and receives the
-    shards it needs (one ``all_to_all_single``). Backward: the reverse exchange returns each
-    receiver's gradient of a shard to its owner, which sums them."""
+    """Forward: every rank sends the rows of its packed K/V shard that other ranks' kept blocks read
+    to those ranks and receives the rows it reads (one ``all_to_all_single``). Backward: the reverse
+    exchange returns each receiver's gradient of those rows to their owner, which adds them up."""
 
     @staticmethod
     def forward(ctx, packed: Tensor, plan: PartitionPlan, rank: int, group):
         send, recv = _split_sizes(plan, rank)
+        rows = torch.tensor([t for dest in _send_rows(plan, rank) for t in dest], dtype=torch.long,
+                            device=packed.device)
         ctx.send, ctx.recv, ctx.group, ctx.local = send, recv, group, packed.shape
+        ctx.save_for_backward(rows)
         ctx.active = _any_transfer(plan)  # the same on every rank: all call the collective or none does
         out = packed.new_empty(sum(recv), packed.shape[1])
         if ctx.active:
-            dests = sum(1 for n in send if n)
-            outgoing = packed.contiguous().repeat(dests, 1)
+            outgoing = packed.index_select(0, rows)
             dist.all_to_all_single(out, outgoing, output_split_sizes=recv, input_split_sizes=send, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        (rows,) = ctx.saved_tensors
         grad_local = grad.new_zeros(ctx.local)
         if ctx.active:
-            dests = sum(1 for n in ctx.send if n)
             back = grad.new_empty(sum(ctx.send), ctx.local[1])
             dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send,
                                    input_split_sizes=ctx.recv, group=ctx.group)
-            if dests:
-                grad_local = back.view(dests, *ctx.local).sum(dim=0)
+            grad_local.index_add_(0, rows, back)
         return grad_local, None, None, None

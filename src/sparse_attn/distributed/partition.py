@@ -3,11 +3,12 @@
 A :class:`PartitionPlan` cuts the sequence of a self-attention layout (``q_len == kv_len``) into
 contiguous shards, one per rank, at multiples of ``max(q_block, kv_block)`` tokens: rank ``r`` owns the
 queries, keys and values of tokens ``bounds[r]:bounds[r + 1]``. From the layout it knows which key
-shards the kept blocks of each rank's query rows read (``needs``), so a rank is sent only those.
+blocks the kept blocks of each rank's query rows read (``kv_blocks``), so a rank is sent only those.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -26,13 +27,16 @@ class PartitionPlan:
         bounds: ``world_size + 1`` token offsets; rank ``r`` owns tokens ``bounds[r]:bounds[r + 1]``.
         kept_blocks: per rank, the kept (causally reachable) blocks of its query rows, summed over
             the layout's batch and heads: the work the rank does.
-        needs: per rank, the ranks whose key/value shards its kept blocks read (its own included
-            when it reads it); a shard is sent to rank ``r`` only if ``r`` needs it.
+        kv_blocks: per rank, the sorted key blocks its kept (causally reachable) blocks read; rank
+            ``r`` is sent exactly those of them that other ranks own.
+        needs: per rank, the ranks owning some block of ``kv_blocks[r]`` (its own included when it
+            reads it).
         seq_len, q_block, kv_block, causal: the geometry of the layout the plan was built for.
     """
 
     bounds: tuple
     kept_blocks: tuple
+    kv_blocks: tuple
     needs: tuple
     seq_len: int
     q_block: int
@@ -55,8 +59,16 @@ class PartitionPlan:
 
     def received_tokens(self) -> tuple:
         """Per rank, the key/value tokens it receives from other ranks."""
-        lengths = self.shard_lengths
-        return tuple(sum(lengths[s] for s in self.needs[r] if s != r) for r in range(self.world_size))
+        return tuple(sum(self.block_tokens(j) for j in self.kv_blocks[r] if self.owner(j) != r)
+                     for r in range(self.world_size))
+
+    def owner(self, kv_block: int) -> int:
+        """The rank owning key block ``kv_block``."""
+        return bisect.bisect_right(self.bounds, kv_block * self.kv_block) - 1
+
+    def block_tokens(self, kv_block: int) -> int:
+        """The tokens in key block ``kv_block`` (fewer than ``kv_block`` only for the last)."""
+        return min(self.kv_block, self.seq_len - kv_block * self.kv_block)
 
     def received_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                        value_dim: int | None = None) -> tuple:
@@ -179,10 +191,12 @@ def _plan(layout: BlockSparseLayout, bounds: list) -> PartitionPlan:
     per_row = _kept_per_q_block(layout)
     kv_first = torch.arange(layout.num_kv_blocks) * layout.kv_block
     owner = torch.searchsorted(torch.tensor(bounds), kv_first, right=True) - 1  # rank of each key block
-    kept, needs = [], []
+    kept, blocks, needs = [], [], []
     for r in range(len(bounds) - 1):
         rows = slice(bounds[r] // layout.q_block, math.ceil(bounds[r + 1] / layout.q_block))
         kept.append(int(per_row[rows].sum()))
-        needs.append(tuple(sorted({int(o) for o in owner[dense[rows].any(dim=0)]})))
-    return PartitionPlan(tuple(bounds), tuple(kept), tuple(needs), layout.q_len, layout.q_block,
+        read = dense[rows].any(dim=0)
+        blocks.append(tuple(int(j) for j in read.nonzero().flatten()))
+        needs.append(tuple(sorted({int(o) for o in owner[read]})))
+    return PartitionPlan(tuple(bounds), tuple(kept), tuple(blocks), tuple(needs), layout.q_len, layout.q_block,
                          layout.kv_block, layout.causal)
