@@ -19,15 +19,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
     """Raise ``ValueError`` / :class:`LayoutError` naming the bad argument and what was expected."""
-    _check_qkv(q, k, v, layout)
+    check_qkv(q, k, v, layout)
     batch, heads, q_len, _ = q.shape
     if q_len == 0 or k.shape[2] == 0:
         raise ValueError(f"empty sequence: q_len={q_len}, kv_len={k.shape[2]}")
     layout.check_compatible(batch, heads, k.shape[1], q_len, k.shape[2], q.device)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
-    """The checks of :func:`check_attention_inputs` that hold for empty sequences too."""
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
+    """The checks of :func:`check_attention_inputs` that hold for empty sequences too: q, k, v are
+    4-D tensors of one supported dtype on one device, with one batch size, GQA-compatible head
+    counts and one head dim for q and k, and ``layout`` is a BlockSparseLayout."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -177,7 +179,7 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
         _check_offsets(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), q.shape[0], k.shape[0], layout)
     views = tuple(t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
     if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend: zeros and -inf, zero gradients
-        _check_qkv(*views, layout)
+        check_qkv(*views, layout)
         out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
         out, lse = with_zero_gradients(out, lse, q, k, v)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..attention import _check_qkv, sparse_attention
+from ..attention import check_qkv, sparse_attention
 from ..layout import BlockSparseLayout, LayoutError, dense_to_csr
 from .partition import PartitionPlan, _check_self_attention, alignment, reachable_dense
 
@@ -54,7 +54,7 @@ def context_parallel_attention(q_shard: Tensor, k_shard: Tensor, v_shard: Tensor
     it with the same layout, plan, backend and scale, and differentiate through it together (its
     backward is a collective too, as in DistributedDataParallel).
     """
-    _check_qkv(q_shard, k_shard, v_shard, layout)
+    check_qkv(q_shard, k_shard, v_shard, layout)
     _check_self_attention(layout)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
