@@ -56,12 +56,7 @@ def context_parallel_attention(q_shard: Tensor, k_shard: Tensor, v_shard: Tensor
     """
     check_qkv(q_shard, k_shard, v_shard, layout)
     _check_self_attention(layout)
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
-                           "(gloo on CPU, nccl on GPUs) before context_parallel_attention")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("group does not contain this process")
+    rank, world = _group_rank(group, "context_parallel_attention")
     local_len = q_shard.shape[2]
     if k_shard.shape[2] != local_len:
         raise ValueError(f"k_shard/v_shard hold {k_shard.shape[2]} positions but q_shard holds {local_len}; "
@@ -112,11 +107,27 @@ def _buffer_blocks(plan: PartitionPlan, rank: int) -> list:
     return sorted(remote | set(_own_blocks(plan, rank)))
 
 
-def _check_plan(plan: PartitionPlan, layout: BlockSparseLayout, world: int) -> None:
+def _group_rank(group, caller: str):
+    """``(rank, world size)`` of this process in ``group``; errors when torch.distributed is not
+    initialized or the group does not contain this process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+                           f"(gloo on CPU, nccl on GPUs) before {caller}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("group does not contain this process")
+    return rank, world
+
+
+def _check_plan_group(plan: PartitionPlan, world: int) -> None:
     if not isinstance(plan, PartitionPlan):
         raise TypeError(f"plan must be a PartitionPlan, got {type(plan).__name__}")
     if plan.world_size != world:
         raise ValueError(f"plan is for {plan.world_size} ranks but the group has {world}")
+
+
+def _check_plan(plan: PartitionPlan, layout: BlockSparseLayout, world: int) -> None:
+    _check_plan_group(plan, world)
     geometry = (layout.q_len, layout.q_block, layout.kv_block, layout.causal)
     if (plan.seq_len, plan.q_block, plan.kv_block, plan.causal) != geometry:
         raise LayoutError(f"plan was built for seq_len={plan.seq_len}, blocks {plan.q_block}x{plan.kv_block}, "

@@ -152,7 +152,7 @@ def _reachable(q_len: int, kv_len: int, q_block: int, kv_block: int, first: int,
     return sum(min(nk, (min((j + 1) * q_block, q_len) - 1 + offset) // kv_block + 1) for j in range(first, end))
 
 
-def _counts_of_the_call(method, kv_len: int):
+def counts_of_the_call(method, kv_len: int):
     """``method`` with each count knob given as a share resolved against a call of ``kv_len`` keys
     (or its key blocks), so that estimating a shorter sample keeps the call's counts."""
     changes = {}
@@ -171,7 +171,7 @@ def sample_density(method, q, k, layer_idx, spans: list, *, scale=None, kernel_o
     chunked prefill against the keys up to its last row. Returns ``(density (Hkv,), share)``: each KV
     group's density over the sampled rows and their share of the call's reachable blocks."""
     q_len, kv_len, kv_heads = q.shape[2], k.shape[2], k.shape[1]
-    method = _counts_of_the_call(method.for_layer(layer_idx), kv_len)
+    method = counts_of_the_call(method.for_layer(layer_idx), kv_len)
     block = method.block_size
     offset = kv_len - q_len
     kept, reach = None, 0
