@@ -38,24 +38,14 @@ def kernel_times(step, repeats: int = 20) -> dict:
     return {k["name"][:60]: 1000.0 * k["ms_per_estimate"] for k in breakdown["kernels"]}
 
 
-def topk_warp_variants(logits, stats, index, width, warps_list) -> dict:
+def topk_warp_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
     """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
-    import triton
+    from sparse_attn.decode.select_kernels import triton_select_pages
 
-    from sparse_attn.decode.select_kernels import _select_pages_kernel
-
-    batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
-    pages = torch.empty(batch, kv_heads, width, device="cuda", dtype=torch.int32)
-    counts = torch.empty(batch, kv_heads, device="cuda", dtype=torch.int32)
     out = {}
     for warps in warps_list:
         def launch(warps=warps):
-            _select_pages_kernel[(batch * kv_heads,)](
-                logits, stats, index.lengths, pages, counts, *logits.stride()[:3], *stats.stride()[:4],
-                pages.stride(0), pages.stride(1), counts.stride(0), max_pages, width, 4, 64, stats.shape[-1],
-                KV_HEADS=kv_heads, ROWS=logits.shape[2], PAGE_SIZE=index.page_size,
-                NP_P2=triton.next_power_of_2(max_pages), W_P2=triton.next_power_of_2(width),
-                TILES_P2=triton.next_power_of_2(stats.shape[-1]), SCORED=True, GROUP_MAX=False, num_warps=warps)
+            return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False, num_warps=warps)
         try:
             out[warps] = bench(graphed(lambda launch=launch: launch))
         except Exception as exc:  # noqa: BLE001 - reported in the row
@@ -104,9 +94,10 @@ def main(argv=None):
 
                 row = {"context": context, "batch": batch, "page": page, "budget": args.budget,
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
-                logits, stats = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
-                width = -(-args.budget // page)
-                row["topk_graph_ms_by_warps"] = topk_warp_variants(logits, stats, index, width, args.warps)
+                scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
+                width = min(selection.budget_pages(page), index.max_pages)
+                row["topk_graph_ms_by_warps"] = topk_warp_variants(
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None

@@ -204,11 +204,12 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
-                        group_max: bool, fast_launch: bool = True) -> tuple[Tensor, Tensor]:
+                        group_max: bool, fast_launch: bool = True,
+                        num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection)."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -228,6 +229,6 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, num_warps=max(4, min(16, np_p2 // 128)),
+        GROUP_MAX=group_max, num_warps=num_warps or max(4, min(16, np_p2 // 128)),
     ), fast_launch)
     return pages, counts
