@@ -27,14 +27,9 @@ from .base import Method, register_method
 from .common import group_queries
 from .knobs import KnobSpec
 from .primitives.mean_pool import block_mean_pool
+from .primitives.mean_pool.naive import mean_pool
 
 __all__ = ["MoBA", "moba_reference", "moba_token_blocks", "moba_selection_agreement"]
-
-
-def _mean_pool(x: Tensor, block: int) -> Tensor:
-    from .primitives.mean_pool.naive import mean_pool
-
-    return mean_pool(x, block)
 
 
 def moba_token_blocks(q: Tensor, k: Tensor, moba_block: int, top_k: int, scale: Optional[float] = None) -> Tensor:
@@ -44,7 +39,7 @@ def moba_token_blocks(q: Tensor, k: Tensor, moba_block: int, top_k: int, scale: 
     batch, heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    means = _mean_pool(k.float(), moba_block)  # (B, Hkv, NM, D)
+    means = mean_pool(k.float(), moba_block)  # (B, Hkv, NM, D)
     nm = means.shape[2]
     scores = torch.einsum("bngsd,bnmd->bngsm", group_queries(q.float(), kv_heads), means).flatten(1, 2) * scale
     pos = torch.arange(kv_len - q_len, kv_len, device=q.device)

@@ -132,5 +132,4 @@ def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
     q_pre = torch.cat([gates.unrotate(q[b:b + 1], max(int(lengths[b]) - rows, 0)) for b in range(q.shape[0])])
     k_pre = gates.unrotate(k[:, :, :int(lengths.max())], 0)
     shares = gates.gates[layer].decode_probs(q_pre, k_pre, spec.block_size, lengths)
-    pages = block_shares_to_pages(shares, spec.block_size, index.page_size, index.page_tokens())
-    return torch.nn.functional.pad(pages, (0, index.max_pages - pages.shape[-1]))
+    return block_shares_to_pages(shares, spec.block_size, index.page_size, index.page_tokens())
