@@ -1,8 +1,10 @@
 """Prefill time of a whole patched model vs the same model dense, at long lengths.
 
 For each length: the prompt is a passkey sample of that many tokens (real haystack text); dense
-runs through SDPA with the flash and the cuDNN backend forced in turn, then each method (one knob
-setting, sparse on every call: ``fallback="never"``). Each time is the median of ``--repeats``
+runs through SDPA with the flash and the cuDNN backend forced in turn, then each method at one knob
+setting, once per ``--fallbacks`` value: ``never`` runs sparse on every call (what the method costs
+when it must run), ``auto`` is the default a user gets (the pre-check and cost model run dense
+wherever sparse would not pay). Each time is the median of ``--repeats``
 forward passes after one untimed warm-up (the evaluation harness's ``timed_prefills``); the density
 and the estimation share come from the same run. The canary was trained at 8K, so above that its
 answers are meaningless, but its prefill time is not: this measures what sparse attention saves
@@ -10,7 +12,7 @@ in a whole model (embeddings, MLPs and the LM head included).
 
     python benchmarks/bench_prefill.py --model canary --lengths 32768 131072 --out results/prefill
     python benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 32768 131072 --densities 0.05 0.1 0.2 \
-        --out results/prefill_8b_shape
+        --fallbacks auto never --out results/prefill_8b_shape
 
 ``--model 8b-shape`` is a Llama-8B-shaped model with random weights (hidden 4096, 32 heads / 8 KV
 heads, head dim 128, MLP 14336, vocab 32000, ``--layers`` layers), fed random tokens: random
@@ -94,6 +96,23 @@ def _rest_of_model_ms(model, ids, device, repeats: int) -> float:
         model.set_attn_implementation(before)
 
 
+def _predicted_attention_ms(model, calls) -> float:
+    """The cost model's prediction of one prefill's attention time (kernels, without the estimate),
+    summed over the recorded layer calls: dense time for a call that ran dense, the sparse time at
+    its density for one that ran sparse."""
+    from sparse_attn.methods.cost import CostModel
+
+    cost = CostModel()
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    heads = cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    total = 0.0
+    for r in calls:
+        dense = cost.dense_ms(1, heads, r["q_len"], r["kv_len"], dim)
+        total += cost.sparse_ms(r["density"], dense) if r["sparse"] else dense
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="canary",
@@ -104,6 +123,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--fallbacks", nargs="+", default=["never"], choices=["never", "auto"],
+                        help="SparseConfig.fallback of the method rows (the random layouts always run sparse)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="results/prefill")
@@ -125,14 +146,16 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "dtype": str(dtype),
             "block_size": args.block_size, "repeats": args.repeats,
             "layers": model.config.num_hidden_layers}
-    configs = [(method, method, METHODS[method]) for method in args.methods]
-    configs += [(f"random d={d}", "random", {"density": d}) for d in args.densities]
+    configs = [(method if fallback == "never" else f"{method} (fallback auto)", method, METHODS[method], fallback)
+               for fallback in args.fallbacks for method in args.methods]
+    configs += [(f"random d={d}", "random", {"density": d}, "never") for d in args.densities]
+    layers = model.config.num_hidden_layers
     rows = []
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     print(f"# prefill, {meta['device']}, {args.model}\n")
     print("| length | config | prefill ms | estimate ms | density | vs dense flash | vs dense cuDNN | "
-          "attention / estimate / rest |")
-    print("|---|---|---|---|---|---|---|---|")
+          "attention / estimate / rest | attention ms: measured / predicted |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:
         if tokenizer is None:
             ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
@@ -147,30 +170,35 @@ def main() -> None:
             try:
                 with backend():
                     dense[label], _ = timed_prefills(model, ids, device, None, args.repeats)
-                rows.append({"length": length, "config": label, "prefill_ms": dense[label], "density": 1.0})
+                rows.append({"length": length, "config": label, "prefill_ms": dense[label], "density": 1.0,
+                             "predicted_attention_ms": _predicted_attention_ms(model, [
+                                 {"q_len": length, "kv_len": length, "sparse": False}] * layers)})
             except RuntimeError as exc:  # a backend that does not run here says so
                 rows.append({"length": length, "config": label, "error": str(exc).splitlines()[0]})
-        for label, method, knobs in configs:
+        for label, method, knobs, fallback in configs:
             state = patch(model, config=SparseConfig(
                 method=method, knobs={"block_size": args.block_size, **knobs}, min_kv_len=0,
-                fallback="never", record=True))
+                fallback=fallback, record=True))
             with torch.no_grad():
                 model(ids)  # one recorded pass for the density
-            prefills = [r for r in state.records if r["sparse"]]
-            density = sum(r["density"] for r in prefills) / max(len(prefills), 1)
+            calls = [r for r in state.records if not r["decode"]]
+            density = sum(r["density"] if r["sparse"] else 1.0 for r in calls) / max(len(calls), 1)
+            predicted = _predicted_attention_ms(model, calls)
             state.records.clear()
             prefill_ms, estimate_ms = timed_prefills(model, ids, device, state, args.repeats)
             unpatch(model)
-            rows.append({"length": length, "config": label, "method": method, "knobs": knobs,
-                         "prefill_ms": prefill_ms, "estimate_ms": estimate_ms, "density": density})
+            rows.append({"length": length, "config": label, "method": method, "knobs": knobs, "fallback": fallback,
+                         "prefill_ms": prefill_ms, "estimate_ms": estimate_ms, "density": density,
+                         "predicted_attention_ms": predicted,
+                         "sparse_layers": sum(bool(r["sparse"]) for r in calls), "layer_calls": len(calls)})
         for row in rows:
             if row["length"] != length:
                 continue
             if "error" in row:
-                print(f"| {length} | {row['config']} | failed: {row['error'][:60]} | | | | | |")
+                print(f"| {length} | {row['config']} | failed: {row['error'][:60]} | | | | | | |")
                 continue
             if "density" not in row:  # the rest of the model
-                print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | | | | | |")
+                print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | | | | | | |")
                 continue
             ratios = [f"{row['prefill_ms'] / dense[k]:.2f}x" if k in dense else "-"
                       for k in ("dense_flash", "dense_cudnn")]
@@ -178,8 +206,10 @@ def main() -> None:
             attention = max(row["prefill_ms"] - rest_ms - estimate, 0.0)
             row["attention_ms"] = attention
             split = " / ".join(f"{100 * part / row['prefill_ms']:.0f}%" for part in (attention, estimate, rest_ms))
+            predicted = row.get("predicted_attention_ms")
+            versus = f"{attention:.1f} / {predicted:.1f}" if predicted is not None else f"{attention:.1f} / -"
             print(f"| {length} | {row['config']} | {row['prefill_ms']:.1f} | {estimate:.1f} | "
-                  f"{row['density']:.3f} | {ratios[0]} | {ratios[1]} | {split} |", flush=True)
+                  f"{row['density']:.3f} | {ratios[0]} | {ratios[1]} | {split} | {versus} |", flush=True)
         with open(args.out + ".json", "w") as fh:  # rewritten per length: a cut run keeps what it measured
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     print(f"\nwrote {args.out}.json")

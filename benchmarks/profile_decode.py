@@ -1,7 +1,7 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention and its merge) with its device time from the PyTorch
-profiler, at each (context, batch, page); and the top-k kernel's time at several warp counts,
-replayed as CUDA graphs.
+profiler, at each (context, batch, page); the top-k kernel's time for each threshold search and
+warp count, and the decode attention's time at several split counts, replayed as CUDA graphs.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -38,18 +38,35 @@ def kernel_times(step, repeats: int = 20) -> dict:
     return {k["name"][:60]: 1000.0 * k["ms_per_estimate"] for k in breakdown["kernels"]}
 
 
-def topk_warp_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
-    """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
+def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
+    """CUDA-graph time (ms) of the top-k kernel alone for each threshold search ("8way",
+    "bisect") and warp count, keyed ``"<search>/<warps>"``."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
     out = {}
-    for warps in warps_list:
-        def launch(warps=warps):
-            return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False, num_warps=warps)
+    for search in ("8way", "bisect"):
+        for warps in warps_list:
+            def launch(warps=warps, search=search):
+                return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
+                                           num_warps=warps, eight_way=search == "8way")
+            try:
+                out[f"{search}/{warps}"] = bench(graphed(lambda launch=launch: launch))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                out[f"{search}/{warps}"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
+
+
+def split_variants(q, k, v, pages, counts, lens, page, splits_list) -> dict:
+    """CUDA-graph time (ms) of the decode attention kernels (split and merge) at each split count."""
+    out = {}
+    for splits in splits_list:
+        def launch(splits=splits):
+            return triton_decode_attention(q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5,
+                                           num_splits=splits)
         try:
-            out[warps] = bench(graphed(lambda launch=launch: launch))
+            out[splits] = bench(graphed(lambda launch=launch: launch))
         except Exception as exc:  # noqa: BLE001 - reported in the row
-            out[warps] = f"{type(exc).__name__}: {exc}"[:200]
+            out[splits] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
@@ -59,7 +76,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--warps", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--splits", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--out", default="results/decode_profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -96,8 +114,10 @@ def main(argv=None):
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
-                row["topk_graph_ms_by_warps"] = topk_warp_variants(
+                row["topk_graph_ms"] = topk_variants(
                     scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
+                p, c = selection(q, index)
+                row["attention_graph_ms_by_splits"] = split_variants(q, k, v, p, c, lens, page, args.splits)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None
@@ -110,7 +130,8 @@ def main(argv=None):
         print("| kernel | device us per step |\n|---|---|")
         for name, us in r["kernels_us"].items():
             print(f"| {name} | {us:.2f} |")
-        print("top-k kernel by warps (CUDA graph ms):", r["topk_graph_ms_by_warps"])
+        print("top-k kernel by search/warps (CUDA graph ms):", r["topk_graph_ms"])
+        print("decode attention by splits (CUDA graph ms):", r["attention_graph_ms_by_splits"])
     return 0
 
 
