@@ -21,14 +21,15 @@ against the PyTorch reference, and Flex against ours, on the same selection.
 
     python benchmarks/bench_decode.py --out results/decode
     python benchmarks/bench_decode.py --contexts 32768 131072 --batches 1 8 --budgets 2048 --out results/decode
-    python benchmarks/bench_decode.py --generate --contexts 32768 131072 --out results/decode_generate
+    python benchmarks/bench_decode.py --generate --contexts 32768 131072 --batches 1 --out results/decode_generate
 
 ``--launch triton`` launches every kernel through Triton's own path (more host time per launch);
 the default launches compiled kernels through their compiled launchers.
 
 ``--generate`` times ``model.generate()`` instead: an 8B-shaped Llama (hidden 4096, 32 heads / 8 KV
 heads, MLP 14336, ``--layers`` layers, random weights, bf16), dense decode vs sparse decode through
-``sparse_attn.patch(model, decode={...})``, in decode tokens per second (prefill excluded).
+``sparse_attn.patch(model, decode={...})``, at every context and batch: time per decode step and
+tokens per second over the batch (prefill excluded).
 
 Prints a table and writes ``<out>.json`` (rows written as they are measured) and ``<out>.md``.
 Needs a CUDA GPU; without one it says so and exits with status 2.
@@ -216,23 +217,25 @@ def generate_rows(args):
 
     decode = {"method": args.method, "budget": args.budgets[0], "page": args.page}
     for context in args.contexts:
-        ids = torch.randint(1000, 30000, (1, context), device="cuda")
-        row = {"context": context, "layers": args.layers, "new_tokens": args.new_tokens, **{
-            f"decode_{k}": v for k, v in decode.items()}}
-        for mode in ("dense", "sparse"):
-            if mode == "sparse":
-                sparse_attn.patch(model, method="dense", decode=decode, record=False)
-            seconds(ids, 2)  # warm-up (compiles the kernels)
-            prefill = [seconds(ids, 1) for _ in range(args.rounds)]
-            full = [seconds(ids, 1 + args.new_tokens) for _ in range(args.rounds)]
-            per_token = (statistics.median(full) - statistics.median(prefill)) / args.new_tokens
-            row[f"{mode}_ms_per_token"] = per_token * 1e3
-            row[f"{mode}_tokens_per_s"] = 1.0 / per_token
-            if mode == "sparse":
-                sparse_attn.unpatch(model)
-        row["speedup"] = row["dense_ms_per_token"] / row["sparse_ms_per_token"]
-        yield row
-        torch.cuda.empty_cache()
+        for batch in args.batches:
+            ids = torch.randint(1000, 30000, (batch, context), device="cuda")
+            row = {"context": context, "batch": batch, "layers": args.layers, "new_tokens": args.new_tokens, **{
+                f"decode_{k}": v for k, v in decode.items()}}
+            for mode in ("dense", "sparse"):
+                if mode == "sparse":
+                    sparse_attn.patch(model, method="dense", decode=decode, record=False)
+                seconds(ids, 2)  # warm-up (compiles the kernels)
+                prefill = [seconds(ids, 1) for _ in range(args.rounds)]
+                full = [seconds(ids, 1 + args.new_tokens) for _ in range(args.rounds)]
+                per_token = (statistics.median(full) - statistics.median(prefill)) / args.new_tokens
+                row[f"{mode}_ms_per_token"] = per_token * 1e3
+                row[f"{mode}_tokens_per_s"] = batch / per_token
+                if mode == "sparse":
+                    sparse_attn.unpatch(model)
+            row["speedup"] = row["dense_ms_per_token"] / row["sparse_ms_per_token"]
+            yield row
+            ids = None
+            torch.cuda.empty_cache()
 
 
 def fmt(x, spec=".3f"):
@@ -265,12 +268,14 @@ def kernel_table(rows, meta) -> str:
 
 def generate_table(rows, meta) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
-             f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16, batch 1; launches: "
+             f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16; launches: "
              f"{meta.get('launch', 'fast')}", "",
-             "| context | layers | decode | dense ms/token | sparse ms/token | dense tok/s | sparse tok/s | speed-up |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| context | batch | layers | decode | dense ms/step | sparse ms/step | dense tok/s | sparse tok/s | "
+             "speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['layers']} | {r['decode_method']} budget {r['decode_budget']} page "
+        lines.append(f"| {r['context']} | {r.get('batch', 1)} | {r['layers']} | {r['decode_method']} budget "
+                     f"{r['decode_budget']} page "
                      f"{r['decode_page']} | {r['dense_ms_per_token']:.2f} | {r['sparse_ms_per_token']:.2f} | "
                      f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)

@@ -17,8 +17,9 @@
 #   sweep        evaluation sweep of the shipped canary at 8K, 4K and 2K: accuracy, density, prefill (~8.5 min)
 #   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 #   gpu_tests    every test marked gpu (~3 min)
-#   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16 and 32 (~5.5 min)
-#   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K (~4 min)
+#   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16, 32 and 64 (~7 min)
+#   decode_profile  each kernel of a decode step, top-k searches and split counts, pages 16/32/64 (~2 min)
+#   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
 # into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
@@ -132,11 +133,18 @@ for step in "${@:-attention}"; do
       timeout 100 python3 -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/decode 2>&1 | tail -5
       timeout 230 python3 benchmarks/bench_decode.py --contexts 32768 131072 --batches 1 8 32 --budgets 1024 2048 4096 \
         --page 16 --out "$out/decode_page16" 2>&1 | tee "$out/decode_page16.log" | grep -a "^|"
-      timeout 110 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 \
-        --page 32 --out "$out/decode_page32" 2>&1 | tee "$out/decode_page32.log" | grep -a "^|" ;;
+      for page in 32 64; do
+        timeout 110 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 \
+          --page $page --out "$out/decode_page$page" 2>&1 | tee "$out/decode_page$page.log" | grep -a "^|"
+      done ;;
+    decode_profile)
+      timeout 200 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 64 \
+        --out "$out/decode_profile" 2>&1 | tail -40 ;;
     generate)
-      timeout 280 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --budgets 2048 \
-        --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, generate)" ;;
+      timeout 200 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --batches 1 --budgets 2048 \
+        --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
+      timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
+        --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_profile, generate)" ;;
   esac
 done
