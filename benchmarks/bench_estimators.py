@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -38,6 +39,7 @@ METHODS = {  # label -> (method, knobs)
     "flexprefill": ("flexprefill", {"gamma": 0.9, "tau": 0.1}),
     "flexprefill_union": ("flexprefill", {"gamma": 0.9, "tau": 0.1, "line_search": "union"}),
     "oracle": ("oracle", {"top_p": 0.95}),
+    "seer": ("seer", {"top_k": 0.1}),  # untrained gates of the benchmark's shape: cost, not choice
 }
 # Estimator steps: (KernelOptions.estimator_kernels, the block-mass methods' one_pass knob): PyTorch
 # references, Triton with block_mass in two passes, Triton with it in one.
@@ -63,6 +65,19 @@ def structured_qk(heads: int, kv_heads: int, seq: int, dim: int, device: str, sc
     return rotate(q).bfloat16(), rotate(k).bfloat16()
 
 
+def untrained_seer_gates(heads: int, kv_heads: int, dim: int, directory: str, block_size: int = 128) -> str:
+    """A one-layer gates file of the given shape with fresh weights (what a seer estimate costs does
+    not depend on training); returns its path."""
+    from sparse_attn.methods.seer_gate import GateSpec, SeerGates
+
+    spec = GateSpec(layers=1, heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size, gate_dim=dim,
+                    rope_theta=10000.0, rope_scaling=1.0, model_hash="untrained", model_name="untrained")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    path = os.path.join(directory, "untrained_gates.safetensors")
+    SeerGates(spec, inv_freq).save(path)
+    return path
+
+
 def _dense_cudnn_ms(bench, q, k, v) -> float:
     """Dense causal attention time with SDPA's cuDNN backend (k, v already repeated to q's heads)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -72,11 +87,11 @@ def _dense_cudnn_ms(bench, q, k, v) -> float:
 
 
 def _measure(bench, method, q, k, v, options: KernelOptions) -> dict:
-    """Estimation time of ``method`` on (q, k) with ``options``, the density it chose and our attention
-    time there."""
-    layout = method.estimate(q, k, kernel_options=options)
+    """Estimation time of ``method`` on (q, k) (as layer 0) with ``options``, the density it chose and
+    our attention time there."""
+    layout = method.estimate(q, k, 0, kernel_options=options)
     return {"layout": layout, "density": layout.density(),
-            "estimate_ms": bench(lambda: method.estimate(q, k, kernel_options=options)),
+            "estimate_ms": bench(lambda: method.estimate(q, k, 0, kernel_options=options)),
             "sparse_ms": bench(lambda: sparse_attention(q, k, v, layout, backend="triton"))}
 
 
@@ -104,6 +119,7 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "inputs": args.inputs,
             "triton": triton.__version__, "date": datetime.date.today().isoformat()}
     rows = []
+    gates_dir = tempfile.mkdtemp(prefix="bench_estimators_")
     print("| S | method | estimator steps | blocks differing from the first | density | estimate ms | sparse ms | "
           "dense cuDNN ms | estimate / dense | estimate / sparse |\n|" + "---|" * 10, flush=True)
     for seq in args.lengths:
@@ -122,8 +138,13 @@ def main(argv=None):
             for steps in args.steps:
                 if steps == "triton_one_pass" and name not in USES_BLOCK_MASS:
                     continue
+                if name == "seer" and steps != args.steps[0]:
+                    continue  # the gate is the same PyTorch code under every step variant
                 kernels, one_pass = STEPS[steps]
                 step_knobs = {**knobs, "one_pass": one_pass} if name in USES_BLOCK_MASS else knobs
+                if name == "seer":
+                    step_knobs = {**step_knobs, "gates": untrained_seer_gates(
+                        args.heads, args.kv_heads, args.dim, gates_dir)}
                 try:
                     row = _measure(bench, get_method(name, **step_knobs, measure_cost=False), q, k, v,
                                    KernelOptions(estimator_kernels=kernels))

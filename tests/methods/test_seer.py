@@ -95,6 +95,18 @@ def test_gates_are_checked_when_built_and_patched(trained, tmp_path):
         get_method("seer", gates=gates, block_size=16).estimate(q, k)
 
 
+def test_the_json_beside_the_gates_names_them_too(trained):
+    """The path ``SeerGates.save`` returns (the .json) works wherever the .safetensors does."""
+    from sparse_attn.methods.seer_gate import gates_json_path
+
+    model, gates, ids = trained
+    q, k = _qk(model, ids)[1]
+    by_weights = get_method("seer", gates=gates, block_size=16, top_k=2).estimate(q, k, 1)
+    by_json = get_method("seer", gates=str(gates_json_path(gates)), block_size=16, top_k=2).estimate(q, k, 1)
+    assert by_json.density() < 1.0
+    assert torch.equal(by_json.to_dense(), by_weights.to_dense())
+
+
 def test_shipped_canary_gates_fit_the_canary_model_and_the_eval_sweep():
     import types
 

@@ -227,12 +227,14 @@ def gates_json_path(path: Union[str, Path]) -> Path:
 
 
 def resolve_gates(path: Union[str, os.PathLike]) -> Path:
-    """``"canary"`` -> the gates shipped with the canary model; any other value as a path."""
+    """``"canary"`` -> the gates shipped with the canary model; the ``.json`` of a gates file (what
+    :meth:`SeerGates.save` returns) -> the ``.safetensors`` beside it; any other value as a path."""
     if str(path) == "canary":
         from ..eval.canary import canary_dir
 
         return canary_dir() / "seer_gates.safetensors"
-    return Path(path)
+    path = Path(path)
+    return path.with_suffix(".safetensors") if path.suffix == ".json" else path
 
 
 class SeerGates(nn.Module):
