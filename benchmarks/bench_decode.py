@@ -6,10 +6,10 @@ bf16, one query row per sequence):
 * ``kernel``: our split-KV decode kernel over the selected pages (no checks, no selection), launched
   eagerly and replayed as a CUDA graph (the graph shows the GPU time of launch-bound rows).
 * ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
-  scores, one selection per KV group) and the kernel; eagerly and replayed as a CUDA graph (the
-  graph also resets the index's lengths, one small kernel, so that each replay appends the same
-  key). ``append`` and ``select`` time those two parts alone as CUDA graphs, and ``same pages``
-  is the share of selected pages equal to the PyTorch selection's.
+  scores, one selection per KV group) and the kernel; eagerly, and as a CUDA graph of 8 successive
+  steps (each appends the next key and attends at the length it reaches) after one rewind of the
+  index's lengths, reported per step. ``append`` and ``select`` time those two parts alone as CUDA
+  graphs, and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
   their KV head, so K/V are read once, as GQA decode kernels do).
 * ``flex``: FlexAttention (compiled) on a BlockMask holding the same selection (page-sized KV
@@ -114,6 +114,9 @@ def flex_on_selection(q, k, v, pages, counts, page_size):
     return run
 
 
+STEPS_PER_GRAPH = 8  # decode steps per captured graph (one rewind of the index per graph)
+
+
 def kernel_rows(args, copy_gbs):
     dtype = torch.bfloat16
     heads, kv_heads, dim, page = args.heads, args.kv_heads, args.head_dim, args.page
@@ -165,11 +168,26 @@ def kernel_rows(args, copy_gbs):
                     p, c = selection(q, index)
                     return triton_decode_attention(q, k, v, p, c, lens, page, scale)
 
+                # The CUDA-graph step: STEPS_PER_GRAPH successive steps (each appends the next key
+                # and attends with the cache length it reaches) after one rewind, per step.
+                firsts = context - STEPS_PER_GRAPH
+                next_keys = [k[:, :, firsts + i: firsts + i + 1].clone() for i in range(STEPS_PER_GRAPH)]
+                lens_after = [torch.full_like(lens, firsts + i + 1) for i in range(STEPS_PER_GRAPH)]
+
+                def steps():
+                    index.lengths.fill_(firsts)
+                    index._length_bound = firsts
+                    for i in range(STEPS_PER_GRAPH):
+                        index.append(next_keys[i])
+                        p, c = selection(q, index)
+                        out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale)
+                    return out
+
                 row["append_graph_ms"] = bench(graphed(lambda: append))
                 row["select_graph_ms"] = bench(graphed(lambda: lambda: selection(q, index)))
                 row["step_ms"] = bench(step)
                 try:
-                    row["step_graph_ms"] = bench(graphed(lambda: step))
+                    row["step_graph_ms"] = bench(graphed(lambda: steps)) / STEPS_PER_GRAPH
                 except Exception as exc:  # noqa: BLE001 - reported in the row
                     row["step_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 try:
