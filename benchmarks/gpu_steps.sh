@@ -18,6 +18,9 @@
 #   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 #   gpu_tests    every test marked gpu (~3 min)
 #   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16, 32 and 64 (~7 min)
+#   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
+#   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto and
+#                never), static layouts at d = 0.1/0.05/0.2, with attention/estimate/rest split (~5.5 min)
 #   decode_profile  each kernel of a decode step, top-k searches and split counts, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
@@ -137,6 +140,14 @@ for step in "${@:-attention}"; do
         timeout 110 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 \
           --page $page --out "$out/decode_page$page" 2>&1 | tee "$out/decode_page$page.log" | grep -a "^|"
       done ;;
+    decode_512k)
+      for page in 32 64; do
+        timeout 120 python3 benchmarks/bench_decode.py --contexts 524288 --batches 1 8 --budgets 2048 \
+          --page $page --out "$out/decode_512k_page$page" 2>&1 | tee "$out/decode_512k_page$page.log" | grep -a "^|"
+      done ;;
+    prefill_8b)
+      timeout 330 python3 benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 131072 32768 \
+        --densities 0.1 0.05 0.2 --fallbacks auto never --out "$out/prefill_8b_shape" ;;
     decode_profile)
       timeout 200 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 64 \
         --out "$out/decode_profile" 2>&1 | tail -40 ;;
@@ -145,6 +156,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_profile, generate)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate)" ;;
   esac
 done
