@@ -34,10 +34,10 @@ import torch
 from ...methods import METHODS, get_method
 from ...methods.common import per_kv_head
 from ...metrics import attention_recall
+from .attention_hook import attention_hook
 from .config import PROFILE_FORMAT, SparseConfig
 
 PROFILE_VERSION = 1
-CAPTURE_NAME = "sparse_attn_profile"
 
 # Each method's main knob, swept from sparse to dense; count knobs as shares of the length, so one
 # choice means the same at every length (docs/methods.md, count knobs).
@@ -202,28 +202,21 @@ def profile_model(model, tokenizer=None, *, prompts: Optional[dict] = None, text
                 store[p][1].append(rec)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     from ...eval.progress import Progress, step_cost
 
-    AttentionInterface.register(CAPTURE_NAME, capture)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-    original = model.config._attn_implementation
     total = sum(step_cost(length) * len(prompts[length]) for length in lengths)
     bar = Progress(total, enabled=progress, label="sparse-attn profile",
                    intro=f"{len(methods)} method(s), {len(plan)} settings, {len(lengths)} length(s)")
     device = next(model.parameters()).device
     try:
-        model.set_attn_implementation(CAPTURE_NAME)
-        for length in lengths:
-            current["length"] = length
-            for i, ids in enumerate(prompts[length]):
-                with torch.no_grad():
-                    model(ids.to(device), use_cache=False)
-                bar.update(step_cost(length), f"length {length} | prompt {i + 1}/{len(prompts[length])}")
+        with attention_hook(model, capture):
+            for length in lengths:
+                current["length"] = length
+                for i, ids in enumerate(prompts[length]):
+                    with torch.no_grad():
+                        model(ids.to(device), use_cache=False)
+                    bar.update(step_cost(length), f"length {length} | prompt {i + 1}/{len(prompts[length])}")
     finally:
-        model.set_attn_implementation(original)
         bar.close()
     return _build_profile(measured, kv_heads, methods, sweeps, lengths, prompts, target_recall, block_size,
                           min_kv_len, model_name)

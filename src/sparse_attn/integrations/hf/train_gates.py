@@ -29,8 +29,8 @@ import torch
 from ...eval.progress import Progress
 from ...methods.primitives.block_mass import block_mass
 from ...methods.seer_gate import GatesError, SeerGates, model_config_hash
+from .attention_hook import attention_hook
 
-CAPTURE_NAME = "sparse_attn_capture"
 TASK_SHARE = 0.5  # share of the prompts that are retrieval episodes (the rest: corpus windows)
 
 
@@ -38,9 +38,7 @@ TASK_SHARE = 0.5  # share of the prompts that are retrieval episodes (the rest: 
 def capture_qk(model):
     """Within the block, ``model``'s forward records each layer's post-RoPE ``(query, key)`` in the
     dict it yields (``{layer_idx: (q, k)}``, detached) and attends with transformers' SDPA."""
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     captured: dict = {}
 
@@ -48,14 +46,8 @@ def capture_qk(model):
         captured[int(module.layer_idx)] = (query.detach(), key.detach())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(CAPTURE_NAME, forward)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
-    before = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_NAME)
-    try:
+    with attention_hook(model, forward):
         yield captured
-    finally:
-        model.set_attn_implementation(before)
 
 
 def gate_targets(q: torch.Tensor, k: torch.Tensor, block: int, scale: Optional[float] = None) -> torch.Tensor:
