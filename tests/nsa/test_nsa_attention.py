@@ -1,7 +1,8 @@
 """NSA: the selection against a loop written from the paper's eq. 9; NSAAttention equal to
 nsa_reference (outputs and gradients wrt q, k, v and every parameter) in float64 on the reference
 backend for GQA ratios 1-16 and lengths that are not block multiples, and in float16/bfloat16 on the
-Triton kernels (interpreter); causality; config and input errors."""
+Triton kernels (interpreter); the last queries over a KV cache (decode steps and chunks) equal to the
+whole sequence's rows; causality; config and input errors."""
 
 import pytest
 import torch
@@ -115,6 +116,35 @@ def test_triton_kernels_match_reference(dtype, tol):
         assert rel_error(g, w) < 2 * tol, name
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 1)])
+@pytest.mark.parametrize("seq,q_len", [(75, 1), (64, 1), (17, 1), (75, 3), (40, 16)])
+def test_last_queries_over_a_cache_equal_the_whole_sequence_rows(heads, kv_heads, seq, q_len):
+    """Queries that are the last positions (a decode step: one query, through decode_attention; a
+    chunk: several, through masks) give the rows of the whole sequence's output, as does the
+    reference given the same last queries."""
+    module = random_module(heads, kv_heads)
+    q, k, v = (t.detach() for t in make_inputs(heads, kv_heads, seq))
+    whole, chosen = module(q, k, v, backend="reference", return_selection=True)
+    tail, tail_chosen = module(q[:, :, -q_len:], k, v, backend="reference", return_selection=True)
+    assert tail.shape == (2, heads, q_len, 16)
+    assert torch.equal(tail_chosen, chosen[:, :, -q_len:])
+    assert rel_error(tail, whole[:, :, -q_len:]) < 1e-6
+    ref = nsa_reference(q[:, :, -q_len:], k, v, module.nsa_params(), CONFIG)
+    assert rel_error(tail, ref) < 1e-6
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+def test_decode_step_on_the_triton_decode_kernel_matches_the_reference():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = random_module(8, 2, dtype=torch.float32).to(device, torch.float16)
+    q, k, v = (t.detach().to(device) for t in make_inputs(8, 2, 90, dtype=torch.float16))
+    got = module(q[:, :, -1:], k, v, backend="triton")
+    want = nsa_reference(q[:, :, -1:].double(), k.double(), v.double(),
+                         {n: p.double() for n, p in module.nsa_params().items()}, CONFIG)
+    assert rel_error(got, want) < 2e-2
+
+
 def test_causal():
     """Changing q, k, v from position 40 on leaves outputs before 40 unchanged (also within a block)."""
     module = random_module(4, 2)
@@ -146,7 +176,9 @@ def test_module_input_errors():
     q, k, v = (t.detach() for t in make_inputs(4, 2, 20, dtype=torch.float32))
     with pytest.raises(ValueError, match="k must have 2 heads"):
         module(q, q, v)
-    with pytest.raises(ValueError, match="sequence length"):
-        module(q, k[:, :, :10], v)
+    with pytest.raises(ValueError, match=r"q must hold 1 to S queries .* got q \(2, 4, 20, 16\), k \(2, 2, 10, 16\)"):
+        module(q, k[:, :, :10], v[:, :, :10])
+    with pytest.raises(ValueError, match=r"q must hold 1 to S queries .* v \(2, 2, 10, 16\)"):
+        module(q, k, v[:, :, :10])
     with pytest.raises(ValueError, match="selection must be a bool tensor of shape"):
         module(q, k, v, selection=torch.ones(2, 2, 20, 1, dtype=torch.bool))

@@ -1,6 +1,7 @@
 """convert_llama: a tiny random Llama with NSA attention starts near the dense model when every block
 fits the selection, keeps the dense projections, trains (the loss falls on a repeated batch and every
-NSA parameter gets a gradient), refuses decoding with a filled KV cache and bad layer indices."""
+NSA parameter gets a gradient), decodes through the KV cache exactly as full passes do, refuses
+padding masks and bad layer indices."""
 
 import copy
 
@@ -45,12 +46,36 @@ def test_training_steps_lower_the_loss():
     assert len(params) == 12 and all(p.grad is not None and p.grad.norm() > 0 for p in params)
 
 
-def test_decoding_with_cache_and_bad_layers_raise():
-    model = convert_llama(tiny_llama(64), CONFIG, backend="reference")
-    ids = torch.randint(0, 64, (1, 20))
+def _randomized(model):
+    """NSA parameters made random (the default init zeroes the compression MLPs' outputs and the gate
+    weights), so every branch and the selection matter."""
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-        with pytest.raises(NotImplementedError, match="decoding"):
-            model(ids[:, :1], cache=cache, use_cache=True)
+        for p in nsa_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def test_generate_with_the_kv_cache_equals_recomputing_the_whole_sequence():
+    """Greedy decoding through the KV cache (one query per step, past a few selection blocks) picks
+    the tokens that full forward passes over the growing sequence pick, with the same logits."""
+    model = _randomized(convert_llama(tiny_llama(64), CONFIG, backend="reference"))
+    ids = torch.randint(1, 64, (2, 37), generator=torch.Generator().manual_seed(0))  # no pad token (0)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0,
+                                output_logits=True, return_dict_in_generate=True)
+        uncached = model.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0,
+                                  use_cache=False, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_padding_masks_and_bad_layers_raise():
+    model = convert_llama(tiny_llama(64), CONFIG, backend="reference")
+    ids = torch.randint(0, 64, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="attention mask with padding"):
+        model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="layers must hold layer indices"):
         convert_llama(tiny_llama(64), CONFIG, layers=[5])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 from ..options import KernelOptions
@@ -15,11 +16,24 @@ __all__ = ["convert_llama", "NSALlamaAttention", "nsa_parameters"]
 DEFAULT_GATE_BIAS = (-4.0, 4.0, -4.0)
 
 
+def _check_causal(mask, q_len: int, kv_len: int) -> None:
+    """ValueError unless ``mask`` (transformers' attention mask for the layer, or None) is plain causal
+    for queries that are the last ``q_len`` of ``kv_len`` positions: NSA has no padding masks."""
+    if mask is None:
+        return
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    positions = torch.arange(kv_len - q_len, kv_len, device=mask.device)[:, None]
+    causal = torch.arange(kv_len, device=mask.device)[None, :] <= positions
+    if allowed.shape[-2:] != (q_len, kv_len) or not bool((allowed == causal).all()):
+        raise ValueError("NSALlamaAttention attends unpadded sequences with a causal mask only; got an attention "
+                         "mask with padding (pass equal-length sequences without attention_mask)")
+
+
 class NSALlamaAttention(nn.Module):
     """A Llama attention layer whose attention is NSA: the dense layer's ``q_proj``, ``k_proj``,
     ``v_proj``, ``o_proj`` (the same modules) and rotary embedding around an :class:`NSAAttention`
-    (``.nsa``). Causal self-attention over whole unpadded sequences: training and prefill; a KV cache
-    is filled, but a call with earlier tokens in the cache (decoding) raises."""
+    (``.nsa``). Causal attention over unpadded sequences: training, prefill and decoding with a KV
+    cache (``generate()``); a padding mask raises."""
 
     def __init__(self, dense: nn.Module, config: NSAConfig, *, backend: str = "auto",
                  kernel_options: Optional[KernelOptions] = None, gate_bias=DEFAULT_GATE_BIAS) -> None:
@@ -48,9 +62,7 @@ class NSALlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-            if k.shape[2] != q.shape[2]:
-                raise NotImplementedError("NSALlamaAttention runs whole sequences (training, prefill); decoding "
-                                          "with earlier tokens in the KV cache is not supported")
+        _check_causal(attention_mask, q.shape[2], k.shape[2])
         out = self.nsa(q, k, v, scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
         out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
@@ -66,8 +78,8 @@ def convert_llama(model: nn.Module, config: NSAConfig, *, layers: Optional[Itera
     :meth:`NSAAttention.reset_parameters`: compression is mean pooling and the gates are
     ``sigmoid(gate_bias)`` per branch (compressed, selected, window), by default about 0.02, 0.98 and
     0.02, so a sequence whose blocks all fit the selection starts within a few percent of the dense
-    attention. ``backend`` and ``kernel_options`` go to the attention calls. The model attends whole
-    unpadded sequences (no padding mask)."""
+    attention. ``backend`` and ``kernel_options`` go to the attention calls. The model attends
+    unpadded sequences (no padding mask), and decodes with a KV cache (``generate()``)."""
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
     decoder = getattr(getattr(model, "model", model), "layers", None)

@@ -8,6 +8,11 @@ row per token and KV group lists the token's selected blocks before its own bloc
 key blocks of ``l'``). The token's own block is a second, causal call whose layout keeps the
 diagonal block; the two results merge by their log-sum-exp. The window branch is one causal call
 with a banded layout. The compressed branch and the selection are PyTorch (:mod:`.reference`).
+
+Queries that are the last ``Sq < S`` positions (decoding with a KV cache, or a prefill chunk after
+earlier ones) take :meth:`NSAAttention._tail`: one query token (a decode step) reads its selected
+blocks and its window through :func:`~sparse_attn.decode.decode_attention` (the split-KV kernel on
+CUDA, pages of ``l'`` and of ``window_block`` tokens); several read through dense ``Sq x S`` masks.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ..attention import sparse_attention
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, dense_to_csr
 from ..options import KernelOptions
 from .config import NSAConfig
-from .reference import PARAMETER_NAMES, compressed_attention, nsa_gates, select_blocks
+from .reference import (PARAMETER_NAMES, _masked_attention, compressed_attention, nsa_gates, query_positions,
+                        select_blocks, window_token_mask)
 
 __all__ = ["NSAAttention"]
 
@@ -37,8 +43,9 @@ def _group_rows(group: int) -> int:
 
 
 class NSAAttention(nn.Module):
-    """Native Sparse Attention over ``q (B, H, S, D)``, ``k, v (B, Hkv, S, D)`` (causal self-attention;
-    any ``Hkv`` dividing ``H``, up to 256 query heads per KV head).
+    """Native Sparse Attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, S, D)``: causal, the queries
+    the last ``Sq <= S`` positions (``Sq = S``: self-attention over a whole sequence; fewer: decoding
+    with a KV cache); any ``Hkv`` dividing ``H``, up to 256 query heads per KV head.
 
     Args:
         config: an :class:`NSAConfig`.
@@ -99,35 +106,73 @@ class NSAAttention(nn.Module):
             if t.shape[1] != expected[name] or t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must have {expected[name]} heads of dim {self.head_dim}, "
                                  f"got shape {tuple(t.shape)}")
-        if not q.shape[2] == k.shape[2] == v.shape[2] or q.shape[2] == 0:
-            raise ValueError(f"q, k, v must share one non-empty sequence length (causal self-attention), got "
-                             f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
+        if k.shape[2] != v.shape[2] or not 0 < q.shape[2] <= k.shape[2] or k.shape[:2] != v.shape[:2] \
+                or q.shape[0] != k.shape[0]:
+            raise ValueError(f"q must hold 1 to S queries (the last positions) over k and v of one batch and S "
+                             f"keys, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, backend: str = "auto",
                 kernel_options: Optional[KernelOptions] = None, selection: Optional[Tensor] = None,
                 return_selection: bool = False):
-        """``(B, H, S, D)`` NSA output; with ``return_selection`` also the bool ``(B, Hkv, S, Ns)`` blocks
-        each token's group read. ``selection`` replaces the computed choice; ``backend`` and
-        ``kernel_options`` go to :func:`~sparse_attn.sparse_attention`."""
+        """``(B, H, Sq, D)`` NSA output; with ``return_selection`` also the bool ``(B, Hkv, Sq, Ns)``
+        blocks each query token's group read. ``selection`` replaces the computed choice; ``backend``
+        and ``kernel_options`` go to :func:`~sparse_attn.sparse_attention` (and, for a decode step, to
+        :func:`~sparse_attn.decode.decode_attention`)."""
         self._check(q, k, v)
-        seq = q.shape[2]
+        seq = k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         params = {name: p.to(q.dtype) for name, p in self.nsa_params().items()}
         out_cmp, probs = compressed_attention(q, k, v, params, self.config, scale)
         if selection is None:
             chosen = select_blocks(probs, self.config, seq)
         else:
-            expected = (q.shape[0], self.num_kv_heads, seq, math.ceil(seq / self.config.select_block))
+            expected = (q.shape[0], self.num_kv_heads, q.shape[2], math.ceil(seq / self.config.select_block))
             if not isinstance(selection, Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
                 raise ValueError(f"selection must be a bool tensor of shape {expected} (batch, KV heads, tokens, "
                                  f"selection blocks), got {getattr(selection, 'shape', selection)!r}")
             chosen = selection
         call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
-        out_slc = self._selected(q, k, v, chosen, call)
-        out_win = sparse_attention(q, k, v, self._window_layout(seq, q.device), **call)
+        if q.shape[2] < seq:
+            out_slc, out_win = self._tail(q, k, v, chosen, call)
+        else:
+            out_slc = self._selected(q, k, v, chosen, call)
+            out_win = sparse_attention(q, k, v, self._window_layout(seq, q.device), **call)
         gates = nsa_gates(q, params)
         out = gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
         return (out, chosen) if return_selection else out
+
+    def _tail(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict):
+        """Selected and window branches of queries that are the last ``Sq < S`` positions."""
+        seq = k.shape[2]
+        config = self.config
+        if q.shape[2] > 1:
+            pos = torch.arange(seq, device=q.device)
+            causal = pos[None, :] <= query_positions(q, k)[:, None]
+            slc_mask = chosen[..., pos // config.select_block] & causal
+            return (_masked_attention(q, k, v, slc_mask[:, :, None], call["scale"]),
+                    _masked_attention(q, k, v, window_token_mask(config, seq, q.device, q.shape[2]), call["scale"]))
+        from ..decode import decode_attention
+
+        batch, kv_heads = q.shape[0], self.num_kv_heads
+        k, v = k.contiguous(), v.contiguous()
+        lens = torch.full((batch,), seq, dtype=torch.int32, device=q.device)
+        backend = call["backend"] if call["backend"] in ("auto", "reference", "triton") else "auto"
+        attend = dict(scale=call["scale"], backend=backend, check_values=False, kernel_options=call["kernel_options"])
+        # Selected blocks as pages of l' tokens, in increasing order (padding repeats block 0, never read).
+        blocks = torch.arange(chosen.shape[-1], device=q.device, dtype=torch.int32)
+        width = min(config.select_blocks, chosen.shape[-1])
+        order = torch.where(chosen[:, :, 0], blocks, chosen.shape[-1]).sort(-1).values[..., :width]
+        counts = chosen[:, :, 0].sum(-1).to(torch.int32)
+        pages = torch.where(order < chosen.shape[-1], order, 0).to(torch.int32).contiguous()
+        out_slc = decode_attention(q, k, v, pages, counts, lens, page_size=config.select_block, **attend)
+        # The window: the window_blocks blocks of window_block tokens ending with the query's own.
+        own = (seq - 1) // config.window_block
+        first = max(0, own - config.window_blocks + 1)
+        window = torch.arange(first, own + 1, device=q.device, dtype=torch.int32).expand(batch, kv_heads, -1)
+        window_counts = torch.full((batch, kv_heads), own + 1 - first, dtype=torch.int32, device=q.device)
+        out_win = decode_attention(q, k, v, window.contiguous(), window_counts, lens,
+                                   page_size=config.window_block, **attend)
+        return out_slc, out_win
 
     def _window_layout(self, seq: int, device) -> BlockSparseLayout:
         nb = math.ceil(seq / self.config.window_block)

@@ -1,7 +1,9 @@
 """Native Sparse Attention in plain PyTorch: the compression, the block selection and the reference.
 
-Causal self-attention over ``S`` tokens, queries ``(B, H, S, D)``, keys and values ``(B, Hkv, S, D)``
-(query head ``h`` reads KV head ``h // (H / Hkv)``). Three branches, mixed by per-head gates:
+Causal attention of queries ``(B, H, Sq, D)`` over keys and values ``(B, Hkv, S, D)``, ``Sq <= S``:
+the queries are the last ``Sq`` positions (``Sq = S``: self-attention over the sequence; fewer:
+decoding or a chunk of a prefill with the earlier tokens in the KV cache). Query head ``h`` reads KV
+head ``h // (H / Hkv)``. Three branches, mixed by per-head gates:
 
 * compressed: compressed block ``i`` holds the keys ``[i*d, i*d + l)``; ``phi(block) = mean(block) +
   MLP(flatten(block + intra-block position embedding))`` (separate MLPs and embeddings for keys and
@@ -32,7 +34,7 @@ from torch import Tensor
 from .config import NSAConfig
 
 __all__ = ["nsa_reference", "compress_kv", "compressed_attention", "select_blocks", "nsa_gates",
-           "PARAMETER_NAMES"]
+           "query_positions", "PARAMETER_NAMES"]
 
 # Per tensor ("k" and "v"): pos (l, D), fc1_weight (hidden, l*D), fc1_bias (hidden,), fc2_weight
 # (D, hidden), fc2_bias (D,); gates: gate_weight (H, 3, D), gate_bias (H, 3) (compressed, selected, window).
@@ -52,10 +54,15 @@ def compress_kv(x: Tensor, params: Mapping[str, Tensor], which: str, config: NSA
     return blocks.mean(-2) + F.linear(hidden, params[f"{which}_fc2_weight"], params[f"{which}_fc2_bias"])
 
 
+def query_positions(q: Tensor, k: Tensor) -> Tensor:
+    """Positions of the ``Sq`` queries: the last ``Sq`` of the ``S`` keys."""
+    return torch.arange(k.shape[2] - q.shape[2], k.shape[2], device=q.device)
+
+
 def compressed_attention(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig,
                          scale: float):
-    """The compressed branch: its output ``(B, H, S, D)`` and its attention probabilities
-    ``(B, Hkv, G, S, Nc)`` (a row with no visible compressed block is all zero)."""
+    """The compressed branch: its output ``(B, H, Sq, D)`` and its attention probabilities
+    ``(B, Hkv, G, Sq, Nc)`` (a row with no visible compressed block is all zero)."""
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
     kc, vc = compress_kv(k, params, "k", config), compress_kv(v, params, "v", config)
@@ -63,7 +70,7 @@ def compressed_attention(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, T
     qg = q.view(batch, kv_heads, heads // kv_heads, seq, dim)
     scores = torch.einsum("bngsd,bncd->bngsc", qg, kc) * scale
     ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
-    visible = ends[None, :] <= torch.arange(seq, device=q.device)[:, None]  # (S, Nc)
+    visible = ends[None, :] <= query_positions(q, k)[:, None]  # (Sq, Nc)
     any_visible = visible.any(-1, keepdim=True)
     # Rows without a visible block are softmaxed over zeros, then zeroed (no NaN in either direction).
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
@@ -83,16 +90,18 @@ def block_overlap(config: NSAConfig, num_compressed: int, num_select: int, devic
 
 
 def select_blocks(probs: Tensor, config: NSAConfig, seq: int) -> Tensor:
-    """The selected branch's choice from the compressed probabilities ``(B, Hkv, G, S, Nc)``: bool
-    ``(B, Hkv, S, Ns)``, the selection blocks (``Ns = ceil(S / l')``) each query token reads.
+    """The selected branch's choice from the compressed probabilities ``(B, Hkv, G, Sq, Nc)`` of the
+    last ``Sq`` of ``seq`` tokens: bool ``(B, Hkv, Sq, Ns)``, the selection blocks
+    (``Ns = ceil(seq / l')``) each query token reads.
 
     Ranks blocks ``0 .. own`` by importance (ties: the earlier block); the forced blocks rank first.
     """
     ns = math.ceil(seq / config.select_block)
     probs = probs.detach()
     overlap = block_overlap(config, probs.shape[-1], ns, probs.device).to(probs.dtype)
-    importance = torch.matmul(probs.sum(2), overlap)  # (B, Hkv, S, Ns)
-    own = (torch.arange(seq, device=probs.device) // config.select_block)[:, None]
+    importance = torch.matmul(probs.sum(2), overlap)  # (B, Hkv, Sq, Ns)
+    positions = torch.arange(seq - probs.shape[-2], seq, device=probs.device)
+    own = (positions // config.select_block)[:, None]
     blocks = torch.arange(ns, device=probs.device)[None, :]
     forced = (blocks < config.forced_initial) | (blocks > own - config.forced_local)
     importance = importance.masked_fill(forced, float("inf")).masked_fill(blocks > own, float("-inf"))
@@ -109,16 +118,18 @@ def nsa_gates(q: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     return torch.sigmoid(logits + params["gate_bias"].to(q.dtype)[None, :, None, :])
 
 
-def window_token_mask(config: NSAConfig, seq: int, device=None) -> Tensor:
-    """``(S, S)`` bool: the keys the window branch of each query reads."""
+def window_token_mask(config: NSAConfig, seq: int, device=None, queries: Optional[int] = None) -> Tensor:
+    """``(Sq, S)`` bool: the keys the window branch of each of the last ``queries`` (default ``seq``)
+    tokens reads."""
     pos = torch.arange(seq, device=device)
-    blk = pos // config.window_block
-    return (pos[None, :] <= pos[:, None]) & (blk[None, :] > blk[:, None] - config.window_blocks)
+    q_pos = pos[seq - (seq if queries is None else queries):]
+    blk, q_blk = pos // config.window_block, q_pos // config.window_block
+    return (pos[None, :] <= q_pos[:, None]) & (blk[None, :] > q_blk[:, None] - config.window_blocks)
 
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Dense attention of ``q (B, H, S, D)`` on ``k, v (B, Hkv, S, D)`` where ``mask`` (broadcast to
-    ``(B, Hkv, G, S, S)``) allows; every row must allow a key."""
+    """Dense attention of ``q (B, H, Sq, D)`` on ``k, v (B, Hkv, S, D)`` where ``mask`` (broadcast to
+    ``(B, Hkv, G, Sq, S)``) allows; every row must allow a key."""
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
     qg = q.view(batch, kv_heads, heads // kv_heads, seq, dim)
@@ -129,18 +140,19 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
 
 def nsa_reference(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig, *,
                   scale: Optional[float] = None, selection: Optional[Tensor] = None) -> Tensor:
-    """NSA attention (see the module docstring) in ``q``'s dtype with dense ``S x S`` masks (for tests
-    and short inputs): ``(B, H, S, D)``. ``selection``: a bool ``(B, Hkv, S, Ns)`` choice to use instead
-    of :func:`select_blocks`'s (to compare paths whose rounding could rank near-equal blocks apart)."""
-    seq = q.shape[2]
+    """NSA attention (see the module docstring) of the last ``Sq`` of ``S`` tokens in ``q``'s dtype with
+    dense ``Sq x S`` masks (for tests and short inputs): ``(B, H, Sq, D)``. ``selection``: a bool
+    ``(B, Hkv, Sq, Ns)`` choice to use instead of :func:`select_blocks`'s (to compare paths whose
+    rounding could rank near-equal blocks apart)."""
+    seq = k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     params = {name: p.to(q.dtype) for name, p in params.items()}
     out_cmp, probs = compressed_attention(q, k, v, params, config, scale)
     chosen = select_blocks(probs, config, seq) if selection is None else selection
     pos = torch.arange(seq, device=q.device)
-    causal = pos[None, :] <= pos[:, None]
-    slc_mask = chosen[..., pos // config.select_block] & causal  # (B, Hkv, S, S)
+    causal = pos[None, :] <= query_positions(q, k)[:, None]
+    slc_mask = chosen[..., pos // config.select_block] & causal  # (B, Hkv, Sq, S)
     out_slc = _masked_attention(q, k, v, slc_mask[:, :, None], scale)
-    out_win = _masked_attention(q, k, v, window_token_mask(config, seq, q.device), scale)
+    out_win = _masked_attention(q, k, v, window_token_mask(config, seq, q.device, q.shape[2]), scale)
     gates = nsa_gates(q, params)
     return gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
