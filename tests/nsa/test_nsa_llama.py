@@ -70,6 +70,22 @@ def test_generate_with_the_kv_cache_equals_recomputing_the_whole_sequence():
     torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-4, rtol=1e-4)
 
 
+def test_sequences_packed_in_one_row_attend_each_within_itself():
+    """position_ids restarting at 0 (transformers' DataCollatorWithFlattening) split the row into
+    sequences: the packed logits equal each sequence's own, and the loss trains through them."""
+    model = _randomized(convert_llama(tiny_llama(64), CONFIG, backend="reference"))
+    gen = torch.Generator().manual_seed(1)
+    first, second = torch.randint(1, 64, (1, 40), generator=gen), torch.randint(1, 64, (1, 27), generator=gen)
+    packed = torch.cat([first, second], 1)
+    positions = torch.cat([torch.arange(40), torch.arange(27)])[None]
+    with torch.no_grad():
+        got = model(packed, position_ids=positions).logits
+        want = torch.cat([model(first).logits, model(second).logits], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model(packed, position_ids=positions, labels=packed).loss.backward()
+    assert all(p.grad is not None for p in nsa_parameters(model))
+
+
 def test_padding_masks_and_bad_layers_raise():
     model = convert_llama(tiny_llama(64), CONFIG, backend="reference")
     ids = torch.randint(0, 64, (2, 20))

@@ -29,11 +29,25 @@ def _check_causal(mask, q_len: int, kv_len: int) -> None:
                          "mask with padding (pass equal-length sequences without attention_mask)")
 
 
+def _packed_offsets(position_ids, q_shape, kv_len: int):
+    """``cu_seqlens`` of sequences packed in one row (transformers' ``DataCollatorWithFlattening``:
+    ``position_ids`` restart at 0 for each sequence), or None for an ordinary batch."""
+    if position_ids is None or q_shape[0] != 1 or q_shape[2] != kv_len or position_ids.shape[-1] != kv_len:
+        return None
+    positions = position_ids.reshape(-1)
+    starts = (positions == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    end = torch.tensor([kv_len], device=starts.device, dtype=starts.dtype)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
 class NSALlamaAttention(nn.Module):
     """A Llama attention layer whose attention is NSA: the dense layer's ``q_proj``, ``k_proj``,
     ``v_proj``, ``o_proj`` (the same modules) and rotary embedding around an :class:`NSAAttention`
     (``.nsa``). Causal attention over unpadded sequences: training, prefill and decoding with a KV
-    cache (``generate()``); a padding mask raises."""
+    cache (``generate()``); sequences packed in one row with ``position_ids`` restarting at 0 for each
+    (transformers' ``DataCollatorWithFlattening``) attend each within itself; a padding mask raises."""
 
     def __init__(self, dense: nn.Module, config: NSAConfig, *, backend: str = "auto",
                  kernel_options: Optional[KernelOptions] = None, gate_bias=DEFAULT_GATE_BIAS) -> None:
@@ -62,9 +76,16 @@ class NSALlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        _check_causal(attention_mask, q.shape[2], k.shape[2])
-        out = self.nsa(q, k, v, scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
-        out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        call = dict(scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
+        cu_seqlens = _packed_offsets(kwargs.get("position_ids"), q.shape, k.shape[2])
+        if cu_seqlens is not None:  # sequences packed in one row, each from position 0 (no cache)
+            out = self.nsa.forward_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                          cu_seqlens, **call)
+            out = out[None]
+        else:
+            _check_causal(attention_mask, q.shape[2], k.shape[2])
+            out = self.nsa(q, k, v, **call).transpose(1, 2)
+        out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
 
 

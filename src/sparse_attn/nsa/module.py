@@ -141,6 +141,33 @@ class NSAAttention(nn.Module):
         out = gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
         return (out, chosen) if return_selection else out
 
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, scale: Optional[float] = None,
+                       backend: str = "auto", kernel_options: Optional[KernelOptions] = None) -> Tensor:
+        """NSA over a packed batch of sequences (causal self-attention within each): ``q (total, H, D)``,
+        ``k, v (total, Hkv, D)``, ``cu_seqlens`` int ``(num_seqs + 1,)`` offsets from 0 to ``total``
+        (read on the host). Returns ``(total, H, D)``, differentiable like :meth:`forward`; each
+        sequence runs as its own :meth:`forward` call (one set of kernel launches per sequence)."""
+        for name, t, heads in (("q", q, self.num_heads), ("k", k, self.num_kv_heads), ("v", v, self.num_kv_heads)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[1] != heads or t.shape[2] != self.head_dim:
+                raise ValueError(f"{name} must be a packed (total, {heads}, {self.head_dim}) tensor, got "
+                                 f"{tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if not q.shape[0] == k.shape[0] == v.shape[0]:
+            raise ValueError(f"q, k, v must hold the same tokens, got totals {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int tensor of num_seqs + 1 offsets")
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to the packed length {q.shape[0]}, got {offsets}")
+        outs = []
+        for start, end in zip(offsets, offsets[1:]):
+            if end == start:
+                continue
+            views = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, heads, L, D)
+            out = self.forward(*views, scale=scale, backend=backend, kernel_options=kernel_options)
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
     def _tail(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict):
         """Selected and window branches of queries that are the last ``Sq < S`` positions."""
         seq = k.shape[2]
