@@ -1,7 +1,7 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention and its merge) with its device time from the PyTorch
-profiler, at each (context, batch, page); the top-k kernel's time for each threshold search and
-warp count, and the decode attention's time at several split counts, replayed as CUDA graphs.
+profiler, at each (context, batch, page); the top-k kernel's time at each warp count, and the decode
+attention's time at several split counts, replayed as CUDA graphs.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -39,20 +39,17 @@ def kernel_times(step, repeats: int = 20) -> dict:
 
 
 def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
-    """CUDA-graph time (ms) of the top-k kernel alone for each threshold search ("8way",
-    "bisect") and warp count, keyed ``"<search>/<warps>"``."""
+    """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
     out = {}
-    for search in ("8way", "bisect"):
-        for warps in warps_list:
-            def launch(warps=warps, search=search):
-                return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
-                                           num_warps=warps, eight_way=search == "8way")
-            try:
-                out[f"{search}/{warps}"] = bench(graphed(lambda launch=launch: launch))
-            except Exception as exc:  # noqa: BLE001 - reported in the row
-                out[f"{search}/{warps}"] = f"{type(exc).__name__}: {exc}"[:200]
+    for warps in warps_list:
+        def launch(warps=warps):
+            return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False, num_warps=warps)
+        try:
+            out[warps] = bench(graphed(lambda launch=launch: launch))
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            out[warps] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
@@ -130,7 +127,7 @@ def main(argv=None):
         print("| kernel | device us per step |\n|---|---|")
         for name, us in r["kernels_us"].items():
             print(f"| {name} | {us:.2f} |")
-        print("top-k kernel by search/warps (CUDA graph ms):", r["topk_graph_ms"])
+        print("top-k kernel by warps (CUDA graph ms):", r["topk_graph_ms"])
         print("decode attention by splits (CUDA graph ms):", r["attention_graph_ms_by_splits"])
     return 0
 

@@ -100,30 +100,6 @@ def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budge
     assert torch.equal(got[0], want[0])
 
 
-@pytest.mark.parametrize("levels", [None, 3])
-@pytest.mark.parametrize("budget", [32, 96, 320])
-def test_eight_way_and_bisection_searches_select_the_same_pages(levels, budget):
-    """The top-k kernel's two threshold searches on the same logits: continuous scores, and
-    scores rounded to 3 levels so that many pages tie at the budget's edge."""
-    from sparse_attn.decode.select_kernels import triton_page_logits, triton_select_pages
-
-    q, index = make((600, 137, 0, 64), 8, 2, 1, 32, 16, torch.float16, capacity=640, seed=5)
-    logits, stats = triton_page_logits(q, index, "quest", 32 ** -0.5, with_stats=True)
-    if levels is not None:
-        finite = logits.isfinite()
-        logits = torch.where(finite, (logits * levels).round() / levels, logits)
-        # Statistics matching the rounded logits, one tile per row (the kernel reads any tiling).
-        top = logits.amax(-1, keepdim=True)
-        top = torch.where(top.isfinite(), top, torch.zeros_like(top))
-        stats = torch.stack([top, (logits - top).exp().sum(-1, keepdim=True)])
-    width = budget // 16
-    got = triton_select_pages((logits, stats), index, width, 1, 16, group_max=False, eight_way=True)
-    want = triton_select_pages((logits, stats), index, width, 1, 16, group_max=False, eight_way=False)
-    assert torch.equal(got[1], want[1])
-    assert torch.equal(got[0], want[0])
-    assert got[1][0].tolist() == [width] * 2 and got[1][2].tolist() == [0, 0]
-
-
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

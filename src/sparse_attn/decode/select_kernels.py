@@ -8,8 +8,8 @@
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found by an eight-way search on the scores' bit
-  patterns (non-negative float32 values order as their int32 bits), written in increasing page order with
+  pages forced in, and the ``width`` best pages found by a bisection on the scores' bit patterns
+  (non-negative float32 values order as their int32 bits), written in increasing page order with
   the padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -92,11 +92,6 @@ def _page_logits_kernel(
 
 
 @triton.jit
-def _add_seven(a1, a2, a3, a4, a5, a6, a7, b1, b2, b3, b4, b5, b6, b7):
-    return a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
-
-
-@triton.jit
 def _select_pages_kernel(
     LOGITS, STATS, LENGTHS, PAGES, COUNTS,
     stride_lb, stride_lh, stride_lr,
@@ -105,7 +100,6 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    EIGHT_WAY: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -147,40 +141,18 @@ def _select_pages_kernel(
     key = tl.where(forced, float("inf"), group)
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as values
 
-    # Search for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
     # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
-    # EIGHT_WAY: each step counts the keys above 7 evenly spaced bounds in one block reduction
-    # (about 11 steps over the 31-bit range); otherwise a bisection (about 31 steps).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (0x7F800000 + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
     while (hi - lo > 1) & (at_lo > width):
-        if EIGHT_WAY:
-            step = (hi - lo + 7) // 8
-            c1, c2, c3, c4, c5, c6, c7 = tl.reduce((
-                (bits >= tl.minimum(lo + step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 2 * step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 3 * step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 4 * step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 5 * step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 6 * step, hi)).to(tl.int32),
-                (bits >= tl.minimum(lo + 7 * step, hi)).to(tl.int32),
-            ), 0, _add_seven)
-            # Counts fall with the bound: the bounds still holding `width` keys are a prefix.
-            n = ((c1 >= width).to(tl.int32) + (c2 >= width).to(tl.int32) + (c3 >= width).to(tl.int32)
-                 + (c4 >= width).to(tl.int32) + (c5 >= width).to(tl.int32) + (c6 >= width).to(tl.int32)
-                 + (c7 >= width).to(tl.int32))
-            at_lo = tl.where(n == 1, c1, tl.where(n == 2, c2, tl.where(n == 3, c3, tl.where(
-                n == 4, c4, tl.where(n == 5, c5, tl.where(n == 6, c6, tl.where(n == 7, c7, at_lo)))))))
-            hi = tl.minimum(lo + (n + 1) * step, hi)
-            lo = lo + n * step
-        else:
-            mid = lo + (hi - lo) // 2
-            at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
-            enough = at_mid >= width
-            lo = tl.where(enough, mid, lo)
-            at_lo = tl.where(enough, at_mid, at_lo)
-            hi = tl.where(enough, hi, mid)
+        mid = lo + (hi - lo) // 2
+        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
+        enough = at_mid >= width
+        lo = tl.where(enough, mid, lo)
+        at_lo = tl.where(enough, at_mid, at_lo)
+        hi = tl.where(enough, hi, mid)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
@@ -232,13 +204,12 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
-                        group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        eight_way: bool = True) -> tuple[Tensor, Tensor]:
+                        group_max: bool, fast_launch: bool = True,
+                        num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count);
-    ``eight_way``: the threshold search splits its range eight ways per step (False: halves it)."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -258,6 +229,6 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, EIGHT_WAY=eight_way, num_warps=num_warps or max(4, min(16, np_p2 // 128)),
+        GROUP_MAX=group_max, num_warps=num_warps or max(4, min(16, np_p2 // 128)),
     ), fast_launch)
     return pages, counts
