@@ -193,6 +193,8 @@ def main() -> None:
             rows.append({"length": length, "config": label, "method": method, "knobs": knobs, "fallback": fallback,
                          "prefill_ms": prefill_ms, "estimate_ms": estimate_ms, "density": density,
                          "predicted_attention_ms": predicted,
+                         "precheck_ms": sum((r["precheck"] or {}).get("ms") or 0.0 for r in calls),
+                         "estimates_skipped": sum(bool((r["precheck"] or {}).get("skipped_estimate")) for r in calls),
                          "sparse_layers": sum(bool(r["sparse"]) for r in calls), "layer_calls": len(calls)})
         for row in rows:
             if row["length"] != length:
