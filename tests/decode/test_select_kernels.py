@@ -100,6 +100,21 @@ def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budge
     assert torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("group_score", ["mass", "max"])
+def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch, group_score):
+    """Above ROWS_TOGETHER_MAX values the kernel reads the query rows one at a time: same pages."""
+    import sparse_attn.decode.select_kernels as kernels
+
+    q, index = make((300, 37, 0), 8, 2, 2, 32, 16, torch.float16, capacity=320, seed=4)
+    knobs = dict(method="quest", budget=64, sink=16, recent=16, group_score=group_score)
+    together = select_pages(q, index, kernel_options=TRITON, **knobs)
+    monkeypatch.setattr(kernels, "ROWS_TOGETHER_MAX", 0)
+    one_by_one = select_pages(q, index, kernel_options=TRITON, **knobs)
+    want = select_pages(q, index, kernel_options=TORCH, **knobs)
+    for got in (together, one_by_one):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

@@ -29,6 +29,7 @@ from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import fp32_dot_operands
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
+ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
 
 
 @triton.jit
@@ -100,6 +101,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -123,19 +125,40 @@ def _select_pages_kernel(
         row_ptr = LOGITS + b * stride_lb + kvh * stride_lh
         stats_ptr = STATS + b * stride_sb + kvh * stride_sh
         tile = tl.arange(0, TILES_P2)
-        for r in range(ROWS):
-            # The row's softmax over all pages, from the per-tile maxima and sums.
-            tile_top = tl.load(stats_ptr + r * stride_sr + tile, mask=tile < tiles, other=float("-inf"))
-            tile_sum = tl.load(stats_ptr + stride_s0 + r * stride_sr + tile, mask=tile < tiles, other=0.0)
-            top = tl.max(tile_top, 0)
+        if ROWS_TOGETHER:
+            # Every row at once: the loads of all rows are in flight together (one memory latency
+            # instead of one per row), then each row's softmax over all pages from its per-tile
+            # maxima and sums.
+            r = tl.arange(0, ROWS_P2)
+            row_ok = r < ROWS
+            tile_ok = row_ok[:, None] & (tile < tiles)[None, :]
+            stats_rows = stats_ptr + r[:, None] * stride_sr + tile[None, :]
+            tile_top = tl.load(stats_rows, mask=tile_ok, other=float("-inf"))
+            tile_sum = tl.load(stats_rows + stride_s0, mask=tile_ok, other=0.0)
+            logw = tl.load(row_ptr + r[:, None] * stride_lr + offs[None, :],
+                           mask=row_ok[:, None] & (offs < max_pages)[None, :], other=float("-inf"))
+            top = tl.max(tile_top, 1)
             top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
-            total = tl.sum(tile_sum * tl.exp(tile_top - top), 0)
-            logw = tl.load(row_ptr + r * stride_lr + offs, mask=offs < max_pages, other=float("-inf"))
-            share = tl.exp(logw - top) / tl.where(total > 0, total, 1.0)
+            total = tl.sum(tile_sum * tl.exp(tile_top - top[:, None]), 1)
+            share = tl.exp(logw - top[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
             if GROUP_MAX:
-                group = tl.maximum(group, share)
+                group = tl.max(share, 0)
             else:
-                group += share
+                group = tl.sum(share, 0)
+        else:
+            for r in range(ROWS):
+                # The row's softmax over all pages, from the per-tile maxima and sums.
+                tile_top = tl.load(stats_ptr + r * stride_sr + tile, mask=tile < tiles, other=float("-inf"))
+                tile_sum = tl.load(stats_ptr + stride_s0 + r * stride_sr + tile, mask=tile < tiles, other=0.0)
+                top = tl.max(tile_top, 0)
+                top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
+                total = tl.sum(tile_sum * tl.exp(tile_top - top), 0)
+                logw = tl.load(row_ptr + r * stride_lr + offs, mask=offs < max_pages, other=float("-inf"))
+                share = tl.exp(logw - top) / tl.where(total > 0, total, 1.0)
+                if GROUP_MAX:
+                    group = tl.maximum(group, share)
+                else:
+                    group += share
     else:
         candidates = forced | (valid & (num_pages <= width))
     key = tl.where(forced, float("inf"), group)
@@ -222,6 +245,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     else:  # placeholder pointers, never read
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
     np_p2 = triton.next_power_of_2(max_pages)
+    rows_p2 = triton.next_power_of_2(max(rows, 1))
     launch_jit(_select_pages_kernel, (batch * kv_heads,), (
         logits, stats, index.lengths, pages, counts,
         *strides, pages.stride(0), pages.stride(1), counts.stride(0),
@@ -229,6 +253,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, num_warps=num_warps or max(4, min(16, np_p2 // 128)),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=rows_p2 * np_p2 <= ROWS_TOGETHER_MAX,
+        num_warps=num_warps or max(4, min(16, np_p2 // 128)),
     ), fast_launch)
     return pages, counts
