@@ -91,13 +91,10 @@ def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off
     else:
         k_ptrs = K + kv_off_k + pos[:, None] * stride_ks + offs_d[None, :]
         v_ptrs = V + kv_off_v + pos[:, None] * stride_vs + offs_d[None, :]
-    # K and V are loaded together, so that both reads are in flight at once.
     if MASKED:
         k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
     s = dot(q, tl.trans(k), UPCAST) * scale_log2
     if MASKED:
         s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -110,6 +107,10 @@ def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
     return m_new, l_i, acc
 
