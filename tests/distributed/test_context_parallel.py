@@ -1,6 +1,7 @@
 """Context-parallel attention on 2 and 4 CPU processes (gloo) against single-process sparse_attention
-on the whole sequence: outputs and q/k/v gradients, causal and not, GQA 2, batch 2; partition balance
-and which shards travel."""
+on the whole sequence: outputs and q/k/v gradients, causal and not, GQA 2, batch 2, float64 on the
+reference backend and float16/bfloat16 on the Triton kernels; partition balance and which shards
+travel."""
 
 import pytest
 import torch
@@ -105,9 +106,9 @@ def _worker(rank, world, store, fp16):
         assert plan.received_tokens()[rank] == (16 if rank == 0 else 0)
         if world == 2:
             _errors(rank, world)
-        if fp16:  # the Triton forward in the interpreter (the exchange's backward is dtype-blind)
-            _compare(_layouts(world)["window_causal"], rank, world, dtype=torch.float16, backend="triton",
-                     dim=16, backward=False)
+        if fp16:  # the Triton forward and backward (interpreter on CPU) in float16 and bfloat16
+            for dtype in (torch.float16, torch.bfloat16):
+                _compare(_layouts(world)["window_causal"], rank, world, dtype=dtype, backend="triton", dim=16)
     finally:
         dist.destroy_process_group()
 
