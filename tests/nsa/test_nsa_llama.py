@@ -95,3 +95,23 @@ def test_padding_masks_and_bad_layers_raise():
         model(ids, attention_mask=mask)
     with pytest.raises(ValueError, match="layers must hold layer indices"):
         convert_llama(tiny_llama(64), CONFIG, layers=[5])
+
+
+def test_a_saved_nsa_model_loads_with_its_nsa_parameters(tmp_path):
+    from sparse_attn.nsa import is_nsa_model, load_nsa_model, save_nsa_model
+
+    model = _randomized(convert_llama(tiny_llama(64), CONFIG, layers=[1], backend="reference"))
+    ids = torch.randint(1, 64, (1, 50), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    save_nsa_model(model, tmp_path / "nsa")
+    assert is_nsa_model(tmp_path / "nsa") and not is_nsa_model(tmp_path)
+    loaded = load_nsa_model(tmp_path / "nsa", backend="reference")
+    assert isinstance(loaded.model.layers[1].self_attn, NSALlamaAttention)
+    assert not isinstance(loaded.model.layers[0].self_attn, NSALlamaAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    with pytest.raises(ValueError, match="no NSA attention layer"):
+        save_nsa_model(tiny_llama(64), tmp_path / "dense")
+    with pytest.raises(ValueError, match="has no nsa.json"):
+        load_nsa_model(tmp_path)

@@ -6,13 +6,14 @@ Sparse Attention", 2025): compressed, selected and sliding-window branches mixed
 * :class:`NSAAttention`: the same math as a module whose selected and window branches run on the
   block-sparse kernels (forward and backward);
 * :func:`convert_llama`: a transformers Llama-family model's attention layers replaced by NSA, from
-  their dense projections.
+  their dense projections; :func:`save_nsa_model` / :func:`load_nsa_model` write and read such a model.
 """
 
+from .checkpoint import is_nsa_model, load_nsa_model, save_nsa_model
 from .config import NSAConfig
 from .llama import NSALlamaAttention, convert_llama, nsa_parameters
 from .module import NSAAttention
 from .reference import nsa_reference, select_blocks
 
 __all__ = ["NSAConfig", "NSAAttention", "nsa_reference", "select_blocks", "convert_llama", "NSALlamaAttention",
-           "nsa_parameters"]
+           "nsa_parameters", "save_nsa_model", "load_nsa_model", "is_nsa_model"]
