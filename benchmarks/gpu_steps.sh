@@ -16,6 +16,9 @@
 #   recipe_end   the canary recipe, part 2: the last refine, 2.2 minutes (~3.5 min)
 #   sweep        evaluation sweep of the shipped canary at 8K, 4K and 2K: accuracy, density, prefill (~8.5 min)
 #   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
+#   attention_dense, attention_moba, attention_nsa
+#                the canary base trained 3 minutes with dense, MoBA or NSA attention, then evaluated at
+#                2K-8K with its own attention (~8 min each)
 #   gpu_tests    every test marked gpu (~3 min)
 #   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16, 32 and 64 (~7 min)
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
@@ -130,6 +133,20 @@ for step in "${@:-attention}"; do
     prefill)
       timeout 330 python3 benchmarks/bench_prefill.py --model canary --lengths 32768 131072 65536 \
         --out "$out/prefill_canary" ;;
+    attention_dense|attention_moba|attention_nsa)
+      # Natively trainable attention on the canary: the base model trained from scratch for 3 minutes
+      # with dense, MoBA or NSA attention (the same wall time each), then its accuracy at 2K/4K/8K
+      # with its own attention (and, for MoBA, each MoBA setting of the sweep); the model comes back
+      # as <step>.tgz.
+      kind=${step#attention_}
+      work=$(mktemp -d)
+      timeout 260 python3 -m tools.canary train --no-refine --attention "$kind" --out "$work/$kind" --minutes 3 \
+        --seq-len 8192 --eval-samples 4 --workers 6 --probe-every 0 > "$out/$step.log" 2>&1
+      [ -f "$work/$kind/config.json" ] || { echo "$step did not finish"; tail -5 "$out/$step.log"; continue; }
+      methods=none; [ "$kind" = moba ] && methods=moba
+      timeout 200 python3 -m sparse_attn eval --model "$work/$kind" --lengths 2048,4096,8192 --samples 4 \
+        --methods "$methods" --out "$out/eval_$step" 2>&1 | grep -a "^|"
+      tar czf "$out/$step.tgz" -C "$work" "$kind" ;;
     gpu_tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -n 8 2>&1 | tail -15 ;;
     decode)
@@ -156,6 +173,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, attention_dense, attention_moba, attention_nsa)" ;;
   esac
 done

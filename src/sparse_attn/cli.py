@@ -313,7 +313,8 @@ def _decode_options(ctx, methods, budgets, page, sink, recent):
 @main.command("eval")
 @click.option("--model", "model_path", default="canary", show_default=True,
               help="local transformers model directory, or 'canary' for the shipped canary model")
-@click.option("--methods", default="xattention,flexprefill,vertical_slash", show_default=True)
+@click.option("--methods", default="xattention,flexprefill,vertical_slash", show_default=True,
+              help="comma-separated methods, each over its knob range; 'none': the model's own attention only")
 @click.option("--lengths", default="1024,2048", show_default=True)
 @click.option("--tasks", default="passkey,multikey,multivalue,vartrack", show_default=True)
 @click.option("--samples", default=2, show_default=True, type=click.IntRange(min=1),
@@ -346,7 +347,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     from .eval.runner import SWEEPS, evaluate
     from .eval.tasks import TASKS
 
-    method_list = _choices(methods, sorted(SWEEPS), "--methods")
+    method_list = [] if methods == "none" else _choices(methods, sorted(SWEEPS), "--methods")
     task_list = _choices(tasks, list(TASKS), "--tasks")
     length_list = _lengths(lengths)
     decode_list, budget_list = _decode_options(ctx, decode_methods, decode_budgets, decode_page, decode_sink,
@@ -357,6 +358,12 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     if limit is not None and max(length_list) > limit:
         raise click.BadParameter(f"{max(length_list)} is over the model's {limit} positions (max_position_embeddings): "
                                  f"prompts that long are out of its range", param_hint="--lengths")
+    from .nsa import is_nsa_model
+
+    if is_nsa_model(path) and (method_list or decode_list):
+        raise click.BadParameter("this model attends with its own NSA layers, which the methods do not replace: "
+                                 "pass --methods none (its own attention is the 'dense' row) and no --decode-methods",
+                                 param_hint="--methods")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = _load_model(path, dtype, device)

@@ -465,3 +465,54 @@ def test_share_options_are_checked_to_lie_in_0_1():
 
     result = CliRunner().invoke(main, ["train", "--out", "unused", "--task-share", "2"])
     assert result.exit_code == 2 and "--task-share" in result.output
+
+
+@pytest.mark.parametrize("attention", ["moba", "nsa"])
+def test_training_with_moba_or_nsa_saves_a_model_that_loads_with_its_attention(tmp_path, attention):
+    """A short CPU run from scratch with each attention, then continued training of that model: the
+    saved models load (NSA with its NSA layers and parameters, MoBA as a plain Llama) and the log
+    names the attention."""
+    from sparse_attn.nsa import NSALlamaAttention, is_nsa_model, load_nsa_model
+    from tools.canary.training import refine, train
+
+    out = tmp_path / attention
+    log = train(str(out), seq_len=512, batch_size=1, max_steps=3, device="cpu", eval_lengths=(512,),
+                eval_samples=1, attention=attention, **TINY)
+    assert log["attention"] == attention and log["steps"] == 3
+    assert is_nsa_model(out) == (attention == "nsa")
+    if attention == "nsa":
+        model = load_nsa_model(out)
+        assert all(isinstance(layer.self_attn, NSALlamaAttention) for layer in model.model.layers)
+        _eval_nsa_model(out, tmp_path)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert model.config._attn_implementation != "sparse_attn"
+    refined = refine(str(out), str(tmp_path / "refined"), max_steps=2, batch_size=1, device="cpu",
+                     eval_lengths=(512,), eval_samples_per_task=1, eval_before=False, attention=attention)
+    assert refined["attention"] == attention
+    assert is_nsa_model(tmp_path / "refined") == (attention == "nsa")
+
+
+def _eval_nsa_model(path, tmp_path):
+    """sparse-attn eval runs an NSA model's own attention (--methods none) and refuses methods."""
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+
+    common = ["eval", "--model", str(path), "--lengths", "512", "--tasks", "passkey", "--samples", "1",
+              "--device", "cpu", "--out", str(tmp_path / "eval_nsa")]
+    result = CliRunner().invoke(main, [*common, "--methods", "none"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval_nsa.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense"]
+    result = CliRunner().invoke(main, [*common, "--methods", "xattention"])
+    assert result.exit_code != 0 and "attends with its own NSA layers" in result.output
+
+
+def test_an_unknown_attention_is_refused(tmp_path):
+    from tools.canary.training import train
+
+    with pytest.raises(ValueError, match=r"attention must be one of \('dense', 'moba', 'nsa'\)"):
+        train(str(tmp_path / "x"), seq_len=512, max_steps=1, device="cpu", attention="flash")
+    result = _invoke("train", "--out", tmp_path / "y", "--attention", "flash", *FAST)
+    assert result.exit_code != 0 and "flash" in result.output

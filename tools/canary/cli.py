@@ -9,6 +9,8 @@ from collections import deque
 
 import click
 
+from .training import ATTENTIONS
+
 RECENT_STEPS = 20  # log lines show each loss as the mean of this many recent steps that had such tokens
 
 
@@ -140,9 +142,12 @@ def main():
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shape", "shape", multiple=True, metavar="NAME=VALUE",
               help="override one entry of the model shape (CANARY_SHAPE, e.g. hidden_size=128), repeatable")
+@click.option("--attention", type=click.Choice(ATTENTIONS), default="dense", show_default=True,
+              help="train with dense attention, MoBA (patched in) or NSA (converted layers)")
 def train_command(out, force, minutes, refine, seq_len, batch_size, lr, max_steps, device, eval_samples, log_every,
-                  probe_every, task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed, shape):
-    """Train the byte-level canary model (dense attention) and save it in HF format."""
+                  probe_every, task_share, copy_share, repeat_share, warmup_share, short_share, workers, seed, shape,
+                  attention):
+    """Train the byte-level canary model and save it in HF format (an NSA one with its nsa.json)."""
     _check_out(out, force)
     shape = _shape(shape)
     from .training import RECIPE_REFINES, recipe_budgets, train, train_recipe
@@ -169,7 +174,7 @@ def train_command(out, force, minutes, refine, seq_len, batch_size, lr, max_step
 
     base_kwargs = dict(seq_len=seq_len, batch_size=batch_size, lr=lr, probe_every_s=probe_every or None,
                        task_share=task_share, copy_share=copy_share, repeat_share=repeat_share,
-                       warmup_share=warmup_share, short_share=short_share, seed=seed, **shape)
+                       warmup_share=warmup_share, short_share=short_share, seed=seed, attention=attention, **shape)
     if refine:
         log = train_recipe(out, minutes=minutes, max_steps=max_steps, device=device, workers=workers,
                            eval_samples=eval_samples, progress=progress, on_probe=on_probe,
@@ -204,8 +209,10 @@ def train_command(out, force, minutes, refine, seq_len, batch_size, lr, max_step
 @click.option("--workers", default=None, type=int)
 @click.option("--device", default=None)
 @click.option("--seed", default=1, show_default=True)
+@click.option("--attention", type=click.Choice(ATTENTIONS), default="dense", show_default=True,
+              help="continue training with dense attention, MoBA (patched in) or NSA (converted layers)")
 def refine_command(model, out, force, minutes, max_steps, lr, lookup_phase_share, lookup_share, hard_key_share,
-                   multi_value_share, eval_samples, eval_before, log_every, workers, device, seed):
+                   multi_value_share, eval_samples, eval_before, log_every, workers, device, seed, attention):
     """Continue training a canary on whole-key lookup, then the retrieval mix (training.refine)."""
     _check_out(out, force)
     from .training import refine
@@ -219,6 +226,6 @@ def refine_command(model, out, force, minutes, max_steps, lr, lookup_phase_share
     log = refine(model, out, minutes=minutes, max_steps=max_steps, lr=lr, lookup_phase_share=lookup_phase_share,
                  lookup_share=lookup_share, hard_key_share=hard_key_share, multi_value_share=multi_value_share,
                  eval_samples_per_task=eval_samples, eval_before=eval_before, workers=workers, device=device,
-                 seed=seed, progress=progress, force=force)
+                 seed=seed, progress=progress, force=force, attention=attention)
     log_lines.note(f"saved to {out}")
     click.echo(json.dumps({k: v for k, v in log.items() if k != "base"}, indent=1))

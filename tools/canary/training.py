@@ -29,6 +29,67 @@ from sparse_attn.eval.corpus import haystack_text
 from sparse_attn.eval.tasks import TASKS, make_sample
 from sparse_attn.integrations.hf.tokenizer import byte_tokenizer
 
+# The attention a canary can be trained with (``attention=``): dense SDPA, MoBA through
+# ``sparse_attn.patch`` (its parameter-free gate), or NSA modules in place of every layer's attention
+# (``sparse_attn.nsa.convert_llama``; learned compression and gates). Knobs at the canary's scale.
+ATTENTIONS = ("dense", "moba", "nsa")
+MOBA_KNOBS = {"moba_block": 512, "top_k": 3, "block_size": 64}
+
+
+def canary_nsa_config():
+    """NSA at the canary's scale: 32-token compressed blocks every 16, 8 selected blocks of 64 tokens,
+    a 512-token window."""
+    from sparse_attn.nsa import NSAConfig
+
+    return NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_blocks=8, window=512,
+                     window_block=64)
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+
+
+def _with_attention(model, attention: str):
+    """``model`` made to train and run with ``attention`` (in place): MoBA patched in, NSA converted."""
+    if attention == "moba":
+        from sparse_attn.integrations.hf import SparseConfig, patch
+
+        patch(model, config=SparseConfig(method="moba", knobs=MOBA_KNOBS, fallback="never", min_kv_len=0))
+    elif attention == "nsa":
+        from sparse_attn.nsa import convert_llama
+
+        convert_llama(model, canary_nsa_config())
+    return model
+
+
+def _load(source: str, dtype):
+    """A saved canary: an NSA one with its NSA attention, any other dense."""
+    from transformers import AutoModelForCausalLM
+
+    from sparse_attn.nsa import is_nsa_model, load_nsa_model
+
+    if is_nsa_model(source):
+        return load_nsa_model(source, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+
+
+def _save(model, out: Path, attention: str, dtype) -> None:
+    """Write the trained model: MoBA's patch removed first (its weights are a plain Llama's), NSA with
+    its NSA parameters and configuration (``sparse_attn.nsa.save_nsa_model``)."""
+    model.to(dtype)
+    if attention == "moba":
+        from sparse_attn.integrations.hf import unpatch
+
+        unpatch(model)
+    if attention == "nsa":
+        from sparse_attn.nsa import save_nsa_model
+
+        save_nsa_model(model, out, safe_serialization=True)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+
+
 # Files that mark a directory as holding a model (HF weights or config).
 MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 
@@ -423,7 +484,7 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
           eval_lengths=(2048, 4096, 8192), eval_samples: int = 8, seed: int = 0, progress=None,
           workers: Optional[int] = None, short_share: float = 0.4, warmup_share: float = 0.3,
           repeat_share: float = 0.1, probe_every_s: Optional[float] = None,
-          on_probe=None, force: bool = False, **shape_overrides) -> dict:
+          on_probe=None, force: bool = False, attention: str = "dense", **shape_overrides) -> dict:
     """Train for ``minutes`` (or ``max_steps``), save HF-format weights + tokenizer, return a log.
 
     Curriculum: first pure induction (:func:`_repeat_episode` at each length of
@@ -443,9 +504,13 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     measured, logged under ``"probes"`` and passed to ``on_probe(step, seconds, accuracy)``: a run
     that is not learning to retrieve shows it within minutes.
     ``out_dir`` must not hold a model yet unless ``force`` (:func:`check_out_dir`).
+    ``attention`` (:data:`ATTENTIONS`): what the model attends with while it trains, is probed and
+    evaluated: ``"dense"``, ``"moba"`` (saved as a plain Llama; evaluate it with ``--methods moba``)
+    or ``"nsa"`` (saved with :func:`sparse_attn.nsa.save_nsa_model`, loaded with its NSA attention).
     """
     from transformers import AutoModelForCausalLM
 
+    check_attention(attention)
     if seq_len < 512:
         raise ValueError(f"train: seq_len must be at least 512 (the retrieval episodes need it), got {seq_len}")
     check_out_dir(out_dir, force)
@@ -453,7 +518,8 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     config = canary_config(seq_len, len(tokenizer), **shape_overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    model = _with_attention(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device),
+                            attention)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     short_len = max(seq_len // 4, 512)
     loader, phase = None, None
@@ -518,9 +584,10 @@ def train(out_dir: str, minutes: float = 10.0, seq_len: int = 8192, batch_size: 
     accuracy = dense_accuracy(model, tokenizer, [n for n in eval_lengths if n <= seq_len], eval_samples, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
+    _save(model, out, attention, torch.bfloat16 if use_bf16 else torch.float32)
     tokenizer.save_pretrained(out)
     log = {"steps": step, "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size,
+           "attention": attention, **({"moba_knobs": MOBA_KNOBS} if attention == "moba" else {}),
            "short_len": short_len, "short_share": short_share, "warmup_share": warmup_share,
            "repeat_share": repeat_share, "induction_step": induction_step,
            "induction_steps": {n: at for kind, n, at in stages_done if kind == "repeat"},
@@ -555,7 +622,8 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
            task_share: float = 0.6, copy_share: float = 0.2, repeat_share: float = 0.05,
            tasks: tuple = REFINE_TASKS, eval_lengths=(2048, 4096, 8192), eval_samples_per_task: int = 8,
            eval_before: bool = True, device: Optional[str] = None, max_steps: Optional[int] = None,
-           workers: Optional[int] = None, seed: int = 1, progress=None, force: bool = False) -> dict:
+           workers: Optional[int] = None, seed: int = 1, progress=None, force: bool = False,
+           attention: str = "dense") -> dict:
     """Continue training a canary (``model_dir``, or ``"canary"``) to match whole keys, save it to
     ``out_dir`` and return a log with per-task accuracy before and after.
 
@@ -567,16 +635,16 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     lookup episodes kept) with a cosine decay to 5% of ``lr``. ``minutes`` or ``max_steps`` bound it.
     ``progress(step, (kind, length), text_loss, answer_loss, first_answer_token_loss)`` is called
     every step (NaN where a batch had no such tokens). ``out_dir`` must not hold a model yet unless
-    ``force`` (:func:`check_out_dir`).
+    ``force`` (:func:`check_out_dir`). ``attention`` as in :func:`train`: continued training of a dense
+    canary with ``"moba"`` or ``"nsa"`` converts it first (an NSA canary keeps its NSA attention).
     """
-    from transformers import AutoModelForCausalLM
-
+    check_attention(attention)
     check_out_dir(out_dir, force)
     device, use_bf16, workers = _training_device(device, workers)
     source = resolve_model(model_dir)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    model = _with_attention(_load(source, torch.float32).to(device), attention)
     seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
     lengths = [n for n in eval_lengths if n <= seq_len]
 
@@ -637,9 +705,10 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     out.mkdir(parents=True, exist_ok=True)
     base_log = Path(source) / "training_log.json"
     base = json.loads(base_log.read_text()) if base_log.exists() else None
-    model.to(torch.bfloat16 if use_bf16 else torch.float32).save_pretrained(out, safe_serialization=True)
+    _save(model, out, attention, torch.bfloat16 if use_bf16 else torch.float32)
     tokenizer.save_pretrained(out)
-    log = {"refined_from": str(model_dir), "steps": step, "seconds": time.time() - start, "seq_len": seq_len,
+    log = {"refined_from": str(model_dir), "attention": attention, "steps": step, "seconds": time.time() - start,
+           "seq_len": seq_len,
            "batch_size": batch_size, "lr": lr, "lookup_phase_share": lookup_phase_share,
            "lookup_share": lookup_share, "hard_key_share": hard_key_share, "multi_value_share": multi_value_share,
            "task_share": task_share, "copy_share": copy_share, "repeat_share": repeat_share, "tasks": list(tasks),
@@ -669,27 +738,31 @@ def recipe_budgets(minutes: float = 9.9, max_steps: Optional[int] = None) -> lis
 
 def train_recipe(out_dir: str, minutes: float = 9.9, max_steps: Optional[int] = None, device: Optional[str] = None,
                  workers: Optional[int] = None, eval_samples: int = 8, eval_lengths=(2048, 4096, 8192),
-                 progress=None, on_probe=None, refine_progress=None, force: bool = False, **train_kwargs) -> dict:
+                 progress=None, on_probe=None, refine_progress=None, force: bool = False, attention: str = "dense",
+                 **train_kwargs) -> dict:
     """Train the canary the way the shipped one was: :func:`train` for ``RECIPE_BASE_SHARE`` of
     ``minutes`` (or of ``max_steps``), then :func:`refine` once per ``RECIPE_REFINES`` entry for
     ``RECIPE_REFINE_SHARE`` each; intermediate models live in a temporary directory. Returns the last
     refine's log; each log nests the one before under ``"base"``. ``out_dir`` is checked before
     training starts and must not hold a model yet unless ``force`` (:func:`check_out_dir`).
+    ``attention`` (:data:`ATTENTIONS`) is the attention of every phase.
     """
     import tempfile
 
+    check_attention(attention)
     check_out_dir(out_dir, force)
     (steps, budget), *refine_budgets = recipe_budgets(minutes, max_steps)
     with tempfile.TemporaryDirectory(prefix="canary_recipe_") as work:
         train(f"{work}/base", minutes=budget, max_steps=steps, device=device, workers=workers,
               eval_samples=eval_samples, eval_lengths=eval_lengths, progress=progress, on_probe=on_probe,
-              **train_kwargs)
+              attention=attention, **train_kwargs)
         source = f"{work}/base"
         for i, (settings, (steps, budget)) in enumerate(zip(RECIPE_REFINES, refine_budgets)):
             last = i == len(RECIPE_REFINES) - 1
             target = out_dir if last else f"{work}/refined_{i}"
             log = refine(source, target, minutes=budget, max_steps=steps, device=device, workers=workers,
                          eval_before=False, eval_samples_per_task=eval_samples if last else 2,
-                         eval_lengths=eval_lengths, progress=refine_progress, force=force and last, **settings)
+                         eval_lengths=eval_lengths, progress=refine_progress, force=force and last,
+                         attention=attention, **settings)
             source = target
     return log

@@ -52,6 +52,8 @@ SWEEPS = {
     "sliding_window": [{"window": w} for w in (256, 1024)],
     "strided": [{"stride": 4, "local_blocks": 4}],
     "power": [{"local_blocks": 2}],
+    # MoBA blocks of 512 tokens (its paper's size at this scale), the best 2, 3 or 4 earlier ones.
+    "moba": [{"moba_block": 512, "top_k": k} for k in (2, 3, 4)],
 }
 
 
