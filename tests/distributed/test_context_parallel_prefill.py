@@ -73,3 +73,14 @@ def test_sharded_prefill_equals_the_single_process_patched_model(world, tmp_path
 def test_without_torch_distributed_it_says_so():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         context_parallel_prefill(_model(), _ids(2), "dense")
+
+
+def test_models_whose_attention_depends_on_more_than_positions_are_refused():
+    model = _model()
+    model.config.sliding_window = 32
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        context_parallel_prefill(model, _ids(2), "dense")
+    model = _model()
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        context_parallel_prefill(model, _ids(2), "dense")

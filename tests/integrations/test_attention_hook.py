@@ -59,3 +59,12 @@ def test_a_model_without_attention_layers_is_refused():
     with pytest.raises(ValueError, match="Linear has no attention module with a layer_idx"):
         with attention_hook(torch.nn.Linear(2, 2), lambda *a, **k: None):
             pass
+
+
+def test_hooks_on_one_model_do_not_nest():
+    model = _model(0)
+    with attention_hook(model, lambda *a, **k: None):
+        with pytest.raises(RuntimeError, match="already inside an attention_hook block"):
+            with attention_hook(model, lambda *a, **k: None):
+                pass
+    assert not any(hasattr(m, "_sparse_attn_hook") for m in model.modules())

@@ -133,6 +133,17 @@ def test_last_queries_over_a_cache_equal_the_whole_sequence_rows(heads, kv_heads
     assert rel_error(tail, ref) < 1e-6
 
 
+def test_a_decode_step_reads_every_block_of_a_given_selection():
+    """A caller's selection wider than select_blocks: the decode step reads all of it, as the
+    reference does."""
+    module = random_module(4, 2)
+    q, k, v = (t.detach() for t in make_inputs(4, 2, 90))
+    selection = torch.ones(2, 2, 1, 6, dtype=torch.bool)  # all 6 blocks; select_blocks is 4
+    got = module(q[:, :, -1:], k, v, backend="reference", selection=selection)
+    want = nsa_reference(q[:, :, -1:], k, v, module.nsa_params(), CONFIG, selection=selection)
+    assert rel_error(got, want) < 1e-6
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
                     reason="needs a GPU or TRITON_INTERPRET=1")
 def test_decode_step_on_the_triton_decode_kernel_matches_the_reference():

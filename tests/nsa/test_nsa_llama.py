@@ -115,3 +115,16 @@ def test_a_saved_nsa_model_loads_with_its_nsa_parameters(tmp_path):
         save_nsa_model(tiny_llama(64), tmp_path / "dense")
     with pytest.raises(ValueError, match="has no nsa.json"):
         load_nsa_model(tmp_path)
+
+
+def test_static_caches_and_patching_an_nsa_model_are_refused():
+    import sparse_attn
+    from transformers import StaticCache
+
+    model = convert_llama(tiny_llama(64), CONFIG, backend="reference")
+    ids = torch.randint(1, 64, (1, 20))
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad(), pytest.raises(ValueError, match="decodes with a DynamicCache"):
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="attend with their own module .*NSALlamaAttention"):
+        sparse_attn.patch(model, method="xattention")

@@ -487,6 +487,9 @@ def test_training_with_moba_or_nsa_saves_a_model_that_loads_with_its_attention(t
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
         assert model.config._attn_implementation != "sparse_attn"
+    if attention == "nsa":
+        with pytest.raises(ValueError, match="attends with NSA layers: continue it with attention='nsa'"):
+            refine(str(out), str(tmp_path / "as_dense"), max_steps=1, device="cpu")
     refined = refine(str(out), str(tmp_path / "refined"), max_steps=2, batch_size=1, device="cpu",
                      eval_lengths=(512,), eval_samples_per_task=1, eval_before=False, attention=attention)
     assert refined["attention"] == attention

@@ -644,6 +644,10 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
     source = resolve_model(model_dir)
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
+    from sparse_attn.nsa import is_nsa_model
+
+    if is_nsa_model(source) and attention != "nsa":
+        raise ValueError(f"{source} attends with NSA layers: continue it with attention='nsa' (got {attention!r})")
     model = _with_attention(_load(source, torch.float32).to(device), attention)
     seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
     lengths = [n for n in eval_lengths if n <= seq_len]

@@ -49,6 +49,7 @@ def context_parallel_prefill(model, input_ids: Tensor, method: Union[str, Method
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (batch, seq) tensor with seq > 0, got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+    _check_model(model)
     rank, world = _group_rank(group, "context_parallel_prefill")
     if knobs and not isinstance(method, str):
         raise ValueError(f"knobs {sorted(knobs)} go with a method name; a Method carries its own")
@@ -79,6 +80,24 @@ def context_parallel_prefill(model, input_ids: Tensor, method: Union[str, Method
     if not gather_logits:
         return logits, plan
     return _gather_rows(logits, plan, rank, world, group), plan
+
+
+def _check_model(model) -> None:
+    """ValueError for models whose attention or positions depend on more than a token's global
+    position: a sliding-window attention (the hook attends the method's layout, not the window) or a
+    rotary scaling computed from the sequence length (``dynamic``, ``longrope``: each shard would see
+    its own length)."""
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    if getattr(cfg, "sliding_window", None) is not None or "sliding_attention" in (getattr(cfg, "layer_types", None)
+                                                                                   or ()):
+        raise ValueError(f"context_parallel_prefill: {type(model).__name__} uses sliding-window attention "
+                         f"(config.sliding_window={getattr(cfg, 'sliding_window', None)!r}), which it does not "
+                         "apply; only full causal attention layers are supported")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"context_parallel_prefill: rope_type={rope_type!r} scales positions by the sequence "
+                         "length each rank sees (its shard), so shards would disagree; not supported")
 
 
 def _planning_layout(model, method: Method, input_ids: Tensor):

@@ -29,6 +29,16 @@ def _check_causal(mask, q_len: int, kv_len: int) -> None:
                          "mask with padding (pass equal-length sequences without attention_mask)")
 
 
+def _check_cache(cache) -> None:
+    """ValueError unless ``cache`` grows with the sequence (transformers' DynamicCache, the default of
+    ``generate()``): a preallocated cache (StaticCache) hands attention its unused slots too."""
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(f"NSALlamaAttention decodes with a DynamicCache (transformers' default); got "
+                         f"{type(cache).__name__}, whose unused slots it would attend to")
+
+
 def _packed_offsets(position_ids, q_shape, kv_len: int):
     """``cu_seqlens`` of sequences packed in one row (transformers' ``DataCollatorWithFlattening``:
     ``position_ids`` restart at 0 for each sequence), or None for an ordinary batch."""
@@ -48,6 +58,8 @@ class NSALlamaAttention(nn.Module):
     (``.nsa``). Causal attention over unpadded sequences: training, prefill and decoding with a KV
     cache (``generate()``); sequences packed in one row with ``position_ids`` restarting at 0 for each
     (transformers' ``DataCollatorWithFlattening``) attend each within itself; a padding mask raises."""
+
+    attends_itself = True  # attention is this module's own, not a transformers attention function
 
     def __init__(self, dense: nn.Module, config: NSAConfig, *, backend: str = "auto",
                  kernel_options: Optional[KernelOptions] = None, gate_bias=DEFAULT_GATE_BIAS) -> None:
@@ -75,6 +87,7 @@ class NSALlamaAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
+            _check_cache(cache)
             k, v = cache.update(k, v, self.layer_idx)
         call = dict(scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
         cu_seqlens = _packed_offsets(kwargs.get("position_ids"), q.shape, k.shape[2])

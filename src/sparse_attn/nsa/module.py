@@ -133,7 +133,7 @@ class NSAAttention(nn.Module):
             chosen = selection
         call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
         if q.shape[2] < seq:
-            out_slc, out_win = self._tail(q, k, v, chosen, call)
+            out_slc, out_win = self._tail(q, k, v, chosen, call, any_count=selection is not None)
         else:
             out_slc = self._selected(q, k, v, chosen, call)
             out_win = sparse_attention(q, k, v, self._window_layout(seq, q.device), **call)
@@ -168,8 +168,9 @@ class NSAAttention(nn.Module):
             outs.append(out[0].transpose(0, 1))
         return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
-    def _tail(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict):
-        """Selected and window branches of queries that are the last ``Sq < S`` positions."""
+    def _tail(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict, any_count: bool = False):
+        """Selected and window branches of queries that are the last ``Sq < S`` positions
+        (``any_count``: ``chosen`` may hold more than ``select_blocks`` blocks, a caller's selection)."""
         seq = k.shape[2]
         config = self.config
         if q.shape[2] > 1:
@@ -187,7 +188,7 @@ class NSAAttention(nn.Module):
         attend = dict(scale=call["scale"], backend=backend, check_values=False, kernel_options=call["kernel_options"])
         # Selected blocks as pages of l' tokens, in increasing order (padding repeats block 0, never read).
         blocks = torch.arange(chosen.shape[-1], device=q.device, dtype=torch.int32)
-        width = min(config.select_blocks, chosen.shape[-1])
+        width = chosen.shape[-1] if any_count else min(config.select_blocks, chosen.shape[-1])
         order = torch.where(chosen[:, :, 0], blocks, chosen.shape[-1]).sort(-1).values[..., :width]
         counts = chosen[:, :, 0].sum(-1).to(torch.int32)
         pages = torch.where(order < chosen.shape[-1], order, 0).to(torch.int32).contiguous()

@@ -45,6 +45,8 @@ def attention_hook(model, hook):
     layers = [m for m in model.modules() if hasattr(m, "layer_idx")]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no attention module with a layer_idx to hook")
+    if any(hasattr(module, _HOOK_ATTR) for module in layers):
+        raise RuntimeError(f"{type(model).__name__} is already inside an attention_hook block; hooks do not nest")
     before = model.config._attn_implementation
     for module in layers:
         setattr(module, _HOOK_ATTR, hook)

@@ -134,6 +134,11 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
     elif not isinstance(config, SparseConfig):
         config = SparseConfig.from_file(config)
     modules = _attention_modules(model)
+    own = sorted({type(m).__name__ for m in modules if getattr(m, "attends_itself", False)})
+    if own:
+        raise ValueError(f"{type(model).__name__} has attention layers that attend with their own module "
+                         f"({', '.join(own)}, e.g. converted to NSA): they do not call transformers' attention "
+                         "functions, so patch() cannot route them")
     if not modules:
         raise TypeError(f"{type(model).__name__} has no attention modules with a layer_idx to patch")
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
