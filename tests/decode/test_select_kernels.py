@@ -101,20 +101,17 @@ def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budge
 
 
 @pytest.mark.parametrize("group_score", ["mass", "max"])
-@pytest.mark.parametrize("limit", [0, 64, 96])
-def test_topk_kernel_reading_rows_in_chunks_selects_the_same_pages(monkeypatch, group_score, limit):
-    """Below 8 rows x 32 pages of ROWS_TOGETHER_MAX the kernel reads the 8 query rows in chunks (of 2
-    for 64 and 96, one by one for 0): the same pages as reading them all at once, and as PyTorch."""
+def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch, group_score):
+    """Above ROWS_TOGETHER_MAX values the kernel reads the query rows one at a time: same pages."""
     import sparse_attn.decode.select_kernels as kernels
 
     q, index = make((300, 37, 0), 8, 2, 2, 32, 16, torch.float16, capacity=320, seed=4)
     knobs = dict(method="quest", budget=64, sink=16, recent=16, group_score=group_score)
     together = select_pages(q, index, kernel_options=TRITON, **knobs)
-    monkeypatch.setattr(kernels, "ROWS_TOGETHER_MAX", limit)
-    assert kernels._row_chunk(8, 32) == (1 if limit == 0 else 2)
-    chunked = select_pages(q, index, kernel_options=TRITON, **knobs)
+    monkeypatch.setattr(kernels, "ROWS_TOGETHER_MAX", 0)
+    one_by_one = select_pages(q, index, kernel_options=TRITON, **knobs)
     want = select_pages(q, index, kernel_options=TORCH, **knobs)
-    for got in (together, chunked):
+    for got in (together, one_by_one):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -29,7 +29,7 @@ from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import fp32_dot_operands
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
-ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads as many query rows' logits at once as fit this many values
+ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROW_CHUNK: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -125,27 +125,26 @@ def _select_pages_kernel(
         row_ptr = LOGITS + b * stride_lb + kvh * stride_lh
         stats_ptr = STATS + b * stride_sb + kvh * stride_sh
         tile = tl.arange(0, TILES_P2)
-        if ROW_CHUNK > 1:
-            # ROW_CHUNK rows at a time (all of them when they fit): the loads of a chunk's rows are in
-            # flight together (one memory latency per chunk instead of one per row), then each row's
-            # softmax over all pages from its per-tile maxima and sums.
-            for r0 in tl.static_range(0, ROWS_P2, ROW_CHUNK):
-                r = r0 + tl.arange(0, ROW_CHUNK)
-                row_ok = r < ROWS
-                tile_ok = row_ok[:, None] & (tile < tiles)[None, :]
-                stats_rows = stats_ptr + r[:, None] * stride_sr + tile[None, :]
-                tile_top = tl.load(stats_rows, mask=tile_ok, other=float("-inf"))
-                tile_sum = tl.load(stats_rows + stride_s0, mask=tile_ok, other=0.0)
-                logw = tl.load(row_ptr + r[:, None] * stride_lr + offs[None, :],
-                               mask=row_ok[:, None] & (offs < max_pages)[None, :], other=float("-inf"))
-                top = tl.max(tile_top, 1)
-                top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
-                total = tl.sum(tile_sum * tl.exp(tile_top - top[:, None]), 1)
-                share = tl.exp(logw - top[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
-                if GROUP_MAX:
-                    group = tl.maximum(group, tl.max(share, 0))
-                else:
-                    group += tl.sum(share, 0)
+        if ROWS_TOGETHER:
+            # Every row at once: the loads of all rows are in flight together (one memory latency
+            # instead of one per row), then each row's softmax over all pages from its per-tile
+            # maxima and sums.
+            r = tl.arange(0, ROWS_P2)
+            row_ok = r < ROWS
+            tile_ok = row_ok[:, None] & (tile < tiles)[None, :]
+            stats_rows = stats_ptr + r[:, None] * stride_sr + tile[None, :]
+            tile_top = tl.load(stats_rows, mask=tile_ok, other=float("-inf"))
+            tile_sum = tl.load(stats_rows + stride_s0, mask=tile_ok, other=0.0)
+            logw = tl.load(row_ptr + r[:, None] * stride_lr + offs[None, :],
+                           mask=row_ok[:, None] & (offs < max_pages)[None, :], other=float("-inf"))
+            top = tl.max(tile_top, 1)
+            top = tl.where(top == float("-inf"), 0.0, top)  # a row with no page: every share 0
+            total = tl.sum(tile_sum * tl.exp(tile_top - top[:, None]), 1)
+            share = tl.exp(logw - top[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+            if GROUP_MAX:
+                group = tl.max(share, 0)
+            else:
+                group = tl.sum(share, 0)
         else:
             for r in range(ROWS):
                 # The row's softmax over all pages, from the per-tile maxima and sums.
@@ -193,13 +192,6 @@ def _select_pages_kernel(
     slots = tl.arange(0, W_P2)
     tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
     tl.store(COUNTS + b * stride_cb + kvh, count)
-
-
-def _row_chunk(rows_p2: int, np_p2: int) -> int:
-    """Query rows the top-k kernel reads at once: a power of two, all ``rows_p2`` when ``rows_p2 *
-    np_p2`` values fit :data:`ROWS_TOGETHER_MAX`, at least 1."""
-    fit = max(1, ROWS_TOGETHER_MAX // np_p2)
-    return min(rows_p2, 1 << (fit.bit_length() - 1))
 
 
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
@@ -261,7 +253,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROW_CHUNK=_row_chunk(rows_p2, np_p2),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=rows_p2 * np_p2 <= ROWS_TOGETHER_MAX,
         num_warps=num_warps or max(4, min(16, np_p2 // 128)),
     ), fast_launch)
     return pages, counts
