@@ -59,6 +59,10 @@ def test_seer_decode_shares_cover_each_sequences_pages():
     assert shares.shape == (2, 2, index.max_pages)
     torch.testing.assert_close(shares.sum(-1), torch.ones(2, 2), atol=1e-5, rtol=0)
     assert (shares[1, :, 6:] == 0).all()  # 90 tokens fill pages 0-5
+    # Each sequence scores as it would alone: its own query position and only its own keys.
+    alone = decode_page_shares(gates, 1, step_q[1:], k[1:, :, :90],
+                               PageIndex.build(k[1:, :, :90], 16, lengths=[90], capacity=256))
+    torch.testing.assert_close(shares[1:], alone, atol=1e-6, rtol=1e-5)
     pages, counts = select_pages_by_score(shares, index, budget=64, sink=16, recent=16)
     assert counts.tolist() == [[4, 4], [4, 4]] and (pages[1] < 6).all()
     with pytest.raises(ValueError, match="layer"):

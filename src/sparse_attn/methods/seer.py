@@ -119,7 +119,7 @@ def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
     estimates it (one row per KV group). ``q (B, H, Sq, D)``: the step's post-RoPE query rows, the
     last ``Sq`` positions of each sequence; ``k (B, Hkv, S, D)``: the post-RoPE K cache holding at
     least ``index.lengths`` tokens. The gate pools the cache's keys per block at each call (work
-    linear in the cache) and reads the lengths on the host (one device sync). Feed the result to
+    linear in the cache), with no device sync. Feed the result to
     :func:`sparse_attn.decode.select_pages_by_score`."""
     spec = gates.spec
     if not 0 <= layer < spec.layers:
@@ -129,7 +129,7 @@ def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
                          f"index's page_size={index.page_size}")
     gates = gates.to(q.device)
     rows, lengths = q.shape[2], index.lengths
-    q_pre = torch.cat([gates.unrotate(q[b:b + 1], max(int(lengths[b]) - rows, 0)) for b in range(q.shape[0])])
-    k_pre = gates.unrotate(k[:, :, :int(lengths.max())], 0)
+    q_pre = gates.unrotate(q, (lengths - rows).clamp_min(0))
+    k_pre = gates.unrotate(k, 0)
     shares = gates.gates[layer].decode_probs(q_pre, k_pre, spec.block_size, lengths)
     return block_shares_to_pages(shares, spec.block_size, index.page_size, index.page_tokens())

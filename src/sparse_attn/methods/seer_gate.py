@@ -63,14 +63,17 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def rope(x: Tensor, positions: Tensor, inv_freq: Tensor, *, inverse: bool = False, scaling: float = 1.0) -> Tensor:
-    """``x (..., S, D)`` rotated by RoPE at ``positions`` (``(S,)``) with ``inv_freq`` (``(R/2,)``, the first
-    ``R <= D`` dimensions rotate), as transformers' Llama applies it (``cos``/``sin`` times ``scaling``);
-    ``inverse`` undoes that rotation. Computes in float32."""
+    """``x (..., S, D)`` rotated by RoPE at ``positions`` (``(S,)``, or ``(B, S)`` for ``x (B, h, S, D)``:
+    each sequence's own) with ``inv_freq`` (``(R/2,)``, the first ``R <= D`` dimensions rotate), as
+    transformers' Llama applies it (``cos``/``sin`` times ``scaling``); ``inverse`` undoes that
+    rotation. Computes in float32."""
     x = x.float()
     rot = 2 * inv_freq.numel()
-    angles = positions.float()[:, None] * inv_freq.float().to(x.device)[None, :]
+    angles = positions.float()[..., None] * inv_freq.float().to(x.device)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos(), angles.sin()
+    if positions.dim() == 2:  # (B, S, R) -> (B, 1, S, R), broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
     head, tail = x[..., :rot], x[..., rot:]
     if inverse:
         head = (head * cos - rotate_half(head) * sin) / scaling
@@ -268,10 +271,11 @@ class SeerGates(nn.Module):
                         model_name=name or str(getattr(config, "_name_or_path", "")))
         return cls(spec, rotary.inv_freq.detach().cpu())
 
-    def unrotate(self, x: Tensor, first: int) -> Tensor:
+    def unrotate(self, x: Tensor, first) -> Tensor:
         """Post-RoPE ``x (B, h, S, D)`` at positions ``first, first + 1, ...`` -> the pre-RoPE tensor
-        (float32)."""
-        positions = torch.arange(first, first + x.shape[2], device=x.device)
+        (float32); ``first``: an int, or a ``(B,)`` tensor of each sequence's first position."""
+        positions = torch.arange(x.shape[2], device=x.device)
+        positions = positions + (first.to(x.device)[:, None] if isinstance(first, Tensor) else first)
         return rope(x, positions, self.model_inv_freq, inverse=True, scaling=self.spec.rope_scaling)
 
     def check_model(self, model, where: str = "gates") -> None:
