@@ -246,6 +246,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
     np_p2 = triton.next_power_of_2(max_pages)
     rows_p2 = triton.next_power_of_2(max(rows, 1))
+    together = rows_p2 * np_p2 <= ROWS_TOGETHER_MAX
     launch_jit(_select_pages_kernel, (batch * kv_heads,), (
         logits, stats, index.lengths, pages, counts,
         *strides, pages.stride(0), pages.stride(1), counts.stride(0),
@@ -253,7 +254,8 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=rows_p2 * np_p2 <= ROWS_TOGETHER_MAX,
-        num_warps=num_warps or max(4, min(16, np_p2 // 128)),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together,
+        # Warps by the values a program holds at once: the rows' logits together, or one row's.
+        num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 512 if together else np_p2 // 128)),
     ), fast_launch)
     return pages, counts
