@@ -84,6 +84,10 @@ def test_sequences_packed_in_one_row_attend_each_within_itself():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     model(packed, position_ids=positions, labels=packed).loss.backward()
     assert all(p.grad is not None for p in nsa_parameters(model))
+    padded = torch.ones_like(packed)
+    padded[0, :3] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="mask of a packed row"):
+        model(packed, position_ids=positions, attention_mask=padded)
 
 
 def test_padding_masks_and_bad_layers_raise():

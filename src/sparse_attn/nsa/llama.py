@@ -39,6 +39,23 @@ def _check_cache(cache) -> None:
                          f"{type(cache).__name__}, whose unused slots it would attend to")
 
 
+def _check_packed_mask(mask, cu_seqlens) -> None:
+    """ValueError unless ``mask`` (transformers' mask for a packed row, or None) is causal within each
+    packed sequence, or plain causal over the row (transformers versions that do not split packed
+    rows): anything else (padding) NSA would not apply."""
+    if mask is None:
+        return
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)
+    seq = int(cu_seqlens[-1])
+    pos = torch.arange(seq, device=mask.device)
+    causal = pos[None, :] <= pos[:, None]
+    segment = torch.searchsorted(cu_seqlens.to(mask.device), pos, right=True)
+    within = causal & (segment[None, :] == segment[:, None])
+    if allowed.shape[-2:] != (seq, seq) or not (bool((allowed == within).all()) or bool((allowed == causal).all())):
+        raise ValueError("NSALlamaAttention: the attention mask of a packed row is neither causal within its "
+                         "sequences nor plain causal (padding?); pass packed rows without padding")
+
+
 def _packed_offsets(position_ids, q_shape, kv_len: int):
     """``cu_seqlens`` of sequences packed in one row (transformers' ``DataCollatorWithFlattening``:
     ``position_ids`` restart at 0 for each sequence), or None for an ordinary batch."""
@@ -92,6 +109,7 @@ class NSALlamaAttention(nn.Module):
         call = dict(scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
         cu_seqlens = _packed_offsets(kwargs.get("position_ids"), q.shape, k.shape[2])
         if cu_seqlens is not None:  # sequences packed in one row, each from position 0 (no cache)
+            _check_packed_mask(attention_mask, cu_seqlens)
             out = self.nsa.forward_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                           cu_seqlens, **call)
             out = out[None]
