@@ -67,3 +67,29 @@ def test_seer_decode_shares_cover_each_sequences_pages():
     assert counts.tolist() == [[4, 4], [4, 4]] and (pages[1] < 6).all()
     with pytest.raises(ValueError, match="layer"):
         decode_page_shares(gates, 2, step_q, k, index)
+
+
+def test_gate_key_summaries_kept_by_appends_give_the_shares_of_the_whole_cache():
+    """Summaries built from 150 keys, then appended 1, 9 and 16 keys at a time (crossing gate blocks
+    of 32): at every length the decode gate's page shares equal those pooled from the cache."""
+    from sparse_attn.methods.seer_gate import GateKeySummaries, pooled_keys
+
+    model = tiny_llama(vocab_size=64, layers=2, positions=512)
+    gates = SeerGates.for_model(model, block_size=32, gate_dim=16)
+    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), capture_qk(model) as captured:
+        model(ids)
+    q, k = captured[0]
+    summaries = GateKeySummaries(gates, k, 150)
+    length = 150
+    for step in (1, 9, 16, 16):
+        summaries.append(gates, k[:, :, length:length + step])
+        length += step
+        assert summaries.length == length
+        torch.testing.assert_close(summaries.pooled(), pooled_keys(gates.unrotate(k[:, :, :length], 0), 32),
+                                   atol=1e-5, rtol=1e-5)
+        index = PageIndex.build(k[:, :, :length], 16, capacity=256)
+        step_q = q[:, :, length - 1:length]
+        want = decode_page_shares(gates, 0, step_q, k[:, :, :length], index)
+        got = decode_page_shares(gates, 0, step_q, k[:, :, :length], index, summaries=summaries)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -54,3 +54,25 @@ def test_gates_are_checked_naming_the_key(gates_file, tmp_path):
     other = _tiny(num_hidden_layers=3)
     with pytest.raises(GatesError):
         patch(other, method="dense", decode={"method": "seer", "budget": 256, "gates": gates_file})
+
+
+def test_the_gate_summaries_kept_across_steps_pick_what_pooling_the_whole_cache_picks(gates_file, monkeypatch):
+    """The decode gate reads key summaries appended step by step (rebuilt for each new prompt, here
+    two prompts of one length back to back): the same tokens and selections as pooling the cache
+    at every step."""
+    import sparse_attn.integrations.hf.patching as patching
+
+    def run():
+        model = _tiny()
+        state = patch(model, method="dense", record=True, decode={
+            "method": "seer", "gates": gates_file, "budget": 64, "page": 16, "sink": 16, "recent": 16})
+        out = [model.generate(_ids().roll(shift, 1), **GEN) for shift in (0, 7)]
+        densities = [r["density"] for r in state.records if r["decode"]]
+        unpatch(model)
+        return out, densities
+
+    with_summaries = run()
+    monkeypatch.setattr(patching, "_sync_gate_summaries", lambda *args: None)
+    pooling_the_cache = run()
+    assert all(torch.equal(a, b) for a, b in zip(with_summaries[0], pooling_the_cache[0]))
+    assert with_summaries[1] == pooling_the_cache[1] and len(with_summaries[1]) == 2 * 5 * 2  # prompts x steps x layers

@@ -113,13 +113,15 @@ class Seer(Method):
         return top_k_dense(self.top_k, grid) if self._top_k_on() else ()
 
 
-def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
+def decode_page_shares(gates: SeerGates, layer: int, q, k, index, summaries=None):
     """The decode gate of ``layer`` scoring the pages of a :class:`~sparse_attn.decode.PageIndex`:
     ``(B, Hkv, max_pages)`` float32, each page's share of the step's attention mass as the gate
     estimates it (one row per KV group). ``q (B, H, Sq, D)``: the step's post-RoPE query rows, the
     last ``Sq`` positions of each sequence; ``k (B, Hkv, S, D)``: the post-RoPE K cache holding at
     least ``index.lengths`` tokens. The gate pools the cache's keys per block at each call (work
-    linear in the cache), with no device sync. Feed the result to
+    linear in the cache), with no device sync; with ``summaries`` (a
+    :class:`~sparse_attn.methods.seer_gate.GateKeySummaries` of this layer's cache, kept up to date
+    by the caller) it reads those instead of the keys. Feed the result to
     :func:`sparse_attn.decode.select_pages_by_score`."""
     spec = gates.spec
     if not 0 <= layer < spec.layers:
@@ -130,6 +132,9 @@ def decode_page_shares(gates: SeerGates, layer: int, q, k, index):
     gates = gates.to(q.device)
     rows, lengths = q.shape[2], index.lengths
     q_pre = gates.unrotate(q, (lengths - rows).clamp_min(0))
-    k_pre = gates.unrotate(k, 0)
-    shares = gates.gates[layer].decode_probs(q_pre, k_pre, spec.block_size, lengths)
+    if summaries is not None:
+        shares = gates.gates[layer].decode_probs(q_pre, None, spec.block_size, lengths, pooled=summaries.pooled())
+    else:
+        k_pre = gates.unrotate(k, 0)
+        shares = gates.gates[layer].decode_probs(q_pre, k_pre, spec.block_size, lengths)
     return block_shares_to_pages(shares, spec.block_size, index.page_size, index.page_tokens())

@@ -158,10 +158,13 @@ class SeerGate(nn.Module):
         feats = torch.einsum("bnqi,nio->bnqo", grouped, self.q_weight)
         return rope(feats, positions, self.inv_freq)
 
-    def key_features(self, k: Tensor, block: int, positions: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    def key_features(self, k: Tensor, block: int, positions: Tensor, lengths: Optional[Tensor] = None,
+                     pooled: Optional[Tensor] = None) -> Tensor:
         """Pre-RoPE keys ``(B, Hkv, S, D)`` -> ``(B, Hkv, NK, gate_dim)``: max, min and mean per key
-        block, projected, rotated at ``positions (NK,)``."""
-        feats = torch.einsum("bnki,nio->bnko", pooled_keys(k, block, lengths), self.k_weight)
+        block, projected, rotated at ``positions (NK,)``; ``pooled``: those per-block statistics
+        already computed (:func:`pooled_keys`' layout), in place of ``k``."""
+        pooled = pooled_keys(k, block, lengths) if pooled is None else pooled
+        feats = torch.einsum("bnki,nio->bnko", pooled, self.k_weight)
         return rope(feats, positions, self.inv_freq)
 
     def scores(self, qf: Tensor, kf: Tensor, valid: Tensor) -> Tensor:
@@ -180,21 +183,74 @@ class SeerGate(nn.Module):
         kf = self.key_features(k, block, grid.k_first.to(q.device))
         return self.scores(qf, kf, grid.reachable)
 
-    def decode_probs(self, q: Tensor, k: Tensor, block: int, lengths: Optional[Tensor] = None) -> Tensor:
+    def decode_probs(self, q: Tensor, k: Optional[Tensor], block: int, lengths: Optional[Tensor] = None,
+                     pooled: Optional[Tensor] = None) -> Tensor:
         """The decode gate: pre-RoPE query rows ``q (B, H, Sq, D)`` of a decode step (the last ``Sq``
         positions of each sequence) against the pre-RoPE cache ``k (B, Hkv, S, D)`` of ``lengths (B,)``
-        tokens (None: ``S``). Returns ``(B, Hkv, NK)`` float32: each key block's share of the step's
-        attention mass as the gate estimates it, one row per KV group (the rows and the group's heads
-        pooled together), 0 past a sequence's length."""
+        tokens (None: ``S``), or against its per-block statistics ``pooled (B, Hkv, NK, 3 * D)``
+        (:class:`GateKeySummaries`; then ``k`` is None and ``lengths`` is required). Returns
+        ``(B, Hkv, NK)`` float32: each key block's share of the step's attention mass as the gate
+        estimates it, one row per KV group (the rows and the group's heads pooled together), 0 past a
+        sequence's length."""
         batch, _, rows, _ = q.shape
-        length = k.shape[2]
-        lengths = torch.full((batch,), length, device=k.device) if lengths is None else lengths.to(k.device)
-        nk = -(-length // block)
+        device = q.device
+        if pooled is None:
+            length = k.shape[2]
+            lengths = torch.full((batch,), length, device=device) if lengths is None else lengths.to(device)
+            nk = -(-length // block)
+        else:
+            lengths, nk = lengths.to(device), pooled.shape[2]
         qf = torch.stack([self.query_features(q[b:b + 1], rows, (lengths[b:b + 1] - rows).clamp(min=0))[0]
                           for b in range(batch)])  # (B, Hkv, 1, gate_dim), rotated at the first row's position
-        kf = self.key_features(k, block, torch.arange(nk, device=k.device) * block, lengths)
-        valid = (torch.arange(nk, device=k.device)[None, :] * block < lengths[:, None])[:, None, None, :]
+        kf = self.key_features(k, block, torch.arange(nk, device=device) * block, lengths, pooled=pooled)
+        valid = (torch.arange(nk, device=device)[None, :] * block < lengths[:, None])[:, None, None, :]
         return torch.softmax(self.scores(qf, kf, valid), dim=-1).nan_to_num(0.0)[:, :, 0]
+
+
+class GateKeySummaries:
+    """What the decode gate pools from a KV cache, kept up to date as keys are appended: per (sequence,
+    KV head, key block of ``block`` tokens) the max, min and sum of the pre-RoPE keys, for a cache whose
+    sequences all hold ``length`` tokens. Building reads the cache once; :meth:`append` costs only the
+    new keys, so a decode step's gate no longer reads the whole cache (:func:`~sparse_attn.methods.
+    seer.decode_page_shares` with ``summaries=``)."""
+
+    def __init__(self, gates: "SeerGates", k: Tensor, length: int):
+        """From the post-RoPE cache ``k (B, Hkv, S, D)``, its first ``length`` positions."""
+        self.block = gates.spec.block_size
+        self.length = 0
+        batch, heads, _, dim = k.shape
+        self.kmax = k.new_full((batch, heads, 0, dim), float("-inf"), dtype=torch.float32)
+        self.kmin = k.new_full((batch, heads, 0, dim), float("inf"), dtype=torch.float32)
+        self.ksum = k.new_zeros((batch, heads, 0, dim), dtype=torch.float32)
+        self.append(gates, k[:, :, :length])
+
+    def append(self, gates: "SeerGates", k_new: Tensor) -> None:
+        """Add the post-RoPE keys ``k_new (B, Hkv, n, D)`` at positions ``length, length + 1, ...``."""
+        n = k_new.shape[2]
+        if n == 0:
+            return
+        pre = gates.unrotate(k_new, self.length)  # float32
+        blocks = -(-(self.length + n) // self.block)
+        grow = blocks - self.kmax.shape[2]
+        if grow > 0:
+            shape = (*self.kmax.shape[:2], grow, self.kmax.shape[3])
+            self.kmax = torch.cat([self.kmax, pre.new_full(shape, float("-inf"))], dim=2)
+            self.kmin = torch.cat([self.kmin, pre.new_full(shape, float("inf"))], dim=2)
+            self.ksum = torch.cat([self.ksum, pre.new_zeros(shape)], dim=2)
+        owner = (torch.arange(self.length, self.length + n, device=pre.device) // self.block)
+        index = owner.view(1, 1, n, 1).expand_as(pre)
+        self.kmax.scatter_reduce_(2, index, pre, reduce="amax")
+        self.kmin.scatter_reduce_(2, index, pre, reduce="amin")
+        self.ksum.scatter_add_(2, index, pre)
+        self.length += n
+
+    def pooled(self) -> Tensor:
+        """``(B, Hkv, NK, 3 * D)``: max, min and mean per block, as :func:`pooled_keys` gives them."""
+        starts = torch.arange(self.kmax.shape[2], device=self.kmax.device) * self.block
+        count = (self.length - starts).clamp(0, self.block).float().view(1, 1, -1, 1)
+        empty = count == 0
+        return torch.cat((self.kmax.masked_fill(empty, 0.0), self.kmin.masked_fill(empty, 0.0),
+                          self.ksum / count.clamp(min=1)), dim=-1)
 
 
 def block_shares_to_pages(shares: Tensor, block: int, page_size: int, page_tokens: Tensor) -> Tensor:

@@ -50,6 +50,9 @@ class SparseState:
     page_indexes: dict = field(default_factory=dict)
     index_lengths: dict = field(default_factory=dict)
     index_builds: dict = field(default_factory=dict)
+    # Per layer, for seer decode: the decode gate's key summaries of the cache (GateKeySummaries),
+    # appended with the index.
+    gate_summaries: dict = field(default_factory=dict)
     # Per layer: the page selection of its current decode step, ``(pages, counts, filled, page)``, kept
     # for the later layers that reuse it (``select_layers``), and the sparse decode steps since its
     # index was built at prefill (``recall_every`` counts them).
@@ -62,8 +65,8 @@ class SparseState:
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
         counts and cached prefill decisions (records stay)."""
-        for store in (self.page_indexes, self.index_lengths, self.index_builds, self.selections,
-                      self.decode_steps, self.decisions):
+        for store in (self.page_indexes, self.index_lengths, self.index_builds, self.gate_summaries,
+                      self.selections, self.decode_steps, self.decisions):
             store.clear()
 
     def summary(self) -> list:
@@ -257,6 +260,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         return _page_decode(state, module, query, key, value, dropout, scaling, kwargs, pages_cfg, filled, plain,
                             record, dense)
     if pages_cfg is not None and q_len > 1:  # prefill: index the filled keys for the decode steps
+        state.gate_summaries.pop(layer, None)  # rebuilt from this cache at the next decode step
         if plain and decode_layer_knobs(pages_cfg, layer)["method"] != "dense":
             _sync_index(state, layer, key, decode_layer_knobs(pages_cfg, layer)["page"], fresh=filled == q_len,
                         length=filled)
@@ -352,6 +356,25 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     return index
 
 
+def _sync_gate_summaries(state: SparseState, layer: int, key: torch.Tensor, gates, length: int):
+    """The seer decode gate's key summaries of the layer's cache, brought up to its first ``length``
+    positions as :func:`_sync_index` brings the page index: appended when at most 16 tokens behind,
+    else rebuilt from the cache."""
+    from ...methods.seer_gate import GateKeySummaries
+
+    summaries = state.gate_summaries.get(layer)
+    fits = (summaries is not None and summaries.kmax.shape[:2] == key.shape[:2]
+            and summaries.kmax.device == key.device and summaries.block == gates.spec.block_size)
+    if fits and summaries.length == length:
+        return summaries
+    if fits and 0 < length - summaries.length <= 16:
+        summaries.append(gates, key[:, :, summaries.length:length])
+    else:
+        summaries = GateKeySummaries(gates, key.detach(), length)
+        state.gate_summaries[layer] = summaries
+    return summaries
+
+
 def _page_decode(state: SparseState, module, query, key, value, dropout, scaling, kwargs, cfg: dict,
                  filled: int, plain: bool, record, dense):
     """A decode step (1-16 query rows at the end of the filled cache) through the layer's page index:
@@ -399,7 +422,9 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             from ...decode import select_pages_by_score
             from ...methods.seer import decode_page_shares, load_gates
 
-            shares = decode_page_shares(load_gates(cfg["gates"]), layer, query, key, index)
+            gates = load_gates(cfg["gates"]).to(query.device)
+            summaries = _sync_gate_summaries(state, layer, key, gates, filled)
+            shares = decode_page_shares(gates, layer, query, key, index, summaries=summaries)
             pages, counts = select_pages_by_score(shares, index, budget=budget, sink=knobs["sink"],
                                                   recent=knobs["recent"])
         else:
