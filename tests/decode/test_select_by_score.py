@@ -46,13 +46,19 @@ def test_bad_scores_are_refused_naming_score():
             select_pages_by_score(bad, index, budget=64)
 
 
-def test_seer_decode_shares_cover_each_sequences_pages():
+def _gates_and_qk(layer: int, seed: int):
+    """Fresh gates (blocks of 32) for a tiny Llama and the post-RoPE q, k of ``layer`` on 2 x 200
+    random tokens."""
     model = tiny_llama(vocab_size=64, layers=2, positions=512)
     gates = SeerGates.for_model(model, block_size=32, gate_dim=16)
-    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad(), capture_qk(model) as captured:
         model(ids)
-    q, k = captured[1]
+    return (gates, *captured[layer])
+
+
+def test_seer_decode_shares_cover_each_sequences_pages():
+    gates, q, k = _gates_and_qk(1, seed=1)
     index = PageIndex.build(k, 16, lengths=[200, 90], capacity=256)
     step_q = torch.stack([q[0, :, 199:200], q[1, :, 89:90]])  # each sequence's last query row
     shares = decode_page_shares(gates, 1, step_q, k, index)
@@ -74,12 +80,7 @@ def test_gate_key_summaries_kept_by_appends_give_the_shares_of_the_whole_cache()
     of 32): at every length the decode gate's page shares equal those pooled from the cache."""
     from sparse_attn.methods.seer_gate import GateKeySummaries, pooled_keys
 
-    model = tiny_llama(vocab_size=64, layers=2, positions=512)
-    gates = SeerGates.for_model(model, block_size=32, gate_dim=16)
-    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), capture_qk(model) as captured:
-        model(ids)
-    q, k = captured[0]
+    gates, q, k = _gates_and_qk(0, seed=2)
     summaries = GateKeySummaries(gates, k, 150)
     length = 150
     for step in (1, 9, 16, 16):
