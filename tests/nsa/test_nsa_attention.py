@@ -216,3 +216,19 @@ def test_module_input_errors():
         module(q, k, v[:, :, :10])
     with pytest.raises(ValueError, match="selection must be a bool tensor of shape"):
         module(q, k, v, selection=torch.ones(2, 2, 20, 1, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_decode_steps_match_the_reference_at_a_long_cache(dtype):
+    """32 query heads, 8 KV heads, head dim 128, a 4099-token cache: a decode step on the Triton
+    kernels against the float64 reference given the same selection."""
+    config = NSAConfig(compress_block=32, compress_stride=16, select_block=64, select_blocks=8, window=256,
+                       window_block=64)
+    module = random_module(32, 8, dim=128, config=config, dtype=torch.float32).to("cuda", dtype)
+    q, k, v = (t.detach().to("cuda") for t in make_inputs(32, 8, 4099, dim=128, batch=2, dtype=dtype))
+    got, chosen = module(q[:, :, -1:], k, v, backend="triton", return_selection=True)
+    want = nsa_reference(q[:, :, -1:].double(), k.double(), v.double(),
+                         {n: p.double() for n, p in module.nsa_params().items()}, config, selection=chosen)
+    assert rel_error(got, want) < 2e-2
