@@ -58,7 +58,7 @@ def load_nsa_model(path: Union[str, Path], *, dtype=None, device=None, backend: 
     ``kernel_options`` as in :func:`convert_llama`. ValueError naming the file when it is not such a
     model or its weights lack NSA parameters."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -72,8 +72,9 @@ def load_nsa_model(path: Union[str, Path], *, dtype=None, device=None, backend: 
     convert_llama(model, NSAConfig(**meta["config"]), layers=meta["layers"], backend=backend,
                   kernel_options=kernel_options)
     state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update({name: t for name, t in load_file(str(file)).items() if _PARAMETER_INFIX in name})
+    for file in sorted(path.glob("*.safetensors")):  # only the NSA tensors are read from each file
+        with safe_open(str(file), framework="pt") as weights:
+            state.update({name: weights.get_tensor(name) for name in weights.keys() if _PARAMETER_INFIX in name})
     wanted = {name for name, _ in model.named_parameters() if _PARAMETER_INFIX in name}
     missing = sorted(wanted - set(state))
     if missing:
