@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from sparse_attn.eval.canary import resolve_model  # noqa: E402
 from sparse_attn.eval.runner import timed_prefills  # noqa: E402
 from sparse_attn.eval.tasks import make_sample  # noqa: E402
-from sparse_attn.integrations.hf import SparseConfig, patch, unpatch  # noqa: E402
+from sparse_attn.integrations.hf import SparseConfig, attention_shape, patch, unpatch  # noqa: E402
 
 METHODS = {  # method -> knobs (the middle of the evaluation harness's sweep)
     "xattention": {"threshold": 0.9, "stride": 8},
@@ -106,9 +106,7 @@ def _predicted_attention_ms(model, calls) -> float:
     from sparse_attn.methods.cost import CostModel
 
     cost = CostModel()
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    heads = cfg.num_attention_heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, _, dim = attention_shape(model)
     total = 0.0
     for r in calls:
         dense = cost.dense_ms(1, heads, r["q_len"], r["kv_len"], dim)

@@ -104,18 +104,6 @@ def _model_dir(value: str, param_hint: str = "--model") -> str:
     return path
 
 
-def _load_model(path: str, dtype, device: str):
-    """The causal LM in ``path``, in eval mode on ``device``: a model saved by
-    ``sparse_attn.nsa.save_nsa_model`` with its NSA attention, any other through transformers' SDPA."""
-    from transformers import AutoModelForCausalLM
-
-    from .nsa import is_nsa_model, load_nsa_model
-
-    if is_nsa_model(path):
-        return load_nsa_model(path, dtype=dtype, device=device)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-
-
 def _position_limit(path: str):
     """The most positions the model in ``path`` supports (its config's ``max_position_embeddings``),
     or None if it does not say. Read before the weights are loaded."""
@@ -167,7 +155,7 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
     import torch
     from transformers import AutoTokenizer
 
-    from .integrations.hf import SparseConfig, patch
+    from .integrations.hf import SparseConfig, load_model, patch
 
     model_path, device = _model_dir(model_path), _device(device)
     with open(prompt_file) as fh:
@@ -199,7 +187,7 @@ def generate(model_path, method, knobs, config_path, prompt_file, max_new_tokens
         for step in bar:
             start = time.perf_counter()
             if step == "load":
-                model = _load_model(model_path, torch_dtype, device)
+                model = load_model(model_path, dtype=torch_dtype, device=device)
             elif step == "dense prefill":
                 with torch.no_grad():
                     model(ids)
@@ -344,6 +332,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     from transformers import AutoTokenizer
 
     from .eval.report import write_report
+    from .integrations.hf import load_model
     from .eval.runner import SWEEPS, evaluate
     from .eval.tasks import TASKS
 
@@ -366,7 +355,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
                                  param_hint="--methods")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = _load_model(path, dtype, device)
+    model = load_model(path, dtype=dtype, device=device)
     rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,  # progress on stderr
                     decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
                     decode_sink=decode_sink, decode_recent=decode_recent)
@@ -449,6 +438,7 @@ def profile_command(model_path, out, methods, lengths, target_recall, samples, p
     import torch
     from transformers import AutoTokenizer
 
+    from .integrations.hf import load_model
     from .integrations.hf.profile import PROFILE_SWEEPS, calibration_prompts, profile_model, write_profile
 
     method_list = _choices(methods, sorted(PROFILE_SWEEPS), "--methods")
@@ -463,7 +453,7 @@ def profile_command(model_path, out, methods, lengths, target_recall, samples, p
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--prompt-file" if text is not None else "--lengths") from None
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = _load_model(path, dtype, device)
+    model = load_model(path, dtype=dtype, device=device)
     profile = profile_model(model, prompts=prompts, methods=method_list, target_recall=target_recall,
                             block_size=int(block_size), min_kv_len=min_kv_len, progress=True, model_name=model_path)
     write_profile(profile, out)

@@ -27,6 +27,7 @@ import torch
 from sparse_attn.eval.canary import CANARY_SHAPE, canary_config, canary_dir, resolve_model
 from sparse_attn.eval.corpus import haystack_text
 from sparse_attn.eval.tasks import TASKS, make_sample
+from sparse_attn.integrations.hf import load_model
 from sparse_attn.integrations.hf.tokenizer import byte_tokenizer
 
 # The attention a canary can be trained with (``attention=``): dense SDPA, MoBA through
@@ -61,17 +62,6 @@ def _with_attention(model, attention: str):
 
         convert_llama(model, canary_nsa_config())
     return model
-
-
-def _load(source: str, dtype):
-    """A saved canary: an NSA one with its NSA attention, any other dense."""
-    from transformers import AutoModelForCausalLM
-
-    from sparse_attn.nsa import is_nsa_model, load_nsa_model
-
-    if is_nsa_model(source):
-        return load_nsa_model(source, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
 
 
 def _save(model, out: Path, attention: str, dtype) -> None:
@@ -648,7 +638,7 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
 
     if is_nsa_model(source) and attention != "nsa":
         raise ValueError(f"{source} attends with NSA layers: continue it with attention='nsa' (got {attention!r})")
-    model = _with_attention(_load(source, torch.float32).to(device), attention)
+    model = _with_attention(load_model(source, dtype=torch.float32, device=device), attention)
     seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
     lengths = [n for n in eval_lengths if n <= seq_len]
 

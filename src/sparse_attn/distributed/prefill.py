@@ -106,10 +106,9 @@ def _planning_layout(model, method: Method, input_ids: Tensor):
     seq = input_ids.shape[1]
     layer_method = method.for_layer(0)
     if isinstance(method, StaticPattern):
-        cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        from ..integrations.hf import attention_shape
+
+        heads, kv_heads, dim = attention_shape(model)
         stand_in = torch.zeros((), device=input_ids.device)
         q = stand_in.expand(input_ids.shape[0], heads, seq, dim)
         k = stand_in.expand(input_ids.shape[0], kv_heads, seq, dim)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..attention import which_backend
-from ..integrations.hf import SparseConfig, patch, unpatch
+from ..integrations.hf import SparseConfig, attention_shape, patch, unpatch
 from ..integrations.hf.config import DECODE_PAGE_METHODS
 from ..patterns import dense_layout
 from .progress import Progress, step_cost
@@ -119,10 +119,7 @@ def attention_backend(model, length: int, block_size: int, backend: str = "auto"
     :func:`sparse_attn.which_backend` on a representative call (the model's head counts, head dim,
     dtype and device; q/k/v laid out as transformers passes them; a dense layout of ``block_size``)."""
     param = next(model.parameters())
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    heads, kv_heads, dim = attention_shape(model)
     try:
         q = torch.empty(1, length, heads, dim, dtype=param.dtype, device=param.device).transpose(1, 2)
         k = torch.empty(1, length, kv_heads, dim, dtype=param.dtype, device=param.device).transpose(1, 2)

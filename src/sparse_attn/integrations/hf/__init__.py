@@ -2,9 +2,10 @@
 ``profile_model`` (profile once, ``patch(model, profile=...)`` many times)."""
 
 from .config import SparseConfig
+from .models import attention_shape, load_model
 from .patching import ATTN_NAME, SparseState, is_patched, patch, sparse_attention_forward, unpatch
 from .profile import profile_model, write_profile
 from .warmup import warmup
 
 __all__ = ["patch", "unpatch", "warmup", "is_patched", "SparseConfig", "SparseState", "ATTN_NAME",
-           "sparse_attention_forward", "profile_model", "write_profile"]
+           "sparse_attention_forward", "profile_model", "write_profile", "load_model", "attention_shape"]
