@@ -27,8 +27,7 @@ from ..attention import sparse_attention
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, dense_to_csr
 from ..options import KernelOptions
 from .config import NSAConfig
-from .reference import (PARAMETER_NAMES, _masked_attention, compressed_attention, nsa_gates, query_positions,
-                        select_blocks, window_token_mask)
+from .reference import PARAMETER_NAMES, compressed_attention, masked_branches, nsa_gates, select_blocks
 
 __all__ = ["NSAAttention"]
 
@@ -174,11 +173,7 @@ class NSAAttention(nn.Module):
         seq = k.shape[2]
         config = self.config
         if q.shape[2] > 1:
-            pos = torch.arange(seq, device=q.device)
-            causal = pos[None, :] <= query_positions(q, k)[:, None]
-            slc_mask = chosen[..., pos // config.select_block] & causal
-            return (_masked_attention(q, k, v, slc_mask[:, :, None], call["scale"]),
-                    _masked_attention(q, k, v, window_token_mask(config, seq, q.device, q.shape[2]), call["scale"]))
+            return masked_branches(q, k, v, chosen, config, call["scale"])
         from ..decode import decode_attention
 
         batch, kv_heads = q.shape[0], self.num_kv_heads

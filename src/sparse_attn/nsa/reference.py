@@ -34,7 +34,7 @@ from torch import Tensor
 from .config import NSAConfig
 
 __all__ = ["nsa_reference", "compress_kv", "compressed_attention", "select_blocks", "nsa_gates",
-           "query_positions", "PARAMETER_NAMES"]
+           "query_positions", "masked_branches", "PARAMETER_NAMES"]
 
 # Per tensor ("k" and "v"): pos (l, D), fc1_weight (hidden, l*D), fc1_bias (hidden,), fc2_weight
 # (D, hidden), fc2_bias (D,); gates: gate_weight (H, 3, D), gate_bias (H, 3) (compressed, selected, window).
@@ -138,6 +138,18 @@ def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return torch.einsum("bngst,bntd->bngsd", probs, v).reshape(batch, heads, seq, dim)
 
 
+def masked_branches(q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, config: NSAConfig, scale: float):
+    """The selected and window branches' outputs ``(B, H, Sq, D)`` through dense ``Sq x S`` masks:
+    each query reads the keys of its ``chosen`` blocks ``(B, Hkv, Sq, Ns)`` (causally) and of its
+    window."""
+    seq = k.shape[2]
+    pos = torch.arange(seq, device=q.device)
+    causal = pos[None, :] <= query_positions(q, k)[:, None]
+    slc_mask = chosen[..., pos // config.select_block] & causal  # (B, Hkv, Sq, S)
+    return (_masked_attention(q, k, v, slc_mask[:, :, None], scale),
+            _masked_attention(q, k, v, window_token_mask(config, seq, q.device, q.shape[2]), scale))
+
+
 def nsa_reference(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig, *,
                   scale: Optional[float] = None, selection: Optional[Tensor] = None) -> Tensor:
     """NSA attention (see the module docstring) of the last ``Sq`` of ``S`` tokens in ``q``'s dtype with
@@ -149,10 +161,6 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor],
     params = {name: p.to(q.dtype) for name, p in params.items()}
     out_cmp, probs = compressed_attention(q, k, v, params, config, scale)
     chosen = select_blocks(probs, config, seq) if selection is None else selection
-    pos = torch.arange(seq, device=q.device)
-    causal = pos[None, :] <= query_positions(q, k)[:, None]
-    slc_mask = chosen[..., pos // config.select_block] & causal  # (B, Hkv, Sq, S)
-    out_slc = _masked_attention(q, k, v, slc_mask[:, :, None], scale)
-    out_win = _masked_attention(q, k, v, window_token_mask(config, seq, q.device, q.shape[2]), scale)
+    out_slc, out_win = masked_branches(q, k, v, chosen, config, scale)
     gates = nsa_gates(q, params)
     return gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
