@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_attention import bench, graphed, rel  # noqa: E402
 
-from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
+from sparse_attn.decode import DecodeWorkspace, PageIndex, PageSelection  # noqa: E402
 from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
 from sparse_attn.decode.reference import reference_decode_attention  # noqa: E402
 from sparse_attn.options import KernelOptions, kernel_options  # noqa: E402
@@ -138,6 +138,7 @@ def kernel_rows(args, copy_gbs):
             index.append(k[:, :, context - 1:])
             lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
             scale = 1.0 / math.sqrt(dim)
+            workspace = DecodeWorkspace("cuda")
             for budget in args.budgets:
                 row = {"context": context, "batch": batch, "budget": budget, "page": page,
                        "flash_ms": dense["flash"], "cudnn_ms": dense["cudnn"],
@@ -146,12 +147,17 @@ def kernel_rows(args, copy_gbs):
                 pages, counts = selection(q, index)
                 torch_pages, torch_counts = selection(q, index, kernel_options=KernelOptions(estimator_kernels="torch"))
                 row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
-                ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731
+                # The split kernel merges its splits itself (a workspace), as patch() and users who pass a
+                # DecodeWorkspace run it; "separate" launches the merge kernel after it.
+                ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale,  # noqa: E731
+                                                       workspace=workspace)
+                separate = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731
                 out = ours()[0]
                 ref = reference_decode_attention(q, k, v, pages, counts, lens, page, scale)[0]
                 row["check_rel_err"] = rel(out, ref)
                 row["kernel_ms"] = bench(ours)
                 row["kernel_graph_ms"] = bench(graphed(lambda: ours))
+                row["kernel_separate_merge_graph_ms"] = bench(graphed(lambda: separate))
                 read = 2 * batch * kv_heads * int(counts.sum() // (batch * kv_heads)) * page * dim * 2
                 row["kernel_gbs"] = read / min(row["kernel_ms"], row["kernel_graph_ms"]) / 1e6
                 row["kernel_of_copy"] = row["kernel_gbs"] / copy_gbs
@@ -166,7 +172,7 @@ def kernel_rows(args, copy_gbs):
                 def step():
                     append()
                     p, c = selection(q, index)
-                    return triton_decode_attention(q, k, v, p, c, lens, page, scale)
+                    return triton_decode_attention(q, k, v, p, c, lens, page, scale, workspace=workspace)
 
                 # The CUDA-graph step: STEPS_PER_GRAPH successive steps (each appends the next key
                 # and attends with the cache length it reaches) after one rewind, per step.
@@ -174,13 +180,13 @@ def kernel_rows(args, copy_gbs):
                 next_keys = [k[:, :, firsts + i: firsts + i + 1].clone() for i in range(STEPS_PER_GRAPH)]
                 lens_after = [torch.full_like(lens, firsts + i + 1) for i in range(STEPS_PER_GRAPH)]
 
-                def steps():
+                def steps(workspace=workspace):
                     index.lengths.fill_(firsts)
                     index._length_bound = firsts
                     for i in range(STEPS_PER_GRAPH):
                         index.append(next_keys[i])
                         p, c = selection(q, index)
-                        out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale)
+                        out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale, workspace=workspace)
                     return out
 
                 row["append_graph_ms"] = bench(graphed(lambda: append))
@@ -188,6 +194,7 @@ def kernel_rows(args, copy_gbs):
                 row["step_ms"] = bench(step)
                 try:
                     row["step_graph_ms"] = bench(graphed(lambda: steps)) / STEPS_PER_GRAPH
+                    row["step_separate_merge_graph_ms"] = bench(graphed(lambda: lambda: steps(None))) / STEPS_PER_GRAPH
                 except Exception as exc:  # noqa: BLE001 - reported in the row
                     row["step_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 try:
@@ -265,9 +272,10 @@ def kernel_table(rows, meta) -> str:
              f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; launches: {meta.get('launch', 'fast')}", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
-             "ours step ms | step, CUDA graph ms | append ms | select ms | dense/kernel | dense/step | Flex/kernel | "
+             "ours step ms | step, CUDA graph ms | step, separate merge | append ms | select ms | dense/kernel | "
+             "dense/step | Flex/kernel | "
              "kernel GB/s (of copy) | check | same pages |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['context']} | {r['batch']} | - | {r['skipped']} |")
@@ -277,6 +285,7 @@ def kernel_table(rows, meta) -> str:
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
             f"{r['kernel_ms']:.4f} | {r['kernel_graph_ms']:.4f} | {r['step_ms']:.4f} | {graph} | "
+            f"{fmt(r.get('step_separate_merge_graph_ms'), '.4f')} | "
             f"{r['append_graph_ms']:.4f} | {r['select_graph_ms']:.4f} | "
             f"{r['dense_over_kernel']:.1f}x | {r['dense_over_step']:.1f}x | {fmt(r.get('flex_over_kernel'), '.1f')}x | "
             f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} | "

@@ -1,5 +1,5 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
-scores, top-k selection, decode attention and its merge) with its device time from the PyTorch
+scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); the top-k kernel's time at each warp count, and the decode
 attention's time at several split counts, replayed as CUDA graphs.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import bench, graphed  # noqa: E402
 from profile_estimators import kernel_breakdown  # noqa: E402
 
-from sparse_attn.decode import PageIndex, PageSelection  # noqa: E402
+from sparse_attn.decode import DecodeWorkspace, PageIndex, PageSelection  # noqa: E402
 from sparse_attn.decode.kernels import triton_decode_attention  # noqa: E402
 
 
@@ -53,17 +53,19 @@ def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
     return out
 
 
-def split_variants(q, k, v, pages, counts, lens, page, splits_list) -> dict:
-    """CUDA-graph time (ms) of the decode attention kernels (split and merge) at each split count."""
+def split_variants(q, k, v, pages, counts, lens, page, splits_list, workspace) -> dict:
+    """CUDA-graph time (ms) of the decode attention at each split count: ``"<splits>"`` the split
+    kernel merging by itself (a workspace), ``"<splits> separate"`` followed by the merge kernel."""
     out = {}
     for splits in splits_list:
-        def launch(splits=splits):
-            return triton_decode_attention(q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5,
-                                           num_splits=splits)
-        try:
-            out[splits] = bench(graphed(lambda launch=launch: launch))
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            out[splits] = f"{type(exc).__name__}: {exc}"[:200]
+        for name, space in ((str(splits), workspace), (f"{splits} separate", None)):
+            def launch(splits=splits, space=space):
+                return triton_decode_attention(q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5,
+                                               num_splits=splits, workspace=space)
+            try:
+                out[name] = bench(graphed(lambda launch=launch: launch))
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                out[name] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
@@ -96,6 +98,7 @@ def main(argv=None):
             q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
             lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
             new_key = k[:, :, context - 1:].clone()
+            workspace = DecodeWorkspace("cuda")
             for page in args.pages:
                 index = PageIndex.build(k, page, capacity=context)
                 selection = PageSelection(method="quest", budget=args.budget, sink=64, recent=64)
@@ -105,7 +108,8 @@ def main(argv=None):
                     index._length_bound = context - 1
                     index.append(new_key)
                     p, c = selection(q, index)
-                    return triton_decode_attention(q, k, v, p, c, lens, page, 1.0 / math.sqrt(dim))
+                    return triton_decode_attention(q, k, v, p, c, lens, page, 1.0 / math.sqrt(dim),
+                                                   workspace=workspace)
 
                 row = {"context": context, "batch": batch, "page": page, "budget": args.budget,
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
@@ -114,7 +118,8 @@ def main(argv=None):
                 row["topk_graph_ms"] = topk_variants(
                     scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
                 p, c = selection(q, index)
-                row["attention_graph_ms_by_splits"] = split_variants(q, k, v, p, c, lens, page, args.splits)
+                row["attention_graph_ms_by_splits"] = split_variants(q, k, v, p, c, lens, page, args.splits,
+                                                                     workspace)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparse_attn import KernelOptions
-from sparse_attn.decode import decode_attention
+from sparse_attn.decode import DecodeWorkspace, decode_attention
 from sparse_attn.decode.kernels import choose_num_splits, triton_decode_attention
 from utils import TOLERANCE, rel_error
 
@@ -200,6 +200,55 @@ def test_triton_splits_and_paged_cache(num_splits, paged):
         out = triton_decode_attention(q, kp, vp, pages, counts, lens, page_size, scale, block_table=table,
                                       num_splits=num_splits)
         assert torch.equal(out[0], contiguous[0]) and torch.equal(out[1], contiguous[1])
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+@pytest.mark.parametrize("paged", [False, True])
+def test_triton_merge_in_the_split_kernel(num_splits, paged):
+    """With a workspace the last split of each row merges the partials in the split kernel (a
+    running maximum instead of the merge kernel's two passes): the result agrees with the separate
+    merge kernel's to float32 rounding and with the golden one, with empty splits and an empty row,
+    and every arrival counter is back to 0 afterwards."""
+    page_size, dtype = 16, torch.float16
+    case = make_case(group=2, q_len=4, page_size=page_size, dtype=dtype, lens=(90, 21), budget=5)
+    q, k, v, pages, counts, lens = case
+    kw = {}
+    if paged:
+        k, v, kw["block_table"] = to_paged(k, v, lens, page_size)
+    workspace = DecodeWorkspace("cpu", rows=1)  # grows to the call's 4 rows
+    separate = triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=num_splits, **kw)
+    fused = triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=num_splits,
+                                    workspace=workspace, **kw)
+    assert workspace.rows >= 4 and not workspace.arrival_counters(4).any()
+    torch.testing.assert_close(fused[0], separate[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused[1], separate[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.isinf(fused[1]), torch.isinf(separate[1]))
+    check(*fused, *golden(*case, page_size, 0.3), dtype)
+    # The counters are reusable: a second call gives the same result.
+    again = triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=num_splits,
+                                    workspace=workspace, **kw)
+    assert torch.equal(again[0], fused[0])
+
+
+def test_triton_merge_in_the_split_kernel_row_tiles():
+    """Several row tiles per (sequence, KV head): one counter each."""
+    case = make_case(kv_heads=1, group=9, q_len=16, dim=16, dtype=torch.float16, lens=(70, 53), budget=4,
+                     empty=())
+    workspace = DecodeWorkspace("cpu")
+    got = run(case, "triton", 16, scale=0.25, workspace=workspace)
+    check(*got, *golden(*case, 16, 0.25), torch.float16)
+    assert not workspace.arrival_counters(workspace.rows).any()
+
+
+def test_workspace_errors():
+    case = make_case()
+    with pytest.raises(TypeError, match="workspace must be a DecodeWorkspace"):
+        run(case, "triton", 16, workspace=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows must be an int >= 1"):
+        DecodeWorkspace("cpu", rows=0)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="workspace is on device"):
+            run(case, "triton", 16, workspace=DecodeWorkspace("cuda"))
 
 
 def test_triton_paged_through_public_api():
@@ -435,6 +484,22 @@ def test_gpu_kernel_matches_reference_large(dtype, paged):
         assert torch.equal(torch.isinf(lse), torch.isinf(ref[1]))
         finite = torch.isfinite(ref[1])
         assert (lse[finite] - ref[1][finite]).abs().max().item() < 1e-3
+        # The split kernel merging by itself (a workspace) agrees with the separate merge, in
+        # eager calls and replayed as a CUDA graph.
+        workspace = DecodeWorkspace(device)
+        fused = decode_attention(q, kc, vc, pages, counts, lens, page_size=page_size, block_table=table,
+                                 backend="auto", return_lse=True, workspace=workspace)
+        torch.testing.assert_close(fused[0], out, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(fused[1], lse, rtol=1e-5, atol=1e-5)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = decode_attention(q, kc, vc, pages, counts, lens, page_size=page_size, block_table=table,
+                                        backend="auto", return_lse=True, workspace=workspace, check_values=False)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed[0], fused[0]) and torch.equal(replayed[1], fused[1])
+        assert not workspace.arrival_counters(workspace.rows).any()
         # Later calls launch through the compiled launcher; Triton's own path gives the same bits.
         for options in (KernelOptions(), KernelOptions(fast_launch=False)):
             again = decode_attention(q, kc, vc, pages, counts, lens, page_size=page_size, block_table=table,

@@ -39,6 +39,29 @@ def test_the_best_scored_pages_and_the_forced_ones_are_kept():
     assert pages[0, 0].tolist() == [0, 4, 9] and pages[0, 1].tolist() == [0, 6, 9] and counts.tolist() == [[3, 3]]
 
 
+def test_scores_are_compared_at_bfloat16_precision_with_ties_in_page_order():
+    """Keys order as the scores (negative ones and +-inf included); scores that agree to a
+    bfloat16's precision tie, and the lower page wins a tie at the budget's edge; negative scores
+    are ranked, -inf ones never chosen."""
+    from sparse_attn.decode.select import compared_key
+
+    values = torch.tensor([float("-inf"), -3e38, -2.0, -1.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 1.0, 2.0, 3e38,
+                           float("inf")])
+    keys = compared_key(values)
+    assert keys.dtype == torch.int64 and (keys[1:] >= keys[:-1]).all()
+    assert keys[-1] == 0x7F80 and keys[2] < keys[3] < keys[4] <= keys[7] < keys[8] < keys[9] < keys[10]
+    near = torch.tensor([1.0, 1.0 + 2 ** -10, 1.0 + 2 ** -6])
+    assert compared_key(near).tolist()[0] == compared_key(near).tolist()[1] < compared_key(near).tolist()[2]
+
+    _, index = _case(lengths=(160,))
+    score = torch.full((1, 2, index.max_pages), -5.0)
+    score[0, 0, 7], score[0, 0, 3] = 1.0 + 2 ** -10, 1.0  # a near-tie: page 3 wins by page order
+    score[0, 1, :] = float("-inf")
+    score[0, 1, 2] = -4.0  # the only finite score of head 1
+    pages, counts = select_pages_by_score(score, index, budget=16, sink=0, recent=0)
+    assert pages[0, 0].tolist() == [3] and counts.tolist() == [[1, 1]] and pages[0, 1].tolist() == [2]
+
+
 def test_bad_scores_are_refused_naming_score():
     _, index = _case()
     for bad in (torch.zeros(2, 2, 3), torch.zeros(2, 2, index.max_pages, dtype=torch.int64), "x"):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..options import KernelOptions, resolve_kernel_options
 from .page_index import check_page_size
+from .workspace import DecodeWorkspace
 
 BACKENDS = ("auto", "reference", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,7 +25,8 @@ MAX_QUERIES = 16
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
                      cache_lens: Tensor, *, page_size: int, scale: Optional[float] = None,
                      block_table: Optional[Tensor] = None, backend: str = "auto", return_lse: bool = False,
-                     check_values: bool = True, kernel_options: Optional[KernelOptions] = None):
+                     check_values: bool = True, kernel_options: Optional[KernelOptions] = None,
+                     workspace: Optional[DecodeWorkspace] = None):
     """Attention of the last ``Sq`` positions of each sequence over the selected pages of its cache.
 
     Args:
@@ -56,6 +58,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
         kernel_options: a :class:`~sparse_attn.options.KernelOptions` (default: the current one);
             its ``fast_launch`` lets the Triton kernels launch through their compiled launchers once
             compiled (less host time per step).
+        workspace: a :class:`~.workspace.DecodeWorkspace` on q's device (one per stream): the split
+            kernel then merges its splits itself, one kernel launch per call instead of two. Its
+            counters are shared state: calls running at the same time must not share one. The
+            reference backend does not use it.
 
     Returns:
         ``out`` ``(B, H, Sq, D)`` in q's dtype and, with ``return_lse``, ``lse`` ``(B, H, Sq)``
@@ -73,6 +79,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_decode_inputs(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, block_table,
                         check_values=check_values)
+    if workspace is not None:
+        if not isinstance(workspace, DecodeWorkspace):
+            raise TypeError(f"workspace must be a DecodeWorkspace or None, got {type(workspace).__name__}")
+        workspace.check_device(q.device)
     dim = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
@@ -90,7 +100,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
         from .kernels import triton_decode_attention
 
         out, lse = triton_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, scale,
-                                           block_table, fast_launch=options.fast_launch)
+                                           block_table, fast_launch=options.fast_launch, workspace=workspace)
     else:
         from .reference import reference_decode_attention
 

@@ -13,6 +13,11 @@ Two kernels:
 * :func:`_decode_merge_kernel`, one program per (sequence, query head, query index): combines the
   splits' partial outputs weighted by ``exp2(lse_split - max)``.
 
+With a :class:`~.workspace.DecodeWorkspace` the split kernel merges by itself: each program
+counts its arrival on an atomic counter of its (sequence, KV head, row tile) once its partials are
+written, and the last to arrive merges every split's partials (read past L1) into the output and
+resets the counter to 0, so a step launches one kernel instead of two.
+
 Split ``s`` of a row with ``n`` selected pages takes slots ``[s * c, min(n, (s + 1) * c))`` with
 ``c = ceil(n / num_splits)``: work is balanced per row, and a split with no slot writes output 0
 and LSE ``-inf``, which the merge weighs 0. Selected pages are sorted, so the pages wholly at or
@@ -117,7 +122,7 @@ def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, PAGES, COUNTS, CACHE_LENS, BLOCK_TABLE, O, LSE, O_PART, LSE_PART,
+    Q, K, V, PAGES, COUNTS, CACHE_LENS, BLOCK_TABLE, O, LSE, O_PART, LSE_PART, ARRIVALS,
     stride_qb, stride_qh, stride_qs,
     stride_k0, stride_kh, stride_ks,
     stride_v0, stride_vh, stride_vs,
@@ -129,7 +134,7 @@ def _decode_split_kernel(
     scale_log2, max_pages, capacity, num_blocks,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PAGED: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr,
+    PAGED: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     """One split of one (sequence, KV head)'s selected pages, for ``ROWS`` rows of its group.
     Strides ``stride_k0`` / ``stride_v0`` are the batch strides of a contiguous cache or the block
@@ -202,6 +207,46 @@ def _decode_split_kernel(
         part = ((b * (KV_HEADS * GROUP) + h) * SQ + qi) * NUM_SPLITS + split
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(LSE_PART + part, lse2, mask=row_ok)
+        if FUSED_MERGE:
+            # Every thread's partials are written before one thread counts the arrival (release);
+            # the program that arrives last reads all splits' partials (acquire) and merges them.
+            tl.debug_barrier()
+            counter = ARRIVALS + pid * tl.num_programs(2) + tl.program_id(2)
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == NUM_SPLITS - 1:
+                _merge_rows(O_PART, LSE_PART, O, LSE, part - split, b, h, qi, row_ok, offs_d,
+                            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, HEAD_DIM, NUM_SPLITS, ROWS)
+                tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _merge_rows(O_PART, LSE_PART, O, LSE, first, b, h, qi, row_ok, offs_d,
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, ROWS: tl.constexpr):
+    """Merge the ``NUM_SPLITS`` partials of ``ROWS`` query rows (``first``: each row's split 0 in
+    the partial buffers) by their base-2 LSE with a running maximum; writes the output in O's
+    dtype and the natural-log LSE (0 and ``-inf`` where no split saw a key)."""
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(LSE_PART + first + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        total = total * alpha + w
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    t_safe = tl.where(total > 0, total, 1.0)
+    out = acc / t_safe[:, None]
+    lse_out = tl.where(total > 0, (m_safe + tl.log2(t_safe)) * LN2, float("-inf"))
+    o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * stride_lb + h * stride_lh + qi, lse_out, mask=row_ok)
 
 
 @triton.jit
@@ -276,11 +321,13 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
                             cache_lens: Tensor, page_size: int, scale: float,
                             block_table: Tensor | None = None, num_splits: int | None = None,
-                            fast_launch: bool = True):
+                            fast_launch: bool = True, workspace=None):
     """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
     natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
     :func:`choose_num_splits` (tests use it to exercise the merge); ``fast_launch``: see
-    :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`; ``workspace``: a
+    :class:`~.workspace.DecodeWorkspace` whose arrival counters let the split kernel merge by itself
+    (None, or one that cannot hold the counters inside a CUDA-graph capture: a separate merge kernel)."""
     batch, heads, q_len, dim = q.shape
     paged = block_table is not None
     q, k_cache, v_cache, pages = (_unit_last_stride(t) for t in (q, k_cache, v_cache, pages))
@@ -312,8 +359,12 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
         lse_part = torch.empty(batch, heads, q_len, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part, lse_part = out, lse  # placeholders, not written
+    arrivals = None
+    if num_splits > 1 and workspace is not None:
+        arrivals = workspace.arrival_counters(batch * kv_heads * row_tiles)
     launch_jit(_decode_split_kernel, (num_splits, batch * kv_heads, row_tiles), (
         q, k_cache, v_cache, pages, page_counts, cache_lens, block_table, out, lse, o_part, lse_part,
+        arrivals if arrivals is not None else page_counts,
         *q.stride()[:3], *stride_k, *stride_v,
         pages.stride(0), pages.stride(1), page_counts.stride(0), page_counts.stride(1), stride_t,
         *out.stride()[:3], lse.stride(0), lse.stride(1),
@@ -321,9 +372,9 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=BLOCK_N,
         ROWS=rows, NUM_SPLITS=num_splits, PAGED=paged, UPCAST=fp32_dot_operands(q.dtype), SCAN=64,
-        num_warps=8 if rows * dim >= 128 * 128 else 4,
+        FUSED_MERGE=arrivals is not None, num_warps=8 if rows * dim >= 128 * 128 else 4,
     ), fast_launch)
-    if num_splits > 1:
+    if num_splits > 1 and arrivals is None:
         launch_jit(_decode_merge_kernel, (batch * heads * q_len,), (
             o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
         ), dict(

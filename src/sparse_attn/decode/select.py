@@ -27,7 +27,8 @@ keeps a head with large logits from outvoting the others.
 ``max_pages``). The pages holding the first ``sink`` tokens and the last ``recent`` tokens of each
 sequence are always kept and count inside the budget; the budget must hold them in the worst
 alignment (``ceil(sink / P)`` sink pages, up to ``(recent + 2P - 2) // P`` recent pages). The other
-slots go to the best-scored pages. A sequence whose pages all fit in the budget gets all of them (the
+slots go to the best-scored pages, compared at a bfloat16's precision (:func:`compared_key`; pages
+tied at the budget's edge are taken in page order). A sequence whose pages all fit in the budget gets all of them (the
 caller may then run dense); a page past a sequence's length is never selected.
 """
 
@@ -185,10 +186,13 @@ class PageSelection:
         else:
             candidates = valid
         key = torch.where(forced[:, None, :], torch.full_like(score, float("inf")), score)
-        key = torch.where(candidates[:, None, :], key, torch.full_like(score, float("-inf")))
-
-        top = key.topk(width, dim=-1, sorted=False)
-        chosen = top.values > float("-inf")
+        # A page that is no candidate (or scored -inf) gets a key below every score's.
+        no_key = -(1 << 15) - 1
+        key = torch.where(candidates[:, None, :] & (key > float("-inf")), compared_key(key), no_key)
+        # The best `width` keys, ties at the edge in page order: rank by (key, -page).
+        ranked = key * (1 << 32) + (max_pages - 1 - torch.arange(max_pages, device=device))
+        top = ranked.topk(width, dim=-1, sorted=False)
+        chosen = top.values >= (no_key + 1) * (1 << 32)
         counts = chosen.sum(-1)
         ordered = torch.where(chosen, top.indices, torch.full_like(top.indices, max_pages)).sort(-1).values
         last = ordered.gather(-1, (counts - 1).clamp(min=0)[..., None])
@@ -206,6 +210,16 @@ class PageSelection:
         supported = index.max_pages <= KERNEL_MAX_PAGES and (
             self.method == "sink_window" or _score_kernel_supports(q, index))
         return use_triton(q, kernel_options, supported)
+
+
+def compared_key(score: Tensor) -> Tensor:
+    """The key a page's score is ranked by: the top 16 bits of its float32 bit pattern, mapped so that
+    the keys (int64, from ``-2**15`` to ``2**15 - 1``; +inf is 32640) order as the scores do: scores
+    are compared at a bfloat16's precision, and pages whose scores agree to it tie (a tie at the
+    budget's edge goes to the lower page). The Triton top-k kernel compares the same keys."""
+    bits = score.float().view(torch.int32).long()
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # negative floats: reversed
+    return torch.div(ordered, 1 << 16, rounding_mode="floor")
 
 
 def select_pages(q: Tensor, index: PageIndex, *, method: str, budget: int, sink: int = 64, recent: int = 64,

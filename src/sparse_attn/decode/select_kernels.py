@@ -8,13 +8,15 @@
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found by a bisection on the scores' bit patterns
-  (non-negative float32 values order as their int32 bits), written in increasing page order with
-  the padding slots repeating the last page. The whole row of pages lives in registers, so the
+  pages forced in, and the ``width`` best pages found by a bisection on the top 16 bits of the
+  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits, a
+  bfloat16's precision, bound the search to 16 steps), written in increasing page order with the
+  padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
 Both follow the PyTorch selection of :class:`~.select.PageSelection` (its reference), which tests
-compare them with; pages whose scores tie at the budget's edge are taken in page order.
+compare them with; pages whose scores tie at the budget's edge (at that precision) are taken in page
+order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..backends.triton.runtime import fp32_dot_operands
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
+INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the top 16 bits of its float32 bits
 
 
 @triton.jit
@@ -162,12 +165,13 @@ def _select_pages_kernel(
     else:
         candidates = forced | (valid & (num_pages <= width))
     key = tl.where(forced, float("inf"), group)
-    bits = tl.where(candidates, key.to(tl.int32, bitcast=True), -1)  # keys >= 0: bits order as values
+    # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
+    bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
     # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
     # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
-    hi = lo + (0x7F800000 + 1)
+    hi = lo + (INF_KEY + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
     while (hi - lo > 1) & (at_lo > width):
         mid = lo + (hi - lo) // 2
