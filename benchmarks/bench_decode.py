@@ -236,15 +236,19 @@ def generate_rows(args):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **cache_kwargs)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
     decode = {"method": args.method, "budget": args.budgets[0], "page": args.page}
+    # A static cache makes transformers compile the decoding forward (torch.compile, CUDA graphs);
+    # the sparse attention runs outside the compiled graphs.
+    cache_kwargs = {"cache_implementation": "static"} if args.cache == "static" else {}
     for context in args.contexts:
         for batch in args.batches:
             ids = torch.randint(1000, 30000, (batch, context), device="cuda")
-            row = {"context": context, "batch": batch, "layers": args.layers, "new_tokens": args.new_tokens, **{
+            row = {"context": context, "batch": batch, "layers": args.layers, "new_tokens": args.new_tokens,
+                   "cache": args.cache, **{
                 f"decode_{k}": v for k, v in decode.items()}}
             for mode in ("dense", "sparse"):
                 if mode == "sparse":
@@ -297,11 +301,12 @@ def generate_table(rows, meta) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, transformers "
              f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16; launches: "
              f"{meta.get('launch', 'fast')}", "",
-             "| context | batch | layers | decode | dense ms/step | sparse ms/step | dense tok/s | sparse tok/s | "
-             "speed-up |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| context | batch | layers | cache | decode | dense ms/step | sparse ms/step | dense tok/s | "
+             "sparse tok/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r.get('batch', 1)} | {r['layers']} | {r['decode_method']} budget "
+        lines.append(f"| {r['context']} | {r.get('batch', 1)} | {r['layers']} | {r.get('cache', 'dynamic')} | "
+                     f"{r['decode_method']} budget "
                      f"{r['decode_budget']} page "
                      f"{r['decode_page']} | {r['dense_ms_per_token']:.2f} | {r['sparse_ms_per_token']:.2f} | "
                      f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
@@ -324,6 +329,8 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4, help="--generate: decoder layers")
     parser.add_argument("--new-tokens", type=int, default=32, help="--generate: tokens decoded per call")
     parser.add_argument("--rounds", type=int, default=3, help="--generate: calls per median")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="--generate: transformers' cache; static compiles the decoding forward")
     parser.add_argument("--launch", choices=("fast", "triton"), default="fast",
                         help="kernel launches: compiled launchers once compiled (fast) or Triton's own path "
                              "each time (KernelOptions.fast_launch); host-bound rows depend on it")

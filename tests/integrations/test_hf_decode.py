@@ -148,3 +148,31 @@ def test_unpatch_drops_the_indexes_and_restores_dense_decoding(model_and_dense):
     unpatch(model)
     assert not state.page_indexes and model.config._attn_implementation == "sdpa"
     assert torch.equal(model.generate(ids, max_new_tokens=8, **GEN), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_static_cache_generate_compiles_around_the_sparse_decode():
+    """On a GPU, generate() with a static cache compiles the decoding forward (transformers'
+    automatic torch.compile); the sparse attention runs outside the compiled graphs. In float32
+    (decode through the PyTorch reference) it gives the tokens of the same patched model decoding
+    with a dynamic cache, uncompiled; in bfloat16 (the Triton kernels) every decode step runs
+    sparse and the tokens agree but for rounding flips of a random model's near-uniform logits."""
+    ids = _ids(length=600).to("cuda")
+    decode = {"method": "quest", "budget": 128, "page": 16, "sink": 16, "recent": 16}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _tiny().to("cuda", dtype)
+        state = patch(model, decode=decode, **PREFILL)
+        try:
+            dynamic = model.generate(ids, max_new_tokens=12, **GEN)
+            state.records.clear()
+            static = model.generate(ids, max_new_tokens=12, cache_implementation="static", **GEN)
+            decode_steps = [r for r in state.records if r["q_len"] == 1]
+            assert len(decode_steps) == 11 * COMMON["num_hidden_layers"] and all(r["sparse"] for r in decode_steps)
+            assert static.shape == dynamic.shape
+            if dtype == torch.float32:
+                assert torch.equal(static, dynamic)
+            else:
+                assert (static == dynamic).float().mean() > 0.9
+        finally:
+            unpatch(model)

@@ -111,7 +111,10 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_NAME, sparse_attention_forward)
+    # transformers compiles the decoding forward of a static cache on a GPU (torch.compile, not
+    # fullgraph): the attention function stays outside the compiled graphs (it keeps host-side
+    # state and launches its own kernels), the rest of the layer is compiled around it.
+    AttentionInterface.register(ATTN_NAME, torch.compiler.disable(sparse_attention_forward))
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
