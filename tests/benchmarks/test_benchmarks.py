@@ -162,3 +162,35 @@ def test_varlen_flex_mask_is_what_varlen_attention_computes(bench_varlen):
         start += n
     assert torch.equal(got, want)
     assert 0 < int(want.sum()) < sum(n * (n + 1) // 2 for n in lengths)  # sparse, and not empty
+
+
+@pytest.fixture(scope="module")
+def bench_trainable():
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_trainable.py"
+    spec = importlib.util.spec_from_file_location("bench_trainable_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
+    timing = {"fwd_ms": 2.0, "fwdbwd_ms": 6.0}
+    row = {"seq": 8192, "kv_heads": 8, "moba_density": 0.25, "moba_estimate_ms": 0.4,
+           "cudnn": dict(timing), "flash": {"fwd_ms": 2.5, "fwdbwd_ms": 7.0},
+           "flex causal": {"fwd_ms": 4.0, "fwdbwd_ms": 12.0, "fwd_speedup": 0.5, "fwdbwd_speedup": 0.5},
+           "moba": {"fwd_ms": 1.0, "fwdbwd_ms": 2.0, "fwd_speedup": 2.0, "fwdbwd_speedup": 3.0},
+           "moba on flex": {"error": "OutOfMemoryError: ..."},
+           "nsa": {"skipped": "compressed scores 8.0 GiB per copy > --nsa-max-gib 4.0"}}
+    text = bench_trainable.table([row], {"gpu": "X", "torch": "t", "triton": "r", "heads": 32, "dim": 128})
+    lines = text.splitlines()
+    fwd = next(line for line in lines if line.startswith("| 8192 | 8 | fwd |"))
+    assert "| 1.00 (2.00x) |" in fwd and "| error | skipped | 0.250 | 0.40 |" in fwd
+    assert any(line.startswith("| 8192 | 8 | fwdbwd |") and "2.00 (3.00x)" in line for line in lines)
+    assert "8192/8 moba on flex: OutOfMemoryError" in text and "8192/8 nsa: compressed scores" in text
+    assert bench_trainable.nsa_score_gib(32, 32768, 16) == 32 * 32768 * 2048 * 2 / 2 ** 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_trainable_says_it_could_not_run_without_a_gpu(bench_trainable, capsys):
+    assert bench_trainable.main(["--lengths", "128"]) == 2
+    assert "nothing was measured" in capsys.readouterr().err

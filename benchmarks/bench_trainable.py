@@ -1,0 +1,190 @@
+"""Natively trainable sparse attention, forward and forward+backward: MoBA and NSA against dense
+cuDNN and flash SDPA and FlexAttention, on the same inputs (bf16, batch 1, causal).
+
+    python benchmarks/bench_trainable.py --lengths 8192 32768 65536 --kv-heads 8 2 --out results/trainable
+
+Rows per (length, KV heads), each timed forward (no autograd graph) and forward+backward:
+
+* ``cudnn``, ``flash``: dense causal SDPA (K/V repeated to the query heads, as SDPA needs).
+* ``flex causal``: FlexAttention with a causal block mask (compiled), dense.
+* ``moba``: MoBA (``moba_block`` 512, ``top_k`` 3, 64-token kernel blocks) through the library's
+  kernels: the block selection (no gradient, parameter-free gate) plus the block-sparse attention;
+  ``estimate_ms`` is the selection alone.
+* ``moba on flex``: the same MoBA layout run by FlexAttention (selection excluded).
+* ``nsa``: :class:`sparse_attn.nsa.NSAAttention` with the default :class:`~sparse_attn.nsa.NSAConfig`
+  (all three branches, the gates, the compression MLPs' gradients). Its compressed branch is plain
+  PyTorch over the ``S x S/16`` compressed scores; lengths whose scores would pass ``--nsa-max-gib``
+  are skipped (the row says so).
+
+Prints a markdown table and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
+2 without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_attention import bench, sdpa_fn  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional
+    def tqdm(x, **_):
+        return x
+
+MOBA_KNOBS = {"moba_block": 512, "top_k": 3, "block_size": 64}
+
+
+def timed_modes(run, inputs) -> dict:
+    """Median ms of ``run()`` forward only (no graph) and forward+backward (a fixed upstream
+    gradient; the inputs' gradients cleared first)."""
+    with torch.no_grad():
+        fwd = bench(run)
+    out = run()
+    grad = torch.randn_like(out)
+    del out
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        run().backward(grad)
+
+    return {"fwd_ms": fwd, "fwdbwd_ms": bench(step)}
+
+
+def attempt(row: dict, name: str, make) -> None:
+    """Time the attention ``make()`` returns (``(run, inputs)``) into ``row[name]``; an error is
+    recorded in the row instead (out of memory included) and the cache emptied."""
+    try:
+        run, inputs = make()
+        row[name] = timed_modes(run, inputs)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    torch.cuda.empty_cache()
+
+
+def nsa_score_gib(heads: int, seq: int, stride: int) -> float:
+    """GiB of one bf16 copy of the compressed branch's ``(H, S, S / stride)`` scores."""
+    return heads * seq * (seq / stride) * 2 / 2 ** 30
+
+
+def rows_for(args):
+    from sparse_attn import BlockSparseLayout, get_method, sparse_attention
+    from sparse_attn.nsa import NSAAttention, NSAConfig
+
+    heads, dim = args.heads, args.dim
+    moba = get_method("moba", **MOBA_KNOBS)
+    nsa_config = NSAConfig()
+    shapes = [(s, kv) for s in args.lengths for kv in args.kv_heads]
+    for seq, kv_heads in tqdm(shapes, desc="shapes"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim}
+        for name in ("cudnn", "flash"):
+            def dense(name=name):
+                run, (kr, vr) = sdpa_fn(q, k, v, name)
+                return run, (q, kr, vr)
+            attempt(row, name, dense)
+
+        blocks = math.ceil(seq / 128)
+        causal = BlockSparseLayout.from_dense(torch.ones(blocks, blocks, dtype=torch.bool, device="cuda").tril(),
+                                              seq, seq, 128)
+        attempt(row, "flex causal", lambda: (lambda: sparse_attention(q, k, v, causal, backend="flex"), (q, k, v)))
+
+        with torch.no_grad():
+            layout = moba.estimate(q, k)
+        row["moba_density"] = float(layout.density())
+        row["moba_estimate_ms"] = bench(lambda: moba.estimate(q, k))
+
+        def moba_run():
+            return sparse_attention(q, k, v, moba.estimate(q, k))
+
+        attempt(row, "moba", lambda: (moba_run, (q, k, v)))
+        attempt(row, "moba on flex", lambda: (lambda: sparse_attention(q, k, v, layout, backend="flex"), (q, k, v)))
+
+        gib = nsa_score_gib(heads, seq, nsa_config.compress_stride)
+        if gib > args.nsa_max_gib:
+            row["nsa"] = {"skipped": f"compressed scores {gib:.1f} GiB per copy > --nsa-max-gib {args.nsa_max_gib}"}
+        else:
+            module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
+            attempt(row, "nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
+            module = None
+        best = {mode: min(row[n][mode] for n in ("cudnn", "flash") if mode in row[n])
+                for mode in ("fwd_ms", "fwdbwd_ms") if any(mode in row[n] for n in ("cudnn", "flash"))}
+        for name in ("flex causal", "moba", "moba on flex", "nsa"):
+            for mode, dense_ms in best.items():
+                if mode in row[name]:
+                    row[name][mode.replace("_ms", "_speedup")] = dense_ms / row[name][mode]
+        yield row
+        q = k = v = None
+        torch.cuda.empty_cache()
+
+
+def cell(entry: dict, mode: str) -> str:
+    if "error" in entry:
+        return "error"
+    if "skipped" in entry:
+        return "skipped"
+    ms = entry.get(f"{mode}_ms")
+    speed = entry.get(f"{mode}_speedup")
+    return "-" if ms is None else (f"{ms:.2f}" + (f" ({speed:.2f}x)" if speed is not None else ""))
+
+
+def table(rows, meta) -> str:
+    names = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa")
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, batch 1, H={meta['heads']}, "
+             f"D={meta['dim']}, causal; ms (speed-up over the faster of cuDNN and flash)", "",
+             "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms |",
+             "|---|---|---|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        for mode in ("fwd", "fwdbwd"):
+            lines.append(f"| {r['seq']} | {r['kv_heads']} | {mode} | " + " | ".join(cell(r[n], mode) for n in names)
+                         + f" | {r['moba_density']:.3f} | {r['moba_estimate_ms']:.2f} |")
+    notes = [f"{r['seq']}/{r['kv_heads']} {n}: {r[n].get('error') or r[n].get('skipped')}"
+             for r in rows for n in names if "error" in r[n] or "skipped" in r[n]]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
+    parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--nsa-max-gib", type=float, default=4.0,
+                        help="skip NSA where one copy of its compressed scores would be larger")
+    parser.add_argument("--out", default="results/trainable")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_trainable.py needs a CUDA GPU: none is visible, nothing was measured", file=sys.stderr)
+        return 2
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "heads": args.heads, "dim": args.dim,
+            "moba_knobs": MOBA_KNOBS, "argv": sys.argv[1:]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    rows = []
+    for row in rows_for(args):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    print(table(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
