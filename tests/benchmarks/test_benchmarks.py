@@ -9,12 +9,17 @@ import torch
 BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_attention.py"
 
 
-@pytest.fixture(scope="module")
-def bench_attention():
-    spec = importlib.util.spec_from_file_location("bench_attention_under_test", BENCH)
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench_attention():
+    return load_benchmark("bench_attention")
 
 
 def test_interleaved_alternates_runs_every_round(bench_attention):
@@ -116,9 +121,7 @@ def test_sustained_columns_in_row_and_table(bench_attention):
 def test_ncu_summary_reads_the_shipped_profile():
     """``ncu_attention.py --summarize`` on the raw ncu page shipped in docs/results: one block per
     kernel with its duration, registers and largest stall reasons."""
-    spec = importlib.util.spec_from_file_location("ncu_attention_under_test", BENCH.parent / "ncu_attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("ncu_attention")
     raw = BENCH.parents[1] / "docs" / "results" / "ncu_attention32k_d0.1_h100_2026-11-24_raw.csv.gz"
     text = module.summarize(str(raw))
     blocks = text.split("== ")[1:]
@@ -131,11 +134,7 @@ def test_ncu_summary_reads_the_shipped_profile():
 
 @pytest.fixture(scope="module")
 def bench_varlen():
-    path = Path(__file__).parents[2] / "benchmarks" / "bench_varlen.py"
-    spec = importlib.util.spec_from_file_location("bench_varlen_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_varlen")
 
 
 def test_varlen_sequence_lengths_are_seeded_and_sum_to_the_total(bench_varlen):
@@ -166,11 +165,7 @@ def test_varlen_flex_mask_is_what_varlen_attention_computes(bench_varlen):
 
 @pytest.fixture(scope="module")
 def bench_trainable():
-    path = Path(__file__).parents[2] / "benchmarks" / "bench_trainable.py"
-    spec = importlib.util.spec_from_file_location("bench_trainable_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_trainable")
 
 
 def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
