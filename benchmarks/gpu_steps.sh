@@ -26,6 +26,8 @@
 #                never), static layouts at d = 0.1/0.05/0.2, with attention/estimate/rest split (~5.5 min)
 #   decode_profile  each kernel of a decode step, top-k searches and split counts, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
+#   generate_static  the same at 32K with a static cache (transformers compiles the decoding forward) (~5 min)
+#   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
 # into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
@@ -168,6 +170,13 @@ for step in "${@:-attention}"; do
     decode_profile)
       timeout 200 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 64 \
         --out "$out/decode_profile" 2>&1 | tail -40 ;;
+    generate_static)
+      timeout 290 python3 benchmarks/bench_decode.py --generate --cache static --contexts 32768 --batches 1 8 \
+        --budgets 2048 --page 64 --out "$out/decode_generate_static" 2>&1 | tee "$out/decode_generate_static.log" \
+        | grep -a "^|" ;;
+    trainable)
+      timeout 400 python3 benchmarks/bench_trainable.py --lengths 8192 32768 65536 --kv-heads 8 2 \
+        --out "$out/trainable" 2>&1 | tee "$out/trainable.log" | grep -a "^|\|^[0-9]*/" ;;
     generate)
       timeout 200 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --batches 1 --budgets 2048 \
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
