@@ -15,7 +15,7 @@ from utils import random_layout
 
 @pytest.mark.parametrize("field,value", [("forward", "fast"), ("backward", None), ("forward_tma", "yes"),
                                          ("backward_tma", 1), ("fast_launch", None),
-                                         ("estimator_kernels", "cuda")])
+                                         ("estimator_kernels", "cuda"), ("dense", "cudnn_v9")])
 def test_bad_options_name_the_field_and_the_choices(field, value):
     with pytest.raises(ValueError, match=f"KernelOptions.{field} must be"):
         KernelOptions(**{field: value})

@@ -26,6 +26,7 @@ __all__ = ["KernelOptions", "kernel_options", "current_kernel_options", "resolve
 
 KERNEL_CHOICES = ("auto", "gluon", "triton")
 ESTIMATOR_KERNEL_CHOICES = ("auto", "triton", "torch")
+DENSE_CHOICES = ("auto", "sdpa", "cudnn", "flash")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class KernelOptions:
         estimator_kernels: the sparsity methods' estimation steps (block mass, line scores, top-p
             selection, pooling): ``"auto"`` (Triton kernels on CUDA tensors, PyTorch elsewhere),
             ``"triton"`` (required on CUDA tensors) or ``"torch"`` (the PyTorch references).
+        dense: the SDPA backend of the dense attention the library runs itself (a method's dense
+            fallback, a layer or call that stays dense under ``patch``): ``"auto"`` (cuDNN first for
+            prefill, more than 16 query rows, on GPUs of compute capability 9.0 and newer, where it
+            is the fastest; SDPA's own choice elsewhere and for decode steps), ``"sdpa"`` (SDPA's
+            own choice), ``"cudnn"`` or ``"flash"`` (that backend first). A backend that cannot run
+            a call passes it to the next: flash, memory-efficient, math
+            (:func:`sparse_attn.backends.dense.dense_backend_order`).
     """
 
     forward: str = "auto"
@@ -56,6 +64,7 @@ class KernelOptions:
     backward_tma: Optional[bool] = None
     fast_launch: bool = True
     estimator_kernels: str = "auto"
+    dense: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("forward", "backward"):
@@ -71,6 +80,8 @@ class KernelOptions:
         if self.estimator_kernels not in ESTIMATOR_KERNEL_CHOICES:
             raise ValueError(f"KernelOptions.estimator_kernels must be one of {ESTIMATOR_KERNEL_CHOICES}, "
                              f"got {self.estimator_kernels!r}")
+        if self.dense not in DENSE_CHOICES:
+            raise ValueError(f"KernelOptions.dense must be one of {DENSE_CHOICES}, got {self.dense!r}")
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with some fields changed (validated)."""

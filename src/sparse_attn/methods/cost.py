@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..attention import sparse_attention
 from ..layout import BlockSparseLayout
+from ..backends.dense import dense_causal_attention
 from ..options import KernelOptions
 from ..patterns.grid import BlockGrid
 from .precheck import DecisionCache, Precheck, PrecheckReport, run_precheck
@@ -129,7 +130,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     if cost_model is not None:
         ok, reason = cost_model.worth_estimating(kv_len)
         if not ok:
-            return _dense(q, k, v, scale), AttendReport(False, reason, None, 0.0, None)
+            out = dense_causal_attention(q, k, v, scale, kernel_options=kernel_options)
+            return out, AttendReport(False, reason, None, 0.0, None)
     checked = None
     cache = decisions if precheck is not None and precheck.cache else None
     if precheck is not None:
@@ -143,10 +145,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
         if dense_reason is not None:
             if cache is not None:
                 cache.put(method, layer_idx, q_len, kv_len, False)
-            return _dense(q, k, v, scale), AttendReport(False, dense_reason, None, 0.0, None,
-                                                        knob_dense=_knob_dense(method, layer_idx, q_len, kv_len,
-                                                                               q.device),
-                                                        precheck=checked)
+            out = dense_causal_attention(q, k, v, scale, kernel_options=kernel_options)
+            return out, AttendReport(False, dense_reason, None, 0.0, None,
+                                     knob_dense=_knob_dense(method, layer_idx, q_len, kv_len, q.device),
+                                     precheck=checked)
     layout, report = method.estimate(q, k, layer_idx, scale=scale, return_report=True, kernel_options=kernel_options)
     estimate_ms = report.seconds * 1e3
     use_sparse, reason = True, "sparse: no cost model"
@@ -163,7 +165,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     if cache is not None:
         cache.put(method, layer_idx, q_len, kv_len, use_sparse)
     if not use_sparse:
-        return _dense(q, k, v, scale), result
+        return dense_causal_attention(q, k, v, scale, kernel_options=kernel_options), result
     return sparse_attention(q, k, v, layout, scale=scale, backend=backend, kernel_options=kernel_options), result
 
 
@@ -173,17 +175,6 @@ def _full_rows(layout: BlockSparseLayout, full: list, kv_heads: int) -> BlockSpa
         layout = layout.expand(heads=kv_heads)
     rows = torch.tensor(full, dtype=torch.bool).repeat_interleave(layout.heads // kv_heads)
     return layout.with_full_rows(rows)
-
-
-def _dense(q, k, v, scale):
-    """Exact causal attention (bottom-right aligned) through SDPA, GQA without repeating K/V."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    mask = None
-    if q_len != kv_len:
-        positions = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= positions
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def calibrate(device="cuda", seq_len: int = 16384, heads: int = 32, kv_heads: int = 8, dim: int = 128,
@@ -208,7 +199,7 @@ def calibrate(device="cuda", seq_len: int = 16384, heads: int = 32, kv_heads: in
         return (time.perf_counter() - start) * 1e3 / repeats
 
     model = CostModel(device_name=torch.cuda.get_device_name() if q.is_cuda else "cpu")
-    dense_ms = timed(lambda: _dense(q, k, v, None))
+    dense_ms = timed(lambda: dense_causal_attention(q, k, v))
     block = 128 if seq_len >= 1024 else 16
     full = dense_layout(seq_len, block_size=block, device=device)
     sparse_full_ms = timed(lambda: sparse_attention(q, k, v, full))

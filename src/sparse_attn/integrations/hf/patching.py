@@ -226,9 +226,13 @@ def _filled_length(mask: torch.Tensor | None, q_len: int, kv_len: int) -> int:
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, on the SDPA backend ``KernelOptions.dense`` picks."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from ...backends.dense import dense_backend_context
+
+    with dense_backend_context(query.device, query.shape[2]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
