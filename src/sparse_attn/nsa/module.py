@@ -27,7 +27,8 @@ from ..attention import sparse_attention
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, dense_to_csr
 from ..options import KernelOptions
 from .config import NSAConfig
-from .reference import PARAMETER_NAMES, compressed_attention, masked_branches, nsa_gates, select_blocks
+from .compressed import compressed_branch
+from .reference import PARAMETER_NAMES, masked_branches, nsa_gates
 
 __all__ = ["NSAAttention"]
 
@@ -121,16 +122,15 @@ class NSAAttention(nn.Module):
         seq = k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         params = {name: p.to(q.dtype) for name, p in self.nsa_params().items()}
-        out_cmp, probs = compressed_attention(q, k, v, params, self.config, scale)
-        if selection is None:
-            chosen = select_blocks(probs, self.config, seq)
-        else:
+        call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
+        out_cmp, chosen = compressed_branch(q, k, v, params, self.config, scale, backend=backend,
+                                            kernel_options=kernel_options, select=selection is None)
+        if selection is not None:
             expected = (q.shape[0], self.num_kv_heads, q.shape[2], math.ceil(seq / self.config.select_block))
             if not isinstance(selection, Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
                 raise ValueError(f"selection must be a bool tensor of shape {expected} (batch, KV heads, tokens, "
                                  f"selection blocks), got {getattr(selection, 'shape', selection)!r}")
             chosen = selection
-        call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
         if q.shape[2] < seq:
             out_slc, out_win = self._tail(q, k, v, chosen, call, any_count=selection is not None)
         else:

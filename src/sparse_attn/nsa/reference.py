@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import NSAConfig
 
-__all__ = ["nsa_reference", "compress_kv", "compressed_attention", "select_blocks", "nsa_gates",
+__all__ = ["nsa_reference", "compress_kv", "compressed_attention", "select_blocks", "rank_blocks", "nsa_gates",
            "query_positions", "masked_branches", "PARAMETER_NAMES"]
 
 # Per tensor ("k" and "v"): pos (l, D), fc1_weight (hidden, l*D), fc1_bias (hidden,), fc2_weight
@@ -92,22 +92,28 @@ def block_overlap(config: NSAConfig, num_compressed: int, num_select: int, devic
 def select_blocks(probs: Tensor, config: NSAConfig, seq: int) -> Tensor:
     """The selected branch's choice from the compressed probabilities ``(B, Hkv, G, Sq, Nc)`` of the
     last ``Sq`` of ``seq`` tokens: bool ``(B, Hkv, Sq, Ns)``, the selection blocks
-    (``Ns = ceil(seq / l')``) each query token reads.
-
-    Ranks blocks ``0 .. own`` by importance (ties: the earlier block); the forced blocks rank first.
+    (``Ns = ceil(seq / l')``) each query token reads (:func:`rank_blocks` of the blocks' importance).
     """
     ns = math.ceil(seq / config.select_block)
     probs = probs.detach()
     overlap = block_overlap(config, probs.shape[-1], ns, probs.device).to(probs.dtype)
     importance = torch.matmul(probs.sum(2), overlap)  # (B, Hkv, Sq, Ns)
-    positions = torch.arange(seq - probs.shape[-2], seq, device=probs.device)
+    return rank_blocks(importance, config, torch.arange(seq - probs.shape[-2], seq, device=probs.device))
+
+
+def rank_blocks(importance: Tensor, config: NSAConfig, positions: Tensor) -> Tensor:
+    """Bool ``(B, Hkv, Sq, Ns)``: the ``select_blocks`` selection blocks each query (at ``positions``
+    ``(Sq,)``) reads, by ``importance (B, Hkv, Sq, Ns)``: the blocks ``0 .. own`` ranked by importance
+    (ties: the earlier block), the forced blocks (the first ``forced_initial``, the last
+    ``forced_local`` up to the own block) first."""
+    ns = importance.shape[-1]
     own = (positions // config.select_block)[:, None]
-    blocks = torch.arange(ns, device=probs.device)[None, :]
+    blocks = torch.arange(ns, device=importance.device)[None, :]
     forced = (blocks < config.forced_initial) | (blocks > own - config.forced_local)
     importance = importance.masked_fill(forced, float("inf")).masked_fill(blocks > own, float("-inf"))
     values, order = torch.sort(importance, dim=-1, descending=True, stable=True)
     take = min(config.select_blocks, ns)
-    chosen = torch.zeros(importance.shape, dtype=torch.bool, device=probs.device)
+    chosen = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
     chosen.scatter_(-1, order[..., :take], values[..., :take] > float("-inf"))
     return chosen
 

@@ -1,0 +1,130 @@
+"""NSA's compressed branch and block selection without the ``Sq x Nc`` score matrix in memory.
+
+:func:`~.reference.compressed_attention` (the reference) materializes the scores of every query
+against every compressed block, ``H * Sq * S / d`` values: 17 GB in bf16 at 64K tokens with 32
+heads. :func:`compressed_branch` computes the same two results in pieces:
+
+* **The output, on the library's attention kernels.** Compressed block ``c`` (keys ``[c*d, c*d + l)``)
+  is visible from position ``t`` when ``c*d + l - 1 <= t``. Writing ``t = m*d + r``, that is
+  ``c <= m + floor((r + 1 - l) / d)``: the queries of one *phase* ``r`` (every ``d``-th position)
+  see the compressed keys causally, with an offset that takes at most two values over the phases.
+  So the queries are regrouped by phase (phases of one offset stacked along the batch) and each
+  group is plain bottom-right causal attention over the compressed keys, through
+  :func:`~sparse_attn.sparse_attention` (forward and backward, GQA, any backend) with its LSE.
+* **The selection**, without gradient, ``chunk_rows`` query rows at a time: each chunk's
+  probabilities from its scores and the LSE, summed over the query heads of each KV group, mapped
+  onto selection blocks and ranked by :func:`~.reference.rank_blocks`, as
+  :func:`~.reference.select_blocks` ranks the reference's.
+
+The results equal the reference's (tests compare both, gradients included); on a GPU the selection
+may rank near-equal importances apart where the two round differently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ..options import KernelOptions
+from .config import NSAConfig
+from .reference import block_overlap, compress_kv, rank_blocks
+
+__all__ = ["compressed_branch", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 256 * 2 ** 20  # float32 scores of one selection chunk
+
+
+def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig,
+                      scale: float, *, backend: str = "auto", kernel_options: Optional[KernelOptions] = None,
+                      chunk_rows: Optional[int] = None, select: bool = True):
+    """``(out (B, H, Sq, D), chosen (B, Hkv, Sq, Ns) bool)``: the compressed branch's output
+    (differentiable in ``q``, ``k``, ``v`` and the compression parameters) and the selection blocks
+    each query token's KV group reads, for the last ``Sq`` of ``S`` tokens (``q (B, H, Sq, D)``,
+    ``k, v (B, Hkv, S, D)``). ``backend`` and ``kernel_options`` go to
+    :func:`~sparse_attn.sparse_attention`; ``chunk_rows``: query rows per selection chunk (None: as
+    many as fit :data:`CHUNK_BYTES` of scores); ``select=False``: no selection (``chosen`` is None)."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, seq = k.shape[1], k.shape[2]
+    kc, vc = compress_kv(k, params, "k", config), compress_kv(v, params, "v", config)
+    ns = math.ceil(seq / config.select_block)
+    positions = torch.arange(seq - q_len, seq, device=q.device)
+    if kc.shape[2] == 0:  # no compressed block yet: output 0, the forced blocks selected
+        importance = torch.zeros(batch, kv_heads, q_len, ns, device=q.device, dtype=torch.float32)
+        return q * 0.0, rank_blocks(importance, config, positions) if select else None
+    out, lse = _phase_attention(q, kc, vc, seq, config, scale, backend, kernel_options)
+    if not select:
+        return out, None
+    with torch.no_grad():
+        chosen = _selection(q.detach(), kc.detach(), lse.detach().float(), config, scale, positions, ns, chunk_rows)
+    return out, chosen
+
+
+def _phase_attention(q: Tensor, kc: Tensor, vc: Tensor, seq: int, config: NSAConfig, scale: float, backend: str,
+                     kernel_options: Optional[KernelOptions]):
+    """The compressed branch's output and natural-log LSE ``(B, H, Sq)`` (``-inf`` where no block is
+    visible yet) as causal attention per group of phases (see the module docstring)."""
+    from .. import sparse_attention
+    from ..patterns import dense_layout
+
+    batch, heads, q_len, dim = q.shape
+    kv_heads, nc = kc.shape[1], kc.shape[2]
+    stride, block = config.compress_stride, config.compress_block
+    first = seq - q_len
+    # Pad the queries to whole phases: positions [p0, p1), multiples of the stride.
+    p0, p1 = first // stride * stride, -(-seq // stride) * stride
+    rows = (p1 - p0) // stride  # queries per phase
+    padded = torch.nn.functional.pad(q, (0, 0, first - p0, p1 - seq))
+    phases = padded.view(batch, heads, rows, stride, dim).permute(3, 0, 1, 2, 4)  # (d, B, H, rows, D)
+    offsets = [(r + 1 - block) // stride for r in range(stride)]
+    outs, lses = [None] * stride, [None] * stride
+    for offset in sorted(set(offsets)):
+        members = [r for r in range(stride) if offsets[r] == offset]
+        keys = p1 // stride + offset  # the last query of a phase sees compressed blocks 0 .. keys - 1
+        n = len(members)
+        if keys <= 0:  # no block visible to any query of these phases
+            for r in members:
+                outs[r] = phases[r] * 0.0
+                lses[r] = q.new_full((batch, heads, rows), float("-inf"), dtype=torch.float32)
+            continue
+        kk, vv = kc[:, :, :keys], vc[:, :, :keys]
+        if keys > nc:  # blocks past the sequence: seen only by padding queries
+            kk, vv = (torch.nn.functional.pad(t, (0, 0, 0, keys - nc)) for t in (kk, vv))
+        qb = phases[members].transpose(0, 1).reshape(batch * n, heads, rows, dim)
+        kb, vb = (t[:, None].expand(batch, n, kv_heads, keys, dim).reshape(batch * n, kv_heads, keys, dim)
+                  for t in (kk, vv))
+        layout = dense_layout(rows, keys, block_size=64, device=q.device)
+        out, lse = sparse_attention(qb, kb, vb, layout, scale=scale, return_lse=True, backend=backend,
+                                    kernel_options=kernel_options)
+        out, lse = out.view(batch, n, heads, rows, dim), lse.view(batch, n, heads, rows)
+        for i, r in enumerate(members):
+            outs[r], lses[r] = out[:, i], lse[:, i]
+    start = first - p0
+    out = torch.stack(outs, 3).reshape(batch, heads, rows * stride, dim)[:, :, start:start + q_len]
+    lse = torch.stack(lses, 3).reshape(batch, heads, rows * stride)[:, :, start:start + q_len]
+    return out, lse
+
+
+def _selection(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, scale: float, positions: Tensor, ns: int,
+               chunk_rows: Optional[int]) -> Tensor:
+    batch, heads, q_len, dim = q.shape
+    kv_heads, nc = kc.shape[1], kc.shape[2]
+    group = heads // kv_heads
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * batch * heads * nc))
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    overlap = block_overlap(config, nc, ns, q.device).to(work)
+    ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
+    qg = q.view(batch, kv_heads, group, q_len, dim)
+    lse_g = lse.to(work).view(batch, kv_heads, group, q_len)
+    chosen = torch.empty(batch, kv_heads, q_len, ns, dtype=torch.bool, device=q.device)
+    for start in range(0, q_len, chunk_rows):
+        rows = slice(start, min(q_len, start + chunk_rows))
+        scores = torch.einsum("bngsd,bncd->bngsc", qg[:, :, :, rows], kc).to(work) * scale
+        visible = ends[None, :] <= positions[rows, None]  # (rows, Nc)
+        probs = torch.exp(scores - lse_g[:, :, :, rows, None]).masked_fill(~visible, 0.0)
+        importance = torch.matmul(probs.sum(2), overlap)  # (B, Hkv, rows, Ns)
+        chosen[:, :, rows] = rank_blocks(importance, config, positions[rows])
+    return chosen
