@@ -12,9 +12,7 @@ Rows per (length, KV heads), each timed forward (no autograd graph) and forward+
   ``estimate_ms`` is the selection alone.
 * ``moba on flex``: the same MoBA layout run by FlexAttention (selection excluded).
 * ``nsa``: :class:`sparse_attn.nsa.NSAAttention` with the default :class:`~sparse_attn.nsa.NSAConfig`
-  (all three branches, the gates, the compression MLPs' gradients). Its compressed branch is plain
-  PyTorch over the ``S x S/16`` compressed scores; lengths whose scores would pass ``--nsa-max-gib``
-  are skipped (the row says so).
+  (all three branches, the selection, the gates, the compression MLPs' gradients).
 
 Prints a markdown table and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
 2 without one).
@@ -73,11 +71,6 @@ def attempt(row: dict, name: str, make) -> None:
     torch.cuda.empty_cache()
 
 
-def nsa_score_gib(heads: int, seq: int, stride: int) -> float:
-    """GiB of one bf16 copy of the compressed branch's ``(H, S, S / stride)`` scores."""
-    return heads * seq * (seq / stride) * 2 / 2 ** 30
-
-
 def rows_for(args):
     from sparse_attn import BlockSparseLayout, get_method, sparse_attention
     from sparse_attn.nsa import NSAAttention, NSAConfig
@@ -114,13 +107,9 @@ def rows_for(args):
         attempt(row, "moba", lambda: (moba_run, (q, k, v)))
         attempt(row, "moba on flex", lambda: (lambda: sparse_attention(q, k, v, layout, backend="flex"), (q, k, v)))
 
-        gib = nsa_score_gib(heads, seq, nsa_config.compress_stride)
-        if gib > args.nsa_max_gib:
-            row["nsa"] = {"skipped": f"compressed scores {gib:.1f} GiB per copy > --nsa-max-gib {args.nsa_max_gib}"}
-        else:
-            module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
-            attempt(row, "nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
-            module = None
+        module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
+        attempt(row, "nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
+        module = None
         best = {mode: min(row[n][mode] for n in ("cudnn", "flash") if mode in row[n])
                 for mode in ("fwd_ms", "fwdbwd_ms") if any(mode in row[n] for n in ("cudnn", "flash"))}
         for name in ("flex causal", "moba", "moba on flex", "nsa"):
@@ -163,8 +152,6 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--nsa-max-gib", type=float, default=4.0,
-                        help="skip NSA where one copy of its compressed scores would be larger")
     parser.add_argument("--out", default="results/trainable")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
