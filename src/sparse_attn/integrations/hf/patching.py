@@ -22,6 +22,7 @@ a prefill from position 0 with no mask) is read up to its filled length only.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -401,7 +402,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     ``decode_attention`` over the first ``filled`` positions of the contiguous cache. Runs dense, with
     the reason recorded, for masks other than causal over the filled cache (padding, sliding window),
     a layer configured dense, a budget covering the cache, softcapping or attention outputs."""
-    from ...decode import decode_attention, select_pages
+    from ...decode import decode_attention
 
     q_len = query.shape[2]
     if kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
@@ -446,8 +447,8 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             pages, counts = select_pages_by_score(shares, index, budget=budget, sink=knobs["sink"],
                                                   recent=knobs["recent"])
         else:
-            pages, counts = select_pages(query, index, method=knobs["method"], budget=budget, sink=knobs["sink"],
-                                         recent=knobs["recent"], scale=scaling)
+            selection = _page_selection(knobs["method"], budget, knobs["sink"], knobs["recent"], scaling)
+            pages, counts = selection(query, index)
         used = layer
         if layer in cfg["select_layers"]:
             state.selections[layer] = (pages, counts, filled, page)
@@ -475,6 +476,15 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             reason = f"decode pages: the pages layer {used} selected"
         record(True, reason, density, select_ms, recall, select_layer=used)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def _page_selection(method: str, budget: int, sink: int, recent: int, scale):
+    """The checked :class:`~sparse_attn.decode.PageSelection` of a layer's decode knobs, built once
+    per distinct knobs (a decode step then skips the knob checks)."""
+    from ...decode import PageSelection
+
+    return PageSelection(method=method, budget=budget, sink=sink, recent=recent, scale=scale)
 
 
 def _widen(pages: torch.Tensor, width: int) -> torch.Tensor:
