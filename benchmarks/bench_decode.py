@@ -240,6 +240,23 @@ def generate_rows(args):
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def host_and_step_ms(ids, steps=8):
+        """Median ms of one decode forward: until the call returns (the host's work: launches are
+        queued, the GPU may still run) and until the GPU is done. Close numbers mean the step is
+        host-bound (or something in it waits for the GPU)."""
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            host, step = [], []
+            for _ in range(steps):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = model(token, past_key_values=cache, use_cache=True)
+                host.append(time.perf_counter() - start)
+                torch.cuda.synchronize()
+                step.append(time.perf_counter() - start)
+        return statistics.median(host[2:]) * 1e3, statistics.median(step[2:]) * 1e3
+
     decode = {"method": args.method, "budget": args.budgets[0], "page": args.page}
     # A static cache makes transformers compile the decoding forward (torch.compile, CUDA graphs);
     # the sparse attention runs outside the compiled graphs.
@@ -259,6 +276,8 @@ def generate_rows(args):
                 per_token = (statistics.median(full) - statistics.median(prefill)) / args.new_tokens
                 row[f"{mode}_ms_per_token"] = per_token * 1e3
                 row[f"{mode}_tokens_per_s"] = batch / per_token
+                if args.cache == "dynamic":
+                    row[f"{mode}_host_ms"], row[f"{mode}_forward_ms"] = host_and_step_ms(ids)
                 if mode == "sparse":
                     sparse_attn.unpatch(model)
             row["speedup"] = row["dense_ms_per_token"] / row["sparse_ms_per_token"]
@@ -302,14 +321,16 @@ def generate_table(rows, meta) -> str:
              f"{meta.get('transformers')}; 8B-shaped Llama, random weights, bf16; launches: "
              f"{meta.get('launch', 'fast')}", "",
              "| context | batch | layers | cache | decode | dense ms/step | sparse ms/step | dense tok/s | "
-             "sparse tok/s | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "sparse tok/s | speed-up | host ms/forward, dense / sparse | GPU-done ms/forward, dense / sparse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['context']} | {r.get('batch', 1)} | {r['layers']} | {r.get('cache', 'dynamic')} | "
                      f"{r['decode_method']} budget "
                      f"{r['decode_budget']} page "
                      f"{r['decode_page']} | {r['dense_ms_per_token']:.2f} | {r['sparse_ms_per_token']:.2f} | "
-                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{fmt(r.get('dense_host_ms'), '.2f')} / {fmt(r.get('sparse_host_ms'), '.2f')} | "
+                     f"{fmt(r.get('dense_forward_ms'), '.2f')} / {fmt(r.get('sparse_forward_ms'), '.2f')} |")
     return "\n".join(lines)
 
 
