@@ -66,8 +66,8 @@ def _phase_attention(q: Tensor, kc: Tensor, vc: Tensor, seq: int, config: NSACon
                      kernel_options: Optional[KernelOptions]):
     """The compressed branch's output and natural-log LSE ``(B, H, Sq)`` (``-inf`` where no block is
     visible yet) as causal attention per group of phases (see the module docstring)."""
-    from .. import sparse_attention
-    from ..patterns import dense_layout
+    from ..attention import sparse_attention
+    from ..patterns.dense import dense_layout
 
     batch, heads, q_len, dim = q.shape
     kv_heads, nc = kc.shape[1], kc.shape[2]
