@@ -382,8 +382,12 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
 @click.option("--gate-dim", default=None, type=click.IntRange(min=2), help="gate width (even; default: head_dim)")
 @click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--resume", is_flag=True, help="continue from OUT.ckpt")
+@click.option("--init", "init_path", default=None,
+              help="start from these trained gates (a .safetensors; 'canary': the canary's), e.g. to train them "
+                   "further at longer lengths; their block size and width are kept")
 @click.option("--device", default=None)
-def train_gates_command(model_path, out, lengths, minutes, steps, text_path, block_size, gate_dim, lr, resume, device):
+def train_gates_command(model_path, out, lengths, minutes, steps, text_path, block_size, gate_dim, lr, resume,
+                        init_path, device):
     """Distill SeerAttention-style gates from a frozen model (its block attention mass, KL loss) and
     write them for patch(model, method="seer", gates=OUT)."""
     import torch
@@ -407,8 +411,19 @@ def train_gates_command(model_path, out, lengths, minutes, steps, text_path, blo
         raise click.BadParameter(f"{text_path} is shorter than the longest length, {max(length_list)} tokens",
                                  param_hint="--text")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    init = None
+    if init_path is not None:
+        if resume:
+            raise click.BadParameter("give --init or --resume, not both (--resume continues OUT.ckpt)",
+                                     param_hint="--init")
+        from .methods.seer_gate import resolve_gates
+
+        init = resolve_gates(init_path)
+        if not init.is_file():
+            raise click.BadParameter(f"{init_path!r} is not a gates file", param_hint="--init")
     summary = train_gates(model, tokenizer, out, length_list, minutes, steps=steps, text=text,
-                          block_size=int(block_size), gate_dim=gate_dim, lr=lr, resume=resume, model_name=model_path)
+                          block_size=int(block_size), gate_dim=gate_dim, lr=lr, resume=resume, model_name=model_path,
+                          init=init)
     click.echo(f"{summary['steps']} steps, {summary['tokens']} tokens in {summary['seconds']:.0f} s; KL "
                f"{summary['first_loss']:.4f} (first steps) -> {summary['last_loss']:.4f} (last steps)")
     click.echo(f"wrote {out}: patch(model, method='seer', gates={out!r}, block_size={block_size})")

@@ -118,6 +118,27 @@ def test_training_resumes_from_its_checkpoint(tmp_path, tokenizer):
                     progress=False, resume=True)
 
 
+def test_training_starts_from_given_gates(tmp_path, tokenizer):
+    """init=GATES: the first step starts from those gates (its loss is theirs, below fresh gates'),
+    their block size and width are kept, and the total time counts their training."""
+    model = tiny_llama(layers=1)
+    first = tmp_path / "first.safetensors"
+    trained = train_gates(model, tokenizer, first, [128], minutes=5, steps=12, text=TEXT, block_size=16,
+                          gate_dim=8, progress=False)
+    out = tmp_path / "more.safetensors"
+    more = train_gates(model, tokenizer, out, [128], minutes=5, steps=2, text=TEXT, block_size=64, progress=False,
+                       init=first)
+    spec = SeerGates.read_spec(out)
+    assert (spec.block_size, spec.gate_dim) == (16, 8)
+    fresh = train_gates(model, tokenizer, tmp_path / "fresh.safetensors", [128], minutes=5, steps=2, text=TEXT,
+                        block_size=16, gate_dim=8, progress=False)
+    assert more["first_loss"] < fresh["first_loss"]
+    assert more["init"] == str(first) and more["total_seconds"] >= trained["total_seconds"]
+    with pytest.raises(ValueError, match="init gates .* were trained for model"):
+        train_gates(tiny_llama(layers=2), tokenizer, tmp_path / "x.safetensors", [128], minutes=5, steps=1,
+                    text=TEXT, progress=False, init=first)
+
+
 @pytest.mark.parametrize("args,option,message", [
     (["--out", "g.bin"], "--out", "does not end in .safetensors"),
     (["--out", "/nonexistent/dir/g.safetensors"], "--out", "is not a directory"),
@@ -126,6 +147,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path, tokenizer):
     (["--steps", "0"], "--steps", "0"),
     (["--text", "/nonexistent.txt"], "--text", "does not exist"),
     (["--resume"], "--resume", "no checkpoint"),
+    (["--init", "/nonexistent.safetensors"], "--init", "is not a gates file"),
     (["--gate-dim", "7"], "--gate-dim", "is odd"),
     (["--model", "/nonexistent"], "--model", "is not a directory"),
 ])

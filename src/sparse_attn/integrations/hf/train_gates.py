@@ -13,12 +13,15 @@ bundled corpus (:func:`sparse_attn.eval.corpus.haystack_text`), or are windows o
 lengths drawn from ``lengths``. Training stops after ``steps`` steps or ``minutes`` of wall time,
 whichever comes first; a checkpoint (gates, optimizer, step, tokens, losses) is written every
 ``checkpoint_every`` steps and at the end to ``OUT.ckpt``, and ``resume=True`` continues from it.
+``init=GATES`` starts from trained gates instead of fresh ones (with a fresh optimizer), e.g. to train
+gates further at longer lengths than they were trained at.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 
 from ...eval.progress import Progress
 from ...methods.primitives.block_mass import block_mass
-from ...methods.seer_gate import GatesError, SeerGates, model_config_hash
+from ...methods.seer_gate import GatesError, SeerGates, gates_json_path, model_config_hash
 from .attention_hook import attention_hook
 
 TASK_SHARE = 0.5  # share of the prompts that are retrieval episodes (the rest: corpus windows)
@@ -113,12 +116,14 @@ def checkpoint_path(out) -> Path:
 def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, steps: Optional[int] = None,
                 text: Optional[str] = None, block_size: int = 64, gate_dim: Optional[int] = None, lr: float = 2e-3,
                 resume: bool = False, checkpoint_every: int = 25, seed: int = 0, progress: bool = True,
-                model_name: str = "") -> dict:
+                model_name: str = "", init=None) -> dict:
     """Train gates for the frozen ``model`` and write them to ``out`` (``.safetensors`` and ``.json``).
 
     Returns a summary: ``steps``, ``tokens``, ``seconds`` (this run's wall time and the total over
-    resumed runs), ``first_loss`` and ``last_loss`` (means over the first and last ten steps). See the
-    module docstring for the data, the loss and checkpointing."""
+    resumed runs; with ``init``, the initial gates' training included), ``first_loss`` and ``last_loss``
+    (means over the first and last ten steps). ``init``: a gates file for this model to start from;
+    its block size and width replace ``block_size`` and ``gate_dim``. See the module docstring for the data, the loss
+    and checkpointing."""
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
     ckpt = checkpoint_path(out)
@@ -131,9 +136,19 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
             raise GatesError(f"resume: the checkpoint {ckpt} is for model {state['spec']['model_name']} (config hash "
                              f"{state['spec']['model_hash']}), not this one ({model_config_hash(model.config)})")
         block_size, gate_dim = state["spec"]["block_size"], state["spec"]["gate_dim"]
+    start_from, init_seconds = None, 0.0
+    if init is not None and state is None:
+        start_from = SeerGates.load(init)
+        start_from.check_model(model, where=f"init gates {init}")
+        block_size, gate_dim = start_from.spec.block_size, start_from.spec.gate_dim
+        trained = json.loads(gates_json_path(Path(init)).read_text()).get("training") or {}
+        init_seconds = float(trained.get("total_seconds", 0.0))
     gates = SeerGates.for_model(model, block_size=block_size, gate_dim=gate_dim, name=model_name).to(device)
+    if start_from is not None:
+        gates.load_state_dict(start_from.state_dict())
+        gates.requires_grad_(True)
     optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
-    done, tokens, seconds_before, losses = 0, 0, 0.0, []
+    done, tokens, seconds_before, losses = 0, 0, init_seconds, []
     if state is not None:
         gates.load_state_dict(state["gates"])
         optimizer.load_state_dict(state["optimizer"])
@@ -147,7 +162,8 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
     def save_checkpoint(elapsed: float):
         torch.save({"gates": gates.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                     "tokens": tokens, "seconds": seconds_before + elapsed, "losses": losses,
-                    "spec": dataclasses.asdict(gates.spec)}, ckpt)
+                    "spec": dataclasses.asdict(gates.spec),
+                    "init": str(init) if start_from is not None else (state or {}).get("init")}, ckpt)
 
     start = time.monotonic()
     try:
@@ -175,6 +191,8 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
                "total_seconds": round(seconds_before + elapsed, 1), "lengths": list(lengths),
                "block_size": gates.spec.block_size, "gate_dim": gates.spec.gate_dim,
                "first_loss": _mean(losses[:10]), "last_loss": _mean(losses[-10:])}
+    if start_from is not None or (state is not None and state.get("init")):
+        summary["init"] = str(init) if start_from is not None else state["init"]
     gates.cpu().save(out, extra={"training": summary})
     return summary
 
