@@ -62,17 +62,6 @@ class SparseState:
     # Prefill decisions (sparse or dense) per layer and length bucket, reused while the config's
     # ``precheck`` has ``cache`` on (:class:`~sparse_attn.methods.DecisionCache`); emptied by unpatch.
     decisions: DecisionCache = field(default_factory=DecisionCache)
-    # Per device: the DecodeWorkspace of the decode steps (their split kernel merges by itself).
-    decode_workspaces: dict = field(default_factory=dict)
-
-    def decode_workspace(self, device: torch.device):
-        """The :class:`~sparse_attn.decode.DecodeWorkspace` of the decode steps on ``device``."""
-        from ...decode import DecodeWorkspace
-
-        space = self.decode_workspaces.get(device)
-        if space is None:
-            space = self.decode_workspaces[device] = DecodeWorkspace(device)
-        return space
 
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
@@ -458,9 +447,8 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
         torch.cuda.synchronize(query.device)
     select_ms = (time.perf_counter() - start) * 1e3
     cache_lens = torch.full((key.shape[0],), filled, dtype=torch.int32, device=key.device)
-    workspace = state.decode_workspace(query.device) if query.is_cuda else None
     out = decode_attention(query, key.contiguous(), value.contiguous(), pages, counts, cache_lens,
-                           page_size=page, scale=scaling, check_values=False, workspace=workspace)
+                           page_size=page, scale=scaling, check_values=False)
     step = state.decode_steps.get(layer, 0)
     state.decode_steps[layer] = step + 1
     if timed:
