@@ -418,9 +418,9 @@ def train_gates_command(model_path, out, lengths, minutes, steps, text_path, blo
                                      param_hint="--init")
         from .methods.seer_gate import resolve_gates
 
-        init = resolve_gates(init_path)
-        if not init.is_file():
+        if not resolve_gates(init_path).is_file():
             raise click.BadParameter(f"{init_path!r} is not a gates file", param_hint="--init")
+        init = init_path
     summary = train_gates(model, tokenizer, out, length_list, minutes, steps=steps, text=text,
                           block_size=int(block_size), gate_dim=gate_dim, lr=lr, resume=resume, model_name=model_path,
                           init=init)

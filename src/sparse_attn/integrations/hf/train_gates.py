@@ -31,7 +31,7 @@ import torch
 
 from ...eval.progress import Progress
 from ...methods.primitives.block_mass import block_mass
-from ...methods.seer_gate import GatesError, SeerGates, gates_json_path, model_config_hash
+from ...methods.seer_gate import GatesError, SeerGates, gates_json_path, model_config_hash, resolve_gates
 from .attention_hook import attention_hook
 
 TASK_SHARE = 0.5  # share of the prompts that are retrieval episodes (the rest: corpus windows)
@@ -121,8 +121,9 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
 
     Returns a summary: ``steps``, ``tokens``, ``seconds`` (this run's wall time and the total over
     resumed runs; with ``init``, the initial gates' training included), ``first_loss`` and ``last_loss``
-    (means over the first and last ten steps). ``init``: a gates file for this model to start from;
-    its block size and width replace ``block_size`` and ``gate_dim``. See the module docstring for the data, the loss
+    (means over the first and last ten steps). ``init``: a gates file for this model to start from
+    (``"canary"``: the canary's), recorded as given; its block size and width replace ``block_size``
+    and ``gate_dim``. See the module docstring for the data, the loss
     and checkpointing."""
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
@@ -138,10 +139,11 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
         block_size, gate_dim = state["spec"]["block_size"], state["spec"]["gate_dim"]
     start_from, init_seconds = None, 0.0
     if init is not None and state is None:
-        start_from = SeerGates.load(init)
+        init_file = resolve_gates(init)
+        start_from = SeerGates.load(init_file)
         start_from.check_model(model, where=f"init gates {init}")
         block_size, gate_dim = start_from.spec.block_size, start_from.spec.gate_dim
-        trained = json.loads(gates_json_path(Path(init)).read_text()).get("training") or {}
+        trained = json.loads(gates_json_path(init_file).read_text()).get("training") or {}
         init_seconds = float(trained.get("total_seconds", 0.0))
     gates = SeerGates.for_model(model, block_size=block_size, gate_dim=gate_dim, name=model_name).to(device)
     if start_from is not None:
