@@ -188,3 +188,20 @@ def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
 def test_trainable_says_it_could_not_run_without_a_gpu(bench_trainable, capsys):
     assert bench_trainable.main(["--lengths", "128"]) == 2
     assert "nothing was measured" in capsys.readouterr().err
+
+
+def test_decode_generate_table_shows_cache_speedup_and_host_time():
+    """bench_decode's generate() table: the cache kind, the speed-up, and the host / GPU-done time of
+    one decode forward for dense and sparse ('-' where not measured, as with a static cache)."""
+    bench_decode = load_benchmark("bench_decode")
+    row = {"context": 32768, "batch": 1, "layers": 4, "cache": "dynamic", "decode_method": "quest",
+           "decode_budget": 2048, "decode_page": 64, "dense_ms_per_token": 4.0, "sparse_ms_per_token": 5.0,
+           "dense_tokens_per_s": 250.0, "sparse_tokens_per_s": 200.0, "speedup": 0.8,
+           "dense_host_ms": 1.5, "sparse_host_ms": 4.6, "dense_forward_ms": 3.9, "sparse_forward_ms": 4.8}
+    static = {**row, "cache": "static"}
+    for key in ("dense_host_ms", "sparse_host_ms", "dense_forward_ms", "sparse_forward_ms"):
+        static.pop(key)
+    lines = bench_decode.generate_table([row, static], {"gpu": "X", "torch": "t", "triton": "r"}).splitlines()
+    assert "| 32768 | 1 | 4 | dynamic | quest budget 2048 page 64 | 4.00 | 5.00 | 250.0 | 200.0 | 0.80x | " \
+           "1.50 / 4.60 | 3.90 / 4.80 |" in lines
+    assert any(line.startswith("| 32768 | 1 | 4 | static |") and line.endswith("| - / - | - / - |") for line in lines)
