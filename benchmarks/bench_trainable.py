@@ -32,13 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_attention import bench, sdpa_fn  # noqa: E402
-
-try:
-    from tqdm import tqdm
-except ImportError:  # progress bars are optional
-    def tqdm(x, **_):
-        return x
+from bench_attention import bench, sdpa_fn, tqdm  # noqa: E402
 
 MOBA_KNOBS = {"moba_block": 512, "top_k": 3, "block_size": 64}
 

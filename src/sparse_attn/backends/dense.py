@@ -19,8 +19,6 @@ from ..options import KernelOptions, resolve_kernel_options
 __all__ = ["dense_backend_order", "dense_backend_context", "dense_causal_attention"]
 
 _FALLBACK = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
 PREFILL_ROWS = 17  # "auto" puts cuDNN first from this many query rows on (decode steps keep SDPA's choice)
 
 

@@ -19,11 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .page_index import _capturing
+
 __all__ = ["DecodeWorkspace"]
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class DecodeWorkspace:
@@ -71,7 +69,7 @@ class DecodeWorkspace:
 
     def check_device(self, device: torch.device) -> None:
         """ValueError unless the workspace lives on ``device``."""
-        if device != self.device and not (device.type == self.device.type == "cpu"):
+        if device != self.device:
             raise ValueError(f"workspace is on device {self.device}, the decode call on device {device}")
 
     def __repr__(self) -> str:

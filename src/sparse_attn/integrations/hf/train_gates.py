@@ -123,8 +123,7 @@ def train_gates(model, tokenizer, out, lengths: Sequence[int], minutes: float, s
     resumed runs; with ``init``, the initial gates' training included), ``first_loss`` and ``last_loss``
     (means over the first and last ten steps). ``init``: a gates file for this model to start from
     (``"canary"``: the canary's), recorded as given; its block size and width replace ``block_size``
-    and ``gate_dim``. See the module docstring for the data, the loss
-    and checkpointing."""
+    and ``gate_dim``. See the module docstring for the data, the loss and checkpointing."""
     device = next(model.parameters()).device
     model.eval().requires_grad_(False)
     ckpt = checkpoint_path(out)
