@@ -14,7 +14,13 @@ Rows per (length, KV heads), each timed forward (no autograd graph) and forward+
 * ``nsa``: :class:`sparse_attn.nsa.NSAAttention` with the default :class:`~sparse_attn.nsa.NSAConfig`
   (all three branches, the selection, the gates, the compression MLPs' gradients).
 
-Prints a markdown table and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
+With ``--decode-contexts``, also one NSA decode step (one query token, batch 1, no gradient) over a
+KV cache of each length, per KV-head count: ``nsa step, kept compression`` (the compressed keys and
+values kept by a :class:`~sparse_attn.nsa.CompressedKVCache`, as ``generate()`` runs it), ``nsa step,
+compressing the cache`` (all of it, every step) and dense SDPA's decode step (``cudnn``/``flash``,
+the query heads of a KV head as its rows, as ``bench_decode.py`` times it).
+
+Prints markdown tables and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
 2 without one).
 """
 
@@ -115,6 +121,58 @@ def rows_for(args):
         torch.cuda.empty_cache()
 
 
+def decode_rows(args):
+    """One NSA decode step per (context, KV heads): kept compression vs compressing the cache vs dense."""
+    from bench_decode import dense_sdpa
+    from sparse_attn.nsa import CompressedKVCache, NSAAttention, NSAConfig
+
+    heads, dim = args.heads, args.dim
+    shapes = [(s, kv) for s in args.decode_contexts for kv in args.kv_heads]
+    for seq, kv_heads in tqdm(shapes, desc="decode shapes"):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim}
+        module = NSAAttention(NSAConfig(), heads, kv_heads, dim).cuda().to(torch.bfloat16)
+        kept = CompressedKVCache(module.config)
+        with torch.no_grad():
+            for name in ("cudnn", "flash"):
+                try:
+                    row[name] = {"step_ms": bench(dense_sdpa(q, k, v, name))}
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            for name, run in (("nsa step, kept compression",
+                               lambda: module(q, k, v, compressed_kv=kept.update(k, v, module.nsa_params()))),
+                              ("nsa step, compressing the cache", lambda: module(q, k, v))):
+                try:
+                    row[name] = {"step_ms": bench(run)}
+                except Exception as exc:  # noqa: BLE001 - reported in the row
+                    row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        dense = [row[n]["step_ms"] for n in ("cudnn", "flash") if "step_ms" in row[n]]
+        for name in ("nsa step, kept compression", "nsa step, compressing the cache"):
+            if dense and "step_ms" in row[name]:
+                row[name]["step_speedup"] = min(dense) / row[name]["step_ms"]
+        yield row
+        q = k = v = module = kept = None
+        torch.cuda.empty_cache()
+
+
+DECODE_NAMES = ("cudnn", "flash", "nsa step, kept compression", "nsa step, compressing the cache")
+
+
+def decode_table(rows, meta) -> str:
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, batch 1, one query token, "
+             f"H={meta['heads']}, D={meta['dim']}; ms per decode step (speed-up over the faster dense SDPA)", "",
+             "| context | Hkv | " + " | ".join(DECODE_NAMES) + " |", "|---|---|" + "---|" * len(DECODE_NAMES)]
+    for r in rows:
+        lines.append(f"| {r['seq']} | {r['kv_heads']} | " + " | ".join(cell(r[n], "step") for n in DECODE_NAMES)
+                     + " |")
+    notes = [f"{r['seq']}/{r['kv_heads']} {n}: {r[n]['error']}" for r in rows for n in DECODE_NAMES
+             if "error" in r[n]]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
 def cell(entry: dict, mode: str) -> str:
     if "error" in entry:
         return "error"
@@ -142,10 +200,12 @@ def table(rows, meta) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536])
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[],
+                        help="also time one NSA decode step over KV caches of these lengths")
     parser.add_argument("--out", default="results/trainable")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -157,13 +217,24 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(), "heads": args.heads, "dim": args.dim,
             "moba_knobs": MOBA_KNOBS, "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    rows = []
-    for row in rows_for(args):
+    rows, decode = [], []
+
+    def save():
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"meta": meta, "rows": rows, "decode_rows": decode}, fh, indent=1)
+
+    for row in rows_for(args) if args.lengths else ():
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    print(table(rows, meta))
+        save()
+    for row in decode_rows(args):
+        decode.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    if rows:
+        print(table(rows, meta))
+    if decode:
+        print(("\n" if rows else "") + decode_table(decode, meta))
     return 0
 
 

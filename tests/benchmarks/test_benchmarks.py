@@ -184,6 +184,16 @@ def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
     assert "8192/8 moba on flex: OutOfMemoryError" in text and "8192/8 nsa: not run" in text
 
 
+def test_trainable_decode_table_shows_step_times_speedups_and_errors(bench_trainable):
+    row = {"seq": 131072, "kv_heads": 8, "cudnn": {"step_ms": 0.2}, "flash": {"step_ms": 0.25},
+           "nsa step, kept compression": {"step_ms": 0.1, "step_speedup": 2.0},
+           "nsa step, compressing the cache": {"error": "OutOfMemoryError: ..."}}
+    text = bench_trainable.decode_table([row], {"gpu": "X", "torch": "t", "triton": "r", "heads": 32, "dim": 128})
+    line = next(line for line in text.splitlines() if line.startswith("| 131072 | 8 |"))
+    assert line == "| 131072 | 8 | 0.20 | 0.25 | 0.10 (2.00x) | error |"
+    assert "131072/8 nsa step, compressing the cache: OutOfMemoryError" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_trainable_says_it_could_not_run_without_a_gpu(bench_trainable, capsys):
     assert bench_trainable.main(["--lengths", "128"]) == 2

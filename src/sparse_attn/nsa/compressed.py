@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..options import KernelOptions
 from .config import NSAConfig
-from .reference import block_overlap, compress_kv, rank_blocks
+from .reference import block_overlap, compress_kv, compressed_blocks, rank_blocks
 
 __all__ = ["compressed_branch", "CHUNK_BYTES"]
 
@@ -39,16 +39,28 @@ CHUNK_BYTES = 256 * 2 ** 20  # float32 scores of one selection chunk
 
 def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig,
                       scale: float, *, backend: str = "auto", kernel_options: Optional[KernelOptions] = None,
-                      chunk_rows: Optional[int] = None, select: bool = True):
+                      chunk_rows: Optional[int] = None, select: bool = True,
+                      compressed: Optional[tuple] = None):
     """``(out (B, H, Sq, D), chosen (B, Hkv, Sq, Ns) bool)``: the compressed branch's output
     (differentiable in ``q``, ``k``, ``v`` and the compression parameters) and the selection blocks
     each query token's KV group reads, for the last ``Sq`` of ``S`` tokens (``q (B, H, Sq, D)``,
     ``k, v (B, Hkv, S, D)``). ``backend`` and ``kernel_options`` go to
     :func:`~sparse_attn.sparse_attention`; ``chunk_rows``: query rows per selection chunk (None: as
-    many as fit :data:`CHUNK_BYTES` of scores); ``select=False``: no selection (``chosen`` is None)."""
+    many as fit :data:`CHUNK_BYTES` of scores); ``select=False``: no selection (``chosen`` is None);
+    ``compressed``: the compressed keys and values ``(kc, vc)`` of ``k`` and ``v``, each
+    ``(B, Hkv, Nc, D)`` (e.g. kept with a KV cache by :class:`~.compressed_cache.CompressedKVCache`),
+    instead of compressing ``k`` and ``v`` here."""
     batch, heads, q_len, dim = q.shape
     kv_heads, seq = k.shape[1], k.shape[2]
-    kc, vc = compress_kv(k, params, "k", config), compress_kv(v, params, "v", config)
+    if compressed is None:
+        kc, vc = compress_kv(k, params, "k", config), compress_kv(v, params, "v", config)
+    else:
+        kc, vc = compressed
+        expected = (batch, kv_heads, compressed_blocks(seq, config), dim)
+        for name, t in (("kc", kc), ("vc", vc)):
+            if not isinstance(t, Tensor) or tuple(t.shape) != expected:
+                raise ValueError(f"compressed {name} must have shape {expected} (batch, KV heads, compressed "
+                                 f"blocks of {seq} tokens, head_dim), got {tuple(getattr(t, 'shape', ())) or t!r}")
     ns = math.ceil(seq / config.select_block)
     positions = torch.arange(seq - q_len, seq, device=q.device)
     if kc.shape[2] == 0:  # no compressed block yet: output 0, the forced blocks selected

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
 from ..options import KernelOptions
+from .compressed_cache import CompressedKVCache
 from .config import NSAConfig
 from .module import NSAAttention
 
@@ -56,6 +58,33 @@ def _check_packed_mask(mask, cu_seqlens) -> None:
                          "sequences nor plain causal (padding?); pass packed rows without padding")
 
 
+def _layer_keys(cache, layer_idx):
+    """The key tensor transformers' cache holds for ``layer_idx`` (None if it has none yet, or keeps
+    its layers otherwise)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layer_idx, int) or layers is None or layer_idx >= len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    return keys if isinstance(keys, torch.Tensor) else None
+
+
+class _KeptCompression:
+    """A layer's :class:`CompressedKVCache` for one transformers cache, and the cache's key tensor it
+    last saw (weakly): a cache whose tensor was replaced since (beam search reorders rows, a crop) or
+    changed in place gets a fresh compression."""
+
+    def __init__(self, config: NSAConfig) -> None:
+        self.store = CompressedKVCache(config)
+        self.seen, self.seen_version = None, None
+
+    def follows(self, keys) -> bool:
+        return keys is not None and self.seen is not None and self.seen() is keys and keys._version == self.seen_version
+
+    def saw(self, keys) -> None:
+        self.seen = None if keys is None else weakref.ref(keys)
+        self.seen_version = None if keys is None else keys._version
+
+
 def _packed_offsets(position_ids, q_shape, kv_len: int):
     """``cu_seqlens`` of sequences packed in one row (transformers' ``DataCollatorWithFlattening``:
     ``position_ids`` restart at 0 for each sequence), or None for an ordinary batch."""
@@ -74,7 +103,11 @@ class NSALlamaAttention(nn.Module):
     ``v_proj``, ``o_proj`` (the same modules) and rotary embedding around an :class:`NSAAttention`
     (``.nsa``). Causal attention over unpadded sequences: training, prefill and decoding with a KV
     cache (``generate()``); sequences packed in one row with ``position_ids`` restarting at 0 for each
-    (transformers' ``DataCollatorWithFlattening``) attend each within itself; a padding mask raises."""
+    (transformers' ``DataCollatorWithFlattening``) attend each within itself; a padding mask raises.
+
+    Without gradients (``generate()``), the compressed keys and values are kept per transformers cache
+    (:class:`CompressedKVCache`): a decode step compresses only the blocks completed since the last
+    step instead of the whole cache."""
 
     attends_itself = True  # attention is this module's own, not a transformers attention function
 
@@ -91,6 +124,17 @@ class NSALlamaAttention(nn.Module):
         self.nsa = NSAAttention(config, self.num_heads, self.num_kv_heads, self.head_dim,
                                 gate_bias=gate_bias).to(device=weight.device, dtype=weight.dtype)
         self.backend, self.kernel_options = backend, kernel_options
+        self._kept = weakref.WeakKeyDictionary()  # transformers cache -> _KeptCompression
+
+    def _compressed_kv(self, cache, keys_before, k, v):
+        """``(kc, vc)`` of the cache's ``k, v`` after this step's append, from the kept compression when
+        the cache only grew since the last step (``keys_before``: its key tensor before the append)."""
+        kept = self._kept.get(cache)
+        if kept is None or not kept.follows(keys_before):
+            kept = self._kept[cache] = _KeptCompression(self.nsa.config)
+        compressed = kept.store.update(k, v, self.nsa.nsa_params())
+        kept.saw(_layer_keys(cache, self.layer_idx))
+        return compressed
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -105,6 +149,7 @@ class NSALlamaAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             _check_cache(cache)
+            keys_before = _layer_keys(cache, self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
         call = dict(scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
         cu_seqlens = _packed_offsets(kwargs.get("position_ids"), q.shape, k.shape[2])
@@ -115,7 +160,10 @@ class NSALlamaAttention(nn.Module):
             out = out[None]
         else:
             _check_causal(attention_mask, q.shape[2], k.shape[2])
-            out = self.nsa(q, k, v, **call).transpose(1, 2)
+            compressed = None
+            if cache is not None and not torch.is_grad_enabled():
+                compressed = self._compressed_kv(cache, keys_before, k, v)
+            out = self.nsa(q, k, v, compressed_kv=compressed, **call).transpose(1, 2)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
 

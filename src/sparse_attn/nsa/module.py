@@ -113,18 +113,21 @@ class NSAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, backend: str = "auto",
                 kernel_options: Optional[KernelOptions] = None, selection: Optional[Tensor] = None,
-                return_selection: bool = False):
+                return_selection: bool = False, compressed_kv: Optional[tuple] = None):
         """``(B, H, Sq, D)`` NSA output; with ``return_selection`` also the bool ``(B, Hkv, Sq, Ns)``
         blocks each query token's group read. ``selection`` replaces the computed choice; ``backend``
         and ``kernel_options`` go to :func:`~sparse_attn.sparse_attention` (and, for a decode step, to
-        :func:`~sparse_attn.decode.decode_attention`)."""
+        :func:`~sparse_attn.decode.decode_attention`); ``compressed_kv``: the compressed keys and values
+        ``(kc, vc)`` of ``k`` and ``v`` (:class:`~sparse_attn.nsa.CompressedKVCache` keeps them with a KV
+        cache), instead of compressing the whole of ``k`` and ``v`` in this call."""
         self._check(q, k, v)
         seq = k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         params = {name: p.to(q.dtype) for name, p in self.nsa_params().items()}
         call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
         out_cmp, chosen = compressed_branch(q, k, v, params, self.config, scale, backend=backend,
-                                            kernel_options=kernel_options, select=selection is None)
+                                            kernel_options=kernel_options, select=selection is None,
+                                            compressed=compressed_kv)
         if selection is not None:
             expected = (q.shape[0], self.num_kv_heads, q.shape[2], math.ceil(seq / self.config.select_block))
             if not isinstance(selection, Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:

@@ -33,13 +33,18 @@ from torch import Tensor
 
 from .config import NSAConfig
 
-__all__ = ["nsa_reference", "compress_kv", "compressed_attention", "select_blocks", "rank_blocks", "nsa_gates",
-           "query_positions", "masked_branches", "PARAMETER_NAMES"]
+__all__ = ["nsa_reference", "compress_kv", "compressed_blocks", "compressed_attention", "select_blocks", "rank_blocks",
+           "nsa_gates", "query_positions", "masked_branches", "PARAMETER_NAMES"]
 
 # Per tensor ("k" and "v"): pos (l, D), fc1_weight (hidden, l*D), fc1_bias (hidden,), fc2_weight
 # (D, hidden), fc2_bias (D,); gates: gate_weight (H, 3, D), gate_bias (H, 3) (compressed, selected, window).
 PARAMETER_NAMES = tuple(f"{t}_{p}" for t in "kv" for p in ("pos", "fc1_weight", "fc1_bias", "fc2_weight",
                                                              "fc2_bias")) + ("gate_weight", "gate_bias")
+
+
+def compressed_blocks(seq: int, config: NSAConfig) -> int:
+    """Complete compressed blocks of ``seq`` tokens: ``(seq - l) // d + 1``, 0 when ``seq < l``."""
+    return 0 if seq < config.compress_block else (seq - config.compress_block) // config.compress_stride + 1
 
 
 def compress_kv(x: Tensor, params: Mapping[str, Tensor], which: str, config: NSAConfig) -> Tensor:
