@@ -13,6 +13,9 @@ Rows per (length, KV heads), each timed forward (no autograd graph) and forward+
 * ``moba on flex``: the same MoBA layout run by FlexAttention (selection excluded).
 * ``nsa``: :class:`sparse_attn.nsa.NSAAttention` with the default :class:`~sparse_attn.nsa.NSAConfig`
   (all three branches, the selection, the gates, the compression MLPs' gradients).
+* ``dsa``: DeepSeek Sparse Attention's attention, :func:`sparse_attn.dsa.token_sparse_attention`, each
+  query token over its 2048 keys chosen by a random lightning indexer (4 heads of 64);
+  ``dsa_select_ms`` is the indexer's scoring and top-k alone (:func:`sparse_attn.dsa.select_tokens`).
 
 With ``--decode-contexts``, also one NSA decode step (one query token, batch 1, no gradient) over a
 KV cache of each length, per KV-head count: ``nsa step, kept compression`` (the compressed keys and
@@ -41,6 +44,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import bench, sdpa_fn, tqdm  # noqa: E402
 
 MOBA_KNOBS = {"moba_block": 512, "top_k": 3, "block_size": 64}
+DSA_TOP_K = 2048
 
 
 def timed_modes(run, inputs) -> dict:
@@ -73,6 +77,7 @@ def attempt(row: dict, name: str, make) -> None:
 
 def rows_for(args):
     from sparse_attn import BlockSparseLayout, get_method, sparse_attention
+    from sparse_attn.dsa import select_tokens, token_sparse_attention
     from sparse_attn.nsa import NSAAttention, NSAConfig
 
     heads, dim = args.heads, args.dim
@@ -110,9 +115,20 @@ def rows_for(args):
         module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
         attempt(row, "nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
         module = None
+
+        index = (torch.randn(1, seq, 4, 64, device="cuda", generator=gen), torch.randn(1, seq, 4, device="cuda",
+                 generator=gen), torch.randn(1, seq, 64, device="cuda", generator=gen))
+        try:
+            lists = select_tokens(*index, DSA_TOP_K)
+            row["dsa_select_ms"] = bench(lambda: select_tokens(*index, DSA_TOP_K))
+            attempt(row, "dsa", lambda: (lambda: token_sparse_attention(q, k, v, lists, check_values=False),
+                                         (q, k, v)))
+        except Exception as exc:  # noqa: BLE001 - reported in the row
+            row["dsa"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        index = lists = None
         best = {mode: min(row[n][mode] for n in ("cudnn", "flash") if mode in row[n])
                 for mode in ("fwd_ms", "fwdbwd_ms") if any(mode in row[n] for n in ("cudnn", "flash"))}
-        for name in ("flex causal", "moba", "moba on flex", "nsa"):
+        for name in ("flex causal", "moba", "moba on flex", "nsa", "dsa"):
             for mode, dense_ms in best.items():
                 if mode in row[name]:
                     row[name][mode.replace("_ms", "_speedup")] = dense_ms / row[name][mode]
@@ -184,15 +200,16 @@ def cell(entry: dict, mode: str) -> str:
 
 
 def table(rows, meta) -> str:
-    names = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa")
+    names = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa", "dsa")
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, batch 1, H={meta['heads']}, "
              f"D={meta['dim']}, causal; ms (speed-up over the faster of cuDNN and flash)", "",
-             "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms |",
-             "|---|---|---|" + "---|" * (len(names) + 2)]
+             "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms | DSA selection ms |",
+             "|---|---|---|" + "---|" * (len(names) + 3)]
     for r in rows:
         for mode in ("fwd", "fwdbwd"):
             lines.append(f"| {r['seq']} | {r['kv_heads']} | {mode} | " + " | ".join(cell(r[n], mode) for n in names)
-                         + f" | {r['moba_density']:.3f} | {r['moba_estimate_ms']:.2f} |")
+                         + f" | {r['moba_density']:.3f} | {r['moba_estimate_ms']:.2f} | "
+                         + (f"{r['dsa_select_ms']:.2f}" if "dsa_select_ms" in r else "-") + " |")
     notes = [f"{r['seq']}/{r['kv_heads']} {n}: {r[n].get('error') or r[n].get('skipped')}"
              for r in rows for n in names if "error" in r[n] or "skipped" in r[n]]
     return "\n".join(lines + ([""] + notes if notes else []))

@@ -175,11 +175,12 @@ def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
            "flex causal": {"fwd_ms": 4.0, "fwdbwd_ms": 12.0, "fwd_speedup": 0.5, "fwdbwd_speedup": 0.5},
            "moba": {"fwd_ms": 1.0, "fwdbwd_ms": 2.0, "fwd_speedup": 2.0, "fwdbwd_speedup": 3.0},
            "moba on flex": {"error": "OutOfMemoryError: ..."},
-           "nsa": {"skipped": "not run"}}
+           "nsa": {"skipped": "not run"}, "dsa": {"fwd_ms": 0.5, "fwdbwd_ms": 3.0, "fwd_speedup": 4.0,
+                                                  "fwdbwd_speedup": 2.0}, "dsa_select_ms": 0.7}
     text = bench_trainable.table([row], {"gpu": "X", "torch": "t", "triton": "r", "heads": 32, "dim": 128})
     lines = text.splitlines()
     fwd = next(line for line in lines if line.startswith("| 8192 | 8 | fwd |"))
-    assert "| 1.00 (2.00x) |" in fwd and "| error | skipped | 0.250 | 0.40 |" in fwd
+    assert "| 1.00 (2.00x) |" in fwd and "| error | skipped | 0.50 (4.00x) | 0.250 | 0.40 | 0.70 |" in fwd
     assert any(line.startswith("| 8192 | 8 | fwdbwd |") and "2.00 (3.00x)" in line for line in lines)
     assert "8192/8 moba on flex: OutOfMemoryError" in text and "8192/8 nsa: not run" in text
 

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
-BLOCKS = [block for page in (README, ROOT / "docs" / "decode.md")
+BLOCKS = [block for page in (README, ROOT / "docs" / "decode.md", ROOT / "docs" / "dsa.md")
           for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)]
 
 

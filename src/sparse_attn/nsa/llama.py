@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..kv_cache_state import CacheFollower, append_to_cache, cache_layer_keys, check_causal_mask, rotary_qkv
 from ..options import KernelOptions
 from .compressed_cache import CompressedKVCache
 from .config import NSAConfig
@@ -16,29 +17,6 @@ from .module import NSAAttention
 __all__ = ["convert_llama", "NSALlamaAttention", "nsa_parameters"]
 
 DEFAULT_GATE_BIAS = (-4.0, 4.0, -4.0)
-
-
-def _check_causal(mask, q_len: int, kv_len: int) -> None:
-    """ValueError unless ``mask`` (transformers' attention mask for the layer, or None) is plain causal
-    for queries that are the last ``q_len`` of ``kv_len`` positions: NSA has no padding masks."""
-    if mask is None:
-        return
-    allowed = mask if mask.dtype == torch.bool else mask == 0
-    positions = torch.arange(kv_len - q_len, kv_len, device=mask.device)[:, None]
-    causal = torch.arange(kv_len, device=mask.device)[None, :] <= positions
-    if allowed.shape[-2:] != (q_len, kv_len) or not bool((allowed == causal).all()):
-        raise ValueError("NSALlamaAttention attends unpadded sequences with a causal mask only; got an attention "
-                         "mask with padding (pass equal-length sequences without attention_mask)")
-
-
-def _check_cache(cache) -> None:
-    """ValueError unless ``cache`` grows with the sequence (transformers' DynamicCache, the default of
-    ``generate()``): a preallocated cache (StaticCache) hands attention its unused slots too."""
-    from transformers import DynamicCache
-
-    if not isinstance(cache, DynamicCache):
-        raise ValueError(f"NSALlamaAttention decodes with a DynamicCache (transformers' default); got "
-                         f"{type(cache).__name__}, whose unused slots it would attend to")
 
 
 def _check_packed_mask(mask, cu_seqlens) -> None:
@@ -58,31 +36,14 @@ def _check_packed_mask(mask, cu_seqlens) -> None:
                          "sequences nor plain causal (padding?); pass packed rows without padding")
 
 
-def _layer_keys(cache, layer_idx):
-    """The key tensor transformers' cache holds for ``layer_idx`` (None if it has none yet, or keeps
-    its layers otherwise)."""
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layer_idx, int) or layers is None or layer_idx >= len(layers):
-        return None
-    keys = getattr(layers[layer_idx], "keys", None)
-    return keys if isinstance(keys, torch.Tensor) else None
-
-
 class _KeptCompression:
-    """A layer's :class:`CompressedKVCache` for one transformers cache, and the cache's key tensor it
-    last saw (weakly): a cache whose tensor was replaced since (beam search reorders rows, a crop) or
-    changed in place gets a fresh compression."""
+    """A layer's :class:`CompressedKVCache` for one transformers cache, and whether that cache only
+    grew since (:class:`~sparse_attn.kv_cache_state.CacheFollower`): a cache whose tensors were
+    replaced (beam search reorders rows, a crop) or changed in place gets a fresh compression."""
 
     def __init__(self, config: NSAConfig) -> None:
         self.store = CompressedKVCache(config)
-        self.seen, self.seen_version = None, None
-
-    def follows(self, keys) -> bool:
-        return keys is not None and self.seen is not None and self.seen() is keys and keys._version == self.seen_version
-
-    def saw(self, keys) -> None:
-        self.seen = None if keys is None else weakref.ref(keys)
-        self.seen_version = None if keys is None else keys._version
+        self.follower = CacheFollower()
 
 
 def _packed_offsets(position_ids, q_shape, kv_len: int):
@@ -130,27 +91,18 @@ class NSALlamaAttention(nn.Module):
         """``(kc, vc)`` of the cache's ``k, v`` after this step's append, from the kept compression when
         the cache only grew since the last step (``keys_before``: its key tensor before the append)."""
         kept = self._kept.get(cache)
-        if kept is None or not kept.follows(keys_before):
+        if kept is None or not kept.follower.follows(keys_before):
             kept = self._kept[cache] = _KeptCompression(self.nsa.config)
         compressed = kept.store.update(k, v, self.nsa.nsa_params())
-        kept.saw(_layer_keys(cache, self.layer_idx))
+        kept.follower.saw(cache_layer_keys(cache, self.layer_idx))
         return compressed
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = rotary_qkv(self, hidden_states, position_embeddings)
         if cache is not None:
-            _check_cache(cache)
-            keys_before = _layer_keys(cache, self.layer_idx)
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v, keys_before = append_to_cache(cache, self.layer_idx, k, v, "NSALlamaAttention")
         call = dict(scale=self.scaling, backend=self.backend, kernel_options=self.kernel_options)
         cu_seqlens = _packed_offsets(kwargs.get("position_ids"), q.shape, k.shape[2])
         if cu_seqlens is not None:  # sequences packed in one row, each from position 0 (no cache)
@@ -159,7 +111,7 @@ class NSALlamaAttention(nn.Module):
                                           cu_seqlens, **call)
             out = out[None]
         else:
-            _check_causal(attention_mask, q.shape[2], k.shape[2])
+            check_causal_mask(attention_mask, q.shape[2], k.shape[2], "NSALlamaAttention")
             compressed = None
             if cache is not None and not torch.is_grad_enabled():
                 compressed = self._compressed_kv(cache, keys_before, k, v)
