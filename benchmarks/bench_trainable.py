@@ -23,6 +23,12 @@ values kept by a :class:`~sparse_attn.nsa.CompressedKVCache`, as ``generate()`` 
 compressing the cache`` (all of it, every step) and dense SDPA's decode step (``cudnn``/``flash``,
 the query heads of a KV head as its rows, as ``bench_decode.py`` times it).
 
+With ``--train-contexts``, also one training step (forward with the language loss, backward, AdamW
+step; bf16, batch 1) of the canary's architecture with random weights at each length, per attention
+(``dense`` SDPA, ``moba`` patched in, ``nsa`` and ``dsa`` converted layers, at the canary's scale as
+``python -m tools.canary train --attention ...`` uses them; DSA in its sparse stage, its indexer
+loss included): tokens per second.
+
 Prints markdown tables and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
 2 without one).
 """
@@ -38,6 +44,7 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tools.canary: the canary's settings
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -174,6 +181,94 @@ def decode_rows(args):
         torch.cuda.empty_cache()
 
 
+TRAIN_ATTENTIONS = ("dense", "moba", "nsa", "dsa")
+DSA_CANARY_TOP_K = 1024  # keys per token at the canary's scale (MoBA reads ~2K, NSA ~1.3K)
+
+
+def training_model(attention: str, seq: int, device, dtype=torch.bfloat16, dsa_top_k: int = DSA_CANARY_TOP_K):
+    """The canary's architecture with random weights, ``attention`` applied, in training mode
+    (``dsa_top_k``: DSA's keys per token)."""
+    import transformers
+
+    from sparse_attn.eval.canary import canary_config
+    from tools.canary.training import MOBA_KNOBS, canary_nsa_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(canary_config(seq, 259), attn_implementation="sdpa")
+    if attention == "moba":
+        from sparse_attn.integrations.hf import SparseConfig, patch
+
+        patch(model, config=SparseConfig(method="moba", knobs=MOBA_KNOBS, fallback="never", min_kv_len=0))
+    elif attention == "nsa":
+        from sparse_attn.nsa import convert_llama
+
+        convert_llama(model, canary_nsa_config())
+    elif attention == "dsa":
+        from sparse_attn.dsa import DSAConfig, convert_llama
+
+        convert_llama(model, DSAConfig(top_k=dsa_top_k), stage="sparse")
+    elif attention != "dense":
+        raise ValueError(f"attention must be one of {TRAIN_ATTENTIONS}, got {attention!r}")
+    return model.to(device=device, dtype=dtype).train()
+
+
+def training_step(model, ids, optimizer) -> float:
+    """One step: the language loss (plus the DSA indexers' loss, when the model has DSA layers),
+    backward, optimizer step; returns the loss."""
+    from sparse_attn.dsa import indexer_loss
+
+    loss = model(ids, labels=ids, use_cache=False).loss
+    extra = indexer_loss(model)
+    if extra is not None:
+        loss = loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train_rows(args):
+    """Training-step tokens/s of the canary architecture per (length, attention)."""
+    for seq in tqdm(args.train_contexts, desc="training lengths"):
+        row = {"seq": seq}
+        ids = torch.randint(0, 259, (1, seq), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+        for attention in TRAIN_ATTENTIONS:
+            model = optimizer = None
+            try:
+                model = training_model(attention, seq, "cuda")
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                ms = bench(lambda: training_step(model, ids, optimizer))
+                row[attention] = {"step_ms": ms, "tokens_per_s": seq / ms * 1e3}
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                row[attention] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            model = optimizer = None
+            torch.cuda.empty_cache()
+        if "step_ms" in row["dense"]:
+            for attention in TRAIN_ATTENTIONS[1:]:
+                if "step_ms" in row[attention]:
+                    row[attention]["speedup"] = row["dense"]["step_ms"] / row[attention]["step_ms"]
+        yield row
+
+
+def train_table(rows, meta) -> str:
+    lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; the canary's architecture "
+             "(4 layers, hidden 384, 6 heads / 2 KV heads, head dim 64), random weights, bf16, batch 1; one "
+             "training step (forward, backward, AdamW): tokens/s (speed-up over dense)", "",
+             "| S | " + " | ".join(TRAIN_ATTENTIONS) + " |", "|---|" + "---|" * len(TRAIN_ATTENTIONS)]
+    for r in rows:
+        cells = []
+        for name in TRAIN_ATTENTIONS:
+            entry = r[name]
+            if "error" in entry:
+                cells.append("error")
+            else:
+                speed = entry.get("speedup")
+                cells.append(f"{entry['tokens_per_s']:,.0f}" + (f" ({speed:.2f}x)" if speed is not None else ""))
+        lines.append(f"| {r['seq']} | " + " | ".join(cells) + " |")
+    notes = [f"{r['seq']} {n}: {r[n]['error']}" for r in rows for n in TRAIN_ATTENTIONS if "error" in r[n]]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
 DECODE_NAMES = ("cudnn", "flash", "nsa step, kept compression", "nsa step, compressing the cache")
 
 
@@ -223,6 +318,8 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[],
                         help="also time one NSA decode step over KV caches of these lengths")
+    parser.add_argument("--train-contexts", type=int, nargs="*", default=[],
+                        help="also time a training step of the canary architecture at these lengths")
     parser.add_argument("--out", default="results/trainable")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -234,11 +331,11 @@ def main(argv=None):
             "date": datetime.date.today().isoformat(), "heads": args.heads, "dim": args.dim,
             "moba_knobs": MOBA_KNOBS, "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    rows, decode = [], []
+    rows, decode, train = [], [], []
 
     def save():
         with open(args.out + ".json", "w") as fh:
-            json.dump({"meta": meta, "rows": rows, "decode_rows": decode}, fh, indent=1)
+            json.dump({"meta": meta, "rows": rows, "decode_rows": decode, "train_rows": train}, fh, indent=1)
 
     for row in rows_for(args) if args.lengths else ():
         rows.append(row)
@@ -248,10 +345,13 @@ def main(argv=None):
         decode.append(row)
         print(json.dumps(row), flush=True)
         save()
-    if rows:
-        print(table(rows, meta))
-    if decode:
-        print(("\n" if rows else "") + decode_table(decode, meta))
+    for row in train_rows(args):
+        train.append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    tables = ([table(rows, meta)] if rows else []) + ([decode_table(decode, meta)] if decode else []) \
+        + ([train_table(train, meta)] if train else [])
+    print("\n\n".join(tables))
     return 0
 
 

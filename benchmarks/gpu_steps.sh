@@ -29,6 +29,8 @@
 #   generate_static  the same at 32K with a static cache (transformers compiles the decoding forward) (~5 min)
 #   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
 #   nsa_decode   one NSA decode step at 32K and 128K, kept compression vs compressing the cache vs dense (~1.5 min)
+#   train_step   a training step of the canary architecture with dense, MoBA, NSA and DSA attention at 8K and 32K:
+#                tokens/s (~3 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one
 # into src/sparse_attn/eval/canary to use it). docs/benchmarks.md gives the command behind each table.
 set -uo pipefail
@@ -181,11 +183,14 @@ for step in "${@:-attention}"; do
     nsa_decode)
       timeout 150 python3 benchmarks/bench_trainable.py --lengths --decode-contexts 32768 131072 --kv-heads 8 2 \
         --out "$out/nsa_decode" 2>&1 | tee "$out/nsa_decode.log" | grep -a "^|" ;;
+    train_step)
+      timeout 240 python3 benchmarks/bench_trainable.py --lengths --train-contexts 8192 32768 \
+        --out "$out/train_step" 2>&1 | tee "$out/train_step.log" | grep -a "^|" ;;
     generate)
       timeout 200 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --batches 1 --budgets 2048 \
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_decode, attention_dense, attention_moba, attention_nsa)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa)" ;;
   esac
 done

@@ -185,6 +185,28 @@ def test_trainable_table_shows_times_speedups_errors_and_skips(bench_trainable):
     assert "8192/8 moba on flex: OutOfMemoryError" in text and "8192/8 nsa: not run" in text
 
 
+def test_trainable_training_table_shows_tokens_per_second_speedups_and_errors(bench_trainable):
+    row = {"seq": 8192, "dense": {"step_ms": 100.0, "tokens_per_s": 81920.0},
+           "moba": {"step_ms": 50.0, "tokens_per_s": 163840.0, "speedup": 2.0}, "nsa": {"error": "RuntimeError: x"},
+           "dsa": {"step_ms": 80.0, "tokens_per_s": 102400.0, "speedup": 1.25}}
+    text = bench_trainable.train_table([row], {"gpu": "X", "torch": "t", "triton": "r"})
+    assert "| 8192 | 81,920 | 163,840 (2.00x) | error | 102,400 (1.25x) |" in text
+    assert "8192 nsa: RuntimeError: x" in text
+
+
+@pytest.mark.parametrize("attention", ["dense", "moba", "nsa", "dsa"])
+def test_trainable_training_step_runs_each_attention_on_cpu(bench_trainable, attention):
+    """The training step the benchmark times, on CPU in float32 at 160 tokens (DSA with a budget below
+    the length, so its sparse path and indexer loss run)."""
+    model = bench_trainable.training_model(attention, 160, "cpu", dtype=torch.float32, dsa_top_k=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 259, (1, 160))
+    losses = [bench_trainable.training_step(model, ids, optimizer) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[1] < losses[0]
+    with pytest.raises(ValueError, match="attention must be one of"):
+        bench_trainable.training_model("ring", 160, "cpu")
+
+
 def test_trainable_decode_table_shows_step_times_speedups_and_errors(bench_trainable):
     row = {"seq": 131072, "kv_heads": 8, "cudnn": {"step_ms": 0.2}, "flash": {"step_ms": 0.25},
            "nsa step, kept compression": {"step_ms": 0.1, "step_speedup": 2.0},
