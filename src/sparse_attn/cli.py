@@ -347,10 +347,12 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     if limit is not None and max(length_list) > limit:
         raise click.BadParameter(f"{max(length_list)} is over the model's {limit} positions (max_position_embeddings): "
                                  f"prompts that long are out of its range", param_hint="--lengths")
-    from .nsa import is_nsa_model
+    from .dsa.checkpoint import is_dsa_model
+    from .nsa.checkpoint import is_nsa_model
 
-    if is_nsa_model(path) and (method_list or decode_list):
-        raise click.BadParameter("this model attends with its own NSA layers, which the methods do not replace: "
+    own = "NSA" if is_nsa_model(path) else "DSA" if is_dsa_model(path) else None
+    if own and (method_list or decode_list):
+        raise click.BadParameter(f"this model attends with its own {own} layers, which the methods do not replace: "
                                  "pass --methods none (its own attention is the 'dense' row) and no --decode-methods",
                                  param_hint="--methods")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -97,3 +97,51 @@ def test_beam_search_padding_and_bad_stages_raise():
         convert_llama(tiny_llama(64), CONFIG, layers=[2])
     with pytest.raises(TypeError, match="config must be a DSAConfig"):
         convert_llama(tiny_llama(64), {"top_k": 4})
+
+
+def test_a_saved_dsa_model_loads_with_its_indexers_and_stage(tmp_path):
+    from sparse_attn.dsa import is_dsa_model, load_dsa_model, save_dsa_model
+    from sparse_attn.integrations.hf import load_model
+
+    model = convert_llama(tiny_llama(64), CONFIG, layers=[0], stage="sparse", backend="reference")
+    with torch.no_grad():
+        for p in indexer_parameters(model):
+            p.add_(torch.randn_like(p))
+    ids = _ids(40)
+    with torch.no_grad():
+        want = model(ids).logits
+    save_dsa_model(model, tmp_path / "dsa")
+    assert is_dsa_model(tmp_path / "dsa") and not is_dsa_model(tmp_path)
+    for loaded in (load_dsa_model(tmp_path / "dsa", backend="reference"), load_model(tmp_path / "dsa")):
+        assert isinstance(loaded.model.layers[0].self_attn, DSALlamaAttention)
+        assert not isinstance(loaded.model.layers[1].self_attn, DSALlamaAttention)
+        assert loaded.model.layers[0].self_attn.stage == "sparse" and not loaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want)
+    with pytest.raises(ValueError, match="model has no DSA attention layer"):
+        save_dsa_model(tiny_llama(64), tmp_path / "plain")
+    with pytest.raises(ValueError, match="has no dsa.json"):
+        load_dsa_model(tmp_path)
+
+
+def test_sparse_attn_eval_runs_a_dsa_model_with_its_own_attention_and_refuses_methods(tmp_path):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+    from sparse_attn.dsa import save_dsa_model
+    from sparse_attn.eval.canary import canary_dir
+
+    model = convert_llama(tiny_llama(259, positions=2048), CONFIG.replace(top_k=64), stage="sparse")
+    save_dsa_model(model, tmp_path / "dsa")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(canary_dir() / name, tmp_path / "dsa" / name)
+    common = ["eval", "--model", str(tmp_path / "dsa"), "--lengths", "512", "--tasks", "passkey", "--samples", "1",
+              "--device", "cpu", "--out", str(tmp_path / "eval_dsa")]
+    result = CliRunner().invoke(main, [*common, "--methods", "none"])
+    assert result.exit_code == 0, result.output
+    assert [row["method"] for row in json.loads((tmp_path / "eval_dsa.json").read_text())["rows"]] == ["dense"]
+    result = CliRunner().invoke(main, [*common, "--methods", "xattention"])
+    assert result.exit_code != 0 and "attends with its own DSA layers" in result.output

@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..converted_checkpoint import decoder_layers
 from ..kv_cache_state import CacheFollower, append_to_cache, cache_layer_keys, check_causal_mask, rotary_qkv
 from .attention import BACKENDS, token_sparse_attention
 from .indexer import DSAConfig, LightningIndexer, indexer_kl_loss, select_tokens
@@ -138,13 +139,6 @@ class DSALlamaAttention(nn.Module):
         return self.o_proj(out), None
 
 
-def _decoder_layers(model: nn.Module):
-    decoder = getattr(getattr(model, "model", model), "layers", None)
-    if decoder is None:
-        raise ValueError("model must be a transformers Llama-family model (model.model.layers)")
-    return decoder
-
-
 def convert_llama(model: nn.Module, config: DSAConfig, *, layers: Optional[Iterable[int]] = None,
                   stage: str = "dense", backend: str = "auto") -> nn.Module:
     """Give a transformers Llama-family model's decoder layers (``layers``: their indices, default
@@ -153,7 +147,7 @@ def convert_llama(model: nn.Module, config: DSAConfig, *, layers: Optional[Itera
     indexers, then :func:`set_stage` ``"sparse"``). The dense projections stay the same modules."""
     if not isinstance(config, DSAConfig):
         raise TypeError(f"config must be a DSAConfig, got {type(config).__name__}")
-    decoder = _decoder_layers(model)
+    decoder = decoder_layers(model)
     chosen = range(len(decoder)) if layers is None else list(layers)
     for index in chosen:
         if not isinstance(index, int) or not 0 <= index < len(decoder):
