@@ -20,8 +20,9 @@ Rows per (length, KV heads), each timed forward (no autograd graph) and forward+
 With ``--decode-contexts``, also one NSA decode step (one query token, batch 1, no gradient) over a
 KV cache of each length, per KV-head count: ``nsa step, kept compression`` (the compressed keys and
 values kept by a :class:`~sparse_attn.nsa.CompressedKVCache`, as ``generate()`` runs it), ``nsa step,
-compressing the cache`` (all of it, every step) and dense SDPA's decode step (``cudnn``/``flash``,
-the query heads of a KV head as its rows, as ``bench_decode.py`` times it).
+compressing the cache`` (all of it, every step), ``dsa step`` (the lightning indexer's scores over
+the cache and its top 2048 keys, then the token-sparse attention over them) and dense SDPA's decode
+step (``cudnn``/``flash``, the query heads of a KV head as its rows, as ``bench_decode.py`` times it).
 
 With ``--train-contexts``, also one training step (forward with the language loss, backward, AdamW
 step; bf16, batch 1) of the canary's architecture with random weights at each length, per attention
@@ -147,6 +148,7 @@ def rows_for(args):
 def decode_rows(args):
     """One NSA decode step per (context, KV heads): kept compression vs compressing the cache vs dense."""
     from bench_decode import dense_sdpa
+    from sparse_attn.dsa import select_tokens, token_sparse_attention
     from sparse_attn.nsa import CompressedKVCache, NSAAttention, NSAConfig
 
     heads, dim = args.heads, args.dim
@@ -159,6 +161,13 @@ def decode_rows(args):
         row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim}
         module = NSAAttention(NSAConfig(), heads, kv_heads, dim).cuda().to(torch.bfloat16)
         kept = CompressedKVCache(module.config)
+        index = (torch.randn(1, 1, 4, 64, device="cuda", generator=gen), torch.randn(1, 1, 4, device="cuda",
+                 generator=gen), torch.randn(1, seq, 64, device="cuda", generator=gen))
+
+        def dsa_step():
+            lists = select_tokens(*index, DSA_TOP_K)
+            return token_sparse_attention(q, k, v, lists, check_values=False)
+
         with torch.no_grad():
             for name in ("cudnn", "flash"):
                 try:
@@ -167,17 +176,18 @@ def decode_rows(args):
                     row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             for name, run in (("nsa step, kept compression",
                                lambda: module(q, k, v, compressed_kv=kept.update(k, v, module.nsa_params()))),
-                              ("nsa step, compressing the cache", lambda: module(q, k, v))):
+                              ("nsa step, compressing the cache", lambda: module(q, k, v)),
+                              ("dsa step", dsa_step)):
                 try:
                     row[name] = {"step_ms": bench(run)}
                 except Exception as exc:  # noqa: BLE001 - reported in the row
                     row[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         dense = [row[n]["step_ms"] for n in ("cudnn", "flash") if "step_ms" in row[n]]
-        for name in ("nsa step, kept compression", "nsa step, compressing the cache"):
+        for name in DECODE_NAMES[2:]:
             if dense and "step_ms" in row[name]:
                 row[name]["step_speedup"] = min(dense) / row[name]["step_ms"]
         yield row
-        q = k = v = module = kept = None
+        q = k = v = module = kept = index = None
         torch.cuda.empty_cache()
 
 
@@ -269,7 +279,7 @@ def train_table(rows, meta) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-DECODE_NAMES = ("cudnn", "flash", "nsa step, kept compression", "nsa step, compressing the cache")
+DECODE_NAMES = ("cudnn", "flash", "nsa step, kept compression", "nsa step, compressing the cache", "dsa step")
 
 
 def decode_table(rows, meta) -> str:

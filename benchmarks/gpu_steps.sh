@@ -28,7 +28,8 @@
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
 #   generate_static  the same at 32K with a static cache (transformers compiles the decoding forward) (~5 min)
 #   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
-#   nsa_decode   one NSA decode step at 32K and 128K, kept compression vs compressing the cache vs dense (~1.5 min)
+#   nsa_decode   one NSA decode step at 32K and 128K, kept compression vs compressing the cache, one DSA step,
+#                dense (~1.5 min)
 #   train_step   a training step of the canary architecture with dense, MoBA, NSA and DSA attention at 8K and 32K:
 #                tokens/s (~3 min)
 # Results are written under ${OUT:-results}; trained models come back as .tgz archives (unpack one

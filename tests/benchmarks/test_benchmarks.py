@@ -210,10 +210,11 @@ def test_trainable_training_step_runs_each_attention_on_cpu(bench_trainable, att
 def test_trainable_decode_table_shows_step_times_speedups_and_errors(bench_trainable):
     row = {"seq": 131072, "kv_heads": 8, "cudnn": {"step_ms": 0.2}, "flash": {"step_ms": 0.25},
            "nsa step, kept compression": {"step_ms": 0.1, "step_speedup": 2.0},
-           "nsa step, compressing the cache": {"error": "OutOfMemoryError: ..."}}
+           "nsa step, compressing the cache": {"error": "OutOfMemoryError: ..."},
+           "dsa step": {"step_ms": 0.05, "step_speedup": 4.0}}
     text = bench_trainable.decode_table([row], {"gpu": "X", "torch": "t", "triton": "r", "heads": 32, "dim": 128})
     line = next(line for line in text.splitlines() if line.startswith("| 131072 | 8 |"))
-    assert line == "| 131072 | 8 | 0.20 | 0.25 | 0.10 (2.00x) | error |"
+    assert line == "| 131072 | 8 | 0.20 | 0.25 | 0.10 (2.00x) | error | 0.05 (4.00x) |"
     assert "131072/8 nsa step, compressing the cache: OutOfMemoryError" in text
 
 

@@ -66,6 +66,26 @@ def test_triton_kernels_match_the_reference_with_gradients(dtype, heads, kv_head
     torch.testing.assert_close(lse[~empty], ref_lse[~empty], atol=2e-2, rtol=1e-3)
 
 
+@pytest.mark.parametrize("num_splits", [None, 2, 5])
+def test_lists_split_over_several_programs_merge_to_the_reference(num_splits):
+    """A decode step (one query token, one KV head of 8 query heads, a 600-key list with unused
+    entries): its list split over programs (3 by default here: 2 programs per SM of the interpreter's
+    4, 256 entries at least each), the partial results merged by LSE."""
+    from sparse_attn.dsa.kernels import choose_num_splits, triton_forward
+
+    assert choose_num_splits(1, 600, torch.device("cpu")) == 3 and choose_num_splits(64, 600, torch.device("cpu")) == 1
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 8, 1, 64, generator=gen).half()
+    k, v = (torch.randn(1, 1, 700, 64, generator=gen).half() for _ in range(2))
+    chosen = torch.randperm(700, generator=gen)[:400].int()
+    lists = torch.full((1, 1, 600), -1, dtype=torch.int32)
+    lists[0, 0, :300], lists[0, 0, 500:] = chosen[:300], chosen[300:]  # unused entries in the middle
+    out, lse = triton_forward(q, k, v, lists, 0.125, num_splits=num_splits)
+    ref, ref_lse = reference_token_sparse_attention(q.double(), k.double(), v.double(), lists, 0.125)
+    assert rel_error(out, ref) < TOLERANCE[torch.float16] * 2
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
 def test_auto_takes_the_reference_on_cpu_and_float64_works_with_gradients():
     q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 1, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))

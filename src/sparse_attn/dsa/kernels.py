@@ -65,12 +65,18 @@ def _gather(IND, K, V, ind_row, kv_off_k, kv_off_v, n0, pos, list_len, stride_ks
 def _forward_kernel(
     Q, K, V, IND, O, LSE,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-    stride_ib, stride_is, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    seq_len, q_len, list_len, scale_log2,
+    stride_ib, stride_is, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_o_split, stride_l_split,
+    seq_len, q_len, list_len, entries_per_split, scale_log2,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Program ``(i, b * Hkv + hkv, split)`` attends list entries ``[split * entries_per_split, ...)``
+    of query token ``i``; with several splits ``O``/``LSE`` are float32 partial buffers, one slice per
+    split (``stride_*_split`` apart), merged by :func:`triton_forward`."""
     i, b, hkv, pos, heads, row_ok = _program_rows(seq_len, q_len, KV_HEADS, GROUP, ROWS)
+    split = tl.program_id(2)
+    first = split * entries_per_split
+    end = tl.minimum(list_len, first + entries_per_split)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptr = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + i.to(tl.int64) * stride_qs + offs_d[None, :]
@@ -81,8 +87,8 @@ def _forward_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for n0 in range(0, list_len, BLOCK_N):
-        k, v, valid, _ = _gather(IND, K, V, ind_row, kv_off_k, kv_off_v, n0, pos, list_len, stride_ks, stride_vs,
+    for n0 in range(first, end, BLOCK_N):
+        k, v, valid, _ = _gather(IND, K, V, ind_row, kv_off_k, kv_off_v, n0, pos, end, stride_ks, stride_vs,
                                  offs_n, offs_d)
         s = dot(q, tl.trans(k), UPCAST) * scale_log2
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -97,9 +103,11 @@ def _forward_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
-    o_ptr = O + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + i.to(tl.int64) * stride_os + offs_d[None, :]
+    o_ptr = O + split.to(tl.int64) * stride_o_split + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh \
+        + i.to(tl.int64) * stride_os + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b.to(tl.int64) * stride_lb + heads * stride_lh + i, lse, mask=row_ok)
+    tl.store(LSE + split.to(tl.int64) * stride_l_split + b.to(tl.int64) * stride_lb + heads * stride_lh + i, lse,
+             mask=row_ok)
 
 
 @triton.jit
@@ -169,25 +177,51 @@ def _num_warps(rows: int, dim: int) -> int:
     return 8 if rows * dim >= 128 * 128 else 4
 
 
-def triton_forward(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float):
+def choose_num_splits(programs: int, list_len: int, device: torch.device) -> int:
+    """Splits of each token's list: one when the (token, sequence, KV head) programs fill the device,
+    else enough for about two programs per SM, each of at least 256 entries."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(list_len, 256), triton.cdiv(2 * sms, programs)))
+
+
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float, num_splits: int | None = None):
     """``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32 natural log)``; inputs checked by
-    :func:`~sparse_attn.dsa.attention.token_sparse_attention` (last dims contiguous)."""
+    :func:`~sparse_attn.dsa.attention.token_sparse_attention` (last dims contiguous). With fewer
+    programs than the device has SMs (a decode step), each token's list is split over several
+    programs (``num_splits``, default :func:`choose_num_splits`) whose partial results merge by LSE."""
     batch, heads, q_len, dim = q.shape
     kv_heads, seq = k.shape[1], k.shape[2]
+    list_len = indices.shape[-1]
     group = heads // kv_heads
     rows = _rows(group)
+    if num_splits is None:
+        num_splits = choose_num_splits(q_len * batch * kv_heads, list_len, q.device)
+    per_split = triton.cdiv(triton.cdiv(list_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = triton.cdiv(list_len, per_split)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
-    if q_len == 0:
-        return out, lse
-    _forward_kernel[(q_len, batch * kv_heads)](
-        q, k, v, indices, out, lse,
+    if num_splits > 1:
+        o_dest = torch.empty(num_splits, batch, heads, q_len, dim, device=q.device, dtype=torch.float32)
+        l_dest = torch.empty(num_splits, batch, heads, q_len, device=q.device, dtype=torch.float32)
+        o_strides, l_strides = o_dest.stride(), l_dest.stride()
+    else:
+        o_dest, l_dest = out, lse
+        o_strides, l_strides = (0, *out.stride()), (0, *lse.stride())
+    _forward_kernel[(q_len, batch * kv_heads, num_splits)](
+        q, k, v, indices, o_dest, l_dest,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *indices.stride()[:2],
-        *out.stride()[:3], lse.stride(0), lse.stride(1),
-        seq, q_len, indices.shape[-1], scale * LOG2E,
+        *o_strides[1:4], l_strides[1], l_strides[2], o_strides[0], l_strides[0],
+        seq, q_len, list_len, per_split, scale * LOG2E,
         KV_HEADS=kv_heads, GROUP=group, ROWS=rows, HEAD_DIM=dim, BLOCK_N=BLOCK_N,
         UPCAST=fp32_dot_operands(q.dtype), num_warps=_num_warps(rows, dim),
     )
+    if num_splits > 1:  # merge the splits' partial outputs by their LSE
+        total = torch.logsumexp(l_dest, 0)
+        weights = torch.exp(l_dest - torch.where(torch.isfinite(total), total, 0.0)).nan_to_num_(0.0)
+        out.copy_((weights[..., None] * o_dest).sum(0))
+        lse.copy_(total)
     return out, lse
 
 
