@@ -19,6 +19,8 @@
 #   attention_dense, attention_moba, attention_nsa
 #                the canary base trained 3 minutes with dense, MoBA or NSA attention, then evaluated at
 #                2K-8K with its own attention (~8 min each)
+#   attention_dsa  DeepSeek Sparse Attention on the shipped dense canary: indexer warm-up 1 minute, sparse
+#                training 2 minutes (1024 keys per token), then evaluated at 2K-8K with its own attention (~7 min)
 #   gpu_tests    every test marked gpu (~3 min)
 #   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16, 32 and 64 (~7 min)
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
@@ -153,6 +155,15 @@ for step in "${@:-attention}"; do
       timeout 200 python3 -m sparse_attn eval --model "$work/$kind" --lengths 2048,4096,8192 --samples 4 \
         --methods "$methods" --out "$out/eval_$step" 2>&1 | grep -a "^|"
       tar czf "$out/$step.tgz" -C "$work" "$kind" ;;
+    attention_dsa)
+      work=$(mktemp -d)
+      timeout 330 python3 -m tools.canary dsa --out "$work/dsa" --warmup-minutes 1 --minutes 2 --top-k 1024 \
+        --eval-samples 4 --workers 6 > "$out/attention_dsa.log" 2>&1
+      [ -f "$work/dsa/dsa.json" ] || { echo "attention_dsa did not finish"; tail -5 "$out/attention_dsa.log"; continue; }
+      python3 -c "import json; l=json.load(open('$work/dsa/training_log.json')); print('warm-up', l['warmup_steps'], l['warmup_indexer_loss'], 'sparse', l['steps'], l['sparse_indexer_loss'], 'before', l['before'], 'after', l['after'])"
+      timeout 150 python3 -m sparse_attn eval --model "$work/dsa" --lengths 2048,4096,8192 --samples 4 \
+        --methods none --out "$out/eval_attention_dsa" 2>&1 | grep -a "^|"
+      tar czf "$out/attention_dsa.tgz" -C "$work" dsa ;;
     gpu_tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu -n 8 2>&1 | tail -15 ;;
     decode)
@@ -192,6 +203,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
   esac
 done

@@ -95,6 +95,8 @@ def test_beam_search_padding_and_bad_stages_raise():
         set_stage(tiny_llama(64), "dense")
     with pytest.raises(ValueError, match=r"layers must hold layer indices in \[0, 2\)"):
         convert_llama(tiny_llama(64), CONFIG, layers=[2])
+    with pytest.raises(ValueError, match=r"DSAConfig.rope_dim \(32\) must be at most the model's head_dim \(16\)"):
+        convert_llama(tiny_llama(64), CONFIG.replace(index_head_dim=32, rope_dim=32))
     with pytest.raises(TypeError, match="config must be a DSAConfig"):
         convert_llama(tiny_llama(64), {"top_k": 4})
 

@@ -483,7 +483,7 @@ def test_training_with_moba_or_nsa_saves_a_model_that_loads_with_its_attention(t
     if attention == "nsa":
         model = load_nsa_model(out)
         assert all(isinstance(layer.self_attn, NSALlamaAttention) for layer in model.model.layers)
-        _eval_nsa_model(out, tmp_path)
+        _eval_own_attention_model(out, tmp_path)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
         assert model.config._attn_implementation != "sparse_attn"
@@ -496,20 +496,20 @@ def test_training_with_moba_or_nsa_saves_a_model_that_loads_with_its_attention(t
     assert is_nsa_model(tmp_path / "refined") == (attention == "nsa")
 
 
-def _eval_nsa_model(path, tmp_path):
-    """sparse-attn eval runs an NSA model's own attention (--methods none) and refuses methods."""
+def _eval_own_attention_model(path, tmp_path, kind="NSA"):
+    """sparse-attn eval runs a model's own NSA or DSA attention (--methods none) and refuses methods."""
     from click.testing import CliRunner
 
     from sparse_attn.cli import main
 
     common = ["eval", "--model", str(path), "--lengths", "512", "--tasks", "passkey", "--samples", "1",
-              "--device", "cpu", "--out", str(tmp_path / "eval_nsa")]
+              "--device", "cpu", "--out", str(tmp_path / f"eval_{kind}")]
     result = CliRunner().invoke(main, [*common, "--methods", "none"])
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "eval_nsa.json").read_text())["rows"]
+    rows = json.loads((tmp_path / f"eval_{kind}.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["dense"]
     result = CliRunner().invoke(main, [*common, "--methods", "xattention"])
-    assert result.exit_code != 0 and "attends with its own NSA layers" in result.output
+    assert result.exit_code != 0 and f"attends with its own {kind} layers" in result.output
 
 
 def test_an_unknown_attention_is_refused(tmp_path):
@@ -519,3 +519,35 @@ def test_an_unknown_attention_is_refused(tmp_path):
         train(str(tmp_path / "x"), seq_len=512, max_steps=1, device="cpu", attention="flash")
     result = _invoke("train", "--out", tmp_path / "y", "--attention", "flash", *FAST)
     assert result.exit_code != 0 and "flash" in result.output
+
+
+def test_dsa_on_a_dense_canary_warms_up_the_indexers_then_trains_sparse(tmp_path):
+    """A tiny dense base, then the DSA recipe (2 warm-up steps, 2 sparse steps, 64 keys per token at
+    512 tokens): the warm-up trains only the indexers, the saved model loads with its DSA layers in the
+    sparse stage, sparse-attn eval runs it, and the command line runs the same."""
+    import torch
+    from click.testing import CliRunner
+
+    from sparse_attn.dsa import DSALlamaAttention, load_dsa_model
+    from tools.canary.cli import main as tool
+    from tools.canary.training import train, train_dsa
+
+    train(str(tmp_path / "base"), seq_len=512, batch_size=1, max_steps=2, device="cpu", eval_lengths=(),
+          eval_samples=1, **TINY)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    log = train_dsa(str(tmp_path / "base"), str(tmp_path / "dsa"), warmup_steps=2, max_steps=2, top_k=64,
+                    batch_size=1, device="cpu", eval_lengths=(512,), eval_samples_per_task=1)
+    assert log["attention"] == "dsa" and log["warmup_steps"] == 2 and log["steps"] == 2
+    assert log["warmup_indexer_loss"]["first"] > 0 and log["sparse_indexer_loss"] > 0
+    assert set(log["after"]["tasks"]) and set(log["before"]["tasks"])
+    model = load_dsa_model(tmp_path / "dsa")
+    layers = [layer.self_attn for layer in model.model.layers]
+    assert all(isinstance(layer, DSALlamaAttention) and layer.stage == "sparse" for layer in layers)
+    assert layers[0].dsa_config.top_k == 64
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)  # sparse stage trained
+    _eval_own_attention_model(tmp_path / "dsa", tmp_path, "DSA")
+    result = CliRunner().invoke(tool, ["dsa", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "cli"),
+                                       "--warmup-steps", "1", "--max-steps", "1", "--top-k", "64", "--batch-size", "1",
+                                       "--eval-samples", "1", "--no-eval-before", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cli" / "training_log.json").read_text())["steps"] == 1

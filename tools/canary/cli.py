@@ -1,4 +1,5 @@
-"""``python -m tools.canary``: ``train`` (the shipped recipe, or the base alone) and ``refine``."""
+"""``python -m tools.canary``: ``train`` (the shipped recipe, or the base alone), ``refine`` and ``dsa``
+(DeepSeek Sparse Attention on a dense canary)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,22 @@ def _check_out(out: str, force: bool) -> None:
         raise click.ClickException(f"--out {out} {problem}")
 
 
+def _continued_training_options(command):
+    """The options ``refine`` and ``dsa`` share: evaluation before and after, logging, data workers,
+    device and seed."""
+    for option in reversed([
+        click.option("--eval-samples", default=8, show_default=True,
+                     help="prompts per task and length, before and after"),
+        click.option("--eval-before/--no-eval-before", default=True, show_default=True),
+        click.option("--log-every", default=15.0, show_default=True, help="seconds between log lines"),
+        click.option("--workers", default=None, type=int),
+        click.option("--device", default=None),
+        click.option("--seed", default=1, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group()
 def main():
     """Train the canary model (a maintainer tool; run from the repository root)."""
@@ -203,12 +220,7 @@ def train_command(out, force, minutes, refine, seq_len, batch_size, lr, max_step
               help="share of lookup keys one syllable away from an earlier key")
 @click.option("--multi-value-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
               help="share of lookup keys with 2-3 values, asked as a list")
-@click.option("--eval-samples", default=8, show_default=True, help="prompts per task and length, before and after")
-@click.option("--eval-before/--no-eval-before", default=True, show_default=True)
-@click.option("--log-every", default=15.0, show_default=True, help="seconds between log lines")
-@click.option("--workers", default=None, type=int)
-@click.option("--device", default=None)
-@click.option("--seed", default=1, show_default=True)
+@_continued_training_options
 @click.option("--attention", type=click.Choice(ATTENTIONS), default="dense", show_default=True,
               help="continue training with dense attention, MoBA (patched in) or NSA (converted layers)")
 def refine_command(model, out, force, minutes, max_steps, lr, lookup_phase_share, lookup_share, hard_key_share,
@@ -229,3 +241,40 @@ def refine_command(model, out, force, minutes, max_steps, lr, lookup_phase_share
                  seed=seed, progress=progress, force=force, attention=attention)
     log_lines.note(f"saved to {out}")
     click.echo(json.dumps({k: v for k, v in log.items() if k != "base"}, indent=1))
+
+
+@main.command("dsa")
+@click.option("--model", default="canary", show_default=True, help="the dense canary to start from")
+@click.option("--out", required=True,
+              help="directory to save the model in (refused if it holds a model, unless --force)")
+@click.option("--force", is_flag=True, help="overwrite a model already in --out")
+@click.option("--warmup-minutes", default=1.0, show_default=True,
+              help="the warm-up: only the indexers train, against the dense attention")
+@click.option("--warmup-steps", default=None, type=int, help="warm-up steps instead of --warmup-minutes")
+@click.option("--minutes", default=2.0, show_default=True, help="sparse training of the whole model")
+@click.option("--max-steps", default=None, type=int, help="sparse training steps instead of --minutes")
+@click.option("--top-k", default=1024, show_default=True, type=click.IntRange(1), help="keys per token")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=3e-4, show_default=True)
+@click.option("--indexer-lr", default=1e-3, show_default=True)
+@_continued_training_options
+def dsa_command(model, out, force, warmup_minutes, warmup_steps, minutes, max_steps, top_k, batch_size, lr, indexer_lr,
+                eval_samples, eval_before, log_every, workers, device, seed):
+    """DeepSeek Sparse Attention on a dense canary: indexer warm-up, then sparse training (training.train_dsa)."""
+    _check_out(out, force)
+    from .training import train_dsa
+
+    log_lines = Progress(["warm-up", "sparse"], [(warmup_steps, warmup_minutes), (max_steps, minutes)], log_every)
+
+    def progress(step, phase, text_loss, answer_loss, first_loss):
+        if phase[0] == "warmup":
+            log_lines.step(step, {"indexer KL": text_loss})
+        else:
+            log_lines.step(step, {"text": text_loss, "answer": answer_loss, "first answer token": first_loss})
+
+    log = train_dsa(model, out, warmup_minutes=warmup_minutes, minutes=minutes, top_k=top_k, batch_size=batch_size,
+                    lr=lr, indexer_lr=indexer_lr, warmup_steps=warmup_steps, max_steps=max_steps,
+                    eval_samples_per_task=eval_samples, eval_before=eval_before, device=device, workers=workers,
+                    seed=seed, progress=progress, force=force)
+    log_lines.note(f"saved to {out}")
+    click.echo(json.dumps(log, indent=1))

@@ -13,6 +13,7 @@ Every function that saves a model refuses an output directory that already holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -433,9 +434,10 @@ def _role_loss(token_loss, mask) -> float:
     return float(_masked_mean(token_loss, mask)) if bool(mask.any()) else float("nan")
 
 
-def _train_step(model, optimizer, batch, device, use_bf16: bool):
+def _train_step(model, optimizer, batch, device, use_bf16: bool, extra_loss=None):
     """One optimizer step on a ``(ids, roles)`` batch. The loss is the mean over text tokens plus the
-    mean over answer and copy tokens (so a few targets in 8K tokens still carry half the gradient).
+    mean over answer and copy tokens (so a few targets in 8K tokens still carry half the gradient),
+    plus ``extra_loss()`` when given (called after the forward, e.g. DSA's indexer loss).
     Returns the detached per-token losses and the role masks (``FIRST``: each answer's first token,
     the one that shows whether the right needle was found; the rest can be copied from it)."""
     ids, roles = (t.to(device, non_blocking=True) for t in batch)
@@ -445,6 +447,8 @@ def _train_step(model, optimizer, batch, device, use_bf16: bool):
     masks = {role: (roles[:, 1:] == role).float() for role in (TEXT, ANSWER, COPY)}
     masks[FIRST] = masks[ANSWER] * (roles[:, :-1] != ANSWER).float()
     loss = _masked_mean(token_loss, masks[TEXT]) + _masked_mean(token_loss, masks[ANSWER] + masks[COPY])
+    if extra_loss is not None:
+        loss = loss + extra_loss()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -710,6 +714,125 @@ def refine(model_dir: str, out_dir: str, minutes: float = 2.2, batch_size: int =
            "final_text_loss": _recent_mean(text_losses, 20), "final_answer_loss": _recent_mean(answer_losses, 50),
            "seed": seed, "before": before, "after": after,
            "device": torch.cuda.get_device_name() if use_bf16 else "cpu", "base": base}
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+DSA_TOP_K = 1024  # keys per token at the canary's scale (MoBA reads about 2K, NSA about 1.3K)
+
+
+def canary_dsa_config(top_k: int = DSA_TOP_K, head_dim: int = 64):
+    """DSA at the canary's scale: 4 indexer heads of 64 with 32 RoPE dims (at most the model's
+    ``head_dim``, whose rotary tables they use), ``top_k`` keys per token."""
+    from sparse_attn.dsa import DSAConfig
+
+    return DSAConfig(index_heads=4, index_head_dim=64, rope_dim=min(32, head_dim), top_k=top_k)
+
+
+def train_dsa(model_dir: str, out_dir: str, warmup_minutes: float = 1.0, minutes: float = 2.0, top_k: int = DSA_TOP_K,
+              batch_size: int = 8, lr: float = 3e-4, indexer_lr: float = 1e-3, warmup_steps: Optional[int] = None,
+              max_steps: Optional[int] = None, eval_lengths=(2048, 4096, 8192), eval_samples_per_task: int = 8,
+              eval_before: bool = True, device: Optional[str] = None, workers: Optional[int] = None, seed: int = 1,
+              progress=None, force: bool = False) -> dict:
+    """DeepSeek Sparse Attention on a dense canary (``model_dir``, or ``"canary"``), trained as
+    DeepSeek-V3.2 was: every layer gains a lightning indexer (:func:`sparse_attn.dsa.convert_llama`,
+    :func:`canary_dsa_config`); a warm-up in which only the indexers train, on the KL to the dense
+    attention (``warmup_minutes`` or ``warmup_steps``, at ``indexer_lr``); then sparse training of the
+    whole model, each token attending its ``top_k`` keys, on the language loss plus the indexers'
+    loss on the selected keys (``minutes`` or ``max_steps``, ``lr`` with a cosine decay to 5%), on
+    the retrieval mix at the model's full length. Saved with :func:`sparse_attn.dsa.save_dsa_model`;
+    returns a log with per-task accuracy before (dense) and after (sparse) and the indexer losses.
+    ``progress(step, phase, text_loss, answer_loss, first_answer_token_loss)`` per step (``phase``:
+    ``("warmup", length)`` with the indexer loss as ``text_loss``, or ``("sparse", length)``)."""
+    from sparse_attn.dsa import convert_llama, indexer_loss, indexer_parameters, save_dsa_model, set_stage
+    from sparse_attn.nsa import is_nsa_model
+
+    check_out_dir(out_dir, force)
+    device, use_bf16, workers = _training_device(device, workers)
+    source = resolve_model(model_dir)
+    if is_nsa_model(source):
+        raise ValueError(f"{source} attends with NSA layers: DSA starts from a dense canary")
+    torch.manual_seed(seed)
+    tokenizer = byte_tokenizer()
+    model = load_model(source, dtype=torch.float32, device=device)
+    seq_len = model.config.max_position_embeddings - 64  # canary_config's margin
+    lengths = [n for n in eval_lengths if n <= seq_len]
+    config = canary_dsa_config(top_k, model.model.layers[0].self_attn.head_dim)
+    convert_llama(model, config, stage="dense")
+    model.to(device)
+
+    def measure():  # leaves the model in eval mode
+        model.eval()
+        return {"tasks": task_accuracy(model, tokenizer, lengths, eval_samples_per_task, device)}
+
+    before = measure() if eval_before else None
+    mix = dict(task_share=0.6, copy_share=0.2, repeat_share=0.05, lookup_share=0.3, tasks=REFINE_TASKS,
+               hard_key_share=0.5, multi_value_share=0.3)
+    loader = _loader(seq_len, batch_size, seed, workers, use_bf16, **mix)
+    indexers = indexer_parameters(model)
+    start, warmup_losses = time.time(), []
+    # Warm-up: the model frozen and attending densely; the indexers learn its attention.
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in indexers:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(indexers, lr=indexer_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step = 0
+    while (step < warmup_steps) if warmup_steps is not None else (time.time() - start < warmup_minutes * 60):
+        ids, _ = (t.to(device, non_blocking=True) for t in next(loader))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            model(ids[:, :-1], use_cache=False)
+        loss = indexer_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        warmup_losses.append(float(loss.detach()))
+        step += 1
+        if progress:
+            progress(step, ("warmup", seq_len), warmup_losses[-1], float("nan"), float("nan"))
+    warmup_seconds, warmup_done = time.time() - start, step
+    # Sparse training: everything trains; the indexers keep learning on the selected keys.
+    set_stage(model, "sparse")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sparse_start, step = time.time(), 0
+    text_losses, answer_losses, first_losses, sparse_indexer_losses = [], [], [], []
+
+    def extra():
+        loss = indexer_loss(model)
+        sparse_indexer_losses.append(float(loss.detach()))
+        return loss
+
+    while True:
+        frac = step / max_steps if max_steps else (time.time() - sparse_start) / (minutes * 60)
+        if frac >= 1:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr * max(min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * frac)), 0.05)
+        token_loss, masks = _train_step(model, optimizer, next(loader), device, use_bf16, extra_loss=extra)
+        for history, role in ((text_losses, TEXT), (answer_losses, ANSWER), (first_losses, FIRST)):
+            history.append(_role_loss(token_loss, masks[role]))
+        step += 1
+        if progress:
+            progress(step, ("sparse", seq_len), text_losses[-1], answer_losses[-1], first_losses[-1])
+    after = measure()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16 if use_bf16 else torch.float32)
+    save_dsa_model(model, out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    log = {"trained_from": str(model_dir), "attention": "dsa",
+           "dsa_config": dataclasses.asdict(config), "warmup_steps": warmup_done,
+           "warmup_seconds": warmup_seconds, "steps": step,
+           "seconds": time.time() - start, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
+           "indexer_lr": indexer_lr, "warmup_indexer_loss": {"first": warmup_losses[0] if warmup_losses else None,
+                                                             "last": _recent_mean(warmup_losses, 10)},
+           "sparse_indexer_loss": _recent_mean(sparse_indexer_losses, 10),
+           "final_text_loss": _recent_mean(text_losses, 20), "final_answer_loss": _recent_mean(answer_losses, 50),
+           "seed": seed, "before": before, "after": after,
+           "device": torch.cuda.get_device_name() if use_bf16 else "cpu"}
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     return log
 

@@ -70,6 +70,9 @@ class DSALlamaAttention(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         model_config = dense.config
+        if config.rope_dim > dense.head_dim:
+            raise ValueError(f"DSAConfig.rope_dim ({config.rope_dim}) must be at most the model's head_dim "
+                             f"({dense.head_dim}): the indexer uses the model's rotary tables")
         self.config, self.dsa_config = model_config, config
         self.layer_idx = getattr(dense, "layer_idx", None)
         self.head_dim, self.scaling = dense.head_dim, dense.scaling
