@@ -214,3 +214,63 @@ def test_auto_passes_over_flex_for_float32_blocks_its_compiled_tiles_cannot_spli
     assert BACKENDS["flex"].can_run(cuda_q, cuda_q, cuda_q, random_layout(1, 1, 128, 128, block=64)) is None
     half_q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 2, 128, 16))
     assert BACKENDS["flex"].can_run(half_q, half_q, half_q, layout) is None
+
+
+def test_autocast_casts_float32_inputs_as_it_does_for_sdpa():
+    """Inside torch.autocast, float32 q/k with bfloat16 v (what a Llama layer hands attention when
+    its weights are float32: RoPE's float32 tables leave q and k float32) attend in bfloat16, with
+    gradients back to the float32 inputs; outside, mixed dtypes are refused."""
+    from sparse_attn import sparse_attention
+    from sparse_attn.dsa import token_sparse_attention
+    from sparse_attn.patterns import dense_layout
+
+    q = torch.randn(1, 4, 32, 16, requires_grad=True)
+    k = torch.randn(1, 2, 32, 16, requires_grad=True)
+    v = torch.randn(1, 2, 32, 16).bfloat16()
+    layout = dense_layout(32, 32, block_size=16)
+    lists = torch.arange(32).expand(1, 32, 32).to(torch.int32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_attention(q, k, v, layout)
+        token_out = token_sparse_attention(q, k, v, lists)
+    assert out.dtype == token_out.dtype == torch.bfloat16
+    want = sparse_attention(q.bfloat16(), k.bfloat16(), v, layout)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(token_out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and k.grad is not None
+    with pytest.raises(ValueError, match="must share a dtype"):
+        sparse_attention(q, k, v, layout)
+
+
+@pytest.mark.parametrize("attention", ["moba", "nsa", "dsa"])
+def test_trainable_attention_trains_under_autocast(attention):
+    """A training step of a tiny float32 Llama under bfloat16 autocast (how the canary trains on a GPU)
+    with MoBA patched in, NSA or DSA layers: the loss backpropagates to every attention's parameters."""
+    from utils import tiny_llama
+
+    model = tiny_llama(64)
+    if attention == "moba":
+        from sparse_attn.integrations.hf import SparseConfig, patch
+
+        patch(model, config=SparseConfig(method="moba", knobs={"moba_block": 16, "top_k": 2, "block_size": 16},
+                                         fallback="never", min_kv_len=0))
+    elif attention == "nsa":
+        from sparse_attn.nsa import NSAConfig, convert_llama
+
+        convert_llama(model, NSAConfig(compress_block=16, compress_stride=8, select_block=16, select_blocks=4,
+                                       window=32, window_block=16))
+    else:
+        from sparse_attn.dsa import DSAConfig, convert_llama
+
+        convert_llama(model, DSAConfig(index_heads=2, index_head_dim=16, rope_dim=8, top_k=8), stage="sparse")
+    model.train()
+    ids = torch.randint(0, 64, (1, 80))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    if attention == "dsa":
+        from sparse_attn.dsa import indexer_loss
+
+        loss = loss + indexer_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss.detach())
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -76,6 +76,18 @@ def _graph_break_when_compiled(fn):
     return call
 
 
+def autocast_inputs(*tensors):
+    """The tensors as ``torch.autocast`` hands them to SDPA: inside an autocast region for their device
+    type, float32 ones in the region's dtype (the others unchanged); outside one, all unchanged. So a
+    model trained under autocast (float32 weights, queries and keys left float32 by RoPE's float32
+    tables, values in bfloat16) attends in bfloat16, differentiably."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
 @_graph_break_when_compiled
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, *,
                      causal: Optional[bool] = None, scale: Optional[float] = None,
@@ -113,7 +125,12 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
     inputs with logit standard deviation 5 vs 200, the relative dQ/dK error is 5e-4 vs 1.7e-3 for
     float16 and 1e-2 vs 5e-2 for bfloat16 (the reference: 2e-4 and 1.6e-3 throughout). Use
     float16 or the reference backend where logits are that extreme.
+
+    Inside a ``torch.autocast`` region for q's device type, float32 inputs are cast to the region's
+    dtype first (as autocast does for SDPA), so the output is in that dtype; the backends then
+    compute as they do outside autocast.
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_attention_inputs(q, k, v, layout)
     if causal is not None and bool(causal) != layout.causal:
         raise LayoutError(
@@ -123,7 +140,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     options = resolve_kernel_options(kernel_options)
     chosen, _ = select_backend(backend, q, k, v, layout, options)
-    out, lse = chosen.forward(q, k, v, layout, scale, options)
+    with torch.autocast(q.device.type, enabled=False):  # the backends compute in their own precision
+        out, lse = chosen.forward(q, k, v, layout, scale, options)
     return (out, lse) if return_lse else out
 
 
@@ -159,7 +177,9 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     Inside a CUDA-graph capture the offsets must be on the GPU and are not checked (reading them
     would synchronize); an eager call with the same offsets, such as the warm-up before capturing,
     checks them. Only the Triton and Gluon kernels run there.
+    Under ``torch.autocast``, float32 inputs are cast as in :func:`sparse_attention`.
     """
+    q, k, v = autocast_inputs(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D packed tensor (total, heads, head_dim)")
@@ -191,7 +211,8 @@ def sparse_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     options = resolve_kernel_options(kernel_options)
     chosen, _ = select_backend(backend, q, k, v, layout, options, num_seqs=num_seqs)
-    out, lse = chosen.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, scale, options)
+    with torch.autocast(q.device.type, enabled=False):  # the backends compute in their own precision
+        out, lse = chosen.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, layout, scale, options)
     return (out, lse) if return_lse else out
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..attention import autocast_inputs
+
 __all__ = ["token_sparse_attention", "reference_token_sparse_attention", "token_mask", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -132,8 +134,10 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, 
             from :func:`~sparse_attn.dsa.select_tokens`.
 
     Returns ``out (B, H, Sq, D)`` in q's dtype (and the LSE); differentiable in q, k, v on both
-    backends. A query that reads no key gets output 0 (LSE ``-inf``).
+    backends. A query that reads no key gets output 0 (LSE ``-inf``). Inside a ``torch.autocast``
+    region, float32 inputs are cast to its dtype first, as autocast does for SDPA.
     """
+    q, k, v = autocast_inputs(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(q, k, v, indices, check_values)
@@ -151,5 +155,6 @@ def token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, *, 
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse = _TritonTokenSparse.apply(q, k, v, indices.to(torch.int32).contiguous(), scale)
     else:
-        out, lse = reference_token_sparse_attention(q, k, v, indices, scale)
+        with torch.autocast(q.device.type, enabled=False):  # the reference computes in float32
+            out, lse = reference_token_sparse_attention(q, k, v, indices, scale)
     return (out, lse) if return_lse else out

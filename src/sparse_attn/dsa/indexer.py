@@ -122,9 +122,10 @@ def _chunk(rows_total: int, batch: int, seq: int, per_row: int, chunk_rows: Opti
 
 def index_scores(q_index: Tensor, weights: Tensor, k_index: Tensor) -> Tensor:
     """``I (B, Sq, S)`` float32 (unmasked) for ``q_index (B, Sq, H_I, d_I)``, ``weights (B, Sq, H_I)``
-    and ``k_index (B, S, d_I)``; differentiable."""
-    dots = torch.einsum("bqjd,bsd->bqjs", q_index.float(), k_index.float())
-    return torch.einsum("bqjs,bqj->bqs", F.relu(dots), weights.float())
+    and ``k_index (B, S, d_I)``; differentiable; float32 under autocast too."""
+    with torch.autocast(q_index.device.type, enabled=False):
+        dots = torch.einsum("bqjd,bsd->bqjs", q_index.float(), k_index.float())
+        return torch.einsum("bqjs,bqj->bqs", F.relu(dots), weights.float())
 
 
 def _check_index(q_index: Tensor, weights: Tensor, k_index: Tensor) -> None:
@@ -175,10 +176,11 @@ def select_tokens(q_index: Tensor, weights: Tensor, k_index: Tensor, top_k: int,
 def attention_target(q: Tensor, k: Tensor, scale: float, allowed: Tensor) -> Tensor:
     """``(B, Sq, S)`` float32: the main attention's probabilities of ``q (B, H, Sq, D)`` over
     ``k (B, Hkv, S, D)`` where ``allowed (B, Sq, S)`` (every head alike), summed over heads and
-    divided by ``H`` (each row sums to 1; rows allowing nothing are 0). No gradient."""
+    divided by ``H`` (each row sums to 1; rows allowing nothing are 0). No gradient; float32 under
+    autocast too."""
     batch, heads, q_len, dim = q.shape
     kv_heads = k.shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         qg = q.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
         scores = torch.einsum("bngsd,bntd->bngst", qg, k.float()) * scale
         scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
