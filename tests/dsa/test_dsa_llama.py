@@ -91,6 +91,10 @@ def test_beam_search_padding_and_bad_stages_raise():
             model(_ids(8), attention_mask=torch.tensor([[0] * 2 + [1] * 6, [1] * 8]))
     with pytest.raises(ValueError, match="stage must be one of"):
         set_stage(model, "warmup")
+    from sparse_attn.integrations.hf import patch
+
+    with pytest.raises(ValueError, match=r"attend with their own module \(DSALlamaAttention"):
+        patch(model, method="xattention")
     with pytest.raises(ValueError, match="no DSA layers"):
         set_stage(tiny_llama(64), "dense")
     with pytest.raises(ValueError, match=r"layers must hold layer indices in \[0, 2\)"):

@@ -144,7 +144,7 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
     own = sorted({type(m).__name__ for m in modules if getattr(m, "attends_itself", False)})
     if own:
         raise ValueError(f"{type(model).__name__} has attention layers that attend with their own module "
-                         f"({', '.join(own)}, e.g. converted to NSA): they do not call transformers' attention "
+                         f"({', '.join(own)}, e.g. converted to NSA or DSA): they do not call transformers' attention "
                          "functions, so patch() cannot route them")
     if not modules:
         raise TypeError(f"{type(model).__name__} has no attention modules with a layer_idx to patch")
