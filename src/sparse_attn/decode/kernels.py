@@ -10,8 +10,9 @@ Two kernels:
   ``BLOCK_N = 64`` keys (a tile spans several pages of 16 or 32 tokens, or part of a larger
   page), with an fp32 online softmax. With one split the program writes the final output and
   LSE; otherwise it writes its split's normalized partial output (fp32) and base-2 LSE.
-* :func:`_decode_merge_kernel`, one program per (sequence, query head, query index): combines the
-  splits' partial outputs weighted by ``exp2(lse_split - max)``.
+* :func:`_decode_merge_kernel`, one program per ``MERGE_ROWS`` (sequence, query head, query index)
+  rows: combines the splits' partial outputs weighted by ``exp2(lse_split - max)``
+  (:func:`_merge_rows`, which the split kernel also uses to merge by itself).
 
 With a :class:`~.workspace.DecodeWorkspace` the split kernel merges by itself: each program
 counts its arrival on an atomic counter of its (sequence, KV head, row tile) once its partials are
@@ -58,6 +59,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_N = 64  # keys per tile
 MAX_ROWS = 128  # query rows of one program (GROUP * Sq above this take several row tiles)
 MAX_SPLITS = 32  # most splits of one row's pages
+MERGE_ROWS = 16  # query rows of one program of the separate merge kernel
 MIN_KEYS_PER_SPLIT = 128  # splits are not made smaller than this many keys of budget
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, KV head)
 _INTERPRETER_SMS = 4  # off CUDA (the interpreter), splits are chosen as for a 4-SM device
@@ -244,7 +246,7 @@ def _merge_rows(O_PART, LSE_PART, O, LSE, first, b, h, qi, row_ok, offs_d,
     t_safe = tl.where(total > 0, total, 1.0)
     out = acc / t_safe[:, None]
     lse_out = tl.where(total > 0, (m_safe + tl.log2(t_safe)) * LN2, float("-inf"))
-    o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = O + (b * stride_ob + h * stride_oh + qi * stride_os)[:, None] + offs_d[None, :]  # b: scalar or per row
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b * stride_lb + h * stride_lh + qi, lse_out, mask=row_ok)
 
@@ -254,30 +256,20 @@ def _decode_merge_kernel(
     O_PART, LSE_PART, O, LSE,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    total_rows,
     HEADS: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Merge one query row's split partials by their base-2 LSE; writes the output in O's dtype
-    and the natural-log LSE (0 and ``-inf`` when no split saw a key)."""
-    row = tl.program_id(0).to(tl.int64)  # (b * HEADS + h) * SQ + qi
+    """Merge the split partials of ``ROWS`` query rows (row ``(b * HEADS + h) * SQ + qi``) with
+    :func:`_merge_rows`, as the split kernel's last program does with a workspace."""
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < total_rows
     qi = row % SQ
     h = (row // SQ) % HEADS
     b = row // (SQ * HEADS)
-    offs_s = tl.arange(0, SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(LSE_PART + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
-    o = tl.load(O_PART + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                mask=s_ok[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    t_safe = tl.where(total > 0, total, 1.0)
-    out = tl.sum(w[:, None] * o, 0) / t_safe
-    lse_out = tl.where(total > 0, (m_safe + tl.log2(t_safe)) * LN2, float("-inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + qi * stride_os + offs_d, out.to(O.dtype.element_ty))
-    tl.store(LSE + b * stride_lb + h * stride_lh + qi, lse_out)
+    _merge_rows(O_PART, LSE_PART, O, LSE, row * NUM_SPLITS, b, h, qi, row_ok, tl.arange(0, HEAD_DIM),
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                HEAD_DIM=HEAD_DIM, NUM_SPLITS=NUM_SPLITS, ROWS=ROWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -375,10 +367,10 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
         FUSED_MERGE=arrivals is not None, num_warps=8 if rows * dim >= 128 * 128 else 4,
     ), fast_launch)
     if num_splits > 1 and arrivals is None:
-        launch_jit(_decode_merge_kernel, (batch * heads * q_len,), (
-            o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
+        total_rows = batch * heads * q_len
+        launch_jit(_decode_merge_kernel, (triton.cdiv(total_rows, MERGE_ROWS),), (
+            o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1), total_rows,
         ), dict(
-            HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
+            HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits, ROWS=MERGE_ROWS, num_warps=4,
         ), fast_launch)
     return out, lse
