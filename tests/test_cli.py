@@ -25,6 +25,10 @@ def run(*args):
     (["eval", "--tasks", "sudoku"], "--tasks"),
     (["eval", "--block-size", "0"], "--block-size"),
     (["eval", "--lengths", "100000"], "--lengths"),  # over the canary's 8,256 positions
+    (["eval", "--methods", "seer", "--sweep", "seer:threshold"], "--sweep"),
+    (["eval", "--methods", "seer", "--sweep", "xattention:threshold=0.9"], "--sweep"),  # not among --methods
+    (["eval", "--methods", "seer", "--sweep", "seer:thresh=0.1"], "--sweep"),
+    (["eval", "--methods", "seer", "--sweep", "seer:threshold=-1"], "--sweep"),
     (["generate", "--model", "canary", "--prompt-file", "EMPTY"], "--prompt-file"),
     (["generate", "--model", "canary", "--prompt-file", "PROMPT", "--min-kv-len", "-1"], "--min-kv-len"),
     (["generate", "--model", "canary", "--prompt-file", "PROMPT", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -53,6 +57,15 @@ def test_errors_inside_a_command_are_one_line_unless_debug(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("Error:") and "bogus" in lines[0] and "--debug" in lines[0]
     result = run("--debug", *args)
     assert result.exit_code != 0 and isinstance(result.exception, ValueError)
+
+
+def test_sweep_replaces_one_knob_of_a_method_keeping_its_other_knobs():
+    from sparse_attn.cli import _sweeps
+    from sparse_attn.eval.runner import SWEEPS
+
+    sweeps = _sweeps(["seer:threshold=0.005,0.002"], ["seer", "xattention"], SWEEPS, 64)
+    assert sweeps["seer"] == [{"gates": "canary", "threshold": 0.005}, {"gates": "canary", "threshold": 0.002}]
+    assert sweeps["xattention"] == SWEEPS["xattention"]
 
 
 def test_version():

@@ -298,6 +298,37 @@ def _decode_options(ctx, methods, budgets, page, sink, recent):
     return method_list, budget_list
 
 
+def _sweeps(specs, method_list, defaults, block_size: int) -> dict:
+    """The knob rows per method: ``defaults`` with each ``METHOD:KNOB=V1,V2`` spec replacing its
+    method's rows by one per value (the method's other knobs as in its first default row), each
+    row checked by SparseConfig."""
+    from .integrations.hf import SparseConfig
+
+    sweeps = dict(defaults)
+    for spec in specs:
+        method, sep, rest = spec.partition(":")
+        knob, eq, values = rest.partition("=")
+        if not sep or not eq or not knob or not values:
+            raise click.BadParameter(f"expected METHOD:KNOB=V1,V2,..., got {spec!r}", param_hint="--sweep")
+        if method not in method_list:
+            raise click.BadParameter(f"{method!r} is not among --methods ({', '.join(method_list) or 'none'})",
+                                     param_hint="--sweep")
+        parsed = []
+        for raw in values.split(","):
+            try:
+                parsed.append(json.loads(raw))
+            except json.JSONDecodeError:
+                parsed.append(raw)
+        base = {name: value for name, value in defaults[method][0].items() if name != knob}
+        sweeps[method] = [{**base, knob: value} for value in parsed]
+        for row in sweeps[method]:
+            try:
+                SparseConfig(method=method, knobs={**row, "block_size": block_size})
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--sweep") from None
+    return sweeps
+
+
 @main.command("eval")
 @click.option("--model", "model_path", default="canary", show_default=True,
               help="local transformers model directory, or 'canary' for the shipped canary model")
@@ -321,9 +352,12 @@ def _decode_options(ctx, methods, budgets, page, sink, recent):
               help="decode axis: first tokens always read (default: one page)")
 @click.option("--decode-recent", default=None, type=click.IntRange(min=0),
               help="decode axis: last tokens always read (default: one page; sink_window: the rest of the budget)")
+@click.option("--sweep", "sweep_specs", multiple=True, metavar="METHOD:KNOB=V1,V2,...",
+              help="sweep these values of one knob of a method instead of its default range (its other knobs "
+                   "as in its default range's first row), e.g. seer:threshold=0.005,0.002; repeatable")
 @click.pass_context
 def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, out, device, decode_methods,
-                 decode_budgets, decode_page, decode_sink, decode_recent):
+                 decode_budgets, decode_page, decode_sink, decode_recent, sweep_specs):
     """Accuracy vs density vs speed: dense and each method over its knob range; with --decode-methods,
     also accuracy of sparse decode (after a dense prefill) per method and budget."""
     import datetime
@@ -337,6 +371,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     from .eval.tasks import TASKS
 
     method_list = [] if methods == "none" else _choices(methods, sorted(SWEEPS), "--methods")
+    sweeps = _sweeps(sweep_specs, method_list, SWEEPS, int(block_size))
     task_list = _choices(tasks, list(TASKS), "--tasks")
     length_list = _lengths(lengths)
     decode_list, budget_list = _decode_options(ctx, decode_methods, decode_budgets, decode_page, decode_sink,
@@ -359,7 +394,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_model(path, dtype=dtype, device=device)
     rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,  # progress on stderr
-                    decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
+                    sweeps=sweeps, decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
                     decode_sink=decode_sink, decode_recent=decode_recent)
     meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
