@@ -169,22 +169,42 @@ def test_scale_argument():
 
 
 @pytest.mark.parametrize("layout_heads", [1, 2])
-def test_flex_coarse_block_mask_is_exact(layout_heads):
-    """The 128-key-block BlockMask used for Flex backward on CUDA keeps the fine layout's tokens."""
+@pytest.mark.parametrize("q_block", [32, 128])
+def test_flex_coarse_block_mask_is_exact(layout_heads, q_block):
+    """The 128-token-block BlockMask compiled Flex gets on CUDA for finer layouts keeps the fine
+    layout's tokens (query blocks coarsened too, or kept)."""
     from sparse_attn.backends.flex import _exact_coarse_block_mask
 
     layout = random_layout(1, layout_heads, 100, 300, block=32, causal=True, density=0.5)
-    block_mask = _exact_coarse_block_mask(layout, 4, kv_block=128)
-    assert block_mask.BLOCK_SIZE == (32, 128)
-    coarse = BlockSparseLayout.from_flex_block_mask(block_mask).to_dense()  # (1, H, NQ, NK_coarse)
+    block_mask = _exact_coarse_block_mask(layout, 4, q_block=q_block if q_block == 128 else 32, kv_block=128)
+    q_size = block_mask.BLOCK_SIZE[0]
+    assert block_mask.BLOCK_SIZE == (q_size, 128)
+    coarse = BlockSparseLayout.from_flex_block_mask(block_mask).to_dense()  # (1, H, NQ_coarse, NK_coarse)
     want = layout.expand(heads=4).to_token_mask()[0]
     for h in range(4):
         got = torch.zeros(100, 300, dtype=torch.bool)
         for i in range(100):
             keys = torch.arange(300)
-            in_block = coarse[0, h % coarse.shape[1], i // 32][keys // 128]
+            in_block = coarse[0, h % coarse.shape[1], i // q_size][keys // 128]
             got[i] = in_block & block_mask.mask_mod(torch.tensor(0), torch.tensor(h), torch.tensor(i), keys)
         assert torch.equal(got, want[h]), h
+
+
+def test_flex_on_coarse_blocks_equals_the_reference():
+    """Flex run eagerly on the 128-token block union (what compiled Flex gets on CUDA for a 32-token
+    layout, forward and backward): its output equals the reference's (Flex has no CPU backward)."""
+    from sparse_attn.backends import flex as flex_backend
+
+    q, k, v = make_qkv(1, 4, 2, 200, 200, 16, dtype=torch.float32)
+    layout = random_layout(1, 2, 200, 200, block=32, causal=True, density=0.5)
+    block_mask = flex_backend._exact_coarse_block_mask(layout, 4, 128, 128)
+    out, lse = flex_backend._flex_call(q, k, v, block_mask, 0.25, enable_gqa=True)
+    ref, ref_lse = sparse_attention(q, k, v, layout, scale=0.25, backend="reference", return_lse=True)
+    assert rel_error(out, ref) < 1e-5
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.float()[finite], ref_lse[finite], atol=1e-4, rtol=1e-4)
+    assert flex_backend._needs_coarse_blocks(layout, cuda=True) and not flex_backend._needs_coarse_blocks(
+        layout, cuda=False)
 
 
 def test_sparse_attention_inside_torch_compile():
@@ -274,3 +294,22 @@ def test_trainable_attention_trains_under_autocast(attention):
     loss.backward()
     assert torch.isfinite(loss.detach())
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [32, 64])
+def test_gpu_flex_runs_layouts_finer_than_128_tokens_forward_and_backward(block):
+    """Compiled Flex rejects blocks under 128 tokens on some torch versions: such layouts run on the
+    128-token union with an exact mask, forward and backward, equal to the reference."""
+    q, k, v = (t.cuda().bfloat16().requires_grad_() for t in make_qkv(1, 8, 2, 1000, 1000, 64, dtype=torch.float32))
+    layout = random_layout(1, 2, 1000, 1000, block=block, causal=True, density=0.4).to("cuda")
+    out = sparse_attention(q, k, v, layout, backend="flex")
+    out.float().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(qd, kd, vd, layout, backend="reference")
+    ref.sum().backward()
+    assert rel_error(out, ref) < 2e-2
+    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        assert rel_error(got, want) < 3e-2

@@ -15,9 +15,11 @@ from torch import Tensor
 
 from ..layout import BlockSparseLayout, dense_to_csr, pad_block_width
 
-# Flex's backward on some torch versions (seen on 2.11) only handles 128-token key blocks; finer
-# layouts are then run on a 128-block union with an exact token-level mask_mod.
-_FLEX_BACKWARD_KV_BLOCK = 128
+# Compiled Flex on some torch versions (seen on 2.11 with an H100) only takes blocks of 128 tokens:
+# finer query or key blocks fail to compile ("Q and KV block size must be divisible by BLOCK_M and
+# BLOCK_N"), forward and backward. Finer layouts then run on a 128-token block union with an exact
+# token-level mask_mod.
+_FLEX_CUDA_BLOCK = 128
 
 
 def flex_available() -> tuple[bool, str]:
@@ -65,24 +67,26 @@ def _flex_call(q, k, v, block_mask, scale, enable_gqa):
         return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
 
 
-def _exact_coarse_block_mask(layout: BlockSparseLayout, num_heads: int, kv_block: int):
-    """A Flex BlockMask on ``kv_block``-token key blocks whose mask_mod reproduces ``layout`` exactly."""
+def _exact_coarse_block_mask(layout: BlockSparseLayout, num_heads: int, q_block: int, kv_block: int):
+    """A Flex BlockMask on ``q_block`` x ``kv_block`` token blocks (multiples of the layout's) whose
+    mask_mod reproduces ``layout`` exactly."""
     from torch.nn.attention.flex_attention import BlockMask
 
     lay = layout.expand(heads=num_heads) if layout.heads not in (1, num_heads) else layout
     fine = lay.to_dense()  # (Bl, Hl, NQ, NK): block level, small
-    ratio = kv_block // lay.kv_block
-    nk_coarse = -(-lay.kv_len // kv_block)
-    padded = torch.nn.functional.pad(fine, (0, nk_coarse * ratio - fine.shape[-1]))
-    coarse = padded.view(*fine.shape[:-1], nk_coarse, ratio).any(-1)
+    q_ratio, kv_ratio = q_block // lay.q_block, kv_block // lay.kv_block
+    nq_coarse, nk_coarse = -(-lay.q_len // q_block), -(-lay.kv_len // kv_block)
+    padded = torch.nn.functional.pad(fine, (0, nk_coarse * kv_ratio - fine.shape[-1],
+                                            0, nq_coarse * q_ratio - fine.shape[-2]))
+    coarse = padded.view(*fine.shape[:-2], nq_coarse, q_ratio, nk_coarse, kv_ratio).any(-1).any(-2)
     cnt, idx = dense_to_csr(coarse)
     idx = pad_block_width(idx, nk_coarse)
-    q_block, fine_kv, kv_len, causal = lay.q_block, lay.kv_block, lay.kv_len, lay.causal
+    fine_q, fine_kv, kv_len, causal = lay.q_block, lay.kv_block, lay.kv_len, lay.causal
     offset = lay.q_offset if causal else 0
     b_mod, h_mod = fine.shape[0], fine.shape[1]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = fine[b % b_mod, h % h_mod, q_idx // q_block, kv_idx // fine_kv] & (kv_idx < kv_len)
+        keep = fine[b % b_mod, h % h_mod, q_idx // fine_q, kv_idx // fine_kv] & (kv_idx < kv_len)
         if causal:
             keep = keep & (kv_idx <= q_idx + offset)
         return keep
@@ -91,13 +95,17 @@ def _exact_coarse_block_mask(layout: BlockSparseLayout, num_heads: int, kv_block
                                     seq_lengths=(lay.q_len, lay.kv_len))
 
 
+def _needs_coarse_blocks(layout: BlockSparseLayout, cuda: bool) -> bool:
+    """Whether compiled Flex gets the layout on 128-token blocks (finer blocks that divide 128)."""
+    blocks = (layout.q_block, layout.kv_block)
+    return cuda and blocks != (_FLEX_CUDA_BLOCK,) * 2 and all(_FLEX_CUDA_BLOCK % b == 0 for b in blocks)
+
+
 def flex_attention_forward(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float):
     """Returns ``(out, lse)`` like the reference backend (LSE in natural log, float32)."""
     heads, kv_heads = q.shape[1], k.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and layout.kv_block != _FLEX_BACKWARD_KV_BLOCK and q.is_cuda \
-            and _FLEX_BACKWARD_KV_BLOCK % layout.kv_block == 0:
-        block_mask = _exact_coarse_block_mask(layout, heads, _FLEX_BACKWARD_KV_BLOCK)
+    if _needs_coarse_blocks(layout, q.is_cuda):
+        block_mask = _exact_coarse_block_mask(layout, heads, _FLEX_CUDA_BLOCK, _FLEX_CUDA_BLOCK)
     else:
         block_mask = layout.to_flex_block_mask(num_heads=heads, batch=q.shape[0],
                                                block_lookup=not q.is_cuda)
