@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 __all__ = ["DSAConfig", "LightningIndexer", "index_scores", "select_tokens", "indexer_kl_loss", "attention_target"]
 
-SCORE_CHUNK_BYTES = 256 * 2 ** 20  # float32 scores of one chunk of query rows
+# Bytes of the intermediates of one chunk of query rows: large on a GPU, where each chunk costs a
+# dozen launches and small chunks leave it launch-bound (at 64K tokens, 256 MB would be 450 chunks).
+SCORE_CHUNK_BYTES = {"cuda": 2 ** 30, "cpu": 256 * 2 ** 20}
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,13 @@ class LightningIndexer(nn.Module):
         return _rope(self.k_norm(self.wk(hidden)), cos, sin, self.config.rope_dim)
 
 
-def _chunk(rows_total: int, batch: int, seq: int, per_row: int, chunk_rows: Optional[int]) -> int:
+def _chunk(rows_total: int, batch: int, seq: int, per_row: int, chunk_rows: Optional[int], device) -> int:
     if chunk_rows is not None:
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         return chunk_rows
-    return max(1, min(rows_total, SCORE_CHUNK_BYTES // max(1, 4 * batch * seq * per_row)))
+    budget = SCORE_CHUNK_BYTES.get(torch.device(device).type, SCORE_CHUNK_BYTES["cpu"])
+    return max(1, min(rows_total, budget // max(1, 4 * batch * seq * per_row)))
 
 
 def index_scores(q_index: Tensor, weights: Tensor, k_index: Tensor) -> Tensor:
@@ -147,14 +150,15 @@ def select_tokens(q_index: Tensor, weights: Tensor, k_index: Tensor, top_k: int,
     """The ``top_k`` key tokens of each of the last ``Sq`` of ``S`` query tokens by indexer score:
     int32 ``(B, Sq, min(top_k, S))``, ascending, -1 in unused entries (a query at position ``p``
     has ``p + 1`` keys to choose from; all of them when ``top_k > p``). Ties go to the earlier key.
-    Runs ``chunk_rows`` query rows at a time (None: as many as fit 256 MB of scores)."""
+    Runs ``chunk_rows`` query rows at a time (None: as many as fit :data:`SCORE_CHUNK_BYTES` of
+    intermediates: 1 GiB on CUDA, 256 MB elsewhere)."""
     _check_index(q_index, weights, k_index)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
     batch, q_len, heads, _ = q_index.shape
     seq = k_index.shape[1]
     width = min(top_k, seq)
-    rows = _chunk(q_len, batch, seq, heads + 3, chunk_rows)
+    rows = _chunk(q_len, batch, seq, heads + 3, chunk_rows, q_index.device)
     out = torch.empty(batch, q_len, width, dtype=torch.int32, device=q_index.device)
     keys = torch.arange(seq, device=q_index.device)
     for start in range(0, q_len, rows):
@@ -215,7 +219,7 @@ def indexer_kl_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, q: Tensor
                                 or tuple(indices.shape[:2]) != (batch, q_len)):
         raise ValueError(f"indices must have shape ({batch}, {q_len}, K), got {tuple(getattr(indices, 'shape', ()))}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    rows = _chunk(q_len, batch, seq, max(heads, q.shape[1]) + 2, chunk_rows)
+    rows = _chunk(q_len, batch, seq, max(heads, q.shape[1]) + 2, chunk_rows, q.device)
     keys = torch.arange(seq, device=q.device)
     total = q_index.new_zeros((), dtype=torch.float32)
 
