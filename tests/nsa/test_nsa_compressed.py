@@ -9,7 +9,7 @@ sizes, and a sequence shorter than one compressed block."""
 import pytest
 import torch
 
-from sparse_attn.nsa import select_blocks
+from sparse_attn.nsa import NSAConfig, select_blocks
 from sparse_attn.nsa.compressed import compressed_branch
 from sparse_attn.nsa.reference import compressed_attention
 
@@ -107,3 +107,22 @@ def test_gpu_long_sequence_matches_the_reference():
     (gq,) = torch.autograd.grad(out, q, dout)
     (wq,) = torch.autograd.grad(want, q, dout)
     torch.testing.assert_close(gq.float(), wq.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("block,stride,select_block", [(32, 16, 64), (32, 16, 16), (48, 16, 16), (32, 32, 32),
+                                                       (20, 8, 64), (32, 16, 128)])
+def test_mapping_onto_selection_blocks_equals_the_overlap_product(block, stride, select_block):
+    """The selection maps compressed probabilities onto selection blocks through each compressed
+    block's few overlaps; the result equals the product with the whole overlap matrix (eq. 9)."""
+    from sparse_attn.nsa.compressed import map_to_selection_blocks, overlap_pieces
+    from sparse_attn.nsa.reference import block_overlap
+
+    config = NSAConfig(compress_block=block, compress_stride=stride, select_block=select_block, select_blocks=4,
+                       window=128, window_block=64)
+    for seq in (block, 200, 1000):
+        nc, ns = (seq - block) // stride + 1, -(-seq // select_block)
+        probs = torch.rand(2, 3, 5, nc, dtype=torch.float64)
+        targets, weights = overlap_pieces(config, nc, ns, "cpu", torch.float64)
+        assert targets.shape[0] <= -(-block // select_block) + 1
+        torch.testing.assert_close(map_to_selection_blocks(probs, targets, weights, ns),
+                                   probs @ block_overlap(config, nc, ns), rtol=0, atol=1e-12)

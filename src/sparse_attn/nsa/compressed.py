@@ -119,6 +119,30 @@ def _phase_attention(q: Tensor, kc: Tensor, vc: Tensor, seq: int, config: NSACon
     return out, lse
 
 
+def overlap_pieces(config: NSAConfig, nc: int, ns: int, device, dtype):
+    """``(targets, weights)``, each ``(span, Nc)``: the selection blocks each compressed block overlaps
+    (``span``: the most any one overlaps, 2 or 3 for the usual sizes) and the overlap in stride-``d``
+    pieces (:func:`~.reference.block_overlap`'s nonzero entries; 0 weight where a block overlaps
+    fewer)."""
+    overlap = block_overlap(config, nc, ns, device)  # (Nc, Ns), nonzero on a band
+    nonzero = overlap > 0
+    first = nonzero.to(torch.int8).argmax(-1)  # the first selection block each compressed block touches
+    span = max(1, int(nonzero.sum(-1).max()))
+    targets = (first[None, :] + torch.arange(span, device=device)[:, None]).clamp(max=ns - 1)
+    weights = overlap.gather(1, targets.t()).t()
+    weights = torch.where(first[None, :] + torch.arange(span, device=device)[:, None] < ns, weights, 0.0)
+    return targets, weights.to(dtype)
+
+
+def map_to_selection_blocks(probs: Tensor, targets: Tensor, weights: Tensor, ns: int) -> Tensor:
+    """``probs (..., Nc) @ block_overlap (Nc, Ns)`` through the band's few entries per compressed block
+    (:func:`overlap_pieces`): ``(..., Ns)``, ``span`` scatter-adds instead of an ``Nc x Ns`` product."""
+    out = probs.new_zeros(*probs.shape[:-1], ns)
+    for target, weight in zip(targets, weights):
+        out.scatter_add_(-1, target.expand_as(probs), probs * weight)
+    return out
+
+
 def _selection(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, scale: float, positions: Tensor, ns: int,
                chunk_rows: Optional[int]) -> Tensor:
     batch, heads, q_len, dim = q.shape
@@ -127,7 +151,7 @@ def _selection(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, scale: flo
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_BYTES // (4 * batch * heads * nc))
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    overlap = block_overlap(config, nc, ns, q.device).to(work)
+    targets, weights = overlap_pieces(config, nc, ns, q.device, work)
     ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
     qg = q.view(batch, kv_heads, group, q_len, dim)
     lse_g = lse.to(work).view(batch, kv_heads, group, q_len)
@@ -137,6 +161,6 @@ def _selection(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, scale: flo
         scores = torch.einsum("bngsd,bncd->bngsc", qg[:, :, :, rows], kc).to(work) * scale
         visible = ends[None, :] <= positions[rows, None]  # (rows, Nc)
         probs = torch.exp(scores - lse_g[:, :, :, rows, None]).masked_fill(~visible, 0.0)
-        importance = torch.matmul(probs.sum(2), overlap)  # (B, Hkv, rows, Ns)
+        importance = map_to_selection_blocks(probs.sum(2), targets, weights, ns)  # (B, Hkv, rows, Ns)
         chosen[:, :, rows] = rank_blocks(importance, config, positions[rows])
     return chosen
