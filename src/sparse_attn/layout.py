@@ -53,6 +53,24 @@ class KVMajorLayout:
     q_indices: Tensor
 
 
+def _block_bounds_of(q_len: int, kv_len: int, q_block: int, kv_block: int, causal: bool, device):
+    """First/last token position of every query block (absolute, bottom-right aligned when causal)
+    and key block of a geometry."""
+    qb = torch.arange(-(-q_len // q_block), device=device, dtype=torch.int64)
+    kb = torch.arange(-(-kv_len // kv_block), device=device, dtype=torch.int64)
+    offset = kv_len - q_len if causal else 0
+    q_first = qb * q_block + offset
+    q_last = torch.clamp((qb + 1) * q_block, max=q_len) - 1 + offset
+    k_first = kb * kv_block
+    k_last = torch.clamp((kb + 1) * kv_block, max=kv_len) - 1
+    return q_first, q_last, k_first, k_last
+
+
+# Layouts of one geometry share these (a method's estimate builds a new layout per call, every call
+# of a prefill the same geometry): a dozen small launches saved per use.
+_cached_block_bounds = functools.lru_cache(maxsize=256)(_block_bounds_of)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparseLayout:
     """Block-sparse attention pattern in padded block-CSR form (see the module docstring).
@@ -120,16 +138,13 @@ class BlockSparseLayout:
         return self.kv_num_blocks.device
 
     def _block_bounds(self, device=None):
-        """First/last token position of every query block (absolute) and key block."""
-        device = self.device if device is None else device
-        qb = torch.arange(self.num_q_blocks, device=device, dtype=torch.int64)
-        kb = torch.arange(self.num_kv_blocks, device=device, dtype=torch.int64)
-        offset = self.q_offset if self.causal else 0
-        q_first = qb * self.q_block + offset
-        q_last = torch.clamp((qb + 1) * self.q_block, max=self.q_len) - 1 + offset
-        k_first = kb * self.kv_block
-        k_last = torch.clamp((kb + 1) * self.kv_block, max=self.kv_len) - 1
-        return q_first, q_last, k_first, k_last
+        """First/last token position of every query block (absolute) and key block (shared, read-only
+        tensors: kept per geometry and device, except inside a CUDA-graph capture)."""
+        device = torch.device(self.device if device is None else device)
+        geometry = (self.q_len, self.kv_len, self.q_block, self.kv_block, self.causal, device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return _block_bounds_of(*geometry)
+        return _cached_block_bounds(*geometry)
 
     def causal_block_mask(self, device=None) -> Tensor:
         """``(NQ, NK)`` bool: blocks holding at least one allowed (query, key) pair."""

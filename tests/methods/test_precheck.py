@@ -216,3 +216,16 @@ def test_a_knob_that_keeps_every_block_is_named_when_the_precheck_decides_dense(
     _, report = attend(q, k, v, get_method("pooled_topk", block_size=BLOCK, top_k=2, dense_above=0.01),
                        precheck=Precheck())
     assert report.precheck.outcome == "dense" and report.knob_dense == ()
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_block,kv_block,causal", [
+    (100, 100, 16, 16, True), (37, 300, 16, 32, True), (256, 1000, 64, 64, True), (50, 50, 32, 16, False),
+    (1, 513, 16, 64, True)])
+def test_reachable_blocks_are_counted_on_the_host_as_the_mask_counts_them(q_len, kv_len, q_block, kv_block, causal):
+    from sparse_attn import BlockSparseLayout
+    from sparse_attn.methods.precheck import reachable_blocks
+
+    nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
+    layout = BlockSparseLayout.from_dense(torch.ones(1, 1, nq, nk, dtype=torch.bool), q_len, kv_len,
+                                          (q_block, kv_block), causal=causal)
+    assert reachable_blocks(layout) == int(layout.causal_block_mask().sum())
