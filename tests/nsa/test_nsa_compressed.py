@@ -20,7 +20,14 @@ from utils import rel_error
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
 @pytest.mark.parametrize("seq,q_len", [(77, 77), (130, 130), (130, 9), (64, 1), (20, 3)])
 @pytest.mark.parametrize("chunk_rows", [None, 5])
-def test_matches_the_reference_with_gradients(heads, kv_heads, seq, q_len, chunk_rows):
+@pytest.mark.parametrize("direct_rows", [0, None], ids=["phases", "direct_for_few_queries"])
+def test_matches_the_reference_with_gradients(heads, kv_heads, seq, q_len, chunk_rows, direct_rows, monkeypatch):
+    """Both ways to the compressed branch (queries regrouped by phase; a few queries scoring every
+    compressed key at once) against the reference, outputs, selection and gradients."""
+    from sparse_attn.nsa import compressed as compressed_module
+
+    if direct_rows is not None:  # 0: every call regrouped by phase
+        monkeypatch.setattr(compressed_module, "DIRECT_ROWS", direct_rows)
     module = random_module(heads, kv_heads)
     params = module.nsa_params()
     q, k, v = make_inputs(heads, kv_heads, seq)

@@ -11,6 +11,8 @@ heads. :func:`compressed_branch` computes the same two results in pieces:
   So the queries are regrouped by phase (phases of one offset stacked along the batch) and each
   group is plain bottom-right causal attention over the compressed keys, through
   :func:`~sparse_attn.sparse_attention` (forward and backward, GQA, any backend) with its LSE.
+* **A few queries** (up to :data:`DIRECT_ROWS`: a decode step, a short chunk) score every compressed
+  key at once instead: the scores are only ``Sq x Nc`` per head.
 * **The selection**, without gradient, ``chunk_rows`` query rows at a time: each chunk's
   probabilities from its scores and the LSE, summed over the query heads of each KV group, mapped
   onto selection blocks and ranked by :func:`~.reference.rank_blocks`, as
@@ -35,6 +37,7 @@ from .reference import block_overlap, compress_kv, compressed_blocks, rank_block
 __all__ = ["compressed_branch", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 256 * 2 ** 20  # float32 scores of one selection chunk
+DIRECT_ROWS = 16  # up to this many queries (decode steps), scores against every compressed key at once
 
 
 def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig,
@@ -66,11 +69,39 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
     if kc.shape[2] == 0:  # no compressed block yet: output 0, the forced blocks selected
         importance = torch.zeros(batch, kv_heads, q_len, ns, device=q.device, dtype=torch.float32)
         return q * 0.0, rank_blocks(importance, config, positions) if select else None
+    if q_len <= DIRECT_ROWS:  # a decode step or a short chunk: the Sq x Nc scores are small
+        return _direct(q, kc, vc, config, scale, positions, ns, select)
     out, lse = _phase_attention(q, kc, vc, seq, config, scale, backend, kernel_options)
     if not select:
         return out, None
     with torch.no_grad():
         chosen = _selection(q.detach(), kc.detach(), lse.detach().float(), config, scale, positions, ns, chunk_rows)
+    return out, chosen
+
+
+def _direct(q: Tensor, kc: Tensor, vc: Tensor, config: NSAConfig, scale: float, positions: Tensor, ns: int,
+            select: bool):
+    """The compressed branch of a few queries from their scores against every compressed key (one
+    product, a softmax and one product, as the reference computes it), and the selection from the
+    same probabilities."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, nc = kc.shape[1], kc.shape[2]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.view(batch, kv_heads, heads // kv_heads, q_len, dim)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("bngsd,bncd->bngsc", qg.to(work), kc.to(work)) * scale
+        ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
+        visible = ends[None, :] <= positions[:, None]  # (Sq, Nc)
+        any_visible = visible.any(-1, keepdim=True)
+        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+        probs = torch.softmax(scores, dim=-1) * visible
+        out = torch.einsum("bngsc,bncd->bngsd", probs, vc.to(work)).reshape(batch, heads, q_len, dim).to(q.dtype)
+    if not select:
+        return out, None
+    with torch.no_grad():
+        targets, weights = overlap_pieces(config, nc, ns, q.device, work)
+        importance = map_to_selection_blocks(probs.detach().sum(2), targets, weights, ns)
+        chosen = rank_blocks(importance, config, positions)
     return out, chosen
 
 
