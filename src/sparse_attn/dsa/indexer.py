@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ranking import top_k_ties_to_earlier
+
 __all__ = ["DSAConfig", "LightningIndexer", "index_scores", "select_tokens", "indexer_kl_loss", "attention_target"]
 
 # Bytes of the intermediates of one chunk of query rows: large on a GPU, where each chunk costs a
@@ -166,12 +168,9 @@ def select_tokens(q_index: Tensor, weights: Tensor, k_index: Tensor, top_k: int,
         scores = index_scores(q_index[:, start:end], weights[:, start:end], k_index)
         positions = torch.arange(seq - q_len + start, seq - q_len + end, device=q_index.device)
         scores = scores.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
-        # One top-k over unique int64 keys: the score's order-preserving 32-bit pattern, then the
-        # earlier key first among equal scores (relu makes exact ties at 0 common).
-        bits = (scores + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
-        ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        _, order = torch.topk(ordered * (1 << 32) + (seq - 1 - keys), width, dim=-1)
-        chosen = torch.where(scores.gather(-1, order) > float("-inf"), order, seq)
+        # Equal scores go to the earlier key (relu makes exact ties at 0 common).
+        values, order = top_k_ties_to_earlier(scores, width)
+        chosen = torch.where(values > float("-inf"), order, seq)
         chosen = torch.sort(chosen, dim=-1).values
         out[:, start:end] = torch.where(chosen < seq, chosen, -1).to(torch.int32)
     return out

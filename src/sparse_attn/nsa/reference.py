@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ranking import top_k_ties_to_earlier
 from .config import NSAConfig
 
 __all__ = ["nsa_reference", "compress_kv", "compressed_blocks", "compressed_attention", "select_blocks", "rank_blocks",
@@ -116,8 +117,8 @@ def rank_blocks(importance: Tensor, config: NSAConfig, positions: Tensor) -> Ten
     blocks = torch.arange(ns, device=importance.device)[None, :]
     forced = (blocks < config.forced_initial) | (blocks > own - config.forced_local)
     importance = importance.masked_fill(forced, float("inf")).masked_fill(blocks > own, float("-inf"))
-    values, order = torch.sort(importance, dim=-1, descending=True, stable=True)
     take = min(config.select_blocks, ns)
+    values, order = top_k_ties_to_earlier(importance, take)
     chosen = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
     chosen.scatter_(-1, order[..., :take], values[..., :take] > float("-inf"))
     return chosen
