@@ -151,3 +151,24 @@ def test_sparse_attn_eval_runs_a_dsa_model_with_its_own_attention_and_refuses_me
     assert [row["method"] for row in json.loads((tmp_path / "eval_dsa.json").read_text())["rows"]] == ["dense"]
     result = CliRunner().invoke(main, [*common, "--methods", "xattention"])
     assert result.exit_code != 0 and "attends with its own DSA layers" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_generate_through_the_triton_kernels_equals_full_passes():
+    """float16 on a GPU (the Triton token-sparse kernels, lists split over programs in the decode
+    steps): decoding through the cache gives the logits full passes give, step by step, as long as
+    both picked the same tokens (at least the first four)."""
+    model = convert_llama(tiny_llama(64, hidden_size=128, heads=8, kv_heads=2), CONFIG.replace(top_k=32),
+                          stage="sparse").to("cuda", torch.float16)
+    ids = _ids(80).cuda()
+    options = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, output_logits=True,
+                   return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(ids, **options)
+        uncached = model.generate(ids, use_cache=False, **options)
+    new_cached, new_uncached = cached.sequences[:, 80:], uncached.sequences[:, 80:]
+    same = int((new_cached == new_uncached).all(0).int().cumprod(0).sum())  # steps before the first difference
+    assert same >= 4
+    for step in range(same):
+        torch.testing.assert_close(cached.logits[step].float(), uncached.logits[step].float(), atol=2e-2, rtol=2e-2)
