@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..options import KernelOptions
 from .config import NSAConfig
-from .reference import block_overlap, compress_kv, compressed_blocks, rank_blocks
+from .reference import attend_compressed, block_overlap, compress_kv, compressed_blocks, rank_blocks
 
 __all__ = ["compressed_branch", "CHUNK_BYTES"]
 
@@ -81,27 +81,18 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
 
 def _direct(q: Tensor, kc: Tensor, vc: Tensor, config: NSAConfig, scale: float, positions: Tensor, ns: int,
             select: bool):
-    """The compressed branch of a few queries from their scores against every compressed key (one
-    product, a softmax and one product, as the reference computes it), and the selection from the
-    same probabilities."""
-    batch, heads, q_len, dim = q.shape
-    kv_heads, nc = kc.shape[1], kc.shape[2]
+    """The compressed branch of a few queries from their scores against every compressed key
+    (:func:`~.reference.attend_compressed`, in float32 or float64), and the selection from the same
+    probabilities."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qg = q.view(batch, kv_heads, heads // kv_heads, q_len, dim)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.einsum("bngsd,bncd->bngsc", qg.to(work), kc.to(work)) * scale
-        ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
-        visible = ends[None, :] <= positions[:, None]  # (Sq, Nc)
-        any_visible = visible.any(-1, keepdim=True)
-        scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
-        probs = torch.softmax(scores, dim=-1) * visible
-        out = torch.einsum("bngsc,bncd->bngsd", probs, vc.to(work)).reshape(batch, heads, q_len, dim).to(q.dtype)
+        out, probs = attend_compressed(q.to(work), kc.to(work), vc.to(work), config, scale, positions)
+    out = out.to(q.dtype)
     if not select:
         return out, None
     with torch.no_grad():
-        targets, weights = overlap_pieces(config, nc, ns, q.device, work)
-        importance = map_to_selection_blocks(probs.detach().sum(2), targets, weights, ns)
-        chosen = rank_blocks(importance, config, positions)
+        targets, weights = overlap_pieces(config, kc.shape[2], ns, q.device, work)
+        chosen = rank_blocks(map_to_selection_blocks(probs.detach().sum(2), targets, weights, ns), config, positions)
     return out, chosen
 
 
@@ -159,9 +150,9 @@ def overlap_pieces(config: NSAConfig, nc: int, ns: int, device, dtype):
     nonzero = overlap > 0
     first = nonzero.to(torch.int8).argmax(-1)  # the first selection block each compressed block touches
     span = max(1, int(nonzero.sum(-1).max()))
-    targets = (first[None, :] + torch.arange(span, device=device)[:, None]).clamp(max=ns - 1)
-    weights = overlap.gather(1, targets.t()).t()
-    weights = torch.where(first[None, :] + torch.arange(span, device=device)[:, None] < ns, weights, 0.0)
+    blocks = first[None, :] + torch.arange(span, device=device)[:, None]  # (span, Nc), may run past Ns
+    targets = blocks.clamp(max=ns - 1)
+    weights = torch.where(blocks < ns, overlap.gather(1, targets.t()).t(), 0.0)
     return targets, weights.to(dtype)
 
 

@@ -34,8 +34,8 @@ from torch import Tensor
 from ..ranking import top_k_ties_to_earlier
 from .config import NSAConfig
 
-__all__ = ["nsa_reference", "compress_kv", "compressed_blocks", "compressed_attention", "select_blocks", "rank_blocks",
-           "nsa_gates", "query_positions", "masked_branches", "PARAMETER_NAMES"]
+__all__ = ["nsa_reference", "compress_kv", "compressed_blocks", "compressed_attention", "attend_compressed",
+           "select_blocks", "rank_blocks", "nsa_gates", "query_positions", "masked_branches", "PARAMETER_NAMES"]
 
 # Per tensor ("k" and "v"): pos (l, D), fc1_weight (hidden, l*D), fc1_bias (hidden,), fc2_weight
 # (D, hidden), fc2_bias (D,); gates: gate_weight (H, 3, D), gate_bias (H, 3) (compressed, selected, window).
@@ -69,19 +69,25 @@ def compressed_attention(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, T
                          scale: float):
     """The compressed branch: its output ``(B, H, Sq, D)`` and its attention probabilities
     ``(B, Hkv, G, Sq, Nc)`` (a row with no visible compressed block is all zero)."""
-    batch, heads, seq, dim = q.shape
-    kv_heads = k.shape[1]
     kc, vc = compress_kv(k, params, "k", config), compress_kv(v, params, "v", config)
-    nc = kc.shape[2]
-    qg = q.view(batch, kv_heads, heads // kv_heads, seq, dim)
+    return attend_compressed(q, kc, vc, config, scale, query_positions(q, k))
+
+
+def attend_compressed(q: Tensor, kc: Tensor, vc: Tensor, config: NSAConfig, scale: float, positions: Tensor):
+    """Attention of ``q (B, H, Sq, D)`` at ``positions (Sq,)`` over the compressed keys and values
+    ``kc, vc (B, Hkv, Nc, D)``, each query over the blocks that end at or before it: the output
+    ``(B, H, Sq, D)`` and the probabilities ``(B, Hkv, G, Sq, Nc)``, in q's dtype."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, nc = kc.shape[1], kc.shape[2]
+    qg = q.view(batch, kv_heads, heads // kv_heads, q_len, dim)
     scores = torch.einsum("bngsd,bncd->bngsc", qg, kc) * scale
     ends = torch.arange(nc, device=q.device) * config.compress_stride + config.compress_block - 1
-    visible = ends[None, :] <= query_positions(q, k)[:, None]  # (Sq, Nc)
+    visible = ends[None, :] <= positions[:, None]  # (Sq, Nc)
     any_visible = visible.any(-1, keepdim=True)
     # Rows without a visible block are softmaxed over zeros, then zeroed (no NaN in either direction).
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
     probs = torch.softmax(scores, dim=-1) * visible
-    out = torch.einsum("bngsc,bncd->bngsd", probs, vc).reshape(batch, heads, seq, dim)
+    out = torch.einsum("bngsc,bncd->bngsd", probs, vc).reshape(batch, heads, q_len, dim)
     return out, probs
 
 
@@ -120,7 +126,7 @@ def rank_blocks(importance: Tensor, config: NSAConfig, positions: Tensor) -> Ten
     take = min(config.select_blocks, ns)
     values, order = top_k_ties_to_earlier(importance, take)
     chosen = torch.zeros(importance.shape, dtype=torch.bool, device=importance.device)
-    chosen.scatter_(-1, order[..., :take], values[..., :take] > float("-inf"))
+    chosen.scatter_(-1, order, values > float("-inf"))
     return chosen
 
 
