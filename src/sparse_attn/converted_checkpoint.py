@@ -1,6 +1,6 @@
-"""What saving and loading a transformers model whose attention layers were converted (NSA, DSA) have
-in common: the decoder layers, a JSON file of how the layers were converted beside
-``save_pretrained``'s files, and restoring the added parameters from the saved weights."""
+"""What converting a transformers model's attention layers (NSA, DSA), saving and loading it have in
+common: the decoder layers, replacing their attention, a JSON file of how the layers were converted
+beside ``save_pretrained``'s files, and restoring the added parameters from the saved weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["decoder_layers", "write_conversion", "read_conversion", "restore_parameters"]
+__all__ = ["decoder_layers", "replace_attention", "write_conversion", "read_conversion", "restore_parameters"]
 
 
 def decoder_layers(model: nn.Module):
@@ -18,6 +18,20 @@ def decoder_layers(model: nn.Module):
     if decoder is None:
         raise ValueError("model must be a transformers Llama-family model (model.model.layers)")
     return decoder
+
+
+def replace_attention(model: nn.Module, layers, converted: type, make) -> nn.Module:
+    """Replace the ``self_attn`` of ``model``'s decoder layers (``layers``: their indices, None: all)
+    by ``make(dense_attention)``, in place, skipping layers already of type ``converted``; returns
+    ``model``. ValueError naming a bad index."""
+    decoder = decoder_layers(model)
+    chosen = range(len(decoder)) if layers is None else list(layers)
+    for index in chosen:
+        if not isinstance(index, int) or not 0 <= index < len(decoder):
+            raise ValueError(f"layers must hold layer indices in [0, {len(decoder)}), got {index!r}")
+        if not isinstance(decoder[index].self_attn, converted):
+            decoder[index].self_attn = make(decoder[index].self_attn)
+    return model
 
 
 def write_conversion(model: nn.Module, path, file_name: str, meta: dict, **save_kwargs) -> Path:

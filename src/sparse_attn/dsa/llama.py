@@ -24,7 +24,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..converted_checkpoint import decoder_layers
+from ..backends.dense import dense_causal_attention
+from ..converted_checkpoint import replace_attention
 from ..kv_cache_state import CacheFollower, append_to_cache, cache_layer_keys, check_causal_mask, rotary_qkv
 from .attention import BACKENDS, token_sparse_attention
 from .indexer import DSAConfig, LightningIndexer, indexer_kl_loss, select_tokens
@@ -32,17 +33,6 @@ from .indexer import DSAConfig, LightningIndexer, indexer_kl_loss, select_tokens
 __all__ = ["DSALlamaAttention", "convert_llama", "set_stage", "indexer_parameters", "indexer_loss", "STAGES"]
 
 STAGES = ("dense", "sparse")
-
-
-def _dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal attention of the last ``Sq`` of ``S`` positions (GQA), ``(B, H, Sq, D)``."""
-    q_len, kv_len = q.shape[2], k.shape[2]
-    call = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    if q_len == kv_len:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, **call)
-    positions = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-    mask = torch.arange(kv_len, device=q.device)[None, :] <= positions
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **call)
 
 
 class _KeptIndexKeys:
@@ -134,7 +124,7 @@ class DSALlamaAttention(nn.Module):
             out = token_sparse_attention(q, k, v, indices, scale=self.scaling, backend=self.backend,
                                          check_values=False)
         else:  # dense, or a budget that covers every key
-            out = _dense_attention(q, k, v, self.scaling)
+            out = dense_causal_attention(q, k, v, self.scaling)
         if learn:
             self.indexer_loss = indexer_kl_loss(q_index, weights, k_index, q.detach(), k.detach(),
                                                 scale=self.scaling, indices=indices)
@@ -150,16 +140,8 @@ def convert_llama(model: nn.Module, config: DSAConfig, *, layers: Optional[Itera
     indexers, then :func:`set_stage` ``"sparse"``). The dense projections stay the same modules."""
     if not isinstance(config, DSAConfig):
         raise TypeError(f"config must be a DSAConfig, got {type(config).__name__}")
-    decoder = decoder_layers(model)
-    chosen = range(len(decoder)) if layers is None else list(layers)
-    for index in chosen:
-        if not isinstance(index, int) or not 0 <= index < len(decoder):
-            raise ValueError(f"layers must hold layer indices in [0, {len(decoder)}), got {index!r}")
-        dense = decoder[index].self_attn
-        if isinstance(dense, DSALlamaAttention):
-            continue
-        decoder[index].self_attn = DSALlamaAttention(dense, config, stage=stage, backend=backend)
-    return model
+    return replace_attention(model, layers, DSALlamaAttention,
+                             lambda dense: DSALlamaAttention(dense, config, stage=stage, backend=backend))
 
 
 def _dsa_layers(model: nn.Module) -> list:

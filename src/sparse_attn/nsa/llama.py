@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..converted_checkpoint import replace_attention
 from ..kv_cache_state import CacheFollower, append_to_cache, cache_layer_keys, check_causal_mask, rotary_qkv
 from ..options import KernelOptions
 from .compressed_cache import CompressedKVCache
@@ -134,19 +135,9 @@ def convert_llama(model: nn.Module, config: NSAConfig, *, layers: Optional[Itera
     unpadded sequences (no padding mask), and decodes with a KV cache (``generate()``)."""
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
-    decoder = getattr(getattr(model, "model", model), "layers", None)
-    if decoder is None:
-        raise ValueError("model must be a transformers Llama-family model (model.model.layers)")
-    chosen = range(len(decoder)) if layers is None else list(layers)
-    for index in chosen:
-        if not isinstance(index, int) or not 0 <= index < len(decoder):
-            raise ValueError(f"layers must hold layer indices in [0, {len(decoder)}), got {index!r}")
-        dense = decoder[index].self_attn
-        if isinstance(dense, NSALlamaAttention):
-            continue
-        decoder[index].self_attn = NSALlamaAttention(dense, config, backend=backend, kernel_options=kernel_options,
-                                                     gate_bias=gate_bias)
-    return model
+    return replace_attention(model, layers, NSALlamaAttention,
+                             lambda dense: NSALlamaAttention(dense, config, backend=backend,
+                                                             kernel_options=kernel_options, gate_bias=gate_bias))
 
 
 def nsa_parameters(model: nn.Module) -> list:
