@@ -42,6 +42,7 @@ import json
 import math
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -192,16 +193,16 @@ def decode_rows(args):
 
 
 TRAIN_ATTENTIONS = ("dense", "moba", "nsa", "dsa")
-DSA_CANARY_TOP_K = 1024  # keys per token at the canary's scale (MoBA reads ~2K, NSA ~1.3K)
 
 
-def training_model(attention: str, seq: int, device, dtype=torch.bfloat16, dsa_top_k: int = DSA_CANARY_TOP_K):
+def training_model(attention: str, seq: int, device, dtype=torch.bfloat16, dsa_top_k: Optional[int] = None):
     """The canary's architecture with random weights, ``attention`` applied, in training mode
-    (``dsa_top_k``: DSA's keys per token)."""
+    (``dsa_top_k``: DSA's keys per token; None: the canary tool's)."""
     import transformers
 
     from sparse_attn.eval.canary import canary_config
-    from tools.canary.training import MOBA_KNOBS, canary_nsa_config
+    from tools.canary.training import DSA_TOP_K as CANARY_DSA_TOP_K
+    from tools.canary.training import MOBA_KNOBS, canary_dsa_config, canary_nsa_config
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(canary_config(seq, 259), attn_implementation="sdpa")
@@ -214,9 +215,10 @@ def training_model(attention: str, seq: int, device, dtype=torch.bfloat16, dsa_t
 
         convert_llama(model, canary_nsa_config())
     elif attention == "dsa":
-        from sparse_attn.dsa import DSAConfig, convert_llama
+        from sparse_attn.dsa import convert_llama
 
-        convert_llama(model, DSAConfig(top_k=dsa_top_k), stage="sparse")
+        top_k = CANARY_DSA_TOP_K if dsa_top_k is None else dsa_top_k
+        convert_llama(model, canary_dsa_config(top_k, model.config.head_dim), stage="sparse")
     elif attention != "dense":
         raise ValueError(f"attention must be one of {TRAIN_ATTENTIONS}, got {attention!r}")
     return model.to(device=device, dtype=dtype).train()
