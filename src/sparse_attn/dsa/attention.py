@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..attention import autocast_inputs
+from ..backends.reference import naive_masked_attention
 
 __all__ = ["token_sparse_attention", "reference_token_sparse_attention", "token_mask", "BACKENDS"]
 
@@ -38,18 +39,10 @@ def reference_token_sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: T
     """``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32)`` with a dense ``Sq x S`` mask,
     softmax in float32 (float64 for float64 inputs); differentiable. A query that reads no key
     gets output 0 and LSE ``-inf``."""
-    batch, heads, q_len, dim = q.shape
-    kv_heads, seq = k.shape[1], k.shape[2]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = token_mask(indices, seq)[:, None, None]  # (B, 1, 1, Sq, S)
-    qg = q.to(work).view(batch, kv_heads, heads // kv_heads, q_len, dim)
-    scores = torch.einsum("bngsd,bntd->bngst", qg, k.to(work)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    seen = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(seen, lse, 0.0)[..., None])
-    out = torch.einsum("bngst,bntd->bngsd", probs, v.to(work))
-    return out.reshape(batch, heads, q_len, dim).to(q.dtype), lse.reshape(batch, heads, q_len).float()
+    mask = token_mask(indices, k.shape[2])[:, None]  # (B, 1, Sq, S): every head alike
+    out, lse = naive_masked_attention(q.to(work), k.to(work), v.to(work), mask, scale)
+    return out.to(q.dtype), lse.float()
 
 
 class _TritonTokenSparse(torch.autograd.Function):

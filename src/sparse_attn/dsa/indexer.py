@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backends.reference import masked_softmax
 from ..ranking import top_k_ties_to_earlier
 
 __all__ = ["DSAConfig", "LightningIndexer", "index_scores", "select_tokens", "indexer_kl_loss", "attention_target"]
@@ -186,10 +187,8 @@ def attention_target(q: Tensor, k: Tensor, scale: float, allowed: Tensor) -> Ten
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         qg = q.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
         scores = torch.einsum("bngsd,bntd->bngst", qg, k.float()) * scale
-        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-        lse = torch.logsumexp(scores, -1, keepdim=True)
-        probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0))
-        return probs.sum((1, 2)) / heads
+        probs, norm, _ = masked_softmax(scores.masked_fill(~allowed[:, None, None], float("-inf")))
+        return (probs / norm).sum((1, 2)) / heads
 
 
 def indexer_kl_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, q: Tensor, k: Tensor, *,
