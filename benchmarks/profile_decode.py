@@ -1,7 +1,8 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
-profiler, at each (context, batch, page); the top-k kernel's time at each warp count, and the decode
-attention's time at several split counts, replayed as CUDA graphs.
+profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
+give the same result: the top-k kernel by warp count and search ways (bounds counted per round), and the
+decode attention by split count, value-load order and pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -23,7 +24,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_attention import bench, graphed  # noqa: E402
 from profile_estimators import kernel_breakdown  # noqa: E402
 
 from sparse_attn.decode import DecodeWorkspace, PageIndex, PageSelection  # noqa: E402
@@ -38,34 +38,41 @@ def kernel_times(step, repeats: int = 20) -> dict:
     return {k["name"][:60]: 1000.0 * k["ms_per_estimate"] for k in breakdown["kernels"]}
 
 
-def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
-    """CUDA-graph time (ms) of the top-k kernel alone at each warp count."""
+def device_us(launch, repeats: int = 20) -> float | str:
+    """Device time (microseconds) per call of every kernel ``launch()`` runs, or the error it raised."""
+    try:
+        return round(sum(kernel_times(launch, repeats).values()), 2)
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def topk_variants(scores, index, width, sink_pages, recent, warps_list, ways_list) -> dict:
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps, <ways> ways"``."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
     out = {}
     for warps in warps_list:
-        def launch(warps=warps):
-            return triton_select_pages(scores, index, width, sink_pages, recent, group_max=False, num_warps=warps)
-        try:
-            out[warps] = bench(graphed(lambda launch=launch: launch))
-        except Exception as exc:  # noqa: BLE001 - reported in the row
-            out[warps] = f"{type(exc).__name__}: {exc}"[:200]
+        for ways in ways_list:
+            out[f"{warps} warps, {ways} ways"] = device_us(
+                lambda warps=warps, ways=ways: triton_select_pages(scores, index, width, sink_pages, recent,
+                                                                   group_max=False, num_warps=warps,
+                                                                   search_ways=ways))
     return out
 
 
 def split_variants(q, k, v, pages, counts, lens, page, splits_list, workspace) -> dict:
-    """CUDA-graph time (ms) of the decode attention at each split count: ``"<splits>"`` the split
-    kernel merging by itself (a workspace), ``"<splits> separate"`` followed by the merge kernel."""
+    """Device time (us) of the decode attention (split kernel, merging by itself through a workspace),
+    by ``"<splits> splits, values <with keys|after scores>, stages <n>"`` (splits 0: the default count)."""
     out = {}
     for splits in splits_list:
-        for name, space in ((str(splits), workspace), (f"{splits} separate", None)):
-            def launch(splits=splits, space=space):
-                return triton_decode_attention(q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5,
-                                               num_splits=splits, workspace=space)
-            try:
-                out[name] = bench(graphed(lambda launch=launch: launch))
-            except Exception as exc:  # noqa: BLE001 - reported in the row
-                out[name] = f"{type(exc).__name__}: {exc}"[:200]
+        for with_keys in (True, False):
+            for stages in (None, 1):
+                values = "with keys" if with_keys else "after scores"
+                name = f"{splits} splits, values {values}, stages {stages or 'default'}"
+                out[name] = device_us(
+                    lambda splits=splits, with_keys=with_keys, stages=stages: triton_decode_attention(
+                        q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5, num_splits=splits or None,
+                        workspace=workspace, values_with_keys=with_keys, num_stages=stages))
     return out
 
 
@@ -75,8 +82,10 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--warps", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--splits", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--ways", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--splits", type=int, nargs="+", default=[0, 4, 8, 16, 32],
+                        help="split counts of the decode attention (0: the default choice)")
     parser.add_argument("--out", default="results/decode_profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -115,11 +124,10 @@ def main(argv=None):
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
-                row["topk_graph_ms"] = topk_variants(
-                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
+                row["topk_us"] = topk_variants(
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps, args.ways)
                 p, c = selection(q, index)
-                row["attention_graph_ms_by_splits"] = split_variants(q, k, v, p, c, lens, page, args.splits,
-                                                                     workspace)
+                row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, workspace)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None
@@ -132,8 +140,10 @@ def main(argv=None):
         print("| kernel | device us per step |\n|---|---|")
         for name, us in r["kernels_us"].items():
             print(f"| {name} | {us:.2f} |")
-        print("top-k kernel by warps (CUDA graph ms):", r["topk_graph_ms"])
-        print("decode attention by splits (CUDA graph ms):", r["attention_graph_ms_by_splits"])
+        for title, key in (("top-k kernel", "topk_us"), ("decode attention", "attention_us")):
+            print(f"| {title} | device us |\n|---|---|")
+            for name, us in r[key].items():
+                print(f"| {name} | {us} |")
     return 0
 
 

@@ -202,6 +202,22 @@ def test_triton_splits_and_paged_cache(num_splits, paged):
         assert torch.equal(out[0], contiguous[0]) and torch.equal(out[1], contiguous[1])
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_triton_value_load_order_does_not_change_the_result(paged):
+    """Loading each tile's values with its keys or after its scores is a scheduling choice: both give
+    the golden result, bit for bit the same."""
+    page_size, dtype = 16, torch.bfloat16
+    case = make_case(group=4, q_len=2, page_size=page_size, dtype=dtype, lens=(90, 37), budget=5)
+    q, k, v, pages, counts, lens = case
+    kw = {}
+    if paged:
+        k, v, kw["block_table"] = to_paged(k, v, lens, page_size)
+    early, late = (triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=2,
+                                           values_with_keys=flag, **kw) for flag in (True, False))
+    assert torch.equal(early[0], late[0]) and torch.equal(early[1], late[1])
+    check(*early, *golden(*case, page_size, 0.3), dtype)
+
+
 @pytest.mark.parametrize("num_splits", [2, 3, 8])
 @pytest.mark.parametrize("paged", [False, True])
 def test_triton_merge_in_the_split_kernel(num_splits, paged):

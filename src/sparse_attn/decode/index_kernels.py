@@ -11,6 +11,8 @@ compare it with.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -26,11 +28,14 @@ def _append_kernel(
     stride_sb, stride_sh, stride_sp,
     capacity, max_pages, new,
     KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, T_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, HAS_COUNTS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     start = tl.load(LENGTHS + b)
-    count = tl.minimum(tl.maximum(tl.load(COUNTS + b), 0), new)
+    if HAS_COUNTS:
+        count = tl.minimum(tl.maximum(tl.load(COUNTS + b), 0), new)
+    else:
+        count = new
     heads = tl.arange(0, HEADS_P2)
     t = tl.arange(0, T_P2)
     d = tl.arange(0, HEAD_DIM)
@@ -61,18 +66,22 @@ def _append_kernel(
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 
 
-def triton_append(index, k_new: Tensor, counts: Tensor, window: int, fast_launch: bool = True) -> None:
-    """Append ``k_new (B, Hkv, T, D)`` (the first ``counts[b]`` rows real; int64 ``(B,)``) to the
-    summaries and lengths of ``index`` in place; ``window``: pages the new tokens can span;
-    ``fast_launch``: see :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
+def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, fast_launch: bool = True) -> None:
+    """Append ``k_new (B, Hkv, T, D)`` (the first ``counts[b]`` rows real; int64 ``(B,)``; None: all
+    ``T`` rows, with no counts tensor to fill) to the summaries and lengths of ``index`` in place;
+    ``window``: pages the new tokens can span; ``fast_launch``: see
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
     batch, kv_heads, new, dim = k_new.shape
     k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+    has_counts = counts is not None
     launch_jit(_append_kernel, (batch,), (
-        k_new, counts, index.kmin, index.kmax, index.ksum, index.lengths,
+        # Without counts the kernel never reads COUNTS; the lengths stand in for the pointer.
+        k_new, counts.contiguous() if has_counts else index.lengths,
+        index.kmin, index.kmax, index.ksum, index.lengths,
         *k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3],
         index.capacity, index.max_pages, new,
     ), dict(
         KV_HEADS=kv_heads, HEADS_P2=triton.next_power_of_2(kv_heads), T_P2=triton.next_power_of_2(new),
-        HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window,
+        HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window, HAS_COUNTS=has_counts,
         num_warps=max(4, min(16, triton.next_power_of_2(kv_heads) * triton.next_power_of_2(new) * dim // 1024)),
     ), fast_launch)

@@ -228,12 +228,13 @@ class PageIndex:
             raise ValueError(f"k_new is on device {k_new.device}, the index on device {self.device}")
         if new == 0:
             return self
-        counts_t = _counts_tensor(counts, batch, new, self.device)
+        # counts=None: every sequence takes all T tokens, and the Triton update needs no counts tensor.
+        counts_t = None if counts is None else _counts_tensor(counts, batch, new, self.device)
         page, cap = self.page_size, self.capacity
         start = self.lengths
         bound = self._length_bound + new
         if bound > cap and not _capturing(self.device):
-            longest = int((start + counts_t).max())
+            longest = int((start + (new if counts_t is None else counts_t)).max())
             if longest > cap:
                 raise ValueError(f"append: a sequence would reach {longest} tokens, past the index's "
                                  f"capacity={cap}")
@@ -245,10 +246,12 @@ class PageIndex:
         if use_triton(k_new, kernel_options, self._append_kernel_supports(k_new)):
             from .index_kernels import triton_append
 
-            triton_append(self, k_new, counts_t.contiguous(), pages_in_window,
+            triton_append(self, k_new, counts_t, pages_in_window,
                           fast_launch=resolve_kernel_options(kernel_options).fast_launch)
             self._length_bound = min(bound, cap)
             return self
+        if counts_t is None:
+            counts_t = torch.full((batch,), new, dtype=torch.int64, device=self.device)
         width = pages_in_window * page
         offset = start % page
         token = torch.arange(width, device=self.device)[None, :] - offset[:, None]  # (B, W)
