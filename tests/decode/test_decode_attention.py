@@ -256,6 +256,31 @@ def test_triton_merge_in_the_split_kernel_row_tiles():
     assert not workspace.arrival_counters(workspace.rows).any()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_output_into_a_given_tensor_and_int64_cache_lens(backend):
+    """``out=`` a transposed view of a (B, Sq, H, D) buffer is written in place and returned, and
+    int64 cache lengths (a page index's lengths) give the same result as int32 ones."""
+    case = make_case(group=2, q_len=3, page_size=16, dtype=torch.bfloat16, lens=(90, 37), budget=4)
+    q, k, v, pages, counts, lens = case
+    want = decode_attention(q, k, v, pages, counts, lens, page_size=16, backend=backend)
+    buffer = torch.full((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), float("nan"), dtype=q.dtype)
+    got = decode_attention(q, k, v, pages, counts, lens.long(), page_size=16, backend=backend,
+                           out=buffer.transpose(1, 2))
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer.transpose(1, 2), want)
+
+
+def test_output_tensor_errors():
+    q, k, v, pages, counts, lens = make_case(lens=(40, 20), budget=2)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        decode_attention(q, k, v, pages, counts, lens, page_size=16, out=[1])
+    wider = q.new_empty(*q.shape[:3], q.shape[3] + 1)
+    strided = q.new_empty(*q.shape[:3], 2 * q.shape[3])[..., ::2]
+    for bad in (wider, torch.empty_like(q, dtype=torch.float32), strided):
+        with pytest.raises(ValueError, match="out must be a"):
+            decode_attention(q, k, v, pages, counts, lens, page_size=16, out=bad)
+
+
 def test_workspace_errors():
     case = make_case()
     with pytest.raises(TypeError, match="workspace must be a DecodeWorkspace"):
@@ -385,7 +410,7 @@ CASES = [
     ("v dtype", lambda a: dict(v_cache=a["v_cache"].half()), "v_cache must have q's dtype"),
     ("pages int64", lambda a: dict(pages=a["pages"].long()), "pages must be an int32"),
     ("counts int64", lambda a: dict(page_counts=a["page_counts"].long()), "page_counts must be an int32"),
-    ("lens int64", lambda a: dict(cache_lens=a["cache_lens"].long()), "cache_lens must be an int32"),
+    ("lens float", lambda a: dict(cache_lens=a["cache_lens"].float()), "cache_lens must be an int32 or int64"),
     ("pages device", lambda a: dict(pages=a["pages"].to("meta")), "pages must be on q's device"),
     ("k device", lambda a: dict(k_cache=a["k_cache"].to("meta")), "k_cache must be on q's device"),
     ("page_size 24", lambda a: dict(page_size=24), "page_size"),

@@ -26,7 +26,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
                      cache_lens: Tensor, *, page_size: int, scale: Optional[float] = None,
                      block_table: Optional[Tensor] = None, backend: str = "auto", return_lse: bool = False,
                      check_values: bool = True, kernel_options: Optional[KernelOptions] = None,
-                     workspace: Optional[DecodeWorkspace] = None):
+                     workspace: Optional[DecodeWorkspace] = None, out: Optional[Tensor] = None):
     """Attention of the last ``Sq`` positions of each sequence over the selected pages of its cache.
 
     Args:
@@ -40,7 +40,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             increasing in the first ``page_counts[b, h]`` slots. Later slots are padding and never
             read. Every query head of a KV group reads its group's pages.
         page_counts: ``(B, Hkv)`` int32, each in ``[0, max_pages]`` (0: nothing to attend).
-        cache_lens: ``(B,)`` int32, each in ``[Sq, capacity]`` (capacity: ``S_max``, or
+        cache_lens: ``(B,)`` int32 or int64 (a :class:`~.page_index.PageIndex`'s ``lengths`` can be
+            passed as they are), each in ``[Sq, capacity]`` (capacity: ``S_max``, or
             ``max_blocks * page_size`` when paged). Positions at or past it are never attended, so
             a selected page may be partial or lie past the end.
         page_size: a power of two in 16..256 (for a paged cache, ``k_cache.shape[1]``).
@@ -62,6 +63,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             kernel then merges its splits itself, one kernel launch per call instead of two. Its
             counters are shared state: calls running at the same time must not share one. The
             reference backend does not use it.
+        out: a ``(B, H, Sq, D)`` tensor of q's dtype and device with a unit last stride to write the
+            output into (and return), e.g. ``buffer.transpose(1, 2)`` of a ``(B, Sq, H, D)`` buffer,
+            the layout a transformers attention layer returns; None: a new tensor.
 
     Returns:
         ``out`` ``(B, H, Sq, D)`` in q's dtype and, with ``return_lse``, ``lse`` ``(B, H, Sq)``
@@ -79,6 +83,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     check_decode_inputs(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, block_table,
                         check_values=check_values)
+    if out is not None:
+        _check_out(out, q)
     if workspace is not None:
         if not isinstance(workspace, DecodeWorkspace):
             raise TypeError(f"workspace must be a DecodeWorkspace or None, got {type(workspace).__name__}")
@@ -99,14 +105,26 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
             raise ValueError(f"backend='triton' cannot run this call: {reason}")
         from .kernels import triton_decode_attention
 
-        out, lse = triton_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, scale,
-                                           block_table, fast_launch=options.fast_launch, workspace=workspace)
+        result, lse = triton_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size,
+                                              scale, block_table, fast_launch=options.fast_launch,
+                                              workspace=workspace, out=out)
     else:
         from .reference import reference_decode_attention
 
-        out, lse = reference_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, scale,
-                                              block_table)
-    return (out, lse) if return_lse else out
+        result, lse = reference_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size,
+                                                 scale, block_table)
+        if out is not None:
+            result = out.copy_(result)
+    return (result, lse) if return_lse else result
+
+
+def _check_out(out, q: Tensor) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} tensor of q's dtype {q.dtype} on {q.device} with a unit "
+                         f"last stride, got shape {tuple(out.shape)}, {out.dtype} on {out.device}, "
+                         f"strides {out.stride()}")
 
 
 def triton_unsupported_reason(q: Tensor, k_cache: Tensor, kv_heads: int) -> Optional[str]:
@@ -149,8 +167,9 @@ def check_decode_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tens
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
     for name, t in named[3:]:
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be an int32 tensor, got {t.dtype}")
+        if t.dtype != torch.int32 and not (name == "cache_lens" and t.dtype == torch.int64):
+            kinds = "an int32 or int64" if name == "cache_lens" else "an int32"
+            raise ValueError(f"{name} must be {kinds} tensor, got {t.dtype}")
     for name, t in named[1:]:
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")

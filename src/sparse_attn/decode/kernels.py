@@ -323,7 +323,7 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
                             cache_lens: Tensor, page_size: int, scale: float,
                             block_table: Tensor | None = None, num_splits: int | None = None,
                             fast_launch: bool = True, workspace=None, values_with_keys: bool | None = None,
-                            num_stages: int | None = None):
+                            num_stages: int | None = None, out: Tensor | None = None):
     """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
     natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
     :func:`choose_num_splits` (tests use it to exercise the merge); ``fast_launch``: see
@@ -332,7 +332,8 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     (None, or one that cannot hold the counters inside a CUDA-graph capture: a separate merge kernel).
     Tuning (the results are the same either way): ``values_with_keys`` loads each tile's values
     together with its keys (None: :data:`VALUES_WITH_KEYS`); ``num_stages``: the split kernel's
-    software-pipelining stages (None: Triton's default)."""
+    software-pipelining stages (None: Triton's default). ``out``: the (checked) tensor to write the
+    output into, any strides with a unit last one (None: a new one)."""
     batch, heads, q_len, dim = q.shape
     paged = block_table is not None
     q, k_cache, v_cache, pages = (_unit_last_stride(t) for t in (q, k_cache, v_cache, pages))
@@ -357,7 +358,8 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     if num_splits is None:
         num_splits = choose_num_splits(batch * kv_heads * row_tiles, pages.shape[-1], page_size, q.device)
 
-    out = torch.empty(batch, heads, q_len, dim, device=q.device, dtype=q.dtype)
+    if out is None:
+        out = torch.empty(batch, heads, q_len, dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     if num_splits > 1:
         o_part = torch.empty(batch, heads, q_len, num_splits, dim, device=q.device, dtype=torch.float32)

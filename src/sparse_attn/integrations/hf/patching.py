@@ -446,9 +446,11 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     if timed and query.is_cuda:
         torch.cuda.synchronize(query.device)
     select_ms = (time.perf_counter() - start) * 1e3
-    cache_lens = torch.full((key.shape[0],), filled, dtype=torch.int32, device=key.device)
-    out = decode_attention(query, key.contiguous(), value.contiguous(), pages, counts, cache_lens,
-                           page_size=page, scale=scaling, check_values=False)
+    # The index holds exactly the filled positions of every sequence: its lengths are the cache lengths.
+    # The kernel writes the (B, Sq, H, D) layout the layer returns (no transposing copy).
+    out = query.new_empty(query.shape[0], q_len, query.shape[1], query.shape[3])
+    decode_attention(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths,
+                     page_size=page, scale=scaling, check_values=False, out=out.transpose(1, 2))
     step = state.decode_steps.get(layer, 0)
     state.decode_steps[layer] = step + 1
     if timed:
@@ -463,7 +465,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
         if used != layer:
             reason = f"decode pages: the pages layer {used} selected"
         record(True, reason, density, select_ms, recall, select_layer=used)
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
 
 
 @functools.lru_cache(maxsize=256)
