@@ -30,6 +30,8 @@ step; bf16, batch 1) of the canary's architecture with random weights at each le
 ``python -m tools.canary train --attention ...`` uses them; DSA in its sparse stage, its indexer
 loss included): tokens per second.
 
+``--skip`` leaves attentions out of the ``--lengths`` rows (e.g. ``--skip dsa "moba on flex"``).
+
 Prints markdown tables and writes ``<out>.json`` row by row; needs a CUDA GPU (exits with status
 2 without one).
 """
@@ -84,6 +86,10 @@ def attempt(row: dict, name: str, make) -> None:
     torch.cuda.empty_cache()
 
 
+class _Skipped(Exception):
+    """An attention left out with ``--skip``."""
+
+
 def rows_for(args):
     from sparse_attn import BlockSparseLayout, get_method, sparse_attention
     from sparse_attn.dsa import select_tokens, token_sparse_attention
@@ -99,6 +105,13 @@ def rows_for(args):
         k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
         v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
         row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim}
+
+        def timed(name, make, row=row):
+            if name in args.skip:
+                row[name] = {"skipped": "--skip"}
+            else:
+                attempt(row, name, make)
+
         for name in ("cudnn", "flash"):
             def dense(name=name):
                 run, (kr, vr) = sdpa_fn(q, k, v, name)
@@ -108,7 +121,7 @@ def rows_for(args):
         blocks = math.ceil(seq / 128)
         causal = BlockSparseLayout.from_dense(torch.ones(blocks, blocks, dtype=torch.bool, device="cuda").tril(),
                                               seq, seq, 128)
-        attempt(row, "flex causal", lambda: (lambda: sparse_attention(q, k, v, causal, backend="flex"), (q, k, v)))
+        timed("flex causal", lambda: (lambda: sparse_attention(q, k, v, causal, backend="flex"), (q, k, v)))
 
         with torch.no_grad():
             layout = moba.estimate(q, k)
@@ -118,20 +131,24 @@ def rows_for(args):
         def moba_run():
             return sparse_attention(q, k, v, moba.estimate(q, k))
 
-        attempt(row, "moba", lambda: (moba_run, (q, k, v)))
-        attempt(row, "moba on flex", lambda: (lambda: sparse_attention(q, k, v, layout, backend="flex"), (q, k, v)))
+        timed("moba", lambda: (moba_run, (q, k, v)))
+        timed("moba on flex", lambda: (lambda: sparse_attention(q, k, v, layout, backend="flex"), (q, k, v)))
 
         module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
-        attempt(row, "nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
+        timed("nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
         module = None
 
         index = (torch.randn(1, seq, 4, 64, device="cuda", generator=gen), torch.randn(1, seq, 4, device="cuda",
                  generator=gen), torch.randn(1, seq, 64, device="cuda", generator=gen))
         try:
+            if "dsa" in args.skip:
+                raise _Skipped
             lists = select_tokens(*index, DSA_TOP_K)
             row["dsa_select_ms"] = bench(lambda: select_tokens(*index, DSA_TOP_K))
             attempt(row, "dsa", lambda: (lambda: token_sparse_attention(q, k, v, lists, check_values=False),
                                          (q, k, v)))
+        except _Skipped:
+            row["dsa"] = {"skipped": "--skip"}
         except Exception as exc:  # noqa: BLE001 - reported in the row
             row["dsa"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         index = lists = None
@@ -306,8 +323,11 @@ def cell(entry: dict, mode: str) -> str:
     return "-" if ms is None else (f"{ms:.2f}" + (f" ({speed:.2f}x)" if speed is not None else ""))
 
 
+ATTENTION_NAMES = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa", "dsa")
+
+
 def table(rows, meta) -> str:
-    names = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa", "dsa")
+    names = ATTENTION_NAMES
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, batch 1, H={meta['heads']}, "
              f"D={meta['dim']}, causal; ms (speed-up over the faster of cuDNN and flash)", "",
              "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms | DSA selection ms |",
@@ -332,6 +352,8 @@ def main(argv=None):
                         help="also time one NSA decode step over KV caches of these lengths")
     parser.add_argument("--train-contexts", type=int, nargs="*", default=[],
                         help="also time a training step of the canary architecture at these lengths")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(ATTENTION_NAMES[2:]),
+                        help="attentions not to time at --lengths (dense cuDNN and flash always run)")
     parser.add_argument("--out", default="results/trainable")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -13,10 +13,12 @@ heads. :func:`compressed_branch` computes the same two results in pieces:
   :func:`~sparse_attn.sparse_attention` (forward and backward, GQA, any backend) with its LSE.
 * **A few queries** (up to :data:`DIRECT_ROWS`: a decode step, a short chunk) score every compressed
   key at once instead: the scores are only ``Sq x Nc`` per head.
-* **The selection**, without gradient, ``chunk_rows`` query rows at a time: each chunk's
-  probabilities from its scores and the LSE, summed over the query heads of each KV group, mapped
-  onto selection blocks and ranked by :func:`~.reference.rank_blocks`, as
-  :func:`~.reference.select_blocks` ranks the reference's.
+* **The selection**, without gradient: on CUDA (``KernelOptions.estimator_kernels``) one Triton
+  kernel (:mod:`.selection_kernels`) goes from the queries, compressed keys and LSE to each token's
+  blocks; otherwise PyTorch, ``chunk_rows`` query rows at a time: each chunk's probabilities from
+  its scores and the LSE, summed over the query heads of each KV group, mapped onto selection
+  blocks and ranked by :func:`~.reference.rank_blocks`, as :func:`~.reference.select_blocks` ranks
+  the reference's.
 
 The results equal the reference's (tests compare both, gradients included); on a GPU the selection
 may rank near-equal importances apart where the two round differently.
@@ -30,13 +32,18 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from ..options import KernelOptions
+from ..methods.primitives.dispatch import use_triton
+from ..options import KernelOptions, resolve_kernel_options
 from .config import NSAConfig
 from .reference import attend_compressed, block_overlap, compress_kv, compressed_blocks, rank_blocks
 
 __all__ = ["compressed_branch", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 256 * 2 ** 20  # float32 scores of one selection chunk
+# The selection kernel's limits: dtypes, head dims, query heads per KV head (stacked in one tile).
+SELECTION_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+SELECTION_KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+SELECTION_KERNEL_MAX_GROUP = 16
 DIRECT_ROWS = 16  # up to this many queries (decode steps), scores against every compressed key at once
 
 
@@ -75,8 +82,29 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
     if not select:
         return out, None
     with torch.no_grad():
-        chosen = _selection(q.detach(), kc.detach(), lse.detach().float(), config, scale, positions, ns, chunk_rows)
+        if use_triton(q, kernel_options, selection_kernel_supports(q, kv_heads)):
+            from .selection_kernels import triton_select_blocks
+
+            blocks = triton_select_blocks(q.detach(), kc.detach(), lse.detach(), config, seq, scale,
+                                          fast_launch=resolve_kernel_options(kernel_options).fast_launch)
+            chosen = blocks_to_mask(blocks, ns)
+        else:
+            chosen = _selection(q.detach(), kc.detach(), lse.detach().float(), config, scale, positions, ns,
+                                chunk_rows)
     return out, chosen
+
+
+def selection_kernel_supports(q: Tensor, kv_heads: int) -> bool:
+    """Whether the selection kernel handles ``q (B, H, Sq, D)``'s dtype, head dim and group size."""
+    return (q.dtype in SELECTION_KERNEL_DTYPES and q.shape[-1] in SELECTION_KERNEL_HEAD_DIMS
+            and q.shape[1] // kv_heads <= SELECTION_KERNEL_MAX_GROUP)
+
+
+def blocks_to_mask(blocks: Tensor, ns: int) -> Tensor:
+    """Bool ``(..., Ns)`` from selected block indices ``(..., n)`` (-1: no block)."""
+    mask = torch.zeros(*blocks.shape[:-1], ns + 1, dtype=torch.bool, device=blocks.device)
+    mask.scatter_(-1, torch.where(blocks >= 0, blocks, ns).long(), True)  # -1 goes to the spare column
+    return mask[..., :ns]
 
 
 def _direct(q: Tensor, kc: Tensor, vc: Tensor, config: NSAConfig, scale: float, positions: Tensor, ns: int,
