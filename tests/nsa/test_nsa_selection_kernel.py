@@ -47,8 +47,9 @@ def kernel_choice(q, kc, lse, config, seq, scale):
     from sparse_attn.nsa.selection_kernels import triton_select_blocks
 
     blocks = triton_select_blocks(q, kc, lse, config, seq, scale)
-    assert blocks.dtype == torch.int32 and blocks.shape[-1] == min(config.select_blocks, math.ceil(seq / config.select_block))
-    return blocks_to_mask(blocks, math.ceil(seq / config.select_block))
+    ns = math.ceil(seq / config.select_block)
+    assert blocks.dtype == torch.int32 and blocks.shape[-1] == min(config.select_blocks, ns)
+    return blocks_to_mask(blocks, ns)
 
 
 @pytest.mark.parametrize("heads,kv_heads,config", [(2, 2, SMALL), (4, 2, NARROW), (3, 1, MANY), (16, 2, SMALL),
