@@ -1,8 +1,8 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
-give the same result: the top-k kernel by warp count and search ways (bounds counted per round), and the
-decode attention by split count, value-load order and pipelining stages.
+give the same result: the top-k kernel by warp count, and the decode attention by split count and
+software-pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -46,33 +46,25 @@ def device_us(launch, repeats: int = 20) -> float | str:
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def topk_variants(scores, index, width, sink_pages, recent, warps_list, ways_list) -> dict:
-    """Device time (us) of the top-k kernel alone, by ``"<warps> warps, <ways> ways"``."""
+def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps"``."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
-    out = {}
-    for warps in warps_list:
-        for ways in ways_list:
-            out[f"{warps} warps, {ways} ways"] = device_us(
-                lambda warps=warps, ways=ways: triton_select_pages(scores, index, width, sink_pages, recent,
-                                                                   group_max=False, num_warps=warps,
-                                                                   search_ways=ways))
-    return out
+    return {f"{warps} warps": device_us(
+        lambda warps=warps: triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
+                                                num_warps=warps)) for warps in warps_list}
 
 
-def split_variants(q, k, v, pages, counts, lens, page, splits_list, workspace) -> dict:
+def split_variants(q, k, v, pages, counts, lens, page, splits_list, stages_list, workspace) -> dict:
     """Device time (us) of the decode attention (split kernel, merging by itself through a workspace),
-    by ``"<splits> splits, values <with keys|after scores>, stages <n>"`` (splits 0: the default count)."""
+    by ``"<splits> splits, <n> stages"`` (splits 0: the default count)."""
     out = {}
     for splits in splits_list:
-        for with_keys in (True, False):
-            for stages in (None, 1):
-                values = "with keys" if with_keys else "after scores"
-                name = f"{splits} splits, values {values}, stages {stages or 'default'}"
-                out[name] = device_us(
-                    lambda splits=splits, with_keys=with_keys, stages=stages: triton_decode_attention(
-                        q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5, num_splits=splits or None,
-                        workspace=workspace, values_with_keys=with_keys, num_stages=stages))
+        for stages in stages_list:
+            out[f"{splits} splits, {stages} stages"] = device_us(
+                lambda splits=splits, stages=stages: triton_decode_attention(
+                    q, k, v, pages, counts, lens, page, q.shape[-1] ** -0.5, num_splits=splits or None,
+                    workspace=workspace, num_stages=stages))
     return out
 
 
@@ -82,10 +74,11 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--ways", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 4, 8, 16, 32],
                         help="split counts of the decode attention (0: the default choice)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 3],
+                        help="software-pipelining stages of the decode attention (1: the default)")
     parser.add_argument("--out", default="results/decode_profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -125,9 +118,9 @@ def main(argv=None):
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
                 row["topk_us"] = topk_variants(
-                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps, args.ways)
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
                 p, c = selection(q, index)
-                row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, workspace)
+                row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, args.stages, workspace)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             k = v = None

@@ -203,19 +203,19 @@ def test_triton_splits_and_paged_cache(num_splits, paged):
 
 
 @pytest.mark.parametrize("paged", [False, True])
-def test_triton_value_load_order_does_not_change_the_result(paged):
-    """Loading each tile's values with its keys or after its scores is a scheduling choice: both give
-    the golden result, bit for bit the same."""
+def test_triton_pipelining_stages_do_not_change_the_result(paged):
+    """The split kernel's software-pipelining stages are a scheduling choice: one stage (the default)
+    and Triton's three give the golden result, bit for bit the same."""
     page_size, dtype = 16, torch.bfloat16
     case = make_case(group=4, q_len=2, page_size=page_size, dtype=dtype, lens=(90, 37), budget=5)
     q, k, v, pages, counts, lens = case
     kw = {}
     if paged:
         k, v, kw["block_table"] = to_paged(k, v, lens, page_size)
-    early, late = (triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=2,
-                                           values_with_keys=flag, **kw) for flag in (True, False))
-    assert torch.equal(early[0], late[0]) and torch.equal(early[1], late[1])
-    check(*early, *golden(*case, page_size, 0.3), dtype)
+    one, three = (triton_decode_attention(q, k, v, pages, counts, lens, page_size, 0.3, num_splits=2,
+                                          num_stages=stages, **kw) for stages in (1, 3))
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    check(*one, *golden(*case, page_size, 0.3), dtype)
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 8])
@@ -378,7 +378,8 @@ def test_kernel_options_accepted():
 def test_choose_num_splits():
     cpu = torch.device("cpu")
     assert choose_num_splits(64, 128, 16, cpu) == 1  # enough programs already
-    assert choose_num_splits(1, 128, 16, cpu) == 8  # 2 * 4 notional SMs
+    assert choose_num_splits(5, 128, 16, cpu) == 3  # 15 programs within 4 per notional SM (4 SMs)
+    assert choose_num_splits(1, 128, 16, cpu) == 16  # 4 per notional SM
     assert choose_num_splits(1, 2, 16, cpu) == 1  # 32 keys of budget: one split
     assert choose_num_splits(1, 0, 16, cpu) == 1
     assert choose_num_splits(1, 3, 256, cpu) == 3  # no more splits than pages

@@ -115,31 +115,6 @@ def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("ways", [2, 4, 16])
-@pytest.mark.parametrize("zero_query", [False, True])
-def test_topk_search_counting_any_number_of_bounds_per_round_selects_the_same_pages(monkeypatch, ways, zero_query):
-    """The top-k search bisects (2 ways) or counts several bounds per round: the same pages, ties
-    (a zero query scores every full page alike) included."""
-    import sparse_attn.decode.select_kernels as kernels
-
-    q, index = make((300, 37, 0), 8, 2, 2, 32, 16, torch.bfloat16, capacity=320, seed=5)
-    if zero_query:
-        q = torch.zeros_like(q)
-    knobs = dict(method="quest", budget=80, sink=16, recent=16)
-    monkeypatch.setattr(kernels, "SEARCH_WAYS", ways)
-    got = select_pages(q, index, kernel_options=TRITON, **knobs)
-    want = select_pages(q, index, kernel_options=TORCH, **knobs)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def test_topk_search_ways_must_be_a_power_of_two():
-    from sparse_attn.decode.select_kernels import triton_select_pages
-
-    _, index = make((100,), 4, 2, 1, 32, 16, torch.float16)
-    with pytest.raises(ValueError, match="search_ways"):
-        triton_select_pages(None, index, 4, 0, 0, group_max=False, search_ways=3)
-
-
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

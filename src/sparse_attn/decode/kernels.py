@@ -61,7 +61,9 @@ MAX_ROWS = 128  # query rows of one program (GROUP * Sq above this take several 
 MAX_SPLITS = 32  # most splits of one row's pages
 MERGE_ROWS = 16  # query rows of one program of the separate merge kernel
 MIN_KEYS_PER_SPLIT = 128  # splits are not made smaller than this many keys of budget
-VALUES_WITH_KEYS = True  # a tile's value read is issued with its key read, not after the scores
+# Split programs per SM the split count aims at: on an H200 at 128K (budget 2048, page 64) one wave of
+# 4 per SM beat 2 per SM by 16% at batch 8 and matched the best at batches 1 and 32.
+PROGRAMS_PER_SM = 4
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, KV head)
 _INTERPRETER_SMS = 4  # off CUDA (the interpreter), splits are chosen as for a 4-SM device
 
@@ -69,15 +71,13 @@ _INTERPRETER_SMS = 4  # off CUDA (the interpreter), splits are chosen as for a 4
 @triton.jit
 def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off_k, kv_off_v, cache_len, full_limit,
               num_blocks, stride_k0, stride_ks, stride_v0, stride_vs, scale_log2, offs_n, offs_d,
-              PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr,
-              V_WITH_K: tl.constexpr):
+              PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr):
     """Online-softmax update with the ``BLOCK_N`` keys starting ``first`` keys into the row's
     slots (key ``t`` is token ``t % PAGE_SIZE`` of the page in slot ``t // PAGE_SIZE``).
     ``kv_off_k`` / ``kv_off_v``: offset of this (sequence, KV head) in a contiguous cache, or of
     this KV head in a paged one. Unmasked tiles lie wholly in the split and at or before every
     query's position; masked ones drop keys past slot ``s1``, at or past ``cache_len`` (never
-    read) and after each query. ``V_WITH_K``: the values are loaded right after the keys (both reads
-    in flight at once) rather than after the scores."""
+    read) and after each query."""
     t = first + offs_n
     slot = t // PAGE_SIZE
     in_page = t % PAGE_SIZE
@@ -103,12 +103,8 @@ def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off
         v_ptrs = V + kv_off_v + pos[:, None] * stride_vs + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
-        if V_WITH_K:
-            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
-        if V_WITH_K:
-            v = tl.load(v_ptrs)
     s = dot(q, tl.trans(k), UPCAST) * scale_log2
     if MASKED:
         s = tl.where(key_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -121,11 +117,10 @@ def _key_tile(m_i, l_i, acc, q, q_pos, K, V, PAGE_ROW, BT_ROW, first, s1, kv_off
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not V_WITH_K:
-        if MASKED:
-            v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = dot(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
     return m_new, l_i, acc
 
@@ -145,7 +140,6 @@ def _decode_split_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PAGED: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    V_WITH_K: tl.constexpr,
 ):
     """One split of one (sequence, KV head)'s selected pages, for ``ROWS`` rows of its group.
     Strides ``stride_k0`` / ``stride_v0`` are the batch strides of a contiguous cache or the block
@@ -199,11 +193,11 @@ def _decode_split_kernel(
     for first in range(key0, key_full, BLOCK_N):
         m_i, l_i, acc = _key_tile(m_i, l_i, acc, q, q_pos, K, V, page_row, bt_row, first, s1, kv_off_k, kv_off_v,
                                   cache_len, full_limit, num_blocks, stride_k0, stride_ks, stride_v0, stride_vs,
-                                  scale_log2, offs_n, offs_d, PAGE_SIZE, False, PAGED, UPCAST, V_WITH_K)
+                                  scale_log2, offs_n, offs_d, PAGE_SIZE, False, PAGED, UPCAST)
     for first in range(key_full, s1 * PAGE_SIZE, BLOCK_N):
         m_i, l_i, acc = _key_tile(m_i, l_i, acc, q, q_pos, K, V, page_row, bt_row, first, s1, kv_off_k, kv_off_v,
                                   cache_len, full_limit, num_blocks, stride_k0, stride_ks, stride_v0, stride_vs,
-                                  scale_log2, offs_n, offs_d, PAGE_SIZE, True, PAGED, UPCAST, V_WITH_K)
+                                  scale_log2, offs_n, offs_d, PAGE_SIZE, True, PAGED, UPCAST)
 
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -287,13 +281,14 @@ def _sm_count(index) -> int:
 
 
 def choose_num_splits(programs: int, max_pages: int, page_size: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head, row tile), from shapes only (no device sync): enough for
-    ``programs * splits`` to reach two programs per SM, but no more than :data:`MAX_SPLITS`, than
-    the page budget ``max_pages`` (the width of ``pages``) has pages, or than it has
-    :data:`MIN_KEYS_PER_SPLIT`-key shares."""
+    """Splits per (sequence, KV head, row tile), from shapes only (no device sync): as many as keep
+    ``programs * splits`` within :data:`PROGRAMS_PER_SM` programs per SM (one wave of equal shares,
+    no SM left with an extra program), but no more than :data:`MAX_SPLITS`, than the page budget
+    ``max_pages`` (the width of ``pages``) has pages, or than it has :data:`MIN_KEYS_PER_SPLIT`-key
+    shares."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else _INTERPRETER_SMS
-    wanted = triton.cdiv(2 * sms, max(programs, 1))
+    wanted = PROGRAMS_PER_SM * sms // max(programs, 1)
     by_budget = max(1, min(max_pages, max_pages * page_size // MIN_KEYS_PER_SPLIT))
     return max(1, min(wanted, by_budget, MAX_SPLITS))
 
@@ -322,17 +317,17 @@ def _unit_last_stride(t: Tensor) -> Tensor:
 def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor, page_counts: Tensor,
                             cache_lens: Tensor, page_size: int, scale: float,
                             block_table: Tensor | None = None, num_splits: int | None = None,
-                            fast_launch: bool = True, workspace=None, values_with_keys: bool | None = None,
-                            num_stages: int | None = None, out: Tensor | None = None):
+                            fast_launch: bool = True, workspace=None, num_stages: int = 1,
+                            out: Tensor | None = None):
     """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
     natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
     :func:`choose_num_splits` (tests use it to exercise the merge); ``fast_launch``: see
     :func:`~sparse_attn.backends.triton.launch.launch_jit`; ``workspace``: a
     :class:`~.workspace.DecodeWorkspace` whose arrival counters let the split kernel merge by itself
     (None, or one that cannot hold the counters inside a CUDA-graph capture: a separate merge kernel).
-    Tuning (the results are the same either way): ``values_with_keys`` loads each tile's values
-    together with its keys (None: :data:`VALUES_WITH_KEYS`); ``num_stages``: the split kernel's
-    software-pipelining stages (None: Triton's default). ``out``: the (checked) tensor to write the
+    ``num_stages``: the split kernel's software-pipelining stages (1, none: a split's few key tiles
+    gain nothing from prefetching, and one stage runs 15-25% faster than Triton's default of 3 at 128K
+    from batch 1 to 32 with budget 2048, page 64). ``out``: the (checked) tensor to write the
     output into, any strides with a unit last one (None: a new one)."""
     batch, heads, q_len, dim = q.shape
     paged = block_table is not None
@@ -380,8 +375,7 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=BLOCK_N,
         ROWS=rows, NUM_SPLITS=num_splits, PAGED=paged, UPCAST=fp32_dot_operands(q.dtype), SCAN=64,
         FUSED_MERGE=arrivals is not None, num_warps=8 if rows * dim >= 128 * 128 else 4,
-        V_WITH_K=VALUES_WITH_KEYS if values_with_keys is None else bool(values_with_keys),
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        num_stages=num_stages,
     ), fast_launch)
     if num_splits > 1 and arrivals is None:
         total_rows = batch * heads * q_len
