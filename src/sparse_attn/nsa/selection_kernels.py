@@ -130,14 +130,17 @@ def _select_blocks_kernel(
 
 
 def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, seq: int, scale: float,
-                         fast_launch: bool = True) -> Tensor:
+                         fast_launch: bool = True, block_m: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> Tensor:
     """``(B, Hkv, Sq, take)`` int32: the selection blocks (``take = min(select_blocks, Ns)``) each of
     the last ``Sq`` of ``seq`` query tokens reads, best first, -1 in the slots past the blocks it
     has; from ``q (B, H, Sq, D)``, the compressed keys ``kc (B, Hkv, Nc, D)`` (q's dtype) and the
     compressed branch's natural-log LSE ``lse (B, H, Sq)`` (float32, -inf where no compressed block
     is visible), the scores scaled by ``scale``; shapes within
     :func:`~.compressed.selection_kernel_supports`. ``fast_launch``: see
-    :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`. Tuning (the same blocks either way):
+    ``block_m`` query tokens per program (a power of two; None: 64 query rows of heads x tokens, at
+    least 16 tokens), ``num_warps`` and ``num_stages`` (None: by the tile's size; Triton's default)."""
     batch, heads, q_len, dim = q.shape
     kv_heads, nc = kc.shape[1], kc.shape[2]
     group = heads // kv_heads
@@ -145,7 +148,10 @@ def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, 
     take = min(config.select_blocks, ns)
     top = triton.next_power_of_2(max(take, 2))
     group_p2 = triton.next_power_of_2(group)
-    block_m = max(16, 64 // group_p2)
+    if block_m is None:
+        block_m = max(16, 64 // group_p2)
+    if num_warps is None:
+        num_warps = 8 if group_p2 * block_m * dim >= 64 * 128 else 4
     q, kc = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kc))
     lse = lse.float().contiguous()
     out = torch.empty(batch, kv_heads, q_len, take, device=q.device, dtype=torch.int32)
@@ -157,6 +163,6 @@ def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, 
         BLOCK_S=max(BLOCK_S, top), TOP=top, COMPRESS_BLOCK=config.compress_block,
         COMPRESS_STRIDE=config.compress_stride, SELECT_BLOCK=config.select_block,
         FORCED_INITIAL=config.forced_initial, FORCED_LOCAL=config.forced_local, UPCAST=fp32_dot_operands(q.dtype),
-        num_warps=8 if group_p2 * block_m * dim >= 64 * 128 else 4,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     ), fast_launch)
     return out
