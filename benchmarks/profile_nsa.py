@@ -1,8 +1,9 @@
 """Where NSA's GPU time goes: the kernels of one :class:`sparse_attn.nsa.NSAAttention` forward and
 forward+backward (default :class:`~sparse_attn.nsa.NSAConfig`, bf16, batch 1, H=32, D=128) with
 their device time from the PyTorch profiler, at each (length, KV heads); then the selection
-kernel's device time at each tuning choice (query tokens per program, warps, pipelining stages),
-which all select the same blocks.
+kernel's device time at each tuning choice (query tokens per program, warps, pipelining stages) and
+the share of its selection equal to the default choice's (tile shapes change the order of float32
+sums, so near-equal importances may rank apart).
 
     python benchmarks/profile_nsa.py --lengths 32768 65536 --kv-heads 8 --out results/nsa_profile
 
@@ -55,7 +56,7 @@ def selection_variants(module, q, k, v, config, scale, args) -> dict:
                 def run(block_m=block_m, warps=warps, stages=stages):
                     return triton_select_blocks(q, kc, lse, config, k.shape[2], scale, block_m=block_m,
                                                 num_warps=warps, num_stages=stages)
-                same = torch.equal(run(), want)
+                same = float((run() == want).float().mean())
                 out[name] = {"ms": round(kernel_breakdown(run, 3, 2)["cuda_ms_per_call"], 3), "same_blocks": same}
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -113,7 +114,7 @@ def main(argv=None):
             print("| kernel | ms | calls |\n|---|---|---|")
             for name, ms, calls in r[mode]["kernels"]:
                 print(f"| {name} | {ms} | {calls:g} |")
-        print("| selection kernel | ms | same blocks |\n|---|---|---|")
+        print("| selection kernel | ms | share of blocks as the default's |\n|---|---|---|")
         for name, entry in r["selection_kernel"].items():
             print(f"| {name} | {entry.get('ms', entry.get('error'))} | {entry.get('same_blocks', '-')} |")
     return 0
