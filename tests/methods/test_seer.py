@@ -42,6 +42,17 @@ def test_density_follows_the_threshold_and_top_k(trained):
     assert kept[0].density() < kept[1].density()
 
 
+def test_top_p_density_grows_with_the_gate_mass_kept(trained):
+    """``top_p``: density grows with p (p = 1 keeps every block), and top_p with top_k is refused."""
+    model, gates, ids = trained
+    q, k = _qk(model, ids)[1]
+    densities = [get_method("seer", gates=gates, block_size=16, sink=0, top_p=p).estimate(q, k, 1).density()
+                 for p in (0.5, 0.8, 0.95, 1.0)]
+    assert densities == sorted(densities) and densities[0] < densities[2] and densities[-1] == 1.0
+    with pytest.raises(KnobError, match="top_p"):
+        get_method("seer", gates=gates, block_size=16, top_p=0.9, top_k=4)
+
+
 def test_batches_and_chunked_prefill_keep_one_selection_per_sequence(trained):
     model, gates, ids = trained
     q, k = _qk(model, ids)[0]

@@ -10,6 +10,7 @@ import torch
 
 from .base import Knob, Method, register_method
 from .knobs import KnobSpec
+from .primitives.top_p import top_p_mask
 from .seer_gate import GatesError, SeerGates, block_shares_to_pages, resolve_gates
 from .selection import select_top_k, top_k_dense
 
@@ -35,8 +36,10 @@ class Seer(Method):
     """SeerAttention's learned gates: per layer and KV group, a gate trained by ``sparse-attn
     train-gates`` scores every causal key block from pooled queries and keys (its softmax over a query
     block's key blocks estimates the frozen model's attention mass there); keep the blocks whose share
-    reaches ``threshold`` (SeerAttention's rule), or, with ``top_k`` > 0, the ``top_k`` best key blocks
-    per query block (a count, or a share of the key blocks). ``gates``: the gates file (``"canary"``:
+    reaches ``threshold`` (SeerAttention's rule); with ``top_p`` > 0, the fewest key blocks whose
+    shares reach ``top_p`` per query block (every row keeps that much of the gate's mass); with
+    ``top_k`` > 0, the ``top_k`` best key blocks per query block (a count, or a share of the key
+    blocks). At most one of ``top_p`` and ``top_k`` is set. ``gates``: the gates file (``"canary"``:
     the ones shipped with the canary model); ``block_size`` must be the block size they were trained
     at. Estimation cost: un-rotating the call's queries and keys, pooling them per block, and the
     gate's ``NQ x NK`` scores of ``gate_dim`` (no ``S x S`` work)."""
@@ -47,12 +50,16 @@ class Seer(Method):
         "gates": KnobSpec.path(),
         "threshold": KnobSpec.real(0.0, 1.0, high_open=True, per_head=True),
         "top_k": KnobSpec.count(0, share_of="the key blocks", per_head=True),  # 0: threshold decides
+        "top_p": KnobSpec.real(0.0, 1.0, per_head=True),  # 0: threshold decides
     }
     gates: Optional[str] = None
     threshold: Knob = 0.01
     top_k: Knob = 0
+    top_p: Knob = 0.0
 
     def check_knobs(self):
+        if self._top_k_on() and self.knob_max(self.top_p) > 0:
+            raise self.knob_error("top_p", self.top_p, "and top_k cannot both be set: pick one rule")
         if self.gates is None:
             return
         try:
@@ -102,6 +109,9 @@ class Seer(Method):
             top_k = self.count(self.top_k, grid.reachable.shape[1])
             keep = select_top_k(probs, self.row_values(top_k, probs, kv_heads).long(), valid=grid.reachable,
                                 k_max=int(self.knob_max(top_k)))
+        elif self.knob_max(self.top_p) > 0:
+            keep = top_p_mask(probs, self.row_values(self.top_p, probs, kv_heads),
+                              kernel_options=kernel_options) & grid.reachable
         else:
             keep = (probs >= self.row_values(self.threshold, probs, kv_heads)[..., None]) & grid.reachable
         return keep.repeat_interleave(heads // kv_heads, dim=1)
