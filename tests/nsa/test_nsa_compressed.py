@@ -133,3 +133,23 @@ def test_mapping_onto_selection_blocks_equals_the_overlap_product(block, stride,
         assert targets.shape[0] <= -(-block // select_block) + 1
         torch.testing.assert_close(map_to_selection_blocks(probs, targets, weights, ns),
                                    probs @ block_overlap(config, nc, ns), rtol=0, atol=1e-12)
+
+
+def test_earlier_blocks_from_block_indices_equal_the_dense_conversion():
+    """The selected branch's layout rows from the kernel's block indices (-1 padded, best first)
+    equal those ``dense_to_csr`` gives for the same blocks before each token's own."""
+    from sparse_attn.layout import dense_to_csr
+    from sparse_attn.nsa.compressed import blocks_to_mask
+    from sparse_attn.nsa.module import _earlier_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    seq, ns, n = 40, 10, 4
+    own = torch.arange(seq) // 4
+    distinct = torch.rand(2, 3, seq, ns, generator=gen).argsort(-1)[..., :n].to(torch.int32)  # no repeats
+    blocks = torch.where(distinct <= own[:, None], distinct, -1)  # none after the token's own block
+    earlier = blocks_to_mask(blocks, ns) & (torch.arange(ns)[None, :] < own[:, None])
+    want_counts, want_indices = dense_to_csr(earlier)
+    counts, indices = _earlier_blocks(blocks, own)
+    assert torch.equal(counts, want_counts)
+    width = want_indices.shape[-1]
+    assert torch.equal(indices[..., :width], want_indices) and not indices[..., width:].any()

@@ -50,7 +50,7 @@ DIRECT_ROWS = 16  # up to this many queries (decode steps), scores against every
 def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tensor], config: NSAConfig,
                       scale: float, *, backend: str = "auto", kernel_options: Optional[KernelOptions] = None,
                       chunk_rows: Optional[int] = None, select: bool = True,
-                      compressed: Optional[tuple] = None):
+                      compressed: Optional[tuple] = None, return_blocks: bool = False):
     """``(out (B, H, Sq, D), chosen (B, Hkv, Sq, Ns) bool)``: the compressed branch's output
     (differentiable in ``q``, ``k``, ``v`` and the compression parameters) and the selection blocks
     each query token's KV group reads, for the last ``Sq`` of ``S`` tokens (``q (B, H, Sq, D)``,
@@ -59,7 +59,15 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
     many as fit :data:`CHUNK_BYTES` of scores); ``select=False``: no selection (``chosen`` is None);
     ``compressed``: the compressed keys and values ``(kc, vc)`` of ``k`` and ``v``, each
     ``(B, Hkv, Nc, D)`` (e.g. kept with a KV cache by :class:`~.compressed_cache.CompressedKVCache`),
-    instead of compressing ``k`` and ``v`` here."""
+    instead of compressing ``k`` and ``v`` here. ``return_blocks``: a third result, the selection
+    kernel's ``(B, Hkv, Sq, n)`` int32 block indices (best first, -1 where a token has fewer blocks),
+    or None where the selection did not run the kernel."""
+    out, chosen, blocks = _branch(q, k, v, params, config, scale, backend, kernel_options, chunk_rows, select,
+                                  compressed)
+    return (out, chosen, blocks) if return_blocks else (out, chosen)
+
+
+def _branch(q, k, v, params, config, scale, backend, kernel_options, chunk_rows, select, compressed):
     batch, heads, q_len, dim = q.shape
     kv_heads, seq = k.shape[1], k.shape[2]
     if compressed is None:
@@ -75,12 +83,13 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
     positions = torch.arange(seq - q_len, seq, device=q.device)
     if kc.shape[2] == 0:  # no compressed block yet: output 0, the forced blocks selected
         importance = torch.zeros(batch, kv_heads, q_len, ns, device=q.device, dtype=torch.float32)
-        return q * 0.0, rank_blocks(importance, config, positions) if select else None
+        return q * 0.0, rank_blocks(importance, config, positions) if select else None, None
     if q_len <= DIRECT_ROWS:  # a decode step or a short chunk: the Sq x Nc scores are small
-        return _direct(q, kc, vc, config, scale, positions, ns, select)
+        return (*_direct(q, kc, vc, config, scale, positions, ns, select), None)
     out, lse = _phase_attention(q, kc, vc, seq, config, scale, backend, kernel_options)
+    blocks = None
     if not select:
-        return out, None
+        return out, None, None
     with torch.no_grad():
         if use_triton(q, kernel_options, selection_kernel_supports(q, kv_heads)):
             from .selection_kernels import triton_select_blocks
@@ -91,7 +100,7 @@ def compressed_branch(q: Tensor, k: Tensor, v: Tensor, params: Mapping[str, Tens
         else:
             chosen = _selection(q.detach(), kc.detach(), lse.detach().float(), config, scale, positions, ns,
                                 chunk_rows)
-    return out, chosen
+    return out, chosen, blocks
 
 
 def selection_kernel_supports(q: Tensor, kv_heads: int) -> bool:

@@ -42,6 +42,17 @@ def _group_rows(group: int) -> int:
                      f"got {group}")
 
 
+def _earlier_blocks(blocks: Tensor, own: Tensor):
+    """``(counts, indices)`` as :func:`~sparse_attn.layout.dense_to_csr` gives them for the blocks
+    before each token's own, from block indices ``(B, Hkv, S, n)`` (-1: none) and ``own (S,)``."""
+    past = (blocks >= 0) & (blocks < own[:, None].to(blocks.dtype))
+    ordered = torch.where(past, blocks, torch.iinfo(blocks.dtype).max).sort(-1).values
+    counts = past.sum(-1, dtype=torch.int32)
+    slot = torch.arange(blocks.shape[-1], device=blocks.device)
+    indices = torch.where(slot < counts[..., None], ordered, 0).to(torch.int32)
+    return counts.contiguous(), indices.contiguous()
+
+
 class NSAAttention(nn.Module):
     """Native Sparse Attention of ``q (B, H, Sq, D)`` over ``k, v (B, Hkv, S, D)``: causal, the queries
     the last ``Sq <= S`` positions (``Sq = S``: self-attention over a whole sequence; fewer: decoding
@@ -125,19 +136,19 @@ class NSAAttention(nn.Module):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         params = {name: p.to(q.dtype) for name, p in self.nsa_params().items()}
         call = dict(scale=scale, backend=backend, kernel_options=kernel_options)
-        out_cmp, chosen = compressed_branch(q, k, v, params, self.config, scale, backend=backend,
-                                            kernel_options=kernel_options, select=selection is None,
-                                            compressed=compressed_kv)
+        out_cmp, chosen, blocks = compressed_branch(q, k, v, params, self.config, scale, backend=backend,
+                                                    kernel_options=kernel_options, select=selection is None,
+                                                    compressed=compressed_kv, return_blocks=True)
         if selection is not None:
             expected = (q.shape[0], self.num_kv_heads, q.shape[2], math.ceil(seq / self.config.select_block))
             if not isinstance(selection, Tensor) or selection.dtype != torch.bool or tuple(selection.shape) != expected:
                 raise ValueError(f"selection must be a bool tensor of shape {expected} (batch, KV heads, tokens, "
                                  f"selection blocks), got {getattr(selection, 'shape', selection)!r}")
-            chosen = selection
+            chosen, blocks = selection, None
         if q.shape[2] < seq:
             out_slc, out_win = self._tail(q, k, v, chosen, call, any_count=selection is not None)
         else:
-            out_slc = self._selected(q, k, v, chosen, call)
+            out_slc = self._selected(q, k, v, chosen, call, blocks)
             out_win = sparse_attention(q, k, v, self._window_layout(seq, q.device), **call)
         gates = nsa_gates(q, params)
         out = gates[..., 0:1] * out_cmp + gates[..., 1:2] * out_slc + gates[..., 2:3] * out_win
@@ -206,14 +217,19 @@ class NSAAttention(nn.Module):
         band = (blk[None, :] <= blk[:, None]) & (blk[None, :] > blk[:, None] - self.config.window_blocks)
         return BlockSparseLayout.from_dense(band, seq, seq, self.config.window_block, causal=True)
 
-    def _selected(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict) -> Tensor:
-        """Selected-branch attention: earlier blocks token-major, the own block causal, merged by LSE."""
+    def _selected(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict,
+                  blocks: Optional[Tensor] = None) -> Tensor:
+        """Selected-branch attention: earlier blocks token-major, the own block causal, merged by LSE.
+        ``blocks``: the selection as the kernel's block indices (-1: none), read instead of ``chosen``."""
         batch, heads, seq, dim = q.shape
         kv_heads, rows, block = self.num_kv_heads, self.group_rows, self.config.select_block
         group = heads // kv_heads
         own = torch.arange(seq, device=q.device) // block
-        earlier = chosen & (torch.arange(chosen.shape[-1], device=q.device)[None, :] < own[:, None])
-        counts, indices = dense_to_csr(earlier)  # one row per (batch, KV head, token)
+        if blocks is None:
+            earlier = chosen & (torch.arange(chosen.shape[-1], device=q.device)[None, :] < own[:, None])
+            counts, indices = dense_to_csr(earlier)  # one row per (batch, KV head, token)
+        else:
+            counts, indices = _earlier_blocks(blocks, own)
         layout = BlockSparseLayout(counts, indices, seq * rows, seq, rows, block, causal=False, check=False)
         qt = q.view(batch, kv_heads, group, seq, dim).transpose(2, 3)  # (B, Hkv, S, G, D)
         if rows > group:
