@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.triton.launch import launch_jit
+from ..backends.triton.runtime import next_power_of_2
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, f
         *k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3],
         index.capacity, index.max_pages, new,
     ), dict(
-        KV_HEADS=kv_heads, HEADS_P2=triton.next_power_of_2(kv_heads), T_P2=triton.next_power_of_2(new),
+        KV_HEADS=kv_heads, HEADS_P2=next_power_of_2(kv_heads), T_P2=next_power_of_2(new),
         HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window, HAS_COUNTS=has_counts,
-        num_warps=max(4, min(16, triton.next_power_of_2(kv_heads) * triton.next_power_of_2(new) * dim // 1024)),
+        num_warps=max(4, min(16, next_power_of_2(kv_heads) * next_power_of_2(new) * dim // 1024)),
     ), fast_launch)

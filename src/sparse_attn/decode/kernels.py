@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..backends.triton.kernels import LN2, dot
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import fp32_dot_operands
+from ..backends.triton.runtime import cdiv, fp32_dot_operands, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -348,8 +348,8 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
         block_table = page_counts  # placeholder pointer, never read
         stride_t = 0
     group = heads // kv_heads
-    rows = min(MAX_ROWS, max(16, triton.next_power_of_2(group * q_len)))
-    row_tiles = triton.cdiv(group * q_len, rows)
+    rows = min(MAX_ROWS, max(16, next_power_of_2(group * q_len)))
+    row_tiles = cdiv(group * q_len, rows)
     if num_splits is None:
         num_splits = choose_num_splits(batch * kv_heads * row_tiles, pages.shape[-1], page_size, q.device)
 
@@ -379,7 +379,7 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     ), fast_launch)
     if num_splits > 1 and arrivals is None:
         total_rows = batch * heads * q_len
-        launch_jit(_decode_merge_kernel, (triton.cdiv(total_rows, MERGE_ROWS),), (
+        launch_jit(_decode_merge_kernel, (cdiv(total_rows, MERGE_ROWS),), (
             o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1), total_rows,
         ), dict(
             HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits, ROWS=MERGE_ROWS, num_warps=4,

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backends.triton.kernels import dot
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import fp32_dot_operands
+from ..backends.triton.runtime import cdiv, fp32_dot_operands, next_power_of_2
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
@@ -208,14 +208,14 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
-    rows = max(16, triton.next_power_of_2(group * q_len))
+    rows = max(16, next_power_of_2(group * q_len))
     q = q if q.stride(-1) == 1 else q.contiguous()
     if method == "quest":
         first, second = index.kmax, index.kmin
     else:
         first = second = index.ksum
     out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
-    tiles = triton.cdiv(max_pages, PAGE_TILE)
+    tiles = cdiv(max_pages, PAGE_TILE)
     stats = torch.empty(2, batch, kv_heads, group * q_len, tiles, device=q.device, dtype=torch.float32) \
         if with_stats else out
     launch_jit(_page_logits_kernel, (tiles, batch * kv_heads), (
@@ -248,8 +248,8 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         strides = (*logits.stride()[:3], *stats.stride()[:4])
     else:  # placeholder pointers, never read
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
-    np_p2 = triton.next_power_of_2(max_pages)
-    rows_p2 = triton.next_power_of_2(max(rows, 1))
+    np_p2 = next_power_of_2(max_pages)
+    rows_p2 = next_power_of_2(max(rows, 1))
     together = rows_p2 * np_p2 <= ROWS_TOGETHER_MAX
     launch_jit(_select_pages_kernel, (batch * kv_heads,), (
         logits, stats, index.lengths, pages, counts,
@@ -257,7 +257,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         max_pages, width, sink_pages, recent, tiles,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
-        W_P2=triton.next_power_of_2(width), TILES_P2=triton.next_power_of_2(tiles), SCORED=scored,
+        W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
         GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together,
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H200, 4 rows of 2048 pages ran fastest with 8 warps: 7.5 us, against 8.5 with 16).

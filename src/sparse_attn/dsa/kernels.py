@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.triton.kernels import LN2, dot
-from ..backends.triton.runtime import fp32_dot_operands, interpreting
+from ..backends.triton.runtime import cdiv, fp32_dot_operands, interpreting, next_power_of_2
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -170,7 +170,7 @@ def unsupported_reason(q: Tensor, k: Tensor) -> str | None:
 
 
 def _rows(group: int) -> int:
-    return max(16, triton.next_power_of_2(group))
+    return max(16, next_power_of_2(group))
 
 
 def _num_warps(rows: int, dim: int) -> int:
@@ -183,7 +183,7 @@ def choose_num_splits(programs: int, list_len: int, device: torch.device) -> int
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     if programs >= sms:
         return 1
-    return max(1, min(triton.cdiv(list_len, 256), triton.cdiv(2 * sms, programs)))
+    return max(1, min(cdiv(list_len, 256), cdiv(2 * sms, programs)))
 
 
 def triton_forward(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: float, num_splits: int | None = None):
@@ -198,8 +198,8 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: floa
     rows = _rows(group)
     if num_splits is None:
         num_splits = choose_num_splits(q_len * batch * kv_heads, list_len, q.device)
-    per_split = triton.cdiv(triton.cdiv(list_len, num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(list_len, per_split)
+    per_split = cdiv(cdiv(list_len, num_splits), BLOCK_N) * BLOCK_N
+    num_splits = cdiv(list_len, per_split)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, device=q.device, dtype=torch.float32)
     if num_splits > 1:

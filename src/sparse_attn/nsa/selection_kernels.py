@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..backends.triton.kernels import dot
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import fp32_dot_operands
+from ..backends.triton.runtime import cdiv, fp32_dot_operands, next_power_of_2
 from .config import NSAConfig
 
 __all__ = ["triton_select_blocks"]
@@ -149,8 +149,8 @@ def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, 
     group = heads // kv_heads
     ns = math.ceil(seq / config.select_block)
     take = min(config.select_blocks, ns)
-    top = triton.next_power_of_2(max(take, 2))
-    group_p2 = triton.next_power_of_2(group)
+    top = next_power_of_2(max(take, 2))
+    group_p2 = next_power_of_2(group)
     if block_m is None:  # 256 query rows: on an H100 at 64K (G = 4) 2.6x faster than 64 rows
         block_m = min(64, max(16, 256 // group_p2))
     if num_warps is None:
@@ -158,7 +158,7 @@ def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, 
     q, kc = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kc))
     lse = lse.float().contiguous()
     out = torch.empty(batch, kv_heads, q_len, take, device=q.device, dtype=torch.int32)
-    launch_jit(_select_blocks_kernel, (triton.cdiv(q_len, block_m), batch * kv_heads), (
+    launch_jit(_select_blocks_kernel, (cdiv(q_len, block_m), batch * kv_heads), (
         q, kc, lse, out, *q.stride()[:3], *kc.stride()[:3], lse.stride(0), lse.stride(1), *out.stride()[:3],
         q_len, seq, nc, ns, take, scale * LOG2E,
     ), dict(

@@ -16,7 +16,7 @@ from ...options import KernelOptions
 from . import gluon_backward, gluon_forward
 from .autotune import _width_class
 from .launch import GLUON_LAUNCHERS, _launch
-from .runtime import fp32_dot_operands, interpreting, major_capability
+from .runtime import cdiv, fp32_dot_operands, interpreting, major_capability
 
 LOG2E = 1.4426950408889634
 
@@ -146,7 +146,7 @@ def attention_forward(q, k, v, layout, scale, cu_q, cu_k, batch, kernel: str, op
     qs, ks, vs, os_ = (_seq_strides(t, varlen) for t in (q, k, v, out))
     if cu_q is None:
         cu_q = cu_k = _dummy(q.device)
-    grid = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
+    grid = lambda meta: (cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                          batch * heads)
     _launch(
         "fwd", grid, options.fast_launch, q, k, v, out, lse, cnt, idx, cu_q, cu_k,
@@ -201,7 +201,7 @@ def attention_backward(do, q, k, v, out, lse, layout, scale, cu_q, cu_k, batch, 
                   Q_BLOCK=layout.q_block, KV_BLOCK=layout.kv_block, CAUSAL=layout.causal,
                   VARLEN=varlen, UPCAST=fp32_dot_operands(q.dtype),
                   TMA=_use_tma(options.backward_tma, q, k, v, do))
-    grid_dq = lambda meta: (triton.cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
+    grid_dq = lambda meta: (cdiv(layout.num_q_blocks * layout.q_block, meta["BLOCK_M"]),  # noqa: E731
                             batch * heads)
     _launch(
         "dq", grid_dq, options.fast_launch, q, k, v, out, do, dq, lse, delta, lse if dlse is None else dlse, cnt, idx, cu_q, cu_k,
