@@ -26,10 +26,13 @@
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
 #   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto and
 #                never), static layouts at d = 0.1/0.05/0.2, with attention/estimate/rest split (~5.5 min)
-#   decode_profile  each kernel of a decode step, top-k searches and split counts, pages 16/32/64 (~2 min)
+#   decode_profile  each kernel of a decode step, the top-k kernel's warps, the attention's splits and
+#                pipelining stages, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
 #   generate_static  the same at 32K with a static cache (transformers compiles the decoding forward) (~5 min)
 #   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
+#   nsa_profile  NSA's kernels by GPU time at 32K and 64K, forward and forward+backward, and the selection
+#                kernel's tile/warps/stages choices (~2 min)
 #   nsa_decode   one NSA decode step at 32K and 128K, kept compression vs compressing the cache, one DSA step,
 #                dense (~1.5 min)
 #   train_step   a training step of the canary architecture with dense, MoBA, NSA and DSA attention at 8K and 32K:
@@ -192,6 +195,9 @@ for step in "${@:-attention}"; do
     trainable)
       timeout 400 python3 benchmarks/bench_trainable.py --lengths 8192 32768 65536 --kv-heads 8 2 \
         --out "$out/trainable" 2>&1 | tee "$out/trainable.log" | grep -a "^|\|^[0-9]*/" ;;
+    nsa_profile)
+      timeout 200 python3 benchmarks/profile_nsa.py --lengths 32768 65536 --kv-heads 8 --out "$out/nsa_profile" 2>&1 \
+        | grep -v "^{" | tail -70 ;;
     nsa_decode)
       timeout 150 python3 benchmarks/bench_trainable.py --lengths --decode-contexts 32768 131072 --kv-heads 8 2 \
         --out "$out/nsa_decode" 2>&1 | tee "$out/nsa_decode.log" | grep -a "^|" ;;
