@@ -209,6 +209,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_profile, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
   esac
 done
