@@ -159,8 +159,8 @@ def kernel_rows(args, copy_gbs):
                 pages, counts = selection(q, index)
                 torch_pages, torch_counts = selection(q, index, kernel_options=KernelOptions(estimator_kernels="torch"))
                 row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
-                # The split kernel merges its splits itself (a workspace), as patch() and users who pass a
-                # DecodeWorkspace run it; "separate" launches the merge kernel after it.
+                # The split kernel merges its splits itself (a workspace), as users who pass a
+                # DecodeWorkspace run it; "separate" launches the merge kernel after it, as patch() runs it.
                 ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale,  # noqa: E731
                                                        workspace=workspace)
                 separate = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731

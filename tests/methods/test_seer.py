@@ -43,12 +43,20 @@ def test_density_follows_the_threshold_and_top_k(trained):
 
 
 def test_top_p_density_grows_with_the_gate_mass_kept(trained):
-    """``top_p``: density grows with p (p = 1 keeps every block), and top_p with top_k is refused."""
+    """``top_p``: density grows with p (p = 1 keeps every block), a group at 0 keeps the threshold rule,
+    and top_p with top_k is refused."""
     model, gates, ids = trained
     q, k = _qk(model, ids)[1]
     densities = [get_method("seer", gates=gates, block_size=16, sink=0, top_p=p).estimate(q, k, 1).density()
                  for p in (0.5, 0.8, 0.95, 1.0)]
     assert densities == sorted(densities) and densities[0] < densities[2] and densities[-1] == 1.0
+    # Per KV group: a group at top_p 0 keeps the threshold rule's blocks.
+    mixed = get_method("seer", gates=gates, block_size=16, sink=0, top_p=[0.5, 0.0], threshold=0.05)
+    by_p = get_method("seer", gates=gates, block_size=16, sink=0, top_p=0.5).estimate(q, k, 1).to_dense()
+    by_threshold = get_method("seer", gates=gates, block_size=16, sink=0, threshold=0.05).estimate(q, k, 1).to_dense()
+    got = mixed.estimate(q, k, 1).to_dense()
+    half = got.shape[1] // 2
+    assert torch.equal(got[:, :half], by_p[:, :half]) and torch.equal(got[:, half:], by_threshold[:, half:])
     with pytest.raises(KnobError, match="top_p"):
         get_method("seer", gates=gates, block_size=16, top_p=0.9, top_k=4)
 

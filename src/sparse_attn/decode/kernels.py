@@ -61,8 +61,9 @@ MAX_ROWS = 128  # query rows of one program (GROUP * Sq above this take several 
 MAX_SPLITS = 32  # most splits of one row's pages
 MERGE_ROWS = 16  # query rows of one program of the separate merge kernel
 MIN_KEYS_PER_SPLIT = 128  # splits are not made smaller than this many keys of budget
-# Split programs per SM the split count aims at: on an H200 at 128K (budget 2048, page 64) one wave of
-# 4 per SM beat 2 per SM by 16% at batch 8 and matched the best at batches 1 and 32.
+# Split programs per SM the split count aims at: on an H100 at 128K (budget 2048, page 64) one wave of
+# 4 per SM was within 0.5% of the best of 4-32 splits at batches 1, 8 and 32
+# (docs/results/decode_profile_h100_2026-12-07.json).
 PROGRAMS_PER_SM = 4
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second dimension, which walks (batch, KV head)
 _INTERPRETER_SMS = 4  # off CUDA (the interpreter), splits are chosen as for a 4-SM device
@@ -326,7 +327,7 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     :class:`~.workspace.DecodeWorkspace` whose arrival counters let the split kernel merge by itself
     (None, or one that cannot hold the counters inside a CUDA-graph capture: a separate merge kernel).
     ``num_stages``: the split kernel's software-pipelining stages (1, none: a split's few key tiles
-    gain nothing from prefetching, and one stage runs 15-25% faster than Triton's default of 3 at 128K
+    gain nothing from prefetching, and one stage runs 12-21% faster than Triton's default of 3 at 128K
     from batch 1 to 32 with budget 2048, page 64). ``out``: the (checked) tensor to write the
     output into, any strides with a unit last one (None: a new one)."""
     batch, heads, q_len, dim = q.shape

@@ -110,8 +110,11 @@ class Seer(Method):
             keep = select_top_k(probs, self.row_values(top_k, probs, kv_heads).long(), valid=grid.reachable,
                                 k_max=int(self.knob_max(top_k)))
         elif self.knob_max(self.top_p) > 0:
-            keep = top_p_mask(probs, self.row_values(self.top_p, probs, kv_heads),
-                              kernel_options=kernel_options) & grid.reachable
+            p = self.row_values(self.top_p, probs, kv_heads)
+            keep = top_p_mask(probs, p, kernel_options=kernel_options)
+            # Heads whose top_p is 0 (a per-head list) keep the threshold rule.
+            by_threshold = probs >= self.row_values(self.threshold, probs, kv_heads)[..., None]
+            keep = torch.where((p > 0)[..., None], keep, by_threshold) & grid.reachable
         else:
             keep = (probs >= self.row_values(self.threshold, probs, kv_heads)[..., None]) & grid.reachable
         return keep.repeat_interleave(heads // kv_heads, dim=1)

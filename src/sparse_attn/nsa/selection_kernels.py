@@ -84,7 +84,7 @@ def _select_blocks_kernel(
     last_pos = seq - q_len + tl.minimum(first_row + BLOCK_M, q_len) - 1
     last_own = last_pos // SELECT_BLOCK
     # Compressed blocks the tile's last token sees: c * d + l - 1 <= last_pos.
-    # (Integer divisions here only see non-negative operands.)
+    # (Where an operand may be negative, tl.where drops the quotient: C and Python round those apart.)
     visible_end = tl.where(last_pos >= COMPRESS_BLOCK - 1, (last_pos - COMPRESS_BLOCK + 1) // COMPRESS_STRIDE + 1, 0)
     visible_end = tl.minimum(visible_end, nc)
 
@@ -140,7 +140,7 @@ def triton_select_blocks(q: Tensor, kc: Tensor, lse: Tensor, config: NSAConfig, 
     compressed branch's natural-log LSE ``lse (B, H, Sq)`` (float32, -inf where no compressed block
     is visible), the scores scaled by ``scale``; shapes within
     :func:`~.compressed.selection_kernel_supports`. ``fast_launch``: see
-    :func:`~sparse_attn.backends.triton.launch.launch_jit`. Tuning (the same blocks either way):
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`. Tuning:
     ``block_m`` query tokens per program (a power of two; None: 256 query rows of heads x tokens, 16
     to 64 tokens), ``num_warps`` and ``num_stages`` (None: by the tile's size; Triton's default).
     Tile shapes change the order of the float32 sums, so near-equal importances may rank apart."""
