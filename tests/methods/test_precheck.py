@@ -17,15 +17,16 @@ LENGTH, BLOCK = 1024, 32
 
 @pytest.fixture
 def estimates(monkeypatch):
-    """The query lengths of every ``Method.estimate`` call (full estimates have ``LENGTH`` rows)."""
+    """The query lengths of every block selection a method runs (``estimate`` and the pre-check's
+    ``keep_mask`` alike; full estimates have ``LENGTH`` rows)."""
     calls = []
-    real = Method.estimate
+    real = Method._keep
 
     def spy(self, q, k, *args, **kwargs):
         calls.append(q.shape[2])
         return real(self, q, k, *args, **kwargs)
 
-    monkeypatch.setattr(Method, "estimate", spy)
+    monkeypatch.setattr(Method, "_keep", spy)
     return calls
 
 
@@ -218,14 +219,26 @@ def test_a_knob_that_keeps_every_block_is_named_when_the_precheck_decides_dense(
     assert report.precheck.outcome == "dense" and report.knob_dense == ()
 
 
-@pytest.mark.parametrize("q_len,kv_len,q_block,kv_block,causal", [
-    (100, 100, 16, 16, True), (37, 300, 16, 32, True), (256, 1000, 64, 64, True), (50, 50, 32, 16, False),
-    (1, 513, 16, 64, True)])
-def test_reachable_blocks_are_counted_on_the_host_as_the_mask_counts_them(q_len, kv_len, q_block, kv_block, causal):
+@pytest.mark.parametrize("q_len,kv_len,q_block,kv_block", [
+    (100, 100, 16, 16), (37, 300, 16, 32), (256, 1000, 64, 64), (1, 513, 16, 64)])
+def test_reachable_blocks_are_counted_on_the_host_as_the_mask_counts_them(q_len, kv_len, q_block, kv_block):
     from sparse_attn import BlockSparseLayout
-    from sparse_attn.methods.precheck import reachable_blocks
+    from sparse_attn.methods.precheck import _reachable
 
     nq, nk = -(-q_len // q_block), -(-kv_len // kv_block)
     layout = BlockSparseLayout.from_dense(torch.ones(1, 1, nq, nk, dtype=torch.bool), q_len, kv_len,
-                                          (q_block, kv_block), causal=causal)
-    assert reachable_blocks(layout) == int(layout.causal_block_mask().sum())
+                                          (q_block, kv_block), causal=True)
+    assert _reachable(q_len, kv_len, q_block, kv_block, 0, nq) == int(layout.causal_block_mask().sum())
+
+
+@pytest.mark.parametrize("name", ["xattention", "flexprefill", "pooled_topp", "vertical_slash"])
+def test_keep_mask_is_the_block_mask_of_the_estimates_layout(name):
+    """``Method.keep_mask`` (what the pre-check counts) is the layout ``estimate`` builds, chunked
+    prefill included."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 200, 16, generator=gen)
+    k = torch.randn(1, 2, 330, 16, generator=gen)
+    method = get_method(name, block_size=BLOCK)
+    keep = method.keep_mask(q, k)
+    layout = method.estimate(q, k)
+    assert keep.dtype == torch.bool and torch.equal(keep, layout.to_dense() & layout.causal_block_mask())

@@ -269,12 +269,8 @@ class Method(CheckedOnAssignment):
         if synchronize:
             torch.cuda.synchronize(q.device)
         start = time.perf_counter()
-        grid = BlockGrid(q_len, kv_len, method.block_size, causal=True, device=q.device)
+        keep, details, grid = method._keep(q, k, scale, options)
         with torch.no_grad():
-            keep = method.select(q.detach(), k.detach(), grid, scale, kernel_options=options)
-            keep, details = keep if isinstance(keep, tuple) else (keep, {})
-            keep = method._finalize(keep, grid, kv_heads)
-            keep = method._fill_heads(keep, grid, kv_heads)
             layout = BlockSparseLayout.from_dense(keep, q_len, kv_len, method.block_size, causal=True)
         if not return_report:
             return layout
@@ -290,6 +286,26 @@ class Method(CheckedOnAssignment):
                                 q_len, kv_len, details, tuple(knob_dense), per_kv_head(per_head, kv_heads).tolist(),
                                 tuple(int(h) for h in full.nonzero().flatten()))
         return layout, report
+
+    def keep_mask(self, q: Tensor, k: Tensor, layer_idx: Optional[int] = None, *, scale: Optional[float] = None,
+                  kernel_options: Optional[KernelOptions] = None) -> Tensor:
+        """The blocks :meth:`estimate` keeps, as the bool ``(B, Hl, NQ, NK)`` block mask it builds its
+        layout from (causally reachable blocks only; forced blocks and dense heads filled in), without
+        building the layout: no host sync, for callers that only count blocks."""
+        method = self.for_layer(layer_idx)
+        _check_qk(q, k, method.name)
+        return method._keep(q, k, default_scale(q) if scale is None else scale,
+                            resolve_kernel_options(kernel_options))[0]
+
+    def _keep(self, q: Tensor, k: Tensor, scale: float, options: KernelOptions):
+        """``(keep, details, grid)``: the finalized block mask, the method's details, its block grid."""
+        grid = BlockGrid(q.shape[2], k.shape[2], self.block_size, causal=True, device=q.device)
+        with torch.no_grad():
+            keep = self.select(q.detach(), k.detach(), grid, scale, kernel_options=options)
+            keep, details = keep if isinstance(keep, tuple) else (keep, {})
+            keep = self._finalize(keep, grid, k.shape[1])
+            keep = self._fill_heads(keep, grid, k.shape[1])
+        return keep, details, grid
 
     def dense_head_mask(self, kv_heads: int, device=None, holder: str = "the call") -> Tensor:
         """Bool ``(Hkv,)``: the KV heads of ``dense_heads``; ValueError naming the knob when one of them

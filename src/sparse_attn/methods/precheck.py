@@ -152,13 +152,6 @@ def _reachable(q_len: int, kv_len: int, q_block: int, kv_block: int, first: int,
     return sum(min(nk, (min((j + 1) * q_block, q_len) - 1 + offset) // kv_block + 1) for j in range(first, end))
 
 
-def reachable_blocks(layout) -> int:
-    """``int(layout.causal_block_mask().sum())`` computed on the host, without reading the device."""
-    if not layout.causal:
-        return layout.num_q_blocks * layout.num_kv_blocks
-    return _reachable(layout.q_len, layout.kv_len, layout.q_block, layout.kv_block, 0, layout.num_q_blocks)
-
-
 def counts_of_the_call(method, kv_len: int):
     """``method`` with each count knob given as a share resolved against a call of ``kv_len`` keys
     (or its key blocks), so that estimating a shorter sample keeps the call's counts."""
@@ -184,11 +177,14 @@ def sample_density(method, q, k, layer_idx, spans: list, *, scale=None, kernel_o
     kept, reach = None, 0
     for first, end in spans:
         rows_end = min(end * block, q_len)
-        layout = method.estimate(q[:, :, first * block:rows_end], k[:, :, :offset + rows_end],
-                                 scale=scale, kernel_options=kernel_options)
-        blocks = layout.kept_blocks().double()
+        # The estimate's block mask, counted on the device: no layout is built, and nothing is read
+        # back between the runs (the reachable blocks are counted on the host).
+        keep = method.keep_mask(q[:, :, first * block:rows_end], k[:, :, :offset + rows_end], scale=scale,
+                                kernel_options=kernel_options)
+        blocks = keep.sum((-1, -2), dtype=torch.float64)
         kept = blocks if kept is None else kept + blocks
-        reach += reachable_blocks(layout)  # on the host: no device sync between the runs
+        reach += _reachable(rows_end - first * block, offset + rows_end, block, block, 0,
+                            -(-(rows_end - first * block) // block))
     total = _reachable(q_len, kv_len, block, block, 0, -(-q_len // block))
     return per_kv_head(kept / max(reach, 1), kv_heads), reach / max(total, 1)
 
