@@ -374,9 +374,9 @@ def test_dense_heads_run_full_rows_inside_the_sparse_call_and_are_recorded():
 def test_precheck_skips_the_estimate_of_diffuse_layers_and_reuses_the_decision(monkeypatch):
     from sparse_attn.methods.base import Method
 
-    rows = []
-    real = Method.estimate
-    monkeypatch.setattr(Method, "estimate", lambda self, q, k, *a, **kw: rows.append(q.shape[2]) or real(
+    rows = []  # the query rows of every block selection (estimates and pre-check runs)
+    real = Method._keep
+    monkeypatch.setattr(Method, "_keep", lambda self, q, k, *a, **kw: rows.append(q.shape[2]) or real(
         self, q, k, *a, **kw))
     model = _tiny("llama")
     ids = _ids(length=512)
