@@ -26,6 +26,7 @@ may rank near-equal importances apart where the two round differently.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Optional
 
@@ -35,7 +36,7 @@ from torch import Tensor
 from ..methods.primitives.dispatch import use_triton
 from ..options import KernelOptions, resolve_kernel_options
 from .config import NSAConfig
-from .reference import attend_compressed, block_overlap, compress_kv, compressed_blocks, rank_blocks
+from .reference import attend_compressed, compress_kv, compressed_blocks, rank_blocks
 
 __all__ = ["compressed_branch", "CHUNK_BYTES"]
 
@@ -182,15 +183,28 @@ def overlap_pieces(config: NSAConfig, nc: int, ns: int, device, dtype):
     """``(targets, weights)``, each ``(span, Nc)``: the selection blocks each compressed block overlaps
     (``span``: the most any one overlaps, 2 or 3 for the usual sizes) and the overlap in stride-``d``
     pieces (:func:`~.reference.block_overlap`'s nonzero entries; 0 weight where a block overlaps
-    fewer)."""
-    overlap = block_overlap(config, nc, ns, device)  # (Nc, Ns), nonzero on a band
-    nonzero = overlap > 0
-    first = nonzero.to(torch.int8).argmax(-1)  # the first selection block each compressed block touches
-    span = max(1, int(nonzero.sum(-1).max()))
-    blocks = first[None, :] + torch.arange(span, device=device)[:, None]  # (span, Nc), may run past Ns
-    targets = blocks.clamp(max=ns - 1)
-    weights = torch.where(blocks < ns, overlap.gather(1, targets.t()).t(), 0.0)
-    return targets, weights.to(dtype)
+    fewer). Computed from the block bounds, ``O(span x Nc)``, never the ``Nc x Ns`` matrix, and kept
+    per geometry and device (read-only tensors): a decode step asks for the same ones again."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _overlap_pieces_of(config, nc, ns, device, dtype)  # nothing kept from inside a capture
+    return _cached_overlap_pieces(config, nc, ns, device, dtype)
+
+
+def _overlap_pieces_of(config: NSAConfig, nc: int, ns: int, device: torch.device, dtype):
+    stride, block, select = config.compress_stride, config.compress_block, config.select_block
+    # Every residue of c * d modulo l' shows up within the first l' compressed blocks.
+    span = max(1, max(((c * stride + block - 1) // select - (c * stride) // select + 1 for c in range(min(nc, select))),
+                      default=1))
+    start = torch.arange(nc, device=device, dtype=torch.float64) * stride
+    blocks = torch.div(start, select, rounding_mode="floor")[None, :] + torch.arange(span, device=device)[:, None]
+    lo = torch.maximum(start[None, :], blocks * select)
+    hi = torch.minimum(start[None, :] + block, (blocks + 1) * select)
+    pieces = torch.where(blocks < ns, (hi - lo).clamp_min(0) / stride, 0.0)
+    return blocks.clamp(max=ns - 1).long(), pieces.to(dtype)
+
+
+_cached_overlap_pieces = functools.lru_cache(maxsize=64)(_overlap_pieces_of)
 
 
 def map_to_selection_blocks(probs: Tensor, targets: Tensor, weights: Tensor, ns: int) -> Tensor:
