@@ -205,3 +205,18 @@ def test_mask_mod_may_depend_on_batch_and_head():
     assert layout.batch == 2 and layout.heads == 2
     assert not dense[0, 0, 3, 2] and dense[1, 0, 3, 2]  # keys 64..95 exist only in sequence 1
     assert dense[0, 0, 3, 0] and not dense[0, 1, 3, 0]  # head 1 skips the first 32 keys
+
+
+def test_shared_block_grid_is_built_once_per_geometry_and_its_masks_equal_fresh_ones():
+    from sparse_attn.patterns.grid import BlockGrid, shared_block_grid
+
+    grid = shared_block_grid(300, 520, 64, True, "cpu")
+    assert shared_block_grid(300, 520, (64, 64), True, torch.device("cpu")) is grid
+    assert shared_block_grid(300, 521, 64, True, "cpu") is not grid
+    fresh = BlockGrid(300, 520, 64, True, "cpu")
+    assert torch.equal(grid.reachable, fresh.reachable)
+    for sink, count in ((1, 1), (130, 3)):
+        assert grid.sink_blocks(sink) is grid.sink_blocks(sink)  # kept with the grid
+        assert torch.equal(grid.sink_blocks(sink), fresh.sink_blocks(sink))
+        assert torch.equal(grid.recent_blocks(count), fresh.recent_blocks(count))
+    assert torch.equal(grid.diagonal_blocks(), grid.recent_blocks(1))

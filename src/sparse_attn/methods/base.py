@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from ..options import KernelOptions, resolve_kernel_options
-from ..patterns.grid import BlockGrid
+from ..patterns.grid import BlockGrid, shared_block_grid
 from .common import default_scale, head_mask, index_list, per_kv_head
 from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
@@ -299,7 +299,7 @@ class Method(CheckedOnAssignment):
 
     def _keep(self, q: Tensor, k: Tensor, scale: float, options: KernelOptions):
         """``(keep, details, grid)``: the finalized block mask, the method's details, its block grid."""
-        grid = BlockGrid(q.shape[2], k.shape[2], self.block_size, causal=True, device=q.device)
+        grid = shared_block_grid(q.shape[2], k.shape[2], self.block_size, causal=True, device=q.device)
         with torch.no_grad():
             keep = self.select(q.detach(), k.detach(), grid, scale, kernel_options=options)
             keep, details = keep if isinstance(keep, tuple) else (keep, {})
@@ -321,12 +321,12 @@ class Method(CheckedOnAssignment):
         """``keep (B, Hl, NQ, NK)`` (Hl: KV or query heads) with full causal rows for the KV groups of
         ``dense_heads`` and those whose density (mean over the group and the batch) reaches
         ``dense_above``."""
+        if self.dense_above >= 1.0 and not index_list(self.dense_heads):
+            return keep
         full = self.dense_head_mask(kv_heads, keep.device)
         if self.dense_above < 1.0:
             density = keep.sum((-1, -2), dtype=torch.float32) / grid.reachable.sum().clamp_min(1)
             full = full | (per_kv_head(density, kv_heads) >= self.dense_above)
-        elif not index_list(self.dense_heads):
-            return keep
         rows = full.repeat_interleave(keep.shape[1] // kv_heads)
         return keep | (rows[None, :, None, None] & grid.reachable)
 
