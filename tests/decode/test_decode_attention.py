@@ -279,6 +279,8 @@ def test_output_tensor_errors():
     for bad in (wider, torch.empty_like(q, dtype=torch.float32), strided):
         with pytest.raises(ValueError, match="out must be a"):
             decode_attention(q, k, v, pages, counts, lens, page_size=16, out=bad)
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        decode_attention(q, k, v, pages, counts, lens, page_size=16, out=q)
 
 
 def test_workspace_errors():

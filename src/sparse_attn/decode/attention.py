@@ -84,7 +84,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
     check_decode_inputs(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size, block_table,
                         check_values=check_values)
     if out is not None:
-        _check_out(out, q)
+        _check_out(out, q, k_cache, v_cache)
     if workspace is not None:
         if not isinstance(workspace, DecodeWorkspace):
             raise TypeError(f"workspace must be a DecodeWorkspace or None, got {type(workspace).__name__}")
@@ -118,13 +118,30 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
     return (result, lse) if return_lse else result
 
 
-def _check_out(out, q: Tensor) -> None:
+def _check_out(out, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
     if not isinstance(out, Tensor):
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be a {tuple(q.shape)} tensor of q's dtype {q.dtype} on {q.device} with a unit "
                          f"last stride, got shape {tuple(out.shape)}, {out.dtype} on {out.device}, "
                          f"strides {out.stride()}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if _overlaps(out, t):
+            raise ValueError(f"out must not share memory with {name} (the kernel reads {name} while writing out)")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` (first to last element) intersect."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _byte_span(t: Tensor) -> tuple:
+    """``[first, last]`` byte addresses of ``t``'s elements, as a half-open pair."""
+    start = t.data_ptr()
+    return start, start + sum((n - 1) * stride for n, stride in zip(t.shape, t.stride())) * t.element_size() + 1
 
 
 def triton_unsupported_reason(q: Tensor, k_cache: Tensor, kv_heads: int) -> Optional[str]:
