@@ -5,15 +5,17 @@ runs unpatched, as the model runs by default (SDPA choosing its backend), then w
 and cuDNN backends forced in turn, then each method at one knob
 setting, once per ``--fallbacks`` value: ``never`` runs sparse on every call (what the method costs
 when it must run), ``auto`` is the default a user gets (the pre-check and cost model run dense
-wherever sparse would not pay). Each time is the median of ``--repeats``
-forward passes after one untimed warm-up (the evaluation harness's ``timed_prefills``); the density
+wherever sparse would not pay; a layer's decision is cached and serves the next 15 calls of its
+length bucket, so the timed passes reuse the warm-up's), ``auto-fresh`` the same with every call
+deciding afresh (``precheck={"cache": False}``: what the pre-check itself costs). Each time is the
+median of ``--repeats`` forward passes after one untimed warm-up (the evaluation harness's ``timed_prefills``); the density
 and the estimation share come from the same run. The canary was trained at 8K, so above that its
 answers are meaningless, but its prefill time is not: this measures what sparse attention saves
 in a whole model (embeddings, MLPs and the LM head included).
 
     python benchmarks/bench_prefill.py --model canary --lengths 32768 131072 --out results/prefill
     python benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 32768 131072 --densities 0.05 0.1 0.2 \
-        --fallbacks auto never --out results/prefill_8b_shape
+        --fallbacks auto auto-fresh never --out results/prefill_8b_shape
 
 ``--model 8b-shape`` is a Llama-8B-shaped model with random weights (hidden 4096, 32 heads / 8 KV
 heads, head dim 128, MLP 14336, vocab 32000, ``--layers`` layers), fed random tokens: random
@@ -38,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sparse_attn.eval.canary import resolve_model  # noqa: E402
-from sparse_attn.eval.runner import timed_prefills  # noqa: E402
+from sparse_attn.eval.runner import timed_prefill_stats, timed_prefills  # noqa: E402
 from sparse_attn.eval.tasks import make_sample  # noqa: E402
 from sparse_attn.integrations.hf import SparseConfig, attention_shape, patch, unpatch  # noqa: E402
 
@@ -48,6 +50,7 @@ METHODS = {  # method -> knobs (the middle of the evaluation harness's sweep)
     "vertical_slash": {"vertical_size": 64, "slash_size": 256},
     "pooled_topp": {"top_p": 0.9},
 }
+FALLBACKS = {"never": "fallback never", "auto": "fallback auto", "auto-fresh": "fallback auto, no decision cache"}
 
 
 def _dense_backends(device: str) -> dict:
@@ -124,8 +127,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--fallbacks", nargs="+", default=["never"], choices=["never", "auto"],
-                        help="SparseConfig.fallback of the method rows (the random layouts always run sparse)")
+    parser.add_argument("--fallbacks", nargs="+", default=["never"], choices=list(FALLBACKS),
+                        help="SparseConfig.fallback of the method rows (the random layouts always run sparse); "
+                             "auto-fresh: fallback auto without the decision cache")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="results/prefill")
@@ -147,8 +151,8 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "dtype": str(dtype),
             "block_size": args.block_size, "repeats": args.repeats,
             "layers": model.config.num_hidden_layers}
-    configs = [(method if fallback == "never" else f"{method} (fallback auto)", method, METHODS[method], fallback)
-               for fallback in args.fallbacks for method in args.methods]
+    configs = [(method if fallback == "never" else f"{method} ({FALLBACKS[fallback]})", method, METHODS[method],
+                fallback) for fallback in args.fallbacks for method in args.methods]
     configs += [(f"random d={d}", "random", {"density": d}, "never") for d in args.densities]
     layers = model.config.num_hidden_layers
     rows = []
@@ -177,23 +181,26 @@ def main() -> None:
             except RuntimeError as exc:  # a backend that does not run here says so
                 rows.append({"length": length, "config": label, "error": str(exc).splitlines()[0]})
         for label, method, knobs, fallback in configs:
+            fresh = fallback == "auto-fresh"
             state = patch(model, config=SparseConfig(
                 method=method, knobs={"block_size": args.block_size, **knobs}, min_kv_len=0,
-                fallback=fallback, record=True))
+                fallback="auto" if fresh else fallback, precheck={"cache": False} if fresh else "auto", record=True))
             with torch.no_grad():
                 model(ids)  # one recorded pass for the density
             calls = [r for r in state.records if not r["decode"]]
             density = sum(r["density"] if r["sparse"] else 1.0 for r in calls) / max(len(calls), 1)
             predicted = _predicted_attention_ms(model, calls)
             state.records.clear()
-            prefill_ms, estimate_ms = timed_prefills(model, ids, device, state, args.repeats)
+            stats = timed_prefill_stats(model, ids, device, state, args.repeats)
+            prefill_ms, estimate_ms = stats["median_ms"], stats["estimate_ms"]
             unpatch(model)
             rows.append({"length": length, "config": label, "method": method, "knobs": knobs, "fallback": fallback,
                          "prefill_ms": prefill_ms, "estimate_ms": estimate_ms, "density": density,
                          "predicted_attention_ms": predicted,
                          "precheck_ms": sum((r["precheck"] or {}).get("ms") or 0.0 for r in calls),
                          "estimates_skipped": sum(bool((r["precheck"] or {}).get("skipped_estimate")) for r in calls),
-                         "sparse_layers": sum(bool(r["sparse"]) for r in calls), "layer_calls": len(calls)})
+                         "sparse_layers": sum(bool(r["sparse"]) for r in calls), "layer_calls": len(calls),
+                         "timed_precheck_outcomes": stats["precheck_outcomes"]})
         for row in rows:
             if row["length"] != length:
                 continue

@@ -24,8 +24,8 @@
 #   gpu_tests    every test marked gpu (~3 min)
 #   decode       GPU decode tests, then one decode step vs dense SDPA and Flex, pages of 16, 32 and 64 (~7 min)
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
-#   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto and
-#                never), static layouts at d = 0.1/0.05/0.2, with attention/estimate/rest split (~5.5 min)
+#   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto, auto without
+#                the decision cache, never), a static layout at d = 0.1, with attention/estimate/rest split (~5.5 min)
 #   decode_profile  each kernel of a decode step, the top-k kernel's warps, the attention's splits and
 #                pipelining stages, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
@@ -184,7 +184,7 @@ for step in "${@:-attention}"; do
       done ;;
     prefill_8b)
       timeout 330 python3 benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 131072 32768 \
-        --densities 0.1 0.05 0.2 --fallbacks auto never --out "$out/prefill_8b_shape" ;;
+        --densities 0.1 --fallbacks auto auto-fresh never --out "$out/prefill_8b_shape" ;;
     decode_profile)
       timeout 200 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 64 \
         --out "$out/decode_profile" 2>&1 | tail -40 ;;

@@ -175,8 +175,31 @@ def test_precheck_settings_are_checked_naming_the_field():
     assert settings.runs == 4
 
 
-def test_the_decision_cache_is_off_by_default():
-    assert Precheck().cache is False
+def test_the_decision_cache_is_on_by_default_and_rechecks_every_16th_call():
+    assert Precheck().cache is True and Precheck().recheck_every == 16
+    with pytest.raises(KnobError, match="precheck: recheck_every=0 is not >= 1"):
+        Precheck(recheck_every=0)
+
+
+@pytest.mark.parametrize("recheck_every", [1, 3])
+def test_a_cached_decision_serves_recheck_every_minus_one_calls_then_one_decides_afresh(estimates, recheck_every):
+    cache = DecisionCache()
+    q, k, v = _diffuse()
+    method = _xattention()
+    settings = Precheck(recheck_every=recheck_every)
+    outcomes = [attend(q, k, v, method, layer_idx=0, precheck=settings, decisions=cache)[1].precheck.outcome
+                for _ in range(2 * recheck_every)]
+    fresh = ["dense"] + ["cached dense"] * (recheck_every - 1)
+    assert outcomes == fresh * 2 and cache.hits == 2 * (recheck_every - 1)
+    # a sparse decision is re-checked the same way: the pre-check runs again on the 3rd call
+    cache.clear()
+    q, k, v = _band()
+    estimates.clear()
+    reports = [attend(q, k, v, method, layer_idx=0, precheck=Precheck(recheck_every=2), decisions=cache)[1]
+               for _ in range(3)]
+    assert [r.precheck.outcome for r in reports] == ["estimate", "cached sparse", "estimate"]
+    assert all(r.used_sparse for r in reports)
+    assert estimates.count(LENGTH) == 3 and len(estimates) > 3  # every call estimates; 1st and 3rd sample too
 
 
 def test_with_a_cost_model_the_estimate_is_counted_as_free(monkeypatch):

@@ -71,7 +71,9 @@ def _sync(device) -> None:
 
 def timed_prefill_stats(model, ids, device, state, repeats: int) -> dict:
     """Prefill times after one warm-up, recall off: ``{"times_ms": [...], "median_ms", "min_ms",
-    "max_ms", "estimate_ms"}`` (``estimate_ms``: mean estimation ms per prefill, all layers)."""
+    "max_ms", "estimate_ms", "precheck_outcomes"}`` (``estimate_ms``: mean estimation ms per prefill, all
+    layers; ``precheck_outcomes``: how many timed layer calls had each pre-check outcome, "none"
+    without a pre-check)."""
     saved = None
     if state is not None:
         saved = (state.config.record, state.config.measure_recall)
@@ -87,15 +89,18 @@ def timed_prefill_stats(model, ids, device, state, repeats: int) -> dict:
             model(ids)
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
-    estimate_ms = 0.0
+    estimate_ms, outcomes = 0.0, {}
     if state is not None:
         state.config.record, state.config.measure_recall = saved
         timed = state.records[first_record:]
         estimate_ms = sum(r["estimate_ms"] for r in timed if r["sparse"]) / repeats
+        for r in timed:
+            outcome = (r.get("precheck") or {}).get("outcome", "none")
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
         del state.records[before_warmup:]  # keep the accuracy pass's records only
     stats = spread(times)
     return {"times_ms": times, "median_ms": stats["median"], "min_ms": stats["min"], "max_ms": stats["max"],
-            "estimate_ms": estimate_ms}
+            "estimate_ms": estimate_ms, "precheck_outcomes": outcomes}
 
 
 def timed_prefills(model, ids, device, state, repeats: int):

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from ..options import KernelOptions, resolve_kernel_options
 from ..patterns.grid import BlockGrid, shared_block_grid
-from .common import default_scale, head_mask, index_list, per_kv_head
+from .common import WorkTimer, default_scale, head_mask, index_list, per_kv_head
 from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
 METHODS: dict = {}
@@ -72,8 +72,9 @@ def get_method(name: str, **knobs) -> "Method":
 class EstimateReport:
     """What one ``estimate`` call chose and what it cost.
 
-    ``seconds`` is the wall time of the estimate (the device synchronized before and after it when
-    ``measure_cost`` is on); ``density_per_head`` is averaged over the batch; ``details`` holds what
+    ``seconds`` is the time of the estimate: with ``measure_cost`` on, its GPU time between CUDA
+    events recorded around it (the queue is not drained first; wall time on CPU), else the host's
+    wall time; ``density_per_head`` is averaged over the batch; ``details`` holds what
     a method reports beyond the layout (FlexPrefill: ``"query_aware"``, ``(B, H)`` bool, True where a
     head took the query-aware pattern). ``knob_dense`` names the knobs that made the call dense by
     themselves: their counts at this length keep every reachable block whatever the scores (e.g.
@@ -265,18 +266,14 @@ class Method(CheckedOnAssignment):
         batch, heads, q_len, _ = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         scale = default_scale(q) if scale is None else scale
-        synchronize = return_report and method.measure_cost and q.is_cuda
-        if synchronize:
-            torch.cuda.synchronize(q.device)
+        timer = WorkTimer(q.device) if return_report and method.measure_cost else None
         start = time.perf_counter()
         keep, details, grid = method._keep(q, k, scale, options)
         with torch.no_grad():
             layout = BlockSparseLayout.from_dense(keep, q_len, kv_len, method.block_size, causal=True)
         if not return_report:
             return layout
-        if synchronize:
-            torch.cuda.synchronize(q.device)
-        seconds = time.perf_counter() - start
+        seconds = timer.stop().seconds() if timer is not None else time.perf_counter() - start
         per_head = layout.density_per_head()
         knob_dense = ()
         if float(per_head.min()) >= 1.0 - 1e-9:  # every reachable block kept: was it the knobs?

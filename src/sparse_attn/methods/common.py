@@ -7,6 +7,7 @@ never repeated. Nothing here imports from :mod:`.primitives`.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -48,3 +49,34 @@ def head_mask(indices, kv_heads: int, device=None) -> Tensor:
     mask = torch.zeros(kv_heads, dtype=torch.bool, device=device)
     mask[list(indices)] = True
     return mask
+
+
+class WorkTimer:
+    """The time a stretch of work takes on ``device``, without draining the device's queue first:
+    on a GPU, CUDA events recorded around the work (the GPU time between them, idle gaps while the
+    host launches included; earlier queued work is not counted and goes on overlapping the host's
+    launches), elsewhere the wall time. ``seconds()`` after the work (it waits for the end event)."""
+
+    def __init__(self, device):
+        self._cuda = torch.device(device).type == "cuda"
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._began = time.perf_counter()
+        self._seconds = None
+
+    def stop(self) -> "WorkTimer":
+        """Mark the end of the work (queued on a GPU: no wait)."""
+        if self._cuda:
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._began
+        return self
+
+    def seconds(self) -> float:
+        if self._cuda and self._seconds is None:
+            self._end.synchronize()
+            self._seconds = self._start.elapsed_time(self._end) / 1e3
+        return self._seconds

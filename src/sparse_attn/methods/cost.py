@@ -122,7 +122,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     ``precheck`` (:class:`~.precheck.Precheck`) first estimates a sample of query blocks and runs
     dense without the full estimate when the sample says the call will not pay; with
     ``precheck.cache`` and a ``decisions`` cache, each final decision is kept per layer and length
-    bucket and reused by later calls (a cached dense decision skips the estimate too). The report's
+    bucket and reused by the next ``precheck.recheck_every - 1`` calls there (a cached dense decision
+    skips the estimate too); the call after them decides afresh. The report's
     ``precheck`` says what happened (None without a pre-check).
     """
     batch, heads, q_len, dim = q.shape
@@ -135,7 +136,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, method, *, layer_idx: Optional[int] 
     checked = None
     cache = decisions if precheck is not None and precheck.cache else None
     if precheck is not None:
-        cached = cache.get(method, layer_idx, q_len, kv_len) if cache is not None else None
+        cached = cache.get(method, layer_idx, q_len, kv_len, max_reuses=precheck.recheck_every - 1) \
+            if cache is not None else None
         if cached is None:
             checked, dense_reason = run_precheck(method, q, k, layer_idx, precheck, cost_model, scale=scale,
                                                  kernel_options=kernel_options)

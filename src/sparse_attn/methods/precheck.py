@@ -12,10 +12,13 @@ model, the whole call predicted no faster than dense even with an estimate that 
 call runs dense without the full estimate. Otherwise the full estimate runs and decides as usual.
 
 A :class:`DecisionCache` keeps each call's final decision (sparse or dense) per layer and length
-bucket (the powers of two of the query and key lengths) for the method it was made with; a later
-call in the same bucket reuses it and skips the pre-check (and, for a dense decision, the estimate).
-The first prompt of a bucket then decides for the later ones, whatever their content: it is off by
-default (``Precheck(cache=True)`` turns it on, for traffic whose prompts of one length behave alike).
+bucket (the powers of two of the query and key lengths) for the method it was made with; the next
+``recheck_every - 1`` calls in the same bucket reuse it and skip the pre-check (and, for a dense
+decision, the estimate), and the call after them decides afresh. A dense decision costs no accuracy
+(dense is exact), and a cached sparse one still estimates every call, so what reuse risks is speed
+only: a layer decided dense by one prompt stays dense for the next ones of its bucket until the
+re-check, however sparse they are. On by default (``Precheck(cache=False)`` turns it off;
+``recheck_every=1`` checks every call).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .common import per_kv_head
+from .common import WorkTimer, per_kv_head
 from .knobs import CheckedOnAssignment, KnobError, KnobSpec, resolve_count
 
 OWNER = "precheck"
@@ -40,15 +43,17 @@ class Precheck(CheckedOnAssignment):
     """Settings of the pre-check: ``share`` of the call's query blocks sampled (in (0, 1); at least
     ``runs`` blocks), in ``runs`` runs of consecutive query blocks whose ends are spread evenly over
     the call (the last one ends at the call's last query); ``cache``: reuse decisions through a
-    :class:`DecisionCache` where the caller keeps one (``patch`` does, per model). Checked when built
-    and when a field is assigned (:class:`~.knobs.KnobError` naming the field)."""
+    :class:`DecisionCache` where the caller keeps one (``patch`` does, per model), each by at most
+    ``recheck_every - 1`` later calls of its layer and length bucket before one decides afresh.
+    Checked when built and when a field is assigned (:class:`~.knobs.KnobError` naming the field)."""
 
     KNOBS = {"share": KnobSpec.real(0.0, 1.0, low_open=True, high_open=True), "runs": KnobSpec.integer(1),
-             "cache": KnobSpec.boolean()}
+             "cache": KnobSpec.boolean(), "recheck_every": KnobSpec.integer(1)}
 
     share: float = 1 / 32
     runs: int = 4
-    cache: bool = False
+    cache: bool = True
+    recheck_every: int = 16
 
     def __post_init__(self):
         self.validate()
@@ -63,7 +68,7 @@ class Precheck(CheckedOnAssignment):
 
     @classmethod
     def from_dict(cls, data) -> "Precheck":
-        """From ``{"share": ..., "runs": ..., "cache": ...}`` (any of them); an unknown key is a
+        """From ``{"share": ..., "runs": ..., "cache": ..., "recheck_every": ...}`` (any of them); an unknown key is a
         :class:`~.knobs.KnobError` naming it."""
         unknown = sorted(set(data) - set(cls.KNOBS), key=str)
         if unknown:
@@ -95,7 +100,8 @@ class PrecheckReport:
     ran dense, the estimate skipped), ``"estimate"`` (the sample said sparse may pay: the full
     estimate ran), ``"short"`` (the sample would be the whole call: the estimate ran, nothing
     sampled), ``"cached dense"`` / ``"cached sparse"`` (a cached decision: no pre-check; dense ran
-    without an estimate, or the estimate ran). ``ms``: its wall time; ``share``: the sampled rows'
+    without an estimate, or the estimate ran). ``ms``: its time (as an estimate's, see
+    :class:`~.base.EstimateReport`); ``share``: the sampled rows'
     share of the call's reachable blocks (0 when nothing was sampled); ``density_per_kv_head``: the
     sampled density of each KV group (empty when nothing was sampled)."""
 
@@ -116,8 +122,8 @@ class PrecheckReport:
 class DecisionCache:
     """Decisions per ``(layer, q_len bucket, kv_len bucket)`` (buckets: ``n.bit_length()``, the power
     of two below ``n``), each kept with the method it was made for (its ``repr``: name and every
-    knob); an entry for another method or other knobs is not used. ``hits`` counts the decisions
-    reused."""
+    knob) and the number of calls that reused it; an entry for another method or other knobs is not
+    used. ``hits`` counts the decisions reused."""
 
     def __init__(self):
         self._entries: dict = {}
@@ -127,16 +133,26 @@ class DecisionCache:
     def key(layer_idx, q_len: int, kv_len: int) -> tuple:
         return layer_idx, int(q_len).bit_length(), int(kv_len).bit_length()
 
-    def get(self, method, layer_idx, q_len: int, kv_len: int) -> Optional[bool]:
-        """True (sparse), False (dense), or None (no decision for this method and bucket)."""
-        entry = self._entries.get(self.key(layer_idx, q_len, kv_len))
+    def get(self, method, layer_idx, q_len: int, kv_len: int, max_reuses: Optional[int] = None) -> Optional[bool]:
+        """True (sparse), False (dense), or None: no decision for this method and bucket, or it was
+        already reused ``max_reuses`` times (None: no limit), and the caller decides afresh."""
+        key = self.key(layer_idx, q_len, kv_len)
+        entry = self._entries.get(key)
         if entry is None or entry[0] != repr(method):
             return None
+        if max_reuses is not None and entry[2] >= max_reuses:
+            del self._entries[key]
+            return None
+        self._entries[key] = (entry[0], entry[1], entry[2] + 1)
         self.hits += 1
         return entry[1]
 
     def put(self, method, layer_idx, q_len: int, kv_len: int, sparse: bool) -> None:
-        self._entries[self.key(layer_idx, q_len, kv_len)] = (repr(method), bool(sparse))
+        """Keep a fresh decision (its reuse count starts at 0); a decision that was reused keeps its count."""
+        key = self.key(layer_idx, q_len, kv_len)
+        entry = self._entries.get(key)
+        reuses = entry[2] if entry is not None and entry[0] == repr(method) and entry[1] == bool(sparse) else 0
+        self._entries[key] = (repr(method), bool(sparse), reuses)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -201,17 +217,17 @@ def run_precheck(method, q, k, layer_idx, precheck: Precheck, cost_model=None, *
     spans = precheck.spans(-(-q.shape[2] // layer_method.block_size))
     if spans is None:
         return PrecheckReport("short"), None
-    synchronize = q.is_cuda and layer_method.measure_cost
-    if synchronize:
-        torch.cuda.synchronize(q.device)
+    # Timed with CUDA events on a GPU: the earlier queued work is not drained first, so the host's
+    # launches of the sample overlap it; the one device sync is reading the densities.
+    timer = WorkTimer(q.device) if layer_method.measure_cost else None
     start = time.perf_counter()
     with torch.no_grad():
         density, share = sample_density(method, q.detach(), k.detach(), layer_idx, spans, scale=scale,
                                         kernel_options=kernel_options)
+        if timer is not None:
+            timer.stop()
         density = density.tolist()
-    if synchronize:
-        torch.cuda.synchronize(q.device)
-    ms = (time.perf_counter() - start) * 1e3
+    ms = (timer.seconds() if timer is not None else time.perf_counter() - start) * 1e3
     sampled = f"pre-check on {share:.1%} of the blocks"
     if cost_model is None:
         dense = all(d >= layer_method.dense_above - 1e-9 for d in density)

@@ -65,7 +65,7 @@ class SparseConfig(CheckedOnAssignment):
       (:mod:`sparse_attn.methods.precheck`): ``"auto"`` (default: on with the default settings
       where the cost model decides, i.e. ``fallback="auto"`` on CUDA; off elsewhere), ``True``,
       ``False``, or a dict of :class:`~sparse_attn.methods.Precheck` settings (``share``, ``runs``,
-      ``cache``), which turns it on. Not with ``fallback="never"`` (always sparse).
+      ``cache``, ``recheck_every``), which turns it on. Not with ``fallback="never"`` (always sparse).
 
     Everything is checked when the config is built and again when a field is assigned
     (``config.min_kv_len = -1`` raises and leaves the config as it was): the method names exist,
@@ -160,7 +160,7 @@ class SparseConfig(CheckedOnAssignment):
             return None
         else:
             raise _error(f"precheck={value!r} is not 'auto', True, False or a dict of settings "
-                         f"{{'share': ..., 'runs': ..., 'cache': ...}}")
+                         f"{{'share': ..., 'runs': ..., 'cache': ..., 'recheck_every': ...}}")
         if self.fallback == "never" and value != "auto":
             raise _error(f"precheck={value!r} with fallback='never': 'never' always runs sparse, so nothing may "
                          "decide dense; use fallback='auto' or 'length'")
