@@ -9,7 +9,9 @@ bf16, one query row per sequence):
 * ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
   scores, one selection per KV group) and the kernel; eagerly, and as a CUDA graph of 8 successive
   steps (each appends the next key and attends at the length it reaches) after one rewind of the
-  index's lengths, reported per step. ``append`` and ``select`` time those two parts alone as CUDA
+  index's lengths, reported per step; on GPUs with programmatic dependent launch (Hopper and newer,
+  ``KernelOptions.dependent_launch``) the graph step is also timed with it off. ``append`` and
+  ``select`` time those two parts alone as CUDA
   graphs (8 calls each, per call), and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
   their KV head, so K/V are read once, as GQA decode kernels do).
@@ -161,9 +163,12 @@ def kernel_rows(args, copy_gbs):
                 row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
                 # The split kernel merges its splits itself (a workspace), as users who pass a
                 # DecodeWorkspace run it; "separate" launches the merge kernel after it, as patch() runs it.
+                pdl = KernelOptions().dependent_launch_on(q.device)
+                row["dependent_launch"] = pdl
                 ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale,  # noqa: E731
-                                                       workspace=workspace)
-                separate = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale)  # noqa: E731
+                                                       workspace=workspace, dependent_launch=pdl)
+                separate = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale,  # noqa: E731
+                                                           dependent_launch=pdl)
                 out = ours()[0]
                 ref = reference_decode_attention(q, k, v, pages, counts, lens, page, scale)[0]
                 row["check_rel_err"] = rel(out, ref)
@@ -192,13 +197,15 @@ def kernel_rows(args, copy_gbs):
                 next_keys = [k[:, :, firsts + i: firsts + i + 1].clone() for i in range(STEPS_PER_GRAPH)]
                 lens_after = [torch.full_like(lens, firsts + i + 1) for i in range(STEPS_PER_GRAPH)]
 
-                def steps(workspace=workspace):
+                def steps(workspace=workspace, dependent=True):
+                    options = KernelOptions(dependent_launch=dependent)
                     index.lengths.fill_(firsts)
                     index._length_bound = firsts
                     for i in range(STEPS_PER_GRAPH):
-                        index.append(next_keys[i])
-                        p, c = selection(q, index)
-                        out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale, workspace=workspace)
+                        index.append(next_keys[i], kernel_options=options)
+                        p, c = selection(q, index, kernel_options=options)
+                        out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale, workspace=workspace,
+                                                      dependent_launch=options.dependent_launch_on(q.device))
                     return out
 
                 row["append_graph_ms"] = graph_ms_per_call(append)
@@ -207,6 +214,11 @@ def kernel_rows(args, copy_gbs):
                 try:
                     row["step_graph_ms"] = bench(graphed(lambda: steps)) / STEPS_PER_GRAPH
                     row["step_separate_merge_graph_ms"] = bench(graphed(lambda: lambda: steps(None))) / STEPS_PER_GRAPH
+                    if pdl:  # the same two without dependent launches
+                        row["step_graph_no_dependent_launch_ms"] = bench(graphed(
+                            lambda: lambda: steps(dependent=False))) / STEPS_PER_GRAPH
+                        row["step_separate_merge_no_dependent_launch_graph_ms"] = bench(graphed(
+                            lambda: lambda: steps(None, dependent=False))) / STEPS_PER_GRAPH
                 except Exception as exc:  # noqa: BLE001 - reported in the row
                     row["step_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 try:
@@ -307,10 +319,10 @@ def kernel_table(rows, meta) -> str:
              f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; launches: {meta.get('launch', 'fast')}", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
-             "ours step ms | step, CUDA graph ms | step, separate merge | append ms | select ms | dense/kernel | "
-             "dense/step | Flex/kernel | "
+             "ours step ms | step, CUDA graph ms | step, separate merge | step / separate merge, no dependent launch | "
+             "append ms | select ms | dense/kernel | dense/step | Flex/kernel | "
              "kernel GB/s (of copy) | check | same pages |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['context']} | {r['batch']} | - | {r['skipped']} |")
@@ -321,6 +333,8 @@ def kernel_table(rows, meta) -> str:
             f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
             f"{r['kernel_ms']:.4f} | {r['kernel_graph_ms']:.4f} | {r['step_ms']:.4f} | {graph} | "
             f"{fmt(r.get('step_separate_merge_graph_ms'), '.4f')} | "
+            f"{fmt(r.get('step_graph_no_dependent_launch_ms'), '.4f')} / "
+            f"{fmt(r.get('step_separate_merge_no_dependent_launch_graph_ms'), '.4f')} | "
             f"{r['append_graph_ms']:.4f} | {r['select_graph_ms']:.4f} | "
             f"{r['dense_over_kernel']:.1f}x | {r['dense_over_step']:.1f}x | {fmt(r.get('flex_over_kernel'), '.1f')}x | "
             f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} | "

@@ -56,6 +56,11 @@ class KernelOptions:
             own choice), ``"cudnn"`` or ``"flash"`` (that backend first). A backend that cannot run
             a call passes it to the next: flash, memory-efficient, math
             (:func:`sparse_attn.backends.dense.dense_backend_order`).
+        dependent_launch: launch the sparse decode step's kernels (page index append, page scores,
+            top-k pages, split attention, merge) as programmatic dependent launches where the GPU
+            has them (compute capability 9.0 and newer; never in the CPU interpreter): each kernel's
+            programs start while the previous kernel finishes and wait for its results on the
+            device, which hides the launch gaps of a step.
     """
 
     forward: str = "auto"
@@ -65,6 +70,7 @@ class KernelOptions:
     fast_launch: bool = True
     estimator_kernels: str = "auto"
     dense: str = "auto"
+    dependent_launch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("forward", "backward"):
@@ -75,13 +81,23 @@ class KernelOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"KernelOptions.{name} must be None, True or False, got {value!r}")
-        if not isinstance(self.fast_launch, bool):
-            raise ValueError(f"KernelOptions.fast_launch must be True or False, got {self.fast_launch!r}")
+        for name in ("fast_launch", "dependent_launch"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"KernelOptions.{name} must be True or False, got {value!r}")
         if self.estimator_kernels not in ESTIMATOR_KERNEL_CHOICES:
             raise ValueError(f"KernelOptions.estimator_kernels must be one of {ESTIMATOR_KERNEL_CHOICES}, "
                              f"got {self.estimator_kernels!r}")
         if self.dense not in DENSE_CHOICES:
             raise ValueError(f"KernelOptions.dense must be one of {DENSE_CHOICES}, got {self.dense!r}")
+
+    def dependent_launch_on(self, device) -> bool:
+        """Whether kernels that support it launch as programmatic dependent launches on ``device``."""
+        import torch
+
+        from .backends.triton.runtime import dependent_launch_supported
+
+        return self.dependent_launch and dependent_launch_supported(torch.device(device))
 
     def replace(self, **changes) -> "KernelOptions":
         """A copy with some fields changed (validated)."""

@@ -549,3 +549,64 @@ def test_gpu_kernel_matches_reference_large(dtype, paged):
             again = decode_attention(q, kc, vc, pages, counts, lens, page_size=page_size, block_table=table,
                                      backend="auto", return_lse=True, kernel_options=options)
             assert torch.equal(again[0], out) and torch.equal(again[1], lse)
+
+
+def test_dependent_launch_is_an_option_that_never_applies_in_the_interpreter_or_on_cpu():
+    assert KernelOptions().dependent_launch is True
+    assert not KernelOptions().dependent_launch_on("cpu")
+    assert not KernelOptions(dependent_launch=False).dependent_launch_on("cpu")
+    with pytest.raises(ValueError, match="KernelOptions.dependent_launch must be True or False, got 'yes'"):
+        KernelOptions(dependent_launch="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("merge", ["separate", "self"])
+def test_gpu_decode_steps_give_the_same_bits_with_and_without_dependent_launch(merge):
+    """Eight successive decode steps (append the step's key to the page index, select pages, attend),
+    eagerly and replayed as one CUDA graph: with the kernels launched as programmatic dependent
+    launches (where the GPU has them) every step's pages and output equal those without, bit for
+    bit; each step reads what the step before it wrote, so a kernel that started too early shows up."""
+    from sparse_attn.decode import PageIndex, PageSelection
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, kv_heads, dim, page, context, steps = 2, 32, 8, 128, 64, 16384, 8
+    k = torch.randn(batch, kv_heads, context, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    qs = [torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(steps)]
+    first = context - steps
+    selection = PageSelection(method="quest", budget=1024, sink=64, recent=64)
+
+    def run(dependent: bool, graph: bool):
+        options = KernelOptions(dependent_launch=dependent)
+        index = PageIndex.build(k[:, :, :first], page, capacity=context)
+        workspace = DecodeWorkspace("cuda") if merge == "self" else None
+        lens = [torch.full((batch,), first + i + 1, device="cuda", dtype=torch.int32) for i in range(steps)]
+
+        def all_steps():
+            index.lengths.fill_(first)
+            index._length_bound = first
+            results = []
+            for i in range(steps):
+                index.append(k[:, :, first + i:first + i + 1], kernel_options=options)
+                pages, counts = selection(qs[i], index, kernel_options=options)
+                out = decode_attention(qs[i], k, v, pages, counts, lens[i], page_size=page, kernel_options=options,
+                                       workspace=workspace, check_values=False)
+                results.append((pages, counts, out))
+            return results
+
+        results = all_steps()
+        if graph:
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                results = all_steps()
+            for _ in range(2):
+                cuda_graph.replay()
+        torch.cuda.synchronize()
+        return [tuple(t.clone() for t in r) for r in results]
+
+    want = run(False, graph=False)
+    for dependent, graph in ((True, False), (False, True), (True, True)):
+        got = run(dependent, graph)
+        for (p, c, o), (wp, wc, wo) in zip(got, want):
+            assert torch.equal(p, wp) and torch.equal(c, wc) and torch.equal(o, wo), (dependent, graph)

@@ -107,7 +107,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: Tensor,
 
         result, lse = triton_decode_attention(q, k_cache, v_cache, pages, page_counts, cache_lens, page_size,
                                               scale, block_table, fast_launch=options.fast_launch,
-                                              workspace=workspace, out=out)
+                                              workspace=workspace, out=out,
+                                              dependent_launch=options.dependent_launch_on(q.device))
     else:
         from .reference import reference_decode_attention
 

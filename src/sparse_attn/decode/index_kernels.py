@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import next_power_of_2
+from ..backends.triton.runtime import dependent_launch_meta, gdc_launch_dependents, gdc_wait, next_power_of_2
 
 
 @triton.jit
@@ -29,8 +29,11 @@ def _append_kernel(
     stride_sb, stride_sh, stride_sp,
     capacity, max_pages, new,
     KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, T_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, HAS_COUNTS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, HAS_COUNTS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # a dependent launch: the previous kernel's results are complete past this point
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     start = tl.load(LENGTHS + b)
     if HAS_COUNTS:
@@ -67,11 +70,13 @@ def _append_kernel(
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 
 
-def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, fast_launch: bool = True) -> None:
+def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, fast_launch: bool = True,
+                  dependent_launch: bool = False) -> None:
     """Append ``k_new (B, Hkv, T, D)`` (the first ``counts[b]`` rows real; int64 ``(B,)``; None: all
     ``T`` rows, with no counts tensor to fill) to the summaries and lengths of ``index`` in place;
     ``window``: pages the new tokens can span; ``fast_launch``: see
-    :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
+    :func:`~sparse_attn.backends.triton.launch.launch_jit`; ``dependent_launch``: launch as a
+    programmatic dependent launch (:meth:`~sparse_attn.options.KernelOptions.dependent_launch_on`)."""
     batch, kv_heads, new, dim = k_new.shape
     k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
     has_counts = counts is not None
@@ -84,5 +89,6 @@ def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, f
     ), dict(
         KV_HEADS=kv_heads, HEADS_P2=next_power_of_2(kv_heads), T_P2=next_power_of_2(new),
         HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window, HAS_COUNTS=has_counts,
+        **dependent_launch_meta(dependent_launch),
         num_warps=max(4, min(16, next_power_of_2(kv_heads) * next_power_of_2(new) * dim // 1024)),
     ), fast_launch)

@@ -50,7 +50,8 @@ from torch import Tensor
 
 from ..backends.triton.kernels import LN2, dot
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import cdiv, fp32_dot_operands, next_power_of_2
+from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_operands, gdc_launch_dependents,
+                                      gdc_wait, next_power_of_2)
 
 LOG2E = 1.4426950408889634
 
@@ -141,12 +142,15 @@ def _decode_split_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     PAGED: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One split of one (sequence, KV head)'s selected pages, for ``ROWS`` rows of its group.
     Strides ``stride_k0`` / ``stride_v0`` are the batch strides of a contiguous cache or the block
     strides of a paged one; ``stride_ks`` / ``stride_vs`` step one token either way. The page
     count and cache length are clamped into ``[0, max_pages]`` and ``[0, capacity]``, and blocks
     into ``[0, num_blocks)``, so no index value makes it read out of bounds."""
+    if PDL:  # a dependent launch: the previous kernel's results are complete past this point
+        gdc_wait()
     split = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)
@@ -204,6 +208,8 @@ def _decode_split_kernel(
     l_safe = tl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse2 = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))
+    if PDL:
+        gdc_launch_dependents()
     if NUM_SPLITS == 1:
         o_ptrs = O + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -262,10 +268,13 @@ def _decode_merge_kernel(
     stride_lb, stride_lh,
     total_rows,
     HEADS: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, ROWS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Merge the split partials of ``ROWS`` query rows (row ``(b * HEADS + h) * SQ + qi``) with
     :func:`_merge_rows`, as the split kernel's last program does with a workspace."""
+    if PDL:  # a dependent launch: the split kernel's partials are complete past this point
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = row < total_rows
     qi = row % SQ
@@ -319,7 +328,7 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
                             cache_lens: Tensor, page_size: int, scale: float,
                             block_table: Tensor | None = None, num_splits: int | None = None,
                             fast_launch: bool = True, workspace=None, num_stages: int = 1,
-                            out: Tensor | None = None):
+                            out: Tensor | None = None, dependent_launch: bool = False):
     """Launch the decode kernels; returns ``(out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32
     natural log)``. Inputs are assumed checked (``decode_attention``); ``num_splits`` overrides
     :func:`choose_num_splits` (tests use it to exercise the merge); ``fast_launch``: see
@@ -329,7 +338,9 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     ``num_stages``: the split kernel's software-pipelining stages (1, none: a split's few key tiles
     gain nothing from prefetching, and one stage runs 12-21% faster than Triton's default of 3 at 128K
     from batch 1 to 32 with budget 2048, page 64). ``out``: the (checked) tensor to write the
-    output into, any strides with a unit last one (None: a new one)."""
+    output into, any strides with a unit last one (None: a new one). ``dependent_launch``: launch the
+    kernels as programmatic dependent launches
+    (:meth:`~sparse_attn.options.KernelOptions.dependent_launch_on`)."""
     batch, heads, q_len, dim = q.shape
     paged = block_table is not None
     q, k_cache, v_cache, pages = (_unit_last_stride(t) for t in (q, k_cache, v_cache, pages))
@@ -375,14 +386,15 @@ def triton_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pages: 
     ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=page_size, BLOCK_N=BLOCK_N,
         ROWS=rows, NUM_SPLITS=num_splits, PAGED=paged, UPCAST=fp32_dot_operands(q.dtype), SCAN=64,
-        FUSED_MERGE=arrivals is not None, num_warps=8 if rows * dim >= 128 * 128 else 4,
-        num_stages=num_stages,
+        FUSED_MERGE=arrivals is not None, **dependent_launch_meta(dependent_launch),
+        num_warps=8 if rows * dim >= 128 * 128 else 4, num_stages=num_stages,
     ), fast_launch)
     if num_splits > 1 and arrivals is None:
         total_rows = batch * heads * q_len
         launch_jit(_decode_merge_kernel, (cdiv(total_rows, MERGE_ROWS),), (
             o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1), total_rows,
         ), dict(
-            HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits, ROWS=MERGE_ROWS, num_warps=4,
+            HEADS=heads, SQ=q_len, HEAD_DIM=dim, NUM_SPLITS=num_splits, ROWS=MERGE_ROWS,
+            **dependent_launch_meta(dependent_launch), num_warps=4,
         ), fast_launch)
     return out, lse

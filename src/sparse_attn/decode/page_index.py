@@ -246,8 +246,9 @@ class PageIndex:
         if use_triton(k_new, kernel_options, self._append_kernel_supports(k_new)):
             from .index_kernels import triton_append
 
-            triton_append(self, k_new, counts_t, pages_in_window,
-                          fast_launch=resolve_kernel_options(kernel_options).fast_launch)
+            options = resolve_kernel_options(kernel_options)
+            triton_append(self, k_new, counts_t, pages_in_window, fast_launch=options.fast_launch,
+                          dependent_launch=options.dependent_launch_on(k_new.device))
             self._length_bound = min(bound, cap)
             return self
         if counts_t is None:

@@ -133,13 +133,16 @@ class PageSelection:
         if self._kernel_runs(q, index, kernel_options):
             from .select_kernels import triton_page_logits, triton_select_pages
 
-            fast = resolve_kernel_options(kernel_options).fast_launch
+            options = resolve_kernel_options(kernel_options)
+            fast, dependent = options.fast_launch, options.dependent_launch_on(q.device)
             scores = None
             if self.method != "sink_window":
                 scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
-                scores = triton_page_logits(q, index, self.method, scale, with_stats=True, fast_launch=fast)
+                scores = triton_page_logits(q, index, self.method, scale, with_stats=True, fast_launch=fast,
+                                            dependent_launch=dependent)
             return triton_select_pages(scores, index, width, self.sink_pages(page), self.recent,
-                                       group_max=self.group_score == "max", fast_launch=fast)
+                                       group_max=self.group_score == "max", fast_launch=fast,
+                                       dependent_launch=dependent)
 
         score = None
         if self.method != "sink_window":
@@ -306,8 +309,9 @@ def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
     if method in ("quest", "pooled") and use_triton(q, kernel_options, _score_kernel_supports(q, index)):
         from .select_kernels import triton_page_logits
 
-        logw = triton_page_logits(q, index, method, scale,
-                                  fast_launch=resolve_kernel_options(kernel_options).fast_launch)
+        options = resolve_kernel_options(kernel_options)
+        logw = triton_page_logits(q, index, method, scale, fast_launch=options.fast_launch,
+                                  dependent_launch=options.dependent_launch_on(q.device))
         share = torch.softmax(logw, dim=-1).nan_to_num(nan=0.0)
         return share.view(batch, kv_heads, heads // kv_heads, rows, max_pages)
     qg = q.reshape(batch, kv_heads, (heads // kv_heads) * rows, dim).float()  # head-major, then row

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from ..backends.triton.kernels import dot
 from ..backends.triton.launch import launch_jit
-from ..backends.triton.runtime import cdiv, fp32_dot_operands, next_power_of_2
+from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_operands, gdc_launch_dependents,
+                                      gdc_wait, next_power_of_2)
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
@@ -45,13 +46,15 @@ def _page_logits_kernel(
     scale, max_pages,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
-    UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr,
+    UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group
     (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, ``KA`` = ksum in float32 for
     pooled). Pages past the sequence are not read. With ``WRITE_STATS``, also each row's softmax
     statistics over the tile: ``STATS[0]`` the largest logit, ``STATS[1]`` the sum of
     ``exp(logit - largest)`` (0 for a tile without pages), at column ``pid_p``."""
+    if PDL:  # a dependent launch: the previous kernel's results are complete past this point
+        gdc_wait()
     pid_p = tl.program_id(0)
     pid = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)
@@ -84,6 +87,8 @@ def _page_logits_kernel(
         score = dot(q, tl.trans(mean.to(Q.dtype.element_ty)), UPCAST)
     log_tokens = tl.log(tl.maximum(tokens, 1).to(tl.float32))
     logw = tl.where(has[None, :], score * scale + log_tokens[None, :], float("-inf"))
+    if PDL:
+        gdc_launch_dependents()
     o_ptrs = OUT + b * stride_ob + kvh * stride_oh + rows[:, None] * stride_or + pages[None, :]
     tl.store(o_ptrs, logw, mask=row_ok[:, None] & (pages[None, :] < max_pages))
     if WRITE_STATS:
@@ -104,11 +109,14 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
     sink_window) takes every page of a sequence that fits the width, else the forced ones."""
+    if PDL:  # a dependent launch: the previous kernel's results are complete past this point
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // KV_HEADS).to(tl.int64)
     kvh = (pid % KV_HEADS).to(tl.int64)
@@ -199,12 +207,14 @@ def _select_pages_kernel(
 
 
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
-                       fast_launch: bool = True):
+                       fast_launch: bool = True, dependent_launch: bool = False):
     """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
     index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
     against a :class:`~.page_index.PageIndex`; ``with_stats``: ``(logits, stats)`` with the rows'
     per-tile softmax statistics ``(2, B, Hkv, G * Sq, tiles)`` that :func:`triton_select_pages` reads.
-    ``fast_launch`` (here and below): see :func:`~sparse_attn.backends.triton.launch.launch_jit`."""
+    ``fast_launch`` (here and below): see :func:`~sparse_attn.backends.triton.launch.launch_jit`;
+    ``dependent_launch`` (here and below): launch as a programmatic dependent launch
+    (:meth:`~sparse_attn.options.KernelOptions.dependent_launch_on`)."""
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
@@ -225,14 +235,14 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
     ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
         BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype), WRITE_STATS=with_stats,
-        num_warps=4 if rows * dim <= 64 * 128 else 8,
+        **dependent_launch_meta(dependent_launch), num_warps=4 if rows * dim <= 64 * 128 else 8,
     ), fast_launch)
     return (out, stats) if with_stats else out
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
-                        group_max: bool, fast_launch: bool = True,
-                        num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                        group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
+                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
@@ -258,7 +268,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together,
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),

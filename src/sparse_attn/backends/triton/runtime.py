@@ -7,6 +7,11 @@ import os
 
 import torch
 
+try:  # Grid dependency control (programmatic dependent launch), Triton 3.3 and newer
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: dependent launch stays off
+    gdc_launch_dependents = gdc_wait = None
+
 # Triton reads TRITON_INTERPRET when kernels are decorated (at import), so it is read once here too.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -42,3 +47,19 @@ def major_capability(index) -> int:
 def on_hopper() -> bool:
     """Whether the current CUDA device is a Hopper GPU (compute capability 9.x)."""
     return torch.cuda.is_available() and major_capability(torch.cuda.current_device()) == 9
+
+
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be launched as programmatic dependent launches (a kernel's
+    programs start while the one before it in the stream finishes, and wait for it with
+    ``gdc_wait`` before touching its results): CUDA devices of compute capability 9.0 and newer,
+    with a Triton that has grid dependency control; never in the interpreter."""
+    if _INTERPRETING or device.type != "cuda" or gdc_wait is None:
+        return False
+    return major_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def dependent_launch_meta(enabled: bool) -> dict:
+    """The launch keywords of a kernel with a ``PDL`` constexpr: ``PDL`` and Triton's ``launch_pdl``
+    (only when on, so the interpreter never sees the option)."""
+    return {"PDL": True, "launch_pdl": True} if enabled else {"PDL": False}
