@@ -27,6 +27,7 @@ __all__ = ["KernelOptions", "kernel_options", "current_kernel_options", "resolve
 KERNEL_CHOICES = ("auto", "gluon", "triton")
 ESTIMATOR_KERNEL_CHOICES = ("auto", "triton", "torch")
 DENSE_CHOICES = ("auto", "sdpa", "cudnn", "flash")
+NSA_SELECTED_CHOICES = ("auto", "shared_reads", "per_token")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class KernelOptions:
             has them (compute capability 9.0 and newer; never in the CPU interpreter): each kernel's
             programs start while the previous kernel finishes and wait for its results on the
             device, which hides the launch gaps of a step.
+        nsa_selected: how NSA's selected branch reads each token's blocks before its own:
+            ``"shared_reads"`` (tiles of nearby tokens read the union of their blocks once, each row
+            masked to its token's blocks: :mod:`sparse_attn.nsa.shared_reads`), ``"per_token"``
+            (every token reads its blocks through the block-sparse kernels, the group's heads as one
+            query block) or ``"auto"`` (shared reads where their kernels run: fp16/bf16 on a GPU or
+            in the interpreter, head dims 16-128; per token elsewhere).
     """
 
     forward: str = "auto"
@@ -71,6 +78,7 @@ class KernelOptions:
     estimator_kernels: str = "auto"
     dense: str = "auto"
     dependent_launch: bool = True
+    nsa_selected: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("forward", "backward"):
@@ -88,6 +96,9 @@ class KernelOptions:
         if self.estimator_kernels not in ESTIMATOR_KERNEL_CHOICES:
             raise ValueError(f"KernelOptions.estimator_kernels must be one of {ESTIMATOR_KERNEL_CHOICES}, "
                              f"got {self.estimator_kernels!r}")
+        if self.nsa_selected not in NSA_SELECTED_CHOICES:
+            raise ValueError(f"KernelOptions.nsa_selected must be one of {NSA_SELECTED_CHOICES}, "
+                             f"got {self.nsa_selected!r}")
         if self.dense not in DENSE_CHOICES:
             raise ValueError(f"KernelOptions.dense must be one of {DENSE_CHOICES}, got {self.dense!r}")
 

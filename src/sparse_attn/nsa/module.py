@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from ..attention import sparse_attention
 from ..layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout, dense_to_csr
-from ..options import KernelOptions
+from ..options import KernelOptions, resolve_kernel_options
 from .config import NSAConfig
 from .compressed import compressed_branch
 from .reference import PARAMETER_NAMES, masked_branches, nsa_gates
+from .shared_reads import shared_reads_attention, shared_reads_supported, shared_tiles, tile_tokens
 
 __all__ = ["NSAAttention"]
 
@@ -217,10 +218,21 @@ class NSAAttention(nn.Module):
         band = (blk[None, :] <= blk[:, None]) & (blk[None, :] > blk[:, None] - self.config.window_blocks)
         return BlockSparseLayout.from_dense(band, seq, seq, self.config.window_block, causal=True)
 
-    def _selected(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict,
-                  blocks: Optional[Tensor] = None) -> Tensor:
-        """Selected-branch attention: earlier blocks token-major, the own block causal, merged by LSE.
-        ``blocks``: the selection as the kernel's block indices (-1: none), read instead of ``chosen``."""
+    def _shared_reads(self, q: Tensor, call: dict) -> bool:
+        """Whether the selected branch's earlier blocks run on the shared-reads kernels
+        (``KernelOptions.nsa_selected``); ``"shared_reads"`` where they cannot run raises, naming why."""
+        choice = resolve_kernel_options(call["kernel_options"]).nsa_selected
+        if choice == "per_token" or call["backend"] not in ("auto", "triton"):
+            return False
+        reason = shared_reads_supported(q)
+        if choice == "shared_reads" and reason is not None:
+            raise ValueError(f"KernelOptions(nsa_selected='shared_reads') cannot run this call: {reason}")
+        return reason is None
+
+    def _earlier_per_token(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict,
+                           blocks: Optional[Tensor]):
+        """``(out, lse)`` of each token over its blocks before its own, token-major through the
+        block-sparse kernels (the module docstring)."""
         batch, heads, seq, dim = q.shape
         kv_heads, rows, block = self.num_kv_heads, self.group_rows, self.config.select_block
         group = heads // kv_heads
@@ -238,6 +250,20 @@ class NSAAttention(nn.Module):
                                         return_lse=True, **call)
         out_e = out_e.view(batch, kv_heads, seq, rows, dim)[:, :, :, :group].transpose(2, 3).reshape(q.shape)
         lse_e = lse_e.view(batch, kv_heads, seq, rows)[..., :group].transpose(2, 3).reshape(batch, heads, seq)
+        return out_e, lse_e
+
+    def _selected(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict,
+                  blocks: Optional[Tensor] = None) -> Tensor:
+        """Selected-branch attention: the blocks before each token's own (shared reads or per token),
+        the own block causal, merged by LSE. ``blocks``: the selection as the kernel's block indices
+        (-1: none), read instead of ``chosen``."""
+        seq, block = q.shape[2], self.config.select_block
+        if self._shared_reads(q, call):
+            tokens = tile_tokens(q.shape[1] // self.num_kv_heads, block)
+            tiles = shared_tiles(chosen if blocks is None else None, blocks, seq, block, tokens)
+            out_e, lse_e = shared_reads_attention(q, k, v, tiles, block, call["scale"])
+        else:
+            out_e, lse_e = self._earlier_per_token(q, k, v, chosen, call, blocks)
         nb = math.ceil(seq / block)
         diagonal = BlockSparseLayout.from_dense(torch.eye(nb, dtype=torch.bool, device=q.device), seq, seq, block)
         out_o, lse_o = sparse_attention(q, k, v, diagonal, return_lse=True, **call)
