@@ -126,13 +126,34 @@ def shared_reads_supported(q: Tensor) -> Optional[str]:
 
 
 @triton.jit
-def _tile_rows(pid_t, seq, TOKENS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
-    """Row ``r`` of a tile: token ``r // GROUP`` of the tile, the group's head ``r % GROUP``."""
+def _tile_queries(Q, tile, b, kvh, seq, stride_qb, stride_qh, stride_qs, KV_HEADS: tl.constexpr,
+                  GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A tile's rows (row ``r``: token ``r // GROUP`` of the tile, the group's head ``r % GROUP``):
+    ``(t, row_ok, q, rows_at)``, ``rows_at`` each row's index in contiguous ``(B, H, S)`` tensors."""
     rows = tl.arange(0, ROWS)
     t = rows // GROUP
-    tok = pid_t * TOKENS + t
+    tok = (tile * TOKENS + t).to(tl.int64)
     row_ok = (rows < TOKENS * GROUP) & (tok < seq)
-    return t, tok, rows % GROUP, row_ok
+    h = kvh * GROUP + rows % GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (b * stride_qb + h * stride_qh + tok * stride_qs)[:, None] + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return t, row_ok, q, (b * (KV_HEADS * GROUP) + h) * seq + tok
+
+
+@triton.jit
+def _tile_gradients(DO, LSE, DELTA, rows_at, row_ok, HEAD_DIM: tl.constexpr):
+    """The rows' output gradient, base-2 LSE (0 for a row with no key) and ``delta``."""
+    do = tl.load(DO + rows_at[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse2 = tl.load(LSE + rows_at, mask=row_ok, other=0.0) * LOG2E
+    return do, tl.where(lse2 == float("-inf"), 0.0, lse2), tl.load(DELTA + rows_at, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _members(MASKS, at, t, row_ok):
+    """Rows whose token selected the listed block at ``at`` (its bit ``t`` is set)."""
+    return (((tl.load(MASKS + at) >> t) & 1) != 0) & row_ok
 
 
 @triton.jit
@@ -148,12 +169,10 @@ def _fwd_kernel(
     pid = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)
     kvh = (pid % KV_HEADS).to(tl.int64)
-    t, tok, g, row_ok = _tile_rows(pid_t, seq, TOKENS, GROUP, ROWS)
-    h = kvh * GROUP + g
+    t, row_ok, q, rows_at = _tile_queries(Q, pid_t, b, kvh, seq, stride_qb, stride_qh, stride_qs, KV_HEADS, GROUP,
+                                          TOKENS, ROWS, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BN)
-    q_rows = b * stride_qb + h * stride_qh + tok.to(tl.int64) * stride_qs
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     n = tl.load(COUNTS + b * stride_cb + kvh * stride_ch + pid_t)
     list_row = b * stride_ib + kvh * stride_ih + pid_t * stride_it
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -163,8 +182,7 @@ def _fwd_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for s in range(0, n):
         block = tl.load(BLOCKS + list_row + s).to(tl.int64)
-        member = ((tl.load(MASKS + list_row + s) >> t) & 1) != 0
-        member = member & row_ok
+        member = _members(MASKS, list_row + s, t, row_ok)
         for sub in tl.static_range(SELECT_BLOCK // BN):
             keys = block * SELECT_BLOCK + sub * BN + offs_n
             k = tl.load(k_base + keys[:, None] * stride_ks + offs_d[None, :])
@@ -181,9 +199,8 @@ def _fwd_kernel(
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_rows = ((b * (KV_HEADS * GROUP) + h) * seq + tok.to(tl.int64))
-    tl.store(O + o_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + o_rows, tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
+    tl.store(O + rows_at[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + rows_at, tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf")), mask=row_ok)
 
 
 @triton.jit
@@ -200,17 +217,11 @@ def _dq_kernel(
     pid = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)
     kvh = (pid % KV_HEADS).to(tl.int64)
-    t, tok, g, row_ok = _tile_rows(pid_t, seq, TOKENS, GROUP, ROWS)
-    h = kvh * GROUP + g
+    t, row_ok, q, rows_at = _tile_queries(Q, pid_t, b, kvh, seq, stride_qb, stride_qh, stride_qs, KV_HEADS, GROUP,
+                                          TOKENS, ROWS, HEAD_DIM)
+    do, lse2, delta = _tile_gradients(DO, LSE, DELTA, rows_at, row_ok, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BN)
-    q = tl.load(Q + (b * stride_qb + h * stride_qh + tok.to(tl.int64) * stride_qs)[:, None] + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    rows_at = (b * (KV_HEADS * GROUP) + h) * seq + tok.to(tl.int64)
-    do = tl.load(DO + rows_at[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + rows_at, mask=row_ok, other=0.0) * LOG2E
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    delta = tl.load(DELTA + rows_at, mask=row_ok, other=0.0)
     n = tl.load(COUNTS + b * stride_cb + kvh * stride_ch + pid_t)
     list_row = b * stride_ib + kvh * stride_ih + pid_t * stride_it
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -218,7 +229,7 @@ def _dq_kernel(
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for s in range(0, n):
         block = tl.load(BLOCKS + list_row + s).to(tl.int64)
-        member = (((tl.load(MASKS + list_row + s) >> t) & 1) != 0) & row_ok
+        member = _members(MASKS, list_row + s, t, row_ok)
         for sub in tl.static_range(SELECT_BLOCK // BN):
             keys = block * SELECT_BLOCK + sub * BN + offs_n
             k = tl.load(k_base + keys[:, None] * stride_ks + offs_d[None, :])
@@ -262,16 +273,10 @@ def _dkdv_kernel(
     list_row = b * stride_ib + kvh * stride_ih + block * stride_it
     for e in range(0, n):
         tile = tl.load(TILES + list_row + e)
-        t, tok, g, row_ok = _tile_rows(tile, seq, TOKENS, GROUP, ROWS)
-        member = (((tl.load(TILE_MASKS + list_row + e) >> t) & 1) != 0) & row_ok
-        h = kvh * GROUP + g
-        q = tl.load(Q + (b * stride_qb + h * stride_qh + tok.to(tl.int64) * stride_qs)[:, None] + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        rows_at = (b * (KV_HEADS * GROUP) + h) * seq + tok.to(tl.int64)
-        do = tl.load(DO + rows_at[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + rows_at, mask=row_ok, other=0.0) * LOG2E
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-        delta = tl.load(DELTA + rows_at, mask=row_ok, other=0.0)
+        t, row_ok, q, rows_at = _tile_queries(Q, tile, b, kvh, seq, stride_qb, stride_qh, stride_qs, KV_HEADS,
+                                              GROUP, TOKENS, ROWS, HEAD_DIM)
+        member = _members(TILE_MASKS, list_row + e, t, row_ok)
+        do, lse2, delta = _tile_gradients(DO, LSE, DELTA, rows_at, row_ok, HEAD_DIM)
         scores = dot(q, tl.trans(k), UPCAST) * scale_log2
         p = tl.where(member[:, None], tl.exp2(scores - lse2[:, None]), 0.0)  # (ROWS, BN)
         dv = dot(tl.trans(p.to(do.dtype)), do, UPCAST, dv)
