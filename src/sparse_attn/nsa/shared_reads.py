@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..backends.triton.kernels import LN2, dot
+from ..backends.triton.kernels import LN2, LOG2E, dot
 from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import fp32_dot_operands, interpreting, next_power_of_2
 from ..layout import dense_to_csr
@@ -43,7 +43,7 @@ from ..layout import dense_to_csr
 __all__ = ["SharedTiles", "shared_tiles", "tile_tokens", "shared_reads_attention", "shared_reads_reference",
            "shared_reads_supported"]
 
-LOG2E = 1.4426950408889634
+LOG2E_HOST = 1.4426950408889634
 TILE_ROWS = 64  # query rows (tokens x group heads) a tile aims at
 MAX_TILE_TOKENS = 16  # a tile's token bit masks are int32
 BLOCK_N = 64  # keys per step inside a selection block
@@ -310,7 +310,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tiles: SharedTiles, select_block: 
     meta = _geometry(q, k, tiles, select_block)
     launch_jit(_fwd_kernel, (tiles.counts.shape[-1], batch * k.shape[1]), (
         q, k, v, tiles.counts, tiles.blocks, tiles.masks, out, lse,
-        *_strides(q, k, v, tiles.counts, tiles.blocks), seq, scale * LOG2E,
+        *_strides(q, k, v, tiles.counts, tiles.blocks), seq, scale * LOG2E_HOST,
     ), meta)
     return out, lse
 
@@ -329,11 +329,11 @@ def _backward(q, k, v, out, lse, dout, dlse, tiles: SharedTiles, select_block: i
     kv_heads = k.shape[1]
     launch_jit(_dq_kernel, (tiles.counts.shape[-1], batch * kv_heads), (
         q, k, v, dout, lse, delta, tiles.counts, tiles.blocks, tiles.masks, dq,
-        *_strides(q, k, v, tiles.counts, tiles.blocks), seq, scale, scale * LOG2E,
+        *_strides(q, k, v, tiles.counts, tiles.blocks), seq, scale, scale * LOG2E_HOST,
     ), meta)
     launch_jit(_dkdv_kernel, (math.ceil(seq / meta["BN"]), batch * kv_heads), (
         q, k, v, dout, lse, delta, tiles.tile_counts, tiles.tiles, tiles.tile_masks, dk, dv,
-        *_strides(q, k, v, tiles.tile_counts, tiles.tiles), seq, scale, scale * LOG2E,
+        *_strides(q, k, v, tiles.tile_counts, tiles.tiles), seq, scale, scale * LOG2E_HOST,
     ), meta)
     return dq, dk, dv
 
