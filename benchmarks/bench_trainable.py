@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_attention import bench, sdpa_fn, tqdm  # noqa: E402
+from bench_estimators import structured_qk  # noqa: E402
 
 MOBA_KNOBS = {"moba_block": 512, "top_k": 3, "block_size": 64}
 DSA_TOP_K = 2048
@@ -96,6 +97,7 @@ def rows_for(args):
     from sparse_attn import BlockSparseLayout, KernelOptions, get_method, sparse_attention
     from sparse_attn.dsa import select_tokens, token_sparse_attention
     from sparse_attn.nsa import NSAAttention, NSAConfig
+    from sparse_attn.nsa.shared_reads import shared_tiles, tile_tokens
 
     heads, dim = args.heads, args.dim
     moba = get_method("moba", **MOBA_KNOBS)
@@ -103,10 +105,14 @@ def rows_for(args):
     shapes = [(s, kv) for s in args.lengths for kv in args.kv_heads]
     for seq, kv_heads in tqdm(shapes, desc="shapes"):
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-        k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-        v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-        row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim}
+        q = torch.randn(1, heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, kv_heads, seq, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        if args.inputs == "structured":
+            torch.manual_seed(0)
+            q, k = structured_qk(heads, kv_heads, seq, dim, "cuda")
+        q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
+        row = {"seq": seq, "heads": heads, "kv_heads": kv_heads, "dim": dim, "inputs": args.inputs}
 
         def timed(name, make, row=row):
             if name in args.skip:
@@ -137,6 +143,16 @@ def rows_for(args):
         timed("moba on flex", lambda: (lambda: sparse_attention(q, k, v, layout, backend="flex"), (q, k, v)))
 
         module = NSAAttention(nsa_config, heads, kv_heads, dim).cuda()
+        with torch.no_grad():  # how much nearby tokens' selections overlap: what shared reads save
+            _, chosen = module(q, k, v, return_selection=True)
+            block = nsa_config.select_block
+            tiles = shared_tiles(chosen, None, seq, block, tile_tokens(heads // kv_heads, block))
+            own = torch.arange(seq, device="cuda") // block
+            earlier = chosen & (torch.arange(chosen.shape[-1], device="cuda")[None, :] < own[:, None])
+            row["nsa_blocks_per_token"] = float(earlier.sum(-1).float().mean())
+            row["nsa_union_blocks_per_tile"] = float(tiles.counts.float().mean())
+            row["nsa_tile_tokens"] = tiles.tokens
+            chosen = earlier = tiles = None
         timed("nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
         per_token = KernelOptions(nsa_selected="per_token")
         timed("nsa per token", lambda: (lambda: module(q, k, v, kernel_options=per_token),
@@ -335,13 +351,16 @@ def table(rows, meta) -> str:
     names = ATTENTION_NAMES
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, batch 1, H={meta['heads']}, "
              f"D={meta['dim']}, causal; ms (speed-up over the faster of cuDNN and flash)", "",
-             "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms | DSA selection ms |",
-             "|---|---|---|" + "---|" * (len(names) + 3)]
+             "| S | Hkv | mode | " + " | ".join(names) + " | MoBA density | MoBA selection ms | DSA selection ms | "
+             "NSA earlier blocks per token / per tile |",
+             "|---|---|---|" + "---|" * (len(names) + 4)]
     for r in rows:
         for mode in ("fwd", "fwdbwd"):
             lines.append(f"| {r['seq']} | {r['kv_heads']} | {mode} | " + " | ".join(cell(r[n], mode) for n in names)
                          + f" | {r['moba_density']:.3f} | {r['moba_estimate_ms']:.2f} | "
-                         + (f"{r['dsa_select_ms']:.2f}" if "dsa_select_ms" in r else "-") + " |")
+                         + (f"{r['dsa_select_ms']:.2f}" if "dsa_select_ms" in r else "-") + " | "
+                         + (f"{r['nsa_blocks_per_token']:.1f} / {r['nsa_union_blocks_per_tile']:.1f} "
+                            f"({r['nsa_tile_tokens']} tokens)" if "nsa_tile_tokens" in r else "-") + " |")
     notes = [f"{r['seq']}/{r['kv_heads']} {n}: {r[n].get('error') or r[n].get('skipped')}"
              for r in rows for n in names if "error" in r[n] or "skipped" in r[n]]
     return "\n".join(lines + ([""] + notes if notes else []))
@@ -353,6 +372,10 @@ def main(argv=None):
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[8, 2])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--inputs", choices=["random", "structured"], default="random",
+                        help="q and k: i.i.d. noise, or bench_estimators' structured_qk (a shared direction per "
+                             "KV group under RoPE: local, slowly changing attention, so nearby tokens select "
+                             "overlapping NSA blocks)")
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[],
                         help="also time one NSA decode step over KV caches of these lengths")
     parser.add_argument("--train-contexts", type=int, nargs="*", default=[],
