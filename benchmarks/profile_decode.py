@@ -1,8 +1,8 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
-give the same result: the top-k kernel by search for the budget's edge and warp count, and the decode
-attention by split count and software-pipelining stages.
+give the same result: the top-k kernel by warp count, and the decode attention by split count and
+software-pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -47,14 +47,12 @@ def device_us(launch, repeats: int = 20) -> float | str:
 
 
 def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
-    """Device time (us) of the top-k kernel alone, by ``"<search>, <warps> warps"`` (each search for
-    the budget's edge, bisection and histograms, which select the same pages)."""
-    from sparse_attn.decode.select_kernels import TOP_K_SEARCHES, triton_select_pages
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps"``."""
+    from sparse_attn.decode.select_kernels import triton_select_pages
 
-    return {f"{search}, {warps} warps": device_us(
-        lambda warps=warps, search=search: triton_select_pages(scores, index, width, sink_pages, recent,
-                                                               group_max=False, num_warps=warps, search=search))
-        for search in TOP_K_SEARCHES for warps in warps_list}
+    return {f"{warps} warps": device_us(
+        lambda warps=warps: triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
+                                                num_warps=warps)) for warps in warps_list}
 
 
 def split_variants(q, k, v, pages, counts, lens, page, splits_list, stages_list, workspace) -> dict:

@@ -26,15 +26,6 @@ def _interpreted_or_gpu():
 pytestmark = pytest.mark.skipif(not _interpreted_or_gpu(), reason="needs a GPU or TRITON_INTERPRET=1")
 
 
-@pytest.fixture(params=["bisection", "histograms"])
-def search(request, monkeypatch):
-    """Each of the top-k kernel's searches for the budget's edge, as its default."""
-    import sparse_attn.decode.select_kernels as kernels
-
-    monkeypatch.setattr(kernels, "TOP_K_SEARCH", request.param)
-    return request.param
-
-
 def make(lengths, heads, kv_heads, rows, dim, page, dtype, capacity=160, seed=0):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(len(lengths), kv_heads, capacity, dim, generator=gen).to(DEVICE, dtype)
@@ -97,7 +88,7 @@ def test_kernel_on_the_gpu_at_a_long_context(method, rows):
 @pytest.mark.parametrize("group_score", ["mass", "max"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("budget,sink,recent", [(64, 16, 16), (96, 0, 0), (48, 0, 20), (1000, 16, 16), (16, 0, 0)])
-def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budget, sink, recent, search):
+def test_topk_kernel_selects_the_pytorch_pages(method, group_score, dtype, budget, sink, recent):
     """Lengths that are not page multiples, a short and an empty sequence, 4 heads per KV head,
     two query rows; a budget that covers every page, and one of a single page."""
     q, index = make((300, 37, 0), 8, 2, 2, 32, 16, dtype, capacity=320, seed=3)
@@ -124,7 +115,7 @@ def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot(search):
+def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""
     q, index = make((200, 40), 4, 2, 1, 32, 16, torch.float16, capacity=256)
@@ -181,29 +172,3 @@ def test_append_and_selection_kernels_on_the_gpu_at_a_long_context(page):
     shared = sum(len(set(a[:n]) & set(b[:n])) for a, b, n in
                  zip(pages.flatten(0, 1).tolist(), ref_pages.flatten(0, 1).tolist(), counts.flatten().tolist()))
     assert shared >= 0.98 * int(counts.sum())
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_both_top_k_searches_find_the_same_edge_on_wide_and_tied_scores(seed):
-    """Scores spread over many powers of two, with runs of exact ties and planted pages: bisection
-    and histograms select the same pages as PyTorch for budgets from one page to all but one."""
-    from sparse_attn.decode.select_kernels import triton_select_pages
-
-    gen = torch.Generator().manual_seed(seed)
-    q, index = make((1000, 999, 517), 4, 2, 1, 32, 16, torch.float16, capacity=1024, seed=seed)
-    pages = index.max_pages
-    logits = (torch.randn(3, 2, 2, pages, generator=gen) * 8).round()  # integer logits: many exact ties
-    logits[..., 5] = 40.0  # a planted page far above the rest
-    logits = logits.to(DEVICE)
-    top = logits.amax(-1, keepdim=True)
-    stats = torch.stack([top[..., 0], torch.exp(logits - top).sum(-1)])[..., None]  # one tile per row
-    share = torch.softmax(logits, -1).sum(2)
-    from sparse_attn.decode import PageSelection
-
-    for width in (1, 2, 7, 40, pages - 1):
-        selection = PageSelection(method="quest", budget=width * 16, sink=0, recent=0)
-        want = selection.by_score(share, index)
-        for search in ("bisection", "histograms"):
-            got = triton_select_pages((logits, stats), index, width, 0, 0, group_max=False, search=search)
-            assert torch.equal(got[1], want[1]), (search, width)
-            assert torch.equal(got[0], want[0]), (search, width)

@@ -8,10 +8,9 @@
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found on the top 16 bits of the scores' float32 bit
-  patterns (non-negative float32 values order as their int32 bits; 16 bits are a bfloat16's
-  precision): the budget's edge by a bisection (at most 16 steps) or by two histograms of the
-  bits (``search``), the pages written in increasing page order with the
+  pages forced in, and the ``width`` best pages found by a bisection on the top 16 bits of the
+  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits, a
+  bfloat16's precision, bound the search to 16 steps), written in increasing page order with the
   padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -34,8 +33,6 @@ from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_ope
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
-TOP_K_SEARCHES = ("bisection", "histograms")
-TOP_K_SEARCH = "bisection"  # the top-k kernel's default search for the budget's edge
 INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the top 16 bits of its float32 bits
 
 
@@ -104,46 +101,6 @@ def _page_logits_kernel(
 
 
 @triton.jit
-def _kth_largest_by_bisection(bits, width):
-    """The ``width``-th largest of ``bits`` (16-bit keys, -1 for no candidate) when more than
-    ``width`` are >= 0, else 0 (every candidate is taken): a bisection keeping
-    count(bits >= lo) >= width > count(bits >= hi), stopping early once exactly ``width`` keys are
-    >= lo; one reduction over the pages per step, at most 16 steps."""
-    lo = tl.zeros([], dtype=tl.int32)
-    hi = lo + (INF_KEY + 1)
-    at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
-    while (hi - lo > 1) & (at_lo > width):
-        mid = lo + (hi - lo) // 2
-        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
-        enough = at_mid >= width
-        lo = tl.where(enough, mid, lo)
-        at_lo = tl.where(enough, at_mid, at_lo)
-        hi = tl.where(enough, hi, mid)
-    return lo
-
-
-@triton.jit
-def _kth_largest_by_histograms(bits, candidates, width, NP_P2: tl.constexpr):
-    """What :func:`_kth_largest_by_bisection` returns, from two histograms instead of up to 16
-    reductions: one of the keys' top 7 bits (128 bins; keys are at most ``INF_KEY`` = 0x7F80) finds
-    the bin holding the ``width``-th largest, one of the low 8 bits of the keys in that bin (256
-    bins) finds the key."""
-    total = tl.sum(candidates.to(tl.int32), 0)
-    high = tl.arange(0, 128)
-    h1 = tl.histogram(bits >> 8, 128, mask=candidates)
-    at_or_above = tl.cumsum(h1, 0, reverse=True)  # candidates whose top bits are >= the bin's
-    top = tl.max(tl.where(at_or_above >= width, high, 0), 0)
-    above_top = tl.sum(tl.where(high > top, h1, 0), 0)
-    low = tl.arange(0, 256)
-    in_top = candidates & ((bits >> 8) == top)
-    h2 = tl.histogram(bits & 255, 256, mask=in_top)
-    need = width - above_top
-    at_or_above_low = tl.cumsum(h2, 0, reverse=True)
-    key = top * 256 + tl.max(tl.where(at_or_above_low >= need, low, 0), 0)
-    return tl.where(total > width, key, 0)
-
-
-@triton.jit
 def _select_pages_kernel(
     LOGITS, STATS, LENGTHS, PAGES, COUNTS,
     stride_lb, stride_lh, stride_lr,
@@ -152,7 +109,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr, RADIX: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -219,10 +176,18 @@ def _select_pages_kernel(
     # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
-    if RADIX:
-        lo = _kth_largest_by_histograms(bits, candidates, width, NP_P2)
-    else:
-        lo = _kth_largest_by_bisection(bits, width)
+    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = lo + (INF_KEY + 1)
+    at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
+    while (hi - lo > 1) & (at_lo > width):
+        mid = lo + (hi - lo) // 2
+        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
+        enough = at_mid >= width
+        lo = tl.where(enough, mid, lo)
+        at_lo = tl.where(enough, at_mid, at_lo)
+        hi = tl.where(enough, hi, mid)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
@@ -277,17 +242,11 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        dependent_launch: bool = False, search: str | None = None) -> tuple[Tensor, Tensor]:
+                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count);
-    ``search``: how the kernel finds the budget's edge, ``"bisection"`` (up to 16 reductions over the
-    pages) or ``"histograms"`` (two histograms of the keys' bits), None: :data:`TOP_K_SEARCH`; both
-    give the same pages."""
-    search = TOP_K_SEARCH if search is None else search
-    if search not in TOP_K_SEARCHES:
-        raise ValueError(f"triton_select_pages: search must be one of {TOP_K_SEARCHES}, got {search!r}")
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -310,7 +269,6 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
         GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
-        RADIX=search == "histograms",
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),
