@@ -66,8 +66,10 @@ class KernelOptions:
             ``"shared_reads"`` (tiles of nearby tokens read the union of their blocks once, each row
             masked to its token's blocks: :mod:`sparse_attn.nsa.shared_reads`), ``"per_token"``
             (every token reads its blocks through the block-sparse kernels, the group's heads as one
-            query block) or ``"auto"`` (shared reads where their kernels run: fp16/bf16 on a GPU or
-            in the interpreter, head dims 16-128; per token elsewhere).
+            query block) or ``"auto"`` (shared reads where their kernels run, fp16/bf16 on a GPU or
+            in the interpreter, head dims 16-128, and a block read would serve at least
+            :data:`~sparse_attn.nsa.shared_reads.MIN_TOKENS_PER_READ` tokens on average; per token
+            otherwise).
     """
 
     forward: str = "auto"

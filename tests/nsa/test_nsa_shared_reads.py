@@ -151,3 +151,42 @@ def test_shared_reads_that_cannot_run_say_why():
     torch.testing.assert_close(module(q, k, v), module(q, k, v, kernel_options=KernelOptions(nsa_selected="per_token")))
     with pytest.raises(ValueError, match="KernelOptions.nsa_selected must be one of"):
         KernelOptions(nsa_selected="shared")
+
+
+def test_tokens_per_read_counts_the_selections_each_union_block_serves():
+    chosen = torch.ones(1, 1, 96, 6, dtype=torch.bool, device=DEVICE)  # every earlier block
+    tiles = shared_tiles(chosen, None, 96, 16, 16)
+    assert int(tiles.selections) == 16 * (0 + 1 + 2 + 3 + 4 + 5) and tiles.tokens_per_read() == 16.0
+    assert shared_tiles(_lonely(1), None, 96, 16, 16).tokens_per_read() == 1.0
+
+
+def _lonely(kv_heads):
+    """96 tokens in blocks of 16: token t of block j >= 1 selects earlier block t if t < j, so no two
+    tokens of a 16-token tile share a block."""
+    lonely = torch.zeros(1, kv_heads, 96, 6, dtype=torch.bool, device=DEVICE)
+    for s in range(16, 96):
+        if s % 16 < s // 16:
+            lonely[0, :, s, s % 16] = True
+    return lonely
+
+
+def test_auto_reads_shared_only_where_nearby_tokens_share_blocks(monkeypatch):
+    import sparse_attn.nsa.module as module_file
+
+    calls = []
+    real = module_file.shared_reads_attention
+    monkeypatch.setattr(module_file, "shared_reads_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = NSAConfig(compress_block=16, compress_stride=8, select_block=16, select_blocks=4, window=32,
+                       window_block=16)
+    module = NSAAttention(config, 4, 2, 32).to(DEVICE)
+    q = torch.randn(1, 4, 96, 32, device=DEVICE, dtype=torch.float16)
+    k = v = torch.randn(1, 2, 96, 32, device=DEVICE, dtype=torch.float16)
+    shared = torch.ones(1, 2, 96, 6, dtype=torch.bool, device=DEVICE)
+    alone = _lonely(2)  # one token per block read
+    for selection, used in ((shared, [1]), (alone, [])):
+        calls.clear()
+        module(q, k, v, backend="triton", selection=selection)
+        assert calls == used
+    calls.clear()
+    module(q, k, v, backend="triton", selection=alone, kernel_options=KernelOptions(nsa_selected="shared_reads"))
+    assert calls == [1]

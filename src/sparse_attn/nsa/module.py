@@ -29,7 +29,8 @@ from ..options import KernelOptions, resolve_kernel_options
 from .config import NSAConfig
 from .compressed import compressed_branch
 from .reference import PARAMETER_NAMES, masked_branches, nsa_gates
-from .shared_reads import shared_reads_attention, shared_reads_supported, shared_tiles, tile_tokens
+from .shared_reads import (MIN_TOKENS_PER_READ, shared_reads_attention, shared_reads_supported, shared_tiles,
+                           tile_tokens)
 
 __all__ = ["NSAAttention"]
 
@@ -218,16 +219,19 @@ class NSAAttention(nn.Module):
         band = (blk[None, :] <= blk[:, None]) & (blk[None, :] > blk[:, None] - self.config.window_blocks)
         return BlockSparseLayout.from_dense(band, seq, seq, self.config.window_block, causal=True)
 
-    def _shared_reads(self, q: Tensor, call: dict) -> bool:
-        """Whether the selected branch's earlier blocks run on the shared-reads kernels
-        (``KernelOptions.nsa_selected``); ``"shared_reads"`` where they cannot run raises, naming why."""
+    def _selected_reads(self, q: Tensor, call: dict) -> str:
+        """How the selected branch reads the blocks before each token's own: ``"shared_reads"``,
+        ``"per_token"`` or ``"auto"`` (shared reads if they pay for this selection), from
+        ``KernelOptions.nsa_selected``; ``"shared_reads"`` where they cannot run raises, naming why."""
         choice = resolve_kernel_options(call["kernel_options"]).nsa_selected
         if choice == "per_token" or call["backend"] not in ("auto", "triton"):
-            return False
+            return "per_token"
         reason = shared_reads_supported(q)
-        if choice == "shared_reads" and reason is not None:
+        if reason is None:
+            return choice
+        if choice == "shared_reads":
             raise ValueError(f"KernelOptions(nsa_selected='shared_reads') cannot run this call: {reason}")
-        return reason is None
+        return "per_token"
 
     def _earlier_per_token(self, q: Tensor, k: Tensor, v: Tensor, chosen: Tensor, call: dict,
                            blocks: Optional[Tensor]):
@@ -258,9 +262,14 @@ class NSAAttention(nn.Module):
         the own block causal, merged by LSE. ``blocks``: the selection as the kernel's block indices
         (-1: none), read instead of ``chosen``."""
         seq, block = q.shape[2], self.config.select_block
-        if self._shared_reads(q, call):
+        reads = self._selected_reads(q, call)
+        tiles = None
+        if reads != "per_token":
             tokens = tile_tokens(q.shape[1] // self.num_kv_heads, block)
             tiles = shared_tiles(chosen if blocks is None else None, blocks, seq, block, tokens)
+            if reads == "auto" and tiles.tokens_per_read() < MIN_TOKENS_PER_READ:
+                tiles = None  # nearby tokens share too few blocks: per-token reads do less work
+        if tiles is not None:
             out_e, lse_e = shared_reads_attention(q, k, v, tiles, block, call["scale"])
         else:
             out_e, lse_e = self._earlier_per_token(q, k, v, chosen, call, blocks)

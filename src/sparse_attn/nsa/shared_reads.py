@@ -46,6 +46,9 @@ __all__ = ["SharedTiles", "shared_tiles", "tile_tokens", "shared_reads_attention
 LOG2E_HOST = 1.4426950408889634
 TILE_ROWS = 64  # query rows (tokens x group heads) a tile aims at
 MAX_TILE_TOKENS = 16  # a tile's token bit masks are int32
+# KernelOptions(nsa_selected="auto") takes shared reads when a block read serves at least this many
+# tokens on average (SharedTiles.tokens_per_read); below it, per-token reads.
+MIN_TOKENS_PER_READ = 2.0
 BLOCK_N = 64  # keys per step inside a selection block
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -65,7 +68,8 @@ class SharedTiles(NamedTuple):
     (B, Hkv, NT, W)`` int32: each tile's union of earlier blocks (ascending) and, per block, the bit
     ``t`` set when the tile's token ``t`` selected it; ``tile_counts (B, Hkv, Ns)``, ``tiles,
     tile_masks (B, Hkv, Ns, W')``: per key block, the tiles whose union holds it and the same masks.
-    ``tokens``: tokens per tile."""
+    ``tokens``: tokens per tile; ``selections``: the (token, earlier block) pairs of the selection, a
+    0-d int64 tensor (over the union blocks, :meth:`tokens_per_read`)."""
 
     counts: Tensor
     blocks: Tensor
@@ -74,6 +78,13 @@ class SharedTiles(NamedTuple):
     tiles: Tensor
     tile_masks: Tensor
     tokens: int
+    selections: Tensor
+
+    def tokens_per_read(self) -> float:
+        """Tokens a block read serves on average: the selection's (token, block) pairs over the
+        tiles' union blocks (1: no two tokens of a tile share a block; up to ``tokens``). Reads the
+        counts back to the host."""
+        return float(self.selections) / max(float(self.counts.sum()), 1.0)
 
 
 def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, select_block: int,
@@ -99,6 +110,7 @@ def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, s
         # A token lists each block once, so adding its bit is setting it.
         bits.scatter_add_(-1, index.reshape(batch, kv_heads, num_tiles, tokens * width),
                           src.reshape(batch, kv_heads, num_tiles, tokens * width))
+        selections = earlier.sum()
     else:
         batch, kv_heads = chosen.shape[:2]
         earlier = chosen[..., :num_blocks] & (torch.arange(num_blocks, device=own.device)[None, :] < own[:, None])
@@ -106,12 +118,14 @@ def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, s
             earlier = torch.nn.functional.pad(earlier, (0, 0, 0, pad))
         bits = (earlier.view(batch, kv_heads, num_tiles, tokens, num_blocks).to(torch.int32)
                 * bit[:, None]).sum(3, dtype=torch.int32)
+        selections = earlier.sum()
     counts, indices = dense_to_csr(bits != 0)
     masks = bits.gather(-1, indices.long())
     bits_t = bits.transpose(-1, -2)
     tile_counts, tiles = dense_to_csr(bits_t != 0)
     tile_masks = bits_t.gather(-1, tiles.long())
-    return SharedTiles(counts, indices, masks.contiguous(), tile_counts, tiles, tile_masks.contiguous(), tokens)
+    return SharedTiles(counts, indices, masks.contiguous(), tile_counts, tiles, tile_masks.contiguous(), tokens,
+                       selections)
 
 
 def shared_reads_supported(q: Tensor) -> Optional[str]:
