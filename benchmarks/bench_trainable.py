@@ -13,8 +13,9 @@ Rows per (length, KV heads), each timed forward (no autograd graph) and forward+
 * ``moba on flex``: the same MoBA layout run by FlexAttention (selection excluded).
 * ``nsa``: :class:`sparse_attn.nsa.NSAAttention` with the default :class:`~sparse_attn.nsa.NSAConfig`
   (all three branches, the selection, the gates, the compression MLPs' gradients); its selected
-  branch reads blocks shared by nearby tokens (``KernelOptions.nsa_selected="auto"``).
-* ``nsa per token``: the same with every token reading its own blocks (``nsa_selected="per_token"``).
+  branch's reads chosen by ``KernelOptions.nsa_selected="auto"``.
+* ``nsa per token``, ``nsa shared reads``: the same with ``nsa_selected`` set to either way of reading
+  the selected blocks (``"auto"`` picks shared reads when a block read serves enough tokens).
 * ``dsa``: DeepSeek Sparse Attention's attention, :func:`sparse_attn.dsa.token_sparse_attention`, each
   query token over its 2048 keys chosen by a random lightning indexer (4 heads of 64);
   ``dsa_select_ms`` is the indexer's scoring and top-k alone (:func:`sparse_attn.dsa.select_tokens`).
@@ -154,9 +155,10 @@ def rows_for(args):
             row["nsa_tile_tokens"] = tiles.tokens
             chosen = earlier = tiles = None
         timed("nsa", lambda: (lambda: module(q, k, v), (q, k, v, *module.parameters())))
-        per_token = KernelOptions(nsa_selected="per_token")
-        timed("nsa per token", lambda: (lambda: module(q, k, v, kernel_options=per_token),
-                                        (q, k, v, *module.parameters())))
+        for reads in ("per_token", "shared_reads"):
+            options = KernelOptions(nsa_selected=reads)
+            timed(f"nsa {reads.replace('_', ' ')}", lambda options=options: (
+                lambda: module(q, k, v, kernel_options=options), (q, k, v, *module.parameters())))
         module = None
 
         index = (torch.randn(1, seq, 4, 64, device="cuda", generator=gen), torch.randn(1, seq, 4, device="cuda",
@@ -175,7 +177,7 @@ def rows_for(args):
         index = lists = None
         best = {mode: min(row[n][mode] for n in ("cudnn", "flash") if mode in row[n])
                 for mode in ("fwd_ms", "fwdbwd_ms") if any(mode in row[n] for n in ("cudnn", "flash"))}
-        for name in ("flex causal", "moba", "moba on flex", "nsa", "nsa per token", "dsa"):
+        for name in ("flex causal", "moba", "moba on flex", "nsa", "nsa per token", "nsa shared reads", "dsa"):
             for mode, dense_ms in best.items():
                 if mode in row[name]:
                     row[name][mode.replace("_ms", "_speedup")] = dense_ms / row[name][mode]
@@ -344,7 +346,8 @@ def cell(entry: dict, mode: str) -> str:
     return "-" if ms is None else (f"{ms:.2f}" + (f" ({speed:.2f}x)" if speed is not None else ""))
 
 
-ATTENTION_NAMES = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa", "nsa per token", "dsa")
+ATTENTION_NAMES = ("cudnn", "flash", "flex causal", "moba", "moba on flex", "nsa", "nsa per token", "nsa shared reads",
+                   "dsa")
 
 
 def table(rows, meta) -> str:
