@@ -359,13 +359,14 @@ def table(rows, meta) -> str:
              "|---|---|---|" + "---|" * (len(names) + 4)]
     for r in rows:
         for mode in ("fwd", "fwdbwd"):
-            lines.append(f"| {r['seq']} | {r['kv_heads']} | {mode} | " + " | ".join(cell(r[n], mode) for n in names)
+            cells = " | ".join(cell(r.get(n, {}), mode) for n in names)
+            lines.append(f"| {r['seq']} | {r['kv_heads']} | {mode} | " + cells
                          + f" | {r['moba_density']:.3f} | {r['moba_estimate_ms']:.2f} | "
                          + (f"{r['dsa_select_ms']:.2f}" if "dsa_select_ms" in r else "-") + " | "
                          + (f"{r['nsa_blocks_per_token']:.1f} / {r['nsa_union_blocks_per_tile']:.1f} "
                             f"({r['nsa_tile_tokens']} tokens)" if "nsa_tile_tokens" in r else "-") + " |")
     notes = [f"{r['seq']}/{r['kv_heads']} {n}: {r[n].get('error') or r[n].get('skipped')}"
-             for r in rows for n in names if "error" in r[n] or "skipped" in r[n]]
+             for r in rows for n in names if "error" in r.get(n, {}) or "skipped" in r.get(n, {})]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
