@@ -67,8 +67,8 @@ class KernelOptions:
             masked to its token's blocks: :mod:`sparse_attn.nsa.shared_reads`), ``"per_token"``
             (every token reads its blocks through the block-sparse kernels, the group's heads as one
             query block) or ``"auto"`` (shared reads where their kernels run, fp16/bf16 on a GPU or
-            in the interpreter, head dims 16-128, and a block read would serve at least
-            :data:`~sparse_attn.nsa.shared_reads.MIN_TOKENS_PER_READ` tokens on average; per token
+            in the interpreter, head dims 16-128, and nearby tokens share enough blocks that they
+            do no more work, :meth:`~sparse_attn.nsa.shared_reads.SharedTiles.pay`; per token
             otherwise).
     """
 

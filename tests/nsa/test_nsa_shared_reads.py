@@ -157,7 +157,10 @@ def test_tokens_per_read_counts_the_selections_each_union_block_serves():
     chosen = torch.ones(1, 1, 96, 6, dtype=torch.bool, device=DEVICE)  # every earlier block
     tiles = shared_tiles(chosen, None, 96, 16, 16)
     assert int(tiles.selections) == 16 * (0 + 1 + 2 + 3 + 4 + 5) and tiles.tokens_per_read() == 16.0
-    assert shared_tiles(_lonely(1), None, 96, 16, 16).tokens_per_read() == 1.0
+    lonely = shared_tiles(_lonely(1), None, 96, 16, 16)
+    assert lonely.tokens_per_read() == 1.0
+    # 16 tokens x 4 heads = 64 rows a tile against 16 a token: shared reads pay from 4 tokens per read
+    assert tiles.pay(4) and not lonely.pay(4) and lonely.pay(1)  # 1 head: 16 rows either way
 
 
 def _lonely(kv_heads):

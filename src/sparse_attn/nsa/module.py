@@ -29,8 +29,7 @@ from ..options import KernelOptions, resolve_kernel_options
 from .config import NSAConfig
 from .compressed import compressed_branch
 from .reference import PARAMETER_NAMES, masked_branches, nsa_gates
-from .shared_reads import (MIN_TOKENS_PER_READ, shared_reads_attention, shared_reads_supported, shared_tiles,
-                           tile_tokens)
+from .shared_reads import shared_reads_attention, shared_reads_supported, shared_tiles, tile_tokens
 
 __all__ = ["NSAAttention"]
 
@@ -267,7 +266,7 @@ class NSAAttention(nn.Module):
         if reads != "per_token":
             tokens = tile_tokens(q.shape[1] // self.num_kv_heads, block)
             tiles = shared_tiles(chosen if blocks is None else None, blocks, seq, block, tokens)
-            if reads == "auto" and tiles.tokens_per_read() < MIN_TOKENS_PER_READ:
+            if reads == "auto" and not tiles.pay(q.shape[1] // self.num_kv_heads):
                 tiles = None  # nearby tokens share too few blocks: per-token reads do less work
         if tiles is not None:
             out_e, lse_e = shared_reads_attention(q, k, v, tiles, block, call["scale"])

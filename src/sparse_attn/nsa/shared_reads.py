@@ -46,9 +46,6 @@ __all__ = ["SharedTiles", "shared_tiles", "tile_tokens", "shared_reads_attention
 LOG2E_HOST = 1.4426950408889634
 TILE_ROWS = 64  # query rows (tokens x group heads) a tile aims at
 MAX_TILE_TOKENS = 16  # a tile's token bit masks are int32
-# KernelOptions(nsa_selected="auto") takes shared reads when a block read serves at least this many
-# tokens on average (SharedTiles.tokens_per_read); below it, per-token reads.
-MIN_TOKENS_PER_READ = 2.0
 BLOCK_N = 64  # keys per step inside a selection block
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -85,6 +82,16 @@ class SharedTiles(NamedTuple):
         tiles' union blocks (1: no two tokens of a tile share a block; up to ``tokens``). Reads the
         counts back to the host."""
         return float(self.selections) / max(float(self.counts.sum()), 1.0)
+
+    def pay(self, group: int) -> bool:
+        """Whether shared reads do no more work than per-token reads for ``group`` query heads per KV
+        head: a block read serves at least as many tokens as a tile has rows per per-token query
+        block (a tile computes ``T * G`` rows, padded to 16 or more, for every union block; per-token
+        reads compute ``G`` rows padded to 16 for every selected block). With 4 heads per group that
+        is 4 tokens per read; both read far fewer bytes shared."""
+        tile_rows = max(16, 1 << (self.tokens * group - 1).bit_length())
+        token_rows = max(16, 1 << (group - 1).bit_length())
+        return self.tokens_per_read() >= tile_rows / token_rows
 
 
 def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, select_block: int,
