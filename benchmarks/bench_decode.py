@@ -9,8 +9,9 @@ bf16, one query row per sequence):
 * ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
   scores, one selection per KV group) and the kernel; eagerly, and as a CUDA graph of 8 successive
   steps (each appends the next key and attends at the length it reaches) after one rewind of the
-  index's lengths, reported per step; on GPUs with programmatic dependent launch (Hopper and newer,
-  ``KernelOptions.dependent_launch``) the graph step is also timed with it off. ``append`` and
+  index's lengths, reported per step; on GPUs with programmatic dependent launch (Hopper and newer)
+  the kernel and the graph steps run with ``KernelOptions(dependent_launch=True)``, and the graph
+  steps are timed again without it (the default). ``append`` and
   ``select`` time those two parts alone as CUDA
   graphs (8 calls each, per call), and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
@@ -163,7 +164,7 @@ def kernel_rows(args, copy_gbs):
                 row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
                 # The split kernel merges its splits itself (a workspace), as users who pass a
                 # DecodeWorkspace run it; "separate" launches the merge kernel after it, as patch() runs it.
-                pdl = KernelOptions().dependent_launch_on(q.device)
+                pdl = KernelOptions(dependent_launch=True).dependent_launch_on(q.device)
                 row["dependent_launch"] = pdl
                 ours = lambda: triton_decode_attention(q, k, v, pages, counts, lens, page, scale,  # noqa: E731
                                                        workspace=workspace, dependent_launch=pdl)

@@ -552,7 +552,8 @@ def test_gpu_kernel_matches_reference_large(dtype, paged):
 
 
 def test_dependent_launch_is_an_option_that_never_applies_in_the_interpreter_or_on_cpu():
-    assert KernelOptions().dependent_launch is True
+    assert KernelOptions().dependent_launch is False
+    assert not KernelOptions(dependent_launch=True).dependent_launch_on("cpu")
     assert not KernelOptions().dependent_launch_on("cpu")
     assert not KernelOptions(dependent_launch=False).dependent_launch_on("cpu")
     with pytest.raises(ValueError, match="KernelOptions.dependent_launch must be True or False, got 'yes'"):
