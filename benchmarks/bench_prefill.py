@@ -8,10 +8,10 @@ when it must run), ``auto`` is the default a user gets (the pre-check and cost m
 wherever sparse would not pay; a layer's decision is cached and serves the next 15 calls of its
 length bucket, so the timed passes reuse the warm-up's), ``auto-fresh`` the same with every call
 deciding afresh (``precheck={"cache": False}``: what the pre-check itself costs). Each time is the
-median of ``--repeats`` forward passes after one untimed warm-up (the evaluation harness's ``timed_prefills``); the density
-and the estimation share come from the same run. The canary was trained at 8K, so above that its
-answers are meaningless, but its prefill time is not: this measures what sparse attention saves
-in a whole model (embeddings, MLPs and the LM head included).
+median of ``--repeats`` forward passes after one untimed warm-up (the evaluation harness's
+``timed_prefill_stats``); the density and the estimation share come from the same run. The canary
+was trained at 8K, so above that its answers are meaningless, but its prefill time is not: this
+measures what sparse attention saves in a whole model (embeddings, MLPs and the LM head included).
 
     python benchmarks/bench_prefill.py --model canary --lengths 32768 131072 --out results/prefill
     python benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 32768 131072 --densities 0.05 0.1 0.2 \
