@@ -51,7 +51,16 @@ def test_tiles_hold_the_union_of_their_tokens_blocks_with_token_masks(tokens):
     chosen, blocks = _selection(2, 2, 203, 16, 3, seed=1)
     own = torch.arange(203, device=chosen.device) // 16
     earlier = chosen & (torch.arange(chosen.shape[-1], device=chosen.device)[None, :] < own[:, None])
-    for tiles in (shared_tiles(chosen, None, 203, 16, tokens), shared_tiles(None, blocks, 203, 16, tokens)):
+    from_bools, from_indices = shared_tiles(chosen, None, 203, 16, tokens), shared_tiles(None, blocks, 203, 16, tokens)
+    for name in ("counts", "tile_counts", "selections"):  # the sparse build (indices) equals the dense one
+        assert torch.equal(getattr(from_bools, name), getattr(from_indices, name)), name
+    for name, counts in (("blocks", "counts"), ("masks", "counts"), ("tiles", "tile_counts"),
+                         ("tile_masks", "tile_counts")):
+        a, b, n = getattr(from_bools, name), getattr(from_indices, name), getattr(from_bools, counts)
+        width = int(n.max())
+        used = torch.arange(width, device=n.device) < n[..., None]  # the padding slots may differ
+        assert torch.equal(a[..., :width][used], b[..., :width][used]), name
+    for tiles in (from_bools, from_indices):
         for b in range(2):
             for h in range(2):
                 for tile in range(math.ceil(203 / tokens)):

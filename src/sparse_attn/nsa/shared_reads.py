@@ -105,34 +105,73 @@ def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, s
     pad = num_tiles * tokens - seq
     bit = (1 << torch.arange(tokens, device=own.device, dtype=torch.int32))
     if blocks is not None:
-        batch, kv_heads = blocks.shape[:2]
-        earlier = (blocks >= 0) & (blocks < own[:, None].to(blocks.dtype))
-        src = torch.where(earlier, bit.repeat(num_tiles)[:seq, None], 0).to(torch.int32)
-        index = blocks.clamp(min=0).long().contiguous()
-        if pad:
-            src = torch.nn.functional.pad(src, (0, 0, 0, pad))
-            index = torch.nn.functional.pad(index, (0, 0, 0, pad))
-        width = blocks.shape[-1]
-        bits = torch.zeros(batch, kv_heads, num_tiles, num_blocks, dtype=torch.int32, device=own.device)
-        # A token lists each block once, so adding its bit is setting it.
-        bits.scatter_add_(-1, index.reshape(batch, kv_heads, num_tiles, tokens * width),
-                          src.reshape(batch, kv_heads, num_tiles, tokens * width))
-        selections = earlier.sum()
-    else:
-        batch, kv_heads = chosen.shape[:2]
-        earlier = chosen[..., :num_blocks] & (torch.arange(num_blocks, device=own.device)[None, :] < own[:, None])
-        if pad:
-            earlier = torch.nn.functional.pad(earlier, (0, 0, 0, pad))
-        bits = (earlier.view(batch, kv_heads, num_tiles, tokens, num_blocks).to(torch.int32)
-                * bit[:, None]).sum(3, dtype=torch.int32)
-        selections = earlier.sum()
+        return _tiles_from_blocks(blocks, own, tokens, num_tiles, num_blocks)
+    batch, kv_heads = chosen.shape[:2]
+    earlier = chosen[..., :num_blocks] & (torch.arange(num_blocks, device=own.device)[None, :] < own[:, None])
+    if pad:
+        earlier = torch.nn.functional.pad(earlier, (0, 0, 0, pad))
+    bits = (earlier.view(batch, kv_heads, num_tiles, tokens, num_blocks).to(torch.int32)
+            * bit[:, None]).sum(3, dtype=torch.int32)
     counts, indices = dense_to_csr(bits != 0)
     masks = bits.gather(-1, indices.long())
     bits_t = bits.transpose(-1, -2)
     tile_counts, tiles = dense_to_csr(bits_t != 0)
     tile_masks = bits_t.gather(-1, tiles.long())
     return SharedTiles(counts, indices, masks.contiguous(), tile_counts, tiles, tile_masks.contiguous(), tokens,
-                       selections)
+                       earlier.sum())
+
+
+def _tiles_from_blocks(blocks: Tensor, own: Tensor, tokens: int, num_tiles: int, num_blocks: int) -> SharedTiles:
+    """:func:`shared_tiles` from block indices, in memory of the selection's size (no tiles x blocks
+    table): each tile's ``tokens * n`` (block, token) pairs sorted, equal blocks merged into one entry
+    whose mask ORs the tokens' bits; then the entries of all tiles sorted by block for the transposed
+    lists."""
+    batch, kv_heads, seq, n = blocks.shape
+    device = blocks.device
+    pad = num_tiles * tokens - seq
+    earlier = (blocks >= 0) & (blocks < own[:, None].to(blocks.dtype))
+    token = (torch.arange(seq, device=device) % tokens)[:, None].expand(seq, n)
+    none = num_blocks * tokens  # sorts after every real (block, token) pair
+    keys = torch.where(earlier, blocks.long() * tokens + token, none)
+    if pad:
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=none)
+    keys = keys.reshape(batch, kv_heads, num_tiles, tokens * n).sort(-1).values
+    block = torch.div(keys, tokens, rounding_mode="floor")
+    real = keys < none
+    first = real & torch.cat([torch.ones_like(block[..., :1], dtype=torch.bool), block[..., 1:] != block[..., :-1]],
+                             -1)
+    slot = torch.cumsum(first.to(torch.int32), -1) - 1  # each pair's entry in its tile
+    counts = first.sum(-1, dtype=torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    dump = tokens * n  # where pairs that start no entry (or are not real) write
+    bit = torch.where(real, 1 << (keys % tokens), 0).to(torch.int32)
+    masks = torch.zeros(batch, kv_heads, num_tiles, dump + 1, dtype=torch.int32, device=device)
+    masks.scatter_add_(-1, torch.where(real, slot, dump).long(), bit)  # one bit per token: adding is OR
+    indices = torch.zeros_like(masks)
+    indices.scatter_(-1, torch.where(first, slot, dump).long(), block.to(torch.int32))
+    valid = torch.arange(width, device=device) < counts[..., None]
+    indices = torch.where(valid, indices[..., :width], 0).contiguous()
+    masks = torch.where(valid, masks[..., :width], 0).contiguous()
+    # Transposed: every (tile, entry) by block, then by tile.
+    tile_ids = torch.arange(num_tiles, device=device)[:, None].expand(num_tiles, width)
+    order_keys = torch.where(valid, indices.long() * num_tiles + tile_ids, num_blocks * num_tiles)
+    order_keys, order = order_keys.reshape(batch, kv_heads, -1).sort(-1)
+    by_block = torch.div(order_keys, num_tiles, rounding_mode="floor")
+    listed = by_block < num_blocks
+    tile_counts = torch.zeros(batch, kv_heads, num_blocks + 1, dtype=torch.int32, device=device)
+    tile_counts.scatter_add_(-1, by_block, listed.to(torch.int32))
+    tile_counts = tile_counts[..., :num_blocks].contiguous()
+    starts = torch.cumsum(tile_counts, -1) - tile_counts
+    rank = torch.arange(order_keys.shape[-1], device=device) - starts.gather(-1, by_block.clamp(max=num_blocks - 1))
+    width_t = max(int(tile_counts.max()) if tile_counts.numel() else 0, 1)
+    flat = torch.where(listed, by_block * width_t + rank, num_blocks * width_t)
+    tiles = torch.zeros(batch, kv_heads, num_blocks * width_t + 1, dtype=torch.int32, device=device)
+    tile_masks = torch.zeros_like(tiles)
+    tiles.scatter_(-1, flat, torch.remainder(order_keys, num_tiles).to(torch.int32))
+    tile_masks.scatter_(-1, flat, masks.reshape(batch, kv_heads, -1).gather(-1, order))
+    shape = (batch, kv_heads, num_blocks, width_t)
+    return SharedTiles(counts, indices, masks, tile_counts, tiles[..., :-1].reshape(shape).contiguous(),
+                       tile_masks[..., :-1].reshape(shape).contiguous(), tokens, earlier.sum())
 
 
 def shared_reads_supported(q: Tensor) -> Optional[str]:
