@@ -33,6 +33,8 @@
 #   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
 #   nsa_profile  NSA's kernels by GPU time at 32K and 64K, forward and forward+backward, and the selection
 #                kernel's tile/warps/stages choices (~2 min)
+#   nsa_reads    NSA forward and forward+backward with shared and per-token reads of the selected blocks, on
+#                structured and random inputs at 64K and 32K, and the blocks per token and per tile (~6 min)
 #   nsa_decode   one NSA decode step at 32K and 128K, kept compression vs compressing the cache, one DSA step,
 #                dense (~1.5 min)
 #   train_step   a training step of the canary architecture with dense, MoBA, NSA and DSA attention at 8K and 32K:
@@ -194,7 +196,13 @@ for step in "${@:-attention}"; do
         | grep -a "^|" ;;
     trainable)
       timeout 400 python3 benchmarks/bench_trainable.py --lengths 8192 32768 65536 --kv-heads 8 2 \
-        --out "$out/trainable" 2>&1 | tee "$out/trainable.log" | grep -a "^|\|^[0-9]*/" ;;
+        --skip "nsa per token" "nsa shared reads" --out "$out/trainable" 2>&1 | tee "$out/trainable.log" \
+        | grep -a "^|\|^[0-9]*/" ;;
+    nsa_reads)
+      for inputs in structured random; do
+        timeout 200 python3 benchmarks/bench_trainable.py --lengths 65536 32768 --kv-heads 8 --inputs $inputs \
+          --skip "flex causal" "moba on flex" moba dsa --out "$out/nsa_reads_$inputs" 2>&1 | grep -a "^|"
+      done ;;
     nsa_profile)
       timeout 200 python3 benchmarks/profile_nsa.py --lengths 32768 65536 --kv-heads 8 --out "$out/nsa_profile" 2>&1 \
         | grep -v "^{" | tail -70 ;;
@@ -209,6 +217,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_profile, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_profile, nsa_reads, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
   esac
 done
