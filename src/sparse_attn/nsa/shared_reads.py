@@ -102,10 +102,10 @@ def shared_tiles(chosen: Optional[Tensor], blocks: Optional[Tensor], seq: int, s
     num_blocks = math.ceil(seq / select_block)
     own = torch.arange(seq, device=(blocks if blocks is not None else chosen).device) // select_block
     num_tiles = math.ceil(seq / tokens)
-    pad = num_tiles * tokens - seq
-    bit = (1 << torch.arange(tokens, device=own.device, dtype=torch.int32))
     if blocks is not None:
         return _tiles_from_blocks(blocks, own, tokens, num_tiles, num_blocks)
+    pad = num_tiles * tokens - seq
+    bit = (1 << torch.arange(tokens, device=own.device, dtype=torch.int32))
     batch, kv_heads = chosen.shape[:2]
     earlier = chosen[..., :num_blocks] & (torch.arange(num_blocks, device=own.device)[None, :] < own[:, None])
     if pad:
@@ -211,6 +211,16 @@ def _tile_gradients(DO, LSE, DELTA, rows_at, row_ok, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _tile_list(COUNTS, K, V, b, kvh, entry, stride_cb, stride_ch, stride_ib, stride_ih, stride_it,
+               stride_kb, stride_kh, stride_vb, stride_vh):
+    """``(n, list_row, k_base, v_base)``: the length of list ``entry`` of this (sequence, KV head)
+    (a tile's union, or a key block's tiles), the offset of its entries, and the K and V bases."""
+    n = tl.load(COUNTS + b * stride_cb + kvh * stride_ch + entry)
+    list_row = b * stride_ib + kvh * stride_ih + entry * stride_it
+    return n, list_row, K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh
+
+
+@triton.jit
 def _members(MASKS, at, t, row_ok):
     """Rows whose token selected the listed block at ``at`` (its bit ``t`` is set)."""
     return (((tl.load(MASKS + at) >> t) & 1) != 0) & row_ok
@@ -233,10 +243,8 @@ def _fwd_kernel(
                                           TOKENS, ROWS, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BN)
-    n = tl.load(COUNTS + b * stride_cb + kvh * stride_ch + pid_t)
-    list_row = b * stride_ib + kvh * stride_ih + pid_t * stride_it
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    n, list_row, k_base, v_base = _tile_list(COUNTS, K, V, b, kvh, pid_t, stride_cb, stride_ch, stride_ib, stride_ih,
+                                             stride_it, stride_kb, stride_kh, stride_vb, stride_vh)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
@@ -282,10 +290,8 @@ def _dq_kernel(
     do, lse2, delta = _tile_gradients(DO, LSE, DELTA, rows_at, row_ok, HEAD_DIM)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BN)
-    n = tl.load(COUNTS + b * stride_cb + kvh * stride_ch + pid_t)
-    list_row = b * stride_ib + kvh * stride_ih + pid_t * stride_it
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    n, list_row, k_base, v_base = _tile_list(COUNTS, K, V, b, kvh, pid_t, stride_cb, stride_ch, stride_ib, stride_ih,
+                                             stride_it, stride_kb, stride_kh, stride_vb, stride_vh)
     dq = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     for s in range(0, n):
         block = tl.load(BLOCKS + list_row + s).to(tl.int64)
@@ -323,14 +329,12 @@ def _dkdv_kernel(
     keys = (pid_k * BN + tl.arange(0, BN)).to(tl.int64)
     key_ok = keys < seq
     offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + keys[:, None] * stride_ks + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + keys[:, None] * stride_vs + offs_d[None, :],
-                mask=key_ok[:, None], other=0.0)
+    n, list_row, k_base, v_base = _tile_list(TILE_COUNTS, K, V, b, kvh, block, stride_cb, stride_ch, stride_ib,
+                                             stride_ih, stride_it, stride_kb, stride_kh, stride_vb, stride_vh)
+    k = tl.load(k_base + keys[:, None] * stride_ks + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_base + keys[:, None] * stride_vs + offs_d[None, :], mask=key_ok[:, None], other=0.0)
     dk = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
-    n = tl.load(TILE_COUNTS + b * stride_cb + kvh * stride_ch + block)
-    list_row = b * stride_ib + kvh * stride_ih + block * stride_it
     for e in range(0, n):
         tile = tl.load(TILES + list_row + e)
         t, row_ok, q, rows_at = _tile_queries(Q, tile, b, kvh, seq, stride_qb, stride_qh, stride_qs, KV_HEADS,
