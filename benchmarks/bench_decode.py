@@ -122,6 +122,16 @@ STEPS_PER_GRAPH = 8  # decode steps per captured graph (one rewind of the index 
 CALLS_PER_GRAPH = 8  # calls per captured graph when one call is timed: a replay's own launch cost is shared
 
 
+def page_overlap(pages, reference, max_pages: int) -> float:
+    """The share of ``reference``'s selected pages (``(B, Hkv, width)``, padding repeats) that ``pages``
+    also holds, over every (sequence, KV head)."""
+    def chosen(p):
+        return torch.zeros(*p.shape[:2], max_pages, dtype=torch.bool, device=p.device).scatter_(2, p.long(), True)
+
+    mine, theirs = chosen(pages), chosen(reference)
+    return float((mine & theirs).sum() / theirs.sum())
+
+
 def graph_ms_per_call(fn, calls: int = CALLS_PER_GRAPH) -> float:
     """Milliseconds per call of ``fn`` replayed ``calls`` times back to back in one CUDA graph."""
     def repeated():
@@ -149,8 +159,9 @@ def kernel_rows(args, copy_gbs):
             dense = {name: bench(dense_sdpa(q, k, v, name)) for name in ("flash", "cudnn")}
             dense_bytes = 2 * batch * kv_heads * context * dim * 2
             # The index holds every key but the step's own, which the timed step appends.
-            index = PageIndex.build(k[:, :, : context - 1], page, capacity=context)
+            index = PageIndex.build(k[:, :, : context - 1], page, capacity=context, bounds=args.bounds)
             index.append(k[:, :, context - 1:])
+            exact_index = None if args.bounds == "exact" else PageIndex.build(k, page, capacity=context)
             lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
             scale = 1.0 / math.sqrt(dim)
             workspace = DecodeWorkspace("cuda")
@@ -162,6 +173,10 @@ def kernel_rows(args, copy_gbs):
                 pages, counts = selection(q, index)
                 torch_pages, torch_counts = selection(q, index, kernel_options=KernelOptions(estimator_kernels="torch"))
                 row["same_pages_as_torch"] = float((pages == torch_pages).float().mean())
+                row["bounds"] = args.bounds
+                if exact_index is not None:  # the share of the exact bounds' selected pages also selected here
+                    exact_pages, _ = selection(q, exact_index)
+                    row["pages_shared_with_exact_bounds"] = page_overlap(pages, exact_pages, index.max_pages)
                 # The split kernel merges its splits itself (a workspace), as users who pass a
                 # DecodeWorkspace run it; "separate" launches the merge kernel after it, as patch() runs it.
                 pdl = KernelOptions(dependent_launch=True).dependent_launch_on(q.device)
@@ -282,7 +297,30 @@ def generate_rows(args):
                 step.append(time.perf_counter() - start)
         return statistics.median(host[2:]) * 1e3, statistics.median(step[2:]) * 1e3
 
-    decode = {"method": args.method, "budget": args.budgets[0], "page": args.page}
+    def host_profile(ids, forwards=8, top=25):
+        """Where the host's time of a decode forward goes: cProfile over ``forwards`` decode forwards,
+        the ``top`` functions by own time, in microseconds per forward."""
+        import cProfile
+        import pstats
+
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            model(token, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(forwards):
+                model(token, past_key_values=cache, use_cache=True)
+            profiler.disable()
+            torch.cuda.synchronize()
+        stats = pstats.Stats(profiler).stats
+        rows = sorted(((own, calls, total, f"{os.path.basename(file)}:{line}({name})")
+                       for (file, line, name), (_, calls, own, total, _) in stats.items()), reverse=True)
+        return [{"function": where, "calls_per_forward": calls / forwards, "own_us": own / forwards * 1e6,
+                 "with_callees_us": total / forwards * 1e6} for own, calls, total, where in rows[:top]]
+
+    decode = {"method": args.method, "budget": args.budgets[0], "page": args.page, "bounds": args.bounds}
     # A static cache makes transformers compile the decoding forward (torch.compile, CUDA graphs);
     # the sparse attention runs outside the compiled graphs.
     cache_kwargs = {"cache_implementation": "static"} if args.cache == "static" else {}
@@ -303,6 +341,12 @@ def generate_rows(args):
                 row[f"{mode}_tokens_per_s"] = batch / per_token
                 if args.cache == "dynamic":
                     row[f"{mode}_host_ms"], row[f"{mode}_forward_ms"] = host_and_step_ms(ids)
+                    if args.host_profile:
+                        row[f"{mode}_host_profile"] = host_profile(ids)
+                        print(f"{mode}, context {context}, batch {batch}: host us per decode forward, by function")
+                        for entry in row[f"{mode}_host_profile"]:
+                            print(f"  {entry['own_us']:9.1f} own {entry['with_callees_us']:9.1f} total "
+                                  f"{entry['calls_per_forward']:6.1f} calls  {entry['function']}")
                 if mode == "sparse":
                     sparse_attn.unpatch(model)
             row["speedup"] = row["dense_ms_per_token"] / row["sparse_ms_per_token"]
@@ -317,7 +361,8 @@ def fmt(x, spec=".3f"):
 
 def kernel_table(rows, meta) -> str:
     lines = [f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, H={meta['heads']}, "
-             f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection; "
+             f"Hkv={meta['kv_heads']}, D={meta['head_dim']}, page {meta['page']}, {meta['method']} selection "
+             f"({meta.get('bounds', 'exact')} bounds); "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; launches: {meta.get('launch', 'fast')}", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
              "ours step ms | step, CUDA graph ms | step, separate merge | step / separate merge, no dependent launch | "
@@ -330,6 +375,8 @@ def kernel_table(rows, meta) -> str:
             continue
         flex = fmt(r.get("flex_ms"), ".4f") if "flex_ms" in r else "failed"
         graph = fmt(r.get("step_graph_ms"), ".4f") if "step_graph_ms" in r else "failed"
+        shared = (f" ({100 * r['pages_shared_with_exact_bounds']:.1f}% of the exact bounds' pages)"
+                  if "pages_shared_with_exact_bounds" in r else "")
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
             f"{r['kernel_ms']:.4f} | {r['kernel_graph_ms']:.4f} | {r['step_ms']:.4f} | {graph} | "
@@ -339,7 +386,7 @@ def kernel_table(rows, meta) -> str:
             f"{r['append_graph_ms']:.4f} | {r['select_graph_ms']:.4f} | "
             f"{r['dense_over_kernel']:.1f}x | {r['dense_over_step']:.1f}x | {fmt(r.get('flex_over_kernel'), '.1f')}x | "
             f"{r['kernel_gbs']:.0f} ({100 * r['kernel_of_copy']:.0f}%) | {r['check_rel_err']:.1e} | "
-            f"{100 * r['same_pages_as_torch']:.1f}% |")
+            f"{100 * r['same_pages_as_torch']:.1f}%{shared} |")
     return "\n".join(lines)
 
 
@@ -369,6 +416,9 @@ def main(argv=None):
                         help="tokens read per (sequence, KV head); --generate uses the first")
     parser.add_argument("--page", type=int, default=16)
     parser.add_argument("--method", default="quest", choices=("quest", "pooled", "sink_window"))
+    parser.add_argument("--bounds", default="exact", choices=("exact", "int8"),
+                        help="how the page index keeps Quest's bounds (int8: half the bytes to score the pages); "
+                             "--generate passes it to patch()")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -379,6 +429,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="--generate: calls per median")
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                         help="--generate: transformers' cache; static compiles the decoding forward")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="--generate with the dynamic cache: cProfile the host's work of a decode forward, "
+                             "dense and sparse (the top functions by own time, per forward)")
     parser.add_argument("--launch", choices=("fast", "triton"), default="fast",
                         help="kernel launches: compiled launchers once compiled (fast) or Triton's own path "
                              "each time (KernelOptions.fast_launch); host-bound rows depend on it")
@@ -391,8 +444,8 @@ def main(argv=None):
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "page": args.page,
-            "method": args.method, "launch": args.launch, "date": datetime.date.today().isoformat(),
-            "argv": sys.argv[1:]}
+            "method": args.method, "bounds": args.bounds, "launch": args.launch,
+            "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if args.generate:
         import transformers

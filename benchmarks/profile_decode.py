@@ -1,8 +1,8 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
-give the same result: the top-k kernel by warp count, and the decode attention by split count and
-software-pipelining stages.
+give the same result: the top-k kernel by warp count and search width (thresholds per step), and the
+decode attention by split count and software-pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -46,13 +46,15 @@ def device_us(launch, repeats: int = 20) -> float | str:
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
-    """Device time (us) of the top-k kernel alone, by ``"<warps> warps"``."""
+def topk_variants(scores, index, width, sink_pages, recent, warps_list, search_list) -> dict:
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps, search <n>"`` (``n``
+    thresholds counted per step of the search; 1 is a bisection, 0 the default choice)."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
-    return {f"{warps} warps": device_us(
-        lambda warps=warps: triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
-                                                num_warps=warps)) for warps in warps_list}
+    return {f"{warps} warps, search {search}": device_us(
+        lambda warps=warps, search=search: triton_select_pages(
+            scores, index, width, sink_pages, recent, group_max=False, num_warps=warps, search=search or None))
+        for warps in warps_list for search in search_list}
 
 
 def split_variants(q, k, v, pages, counts, lens, page, splits_list, stages_list, workspace) -> dict:
@@ -75,10 +77,14 @@ def main(argv=None):
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--searches", type=int, nargs="+", default=[0, 1, 4, 8, 16],
+                        help="thresholds per step of the top-k search (1: bisection, 0: the default choice)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 4, 8, 16, 32],
                         help="split counts of the decode attention (0: the default choice)")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3],
                         help="software-pipelining stages of the decode attention (1: the default)")
+    parser.add_argument("--bounds", default="exact", choices=("exact", "int8"),
+                        help="how the page index keeps Quest's bounds (int8: half the bytes to score the pages)")
     parser.add_argument("--out", default="results/decode_profile")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -102,7 +108,7 @@ def main(argv=None):
             new_key = k[:, :, context - 1:].clone()
             workspace = DecodeWorkspace("cuda")
             for page in args.pages:
-                index = PageIndex.build(k, page, capacity=context)
+                index = PageIndex.build(k, page, capacity=context, bounds=args.bounds)
                 selection = PageSelection(method="quest", budget=args.budget, sink=64, recent=64)
 
                 def step():
@@ -113,12 +119,12 @@ def main(argv=None):
                     return triton_decode_attention(q, k, v, p, c, lens, page, 1.0 / math.sqrt(dim),
                                                    workspace=workspace)
 
-                row = {"context": context, "batch": batch, "page": page, "budget": args.budget,
+                row = {"context": context, "batch": batch, "page": page, "budget": args.budget, "bounds": args.bounds,
                        "kernels_us": {name: round(us, 2) for name, us in kernel_times(step).items()}}
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
                 row["topk_us"] = topk_variants(
-                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps, args.searches)
                 p, c = selection(q, index)
                 row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, args.stages, workspace)
                 rows.append(row)
@@ -129,7 +135,8 @@ def main(argv=None):
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     for r in rows:
-        print(f"\ncontext {r['context']}, batch {r['batch']}, page {r['page']}, budget {r['budget']}")
+        print(f"\ncontext {r['context']}, batch {r['batch']}, page {r['page']}, budget {r['budget']}, "
+              f"{r['bounds']} bounds")
         print("| kernel | device us per step |\n|---|---|")
         for name, us in r["kernels_us"].items():
             print(f"| {name} | {us:.2f} |")

@@ -268,7 +268,7 @@ def _read_text(path, param_hint: str, purpose: str):
     return text
 
 
-def _decode_options(ctx, methods, budgets, page, sink, recent):
+def _decode_options(ctx, methods, budgets, page, sink, recent, bounds="exact"):
     """The decode axis's checked options: ``(methods, budgets)``, ``([], [])`` without
     ``--decode-methods``. Every (method, budget) is checked by SparseConfig (one validation for the API
     and the CLI), its error naming the option at fault."""
@@ -277,7 +277,7 @@ def _decode_options(ctx, methods, budgets, page, sink, recent):
     from .eval.runner import DECODE_METHODS, decode_config, decode_knobs
 
     if not methods.strip():
-        given = [f"--decode-{name}" for name in ("budgets", "page", "sink", "recent")
+        given = [f"--decode-{name}" for name in ("budgets", "page", "sink", "recent", "bounds")
                  if ctx.get_parameter_source(f"decode_{name}") == ParameterSource.COMMANDLINE]
         if given:
             raise click.BadParameter("the decode axis runs only with --decode-methods (e.g. quest,pooled,sink_window)",
@@ -286,13 +286,14 @@ def _decode_options(ctx, methods, budgets, page, sink, recent):
     method_list = _choices(methods, list(DECODE_METHODS), "--decode-methods")
     budget_list = _lengths(budgets, "--decode-budgets", "128,512,2048")
     try:  # the page size, with a budget that holds any sink and recent
-        decode_config(method_list[0], decode_knobs(method_list[0], 1 << 30, page, sink, recent), recall_every=None)
+        decode_config(method_list[0], decode_knobs(method_list[0], 1 << 30, page, sink, recent, bounds),
+                      recall_every=None)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--decode-page") from None
     for method in method_list:
         for budget in budget_list:
             try:
-                decode_config(method, decode_knobs(method, budget, page, sink, recent), recall_every=None)
+                decode_config(method, decode_knobs(method, budget, page, sink, recent, bounds), recall_every=None)
             except ValueError as exc:
                 raise click.BadParameter(f"{method} at budget {budget}: {exc}", param_hint="--decode-budgets") from None
     return method_list, budget_list
@@ -352,12 +353,14 @@ def _sweeps(specs, method_list, defaults, block_size: int) -> dict:
               help="decode axis: first tokens always read (default: one page)")
 @click.option("--decode-recent", default=None, type=click.IntRange(min=0),
               help="decode axis: last tokens always read (default: one page; sink_window: the rest of the budget)")
+@click.option("--decode-bounds", default="exact", show_default=True, type=click.Choice(["exact", "int8"]),
+              help="decode axis: how the page index keeps Quest's bounds (int8: half the bytes to score pages)")
 @click.option("--sweep", "sweep_specs", multiple=True, metavar="METHOD:KNOB=V1,V2,...",
               help="sweep these values of one knob of a method instead of its default range (its other knobs "
                    "as in its default range's first row), e.g. seer:threshold=0.005,0.002; repeatable")
 @click.pass_context
 def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, out, device, decode_methods,
-                 decode_budgets, decode_page, decode_sink, decode_recent, sweep_specs):
+                 decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds, sweep_specs):
     """Accuracy vs density vs speed: dense and each method over its knob range; with --decode-methods,
     also accuracy of sparse decode (after a dense prefill) per method and budget."""
     import datetime
@@ -375,7 +378,7 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     task_list = _choices(tasks, list(TASKS), "--tasks")
     length_list = _lengths(lengths)
     decode_list, budget_list = _decode_options(ctx, decode_methods, decode_budgets, decode_page, decode_sink,
-                                               decode_recent)
+                                               decode_recent, decode_bounds)
     block_size = int(block_size)
     path, device = _model_dir(model_path), _device(device)
     limit = _position_limit(path)
@@ -395,11 +398,12 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     model = load_model(path, dtype=dtype, device=device)
     rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,  # progress on stderr
                     sweeps=sweeps, decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
-                    decode_sink=decode_sink, decode_recent=decode_recent)
+                    decode_sink=decode_sink, decode_recent=decode_recent, decode_bounds=decode_bounds)
     meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
     if decode_list:
         meta["decode_page"] = decode_page
+        meta["decode_bounds"] = decode_bounds
     result = write_report(rows, meta, out)
     click.echo(result["summary"])
     click.echo(result["table"])

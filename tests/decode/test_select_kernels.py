@@ -115,6 +115,25 @@ def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("search", [1, 2, 8, 16])
+@pytest.mark.parametrize("zero_query", [False, True])
+def test_topk_search_width_does_not_change_the_pages(search, zero_query):
+    """However many thresholds each step of the top-k search counts (1: bisection), the pages and
+    counts are PyTorch's, with scores apart and with every full page tied (a zero query)."""
+    from sparse_attn.decode.select_kernels import triton_page_logits, triton_select_pages
+
+    q, index = make((300, 37, 0), 8, 2, 2, 32, 16, torch.float16, capacity=320, seed=5)
+    if zero_query:
+        q = torch.zeros_like(q)
+    scale = 32 ** -0.5
+    knobs = dict(method="quest", budget=64, sink=16, recent=16)
+    want = select_pages(q, index, kernel_options=TORCH, scale=scale, **knobs)
+    scores = triton_page_logits(q, index, "quest", scale, with_stats=True, fast_launch=False)
+    got = triton_select_pages(scores, index, 4, 1, 16, group_max=False, fast_launch=False, search=search)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+
+
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

@@ -178,6 +178,8 @@ def test_bad_decode_settings_are_refused_before_anything_runs(tokenizer):
     (["--decode-methods", "quest", "--decode-sink", "-1"], "--decode-sink"),
     (["--decode-methods", "sink_window", "--decode-recent", "500", "--decode-budgets", "128"], "--decode-budgets"),
     (["--decode-budgets", "128"], "--decode-budgets"),  # without --decode-methods
+    (["--decode-bounds", "int8"], "--decode-bounds"),  # without --decode-methods
+    (["--decode-methods", "quest", "--decode-bounds", "int4"], "--decode-bounds"),
 ])
 def test_bad_decode_options_end_in_one_line_naming_the_option(args, option):
     from click.testing import CliRunner
@@ -190,7 +192,8 @@ def test_bad_decode_options_end_in_one_line_naming_the_option(args, option):
     assert len(lines) == 1 and lines[0].startswith("Error:") and option in lines[0], result.output
 
 
-def test_eval_cli_runs_the_decode_axis(tokenizer, tmp_path):
+def _run_eval_cli(tokenizer, tmp_path, *args):
+    """``sparse-attn eval`` on a saved tiny model, 200-token passkey prompts, one per task."""
     from click.testing import CliRunner
 
     from sparse_attn.cli import main
@@ -198,14 +201,27 @@ def test_eval_cli_runs_the_decode_axis(tokenizer, tmp_path):
     model = _tiny_model(tokenizer)
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "m"), "--methods", "power", "--lengths", "200",
-                                       "--tasks", "passkey", "--samples", "1", "--block-size", "32",
-                                       "--decode-methods", "quest,sink_window", "--decode-budgets", "64,1024",
-                                       "--decode-page", "16", "--out", str(tmp_path / "r")])
+    return CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "m"), "--lengths", "200", "--tasks", "passkey",
+                                     "--samples", "1", "--out", str(tmp_path / "r"), *args])
+
+
+def test_eval_cli_runs_the_decode_axis(tokenizer, tmp_path):
+    result = _run_eval_cli(tokenizer, tmp_path, "--methods", "power", "--block-size", "32", "--decode-methods",
+                           "quest,sink_window", "--decode-budgets", "64,1024", "--decode-page", "16")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "| 200 | power |" in result.output and "| 200 | quest | 64 |" in result.output
     assert "| 200 | sink_window | 1024 |" in result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert [r["method"] for r in saved["rows"] if r["axis"] == "decode"] == ["dense", "quest", "quest",
                                                                               "sink_window", "sink_window"]
-    assert saved["meta"]["decode_page"] == 16
+    assert saved["meta"]["decode_page"] == 16 and saved["meta"]["decode_bounds"] == "exact"
+
+
+def test_eval_cli_decodes_with_int8_bounds(tokenizer, tmp_path):
+    result = _run_eval_cli(tokenizer, tmp_path, "--methods", "none", "--decode-methods", "quest",
+                           "--decode-budgets", "64", "--decode-bounds", "int8")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    quest = [r for r in saved["rows"] if r["axis"] == "decode" and r["method"] == "quest"]
+    assert len(quest) == 1 and quest[0]["knobs"]["bounds"] == "int8" and quest[0]["decode_density"] < 1.0
+    assert saved["meta"]["decode_bounds"] == "int8" and "bounds=int8" in result.output

@@ -2,9 +2,9 @@
 attention over the selected pages."""
 
 from .attention import decode_attention
-from .page_index import PAGE_SIZES, PageIndex
+from .page_index import BOUNDS, PAGE_SIZES, PageIndex, quantize_bounds
 from .workspace import DecodeWorkspace
 from .select import MAX_QUERY_ROWS, SELECT_METHODS, PageSelection, page_mass, select_pages, select_pages_by_score
 
-__all__ = ["decode_attention", "DecodeWorkspace", "PageIndex", "PAGE_SIZES", "PageSelection", "select_pages",
-           "select_pages_by_score", "page_mass", "SELECT_METHODS", "MAX_QUERY_ROWS"]
+__all__ = ["decode_attention", "DecodeWorkspace", "PageIndex", "PAGE_SIZES", "BOUNDS", "quantize_bounds",
+           "PageSelection", "select_pages", "select_pages_by_score", "page_mass", "SELECT_METHODS", "MAX_QUERY_ROWS"]

@@ -3,7 +3,8 @@
 :func:`_append_kernel`, one program per sequence: loads the step's new keys of every KV head
 (``(Hkv, T, D)``, only the real tokens below the capacity), reduces them per page of the window
 the sequence's next positions fall in (min, max, float32 sum), combines them with the stored
-summaries of those pages, and finally moves the sequence's length on. A program reads its
+summaries of those pages (with int8 bounds, quantizes those pages' bounds anew as
+:func:`~.page_index.quantize_bounds` does), and finally moves the sequence's length on. A program reads its
 sequence's length before it writes it and no other program touches it, so one launch updates the
 whole index. Follows the PyTorch update of :meth:`PageIndex.append` (its reference), which tests
 compare it with.
@@ -23,13 +24,15 @@ from ..backends.triton.runtime import dependent_launch_meta, gdc_launch_dependen
 
 @triton.jit
 def _append_kernel(
-    K_NEW, COUNTS, KMIN, KMAX, KSUM, LENGTHS,
+    K_NEW, COUNTS, KMIN, KMAX, KSUM, LENGTHS, QMIN, QMAX, QSCALE,
     stride_kb, stride_kh, stride_kt,
     stride_ib, stride_ih, stride_ip,
     stride_sb, stride_sh, stride_sp,
+    stride_cb, stride_ch,
     capacity, max_pages, new,
     KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, T_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, HAS_COUNTS: tl.constexpr, PDL: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, HAS_COUNTS: tl.constexpr, INT8: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if PDL:  # a dependent launch: the previous kernel's results are complete past this point
         gdc_wait()
@@ -64,9 +67,24 @@ def _append_kernel(
         old_min = tl.load(KMIN + at, mask=ok, other=0.0).to(tl.float32)
         old_max = tl.load(KMAX + at, mask=ok, other=0.0).to(tl.float32)
         old_sum = tl.load(KSUM + at_sum, mask=ok, other=0.0)
-        tl.store(KMIN + at, tl.minimum(old_min, new_min).to(KMIN.dtype.element_ty), mask=ok)
-        tl.store(KMAX + at, tl.maximum(old_max, new_max).to(KMAX.dtype.element_ty), mask=ok)
+        low = tl.minimum(old_min, new_min).to(KMIN.dtype.element_ty)
+        high = tl.maximum(old_max, new_max).to(KMAX.dtype.element_ty)
+        tl.store(KMIN + at, low, mask=ok)
+        tl.store(KMAX + at, high, mask=ok)
         tl.store(KSUM + at_sum, old_sum + new_sum, mask=ok)
+        if INT8:  # the page's int8 bounds from the stored ones: scale max|bound| / 127, rounded outward
+            low = low.to(tl.float32)
+            high = high.to(tl.float32)
+            absmax = tl.max(tl.maximum(tl.abs(high), tl.abs(low)), 1)
+            # Rounded division (a plain fp32 `/` is approximate on GPUs), as the PyTorch reference divides.
+            inv = tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), tl.maximum(absmax, 1e-30))
+            q_high = tl.minimum(tl.maximum(tl.ceil(high * inv[:, None]), -127.0), 127.0)
+            q_low = tl.minimum(tl.maximum(tl.floor(low * inv[:, None]), -127.0), 127.0)
+            tl.store(QMAX + at, q_high.to(tl.int8), mask=ok)
+            tl.store(QMIN + at, q_low.to(tl.int8), mask=ok)
+            at_scale = b * stride_cb + heads * stride_ch + page
+            tl.store(QSCALE + at_scale, tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32)),
+                     mask=head_ok & (page + heads * 0 < limit))
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 
 
@@ -80,15 +98,19 @@ def triton_append(index, k_new: Tensor, counts: Optional[Tensor], window: int, f
     batch, kv_heads, new, dim = k_new.shape
     k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
     has_counts = counts is not None
+    int8 = index.bounds == "int8"
+    # Without int8 bounds the kernel never touches QMIN/QMAX/QSCALE; the exact bounds stand in.
+    qmin, qmax, qscale = (index.qmin, index.qmax, index.qscale) if int8 else (index.kmin, index.kmax, index.ksum)
     launch_jit(_append_kernel, (batch,), (
         # Without counts the kernel never reads COUNTS; the lengths stand in for the pointer.
         k_new, counts.contiguous() if has_counts else index.lengths,
-        index.kmin, index.kmax, index.ksum, index.lengths,
+        index.kmin, index.kmax, index.ksum, index.lengths, qmin, qmax, qscale,
         *k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3],
+        *(index.qscale.stride()[:2] if int8 else (0, 0)),
         index.capacity, index.max_pages, new,
     ), dict(
         KV_HEADS=kv_heads, HEADS_P2=next_power_of_2(kv_heads), T_P2=next_power_of_2(new),
-        HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window, HAS_COUNTS=has_counts,
+        HEAD_DIM=dim, PAGE_SIZE=index.page_size, WINDOW=window, HAS_COUNTS=has_counts, INT8=int8,
         **dependent_launch_meta(dependent_launch),
         num_warps=max(4, min(16, next_power_of_2(kv_heads) * next_power_of_2(new) * dim // 1024)),
     ), fast_launch)

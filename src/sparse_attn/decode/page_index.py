@@ -6,10 +6,16 @@ pooled scoring is ``sum / tokens in the page``), plus each sequence's length in 
 selection of :mod:`.select` reads only these summaries, so a decode step scores pages in
 ``O(B * Hkv * pages * D)`` without touching the K cache.
 
+An index made with ``bounds="int8"`` also keeps Quest's bounds as int8 with one float32 scale per
+page (:func:`quantize_bounds`: rounded outward, so they still bound every key of the page from above
+and below), and Quest scores pages from those: a decode step then reads half the bytes to score the
+pages (``1 / P`` of the K cache for 16-bit keys instead of ``2 / P``), at the price of bounds up to one
+step (``max |bound| / 127``) looser per element.
+
 Memory, for a K cache of ``capacity`` tokens and ``P = page_size``: min and max take ``2 / P`` of the K
 cache (they keep the key dtype), the float32 sum ``4 / (P * e)`` of it for keys of ``e`` bytes, e.g.
-``4 / P`` in all for 16-bit keys (6.25% at ``P = 64``, 25% at ``P = 16``); see
-:meth:`PageIndex.memory_bytes`.
+``4 / P`` in all for 16-bit keys (6.25% at ``P = 64``, 25% at ``P = 16``); int8 bounds add ``1 / P``
+(plus 4 bytes per page and KV head); see :meth:`PageIndex.memory_bytes`.
 
 Shapes are fixed by the capacity when the index is made, and updates write in place, so an index can
 live inside a captured CUDA graph.
@@ -27,9 +33,11 @@ from ..layout import SUPPORTED_BLOCK_SIZES
 from ..methods.primitives.dispatch import use_triton
 from ..options import KernelOptions, resolve_kernel_options
 
-__all__ = ["PageIndex", "PAGE_SIZES"]
+__all__ = ["PageIndex", "PAGE_SIZES", "BOUNDS", "quantize_bounds"]
 
 PAGE_SIZES = SUPPORTED_BLOCK_SIZES  # the powers of two from 16 to 256
+BOUNDS = ("exact", "int8")  # how Quest's bounds are kept for scoring: the key dtype, or int8 + a page scale
+INT8_LEVELS = 127.0  # int8 bounds take values in [-127, 127] steps of their page's scale
 KERNEL_MAX_NEW = 16  # most new tokens per append that the Triton kernel takes
 
 Lengths = Union[None, int, Sequence[int], Tensor]
@@ -48,6 +56,34 @@ def check_page_size(page_size) -> int:
     return page_size
 
 
+def check_bounds(bounds) -> str:
+    """``bounds`` if it is one of :data:`BOUNDS`, else ValueError naming it."""
+    if bounds not in BOUNDS:
+        raise ValueError(f"bounds must be one of {BOUNDS}, got {bounds!r}")
+    return bounds
+
+
+def quantize_bounds(kmin: Tensor, kmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(qmin, qmax, scale)``: int8 bounds ``(..., D)`` and a float32 scale ``(...)`` per page of the
+    element-wise bounds ``kmin``/``kmax (..., D)`` (a page with no token: ``+inf``/``-inf``).
+    ``scale = max |bound| / 127`` over the page; ``qmax = ceil(kmax / scale)``, ``qmin = floor(kmin /
+    scale)``, so ``qmin * scale <= kmin`` and ``qmax * scale >= kmax`` (up to float32 rounding at
+    ``+-127``). An empty page gets 0 everywhere. The Triton append kernel computes the same."""
+    lo, hi = kmin.float(), kmax.float()
+    empty = hi[..., 0] < lo[..., 0]  # -inf max above +inf min: no token
+    lo = lo.masked_fill(empty[..., None], 0.0)
+    hi = hi.masked_fill(empty[..., None], 0.0)
+    absmax = torch.maximum(hi.abs(), lo.abs()).amax(-1)
+    # Tensor divisions (PyTorch may divide by a scalar through its reciprocal, which rounds differently
+    # from the append kernel's division); the clamp keeps an all-zero page's bounds 0.
+    levels = torch.full_like(absmax, INT8_LEVELS)
+    scale = absmax / levels
+    inv = levels / absmax.clamp(min=1e-30)
+    qmax = torch.ceil(hi * inv[..., None]).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    qmin = torch.floor(lo * inv[..., None]).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return qmin, qmax, scale
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -63,13 +99,19 @@ class PageIndex:
         ksum: ``(B, Hkv, max_pages, D)`` float32, the sum of each page's keys (0 for an empty page).
         lengths: ``(B,)`` int64, the tokens of each sequence; page ``p`` of sequence ``b`` holds
             ``clamp(lengths[b] - p * page_size, 0, page_size)`` of them (:meth:`page_tokens`).
+        bounds: ``"exact"`` or ``"int8"``: with ``"int8"`` also ``qmin``, ``qmax`` ``(B, Hkv,
+            max_pages, D)`` int8 and ``qscale`` ``(B, Hkv, max_pages)`` float32, Quest's bounds as
+            :func:`quantize_bounds` gives them from ``kmin``/``kmax`` (kept in step with them), which
+            Quest scores pages from; None otherwise.
 
     Make one with :meth:`build` (from the K cache at the end of prefill) or :meth:`empty`, then
     :meth:`append` the keys of each decode step's new tokens. Memory: :meth:`memory_bytes`.
     """
 
-    def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int):
+    def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int,
+                 bounds: str = "exact"):
         check_page_size(page_size)
+        check_bounds(bounds)
         _positive_int("capacity", capacity)
         shape = tuple(kmin.shape)
         if len(shape) != 4 or tuple(kmax.shape) != shape or tuple(ksum.shape) != shape:
@@ -87,6 +129,10 @@ class PageIndex:
         self.kmin, self.kmax, self.ksum, self.lengths = kmin, kmax, ksum, lengths
         self.page_size = page_size
         self.capacity = capacity
+        self.bounds = bounds
+        self.qmin = self.qmax = self.qscale = None
+        if bounds == "int8":
+            self.qmin, self.qmax, self.qscale = quantize_bounds(kmin, kmax)
         # A host-side upper bound on max(lengths): appends check the capacity without a device sync
         # until this bound passes it.
         self._length_bound = capacity
@@ -94,8 +140,9 @@ class PageIndex:
     # ------------------------------------------------------------------ construction
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, capacity: int, page_size: int, *,
-              dtype: torch.dtype = torch.float16, device=None) -> "PageIndex":
-        """An index of ``batch`` empty sequences (length 0) of up to ``capacity`` tokens."""
+              dtype: torch.dtype = torch.float16, device=None, bounds: str = "exact") -> "PageIndex":
+        """An index of ``batch`` empty sequences (length 0) of up to ``capacity`` tokens; ``bounds``:
+        see the class docstring."""
         for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
                             ("capacity", capacity)):
             _positive_int(name, value)
@@ -107,26 +154,28 @@ class PageIndex:
         kmax = torch.full(shape, float("-inf"), dtype=dtype, device=device)
         ksum = torch.zeros(shape, dtype=torch.float32, device=device)
         lengths = torch.zeros(batch, dtype=torch.int64, device=device)
-        index = cls(kmin, kmax, ksum, lengths, page_size, capacity)
+        index = cls(kmin, kmax, ksum, lengths, page_size, capacity, bounds=bounds)
         index._length_bound = 0
         return index
 
     @classmethod
     def build(cls, k: Tensor, page_size: int, lengths: Lengths = None,
-              capacity: Optional[int] = None) -> "PageIndex":
+              capacity: Optional[int] = None, bounds: str = "exact") -> "PageIndex":
         """The index of a K cache ``k (B, Hkv, S, D)``, in one pass over it (at the end of prefill).
 
         ``lengths``: the tokens of each sequence (``(B,)`` ints, the first ``lengths[b]`` positions of
         row ``b`` are its keys; None: all ``S``). ``capacity``: the most tokens a sequence will hold
-        (at least ``S``; None: ``S``), which fixes the summaries' shapes."""
+        (at least ``S``; None: ``S``), which fixes the summaries' shapes. ``bounds``: ``"exact"`` or
+        ``"int8"`` (see the class docstring)."""
         _check_keys("k", k)
+        check_bounds(bounds)
         batch, kv_heads, seq, dim = k.shape
         check_page_size(page_size)
         capacity = seq if capacity is None else capacity
         _positive_int("capacity", capacity)
         if capacity < seq:
             raise ValueError(f"capacity={capacity} is smaller than the cache's {seq} positions")
-        index = cls.empty(batch, kv_heads, dim, capacity, page_size, dtype=k.dtype, device=k.device)
+        index = cls.empty(batch, kv_heads, dim, capacity, page_size, dtype=k.dtype, device=k.device, bounds=bounds)
         lens = _lengths_tensor("lengths", lengths, batch, seq, k.device)
         if seq == 0:
             return index
@@ -138,6 +187,7 @@ class PageIndex:
             index.ksum[:, :, :full] = pages.sum(3, dtype=torch.float32)
         done = torch.div(lens, page_size, rounding_mode="floor") * page_size  # whole pages of each sequence
         index._clear_from(done)
+        index._quantize_pages(slice(0, full))
         index.lengths.copy_(done)
         index._length_bound = (min(seq, capacity) // page_size) * page_size
         # The last, partial page of each sequence: its (< page_size) tokens, appended.
@@ -189,12 +239,25 @@ class PageIndex:
 
     def memory_bytes(self) -> int:
         """Bytes held by the summaries and lengths: ``2 / page_size`` of the K cache (of ``capacity``
-        tokens) for min/max, plus the float32 sum (``4 / (page_size * e)`` of it for ``e``-byte keys)."""
-        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax, self.ksum, self.lengths))
+        tokens) for min/max, plus the float32 sum (``4 / (page_size * e)`` of it for ``e``-byte keys),
+        plus, with int8 bounds, ``2 / (page_size * e)`` and a float32 scale per page and KV head."""
+        held = (self.kmin, self.kmax, self.ksum, self.lengths, self.qmin, self.qmax, self.qscale)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def quest_bounds(self) -> tuple[Tensor, Tensor]:
+        """``(kmin, kmax)`` float32 ``(B, Hkv, max_pages, D)``: the bounds Quest scores pages from, the
+        exact ones or, with int8 bounds, ``qmin * qscale`` and ``qmax * qscale``; 0 for a page with no
+        token."""
+        if self.bounds == "int8":
+            scale = self.qscale[..., None]
+            return self.qmin.float() * scale, self.qmax.float() * scale
+        empty = (self.page_tokens() == 0)[:, None, :, None]
+        return self.kmin.float().masked_fill(empty, 0.0), self.kmax.float().masked_fill(empty, 0.0)
 
     def __repr__(self) -> str:
         return (f"PageIndex(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"page_size={self.page_size}, capacity={self.capacity}, dtype={self.dtype}, device={self.device})")
+                f"page_size={self.page_size}, capacity={self.capacity}, dtype={self.dtype}, device={self.device}, "
+                f"bounds={self.bounds!r})")
 
     # ------------------------------------------------------------------ updates
     def append(self, k_new: Tensor, counts: Lengths = None, *,
@@ -205,7 +268,8 @@ class PageIndex:
         (``counts``: ``(B,)`` ints in ``[0, T]``, the first ``counts[b]`` rows of ``k_new[b]`` are real,
         the rest padding; None: all ``T``), then ``lengths += counts``. The work is ``O(T + page_size)``
         per (sequence, KV head): only the pages the new tokens fall in are combined with them (min with
-        min, max with max, sum plus sum); no other page's entries change.
+        min, max with max, sum plus sum; int8 bounds of those pages quantized anew); no other page's
+        entries change.
 
         Raises ValueError where a sequence would pass the capacity. That check reads the lengths on the
         host only when a host-side bound says the capacity may be passed, never while a CUDA graph is
@@ -272,15 +336,28 @@ class PageIndex:
         self.kmin.scatter_(2, slots, torch.minimum(self.kmin.gather(2, slots), new_min))
         self.kmax.scatter_(2, slots, torch.maximum(self.kmax.gather(2, slots), new_max))
         self.ksum.scatter_(2, slots, self.ksum.gather(2, slots) + new_sum)
+        if self.bounds == "int8":
+            qmin, qmax, scale = quantize_bounds(self.kmin.gather(2, slots), self.kmax.gather(2, slots))
+            self.qmin.scatter_(2, slots, qmin)
+            self.qmax.scatter_(2, slots, qmax)
+            self.qscale.scatter_(2, slots[..., 0], scale)
         self.lengths.copy_((start + counts_t).clamp(max=cap))
         self._length_bound = min(bound, cap)
         return self
 
     def _append_kernel_supports(self, k_new: Tensor) -> bool:
         kv_heads, new, dim = k_new.shape[1:]
+        quantized = self.bounds != "int8" or (
+            self.qmin.stride() == self.qmax.stride() == self.kmin.stride() and self.qscale.is_contiguous())
         return (new <= KERNEL_MAX_NEW and dim >= 16 and dim & (dim - 1) == 0
                 and kv_heads * new * dim <= 32768 and self.kmin.stride() == self.kmax.stride()
-                and self.kmin.stride(-1) == 1 and self.ksum.stride(-1) == 1)
+                and self.kmin.stride(-1) == 1 and self.ksum.stride(-1) == 1 and quantized)
+
+    def _quantize_pages(self, pages: slice) -> None:
+        """Recompute the int8 bounds of ``pages`` (a slice of page numbers) from kmin/kmax."""
+        if self.bounds == "int8":
+            qmin, qmax, scale = quantize_bounds(self.kmin[:, :, pages], self.kmax[:, :, pages])
+            self.qmin[:, :, pages], self.qmax[:, :, pages], self.qscale[:, :, pages] = qmin, qmax, scale
 
     def _clear_from(self, lengths: Tensor) -> None:
         """Reset every page from ``ceil(lengths / page_size)`` on to the empty summaries."""
@@ -290,6 +367,10 @@ class PageIndex:
         self.kmin.masked_fill_(empty, float("inf"))
         self.kmax.masked_fill_(empty, float("-inf"))
         self.ksum.masked_fill_(empty, 0.0)
+        if self.bounds == "int8":
+            self.qmin.masked_fill_(empty, 0)
+            self.qmax.masked_fill_(empty, 0)
+            self.qscale.masked_fill_(empty[..., 0], 0.0)
 
 
 def _check_keys(name: str, k) -> None:

@@ -328,10 +328,8 @@ def _page_mass(q: Tensor, index: PageIndex, method: str, scale: Optional[float],
         return probs.view(*probs.shape[:-1], max_pages, page).sum(-1)
 
     tokens = index.page_tokens()  # (B, Np)
-    empty = (tokens == 0)[:, None, :, None]
     if method == "quest":
-        kmax = index.kmax.float().masked_fill(empty, 0.0)
-        kmin = index.kmin.float().masked_fill(empty, 0.0)
+        kmin, kmax = index.quest_bounds()
         score = torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2)) + \
             torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2))
     else:

@@ -2,15 +2,18 @@
 
 * :func:`_page_logits_kernel`, grid ``(page tiles, B * Hkv)``: the logits of ``PAGE_TILE`` pages
   of one (sequence, KV head) for every query row of its group, read once per group from the page
-  summaries in their stored dtype. Quest: ``max(q, 0) . kmax + min(q, 0) . kmin``; pooled:
+  summaries in their stored dtype. Quest: ``max(q, 0) . kmax + min(q, 0) . kmin`` (int8 bounds:
+  ``qscale * (max(q, 0) . qmax + min(q, 0) . qmin)``); pooled:
   ``q . ksum / tokens``; either way ``scale * score + log(tokens in the page)``, ``-inf`` for a page
   with no token.
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found by a bisection on the top 16 bits of the
-  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits, a
-  bfloat16's precision, bound the search to 16 steps), written in increasing page order with the
+  pages forced in, and the ``width`` best pages found by a search on the top 16 bits of the
+  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits are
+  a bfloat16's precision): each step counts the pages at or above several thresholds at once and
+  narrows the range to the pair around the budget's edge, so 2048 pages take at most 5 steps of 8
+  thresholds (a bisection, 16). Pages are written in increasing page order with the
   padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -33,24 +36,27 @@ from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_ope
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
+SEARCH_VALUES_MAX = 16384  # comparisons per step of the top-k search (thresholds x pages)
 INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the top 16 bits of its float32 bits
 
 
 @triton.jit
 def _page_logits_kernel(
-    Q, KA, KB, LENGTHS, OUT, STATS,
+    Q, KA, KB, KSCALE, LENGTHS, OUT, STATS,
     stride_qb, stride_qh, stride_qs,
     stride_ib, stride_ih, stride_ip,
+    stride_cb, stride_ch,
     stride_ob, stride_oh, stride_or,
     stride_s0, stride_sb, stride_sh, stride_sr,
     scale, max_pages,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
-    UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr, PDL: tl.constexpr,
+    INT8: tl.constexpr, UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group
-    (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, ``KA`` = ksum in float32 for
-    pooled). Pages past the sequence are not read. With ``WRITE_STATS``, also each row's softmax
+    (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, or with ``INT8`` qmax and qmin in
+    int8 with the page scales ``KSCALE``; ``KA`` = ksum in float32 for pooled). Pages past the
+    sequence are not read. With ``WRITE_STATS``, also each row's softmax
     statistics over the tile: ``STATS[0]`` the largest logit, ``STATS[1]`` the sum of
     ``exp(logit - largest)`` (0 for a tile without pages), at column ``pid_p``."""
     if PDL:  # a dependent launch: the previous kernel's results are complete past this point
@@ -73,14 +79,22 @@ def _page_logits_kernel(
     base = b * stride_ib + kvh * stride_ih + pages[:, None].to(tl.int64) * stride_ip + offs_d[None, :]
     if QUEST:
         # The positive and negative parts of q, split in float32 (exact) and fed to the dots in
-        # the key dtype.
+        # the query (= key) dtype.
         q32 = q.to(tl.float32)
-        q_pos = tl.where(q32 > 0.0, q32, 0.0).to(KA.dtype.element_ty)
-        q_neg = tl.where(q32 < 0.0, q32, 0.0).to(KA.dtype.element_ty)
-        kmax = tl.load(KA + base, mask=has[:, None], other=0.0)
-        kmin = tl.load(KB + base, mask=has[:, None], other=0.0)
-        score = dot(q_pos, tl.trans(kmax), UPCAST)
-        score = dot(q_neg, tl.trans(kmin), UPCAST, score)
+        q_pos = tl.where(q32 > 0.0, q32, 0.0).to(Q.dtype.element_ty)
+        q_neg = tl.where(q32 < 0.0, q32, 0.0).to(Q.dtype.element_ty)
+        if INT8:
+            # int8 bounds are exact in the 16-bit query dtype; the page's scale multiplies the dots.
+            kmax = tl.load(KA + base, mask=has[:, None], other=0).to(tl.float32).to(q_pos.dtype)
+            kmin = tl.load(KB + base, mask=has[:, None], other=0).to(tl.float32).to(q_pos.dtype)
+            page_scale = tl.load(KSCALE + b * stride_cb + kvh * stride_ch + pages, mask=has, other=0.0)
+            score = dot(q_pos, tl.trans(kmax), UPCAST)
+            score = dot(q_neg, tl.trans(kmin), UPCAST, score) * page_scale[None, :]
+        else:
+            kmax = tl.load(KA + base, mask=has[:, None], other=0.0)
+            kmin = tl.load(KB + base, mask=has[:, None], other=0.0)
+            score = dot(q_pos, tl.trans(kmax), UPCAST)
+            score = dot(q_neg, tl.trans(kmin), UPCAST, score)
     else:
         ksum = tl.load(KA + base, mask=has[:, None], other=0.0)
         mean = ksum / tl.maximum(tokens, 1).to(tl.float32)[:, None]
@@ -109,7 +123,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, SEARCH: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -176,18 +190,25 @@ def _select_pages_kernel(
     # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
-    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
-    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
+    # Search for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # count(bits >= hi): each step counts the keys at or above SEARCH thresholds spread over
+    # (lo, hi) in one reduction and narrows the range to the pair around the width-th key, about
+    # (SEARCH + 1) times (SEARCH = 1: bisection). It stops early once exactly `width` keys are >= lo
+    # (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (INF_KEY + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
+    steps = tl.arange(0, SEARCH) + 1
     while (hi - lo > 1) & (at_lo > width):
-        mid = lo + (hi - lo) // 2
-        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
-        enough = at_mid >= width
-        lo = tl.where(enough, mid, lo)
-        at_lo = tl.where(enough, at_mid, at_lo)
-        hi = tl.where(enough, hi, mid)
+        # Thresholds in (lo, hi), increasing (some equal when the range is small).
+        thresholds = lo + 1 + ((hi - lo - 1) * steps) // (SEARCH + 1)
+        at_threshold = tl.sum((bits[None, :] >= thresholds[:, None]).to(tl.int32), 1)
+        enough = at_threshold >= width
+        # Counts fall as thresholds rise: the highest threshold with enough keys is the new lo,
+        # the lowest without is the new hi.
+        at_lo = tl.min(tl.where(enough, at_threshold, at_lo), 0)
+        hi = tl.min(tl.where(enough, hi, thresholds), 0)
+        lo = tl.max(tl.where(enough, thresholds, lo), 0)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
@@ -206,6 +227,12 @@ def _select_pages_kernel(
     tl.store(COUNTS + b * stride_cb + kvh, count)
 
 
+def search_thresholds(pages_p2: int) -> int:
+    """Thresholds each step of the top-k kernel's search counts at once, for a row of ``pages_p2``
+    (a power of two) pages: as many as keep ``SEARCH_VALUES_MAX`` comparisons per step, 1-16."""
+    return max(1, min(16, SEARCH_VALUES_MAX // pages_p2))
+
+
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
                        fast_launch: bool = True, dependent_launch: bool = False):
     """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
@@ -220,21 +247,27 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
     group = heads // kv_heads
     rows = max(16, next_power_of_2(group * q_len))
     q = q if q.stride(-1) == 1 else q.contiguous()
-    if method == "quest":
-        first, second = index.kmax, index.kmin
+    int8 = method == "quest" and index.bounds == "int8"
+    if int8:
+        first, second, page_scales = index.qmax, index.qmin, index.qscale
+    elif method == "quest":
+        first, second, page_scales = index.kmax, index.kmin, index.lengths  # no scales: never read
     else:
         first = second = index.ksum
+        page_scales = index.lengths
     out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
     tiles = cdiv(max_pages, PAGE_TILE)
     stats = torch.empty(2, batch, kv_heads, group * q_len, tiles, device=q.device, dtype=torch.float32) \
         if with_stats else out
     launch_jit(_page_logits_kernel, (tiles, batch * kv_heads), (
-        q, first, second, index.lengths, out, stats,
-        *q.stride()[:3], *first.stride()[:3], *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4),
+        q, first, second, page_scales, index.lengths, out, stats,
+        *q.stride()[:3], *first.stride()[:3], *(page_scales.stride()[:2] if int8 else (0, 0)),
+        *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4),
         scale, max_pages,
     ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
-        BLOCK_P=PAGE_TILE, QUEST=method == "quest", UPCAST=fp32_dot_operands(q.dtype), WRITE_STATS=with_stats,
+        BLOCK_P=PAGE_TILE, QUEST=method == "quest", INT8=int8, UPCAST=fp32_dot_operands(q.dtype),
+        WRITE_STATS=with_stats,
         **dependent_launch_meta(dependent_launch), num_warps=4 if rows * dim <= 64 * 128 else 8,
     ), fast_launch)
     return (out, stats) if with_stats else out
@@ -242,11 +275,13 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
+                        search: int | None = None, dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page
+    count), ``search`` the thresholds each step of the top-k search counts at once (a power of two;
+    None: :func:`search_thresholds`). Neither changes the result."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -268,7 +303,8 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together,
+        SEARCH=search or search_thresholds(np_p2), **dependent_launch_meta(dependent_launch),
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),

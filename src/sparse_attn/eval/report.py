@@ -88,7 +88,8 @@ DECODE_COLUMNS = [
     ("budget", ("tokens each decode step reads per KV head, in whole pages (the always-kept sink and recent "
                 "pages included); a budget at or above the cache length reads everything (the step runs "
                 "dense). `-` for dense.")),
-    ("settings", "the page size, the `sink` tokens at the start and the `recent` last tokens always read."),
+    ("settings", "the page size, the `sink` tokens at the start and the `recent` last tokens always read; "
+                 "`bounds=int8`: Quest scored pages from int8 bounds (`--decode-bounds int8`)."),
     ("accuracy [95% CI]", ("task accuracy, scored as in the prefill table (RULER's `string_match_all` over the "
                            "greedy continuation), with its 95% Wilson score interval over the prompt count.")),
     ("prompts", "the number of prompts behind the accuracy (tasks x prompts per task)."),

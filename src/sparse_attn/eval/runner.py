@@ -141,8 +141,9 @@ def _describe(name: str, knobs: dict) -> str:
 
 
 def decode_knobs(method: str, budget: int, page: int = DECODE_PAGE, sink: int | None = None,
-                 recent: int | None = None) -> dict:
-    """The page-index decode settings of one decode row: ``{"budget", "page", "sink", "recent"}``.
+                 recent: int | None = None, bounds: str = "exact") -> dict:
+    """The page-index decode settings of one decode row: ``{"budget", "page", "sink", "recent"}``,
+    plus ``"bounds"`` where it is not ``"exact"`` (``"int8"``: Quest scores from int8 bounds).
 
     ``sink`` defaults to one page. ``recent`` defaults to one page for the scoring methods (``quest``,
     ``pooled``: the rest of the budget goes to the best-scored pages) and, for ``sink_window`` (which
@@ -156,7 +157,8 @@ def decode_knobs(method: str, budget: int, page: int = DECODE_PAGE, sink: int | 
             recent = max((free - 1) * page, 1)
         else:
             recent = page
-    return {"budget": budget, "page": page, "sink": sink, "recent": recent}
+    knobs = {"budget": budget, "page": page, "sink": sink, "recent": recent}
+    return knobs if bounds == "exact" else {**knobs, "bounds": bounds}
 
 
 def decode_config(method: str, knobs: dict | None = None, num_layers: int = 0,
@@ -212,7 +214,7 @@ def _num_layers(model) -> int:
 
 
 def decode_plan(methods: Sequence[str], budgets: Sequence[int], page: int = DECODE_PAGE,
-                sink: int | None = None, recent: int | None = None) -> list:
+                sink: int | None = None, recent: int | None = None, bounds: str = "exact") -> list:
     """``[(method, knobs)]`` of the decode axis: dense first, then each method at each budget; every
     setting checked (:class:`ValueError` naming the method, budget or knob) before anything runs."""
     if not methods:
@@ -228,7 +230,7 @@ def decode_plan(methods: Sequence[str], budgets: Sequence[int], page: int = DECO
     plan = [("dense", {})]
     for method in methods:
         for budget in budgets:
-            knobs = decode_knobs(method, budget, page, sink, recent)
+            knobs = decode_knobs(method, budget, page, sink, recent, bounds)
             decode_config(method, knobs, recall_every=None)
             plan.append((method, knobs))
     return plan
@@ -241,11 +243,13 @@ def _decode_describe(name: str, knobs: dict) -> str:
 def evaluate_decode(model, tokenizer, methods, lengths, budgets=DECODE_BUDGETS, tasks=TASKS, samples: int = 4,
                     page: int = DECODE_PAGE, sink: int | None = None, recent: int | None = None,
                     recall_every: int | None = DECODE_RECALL_EVERY,
-                    progress: bool | Callable | None = True, _bar: Progress | None = None) -> list:
+                    progress: bool | Callable | None = True, _bar: Progress | None = None,
+                    bounds: str = "exact") -> list:
     """Decode-axis rows (``"axis": "decode"``): per length, dense decode, then each decode method at
     each budget (:func:`decode_plan`), on the same prompts as :func:`evaluate` (dense prefill, sparse
-    decode: :func:`decode_answer`). ``progress`` as for :func:`evaluate`."""
-    plan = decode_plan(methods, budgets, page, sink, recent)
+    decode: :func:`decode_answer`). ``progress`` as for :func:`evaluate`; ``bounds``: how the page
+    index keeps Quest's bounds (``"exact"`` or ``"int8"``)."""
+    plan = decode_plan(methods, budgets, page, sink, recent, bounds)
     if not plan:
         return []
     device = next(model.parameters()).device
@@ -326,7 +330,7 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
              timing_repeats: int = 3, decode_methods: Sequence[str] = (),
              decode_budgets: Sequence[int] = DECODE_BUDGETS, decode_page: int = DECODE_PAGE,
              decode_sink: int | None = None, decode_recent: int | None = None,
-             decode_recall_every: int | None = DECODE_RECALL_EVERY) -> list:
+             decode_recall_every: int | None = DECODE_RECALL_EVERY, decode_bounds: str = "exact") -> list:
     """Rows of results, one per (length, configuration), then the decode axis's rows.
 
     ``progress``: True (default) shows progress per (length, method, knobs, prompt) with an ETA on
@@ -338,14 +342,15 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
     decode axis (:func:`evaluate_decode`): per length a dense-decode row and one row per (method,
     budget in ``decode_budgets``), with pages of ``decode_page`` tokens, ``decode_sink`` /
     ``decode_recent`` tokens always read (None: :func:`decode_knobs`' defaults) and decode recall
-    sampled every ``decode_recall_every`` steps where the patch measures it. Every decode setting is
-    checked before anything runs.
+    sampled every ``decode_recall_every`` steps where the patch measures it, and Quest's page bounds
+    kept as ``decode_bounds`` (``"exact"`` or ``"int8"``). Every decode setting is checked before
+    anything runs.
     """
     sweeps = {**SWEEPS, **(sweeps or {})}
     unknown = [m for m in methods if m not in sweeps]
     if unknown:
         raise ValueError(f"no knob range for {unknown}; known: {sorted(sweeps)} (or pass sweeps=)")
-    plan = decode_plan(decode_methods, decode_budgets, decode_page, decode_sink, decode_recent)
+    plan = decode_plan(decode_methods, decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds)
     device = next(model.parameters()).device
     configs = [("dense", {})] + [(m, knobs) for m in methods for knobs in sweeps[m]]
     hook = progress if callable(progress) else None
@@ -414,7 +419,7 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
         if plan:
             rows += evaluate_decode(model, tokenizer, decode_methods, lengths, decode_budgets, tasks, samples,
                                     decode_page, decode_sink, decode_recent, decode_recall_every,
-                                    progress=progress, _bar=bar)
+                                    progress=progress, _bar=bar, bounds=decode_bounds)
     finally:
         unpatch(model)
         bar.close()

@@ -56,7 +56,10 @@ class SparseConfig(CheckedOnAssignment):
       KV heads read only the sink and recent pages / every page), ``per_layer`` ``{layer: {knob:
       value}}`` (method, budget, page, sink, recent; ``"method": "dense"`` keeps a layer's decode
       dense), ``select_layers`` ``[layer, ...]`` (only these select; later layers reuse the last
-      selection) and ``recall_every`` (every Nth decode step records the oracle recall; 0: off).
+      selection), ``recall_every`` (every Nth decode step records the oracle recall; 0: off) and
+      ``bounds`` (``"exact"``, or ``"int8"``: the page index also keeps Quest's bounds as int8 with a
+      scale per page and Quest scores from them, reading half the bytes; see
+      :class:`~sparse_attn.decode.PageIndex`).
     * ``record``: keep per-forward, per-layer density and estimation cost in the state.
     * ``measure_recall``: with ``record``, also the attention recall of each sparse call (exact on
       32 sampled query rows per layer; costs a little extra).
@@ -295,7 +298,7 @@ DECODE_PAGE_METHODS = ("quest", "pooled", "sink_window", "seer")  # seer: a lear
 DECODE_PAGE_DEFAULTS = {"page": 16, "sink": 64, "recent": 64}
 DECODE_PAGE_KNOBS = ("method", "budget", *DECODE_PAGE_DEFAULTS)  # the ones per_layer may override
 DECODE_PAGE_POLICIES = {"streaming_heads": {}, "full_heads": {}, "per_layer": {}, "select_layers": (),
-                        "recall_every": 0, "gates": None}
+                        "recall_every": 0, "gates": None, "bounds": "exact"}
 
 
 def _check_decode_pages(spec: dict) -> dict:
@@ -350,6 +353,13 @@ def _check_decode_pages(spec: dict) -> dict:
         raise _error(f"decode: recall_every={every!r} is not an int >= 0 (0: off)")
     out["recall_every"] = every
     out["gates"] = _check_decode_gates(out, spec.get("gates"))
+    from ...decode.page_index import BOUNDS
+
+    bounds = spec.get("bounds", "exact")
+    if bounds not in BOUNDS:
+        raise _error(f"decode: bounds={bounds!r} is not one of {list(BOUNDS)} (how the page index keeps Quest's "
+                     "bounds: in the key dtype, or as int8 with a scale per page)")
+    out["bounds"] = bounds
     return out
 
 

@@ -271,7 +271,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         state.gate_summaries.pop(layer, None)  # rebuilt from this cache at the next decode step
         if plain and decode_layer_knobs(pages_cfg, layer)["method"] != "dense":
             _sync_index(state, layer, key, decode_layer_knobs(pages_cfg, layer)["page"], fresh=filled == q_len,
-                        length=filled)
+                        length=filled, bounds=pages_cfg["bounds"])
         else:  # padded (its decode steps run dense) or a dense layer: drop any index of an earlier sequence
             for store in (state.page_indexes, state.index_lengths):
                 store.pop(layer, None)
@@ -334,7 +334,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 
 
 def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False,
-                length: int | None = None):
+                length: int | None = None, bounds: str = "exact"):
     """Bring the layer's page index up to the first ``length`` (default: all) positions of the cache
     ``key (B, Hkv, S, D)``: append the keys it lacks when it is at most 16 tokens behind and has room,
     else (no index, a new sequence, a different shape or page size, full; ``fresh``: a prefill from
@@ -347,7 +347,7 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     have = state.index_lengths.get(layer, -1)
     fits = (not fresh and index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
             and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
-            and index.page_size == page)
+            and index.page_size == page and index.bounds == bounds)
     if fits and have == kv_len:
         return index
     if fits and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
@@ -355,7 +355,7 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     else:
         room = key.shape[2] if key.shape[2] > kv_len else kv_len + max(256, kv_len // 2)
         capacity = -(-room // page) * page
-        index = PageIndex.build(key[:, :, :kv_len].detach(), page_size=page, capacity=capacity)
+        index = PageIndex.build(key[:, :, :kv_len].detach(), page_size=page, capacity=capacity, bounds=bounds)
         state.page_indexes[layer] = index
         state.index_builds[layer] = state.index_builds.get(layer, 0) + 1
         if fresh:
@@ -407,7 +407,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     if knobs["method"] == "dense":
         return dense("decode pages: layer configured dense (per_layer)")
     page, budget = knobs["page"], knobs["budget"]
-    index = _sync_index(state, layer, key, page, length=filled)
+    index = _sync_index(state, layer, key, page, length=filled, bounds=cfg["bounds"])
     if budget >= filled:
         return dense(f"decode pages: budget {budget} covers the {filled}-token cache: dense")
     streaming, full = cfg["streaming_heads"].get(layer, ()), cfg["full_heads"].get(layer, ())
