@@ -233,6 +233,33 @@ def test_static_cache_passed_in_decodes_sparse_and_keeps_the_index_by_filled_len
         unpatch(model)
 
 
+def test_a_static_cache_forward_reads_its_mask_once_not_once_per_layer(monkeypatch):
+    """Reading a mask waits for the device: every layer of a forward gets the same mask tensor, so
+    its filled length is worked out once per forward (and again for a new or changed mask)."""
+    import sparse_attn.integrations.hf.patching as patching
+
+    calls = []
+    real = patching._filled_length
+    monkeypatch.setattr(patching, "_filled_length",
+                        lambda mask, *a: (mask is not None and calls.append(a)) or real(mask, *a))
+    model = _tiny(layers=4)
+    ids = _ids()
+    state = patch(model, decode=SMALL, **PREFILL)
+    try:
+        model.generate(ids, max_new_tokens=NEW, cache_implementation="static", **GEN)
+        # The prefill comes without a mask (nothing to read); each of the NEW - 1 decode steps with one.
+        assert len(_decode_records(state)) == 4 * (NEW - 1)
+        assert len(calls) == NEW - 1 and all(q_len == 1 for q_len, _ in calls), calls
+        # The same tensor changed in place is read again.
+        mask = (torch.arange(S) < 200)[None, None, None, :].clone()
+        facts = patching._mask_facts(state, mask, 1, S)
+        assert patching._mask_facts(state, mask, 1, S) is facts
+        mask[..., 200] = True
+        assert patching._mask_facts(state, mask, 1, S)[0] == 201
+    finally:
+        unpatch(model)
+
+
 def test_static_cache_with_padding_runs_dense_and_matches():
     model = _tiny()
     ids = _ids(length=100, batch=2)

@@ -62,6 +62,10 @@ class SparseState:
     # Prefill decisions (sparse or dense) per layer and length bucket, reused while the config's
     # ``precheck`` has ``cache`` on (:class:`~sparse_attn.methods.DecisionCache`); emptied by unpatch.
     decisions: DecisionCache = field(default_factory=DecisionCache)
+    # What the last boolean mask says (its filled length, the mask cut to it, plain causal or not),
+    # kept while the same unchanged mask tensor comes back: every layer of a forward gets the same
+    # mask, and reading a mask waits for the device, so one forward reads it once, not once per layer.
+    mask_facts: Optional[tuple] = None
 
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
@@ -69,6 +73,7 @@ class SparseState:
         for store in (self.page_indexes, self.index_lengths, self.index_builds, self.gate_summaries,
                       self.selections, self.decode_steps, self.decisions):
             store.clear()
+        self.mask_facts = None
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
@@ -196,6 +201,24 @@ def _is_plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
     return bool((mask == expected).all())
 
 
+def _mask_facts(state: SparseState, attention_mask: torch.Tensor | None, q_len: int, kv_len: int) -> tuple:
+    """``(filled, mask, plain)``: the keys the call may read (:func:`_filled_length`), the mask cut to
+    them, and whether that is plain causal (no mask, or :func:`_is_plain_causal`). Both read the mask
+    on the host, a device sync; the answer for a boolean mask is kept in ``state.mask_facts`` and
+    reused while the same tensor, unmodified (its version), comes with the same shapes."""
+    if attention_mask is None:
+        return _filled_length(None, q_len, kv_len), None, True
+    key = (q_len, kv_len, tuple(attention_mask.shape), attention_mask.data_ptr(), attention_mask._version)
+    kept = state.mask_facts
+    if kept is not None and kept[0] is attention_mask and kept[1] == key:
+        return kept[2]
+    filled = _filled_length(attention_mask, q_len, kv_len)
+    mask = attention_mask if filled == kv_len else attention_mask[..., :filled]
+    facts = (filled, mask, _is_plain_causal(mask, q_len, filled))
+    state.mask_facts = (attention_mask, key, facts)  # held until the next mask: one mask, small
+    return facts
+
+
 def _filled_length(mask: torch.Tensor | None, q_len: int, kv_len: int) -> int:
     """How many leading keys the call may read: ``kv_len`` less a static cache's unused tail.
 
@@ -241,9 +264,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     layer = int(module.layer_idx)
     q_len, kv_len = query.shape[2], key.shape[2]
     # A static cache is read up to its filled length only; the mask is judged over that part.
-    filled = _filled_length(attention_mask, q_len, kv_len)
-    mask = attention_mask if attention_mask is None or filled == kv_len else attention_mask[..., :filled]
-    plain = mask is None or _is_plain_causal(mask, q_len, filled)
+    filled, mask, plain = _mask_facts(state, attention_mask, q_len, kv_len)
     pages_cfg = getattr(config, "_decode_pages", None)
     page_step = pages_cfg is not None and (q_len == 1 or (q_len <= 16 and filled > q_len
                                                            and layer in state.page_indexes))
