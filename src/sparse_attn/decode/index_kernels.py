@@ -20,6 +20,12 @@ from torch import Tensor
 
 from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import dependent_launch_meta, gdc_launch_dependents, gdc_wait, next_power_of_2
+from .page_index import SCALE_FLOOR as _SCALE_FLOOR
+from .page_index import SCALE_ROUND_UP as _SCALE_ROUND_UP
+
+# quantize_bounds' constants, as the kernel's compile-time constants
+SCALE_FLOOR = tl.constexpr(_SCALE_FLOOR)
+SCALE_ROUND_UP = tl.constexpr(_SCALE_ROUND_UP)
 
 
 @triton.jit
@@ -76,15 +82,17 @@ def _append_kernel(
             low = low.to(tl.float32)
             high = high.to(tl.float32)
             absmax = tl.max(tl.maximum(tl.abs(high), tl.abs(low)), 1)
-            # Rounded division (a plain fp32 `/` is approximate on GPUs), as the PyTorch reference divides.
-            inv = tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), tl.maximum(absmax, 1e-30))
+            magnitude = tl.maximum(absmax, SCALE_FLOOR)
+            levels = tl.full(absmax.shape, 127.0, tl.float32)
+            # Rounded divisions (a plain fp32 `/` is approximate on GPUs), as the PyTorch reference divides.
+            inv = tl.math.div_rn(levels, magnitude)
             q_high = tl.minimum(tl.maximum(tl.ceil(high * inv[:, None]), -127.0), 127.0)
             q_low = tl.minimum(tl.maximum(tl.floor(low * inv[:, None]), -127.0), 127.0)
             tl.store(QMAX + at, q_high.to(tl.int8), mask=ok)
             tl.store(QMIN + at, q_low.to(tl.int8), mask=ok)
             at_scale = b * stride_cb + heads * stride_ch + page
-            tl.store(QSCALE + at_scale, tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32)),
-                     mask=head_ok & (page + heads * 0 < limit))
+            page_scale = tl.where(absmax > 0, tl.math.div_rn(magnitude, levels) * SCALE_ROUND_UP, 0.0)
+            tl.store(QSCALE + at_scale, page_scale, mask=head_ok & (page + heads * 0 < limit))
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 
 

@@ -38,6 +38,8 @@ __all__ = ["PageIndex", "PAGE_SIZES", "BOUNDS", "quantize_bounds"]
 PAGE_SIZES = SUPPORTED_BLOCK_SIZES  # the powers of two from 16 to 256
 BOUNDS = ("exact", "int8")  # how Quest's bounds are kept for scoring: the key dtype, or int8 + a page scale
 INT8_LEVELS = 127.0  # int8 bounds take values in [-127, 127] steps of their page's scale
+SCALE_FLOOR = 1e-30  # a page's max |bound| below this is taken as this (so 127 / it stays finite)
+SCALE_ROUND_UP = 1.0 + 2.0 ** -21  # raises a scale past float32 rounding: q * scale never lands inside a bound
 KERNEL_MAX_NEW = 16  # most new tokens per append that the Triton kernel takes
 
 Lengths = Union[None, int, Sequence[int], Tensor]
@@ -66,19 +68,21 @@ def check_bounds(bounds) -> str:
 def quantize_bounds(kmin: Tensor, kmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(qmin, qmax, scale)``: int8 bounds ``(..., D)`` and a float32 scale ``(...)`` per page of the
     element-wise bounds ``kmin``/``kmax (..., D)`` (a page with no token: ``+inf``/``-inf``).
-    ``scale = max |bound| / 127`` over the page; ``qmax = ceil(kmax / scale)``, ``qmin = floor(kmin /
-    scale)``, so ``qmin * scale <= kmin`` and ``qmax * scale >= kmax`` (up to float32 rounding at
-    ``+-127``). An empty page gets 0 everywhere. The Triton append kernel computes the same."""
+    ``scale = max |bound| / 127`` over the page (``max |bound|`` taken as at least ``1e-30``), raised by
+    ``2**-21`` of itself so that float32 rounding cannot pull a bound inside; ``qmax = ceil(kmax /
+    scale)``, ``qmin = floor(kmin / scale)``, so ``qmin * scale <= kmin`` and ``qmax * scale >= kmax``.
+    An empty or all-zero page gets 0 everywhere. The Triton append kernel computes the same."""
     lo, hi = kmin.float(), kmax.float()
     empty = hi[..., 0] < lo[..., 0]  # -inf max above +inf min: no token
     lo = lo.masked_fill(empty[..., None], 0.0)
     hi = hi.masked_fill(empty[..., None], 0.0)
     absmax = torch.maximum(hi.abs(), lo.abs()).amax(-1)
     # Tensor divisions (PyTorch may divide by a scalar through its reciprocal, which rounds differently
-    # from the append kernel's division); the clamp keeps an all-zero page's bounds 0.
+    # from the append kernel's division).
     levels = torch.full_like(absmax, INT8_LEVELS)
-    scale = absmax / levels
-    inv = levels / absmax.clamp(min=1e-30)
+    magnitude = absmax.clamp(min=SCALE_FLOOR)
+    scale = torch.where(absmax > 0, (magnitude / levels) * SCALE_ROUND_UP, 0.0)
+    inv = levels / magnitude
     qmax = torch.ceil(hi * inv[..., None]).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     qmin = torch.floor(lo * inv[..., None]).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
     return qmin, qmax, scale
@@ -109,7 +113,7 @@ class PageIndex:
     """
 
     def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int,
-                 bounds: str = "exact"):
+                 bounds: str = "exact", quantized: Optional[tuple] = None):
         check_page_size(page_size)
         check_bounds(bounds)
         _positive_int("capacity", capacity)
@@ -131,8 +135,8 @@ class PageIndex:
         self.capacity = capacity
         self.bounds = bounds
         self.qmin = self.qmax = self.qscale = None
-        if bounds == "int8":
-            self.qmin, self.qmax, self.qscale = quantize_bounds(kmin, kmax)
+        if bounds == "int8":  # ``quantized``: (qmin, qmax, qscale) known to be quantize_bounds(kmin, kmax)
+            self.qmin, self.qmax, self.qscale = quantized if quantized is not None else quantize_bounds(kmin, kmax)
         # A host-side upper bound on max(lengths): appends check the capacity without a device sync
         # until this bound passes it.
         self._length_bound = capacity
@@ -154,7 +158,12 @@ class PageIndex:
         kmax = torch.full(shape, float("-inf"), dtype=dtype, device=device)
         ksum = torch.zeros(shape, dtype=torch.float32, device=device)
         lengths = torch.zeros(batch, dtype=torch.int64, device=device)
-        index = cls(kmin, kmax, ksum, lengths, page_size, capacity, bounds=bounds)
+        quantized = None
+        if bounds == "int8":  # an empty page's int8 bounds and scale are 0
+            quantized = (torch.zeros(shape, dtype=torch.int8, device=device),
+                         torch.zeros(shape, dtype=torch.int8, device=device),
+                         torch.zeros(shape[:3], dtype=torch.float32, device=device))
+        index = cls(kmin, kmax, ksum, lengths, page_size, capacity, bounds=bounds, quantized=quantized)
         index._length_bound = 0
         return index
 

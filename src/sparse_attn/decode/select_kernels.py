@@ -13,7 +13,7 @@
   scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits are
   a bfloat16's precision): each step counts the pages at or above several thresholds at once and
   narrows the range to the pair around the budget's edge, so 2048 pages take at most 5 steps of 8
-  thresholds (a bisection, 16). Pages are written in increasing page order with the
+  thresholds (a bisection, 15). Pages are written in increasing page order with the
   padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -293,6 +293,9 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         strides = (*logits.stride()[:3], *stats.stride()[:4])
     else:  # placeholder pointers, never read
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
+    if search is not None and (isinstance(search, bool) or not isinstance(search, int) or not 1 <= search <= 16
+                               or search & (search - 1)):
+        raise ValueError(f"search must be None or a power of two from 1 to 16, got {search!r}")
     np_p2 = next_power_of_2(max_pages)
     rows_p2 = next_power_of_2(max(rows, 1))
     together = rows_p2 * np_p2 <= ROWS_TOGETHER_MAX
