@@ -26,6 +26,8 @@
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
 #   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto, auto without
 #                the decision cache, never), a static layout at d = 0.1, with attention/estimate/rest split (~5.5 min)
+#   decode_bounds  the int8-bounds and top-k search tests on the GPU, the top-k kernel by search width, then one
+#                decode step at 128K with exact and int8 Quest bounds (pages of 64), and int8 at pages of 32 (~6.5 min)
 #   decode_profile  each kernel of a decode step, the top-k kernel's warps, the attention's splits and
 #                pipelining stages, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
@@ -187,6 +189,17 @@ for step in "${@:-attention}"; do
     prefill_8b)
       timeout 330 python3 benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 131072 32768 \
         --densities 0.1 --fallbacks auto auto-fresh never --out "$out/prefill_8b_shape" ;;
+    decode_bounds)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/decode/test_int8_bounds.py tests/decode/test_select_kernels.py \
+        -k "int8 or search or topk or bounds" 2>&1 | tail -5
+      timeout 80 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 64 --warps 8 \
+        --searches 0 1 4 8 16 --splits 0 --stages 1 --out "$out/decode_profile_search" 2>&1 | tail -30
+      for bounds in exact int8; do
+        timeout 85 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 --page 64 \
+          --bounds $bounds --out "$out/decode_page64_$bounds" 2>&1 | grep -a "^|"
+      done
+      timeout 70 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 --budgets 2048 --page 32 \
+        --bounds int8 --out "$out/decode_page32_int8" 2>&1 | grep -a "^|" ;;
     decode_profile)
       timeout 200 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 64 \
         --out "$out/decode_profile" 2>&1 | tail -40 ;;
@@ -217,6 +230,6 @@ for step in "${@:-attention}"; do
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"
       timeout 150 python3 benchmarks/bench_decode.py --generate --contexts 32768 --batches 8 --budgets 2048 \
         --out "$out/decode_generate_batch8" 2>&1 | tee "$out/decode_generate_batch8.log" | grep -a "^|" ;;
-    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_profile, nsa_reads, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
+    *) echo "unknown step $step (kernels, attention, evidence, sustained, graphs, ncu, estimators, canary, refine, recipe, recipe_end, sweep, prefill, gpu_tests, decode, decode_512k, decode_bounds, decode_profile, prefill_8b, generate, generate_static, trainable, nsa_profile, nsa_reads, nsa_decode, train_step, attention_dense, attention_moba, attention_nsa, attention_dsa)" ;;
   esac
 done
