@@ -185,6 +185,14 @@ def test_patch_decodes_through_int8_bounds_and_refuses_bad_values():
         assert_quantized_from_exact(state.page_indexes[0])
     finally:
         unpatch(model)
+    # A layer that does not score with Quest keeps no int8 bounds.
+    state = patch(model, method="dense", decode={**decode, "bounds": "int8", "per_layer": {1: {"method": "pooled"}}},
+                  min_kv_len=0)
+    try:
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert state.page_indexes[0].bounds == "int8" and state.page_indexes[1].bounds == "exact"
+    finally:
+        unpatch(model)
     with pytest.raises(ValueError, match=r"decode: bounds='int4' is not one of \['exact', 'int8'\]"):
         SparseConfig(decode={**decode, "bounds": "int4"})
 

@@ -292,7 +292,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         state.gate_summaries.pop(layer, None)  # rebuilt from this cache at the next decode step
         if plain and decode_layer_knobs(pages_cfg, layer)["method"] != "dense":
             _sync_index(state, layer, key, decode_layer_knobs(pages_cfg, layer)["page"], fresh=filled == q_len,
-                        length=filled, bounds=pages_cfg["bounds"])
+                        length=filled, bounds=_index_bounds(pages_cfg, layer))
         else:  # padded (its decode steps run dense) or a dense layer: drop any index of an earlier sequence
             for store in (state.page_indexes, state.index_lengths):
                 store.pop(layer, None)
@@ -385,6 +385,12 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     return index
 
 
+def _index_bounds(cfg: dict, layer: int) -> str:
+    """How ``layer``'s page index keeps Quest's bounds: the ``bounds`` setting where the layer scores
+    pages with Quest, else ``"exact"`` (no other method reads int8 bounds)."""
+    return cfg["bounds"] if decode_layer_knobs(cfg, layer)["method"] == "quest" else "exact"
+
+
 def _sync_gate_summaries(state: SparseState, layer: int, key: torch.Tensor, gates, length: int):
     """The seer decode gate's key summaries of the layer's cache, brought up to its first ``length``
     positions as :func:`_sync_index` brings the page index: appended when at most 16 tokens behind,
@@ -428,7 +434,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     if knobs["method"] == "dense":
         return dense("decode pages: layer configured dense (per_layer)")
     page, budget = knobs["page"], knobs["budget"]
-    index = _sync_index(state, layer, key, page, length=filled, bounds=cfg["bounds"])
+    index = _sync_index(state, layer, key, page, length=filled, bounds=_index_bounds(cfg, layer))
     if budget >= filled:
         return dense(f"decode pages: budget {budget} covers the {filled}-token cache: dense")
     streaming, full = cfg["streaming_heads"].get(layer, ()), cfg["full_heads"].get(layer, ())
