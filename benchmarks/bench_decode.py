@@ -11,7 +11,7 @@ bf16, one query row per sequence):
   steps (each appends the next key and attends at the length it reaches) after one rewind of the
   index's lengths, reported per step; on GPUs with programmatic dependent launch (Hopper and newer)
   the kernel and the graph steps run with ``KernelOptions(dependent_launch=True)``, and the graph
-  steps are timed again without it (the default). ``append`` and
+  steps are timed again without it. ``append`` and
   ``select`` time those two parts alone as CUDA
   graphs (8 calls each, per call), and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of

@@ -26,8 +26,8 @@
 #   decode_512k  one decode step at a 512K context, batch 1 and 8, pages of 32 and 64 (~4 min)
 #   prefill_8b   prefill of a 2-layer Llama-8B shape at 128K and 32K: dense, methods (fallback auto, auto without
 #                the decision cache, never), a static layout at d = 0.1, with attention/estimate/rest split (~5.5 min)
-#   decode_bounds  the int8-bounds and top-k search tests on the GPU, the top-k kernel by search width, then one
-#                decode step at 128K with exact and int8 Quest bounds (pages of 64), and int8 at pages of 32 (~6.5 min)
+#   decode_bounds  the int8-bounds tests on the GPU, then one decode step at 128K with exact and int8 Quest bounds
+#                (pages of 64), and int8 at pages of 32 (~5 min)
 #   decode_profile  each kernel of a decode step, the top-k kernel's warps, the attention's splits and
 #                pipelining stages, pages 16/32/64 (~2 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
@@ -190,10 +190,7 @@ for step in "${@:-attention}"; do
       timeout 330 python3 benchmarks/bench_prefill.py --model 8b-shape --layers 2 --lengths 131072 32768 \
         --densities 0.1 --fallbacks auto auto-fresh never --out "$out/prefill_8b_shape" ;;
     decode_bounds)
-      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/decode/test_int8_bounds.py tests/decode/test_select_kernels.py \
-        -k "int8 or search or topk or bounds" 2>&1 | tail -5
-      timeout 80 python3 benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 64 --warps 8 \
-        --searches 0 1 4 8 16 --splits 0 --stages 1 --out "$out/decode_profile_search" 2>&1 | tail -30
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/decode/test_int8_bounds.py 2>&1 | tail -5
       for bounds in exact int8; do
         timeout 85 python3 benchmarks/bench_decode.py --contexts 131072 --batches 1 8 32 --budgets 2048 --page 64 \
           --bounds $bounds --out "$out/decode_page64_$bounds" 2>&1 | grep -a "^|"

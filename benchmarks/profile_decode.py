@@ -1,8 +1,8 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
-give the same result: the top-k kernel by warp count and search width (thresholds per step), and the
-decode attention by split count and software-pipelining stages.
+give the same result: the top-k kernel by warp count, and the decode attention by split count and
+software-pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
 
@@ -46,15 +46,13 @@ def device_us(launch, repeats: int = 20) -> float | str:
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def topk_variants(scores, index, width, sink_pages, recent, warps_list, search_list) -> dict:
-    """Device time (us) of the top-k kernel alone, by ``"<warps> warps, search <n>"`` (``n``
-    thresholds counted per step of the search; 1 is a bisection, 0 the default choice)."""
+def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps"``."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
-    return {f"{warps} warps, search {search}": device_us(
-        lambda warps=warps, search=search: triton_select_pages(
-            scores, index, width, sink_pages, recent, group_max=False, num_warps=warps, search=search or None))
-        for warps in warps_list for search in search_list}
+    return {f"{warps} warps": device_us(
+        lambda warps=warps: triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
+                                                num_warps=warps)) for warps in warps_list}
 
 
 def split_variants(q, k, v, pages, counts, lens, page, splits_list, stages_list, workspace) -> dict:
@@ -77,8 +75,6 @@ def main(argv=None):
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--searches", type=int, nargs="+", default=[0, 1, 4, 8, 16],
-                        help="thresholds per step of the top-k search (1: bisection, 0: the default choice)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 4, 8, 16, 32],
                         help="split counts of the decode attention (0: the default choice)")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3],
@@ -124,7 +120,7 @@ def main(argv=None):
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
                 row["topk_us"] = topk_variants(
-                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps, args.searches)
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
                 p, c = selection(q, index)
                 row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, args.stages, workspace)
                 rows.append(row)

@@ -552,7 +552,7 @@ def test_gpu_kernel_matches_reference_large(dtype, paged):
 
 
 def test_dependent_launch_is_an_option_that_never_applies_in_the_interpreter_or_on_cpu():
-    assert KernelOptions().dependent_launch is False
+    assert KernelOptions().dependent_launch is True  # on by default, where the device has it
     assert not KernelOptions(dependent_launch=True).dependent_launch_on("cpu")
     assert not KernelOptions().dependent_launch_on("cpu")
     assert not KernelOptions(dependent_launch=False).dependent_launch_on("cpu")

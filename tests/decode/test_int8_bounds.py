@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparse_attn.decode import PageIndex, page_mass, select_pages
-from sparse_attn.decode.page_index import quantize_bounds
+from sparse_attn.decode import quantize_bounds
 from sparse_attn.options import KernelOptions
 
 TRITON = KernelOptions(estimator_kernels="triton")
@@ -129,7 +129,7 @@ def test_int8_scores_differ_from_exact_ones_by_at_most_the_rounding():
     """Each page's int8 Quest score lies between the exact bound and the exact bound plus
     ``scale * sum |q|`` (one step per element, weighted by the query)."""
     k = keys(dtype=torch.float32, seed=4)
-    q = torch.randn(3, 4, 1, 32, generator=torch.Generator().manual_seed(5))
+    q = torch.randn(3, 4, 1, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     exact = PageIndex.build(k, 16, lengths=[200, 37, 0], capacity=208)
     int8 = PageIndex.build(k, 16, lengths=[200, 37, 0], capacity=208, bounds="int8")
     qg = q.view(3, 2, 2, 32)

@@ -115,38 +115,6 @@ def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("search", [1, 2, 8, 16])
-@pytest.mark.parametrize("zero_query,budget", [(False, 64), (True, 64), (False, 400), (False, 16)])
-def test_topk_search_width_does_not_change_the_pages(search, zero_query, budget):
-    """However many thresholds each step of the top-k search counts (1: bisection), the pages and
-    counts are PyTorch's: with scores apart, with every full page tied (a zero query), with a budget
-    of most of the 38 pages, and of one page."""
-    from sparse_attn.decode.select_kernels import triton_page_logits, triton_select_pages
-
-    q, index = make((600, 37, 0), 8, 2, 2, 32, 16, torch.float16, capacity=608, seed=5)
-    if zero_query:
-        q = torch.zeros_like(q)
-    scale = 32 ** -0.5
-    sink, recent = (0, 0) if budget == 16 else (16, 16)
-    knobs = dict(method="quest", budget=budget, sink=sink, recent=recent)
-    want = select_pages(q, index, kernel_options=TORCH, scale=scale, **knobs)
-    scores = triton_page_logits(q, index, "quest", scale, with_stats=True, fast_launch=False)
-    got = triton_select_pages(scores, index, budget // 16, sink // 16, recent, group_max=False, fast_launch=False,
-                              search=search)
-    assert torch.equal(got[1], want[1])
-    assert torch.equal(got[0], want[0])
-
-
-@pytest.mark.parametrize("search", [3, 0, 32, 2.0, True])
-def test_topk_search_width_must_be_a_power_of_two_up_to_16(search):
-    from sparse_attn.decode.select_kernels import triton_page_logits, triton_select_pages
-
-    q, index = make((100,), 4, 2, 1, 32, 16, torch.float16)
-    scores = triton_page_logits(q, index, "quest", 32 ** -0.5, with_stats=True, fast_launch=False)
-    with pytest.raises(ValueError, match="search must be None or a power of two from 1 to 16"):
-        triton_select_pages(scores, index, 4, 1, 16, group_max=False, fast_launch=False, search=search)
-
-
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

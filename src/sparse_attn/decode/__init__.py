@@ -2,7 +2,8 @@
 attention over the selected pages."""
 
 from .attention import decode_attention
-from .page_index import BOUNDS, PAGE_SIZES, PageIndex, quantize_bounds
+from .bounds import BOUNDS, quantize_bounds
+from .page_index import PAGE_SIZES, PageIndex
 from .workspace import DecodeWorkspace
 from .select import MAX_QUERY_ROWS, SELECT_METHODS, PageSelection, page_mass, select_pages, select_pages_by_score
 

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import dependent_launch_meta, gdc_launch_dependents, gdc_wait, next_power_of_2
-from .page_index import SCALE_FLOOR as _SCALE_FLOOR
-from .page_index import SCALE_ROUND_UP as _SCALE_ROUND_UP
+from .bounds import SCALE_FLOOR as _SCALE_FLOOR
+from .bounds import SCALE_ROUND_UP as _SCALE_ROUND_UP
 
 # quantize_bounds' constants, as the kernel's compile-time constants
 SCALE_FLOOR = tl.constexpr(_SCALE_FLOOR)

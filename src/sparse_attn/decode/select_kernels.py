@@ -9,11 +9,9 @@
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found by a search on the top 16 bits of the
-  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits are
-  a bfloat16's precision): each step counts the pages at or above several thresholds at once and
-  narrows the range to the pair around the budget's edge, so 2048 pages take at most 5 steps of 8
-  thresholds (a bisection, 15). Pages are written in increasing page order with the
+  pages forced in, and the ``width`` best pages found by a bisection on the top 16 bits of the
+  scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits, a
+  bfloat16's precision, bound the search to 15 steps), written in increasing page order with the
   padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -36,7 +34,6 @@ from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_ope
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
-SEARCH_VALUES_MAX = 16384  # comparisons per step of the top-k search (thresholds x pages)
 INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the top 16 bits of its float32 bits
 
 
@@ -123,7 +120,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, SEARCH: tl.constexpr, PDL: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -190,25 +187,18 @@ def _select_pages_kernel(
     # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
-    # Search for the width-th largest key's bits, keeping count(bits >= lo) >= width >
-    # count(bits >= hi): each step counts the keys at or above SEARCH thresholds spread over
-    # (lo, hi) in one reduction and narrows the range to the pair around the width-th key, about
-    # (SEARCH + 1) times (SEARCH = 1: bisection). It stops early once exactly `width` keys are >= lo
-    # (or all candidates fit).
+    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (INF_KEY + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
-    steps = tl.arange(0, SEARCH) + 1
     while (hi - lo > 1) & (at_lo > width):
-        # Thresholds in (lo, hi), increasing (some equal when the range is small).
-        thresholds = lo + 1 + ((hi - lo - 1) * steps) // (SEARCH + 1)
-        at_threshold = tl.sum((bits[None, :] >= thresholds[:, None]).to(tl.int32), 1)
-        enough = at_threshold >= width
-        # Counts fall as thresholds rise: the highest threshold with enough keys is the new lo,
-        # the lowest without is the new hi.
-        at_lo = tl.min(tl.where(enough, at_threshold, at_lo), 0)
-        hi = tl.min(tl.where(enough, hi, thresholds), 0)
-        lo = tl.max(tl.where(enough, thresholds, lo), 0)
+        mid = lo + (hi - lo) // 2
+        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
+        enough = at_mid >= width
+        lo = tl.where(enough, mid, lo)
+        at_lo = tl.where(enough, at_mid, at_lo)
+        hi = tl.where(enough, hi, mid)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
@@ -225,12 +215,6 @@ def _select_pages_kernel(
     slots = tl.arange(0, W_P2)
     tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
     tl.store(COUNTS + b * stride_cb + kvh, count)
-
-
-def search_thresholds(pages_p2: int) -> int:
-    """Thresholds each step of the top-k kernel's search counts at once, for a row of ``pages_p2``
-    (a power of two) pages: as many as keep ``SEARCH_VALUES_MAX`` comparisons per step, 1-16."""
-    return max(1, min(16, SEARCH_VALUES_MAX // pages_p2))
 
 
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
@@ -275,13 +259,11 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        search: int | None = None, dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
+                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page
-    count), ``search`` the thresholds each step of the top-k search counts at once (a power of two;
-    None: :func:`search_thresholds`). Neither changes the result."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -293,9 +275,6 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
         strides = (*logits.stride()[:3], *stats.stride()[:4])
     else:  # placeholder pointers, never read
         logits, stats, rows, tiles, strides = counts, counts, 0, 1, (0,) * 7
-    if search is not None and (isinstance(search, bool) or not isinstance(search, int) or not 1 <= search <= 16
-                               or search & (search - 1)):
-        raise ValueError(f"search must be None or a power of two from 1 to 16, got {search!r}")
     np_p2 = next_power_of_2(max_pages)
     rows_p2 = next_power_of_2(max(rows, 1))
     together = rows_p2 * np_p2 <= ROWS_TOGETHER_MAX
@@ -306,8 +285,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together,
-        SEARCH=search or search_thresholds(np_p2), **dependent_launch_meta(dependent_launch),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),

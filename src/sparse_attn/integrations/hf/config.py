@@ -353,7 +353,7 @@ def _check_decode_pages(spec: dict) -> dict:
         raise _error(f"decode: recall_every={every!r} is not an int >= 0 (0: off)")
     out["recall_every"] = every
     out["gates"] = _check_decode_gates(out, spec.get("gates"))
-    from ...decode.page_index import BOUNDS
+    from ...decode.bounds import BOUNDS
 
     bounds = spec.get("bounds", "exact")
     if bounds not in BOUNDS:
