@@ -3,6 +3,7 @@ a static cache, streaming and full KV heads, per-layer knobs, selections shared 
 sampled oracle recall."""
 
 import inspect
+import os
 import json
 import math
 
@@ -432,3 +433,28 @@ def test_policies_survive_a_json_round_trip(tmp_path):
     assert pages["streaming_heads"] == {1: (0, 1)} and pages["select_layers"] == (0, 1)
     assert pages["per_layer"][1] == {**SMALL, "budget": 128} and pages["recall_every"] == 4
     assert math.isclose(SparseConfig(decode=SMALL)._decode_pages["recall_every"], 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_the_kernel_path_of_a_decode_step_matches_the_public_call(scaling):
+    """A patched layer launches the decode kernel without the public call's checks (its own inputs
+    are consistent by construction): same output as ``decode_attention``, into the layer's layout."""
+    from sparse_attn.decode import PageIndex, select_pages
+    from sparse_attn.decode.reference import reference_decode_attention
+    from sparse_attn.integrations.hf.patching import _attend_pages
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 200, 32, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(2, 2, 200, 32, generator=gen).to(device, torch.bfloat16)
+    q = torch.randn(2, 8, 1, 32, generator=gen).to(device, torch.bfloat16)
+    index = PageIndex.build(k, 16, lengths=[200, 131], capacity=208)
+    pages, counts = select_pages(q, index, method="quest", budget=64, sink=16, recent=16)
+    want = reference_decode_attention(q, k, v, pages, counts, index.lengths, 16,
+                                      32 ** -0.5 if scaling is None else scaling)[0]
+    for kernel in (True, False):
+        out = torch.full((2, 1, 8, 32), float("nan"), dtype=torch.bfloat16, device=device)  # the layer's layout
+        _attend_pages(q, k, v, pages, counts, index.lengths, 16, scaling, out.transpose(1, 2), kernel=kernel)
+        torch.testing.assert_close(out.transpose(1, 2), want, atol=2e-2, rtol=2e-2)
