@@ -4,7 +4,7 @@
 (``(Hkv, T, D)``, only the real tokens below the capacity), reduces them per page of the window
 the sequence's next positions fall in (min, max, float32 sum), combines them with the stored
 summaries of those pages (with int8 bounds, quantizes those pages' bounds anew as
-:func:`~.page_index.quantize_bounds` does), and finally moves the sequence's length on. A program reads its
+:func:`~.bounds.quantize_bounds` does), and finally moves the sequence's length on. A program reads its
 sequence's length before it writes it and no other program touches it, so one launch updates the
 whole index. Follows the PyTorch update of :meth:`PageIndex.append` (its reference), which tests
 compare it with.

@@ -32,9 +32,9 @@ from torch import Tensor
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..methods.primitives.dispatch import use_triton
 from ..options import KernelOptions, resolve_kernel_options
-from .bounds import BOUNDS, check_bounds, quantize_bounds
+from .bounds import check_bounds, quantize_bounds
 
-__all__ = ["PageIndex", "PAGE_SIZES", "BOUNDS", "quantize_bounds"]
+__all__ = ["PageIndex", "PAGE_SIZES"]
 
 PAGE_SIZES = SUPPORTED_BLOCK_SIZES  # the powers of two from 16 to 256
 KERNEL_MAX_NEW = 16  # most new tokens per append that the Triton kernel takes
