@@ -322,7 +322,7 @@ def generate_rows(args):
 
     decode = {"method": args.method, "budget": args.budgets[0], "page": args.page, "bounds": args.bounds}
     # A static cache makes transformers compile the decoding forward (torch.compile, CUDA graphs);
-    # the sparse attention runs outside the compiled graphs.
+    # the sparse decode step runs inside the compiled graph (integrations.hf.graph_decode).
     cache_kwargs = {"cache_implementation": "static"} if args.cache == "static" else {}
     for context in args.contexts:
         for batch in args.batches:

@@ -154,7 +154,8 @@ def test_unpatch_drops_the_indexes_and_restores_dense_decoding(model_and_dense):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_static_cache_generate_compiles_around_the_sparse_decode():
     """On a GPU, generate() with a static cache compiles the decoding forward (transformers'
-    automatic torch.compile); the sparse attention runs outside the compiled graphs. In float32
+    automatic torch.compile); with records on, the sparse attention runs outside the compiled graphs
+    (the compiled path, without records, is tested in test_graph_decode.py). In float32
     (decode through the PyTorch reference) it gives the tokens of the same patched model decoding
     with a dynamic cache, uncompiled; in bfloat16 (the Triton kernels) every decode step runs
     sparse and the tokens agree but for rounding flips of a random model's near-uniform logits."""

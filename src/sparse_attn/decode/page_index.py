@@ -80,7 +80,7 @@ class PageIndex:
     """
 
     def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int,
-                 bounds: str = "exact", quantized: Optional[tuple] = None):
+                 bounds: str = "exact", quantized: Optional[tuple] = None, *, length_bound: Optional[int] = None):
         check_page_size(page_size)
         check_bounds(bounds)
         _positive_int("capacity", capacity)
@@ -105,8 +105,9 @@ class PageIndex:
         if bounds == "int8":  # ``quantized``: (qmin, qmax, qscale) known to be quantize_bounds(kmin, kmax)
             self.qmin, self.qmax, self.qscale = quantized if quantized is not None else quantize_bounds(kmin, kmax)
         # A host-side upper bound on max(lengths): appends check the capacity without a device sync
-        # until this bound passes it.
-        self._length_bound = capacity
+        # until this bound passes it. ``length_bound``: one the caller knows (0: appends never check,
+        # tokens past the capacity are dropped, as while a CUDA graph is captured); None: the capacity.
+        self._length_bound = capacity if length_bound is None else length_bound
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -172,6 +173,24 @@ class PageIndex:
         rest = k.gather(2, pos[:, None, :, None].expand(batch, kv_heads, page_size - 1, dim))
         index.append(rest, counts=lens - done)
         return index
+
+    def copy_(self, other: "PageIndex") -> "PageIndex":
+        """Copy ``other``'s summaries and lengths into this index's own tensors; returns ``self``.
+
+        ``other`` must have this index's shapes, dtype, device, page size, capacity and bounds. The
+        tensors stay the same objects at the same addresses, so a CUDA graph captured over this index
+        (a compiled decoding forward) reads the copied state when it replays."""
+        same = (other.kmin.shape == self.kmin.shape and other.dtype == self.dtype and other.device == self.device
+                and other.page_size == self.page_size and other.capacity == self.capacity
+                and other.bounds == self.bounds)
+        if not same:
+            raise ValueError(f"copy_: {other!r} does not have this index's geometry {self!r}")
+        for name in ("kmin", "kmax", "ksum", "lengths", "qmin", "qmax", "qscale"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.copy_(getattr(other, name))
+        self._length_bound = other._length_bound
+        return self
 
     # ------------------------------------------------------------------ geometry
     @property

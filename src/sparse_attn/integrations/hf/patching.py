@@ -17,7 +17,9 @@ oracle recall; layers configured dense, short sequences, masks other than causal
 causal-with-padding (sliding windows) and unsupported features (softcapping, dropout in training)
 run transformers' own SDPA path, with the reason recorded. A padded batch (left or right padding)
 runs each sequence on its own unpadded span. A static cache (keys past the filled length masked, or
-a prefill from position 0 with no mask) is read up to its filled length only.
+a prefill from position 0 with no mask) is read up to its filled length only. Inside a compiled
+decoding forward (a static cache's ``generate()``), page-index decode steps run as one custom op that
+stays in the compiled graph (:mod:`.graph_decode`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ...methods import DecisionCache
 from ...methods.cost import attend
 from ...metrics import attention_recall
 from .config import SparseConfig, decode_layer_knobs, decode_selection_source
+from .graph_decode import graph_decode, graph_decode_plans, mark_static_index
 
 ATTN_NAME = "sparse_attn"
 
@@ -66,6 +69,9 @@ class SparseState:
     # kept while the same unchanged mask tensor comes back: every layer of a forward gets the same
     # mask, and reading a mask waits for the device, so one forward reads it once, not once per layer.
     mask_facts: Optional[tuple] = None
+    # Per layer, the decode knobs of the compiled decoding path (:mod:`.graph_decode`), for the layers
+    # whose settings it can run; fixed by the config at patch time.
+    graph_plans: dict = field(default_factory=dict)
 
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
@@ -106,10 +112,7 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    # transformers compiles the decoding forward of a static cache on a GPU (torch.compile, not
-    # fullgraph): the attention function stays outside the compiled graphs (it keeps host-side
-    # state and launches its own kernels), the rest of the layer is compiled around it.
-    AttentionInterface.register(ATTN_NAME, torch.compiler.disable(sparse_attention_forward))
+    AttentionInterface.register(ATTN_NAME, sparse_attention_entry)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
@@ -167,6 +170,7 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
         unpatch(model)
     _register()
     state = SparseState(config, model.config._attn_implementation)
+    state.graph_plans = graph_decode_plans(config, 1 + max(int(m.layer_idx) for m in modules))
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         raise RuntimeError(f"{type(model).__name__} does not support switching its attention implementation")
@@ -248,9 +252,26 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def sparse_attention_entry(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: Optional[float] = None, **kwargs):
+    """The function registered as ``attn_implementation="sparse_attn"``.
+
+    transformers compiles the decoding forward of a static cache (``torch.compile``). While a forward
+    is compiled, a page-index decode step the compiled path can run becomes one custom op inside the
+    graph (:func:`.graph_decode.graph_decode`); every other call runs :func:`sparse_attention_forward`
+    outside the compiled graph (it keeps host-side state and reads the mask on the host), with the rest
+    of the layer compiled around it.
+    """
+    if torch.compiler.is_compiling():
+        out = graph_decode(module, query, key, value, dropout, scaling, kwargs)
+        if out is not None:
+            return out, None
+    return _eager_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: Optional[float] = None, **kwargs):
-    """The function registered as ``attn_implementation="sparse_attn"``.
+    """The attention of a patched layer outside compiled graphs (see :func:`sparse_attention_entry`).
 
     query ``(B, H, q_len, D)``, key/value ``(B, Hkv, kv_len, D)`` (cache already updated); returns
     ``((B, q_len, H, D), None)`` like transformers' own attention functions.
@@ -354,6 +375,10 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     return out, None
 
 
+# Outside compiled graphs: the general path keeps host-side state and reads the mask on the host.
+_eager_attention = torch.compiler.disable(sparse_attention_forward)
+
+
 def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False,
                 length: int | None = None, bounds: str = "exact"):
     """Bring the layer's page index up to the first ``length`` (default: all) positions of the cache
@@ -366,18 +391,25 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     kv_len = key.shape[2] if length is None else length
     index = state.page_indexes.get(layer)
     have = state.index_lengths.get(layer, -1)
-    fits = (not fresh and index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
-            and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
-            and index.page_size == page and index.bounds == bounds)
+    same_shape = (index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
+                  and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
+                  and index.page_size == page and index.bounds == bounds)
+    fits = same_shape and not fresh
     if fits and have == kv_len:
         return index
-    if fits and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
+    # have < 0: compiled decode steps appended to the index on the device; the host does not know its length.
+    if fits and have >= 0 and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
         index.append(key[:, :, have:kv_len])
     else:
         room = key.shape[2] if key.shape[2] > kv_len else kv_len + max(256, kv_len // 2)
         capacity = -(-room // page) * page
-        index = PageIndex.build(key[:, :, :kv_len].detach(), page_size=page, capacity=capacity, bounds=bounds)
-        state.page_indexes[layer] = index
+        built = PageIndex.build(key[:, :, :kv_len].detach(), page_size=page, capacity=capacity, bounds=bounds)
+        if same_shape and index.capacity == capacity:
+            index.copy_(built)  # same tensors: a graph captured over them stays valid
+        else:
+            index = built
+            mark_static_index(index)
+            state.page_indexes[layer] = index
         state.index_builds[layer] = state.index_builds.get(layer, 0) + 1
         if fresh:
             state.decode_steps[layer] = 0
