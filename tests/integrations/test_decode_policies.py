@@ -443,7 +443,7 @@ def test_the_kernel_path_of_a_decode_step_matches_the_public_call(scaling):
     are consistent by construction): same output as ``decode_attention``, into the layer's layout."""
     from sparse_attn.decode import PageIndex, select_pages
     from sparse_attn.decode.reference import reference_decode_attention
-    from sparse_attn.integrations.hf.patching import _attend_pages
+    from sparse_attn.integrations.hf.page_steps import attend_pages
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
@@ -456,5 +456,5 @@ def test_the_kernel_path_of_a_decode_step_matches_the_public_call(scaling):
                                       32 ** -0.5 if scaling is None else scaling)[0]
     for kernel in (True, False):
         out = torch.full((2, 1, 8, 32), float("nan"), dtype=torch.bfloat16, device=device)  # the layer's layout
-        _attend_pages(q, k, v, pages, counts, index.lengths, 16, scaling, out.transpose(1, 2), kernel=kernel)
+        attend_pages(q, k, v, pages, counts, index.lengths, 16, scaling, out.transpose(1, 2), kernel=kernel)
         torch.testing.assert_close(out.transpose(1, 2), want, atol=2e-2, rtol=2e-2)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .config import decode_layer_knobs
+from .page_steps import attend_pages, page_selection
 
 GRAPH_METHODS = ("quest", "pooled", "sink_window")  # selections with no host reads (oracle and seer have some)
 MAX_GRAPH_ROWS = 16  # most query rows of a decode step (the decode kernel's limit)
@@ -92,7 +93,6 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
     updated), select pages, attend. ``query (B, H, q_len, D)``, ``key``/``value (B, Hkv, S, D)``; the
     index's tensors are updated in place. Returns ``(B, q_len, H, D)``."""
     from ...decode import PageIndex
-    from .patching import _attend_pages, _page_selection
 
     quantized = None if qmin is None else (qmin, qmax, qscale)
     # length_bound=0: no host-side capacity check (the cache cannot outgrow the index; see the docstring).
@@ -102,9 +102,9 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
     rows = query.shape[2]
     where = (lengths[:, None] + torch.arange(rows, device=key.device)[None, :]).clamp(max=positions - 1)
     index.append(key.gather(2, where[:, None, :, None].expand(batch, kv_heads, rows, dim)))
-    pages, counts = _page_selection(method, budget, sink, recent, scale)(query, index)
+    pages, counts = page_selection(method, budget, sink, recent, scale)(query, index)
     out = query.new_empty(batch, rows, query.shape[1], dim)
-    _attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scale,
+    attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scale,
                   out.transpose(1, 2), kernel=query.is_cuda)
     return out
 

@@ -24,7 +24,6 @@ stays in the compiled graph (:mod:`.graph_decode`).
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from ...methods.cost import attend
 from ...metrics import attention_recall
 from .config import SparseConfig, decode_layer_knobs, decode_selection_source
 from .graph_decode import graph_decode, graph_decode_plans, mark_static_index
+from .page_steps import attend_pages, page_selection
 
 ATTN_NAME = "sparse_attn"
 
@@ -494,7 +494,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             pages, counts = select_pages_by_score(shares, index, budget=budget, sink=knobs["sink"],
                                                   recent=knobs["recent"])
         else:
-            selection = _page_selection(knobs["method"], budget, knobs["sink"], knobs["recent"], scaling)
+            selection = page_selection(knobs["method"], budget, knobs["sink"], knobs["recent"], scaling)
             pages, counts = selection(query, index)
         used = layer
         if layer in cfg["select_layers"]:
@@ -507,7 +507,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     # The index holds exactly the filled positions of every sequence: its lengths are the cache lengths.
     # The kernel writes the (B, Sq, H, D) layout the layer returns (no transposing copy).
     out = query.new_empty(query.shape[0], q_len, query.shape[1], query.shape[3])
-    _attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scaling,
+    attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scaling,
                   out.transpose(1, 2), kernel=query.is_cuda)
     step = state.decode_steps.get(layer, 0)
     state.decode_steps[layer] = step + 1
@@ -524,41 +524,6 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             reason = f"decode pages: the pages layer {used} selected"
         record(True, reason, density, select_ms, recall, select_layer=used)
     return out, None
-
-
-def _attend_pages(query, key, value, pages, counts, lengths, page: int, scaling, out, kernel: bool) -> None:
-    """``decode_attention`` of a decode step over the pages its layer selected, into ``out``. The
-    integration makes every input itself (the layer's contiguous cache, its own selection, the index
-    lengths, a fresh ``out`` of the layer's layout), so with ``kernel`` (CUDA tensors) it launches the
-    Triton kernel directly, without the public call's input checks, whose host work is about half of
-    that call's; where the kernel cannot run the call (or without ``kernel``), the public call runs."""
-    from ...decode import decode_attention
-
-    if kernel:
-        try:
-            from ...decode.kernels import triton_decode_attention, unsupported_reason
-        except ImportError:  # no Triton: the public call picks the reference
-            unsupported_reason = None
-        if unsupported_reason is not None and unsupported_reason(query, key, key.shape[1]) is None:
-            from ...options import resolve_kernel_options
-
-            options = resolve_kernel_options(None)
-            scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
-            triton_decode_attention(query, key, value, pages, counts, lengths, page, scale,
-                                    fast_launch=options.fast_launch, out=out,
-                                    dependent_launch=options.dependent_launch_on(query.device))
-            return
-    decode_attention(query, key, value, pages, counts, lengths, page_size=page, scale=scaling, check_values=False,
-                     out=out)
-
-
-@functools.lru_cache(maxsize=256)
-def _page_selection(method: str, budget: int, sink: int, recent: int, scale):
-    """The checked :class:`~sparse_attn.decode.PageSelection` of a layer's decode knobs, built once
-    per distinct knobs (a decode step then skips the knob checks)."""
-    from ...decode import PageSelection
-
-    return PageSelection(method=method, budget=budget, sink=sink, recent=recent, scale=scale)
 
 
 def _widen(pages: torch.Tensor, width: int) -> torch.Tensor:
