@@ -70,6 +70,22 @@ def test_compiled_static_generate_gives_the_eager_tokens(model, decode):
         torch._dynamo.reset()
 
 
+def test_compiled_batch_of_two_gives_the_eager_tokens(model):
+    """Two prompts of one length in one static cache (no padding): each sequence appends and selects
+    on its own in the compiled step."""
+    torch._dynamo.reset()
+    ids = _ids(160, batch=2, seed=7)
+    patch(model, decode={"method": "quest", "budget": 48, **SMALL}, **PREFILL)
+    try:
+        eager = model.generate(ids, max_new_tokens=8, cache_implementation="static", disable_compile=True, **GEN)
+        compiled = model.generate(ids, max_new_tokens=8, cache_implementation="static",
+                                  compile_config=_compiled_config(), **GEN)
+        assert torch.equal(compiled, eager)
+    finally:
+        unpatch(model)
+        torch._dynamo.reset()
+
+
 def test_compiled_steps_match_sparse_decode_and_differ_from_dense(model):
     """A budget far below the cache: the compiled sparse tokens equal the eager sparse ones, and the
     logits differ from dense decode's (the selection really drops pages)."""
