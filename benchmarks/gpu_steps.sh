@@ -31,7 +31,7 @@
 #   decode_profile  each kernel of a decode step, the top-k kernel's warps, the attention's splits and
 #                pipelining stages, pages 16/32/64 (~2 min)
 #   warmup       each method's first-call compile on an 8B-shaped layer at 32K, sparse_attn.warmup with an empty and a
-#                filled Triton kernel cache (a restarted process), and the first request after it (~4 min)
+#                filled Triton kernel cache (a restarted process), and the first request after it (~7 min)
 #   generate     generate() on an 8B-shaped Llama, dense vs sparse decode, at 32K and 128K, batch 1 and 8 (~5 min)
 #   generate_static  the same at 32K with a static cache (transformers compiles the decoding forward) (~5 min)
 #   trainable    MoBA and NSA forward and forward+backward vs cuDNN, flash and Flex at 8K/32K/64K, Hkv 8 and 2 (~6 min)
@@ -225,7 +225,7 @@ for step in "${@:-attention}"; do
       timeout 240 python3 benchmarks/bench_trainable.py --lengths --train-contexts 8192 32768 \
         --out "$out/train_step" 2>&1 | tee "$out/train_step.log" | grep -a "^|" ;;
     warmup)
-      timeout 300 python3 benchmarks/bench_warmup.py --length 32768 --out "$out/warmup" 2>&1 | grep -a "^|\|^GPU" ;;
+      timeout 450 python3 benchmarks/bench_warmup.py --length 32768 --out "$out/warmup" 2>&1 | grep -a "^|\|^GPU" ;;
     generate)
       timeout 200 python3 benchmarks/bench_decode.py --generate --contexts 32768 131072 --batches 1 --budgets 2048 \
         --out "$out/decode_generate" 2>&1 | tee "$out/decode_generate.log" | grep -a "^|"

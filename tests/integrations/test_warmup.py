@@ -84,3 +84,29 @@ def test_warmup_runs_the_full_estimate_where_the_config_would_go_dense(monkeypat
     sparse_attn.warmup(model, [256])
     assert 256 in lengths  # the full estimate of the whole prompt ran
     assert state.config.fallback == "length" and state.config.precheck is True and state.config.min_kv_len == 4096
+
+
+def test_warmup_also_runs_the_configs_own_precheck(monkeypatch):
+    """After the sparse pass, the prompt runs once more as the config runs it, so the pre-check's
+    kernels (and the dense fallback) are compiled before the first request too."""
+    import sparse_attn.methods.cost as cost
+
+    model = tiny_llama(vocab_size=64, layers=2)
+    state = sparse_attn.patch(model, method="xattention", block_size=16, min_kv_len=0, fallback="auto",
+                              precheck=True)
+    calls = []
+    real = cost.run_precheck
+
+    def spy(method, q, k, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(method, q, k, *args, **kwargs)
+
+    monkeypatch.setattr(cost, "run_precheck", spy)
+    sparse_attn.warmup(model, [256])
+    assert calls == [256, 256]  # both layers, in the second pass
+    assert state.config.fallback == "auto" and state.config.precheck is True
+    assert len(state.decisions) == 0 and state.records == []
+    calls.clear()
+    sparse_attn.patch(model, method="xattention", block_size=16, min_kv_len=0, fallback="never")
+    sparse_attn.warmup(model, [256])
+    assert calls == []  # fallback="never": the sparse pass is the config's own

@@ -43,8 +43,10 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
 
     Random tokens give diffuse attention, which a config's length rule, pre-check or cost model
     would send to dense attention without running the method's full estimate and sparse kernels; the
-    warm-up therefore runs every layer sparse (as ``fallback="never"``, the pre-check off) and puts
-    the config back afterwards. Run it before serving, not beside requests. Afterwards the patch
+    warm-up therefore runs every layer sparse (as ``fallback="never"``, the pre-check off), then,
+    unless the config's fallback is ``"never"``, the prompt once more as the config runs it (its
+    pre-check, cost model and dense fallback, which compile kernels and dense backend plans of their
+    own), and puts the config back afterwards. Run it before serving, not beside requests. Afterwards the patch
     state holds no trace of the warm-up: its records, its cached prefill decisions (``precheck``),
     its page indexes and page selections are emptied, and the one-time short-prompt warning is left
     as it was.
@@ -89,6 +91,13 @@ def warmup(model, lengths: Iterable[int], *, batch_size: int = 1, decode_steps: 
                                    pad_token_id=0 if pad is None else pad)
                 else:
                     model(ids)
+                if fallback != "never":  # once more as the config runs: its pre-check and dense fallback
+                    config.fallback, config.precheck = fallback, precheck
+                    try:
+                        model(ids)
+                    finally:
+                        config.precheck = "auto"
+                        config.fallback = "never"
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rows.append({"length": length, "batch_size": batch_size, "decode_steps": decode_steps,
