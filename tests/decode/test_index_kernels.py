@@ -71,3 +71,29 @@ def test_more_new_tokens_than_the_kernel_takes_run_pytorch(monkeypatch):
     got.append(k_new, kernel_options=TRITON)
     want.append(k_new, kernel_options=TORCH)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("options", [TRITON, TORCH], ids=["triton", "torch"])
+@pytest.mark.parametrize("bounds", ["exact", "int8"])
+def test_lengths_set_back_to_a_page_boundary_rebuild_by_appends(options, bounds):
+    """An index that followed another sequence, its lengths set back to a page boundary (0: a new
+    sequence), then appended token by token, equals the index built from the new keys: each page
+    starts afresh when its first token arrives."""
+    gen = torch.Generator().manual_seed(5)
+    old = torch.randn(2, 2, 90, 16, generator=gen).to(DEVICE, torch.float16)
+    new = torch.randn(2, 2, 70, 16, generator=gen).to(DEVICE, torch.float16)
+    for restart in (0, 32):
+        got = PageIndex.build(old, 16, capacity=96, bounds=bounds)
+        got.lengths.fill_(restart)
+        keys = torch.cat([old[:, :, :restart], new[:, :, restart:]], 2)
+        for t in range(restart, 70, 3):
+            got.append(keys[:, :, t:min(t + 3, 70)], kernel_options=options)
+        want = PageIndex.build(keys, 16, capacity=96, bounds=bounds)
+        assert torch.equal(got.lengths, want.lengths)
+        pages = 70 // 16 + 1  # the pages holding tokens; pages past them still hold the old sequence's
+        assert torch.equal(got.kmin[:, :, :pages], want.kmin[:, :, :pages])
+        assert torch.equal(got.kmax[:, :, :pages], want.kmax[:, :, :pages])
+        torch.testing.assert_close(got.ksum[:, :, :pages], want.ksum[:, :, :pages], atol=1e-4, rtol=1e-4)
+        if bounds == "int8":
+            assert torch.equal(got.qmin[:, :, :pages], want.qmin[:, :, :pages])
+            assert torch.equal(got.qscale[:, :, :pages], want.qscale[:, :, :pages])

@@ -86,6 +86,32 @@ def test_compiled_batch_of_two_gives_the_eager_tokens(model):
         torch._dynamo.reset()
 
 
+def test_short_prompt_through_a_forward_compiled_by_hand_starts_the_index_afresh(model):
+    """The forward compiled by hand (as transformers' docs show for static caches), so a prompt of at
+    most 16 tokens prefills through the compiled step, onto an index that followed a longer
+    sequence: the new tokens' positions set it back, and the tokens equal the uncompiled ones."""
+    torch._dynamo.reset()
+    state = patch(model, decode={"method": "quest", "budget": 48, **SMALL}, **PREFILL)
+    forward = model.forward
+    try:
+        long_ids, short_ids = _ids(150), _ids(5, seed=9)
+        want_long = model.generate(long_ids, max_new_tokens=6, cache_implementation="static", **GEN)
+        want_short = model.generate(short_ids, max_new_tokens=12, cache_implementation="static", **GEN)
+        model.forward = torch.compile(forward, backend="aot_eager")
+        got_long = model.generate(long_ids, max_new_tokens=6, cache_implementation="static", disable_compile=True,
+                                  **GEN)
+        index = state.page_indexes[0]
+        got_short = model.generate(short_ids, max_new_tokens=12, cache_implementation="static",
+                                   disable_compile=True, **GEN)
+        assert state.page_indexes[0] is index  # the short prompt ran through the compiled step
+        assert torch.equal(got_long, want_long) and torch.equal(got_short, want_short)
+        assert int(index.lengths[0]) == 16  # 5 + 11 appended steps' keys (the last token is not fed back)
+    finally:
+        model.forward = forward
+        unpatch(model)
+        torch._dynamo.reset()
+
+
 def test_compiled_steps_match_sparse_decode_and_differ_from_dense(model):
     """A budget far below the cache: the compiled sparse tokens equal the eager sparse ones, and the
     logits differ from dense decode's (the selection really drops pages)."""
@@ -156,7 +182,7 @@ def test_page_decode_step_appends_at_each_sequence_length(bounds, rows):
     want = decode_attention(q, k, v, pages, counts, want_index.lengths, page_size=page, scale=dim ** -0.5)
 
     got = page_decode_step(q, k, v, index.kmin, index.kmax, index.ksum, index.lengths, index.qmin, index.qmax,
-                           index.qscale, page, positions, "quest", 64, 16, 16, dim ** -0.5)
+                           index.qscale, None, page, positions, "quest", 64, 16, 16, dim ** -0.5)
     assert torch.equal(index.lengths, lengths + rows)
     for name in ("kmin", "kmax", "ksum", "qmin", "qmax", "qscale"):
         if getattr(index, name) is not None:

@@ -70,9 +70,12 @@ def _append_kernel(
         ok = head_ok[:, None] & (page + d[None, :] * 0 < limit)
         at = b * stride_ib + heads[:, None] * stride_ih + page * stride_ip + d[None, :]
         at_sum = b * stride_sb + heads[:, None] * stride_sh + page * stride_sp + d[None, :]
-        old_min = tl.load(KMIN + at, mask=ok, other=0.0).to(tl.float32)
-        old_max = tl.load(KMAX + at, mask=ok, other=0.0).to(tl.float32)
-        old_sum = tl.load(KSUM + at_sum, mask=ok, other=0.0)
+        # A page that holds no token before this step starts afresh, whatever it held: the lengths may
+        # have been set back (a new sequence in a compiled decoding forward, see integrations.hf).
+        fresh = page * PAGE_SIZE >= start
+        old_min = tl.where(fresh, float("inf"), tl.load(KMIN + at, mask=ok, other=0.0).to(tl.float32))
+        old_max = tl.where(fresh, float("-inf"), tl.load(KMAX + at, mask=ok, other=0.0).to(tl.float32))
+        old_sum = tl.where(fresh, 0.0, tl.load(KSUM + at_sum, mask=ok, other=0.0))
         low = tl.minimum(old_min, new_min).to(KMIN.dtype.element_ty)
         high = tl.maximum(old_max, new_max).to(KMAX.dtype.element_ty)
         tl.store(KMIN + at, low, mask=ok)

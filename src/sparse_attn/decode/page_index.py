@@ -264,7 +264,9 @@ class PageIndex:
         the rest padding; None: all ``T``), then ``lengths += counts``. The work is ``O(T + page_size)``
         per (sequence, KV head): only the pages the new tokens fall in are combined with them (min with
         min, max with max, sum plus sum; int8 bounds of those pages quantized anew); no other page's
-        entries change.
+        entries change. A page holding no token before the step (its start at or past ``lengths[b]``)
+        takes the new tokens' summaries alone, whatever it held, so an index whose ``lengths`` were
+        set back to a page boundary (a new sequence) is rebuilt by the appends that follow.
 
         Raises ValueError where a sequence would pass the capacity. That check reads the lengths on the
         host only when a host-side bound says the capacity may be passed, never while a CUDA graph is
@@ -328,9 +330,17 @@ class PageIndex:
         first = torch.div(start, page, rounding_mode="floor")
         slots = (first[:, None] + torch.arange(pages_in_window, device=self.device)[None, :]) % self.max_pages
         slots = slots[:, None, :, None].expand(batch, kv_heads, pages_in_window, dim)
-        self.kmin.scatter_(2, slots, torch.minimum(self.kmin.gather(2, slots), new_min))
-        self.kmax.scatter_(2, slots, torch.maximum(self.kmax.gather(2, slots), new_max))
-        self.ksum.scatter_(2, slots, self.ksum.gather(2, slots) + new_sum)
+        # A page that gets tokens this step and held none before it starts afresh, whatever it held
+        # (lengths set back); the window's wrapped slots get no token and are written back unchanged.
+        fresh = ((first[:, None] + torch.arange(pages_in_window, device=self.device)[None, :]) * page
+                 >= start[:, None]) & real.view(batch, pages_in_window, page).any(-1)
+        fresh = fresh.view(batch, 1, pages_in_window, 1)
+        old_min = torch.where(fresh, float("inf"), self.kmin.gather(2, slots))
+        old_max = torch.where(fresh, float("-inf"), self.kmax.gather(2, slots))
+        old_sum = torch.where(fresh, 0.0, self.ksum.gather(2, slots))
+        self.kmin.scatter_(2, slots, torch.minimum(old_min, new_min).to(self.kmin.dtype))
+        self.kmax.scatter_(2, slots, torch.maximum(old_max, new_max).to(self.kmax.dtype))
+        self.ksum.scatter_(2, slots, old_sum + new_sum)
         if self.bounds == "int8":
             qmin, qmax, scale = quantize_bounds(self.kmin.gather(2, slots), self.kmax.gather(2, slots))
             self.qmin.scatter_(2, slots, qmin)

@@ -18,8 +18,12 @@ A layer takes this path while the forward is being compiled, when:
   device and length.
 
 Otherwise the general attention function runs, as before. The step appends the ``q_len`` new keys
-at each sequence's index length, then selects and attends; it assumes, as ``generate()`` does, that
-each decode forward adds exactly its ``q_len`` tokens to the cache. A budget that covers the cache
+at their positions (``position_ids``, which transformers passes; without them, at each sequence's
+index length, assuming as ``generate()`` does that each forward adds exactly its ``q_len`` tokens),
+then selects and attends. With positions, a compiled call that starts a new sequence (a prompt of at
+most 16 tokens through a forward compiled by hand) sets the index back to position 0, and the pages
+rebuild as the sequence reaches them; a cache set back within a page keeps the removed tokens in that
+page's summaries (wider Quest bounds) until the page is rebuilt. A budget that covers the cache
 selects every page (dense attention, as the general path runs it). Page indexes keep their tensors
 across prefills of the same shape (:meth:`~sparse_attn.decode.PageIndex.copy_`), so a captured
 graph stays valid from one ``generate()`` call to the next.
@@ -86,21 +90,26 @@ def mark_static_index(index) -> None:
                          mutates_args=("kmin", "kmax", "ksum", "lengths", "qmin", "qmax", "qscale"))
 def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor,
                      lengths: Tensor, qmin: Optional[Tensor], qmax: Optional[Tensor], qscale: Optional[Tensor],
-                     page: int, capacity: int, method: str, budget: int, sink: int, recent: int,
-                     scale: float) -> Tensor:
+                     positions: Optional[Tensor], page: int, capacity: int, method: str, budget: int, sink: int,
+                     recent: int, scale: float) -> Tensor:
     """One decode step of a layer over its page index, with no host reads: append the keys of the
-    ``q_len`` new tokens (``key`` positions ``lengths[b] .. lengths[b] + q_len - 1``, the cache already
-    updated), select pages, attend. ``query (B, H, q_len, D)``, ``key``/``value (B, Hkv, S, D)``; the
-    index's tensors are updated in place. Returns ``(B, q_len, H, D)``."""
+    ``q_len`` new tokens (``key`` positions ``start[b] .. start[b] + q_len - 1``, the cache already
+    updated), select pages, attend. ``start``: ``positions (B,)``, the cache position of each
+    sequence's first new token, where given (the index's lengths are set to it first, so a new
+    sequence starting at position 0 rebuilds the index as it grows: see ``PageIndex.append``), else
+    the index's lengths. ``query (B, H, q_len, D)``, ``key``/``value (B, Hkv, S, D)``; the index's
+    tensors are updated in place. Returns ``(B, q_len, H, D)``."""
     from ...decode import PageIndex
 
     quantized = None if qmin is None else (qmin, qmax, qscale)
     # length_bound=0: no host-side capacity check (the cache cannot outgrow the index; see the docstring).
     index = PageIndex(kmin, kmax, ksum, lengths, page, capacity, bounds="exact" if qmin is None else "int8",
                       quantized=quantized, length_bound=0)
-    batch, kv_heads, positions, dim = key.shape
+    batch, kv_heads, slots, dim = key.shape
     rows = query.shape[2]
-    where = (lengths[:, None] + torch.arange(rows, device=key.device)[None, :]).clamp(max=positions - 1)
+    if positions is not None:
+        lengths.copy_(positions.clamp(0, capacity))
+    where = (lengths[:, None] + torch.arange(rows, device=key.device)[None, :]).clamp(max=slots - 1)
     index.append(key.gather(2, where[:, None, :, None].expand(batch, kv_heads, rows, dim)))
     pages, counts = page_selection(method, budget, sink, recent, scale)(query, index)
     out = query.new_empty(batch, rows, query.shape[1], dim)
@@ -110,8 +119,8 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
 
 
 @page_decode_step.register_fake
-def _page_decode_step_shape(query, key, value, kmin, kmax, ksum, lengths, qmin, qmax, qscale, page, capacity,
-                            method, budget, sink, recent, scale):
+def _page_decode_step_shape(query, key, value, kmin, kmax, ksum, lengths, qmin, qmax, qscale, positions, page,
+                            capacity, method, budget, sink, recent, scale):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
@@ -140,6 +149,12 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
     # ever runs on this cache again.
     state.index_lengths[layer] = -1
     scale = dim ** -0.5 if scaling is None else float(scaling)
+    # transformers passes the new tokens' positions (their cache slots when nothing is padded, which a
+    # layer with an index guarantees); they place the step even where the index followed another sequence.
+    position_ids = kwargs.get("position_ids")
+    positions = None
+    if isinstance(position_ids, Tensor) and position_ids.dim() == 2 and tuple(position_ids.shape) == (batch, rows):
+        positions = position_ids[:, 0].to(torch.int64)
     return page_decode_step(query, key, value, index.kmin, index.kmax, index.ksum, index.lengths, index.qmin,
-                            index.qmax, index.qscale, index.page_size, index.capacity, plan.method, plan.budget,
-                            plan.sink, plan.recent, scale)
+                            index.qmax, index.qscale, positions, index.page_size, index.capacity, plan.method,
+                            plan.budget, plan.sink, plan.recent, scale)
