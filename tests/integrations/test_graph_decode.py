@@ -42,7 +42,8 @@ def model():
     {"method": "quest", "budget": 48, **SMALL},
     {"method": "quest", "budget": 64, "bounds": "int8", **SMALL},
     {"method": "pooled", "budget": 48, **SMALL},
-])
+    {"method": "quest", "budget": 48, "streaming_heads": {0: [1]}, "full_heads": {1: [0]}, **SMALL},
+], ids=["quest", "quest-int8", "pooled", "head-policies"])
 def test_compiled_static_generate_gives_the_eager_tokens(model, decode):
     torch._dynamo.reset()
     ids = _ids()
@@ -182,7 +183,7 @@ def test_page_decode_step_appends_at_each_sequence_length(bounds, rows):
     want = decode_attention(q, k, v, pages, counts, want_index.lengths, page_size=page, scale=dim ** -0.5)
 
     got = page_decode_step(q, k, v, index.kmin, index.kmax, index.ksum, index.lengths, index.qmin, index.qmax,
-                           index.qscale, None, page, positions, "quest", 64, 16, 16, dim ** -0.5)
+                           index.qscale, None, page, positions, "quest", 64, 16, 16, dim ** -0.5, [], [])
     assert torch.equal(index.lengths, lengths + rows)
     for name in ("kmin", "kmax", "ksum", "qmin", "qmax", "qscale"):
         if getattr(index, name) is not None:
@@ -196,7 +197,7 @@ def test_plans_cover_only_what_the_compiled_path_runs(model):
         (dict(decode={"method": "quest", "budget": 48, **SMALL}, record=True), []),  # records read the device
         (dict(decode={"method": "sink_window", "budget": 48, **SMALL}), [0, 1]),
         (dict(decode={"method": "quest", "budget": 48, "select_layers": [0], **SMALL}), []),
-        (dict(decode={"method": "quest", "budget": 48, "streaming_heads": {1: [0]}, **SMALL}), [0]),
+        (dict(decode={"method": "quest", "budget": 48, "streaming_heads": {1: [0]}, **SMALL}), [0, 1]),
         (dict(decode={"method": "quest", "budget": 48, "per_layer": {0: {"method": "dense"}}, **SMALL}), [1]),
     ]
     for settings, layers in cases:

@@ -10,9 +10,9 @@ the device, and every shape is fixed. This module runs that step as one custom o
 
 A layer takes this path while the forward is being compiled, when:
 
-* its decode method is ``quest``, ``pooled`` or ``sink_window`` with no streaming or full heads and
-  no ``select_layers`` anywhere (selection reuse keeps its selections on the host), and ``record``
-  is off (records read device values on the host);
+* its decode method is ``quest``, ``pooled`` or ``sink_window`` (streaming and full heads included),
+  with no ``select_layers`` anywhere (selection reuse keeps its selections on the host), and
+  ``record`` is off (records read device values on the host);
 * its page index exists and was kept plain causal at prefill (a padded prefill drops the index, and
   its decode steps run the general path, dense), and matches the cache's batch, heads, dtype,
   device and length.
@@ -32,13 +32,13 @@ graph stays valid from one ``generate()`` call to the next.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .config import decode_layer_knobs
-from .page_steps import attend_pages, page_selection
+from .page_steps import attend_pages, head_policies, page_selection
 
 GRAPH_METHODS = ("quest", "pooled", "sink_window")  # selections with no host reads (oracle and seer have some)
 MAX_GRAPH_ROWS = 16  # most query rows of a decode step (the decode kernel's limit)
@@ -54,6 +54,8 @@ class GraphDecodePlan:
     recent: int
     page: int
     bounds: str
+    streaming: tuple = ()  # KV heads that read their sink and recent pages only
+    full: tuple = ()  # KV heads that read every page
 
 
 def graph_decode_plans(config, num_layers: int) -> dict:
@@ -67,11 +69,10 @@ def graph_decode_plans(config, num_layers: int) -> dict:
         knobs = decode_layer_knobs(pages, layer)
         if knobs["method"] not in GRAPH_METHODS:
             continue
-        if pages["streaming_heads"].get(layer) or pages["full_heads"].get(layer):
-            continue
         bounds = pages["bounds"] if knobs["method"] == "quest" else "exact"
         plans[layer] = GraphDecodePlan(knobs["method"], knobs["budget"], knobs["sink"], knobs["recent"],
-                                       knobs["page"], bounds)
+                                       knobs["page"], bounds, tuple(pages["streaming_heads"].get(layer, ())),
+                                       tuple(pages["full_heads"].get(layer, ())))
     return plans
 
 
@@ -91,14 +92,16 @@ def mark_static_index(index) -> None:
 def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, kmax: Tensor, ksum: Tensor,
                      lengths: Tensor, qmin: Optional[Tensor], qmax: Optional[Tensor], qscale: Optional[Tensor],
                      positions: Optional[Tensor], page: int, capacity: int, method: str, budget: int, sink: int,
-                     recent: int, scale: float) -> Tensor:
+                     recent: int, scale: float, streaming: List[int], full: List[int]) -> Tensor:
     """One decode step of a layer over its page index, with no host reads: append the keys of the
     ``q_len`` new tokens (``key`` positions ``start[b] .. start[b] + q_len - 1``, the cache already
     updated), select pages, attend. ``start``: ``positions (B,)``, the cache position of each
     sequence's first new token, where given (the index's lengths are set to it first, so a new
     sequence starting at position 0 rebuilds the index as it grows: see ``PageIndex.append``), else
-    the index's lengths. ``query (B, H, q_len, D)``, ``key``/``value (B, Hkv, S, D)``; the index's
-    tensors are updated in place. Returns ``(B, q_len, H, D)``."""
+    the index's lengths. ``streaming`` and ``full``: KV heads that read their sink and recent pages
+    only, or every page (:func:`.page_steps.head_policies`). ``query (B, H, q_len, D)``,
+    ``key``/``value (B, Hkv, S, D)``; the index's tensors are updated in place. Returns
+    ``(B, q_len, H, D)``."""
     from ...decode import PageIndex
 
     quantized = None if qmin is None else (qmin, qmax, qscale)
@@ -112,6 +115,9 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
     where = (lengths[:, None] + torch.arange(rows, device=key.device)[None, :]).clamp(max=slots - 1)
     index.append(key.gather(2, where[:, None, :, None].expand(batch, kv_heads, rows, dim)))
     pages, counts = page_selection(method, budget, sink, recent, scale)(query, index)
+    if streaming or full:
+        knobs = {"budget": budget, "sink": sink, "recent": recent}
+        pages, counts = head_policies(query, index, pages, counts, knobs, tuple(streaming), tuple(full), scale)
     out = query.new_empty(batch, rows, query.shape[1], dim)
     attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scale,
                   out.transpose(1, 2), kernel=query.is_cuda)
@@ -120,7 +126,7 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
 
 @page_decode_step.register_fake
 def _page_decode_step_shape(query, key, value, kmin, kmax, ksum, lengths, qmin, qmax, qscale, positions, page,
-                            capacity, method, budget, sink, recent, scale):
+                            capacity, method, budget, sink, recent, scale, streaming, full):
     return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
@@ -157,4 +163,4 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
         positions = position_ids[:, 0].to(torch.int64)
     return page_decode_step(query, key, value, index.kmin, index.kmax, index.ksum, index.lengths, index.qmin,
                             index.qmax, index.qscale, positions, index.page_size, index.capacity, plan.method,
-                            plan.budget, plan.sink, plan.recent, scale)
+                            plan.budget, plan.sink, plan.recent, scale, list(plan.streaming), list(plan.full))

@@ -36,7 +36,7 @@ from ...methods.cost import attend
 from ...metrics import attention_recall
 from .config import SparseConfig, decode_layer_knobs, decode_selection_source
 from .graph_decode import graph_decode, graph_decode_plans, mark_static_index
-from .page_steps import attend_pages, page_selection
+from .page_steps import attend_pages, head_policies, page_selection
 
 ATTN_NAME = "sparse_attn"
 
@@ -500,7 +500,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
         if layer in cfg["select_layers"]:
             state.selections[layer] = (pages, counts, filled, page)
     if streaming or full:
-        pages, counts = _head_policies(query, index, pages, counts, knobs, streaming, full, filled, scaling)
+        pages, counts = head_policies(query, index, pages, counts, knobs, streaming, full, scaling, filled)
     if timed and query.is_cuda:
         torch.cuda.synchronize(query.device)
     select_ms = (time.perf_counter() - start) * 1e3
@@ -524,38 +524,6 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
             reason = f"decode pages: the pages layer {used} selected"
         record(True, reason, density, select_ms, recall, select_layer=used)
     return out, None
-
-
-def _widen(pages: torch.Tensor, width: int) -> torch.Tensor:
-    """``pages (B, Hkv, W)`` padded to ``width`` slots by repeating the last one (as select_pages pads)."""
-    extra = width - pages.shape[-1]
-    return pages if extra <= 0 else torch.cat([pages, pages[..., -1:].expand(*pages.shape[:-1], extra)], -1)
-
-
-def _head_policies(query, index, pages, counts, knobs: dict, streaming: tuple, full: tuple, filled: int, scaling):
-    """The layer's selection with its streaming KV heads switched to the sink and recent pages
-    (``sink_window`` under the layer's budget) and its full KV heads to every page of the filled
-    cache; the three selections are widened to one width and combined per KV head."""
-    from ...decode import select_pages
-
-    kv_heads = pages.shape[1]
-    choices = [(pages, counts, None)]
-    if streaming:
-        s_pages, s_counts = select_pages(query, index, method="sink_window", budget=knobs["budget"],
-                                         sink=knobs["sink"], recent=knobs["recent"], scale=scaling)
-        choices.append((s_pages, s_counts, streaming))
-    if full:
-        n = -(-filled // index.page_size)
-        f_pages = torch.arange(n, dtype=pages.dtype, device=pages.device).expand(pages.shape[0], kv_heads, n)
-        choices.append((f_pages, torch.full_like(counts, n), full))
-    width = max(p.shape[-1] for p, _, _ in choices)
-    out_pages, out_counts = _widen(pages, width), counts
-    for p, c, heads in choices[1:]:
-        pick = torch.zeros(kv_heads, dtype=torch.bool, device=pages.device)
-        pick[list(heads)] = True
-        out_pages = torch.where(pick[None, :, None], _widen(p, width), out_pages)
-        out_counts = torch.where(pick[None, :], c, out_counts)
-    return out_pages, out_counts
 
 
 def _oracle_recall(query, index, k_filled, pages, counts, scaling) -> float:
