@@ -97,3 +97,42 @@ def test_lengths_set_back_to_a_page_boundary_rebuild_by_appends(options, bounds)
         if bounds == "int8":
             assert torch.equal(got.qmin[:, :, :pages], want.qmin[:, :, :pages])
             assert torch.equal(got.qscale[:, :, :pages], want.qscale[:, :, :pages])
+
+
+@pytest.mark.parametrize("options", [TRITON, TORCH], ids=["triton", "torch"])
+@pytest.mark.parametrize("bounds", ["exact", "int8"])
+def test_append_at_positions_rebuilds_the_page_a_set_back_lands_in(options, bounds):
+    """append_at with positions behind the lengths (a cache set back within a page, or to another
+    sequence's start) or equal to them (a plain step): the pages up to the new length equal an
+    index built from the cache as it now is."""
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(3, 2, 96, 16, generator=gen).to(DEVICE, torch.float16)
+    for held, start in (([70, 70, 40], [53, 70, 0]), ([33, 64, 90], [32, 50, 89])):
+        # The index followed the cache as it was: the same keys before each start, others after it.
+        before = cache.clone()
+        for b, s in enumerate(start):
+            before[b, :, s:] = torch.randn(2, 96 - s, 16, generator=gen).to(DEVICE, torch.float16)
+        got = PageIndex.build(before, 16, lengths=held, capacity=96, bounds=bounds)
+        positions = torch.tensor(start, device=DEVICE)
+        got.append_at(cache, positions, 1, kernel_options=options)
+        want = PageIndex.build(cache, 16, lengths=[s + 1 for s in start], capacity=96, bounds=bounds)
+        assert got.lengths.tolist() == [s + 1 for s in start]
+        for b, s in enumerate(start):
+            pages = s // 16 + 1
+            assert torch.equal(got.kmin[b, :, :pages], want.kmin[b, :, :pages])
+            assert torch.equal(got.kmax[b, :, :pages], want.kmax[b, :, :pages])
+            torch.testing.assert_close(got.ksum[b, :, :pages], want.ksum[b, :, :pages], atol=1e-3, rtol=1e-3)
+            if bounds == "int8":
+                assert torch.equal(got.qmax[b, :, :pages], want.qmax[b, :, :pages])
+                assert torch.equal(got.qscale[b, :, :pages], want.qscale[b, :, :pages])
+
+
+def test_append_at_checks_its_arguments():
+    index = PageIndex.empty(2, 2, 16, 64, 16, device=DEVICE)
+    cache = torch.zeros(2, 2, 64, 16, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="positions"):
+        index.append_at(cache, torch.zeros(2, dtype=torch.int32, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="rows"):
+        index.append_at(cache, torch.zeros(2, dtype=torch.int64, device=DEVICE), 0)
+    with pytest.raises(ValueError, match="k_cache"):
+        index.append_at(cache[:, :1], torch.zeros(2, dtype=torch.int64, device=DEVICE), 1)

@@ -350,6 +350,66 @@ class PageIndex:
         self._length_bound = min(bound, cap)
         return self
 
+    def append_at(self, k_cache: Tensor, positions: Tensor, rows: int, *,
+                  kernel_options: Optional[KernelOptions] = None) -> "PageIndex":
+        """Add the keys of ``rows`` new tokens that the cache ``k_cache (B, Hkv, S, D)`` already holds at
+        positions ``positions[b] .. positions[b] + rows - 1`` (``positions``: ``(B,)`` int64 on the
+        index's device); returns ``self``, with ``lengths = positions + rows``.
+
+        Where ``positions[b]`` is not ``lengths[b]`` (the cache was set back, as assisted decoding
+        does, or holds another sequence), the page holding it first takes the cache's keys before it,
+        so the summaries describe the cache exactly up to the new length; pages past that keep what
+        they held until tokens reach them (each starts afresh then: :meth:`append`). No host reads, so
+        a CUDA graph can capture it; tokens past the capacity are dropped. ``kernel_options``: as
+        :meth:`append` (one Triton launch on CUDA tensors)."""
+        _check_keys("k_cache", k_cache)
+        batch, kv_heads, slots, dim = k_cache.shape
+        if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim):
+            raise ValueError(f"k_cache {tuple(k_cache.shape)} does not fit the index: expected "
+                             f"({self.batch}, {self.kv_heads}, S, {self.head_dim})")
+        if k_cache.dtype != self.dtype or k_cache.device != self.device:
+            raise ValueError(f"k_cache is {k_cache.dtype} on {k_cache.device}; the index holds {self.dtype} keys "
+                             f"on {self.device}")
+        if not isinstance(positions, Tensor) or tuple(positions.shape) != (batch,) or positions.dtype != torch.int64 \
+                or positions.device != self.device:
+            raise ValueError(f"positions must be an int64 ({batch},) tensor on {self.device}, got "
+                             f"{getattr(positions, 'dtype', type(positions).__name__)} "
+                             f"{tuple(getattr(positions, 'shape', ()))}")
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= slots:
+            raise ValueError(f"rows must be an int from 1 to the cache's {slots} positions, got {rows!r}")
+        page, cap = self.page_size, self.capacity
+        start = positions.clamp(0, cap)
+        where = (start[:, None] + torch.arange(rows, device=self.device)[None, :]).clamp(max=slots - 1)
+        k_new = k_cache.gather(2, where[:, None, :, None].expand(batch, kv_heads, rows, dim))
+        pages_in_window = min((page - 1 + rows + page - 1) // page, self.max_pages)
+        if k_cache.stride(-1) == 1 and use_triton(k_new, kernel_options, self._append_kernel_supports(k_new)):
+            from .index_kernels import triton_append
+
+            options = resolve_kernel_options(kernel_options)
+            triton_append(self, k_new, None, pages_in_window, fast_launch=options.fast_launch,
+                          dependent_launch=options.dependent_launch_on(k_new.device), cache=k_cache, positions=start)
+            self._length_bound = cap  # unknown on the host: a later append checks the capacity
+            return self
+        # The page holding each moved sequence's position, from the cache's keys before it.
+        moved = (start != self.lengths) & (torch.div(start, page, rounding_mode="floor") < self.max_pages)
+        first = torch.div(start, page, rounding_mode="floor")
+        before = first[:, None] * page + torch.arange(page, device=self.device)[None, :]  # (B, P)
+        keys = k_cache.gather(2, before.clamp(max=slots - 1)[:, None, :, None].expand(batch, kv_heads, page, dim))
+        kept = (before < start[:, None]).view(batch, 1, page, 1)
+        slot = first.clamp(max=self.max_pages - 1)[:, None, None, None].expand(batch, kv_heads, 1, dim)
+        mv = moved.view(batch, 1, 1, 1)
+        for name, fill, reduce in (("kmin", float("inf"), torch.amin), ("kmax", float("-inf"), torch.amax)):
+            table = getattr(self, name)
+            rebuilt = reduce(torch.where(kept, keys, fill), 2, keepdim=True)
+            table.scatter_(2, slot, torch.where(mv, rebuilt, table.gather(2, slot)))
+        rebuilt_sum = torch.where(kept, keys.float(), 0.0).sum(2, keepdim=True)
+        self.ksum.scatter_(2, slot, torch.where(mv, rebuilt_sum, self.ksum.gather(2, slot)))
+        self.lengths.copy_(start)
+        self._length_bound = 0  # no host-side capacity check: tokens past it are dropped
+        self.append(k_new, kernel_options=kernel_options)
+        self._length_bound = cap
+        return self
+
     def _append_kernel_supports(self, k_new: Tensor) -> bool:
         kv_heads, new, dim = k_new.shape[1:]
         quantized = self.bounds != "int8" or (

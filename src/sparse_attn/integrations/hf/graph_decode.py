@@ -17,13 +17,14 @@ A layer takes this path while the forward is being compiled, when:
   its decode steps run the general path, dense), and matches the cache's batch, heads, dtype,
   device and length.
 
-Otherwise the general attention function runs, as before. The step appends the ``q_len`` new keys
-at their positions (``position_ids``, which transformers passes; without them, at each sequence's
-index length, assuming as ``generate()`` does that each forward adds exactly its ``q_len`` tokens),
-then selects and attends. With positions, a compiled call that starts a new sequence (a prompt of at
-most 16 tokens through a forward compiled by hand) sets the index back to position 0, and the pages
-rebuild as the sequence reaches them; a cache set back within a page keeps the removed tokens in that
-page's summaries (wider Quest bounds) until the page is rebuilt. A budget that covers the cache
+Otherwise the general attention function runs; so do steps of more than one new token
+per sequence (speculative verification, short prompts through a forward compiled by hand), sliding-
+window layers, and calls that need gradients. The step appends the new token's key at its position
+(``position_ids``, which transformers passes; without them, at each sequence's index length,
+assuming as ``generate()`` does that each forward adds one token) with
+:meth:`~sparse_attn.decode.PageIndex.append_at`, which rebuilds the page holding that position
+from the cache where the index had followed the cache further (a cache set back by assisted
+decoding) or another sequence, then selects and attends. A budget that covers the cache
 selects every page (dense attention, as the general path runs it). Page indexes keep their tensors
 across prefills of the same shape (:meth:`~sparse_attn.decode.PageIndex.copy_`), so a captured
 graph stays valid from one ``generate()`` call to the next.
@@ -41,7 +42,7 @@ from .config import decode_layer_knobs
 from .page_steps import attend_pages, head_policies, page_selection
 
 GRAPH_METHODS = ("quest", "pooled", "sink_window")  # selections with no host reads (oracle and seer have some)
-MAX_GRAPH_ROWS = 16  # most query rows of a decode step (the decode kernel's limit)
+MAX_GRAPH_ROWS = 1  # query rows of a compiled step: one new token per sequence (steps of more run the general path)
 
 
 @dataclass(frozen=True)
@@ -108,18 +109,15 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
     # length_bound=0: no host-side capacity check (the cache cannot outgrow the index; see the docstring).
     index = PageIndex(kmin, kmax, ksum, lengths, page, capacity, bounds="exact" if qmin is None else "int8",
                       quantized=quantized, length_bound=0)
-    batch, kv_heads, slots, dim = key.shape
-    rows = query.shape[2]
-    if positions is not None:
-        lengths.copy_(positions.clamp(0, capacity))
-    where = (lengths[:, None] + torch.arange(rows, device=key.device)[None, :]).clamp(max=slots - 1)
-    index.append(key.gather(2, where[:, None, :, None].expand(batch, kv_heads, rows, dim)))
+    batch, rows, dim = query.shape[0], query.shape[2], query.shape[3]
+    key = key.contiguous()
+    index.append_at(key, lengths.clone() if positions is None else positions, rows)
     pages, counts = page_selection(method, budget, sink, recent, scale)(query, index)
     if streaming or full:
         knobs = {"budget": budget, "sink": sink, "recent": recent}
         pages, counts = head_policies(query, index, pages, counts, knobs, tuple(streaming), tuple(full), scale)
     out = query.new_empty(batch, rows, query.shape[1], dim)
-    attend_pages(query, key.contiguous(), value.contiguous(), pages, counts, index.lengths, page, scale,
+    attend_pages(query, key, value.contiguous(), pages, counts, index.lengths, page, scale,
                   out.transpose(1, 2), kernel=query.is_cuda)
     return out
 
@@ -151,6 +149,8 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
         return None
     if kwargs.get("softcap") is not None or kwargs.get("output_attentions") or (dropout > 0.0 and module.training):
         return None
+    if kwargs.get("sliding_window") is not None or torch.is_grad_enabled() and query.requires_grad:
+        return None  # a sliding-window cache shifts its keys; the op has no backward
     # The index now runs ahead of the host's count of its tokens: the general path rebuilds it if it
     # ever runs on this cache again.
     state.index_lengths[layer] = -1
@@ -159,8 +159,9 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
     # layer with an index guarantees); they place the step even where the index followed another sequence.
     position_ids = kwargs.get("position_ids")
     positions = None
-    if isinstance(position_ids, Tensor) and position_ids.dim() == 2 and tuple(position_ids.shape) == (batch, rows):
-        positions = position_ids[:, 0].to(torch.int64)
+    if isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[1] == rows \
+            and position_ids.shape[0] in (1, batch):
+        positions = position_ids[:, 0].to(torch.int64).expand(batch).contiguous()
     return page_decode_step(query, key, value, index.kmin, index.kmax, index.ksum, index.lengths, index.qmin,
                             index.qmax, index.qscale, positions, index.page_size, index.capacity, plan.method,
                             plan.budget, plan.sink, plan.recent, scale, list(plan.streaming), list(plan.full))

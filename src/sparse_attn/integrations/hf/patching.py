@@ -458,6 +458,8 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
         return dense("decode pages: attention dropout in training runs dense")
     if not plain:
         return dense("decode pages: mask is not plain causal (padding or window): dense")
+    if kwargs.get("sliding_window") is not None:  # a sliding-window cache drops and shifts its keys
+        return dense("decode pages: sliding-window layer: dense")
     if filled < q_len or key.dim() != 4:
         return dense("decode pages: not a decode step against a cache: dense")
     layer = int(module.layer_idx)
