@@ -26,6 +26,7 @@ from .bounds import SCALE_ROUND_UP as _SCALE_ROUND_UP
 # quantize_bounds' constants, as the kernel's compile-time constants
 SCALE_FLOOR = tl.constexpr(_SCALE_FLOOR)
 SCALE_ROUND_UP = tl.constexpr(_SCALE_ROUND_UP)
+REBUILD_CHUNK = tl.constexpr(4)  # cache keys per step when the append kernel rebuilds a page (append_at)
 
 
 @triton.jit
@@ -58,8 +59,9 @@ def _append_kernel(
         moved = start != tl.load(LENGTHS + b)
         if moved:
             first_pos = (start // PAGE_SIZE) * PAGE_SIZE
-            for c in tl.static_range(0, PAGE_SIZE, 16):
-                pos_c = first_pos + c + tl.arange(0, 16)
+            # A few keys at a time (a loop, not unrolled): registers stay those of the plain append.
+            for c in range(0, start - first_pos, REBUILD_CHUNK):
+                pos_c = first_pos + c + tl.arange(0, REBUILD_CHUNK)
                 before = pos_c < start
                 kc = tl.load(CACHE + b * stride_xb + heads[:, None, None] * stride_xh
                              + pos_c[None, :, None] * stride_xt + d[None, None, :],

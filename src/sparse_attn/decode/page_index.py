@@ -66,7 +66,9 @@ class PageIndex:
 
     Attributes (all preallocated for the capacity, updated in place):
         kmin, kmax: ``(B, Hkv, max_pages, D)`` in the key dtype, the element-wise min / max of each
-            page's keys; a page with no token holds ``+inf`` / ``-inf``.
+            page's keys; a page with no token holds ``+inf`` / ``-inf`` (after :meth:`append_at`
+            set a sequence back, the pages past its length keep what they held until tokens reach
+            them: read pages below :meth:`num_pages` only).
         ksum: ``(B, Hkv, max_pages, D)`` float32, the sum of each page's keys (0 for an empty page).
         lengths: ``(B,)`` int64, the tokens of each sequence; page ``p`` of sequence ``b`` holds
             ``clamp(lengths[b] - p * page_size, 0, page_size)`` of them (:meth:`page_tokens`).
