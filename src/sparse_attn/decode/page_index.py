@@ -82,7 +82,7 @@ class PageIndex:
     """
 
     def __init__(self, kmin: Tensor, kmax: Tensor, ksum: Tensor, lengths: Tensor, page_size: int, capacity: int,
-                 bounds: str = "exact", quantized: Optional[tuple] = None, *, length_bound: Optional[int] = None):
+                 bounds: str = "exact", quantized: Optional[tuple] = None):
         check_page_size(page_size)
         check_bounds(bounds)
         _positive_int("capacity", capacity)
@@ -107,9 +107,8 @@ class PageIndex:
         if bounds == "int8":  # ``quantized``: (qmin, qmax, qscale) known to be quantize_bounds(kmin, kmax)
             self.qmin, self.qmax, self.qscale = quantized if quantized is not None else quantize_bounds(kmin, kmax)
         # A host-side upper bound on max(lengths): appends check the capacity without a device sync
-        # until this bound passes it. ``length_bound``: one the caller knows (0: appends never check,
-        # tokens past the capacity are dropped, as while a CUDA graph is captured); None: the capacity.
-        self._length_bound = capacity if length_bound is None else length_bound
+        # until this bound passes it.
+        self._length_bound = capacity
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -393,8 +392,8 @@ class PageIndex:
             self._length_bound = cap  # unknown on the host: a later append checks the capacity
             return self
         # The page holding each moved sequence's position, from the cache's keys before it.
-        moved = (start != self.lengths) & (torch.div(start, page, rounding_mode="floor") < self.max_pages)
         first = torch.div(start, page, rounding_mode="floor")
+        moved = (start != self.lengths) & (first < self.max_pages)
         before = first[:, None] * page + torch.arange(page, device=self.device)[None, :]  # (B, P)
         keys = k_cache.gather(2, before.clamp(max=slots - 1)[:, None, :, None].expand(batch, kv_heads, page, dim))
         kept = (before < start[:, None]).view(batch, 1, page, 1)

@@ -3,9 +3,9 @@
 With a static cache, ``generate()`` compiles the decoding forward (``torch.compile``, mode
 ``reduce-overhead``: the forward replays as CUDA graphs). The general attention function keeps
 host-side state and reads the mask on the host, so it runs outside the compiled graph, and each layer
-then pays a graph break. A page-index decode step needs none of that: the new keys sit at the
-positions the index's (device-side) lengths give, the selection and the kernel read those lengths on
-the device, and every shape is fixed. This module runs that step as one custom op,
+then pays a graph break. A page-index decode step needs none of that: the new key's cache position
+is a device tensor (``position_ids``), the selection and the kernel read the index's lengths on the
+device, and every shape is fixed. This module runs that step as one custom op,
 ``sparse_attn::page_decode_step``, which the compiled forward keeps inside its graph.
 
 A layer takes this path while the forward is being compiled, when:
@@ -94,21 +94,19 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
                      lengths: Tensor, qmin: Optional[Tensor], qmax: Optional[Tensor], qscale: Optional[Tensor],
                      positions: Optional[Tensor], page: int, capacity: int, method: str, budget: int, sink: int,
                      recent: int, scale: float, streaming: List[int], full: List[int]) -> Tensor:
-    """One decode step of a layer over its page index, with no host reads: append the keys of the
-    ``q_len`` new tokens (``key`` positions ``start[b] .. start[b] + q_len - 1``, the cache already
-    updated), select pages, attend. ``start``: ``positions (B,)``, the cache position of each
-    sequence's first new token, where given (the index's lengths are set to it first, so a new
-    sequence starting at position 0 rebuilds the index as it grows: see ``PageIndex.append``), else
-    the index's lengths. ``streaming`` and ``full``: KV heads that read their sink and recent pages
+    """One decode step of a layer over its page index, with no host reads: add the keys of the
+    ``q_len`` new tokens, which the updated cache ``key`` holds from each sequence's ``positions[b]``
+    (``(B,)``; None: the index's lengths), with :meth:`~sparse_attn.decode.PageIndex.append_at` (which
+    rebuilds the page a position lands in where the index had followed the cache further or another
+    sequence), select pages, attend. ``streaming`` and ``full``: KV heads that read their sink and recent pages
     only, or every page (:func:`.page_steps.head_policies`). ``query (B, H, q_len, D)``,
     ``key``/``value (B, Hkv, S, D)``; the index's tensors are updated in place. Returns
     ``(B, q_len, H, D)``."""
     from ...decode import PageIndex
 
     quantized = None if qmin is None else (qmin, qmax, qscale)
-    # length_bound=0: no host-side capacity check (the cache cannot outgrow the index; see the docstring).
     index = PageIndex(kmin, kmax, ksum, lengths, page, capacity, bounds="exact" if qmin is None else "int8",
-                      quantized=quantized, length_bound=0)
+                      quantized=quantized)
     batch, rows, dim = query.shape[0], query.shape[2], query.shape[3]
     key = key.contiguous()
     index.append_at(key, lengths.clone() if positions is None else positions, rows)
@@ -141,9 +139,9 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
     index = state.page_indexes.get(layer)
     if plan is None or index is None:
         return None
-    batch, kv_heads, positions, dim = key.shape
+    batch, kv_heads, slots, dim = key.shape
     rows = query.shape[2]
-    if not 1 <= rows <= MAX_GRAPH_ROWS or positions > index.capacity or index.page_size != plan.page \
+    if not 1 <= rows <= MAX_GRAPH_ROWS or slots > index.capacity or index.page_size != plan.page \
             or index.bounds != plan.bounds or (index.batch, index.kv_heads, index.head_dim) != (batch, kv_heads, dim) \
             or index.dtype != key.dtype or index.device != key.device or query.dtype != key.dtype:
         return None
