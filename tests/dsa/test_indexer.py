@@ -82,6 +82,38 @@ def test_the_loss_is_the_kl_of_the_head_summed_attention():
         indexer_kl_loss(q_index, weights, k_index, q, k, indices=lists[:, :3])
 
 
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_sparse_loss_reads_only_the_listed_keys_and_matches_the_masked_formula(chunk):
+    """The sparse-stage loss gathers each token's listed keys; with -1 entries, repeats, keys after
+    the token and a token whose list allows nothing, its value and gradients equal the formula over
+    the dense S x S mask of the allowed keys (token_mask)."""
+    gen = torch.Generator().manual_seed(7)
+    seq, q_len = 9, 7
+    q_index, weights, k_index = _inputs(batch=2, q_len=q_len, seq=seq, gen=gen)
+    q, k = torch.randn(2, 4, q_len, 8, generator=gen), torch.randn(2, 1, seq, 8, generator=gen)
+    lists = torch.randint(-1, seq, (2, q_len, 4), generator=gen, dtype=torch.int32)
+    lists[0, 0] = torch.tensor([5, 8, -1, 7])  # position 2: nothing it may read
+    lists[1, 3] = torch.tensor([1, 1, 4, 1])  # repeats
+    scale = 0.3
+    inputs = [t.clone().requires_grad_(True) for t in (q_index, weights, k_index)]
+    loss = indexer_kl_loss(*inputs, q, k, scale=scale, indices=lists, chunk_rows=chunk)
+    loss.backward()
+
+    ref_inputs = [t.clone().requires_grad_(True) for t in (q_index, weights, k_index)]
+    kept = token_mask(lists, seq)
+    p_sel = torch.softmax((q.view(2, 1, 4, q_len, 8) @ k[:, :, None].transpose(-1, -2) * scale)
+                          .masked_fill(~kept[:, None, None], float("-inf")), -1).nan_to_num().sum((1, 2)) / 4
+    logits = index_scores(*ref_inputs).masked_fill(~kept, float("-inf"))
+    log_sel = torch.log_softmax(torch.where(kept.any(-1, keepdim=True), logits, 0.0), -1)
+    want = torch.where(kept, p_sel * (p_sel.clamp_min(1e-30).log() - log_sel), 0.0).sum() / (2 * q_len)
+    want.backward()
+    assert not kept[0, 0].any() and torch.isfinite(loss)
+    torch.testing.assert_close(loss, want)
+    for got, ref in zip(inputs, ref_inputs):
+        assert torch.isfinite(got.grad).all()
+        torch.testing.assert_close(got.grad, ref.grad)
+
+
 def test_distillation_lowers_the_loss_and_beats_random_selection():
     """Keys of a few 'topics' (shared directions) and queries that attend their own topic: an
     indexer trained 60 steps on the attention target picks keys with more attention mass than random
