@@ -1,7 +1,7 @@
 """Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
 scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
-give the same result: the top-k kernel by warp count and search fanout, and the decode attention by split count and
+give the same result: the top-k kernel by warp count, and the decode attention by split count and
 software-pipelining stages.
 
     python benchmarks/profile_decode.py --contexts 131072 --batches 1 8 --pages 16 32 --out results/decode_profile
@@ -46,15 +46,13 @@ def device_us(launch, repeats: int = 20) -> float | str:
         return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def topk_variants(scores, index, width, sink_pages, recent, warps_list, fanouts) -> dict:
-    """Device time (us) of the top-k kernel alone, by ``"<warps> warps, fanout <f>"`` (the search's
-    probes per round + 1; 2 is a bisection)."""
+def topk_variants(scores, index, width, sink_pages, recent, warps_list) -> dict:
+    """Device time (us) of the top-k kernel alone, by ``"<warps> warps"``."""
     from sparse_attn.decode.select_kernels import triton_select_pages
 
-    return {f"{warps} warps, fanout {fanout}": device_us(
-        lambda warps=warps, fanout=fanout: triton_select_pages(
-            scores, index, width, sink_pages, recent, group_max=False, num_warps=warps, fanout=fanout))
-        for warps in warps_list for fanout in fanouts}
+    return {f"{warps} warps": device_us(
+        lambda warps=warps: triton_select_pages(scores, index, width, sink_pages, recent, group_max=False,
+                                                num_warps=warps)) for warps in warps_list}
 
 
 def split_variants(q, k, v, pages, counts, lens, page, splits_list, stages_list, workspace) -> dict:
@@ -76,9 +74,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--pages", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--fanouts", type=int, nargs="+", default=[2, 4, 8, 16],
-                        help="probes per round of the top-k search, plus one (powers of two; 2: a bisection)")
+    parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 4, 8, 16, 32],
                         help="split counts of the decode attention (0: the default choice)")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 3],
@@ -124,7 +120,7 @@ def main(argv=None):
                 scores = triton_page_logits(q, index, "quest", 1.0 / math.sqrt(dim), with_stats=True)
                 width = min(selection.budget_pages(page), index.max_pages)
                 row["topk_us"] = topk_variants(
-                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps, args.fanouts)
+                    scores, index, width, selection.sink_pages(page), selection.recent, args.warps)
                 p, c = selection(q, index)
                 row["attention_us"] = split_variants(q, k, v, p, c, lens, page, args.splits, args.stages, workspace)
                 rows.append(row)

@@ -115,29 +115,6 @@ def test_topk_kernel_reading_rows_one_by_one_selects_the_same_pages(monkeypatch,
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("fanout", [2, 4, 16])
-def test_topk_search_with_any_fanout_selects_the_same_pages(monkeypatch, fanout):
-    """The top-k search probes ``fanout - 1`` thresholds per round (2: a bisection): every fanout
-    selects the PyTorch pages, on random scores and on tied ones (a zero query)."""
-    import sparse_attn.decode.select_kernels as kernels
-
-    monkeypatch.setattr(kernels, "select_fanout", lambda max_pages: fanout)
-    q, index = make((300, 37, 0), 8, 2, 2, 32, 16, torch.bfloat16, capacity=320, seed=5)
-    for query in (q, torch.zeros_like(q)):
-        for budget in (48, 96):
-            knobs = dict(method="quest", budget=budget, sink=16, recent=16)
-            got = select_pages(query, index, kernel_options=TRITON, **knobs)
-            want = select_pages(query, index, kernel_options=TORCH, **knobs)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def test_topk_search_fanout_shrinks_with_the_page_count():
-    """8 probes per round up to 2048 pages, then fewer, down to a bisection."""
-    from sparse_attn.decode.select_kernels import select_fanout
-
-    assert [select_fanout(n) for n in (100, 2048, 2049, 4096, 5000, 16384)] == [8, 8, 4, 4, 2, 2]
-
-
 def test_topk_kernel_takes_tied_pages_in_page_order_and_writes_every_slot():
     """A zero query scores every full page alike: the budget goes to the first pages after the
     forced ones, in order; padding repeats the last page."""

@@ -34,7 +34,6 @@ from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_ope
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
-FANOUT_VALUES_MAX = 16384  # pages x probes the top-k search counts in one round, at most
 INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the top 16 bits of its float32 bits
 
 
@@ -121,7 +120,7 @@ def _select_pages_kernel(
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, FANOUT: tl.constexpr, PDL: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
@@ -188,24 +187,18 @@ def _select_pages_kernel(
     # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
-    # Search for the width-th largest key's bits, keeping count(bits >= lo) >= width >
-    # count(bits >= hi): each round counts the keys at FANOUT - 1 evenly spaced probes in one
-    # reduction and keeps the sub-range between the last probe that still holds `width` keys and the
-    # next (FANOUT = 2 is a bisection; 8 takes 5 rounds over the 15 bits instead of 15). It stops early
-    # once exactly `width` keys are >= lo (or all candidates fit).
+    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
+    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (INF_KEY + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
-    probe_no = tl.arange(0, FANOUT)
     while (hi - lo > 1) & (at_lo > width):
-        step = (hi - lo + FANOUT - 1) // FANOUT
-        probes = lo + (probe_no + 1) * step
-        at_probe = tl.sum((bits[:, None] >= probes[None, :]).to(tl.int32), 0)
-        enough = (probes < hi) & (at_probe >= width)  # true for a prefix of the probes: counts fall
-        n_enough = tl.sum(enough.to(tl.int32), 0)
-        at_lo = tl.where(n_enough > 0, tl.sum(tl.where(probe_no == n_enough - 1, at_probe, 0), 0), at_lo)
-        hi = tl.minimum(lo + (n_enough + 1) * step, hi)
-        lo = lo + n_enough * step
+        mid = lo + (hi - lo) // 2
+        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
+        enough = at_mid >= width
+        lo = tl.where(enough, mid, lo)
+        at_lo = tl.where(enough, at_mid, at_lo)
+        hi = tl.where(enough, hi, mid)
     above = bits > lo
     take = width - tl.sum(above.to(tl.int32), 0)
     ties = bits == lo
@@ -222,15 +215,6 @@ def _select_pages_kernel(
     slots = tl.arange(0, W_P2)
     tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
     tl.store(COUNTS + b * stride_cb + kvh, count)
-
-
-def select_fanout(max_pages: int) -> int:
-    """Probes per round of the top-k search (a power of two): 8, fewer where the probes' counts
-    (pages x probes) would pass :data:`FANOUT_VALUES_MAX` values, 2 (a bisection) at the least."""
-    fanout = 8
-    while fanout > 2 and next_power_of_2(max_pages) * fanout > FANOUT_VALUES_MAX:
-        fanout //= 2
-    return fanout
 
 
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
@@ -275,13 +259,11 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        dependent_launch: bool = False, fanout: int | None = None) -> tuple[Tensor, Tensor]:
+                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count);
-    ``fanout`` (a power of two >= 2) the probes per round of the top-k search, FANOUT - 1 (None:
-    :func:`select_fanout`)."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -303,8 +285,7 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, FANOUT=fanout or select_fanout(max_pages),
-        **dependent_launch_meta(dependent_launch),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),
