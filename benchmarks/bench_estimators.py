@@ -35,8 +35,6 @@ METHODS = {  # label -> (method, knobs)
     "pooled_topp": ("pooled_topp", {"top_p": 0.9}),
     "xattention": ("xattention", {"threshold": 0.9, "stride": 8}),
     "xattention_s16": ("xattention", {"threshold": 0.9, "stride": 16}),
-    "xattention_fp8": ("xattention", {"threshold": 0.9, "stride": 8, "scores": "float8"}),
-    "xattention_s16_fp8": ("xattention", {"threshold": 0.9, "stride": 16, "scores": "float8"}),
     "vertical_slash": ("vertical_slash", {"vertical_size": 1000, "slash_size": 6096}),
     "flexprefill": ("flexprefill", {"gamma": 0.9, "tau": 0.1}),
     "flexprefill_union": ("flexprefill", {"gamma": 0.9, "tau": 0.1, "line_search": "union"}),

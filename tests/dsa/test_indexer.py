@@ -83,10 +83,10 @@ def test_the_loss_is_the_kl_of_the_head_summed_attention():
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
-def test_sparse_loss_reads_only_the_listed_keys_and_matches_the_masked_formula(chunk):
-    """The sparse-stage loss gathers each token's listed keys; with -1 entries, repeats, keys after
-    the token and a token whose list allows nothing, its value and gradients equal the formula over
-    the dense S x S mask of the allowed keys (token_mask)."""
+def test_sparse_loss_with_odd_lists_matches_the_masked_formula_and_stays_finite(chunk):
+    """Lists with -1 entries, repeats, keys after the token and a token whose list allows nothing:
+    the sparse-stage loss and its gradients equal the formula over the dense mask of the allowed
+    keys (token_mask), and the token allowed nothing adds 0 and no NaN gradient."""
     gen = torch.Generator().manual_seed(7)
     seq, q_len = 9, 7
     q_index, weights, k_index = _inputs(batch=2, q_len=q_len, seq=seq, gen=gen)

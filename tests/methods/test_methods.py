@@ -249,46 +249,6 @@ def test_block_mass_kernel_on_xattention_inputs(dtype, atol, stride, one_pass):
     assert torch.allclose(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-3)
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
-def test_block_mass_kernel_on_float8_operands_matches_the_reference_of_the_rounded_inputs(one_pass):
-    """XAttention's float8 scoring: the kernel on float8_operands' e4m3 tensors gives the reference's
-    block masses of the same rounded values (scale divided by the returned factor), and those are close
-    to the exact inputs' masses."""
-    from sparse_attn.methods.primitives.block_mass import float8_operands
-    from sparse_attn.methods.xattention import antidiagonal_reshape
-
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 2, 300, 32, generator=gen) * 3
-    k = torch.randn(1, 1, 300, 32, generator=gen)
-    q_r, k_r = antidiagonal_reshape(q.bfloat16(), k.bfloat16(), 8)
-    q8, k8, factor = float8_operands(q_r, k_r)
-    assert q8.dtype == k8.dtype == torch.float8_e4m3fn
-    for t in (q8, k8):  # scaled near the format's largest finite value (448), none past it
-        assert torch.isfinite(t.float()).all() and 400 <= t.float().abs().max() <= 448
-    scale = 0.25 / 8 / factor
-    want = block_mass_reference(q8.double(), k8.double(), 8, 8, scale, True)
-    got = block_mass(q8.to(KERNEL_DEVICE), k8.to(KERNEL_DEVICE), 8, 8, scale, True, kernel_options=TRITON,
-                     one_pass=one_pass).cpu()
-    assert (got - want.float()).abs().max() < 1e-3
-    exact = block_mass_reference(q_r.double(), k_r.double(), 8, 8, 0.25 / 8, True)
-    assert (want - exact).abs().max() < 0.05
-
-
-def test_xattention_float8_scores_select_nearly_the_exact_blocks():
-    """scores="float8" on structured inputs: the same kind of layout as exact scoring, nearly the same
-    blocks, the same recall of the attention mass within a point; bad values are refused by name."""
-    from sparse_attn.metrics import attention_recall
-
-    q, k, _ = planted("band", q_len=1024, dim=64, gain=16)
-    exact = get_method("xattention", block_size=64, sink=0, threshold=0.9).estimate(q, k)
-    rounded = get_method("xattention", block_size=64, sink=0, threshold=0.9, scores="float8").estimate(q, k)
-    a, b = exact.to_dense(), rounded.to_dense()
-    assert (a & b).sum() >= 0.9 * a.sum()
-    assert abs(attention_recall(q, k, exact).mean() - attention_recall(q, k, rounded).mean()) < 0.01
-    with pytest.raises(ValueError, match="scores"):
-        get_method("xattention", scores="fp8")
-
-
 @pytest.mark.parametrize("heads,kv_heads,q_len,kv_len,rows", [
     (4, 2, 200, 300, 64),  # GQA, a query chunk against a longer cache, keys not a tile multiple
     (2, 2, 150, 150, 37),  # rows not a power of two

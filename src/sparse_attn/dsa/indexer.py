@@ -191,53 +191,6 @@ def attention_target(q: Tensor, k: Tensor, scale: float, allowed: Tensor) -> Ten
         return (probs / norm).sum((1, 2)) / heads
 
 
-def _selected_keys(indices: Tensor, positions: Tensor, seq: int) -> tuple[Tensor, Tensor]:
-    """``(keys (B, Sq, K) long, valid (B, Sq, K) bool)``: each query token's list in increasing
-    order, with -1 entries, keys after the query's position and repeats marked invalid (the keys
-    :func:`~.attention.token_mask` allows, once each); invalid entries point at key 0."""
-    idx = indices.long()
-    usable = (idx >= 0) & (idx <= positions[None, :, None])
-    keys = torch.sort(torch.where(usable, idx, seq), dim=-1).values
-    valid = keys < seq
-    valid[..., 1:] &= keys[..., 1:] != keys[..., :-1]
-    return torch.where(valid, keys, 0), valid
-
-
-def selected_attention_target(q: Tensor, k: Tensor, scale: float, keys: Tensor, valid: Tensor) -> Tensor:
-    """:func:`attention_target` over each query token's own keys only: ``(B, Sq, K)`` float32, the
-    heads' summed probabilities of ``keys (B, Sq, K)`` where ``valid`` (0 elsewhere), divided by
-    ``H``. Reads the ``K`` listed keys per query token, never the whole ``Sq x S`` rectangle."""
-    batch, heads, q_len, dim = q.shape
-    kv_heads = k.shape[1]
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        qg = q.float().view(batch, kv_heads, heads // kv_heads, q_len, dim)
-        rows = torch.arange(batch, device=q.device)[:, None, None, None]
-        kv = torch.arange(kv_heads, device=q.device)[None, :, None, None]
-        k_sel = k[rows, kv, keys[:, None]].float()  # (B, Hkv, Sq, K, D)
-        scores = torch.einsum("bngqd,bnqkd->bngqk", qg, k_sel) * scale
-        probs, norm, _ = masked_softmax(scores.masked_fill(~valid[:, None, None], float("-inf")))
-        return (probs / norm).sum((1, 2)) / heads
-
-
-def selected_index_scores(q_index: Tensor, weights: Tensor, k_index: Tensor, keys: Tensor) -> Tensor:
-    """:func:`index_scores` at each query token's own keys ``keys (B, Sq, K)``: ``(B, Sq, K)``
-    float32, differentiable in the three indexer inputs."""
-    with torch.autocast(q_index.device.type, enabled=False):
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None, None]
-        k_sel = k_index[rows, keys].float()  # (B, Sq, K, d_I)
-        dots = torch.einsum("bqjd,bqkd->bqjk", q_index.float(), k_sel)
-        return torch.einsum("bqjk,bqj->bqk", F.relu(dots), weights.float())
-
-
-def _kl_terms(logits: Tensor, target: Tensor, allowed: Tensor) -> Tensor:
-    """``sum(target * (log target - log_softmax(logits)))`` over the ``allowed`` entries (a row
-    allowing nothing adds 0 and no NaN gradient)."""
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    logits = torch.where(allowed.any(-1, keepdim=True), logits, 0.0)
-    log_q = torch.log_softmax(logits, -1)
-    return torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - log_q), 0.0).sum()
-
-
 def indexer_kl_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, q: Tensor, k: Tensor, *,
                     scale: Optional[float] = None, indices: Optional[Tensor] = None,
                     chunk_rows: Optional[int] = None) -> Tensor:
@@ -245,16 +198,17 @@ def indexer_kl_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, q: Tensor
 
     ``p_t``: the main attention of query token ``t`` (the last ``Sq`` of ``S`` positions of
     ``q (B, H, Sq, D)`` over ``k (B, Hkv, S, D)``), summed over heads and normalized, without
-    gradient. Dense warm-up (``indices`` None): over every causal key, ``O(Sq x S)``. Sparse
-    training (``indices (B, Sq, K)`` from :func:`select_tokens`): over each token's listed keys only
-    (-1 entries, keys after the token and repeats skipped), both distributions renormalized there;
-    only the listed keys are gathered and scored, ``O(Sq x K)``. Differentiable in the indexer
-    inputs; computed ``chunk_rows`` query rows at a time, each chunk's scores recomputed in the
-    backward (checkpointed) so only one chunk's intermediates are alive at a time."""
+    gradient. Dense warm-up (``indices`` None): over every causal key. Sparse training
+    (``indices (B, Sq, K)`` from :func:`select_tokens`): over each token's selected keys only, both
+    distributions renormalized there. Differentiable in the indexer inputs; computed ``chunk_rows``
+    query rows at a time, each chunk's scores recomputed in the backward (checkpointed) so only one
+    chunk's ``(H_I, S)`` intermediates are alive at a time."""
     from torch.utils.checkpoint import checkpoint
 
+    from .attention import token_mask
+
     _check_index(q_index, weights, k_index)
-    batch, q_len, heads, index_dim = q_index.shape
+    batch, q_len, heads, _ = q_index.shape
     seq = k_index.shape[1]
     if q.shape[0] != batch or q.shape[2] != q_len or k.shape[2] != seq:
         raise ValueError(f"q must hold the indexer's {q_len} query tokens and k its {seq} keys, got q "
@@ -263,34 +217,27 @@ def indexer_kl_loss(q_index: Tensor, weights: Tensor, k_index: Tensor, q: Tensor
                                 or tuple(indices.shape[:2]) != (batch, q_len)):
         raise ValueError(f"indices must have shape ({batch}, {q_len}, K), got {tuple(getattr(indices, 'shape', ()))}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if indices is None:
-        rows = _chunk(q_len, batch, seq, max(heads, q.shape[1]) + 2, chunk_rows, q.device)
-    else:  # per listed key: the gathered main and indexer keys, the heads' scores
-        per_key = k.shape[1] * k.shape[3] + q.shape[1] + heads + index_dim + 4
-        rows = _chunk(q_len, batch, indices.shape[2], per_key, chunk_rows, q.device)
+    rows = _chunk(q_len, batch, seq, max(heads, q.shape[1]) + 2, chunk_rows, q.device)
     keys = torch.arange(seq, device=q.device)
     total = q_index.new_zeros((), dtype=torch.float32)
 
-    def dense_chunk_loss(qi, wi, ki, target, allowed):
-        return _kl_terms(index_scores(qi, wi, ki), target, allowed)
-
-    def selected_chunk_loss(qi, wi, ki, target, chosen, valid):
-        return _kl_terms(selected_index_scores(qi, wi, ki, chosen), target, valid)
+    def chunk_loss(qi, wi, ki, target, allowed):
+        logits = index_scores(qi, wi, ki).masked_fill(~allowed, float("-inf"))
+        log_q = torch.log_softmax(logits, -1)
+        terms = torch.where(target > 0, target * (torch.log(target.clamp_min(1e-30)) - log_q), 0.0)
+        return terms.sum()
 
     for start in range(0, q_len, rows):
         end = min(q_len, start + rows)
         positions = torch.arange(seq - q_len + start, seq - q_len + end, device=q.device)
-        indexer_inputs = (q_index[:, start:end], weights[:, start:end], k_index)
         if indices is None:
             allowed = (keys[None, :] <= positions[:, None]).expand(batch, -1, -1)
-            target = attention_target(q[:, :, start:end], k, scale, allowed)
-            loss_fn, args = dense_chunk_loss, (*indexer_inputs, target, allowed)
         else:
-            chosen, valid = _selected_keys(indices[:, start:end], positions, seq)
-            target = selected_attention_target(q[:, :, start:end], k, scale, chosen, valid)
-            loss_fn, args = selected_chunk_loss, (*indexer_inputs, target, chosen, valid)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in indexer_inputs):
-            total = total + checkpoint(loss_fn, *args, use_reentrant=False)
+            allowed = token_mask(indices[:, start:end], seq, positions)
+        target = attention_target(q[:, :, start:end], k, scale, allowed)
+        args = (q_index[:, start:end], weights[:, start:end], k_index, target, allowed)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args[:3]):
+            total = total + checkpoint(chunk_loss, *args, use_reentrant=False)
         else:
-            total = total + loss_fn(*args)
+            total = total + chunk_loss(*args)
     return total / (batch * q_len)

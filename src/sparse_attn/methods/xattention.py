@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import Knob, Method, register_method
 from .knobs import KnobSpec
-from .primitives.block_mass import block_mass, float8_operands, float8_scores_run_here
+from .primitives.block_mass import block_mass
 from .primitives.top_p import top_p_mask
 
 
@@ -37,26 +37,17 @@ class XAttention(Method):
     the row, then per query block the fewest key blocks whose mass reaches ``threshold`` (in (0, 1];
     ``stride`` >= 1 must divide ``block_size``).
     ``one_pass``: the block mass kernel computes the scores once (default) or twice
-    (:func:`.primitives.block_mass.block_mass`).
-    ``scores``: ``"input"`` (default) scores the antidiagonals in the inputs' dtype; ``"float8"``
-    rounds the reshaped queries and keys to float8 (e4m3, each tensor scaled to its largest
-    magnitude, :func:`.primitives.block_mass.float8_operands`) first, for twice the tensor-core rate
-    and half the bytes of the scoring on GPUs with float8 tensor cores (compute capability 8.9+);
-    the scores then differ from the exact ones by float8's rounding (3 mantissa bits). On CUDA GPUs
-    without float8 tensor cores ``"float8"`` scores in the inputs' dtype; on CPU it rounds alike, so
-    CPU runs select what the GPU selects."""
+    (:func:`.primitives.block_mass.block_mass`)."""
 
     name = "xattention"
     KNOBS = {
         "threshold": KnobSpec.fraction(),  # cumulative mass per query block
         "stride": KnobSpec.integer(1),  # must also divide block_size (check_knobs)
         "one_pass": KnobSpec.boolean(),
-        "scores": KnobSpec.choice("input", "float8"),
     }
     threshold: Knob = 0.9
     stride: int = 8
     one_pass: bool = True
-    scores: str = "input"
 
     def check_knobs(self):
         if self.block_size % self.stride:
@@ -67,12 +58,8 @@ class XAttention(Method):
         if grid.q_block % self.stride or grid.kv_block % self.stride:
             raise ValueError(f"xattention: block_size {grid.q_block} must be a multiple of stride {self.stride}")
         q_r, k_r = antidiagonal_reshape(q, k, self.stride)
-        score_scale = scale / self.stride
-        if self.scores == "float8" and float8_scores_run_here(q):
-            q_r, k_r, factor = float8_operands(q_r, k_r)
-            score_scale /= factor
         mass = block_mass(q_r, k_r, grid.q_block // self.stride, grid.kv_block // self.stride,
-                          score_scale, causal=True, kernel_options=kernel_options, one_pass=self.one_pass)
+                          scale / self.stride, causal=True, kernel_options=kernel_options, one_pass=self.one_pass)
         nq, nk = grid.reachable.shape
         mass = mass[..., :nq, :nk]
         return top_p_mask(mass, self.row_values(self.threshold, mass, k.shape[1]), kernel_options=kernel_options)

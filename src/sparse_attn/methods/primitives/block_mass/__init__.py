@@ -16,7 +16,7 @@ from ..dispatch import use_triton
 from .naive import block_mass_reference
 
 __all__ = ["block_mass", "block_mass_reference", "BlockMassTile", "BLOCK_MASS_TILE", "BLOCK_MASS_TILE_WIDE",
-           "BLOCK_MASS_BUFFER_FLOATS", "float8_operands", "float8_scores_run_here", "FLOAT8_LARGEST"]
+           "BLOCK_MASS_BUFFER_FLOATS"]
 
 
 @dataclass(frozen=True)
@@ -42,28 +42,6 @@ BLOCK_MASS_TILE_WIDE = BlockMassTile(block_m=128, block_n=256, block_d=64, num_w
 # most this many floats per launch ((batch, head) pairs are chunked; a single head that needs more
 # runs in two passes). 2 GiB of float32: the oracle's one head at 128K needs 1.0 GiB.
 BLOCK_MASS_BUFFER_FLOATS = 1 << 29
-
-
-FLOAT8_LARGEST = 440.0  # what a float8 e4m3 operand's largest magnitude is scaled to (rounds to the format's 448)
-
-
-def float8_scores_run_here(q: Tensor) -> bool:
-    """Whether float8 scoring is used for ``q``'s device: on CPU (rounded alike, computed in float32)
-    and on CUDA GPUs with float8 tensor cores (compute capability 8.9 and newer)."""
-    if q.device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(q.device) >= (8, 9)
-
-
-def float8_operands(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, float]:
-    """``(q8, k8, factor)``: ``q`` and ``k`` each scaled so its largest magnitude is
-    :data:`FLOAT8_LARGEST` and rounded to ``torch.float8_e4m3fn``; their dot products are ``factor``
-    times the originals' (divide the softmax scale by it). Reads both largest magnitudes back to
-    the host (one synchronization)."""
-    q_max, k_max = torch.stack([q.abs().amax().float(), k.abs().amax().float()]).tolist()
-    q_scale = FLOAT8_LARGEST / q_max if q_max > 0 else 1.0
-    k_scale = FLOAT8_LARGEST / k_max if k_max > 0 else 1.0
-    return (q * q_scale).to(torch.float8_e4m3fn), (k * k_scale).to(torch.float8_e4m3fn), q_scale * k_scale
 
 
 def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float, causal: bool = True, *,
@@ -112,9 +90,7 @@ def block_mass(q: Tensor, k: Tensor, q_block: int, kv_block: int, scale: float, 
     from .kernel import block_mass_finish_kernel, block_mass_partial_kernel
 
     block_m_one = max(tile.block_m, q_block)
-    # float8 operands: twice the head dims per chunk, the same bytes as a 16-bit chunk
-    block_d = tile.block_d * (2 if q.element_size() == 1 else 1)
-    one_pass_args = {**common, "BLOCK_M": block_m_one, "BLOCK_D": min(dim, block_d)}
+    one_pass_args = {**common, "BLOCK_M": block_m_one, "BLOCK_D": min(dim, tile.block_d)}
     chunk = max(1, min(batch * heads, buffer_floats // per_head))  # (batch, head) pairs per launch
     part = torch.empty(chunk, q_len, nk, device=q.device, dtype=torch.float32)
     tile_max = torch.empty(chunk, q_len, n_tiles, device=q.device, dtype=torch.float32)
