@@ -77,6 +77,44 @@ def test_small_budget_decodes_sparse_and_the_index_grows_by_appends(model_and_de
         unpatch(model)
 
 
+def test_two_caches_decoded_in_turn_keep_their_own_page_indexes():
+    """Two conversations through one patched model, each with its own DynamicCache: after B's
+    prefill, a decode step of A (11 tokens longer than B, near enough to have been appended to B's
+    index) rebuilds A's index from A's cache and gives the logits of a model that saw only A."""
+    model = _tiny()
+    cfg = dict(decode={"method": "quest", "budget": 48, "page": 16, "sink": 16, "recent": 16}, **PREFILL)
+    ids_a, ids_b = _ids(210, seed=2), _ids(199, seed=3)
+    layers = range(COMMON["num_hidden_layers"])
+    try:
+        patch(model, **cfg)
+        alone = transformers.DynamicCache()
+        with torch.no_grad():
+            token = model(ids_a, past_key_values=alone, use_cache=True).logits[:, -1:].argmax(-1)
+            want = model(token, past_key_values=alone, use_cache=True).logits
+
+        state = patch(model, **cfg)
+        cache_a, cache_b = transformers.DynamicCache(), transformers.DynamicCache()
+        with torch.no_grad():
+            model(ids_a, past_key_values=cache_a, use_cache=True)
+            model(ids_b, past_key_values=cache_b, use_cache=True)
+            assert all(state.index_lengths[layer] == 199 for layer in layers)
+            got = model(token, past_key_values=cache_a, use_cache=True).logits
+        torch.testing.assert_close(got, want)
+        assert all(state.index_builds[layer] == 3 for layer in layers)  # A, B, A again
+        from sparse_attn.decode import PageIndex
+
+        for layer in layers:  # the summaries of A's own keys, none of B's
+            index = state.page_indexes[layer]
+            own = PageIndex.build(cache_a.layers[layer].keys, 16, capacity=index.capacity)
+            assert index.lengths.tolist() == [211]
+            assert torch.equal(index.kmax, own.kmax) and torch.equal(index.kmin, own.kmin)
+        decode = _decode_records(state)
+        assert decode and all(r["sparse"] and r["density"] < 1 for r in decode)
+    finally:
+        unpatch(model)
+    assert not any(module._forward_pre_hooks for module in model.modules())  # unpatch removes the hooks
+
+
 def test_planted_page_gives_the_dense_next_token():
     # One page of keys equal to a planted direction the queries share: attention concentrates there.
     torch.manual_seed(0)

@@ -13,7 +13,9 @@ the method; decode (``q_len == 1``) stays dense unless ``decode`` names a method
 of its K cache (built at prefill, appended each step) and decode steps (1-16 query rows against a
 cache) attend only to the pages ``select_pages`` picks (see :func:`_page_decode`), with per-head
 policies (streaming and full heads), per-layer knobs, selections shared across layers and sampled
-oracle recall; layers configured dense, short sequences, masks other than causal or
+oracle recall (an index follows the cache object each forward passes, noted by a forward pre-hook on
+the attention modules: caches taking turns through one model are each indexed from their own keys);
+layers configured dense, short sequences, masks other than causal or
 causal-with-padding (sliding windows) and unsupported features (softcapping, dropout in training)
 run transformers' own SDPA path, with the reason recorded. A padded batch (left or right padding)
 runs each sequence on its own unpadded span. A static cache (keys past the filled length masked, or
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -72,14 +75,36 @@ class SparseState:
     # Per layer, the decode knobs of the compiled decoding path (:mod:`.graph_decode`), for the layers
     # whose settings it can run; fixed by the config at patch time.
     graph_plans: dict = field(default_factory=dict)
+    # The KV cache object the running forward passes its attention layers (a weak reference, noted
+    # by a pre-hook on each attention module; None: none passed), and per layer the cache its page
+    # index and gate summaries describe: appending to them from another cache (two conversations
+    # decoded in turn through one model) would mix the two, so a different cache rebuilds them.
+    cache_ref: Optional[weakref.ref] = None
+    index_caches: dict = field(default_factory=dict)
+    hook_handles: list = field(default_factory=list)
 
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
         counts and cached prefill decisions (records stay)."""
         for store in (self.page_indexes, self.index_lengths, self.index_builds, self.gate_summaries,
-                      self.selections, self.decode_steps, self.decisions):
+                      self.selections, self.decode_steps, self.decisions, self.index_caches):
             store.clear()
         self.mask_facts = None
+        self.cache_ref = None
+
+    def current_cache(self):
+        """The cache object of the running forward (None: none passed, or not known)."""
+        return None if self.cache_ref is None else self.cache_ref()
+
+    def same_cache(self, layer: int) -> bool:
+        """Whether the layer's page index (and gate summaries) came from the running forward's cache
+        (also true where neither forward passed one)."""
+        known = self.index_caches.get(layer)
+        return (None if known is None else known()) is self.current_cache()
+
+    def note_index_cache(self, layer: int) -> None:
+        """The layer's page index (and gate summaries) now describe the running forward's cache."""
+        self.index_caches[layer] = self.cache_ref
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
@@ -114,6 +139,21 @@ def _register() -> None:
 
     AttentionInterface.register(ATTN_NAME, sparse_attention_entry)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")  # what transformers releases name it
+
+
+def _note_cache(module, args, kwargs):
+    """Forward pre-hook of a patched attention module: note the cache object the call passes."""
+    state = getattr(module, "_sparse_attn_state", None)
+    if state is None or torch.compiler.is_compiling():
+        return
+    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    try:
+        state.cache_ref = None if cache is None else weakref.ref(cache)
+    except TypeError:  # an object that takes no weak reference: not tracked
+        state.cache_ref = None
 
 
 def _attention_modules(model):
@@ -176,6 +216,7 @@ def patch(model, method: Optional[str] = None, config: Optional[SparseConfig] = 
         raise RuntimeError(f"{type(model).__name__} does not support switching its attention implementation")
     for module in modules:
         module._sparse_attn_state = state
+        state.hook_handles.append(module.register_forward_pre_hook(_note_cache, with_kwargs=True))
     model._sparse_attn_state = state
     return state
 
@@ -187,6 +228,9 @@ def unpatch(model) -> None:
         return
     model.set_attn_implementation(state.original_implementation)
     state.clear_caches()
+    for handle in state.hook_handles:
+        handle.remove()
+    state.hook_handles.clear()
     for module in model.modules():
         if hasattr(module, "_sparse_attn_state"):
             del module._sparse_attn_state
@@ -383,9 +427,9 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
                 length: int | None = None, bounds: str = "exact"):
     """Bring the layer's page index up to the first ``length`` (default: all) positions of the cache
     ``key (B, Hkv, S, D)``: append the keys it lacks when it is at most 16 tokens behind and has room,
-    else (no index, a new sequence, a different shape or page size, full; ``fresh``: a prefill from
-    position 0) rebuild it from those keys with headroom (a static cache, longer than ``length``: its
-    whole length). Returns the index."""
+    else (no index, a new sequence, a different shape or page size, full, another cache object than
+    the index's; ``fresh``: a prefill from position 0) rebuild it from those keys with headroom (a
+    static cache, longer than ``length``: its whole length). Returns the index."""
     from ...decode import PageIndex
 
     kv_len = key.shape[2] if length is None else length
@@ -394,7 +438,10 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     same_shape = (index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
                   and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
                   and index.page_size == page and index.bounds == bounds)
-    fits = same_shape and not fresh
+    same_cache = state.same_cache(layer)
+    if not same_cache:  # the cache the index describes is not this one: both start over from this cache
+        state.gate_summaries.pop(layer, None)
+    fits = same_shape and not fresh and same_cache
     if fits and have == kv_len:
         return index
     # have < 0: compiled decode steps appended to the index on the device; the host does not know its length.
@@ -414,6 +461,7 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
         if fresh:
             state.decode_steps[layer] = 0
     state.index_lengths[layer] = kv_len
+    state.note_index_cache(layer)
     return index
 
 
