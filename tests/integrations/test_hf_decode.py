@@ -77,22 +77,49 @@ def test_small_budget_decodes_sparse_and_the_index_grows_by_appends(model_and_de
         unpatch(model)
 
 
-def test_two_caches_decoded_in_turn_keep_their_own_page_indexes():
+def _tiny_gpt_neox():
+    """A GPT-NeoX, whose attention takes the cache as ``layer_past``."""
+    torch.manual_seed(0)
+    config = transformers.GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=1024)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+
+
+def _assert_indexes_describe(state, cache, layers, length):
+    """Every layer's page index holds the summaries of the cache's own keys, ``length`` of them."""
+    from sparse_attn.decode import PageIndex
+
+    for layer in layers:
+        index = state.page_indexes[layer]
+        keys = cache.layers[layer].keys
+        own = PageIndex.build(keys[:, :, :length], index.page_size, capacity=index.capacity)
+        pages = -(-length // index.page_size)
+        assert index.lengths.tolist() == [length] * keys.shape[0]
+        for name in ("kmax", "kmin", "ksum"):
+            torch.testing.assert_close(getattr(index, name)[:, :, :pages], getattr(own, name)[:, :, :pages],
+                                       msg=f"layer {layer} {name}")
+
+
+DECODE = dict(decode={"method": "quest", "budget": 48, "page": 16, "sink": 16, "recent": 16}, **PREFILL)
+
+
+@pytest.mark.parametrize("make", [_tiny, _tiny_gpt_neox], ids=["llama", "gpt_neox"])
+def test_two_caches_decoded_in_turn_keep_their_own_page_indexes(make):
     """Two conversations through one patched model, each with its own DynamicCache: after B's
     prefill, a decode step of A (11 tokens longer than B, near enough to have been appended to B's
-    index) rebuilds A's index from A's cache and gives the logits of a model that saw only A."""
-    model = _tiny()
-    cfg = dict(decode={"method": "quest", "budget": 48, "page": 16, "sink": 16, "recent": 16}, **PREFILL)
+    index) rebuilds A's index from A's cache and gives the logits of a model that saw only A; also
+    where the model passes the cache as ``layer_past`` (GPT-NeoX)."""
+    model = make()
     ids_a, ids_b = _ids(210, seed=2), _ids(199, seed=3)
-    layers = range(COMMON["num_hidden_layers"])
+    layers = range(model.config.num_hidden_layers)
     try:
-        patch(model, **cfg)
+        patch(model, **DECODE)
         alone = transformers.DynamicCache()
         with torch.no_grad():
             token = model(ids_a, past_key_values=alone, use_cache=True).logits[:, -1:].argmax(-1)
             want = model(token, past_key_values=alone, use_cache=True).logits
 
-        state = patch(model, **cfg)
+        state = patch(model, **DECODE)
         cache_a, cache_b = transformers.DynamicCache(), transformers.DynamicCache()
         with torch.no_grad():
             model(ids_a, past_key_values=cache_a, use_cache=True)
@@ -101,18 +128,57 @@ def test_two_caches_decoded_in_turn_keep_their_own_page_indexes():
             got = model(token, past_key_values=cache_a, use_cache=True).logits
         torch.testing.assert_close(got, want)
         assert all(state.index_builds[layer] == 3 for layer in layers)  # A, B, A again
-        from sparse_attn.decode import PageIndex
-
-        for layer in layers:  # the summaries of A's own keys, none of B's
-            index = state.page_indexes[layer]
-            own = PageIndex.build(cache_a.layers[layer].keys, 16, capacity=index.capacity)
-            assert index.lengths.tolist() == [211]
-            assert torch.equal(index.kmax, own.kmax) and torch.equal(index.kmin, own.kmin)
+        _assert_indexes_describe(state, cache_a, layers, 211)
         decode = _decode_records(state)
         assert decode and all(r["sparse"] and r["density"] < 1 for r in decode)
     finally:
         unpatch(model)
     assert not any(module._forward_pre_hooks for module in model.modules())  # unpatch removes the hooks
+
+
+def test_assisted_decoding_crops_set_the_index_back():
+    """Verification steps of several candidate tokens, the cache cropped after each to the accepted
+    ones (as assisted and prompt-lookup decoding do): the next step, whether it ends at, below or past
+    the index's old length, leaves every layer's index equal to one built from the cache, with no
+    summary of a rejected candidate's key, and no rebuild of the whole index."""
+    model = _tiny()
+    layers = range(COMMON["num_hidden_layers"])
+    state = patch(model, **DECODE)
+    cache = transformers.DynamicCache()
+    try:
+        with torch.no_grad():
+            model(_ids(200), past_key_values=cache, use_cache=True)
+            length = 200
+            for candidates, accepted in ((4, 1), (3, 0), (2, 0), (6, 2), (1, 0), (5, 1)):
+                model(_ids(candidates, seed=length), past_key_values=cache, use_cache=True)
+                _assert_indexes_describe(state, cache, layers, length + candidates)
+                rejected = candidates - accepted - 1  # kept: the accepted ones and the model's own next token
+                length += accepted + 1
+                if rejected:
+                    cache.crop(-rejected)  # a negative crop removes that many tokens (every transformers 5)
+        assert all(state.index_builds[layer] == 1 for layer in layers)
+    finally:
+        unpatch(model)
+
+
+def test_beam_search_reordering_rebuilds_the_index_from_the_reordered_rows():
+    """A cache whose rows were reordered (beam search) between steps: the next step's index describes
+    the reordered rows, and generate() with beams runs."""
+    model = _tiny()
+    layers = range(COMMON["num_hidden_layers"])
+    state = patch(model, **DECODE)
+    cache = transformers.DynamicCache()
+    try:
+        with torch.no_grad():
+            model(_ids(200, batch=3), past_key_values=cache, use_cache=True)
+            cache.reorder_cache(torch.tensor([2, 2, 0]))
+            model(_ids(1, batch=3, seed=9), past_key_values=cache, use_cache=True)
+        _assert_indexes_describe(state, cache, layers, 201)
+        assert all(state.index_builds[layer] == 2 for layer in layers)
+        out = model.generate(_ids(200), max_new_tokens=6, num_beams=3, **GEN)
+        assert out.shape == (1, 206)
+    finally:
+        unpatch(model)
 
 
 def test_planted_page_gives_the_dense_next_token():

@@ -96,7 +96,7 @@ def _append_kernel(
         at = b * stride_ib + heads[:, None] * stride_ih + page * stride_ip + d[None, :]
         at_sum = b * stride_sb + heads[:, None] * stride_sh + page * stride_sp + d[None, :]
         # A page that holds no token before this step starts afresh, whatever it held: the lengths may
-        # have been set back (a new sequence in a compiled decoding forward, see integrations.hf).
+        # have been set back (a cropped cache, see PageIndex.append_at).
         fresh = page * PAGE_SIZE >= start
         old_min = tl.where(fresh, float("inf"), tl.load(KMIN + at, mask=ok, other=0.0).to(tl.float32))
         old_max = tl.where(fresh, float("-inf"), tl.load(KMAX + at, mask=ok, other=0.0).to(tl.float32))

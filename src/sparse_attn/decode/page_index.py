@@ -267,7 +267,8 @@ class PageIndex:
         min, max with max, sum plus sum; int8 bounds of those pages quantized anew); no other page's
         entries change. A page holding no token before the step (its start at or past ``lengths[b]``)
         takes the new tokens' summaries alone, whatever it held, so an index whose ``lengths`` were
-        set back to a page boundary (a new sequence) is rebuilt by the appends that follow.
+        set back to 0 (a new sequence) or to a page boundary of the same cache (a crop) is brought up
+        to date by the appends that follow.
 
         Raises ValueError where a sequence would pass the capacity. That check reads the lengths on the
         host only when a host-side bound says the capacity may be passed, never while a CUDA graph is
@@ -357,9 +358,11 @@ class PageIndex:
         positions ``positions[b] .. positions[b] + rows - 1`` (``positions``: ``(B,)`` int64 on the
         index's device); returns ``self``, with ``lengths = positions + rows``.
 
-        Where ``positions[b]`` is not ``lengths[b]`` (the cache was set back, as assisted decoding
-        does, or holds another sequence), the page holding it first takes the cache's keys before it,
-        so the summaries describe the cache exactly up to the new length; pages past that keep what
+        Where ``positions[b]`` is below ``lengths[b]`` (the cache was set back, as assisted decoding
+        does), the page holding it first takes the cache's keys before it, so the summaries describe
+        the cache exactly up to the new length, provided the pages before that one still describe
+        the cache (a set-back keeps them; another sequence in the cache needs a rebuild,
+        :meth:`build` or :meth:`copy_`); pages past that keep what
         they held until tokens reach them (each starts afresh then: :meth:`append`). No host reads, so
         a CUDA graph can capture it; tokens past the capacity are dropped. ``kernel_options``: as
         :meth:`append` (one Triton launch on CUDA tensors)."""

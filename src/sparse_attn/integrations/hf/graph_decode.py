@@ -24,7 +24,9 @@ window layers, and calls that need gradients. The step appends the new token's k
 assuming as ``generate()`` does that each forward adds one token) with
 :meth:`~sparse_attn.decode.PageIndex.append_at`, which rebuilds the page holding that position
 from the cache where the index had followed the cache further (a cache set back by assisted
-decoding) or another sequence, then selects and attends. A budget that covers the cache
+decoding; pages before that one are taken as they are, so the index must describe this cache's
+earlier tokens: a new sequence starts with an eager prefill, which rebuilds it), then selects and
+attends. A budget that covers the cache
 selects every page (dense attention, as the general path runs it). Page indexes keep their tensors
 across prefills of the same shape (:meth:`~sparse_attn.decode.PageIndex.copy_`), so a captured
 graph stays valid from one ``generate()`` call to the next.
@@ -154,7 +156,7 @@ def graph_decode(module, query: Tensor, key: Tensor, value: Tensor, dropout: flo
     state.index_lengths[layer] = -1
     scale = dim ** -0.5 if scaling is None else float(scaling)
     # transformers passes the new tokens' positions (their cache slots when nothing is padded, which a
-    # layer with an index guarantees); they place the step even where the index followed another sequence.
+    # layer with an index guarantees); they place the step even where the cache was set back.
     position_ids = kwargs.get("position_ids")
     positions = None
     if isinstance(position_ids, Tensor) and position_ids.dim() == 2 and position_ids.shape[1] == rows \

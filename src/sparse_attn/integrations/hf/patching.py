@@ -82,12 +82,20 @@ class SparseState:
     cache_ref: Optional[weakref.ref] = None
     index_caches: dict = field(default_factory=dict)
     hook_handles: list = field(default_factory=list)
+    # Per layer, the cache's key tensor after the layer's last indexed step (a weak reference, its
+    # data pointer and in-place version); the pre-hook compares the next forward's tensor with it and
+    # marks the layer ``moved`` where the rows were replaced or rewritten (beam search reorders them):
+    # its index is then rebuilt. A crop (assisted decoding) keeps the storage and is no move: the
+    # step's first position tells the index how far to set back.
+    index_keys: dict = field(default_factory=dict)
+    moved: set = field(default_factory=set)
 
     def clear_caches(self) -> None:
         """Forget what earlier calls left for later ones: page indexes and selections, decode step
         counts and cached prefill decisions (records stay)."""
         for store in (self.page_indexes, self.index_lengths, self.index_builds, self.gate_summaries,
-                      self.selections, self.decode_steps, self.decisions, self.index_caches):
+                      self.selections, self.decode_steps, self.decisions, self.index_caches, self.index_keys,
+                      self.moved):
             store.clear()
         self.mask_facts = None
         self.cache_ref = None
@@ -102,9 +110,25 @@ class SparseState:
         known = self.index_caches.get(layer)
         return (None if known is None else known()) is self.current_cache()
 
-    def note_index_cache(self, layer: int) -> None:
-        """The layer's page index (and gate summaries) now describe the running forward's cache."""
+    def note_index_cache(self, layer: int, key: torch.Tensor) -> None:
+        """The layer's page index (and gate summaries) now describe the running forward's cache, whose
+        key tensor for the layer is ``key``."""
         self.index_caches[layer] = self.cache_ref
+        self.index_keys[layer] = (weakref.ref(key), key.data_ptr(), key._version)
+        self.moved.discard(layer)
+
+    def check_moved(self, layer: int, keys: Optional[torch.Tensor]) -> None:
+        """Mark ``layer`` moved unless ``keys``, the cache's key tensor before this forward's update,
+        is the tensor its index was last synced with, or a crop of it (same storage start, same version)."""
+        seen = self.index_keys.get(layer)
+        if seen is None or keys is None:
+            return
+        ref, pointer, version = seen
+        if ref() is keys and keys._version == version:
+            return
+        if keys.data_ptr() == pointer and keys._version == version:  # a view of the same rows: a crop
+            return
+        self.moved.add(layer)
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
@@ -141,19 +165,30 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")  # what transformers releases name it
+def _find_cache(args, kwargs):
+    """The transformers ``Cache`` among an attention module's call arguments (models name it
+    ``cache``, ``past_key_values``, ``past_key_value`` or ``layer_past``, or pass it by position), or None."""
+    from transformers.cache_utils import Cache
+
+    return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
 
 
 def _note_cache(module, args, kwargs):
-    """Forward pre-hook of a patched attention module: note the cache object the call passes."""
+    """Forward pre-hook of a patched attention module: note the cache object the call passes, and
+    whether the layer's keys in it are still those its page index was synced with."""
     state = getattr(module, "_sparse_attn_state", None)
     if state is None or torch.compiler.is_compiling():
         return
-    cache = next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    from ...kv_cache_state import cache_layer_keys
+
+    cache = _find_cache(args, kwargs)
     try:
         state.cache_ref = None if cache is None else weakref.ref(cache)
     except TypeError:  # an object that takes no weak reference: not tracked
         state.cache_ref = None
+    if cache is not None:
+        layer = int(module.layer_idx)
+        state.check_moved(layer, cache_layer_keys(cache, layer))
 
 
 def _attention_modules(model):
@@ -357,7 +392,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         state.gate_summaries.pop(layer, None)  # rebuilt from this cache at the next decode step
         if plain and decode_layer_knobs(pages_cfg, layer)["method"] != "dense":
             _sync_index(state, layer, key, decode_layer_knobs(pages_cfg, layer)["page"], fresh=filled == q_len,
-                        length=filled, bounds=_index_bounds(pages_cfg, layer))
+                        length=filled, bounds=_index_bounds(pages_cfg, layer), start=filled - q_len)
         else:  # padded (its decode steps run dense) or a dense layer: drop any index of an earlier sequence
             for store in (state.page_indexes, state.index_lengths):
                 store.pop(layer, None)
@@ -424,12 +459,16 @@ _eager_attention = torch.compiler.disable(sparse_attention_forward)
 
 
 def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fresh: bool = False,
-                length: int | None = None, bounds: str = "exact"):
+                length: int | None = None, bounds: str = "exact", start: int | None = None):
     """Bring the layer's page index up to the first ``length`` (default: all) positions of the cache
     ``key (B, Hkv, S, D)``: append the keys it lacks when it is at most 16 tokens behind and has room,
     else (no index, a new sequence, a different shape or page size, full, another cache object than
     the index's; ``fresh``: a prefill from position 0) rebuild it from those keys with headroom (a
-    static cache, longer than ``length``: its whole length). Returns the index."""
+    static cache, longer than ``length``: its whole length). ``start``: the first position this
+    forward wrote (default: the index's length); where it is below the index's length the cache was
+    set back (assisted decoding crops it after rejected candidates), and the page holding ``start``
+    is rebuilt from the cache before the new keys are added (:meth:`~sparse_attn.decode.PageIndex.append_at`).
+    Returns the index."""
     from ...decode import PageIndex
 
     kv_len = key.shape[2] if length is None else length
@@ -438,14 +477,20 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     same_shape = (index is not None and index.batch == key.shape[0] and index.kv_heads == key.shape[1]
                   and index.head_dim == key.shape[3] and index.dtype == key.dtype and index.device == key.device
                   and index.page_size == page and index.bounds == bounds)
-    same_cache = state.same_cache(layer)
-    if not same_cache:  # the cache the index describes is not this one: both start over from this cache
+    same_cache = state.same_cache(layer) and layer not in state.moved
+    if not same_cache:  # another cache, or its rows were replaced: index and summaries start over from it
         state.gate_summaries.pop(layer, None)
     fits = same_shape and not fresh and same_cache
-    if fits and have == kv_len:
+    start = have if start is None else start
+    if fits and have == kv_len and start == have:
+        state.note_index_cache(layer, key)
         return index
     # have < 0: compiled decode steps appended to the index on the device; the host does not know its length.
-    if fits and have >= 0 and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
+    if fits and 0 <= start < have and kv_len - start <= 16 and kv_len <= index.capacity:
+        positions = torch.full((index.batch,), start, dtype=torch.int64, device=index.device)
+        index.append_at(key, positions, kv_len - start)  # set back to start, then the new keys
+        state.gate_summaries.pop(layer, None)  # rebuilt from the cache when next read
+    elif fits and have >= 0 and start >= have and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
         index.append(key[:, :, have:kv_len])
     else:
         room = key.shape[2] if key.shape[2] > kv_len else kv_len + max(256, kv_len // 2)
@@ -461,7 +506,7 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
         if fresh:
             state.decode_steps[layer] = 0
     state.index_lengths[layer] = kv_len
-    state.note_index_cache(layer)
+    state.note_index_cache(layer, key)
     return index
 
 
@@ -515,7 +560,7 @@ def _page_decode(state: SparseState, module, query, key, value, dropout, scaling
     if knobs["method"] == "dense":
         return dense("decode pages: layer configured dense (per_layer)")
     page, budget = knobs["page"], knobs["budget"]
-    index = _sync_index(state, layer, key, page, length=filled, bounds=_index_bounds(cfg, layer))
+    index = _sync_index(state, layer, key, page, length=filled, bounds=_index_bounds(cfg, layer), start=filled - q_len)
     if budget >= filled:
         return dense(f"decode pages: budget {budget} covers the {filled}-token cache: dense")
     streaming, full = cfg["streaming_heads"].get(layer, ()), cfg["full_heads"].get(layer, ())
