@@ -136,18 +136,25 @@ def test_two_caches_decoded_in_turn_keep_their_own_page_indexes(make):
     assert not any(module._forward_pre_hooks for module in model.modules())  # unpatch removes the hooks
 
 
+def _patched_after_prefill(batch: int):
+    """A tiny Llama patched with DECODE after a 200-token prefill of ``batch`` rows into a
+    DynamicCache: ``(model, layers, state, cache)``."""
+    model = _tiny()
+    state = patch(model, **DECODE)
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(_ids(200, batch=batch), past_key_values=cache, use_cache=True)
+    return model, range(COMMON["num_hidden_layers"]), state, cache
+
+
 def test_assisted_decoding_crops_set_the_index_back():
     """Verification steps of several candidate tokens, the cache cropped after each to the accepted
     ones (as assisted and prompt-lookup decoding do): the next step, whether it ends at, below or past
     the index's old length, leaves every layer's index equal to one built from the cache, with no
     summary of a rejected candidate's key, and no rebuild of the whole index."""
-    model = _tiny()
-    layers = range(COMMON["num_hidden_layers"])
-    state = patch(model, **DECODE)
-    cache = transformers.DynamicCache()
+    model, layers, state, cache = _patched_after_prefill(batch=1)
     try:
         with torch.no_grad():
-            model(_ids(200), past_key_values=cache, use_cache=True)
             length = 200
             for candidates, accepted in ((4, 1), (3, 0), (2, 0), (6, 2), (1, 0), (5, 1)):
                 model(_ids(candidates, seed=length), past_key_values=cache, use_cache=True)
@@ -164,13 +171,9 @@ def test_assisted_decoding_crops_set_the_index_back():
 def test_beam_search_reordering_rebuilds_the_index_from_the_reordered_rows():
     """A cache whose rows were reordered (beam search) between steps: the next step's index describes
     the reordered rows, and generate() with beams runs."""
-    model = _tiny()
-    layers = range(COMMON["num_hidden_layers"])
-    state = patch(model, **DECODE)
-    cache = transformers.DynamicCache()
+    model, layers, state, cache = _patched_after_prefill(batch=3)
     try:
         with torch.no_grad():
-            model(_ids(200, batch=3), past_key_values=cache, use_cache=True)
             cache.reorder_cache(torch.tensor([2, 2, 0]))
             model(_ids(1, batch=3, seed=9), past_key_values=cache, use_cache=True)
         _assert_indexes_describe(state, cache, layers, 201)
