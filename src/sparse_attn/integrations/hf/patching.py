@@ -331,6 +331,40 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _own_attention_reason(module, kwargs) -> Optional[str]:
+    """Why a call needs the model's own attention implementation (None: it does not): attention
+    sinks (``s_aux``, gpt-oss) or non-causal attention (encoders, cross-attention), which neither the
+    sparse path nor its SDPA fallback compute."""
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks (s_aux)"
+    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
+        return "non-causal attention"
+    return None
+
+
+def _own_attention(state: SparseState, module, query, key, value, attention_mask, **kwargs):
+    """The model's own attention: SDPA where the model ran SDPA before :func:`patch`, else the
+    ``eager_attention_forward`` of its modeling module, given the boolean mask (which the patched model
+    builds) as the additive float mask eager attention adds to its scores."""
+    import sys
+
+    if state.original_implementation == "sdpa":
+        return _dense(module, query, key, value, attention_mask, **kwargs)
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(f"sparse_attn: {type(module).__name__} needs its own attention implementation "
+                           f"({_own_attention_reason(module, kwargs)}); no eager_attention_forward was found next "
+                           f"to it, and it ran {state.original_implementation!r} before patch(): unpatch the model")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1 and getattr(module, "is_causal", True):
+        # No mask means causal as SDPA's is_causal aligns it (top-left); eager attention needs it spelled out.
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
 def sparse_attention_entry(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: Optional[float] = None, **kwargs):
     """The function registered as ``attn_implementation="sparse_attn"``.
@@ -341,7 +375,7 @@ def sparse_attention_entry(module, query, key, value, attention_mask, dropout: f
     outside the compiled graph (it keeps host-side state and reads the mask on the host), with the rest
     of the layer compiled around it.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _own_attention_reason(module, kwargs) is None:
         out = graph_decode(module, query, key, value, dropout, scaling, kwargs)
         if out is not None:
             return out, None
@@ -383,6 +417,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
         record(False, reason)
         return _dense(module, query, key, value, attention_mask, **dense_kwargs)
 
+    own = _own_attention_reason(module, kwargs)
+    if own is not None:
+        record(False, f"{own}: the model's own attention")
+        return _own_attention(state, module, query, key, value, attention_mask, **dense_kwargs)
+
     if pages_cfg is not None:
         state.selections.pop(layer, None)  # a selection is shared only within the step that made it
     if page_step:
@@ -411,7 +450,9 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     spans = None
     if not plain:
         spans = _padding_spans(mask, q_len, filled)
-        if spans is None:
+        if spans is not None and len(spans) == 1 < query.shape[0]:  # one mask row broadcast over the batch
+            spans = spans * query.shape[0]
+        if spans is None or len(spans) != query.shape[0]:
             return dense("mask is neither causal nor causal with padding (e.g. sliding window): dense")
     # A static cache's unused tail is never read (``dense`` keeps the full tensors and the mask).
     k_run, v_run = (key, value) if filled == kv_len else (key[:, :, :filled], value[:, :, :filled])
@@ -444,7 +485,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     if spans is None:
         return run(query, k_run, v_run).transpose(1, 2).contiguous(), None
     # Padded batch: each sequence runs on its own unpadded span; padded query rows get zeros.
-    out = query.new_zeros(query.shape[0], q_len, query.shape[1], query.shape[3])
+    out = query.new_zeros(query.shape[0], q_len, query.shape[1], value.shape[3])
     offset = filled - q_len
     for b, (start, end) in enumerate(spans):
         q0, q1 = max(start - offset, 0), max(end - offset, 0)
@@ -638,7 +679,11 @@ def _padding_spans(mask: torch.Tensor, q_len: int, kv_len: int):
     """For a boolean mask that is causal restricted to one contiguous run of valid keys per sequence
     (left or right padding), ``[(start, end)]`` per batch row; None for any other mask.
 
-    Only the rows of valid positions are checked: padded query rows are dropped anyway.
+    The queries are taken as the last ``q_len`` of ``kv_len`` positions. Rows inside a sequence's span
+    must be causal over it; rows after it (right padding) must read the whole span or nothing, as a
+    padded query there does (a right-padded prompt in a static cache, whose filled length the mask
+    does not tell, reads a growing prefix instead: its queries sit elsewhere, so None); rows before
+    it are padding and not checked (their outputs are dropped).
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return None
@@ -656,6 +701,9 @@ def _padding_spans(mask: torch.Tensor, q_len: int, kv_len: int):
         span = (keys >= start) & (keys < end)
         rows = (positions >= start) & (positions < end)
         if not bool(valid[start:end].all()) or not torch.equal(row_mask[rows], (causal & span)[rows]):
+            return None
+        after = row_mask[positions >= end]
+        if after.numel() and not bool(((after == span[None, :]).all(-1) | ~after.any(-1)).all()):
             return None
         spans.append((start, end))
     return spans
