@@ -136,3 +136,10 @@ def test_append_at_checks_its_arguments():
         index.append_at(cache, torch.zeros(2, dtype=torch.int64, device=DEVICE), 0)
     with pytest.raises(ValueError, match="k_cache"):
         index.append_at(cache[:, :1], torch.zeros(2, dtype=torch.int64, device=DEVICE), 1)
+    index.append_at(cache, torch.zeros(2, dtype=torch.int64, device=DEVICE), 20)  # lengths 20
+    for positions, rows in (([-1, 0], 1), ([21, 0], 1), ([20, 20], 50)):  # below 0, a gap, past the cache
+        with pytest.raises(ValueError, match=r"positions\[[01]\] = "):
+            index.append_at(cache, torch.tensor(positions, device=DEVICE), rows)
+    assert index.lengths.tolist() == [20, 20]
+    with pytest.raises(TypeError, match="copy_ takes a PageIndex"):
+        index.copy_(cache)

@@ -181,6 +181,8 @@ class PageIndex:
         ``other`` must have this index's shapes, dtype, device, page size, capacity and bounds. The
         tensors stay the same objects at the same addresses, so a CUDA graph captured over this index
         (a compiled decoding forward) reads the copied state when it replays."""
+        if not isinstance(other, PageIndex):
+            raise TypeError(f"copy_ takes a PageIndex, got {type(other).__name__}")
         same = (other.kmin.shape == self.kmin.shape and other.dtype == self.dtype and other.device == self.device
                 and other.page_size == self.page_size and other.capacity == self.capacity
                 and other.bounds == self.bounds)
@@ -353,7 +355,7 @@ class PageIndex:
         return self
 
     def append_at(self, k_cache: Tensor, positions: Tensor, rows: int, *,
-                  kernel_options: Optional[KernelOptions] = None) -> "PageIndex":
+                  kernel_options: Optional[KernelOptions] = None, check_values: bool = True) -> "PageIndex":
         """Add the keys of ``rows`` new tokens that the cache ``k_cache (B, Hkv, S, D)`` already holds at
         positions ``positions[b] .. positions[b] + rows - 1`` (``positions``: ``(B,)`` int64 on the
         index's device); returns ``self``, with ``lengths = positions + rows``.
@@ -365,7 +367,10 @@ class PageIndex:
         :meth:`build` or :meth:`copy_`); pages past that keep what
         they held until tokens reach them (each starts afresh then: :meth:`append`). No host reads, so
         a CUDA graph can capture it; tokens past the capacity are dropped. ``kernel_options``: as
-        :meth:`append` (one Triton launch on CUDA tensors)."""
+        :meth:`append` (one Triton launch on CUDA tensors). ``check_values`` (default, skipped while a
+        CUDA graph is captured): read ``positions`` and ``lengths`` on the host (a device sync) and
+        refuse positions below 0, past a sequence's length (a gap no token fills) or whose ``rows``
+        the cache does not hold."""
         _check_keys("k_cache", k_cache)
         batch, kv_heads, slots, dim = k_cache.shape
         if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim):
@@ -381,6 +386,12 @@ class PageIndex:
                              f"{tuple(getattr(positions, 'shape', ()))}")
         if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= slots:
             raise ValueError(f"rows must be an int from 1 to the cache's {slots} positions, got {rows!r}")
+        if check_values and not _capturing(positions.device):
+            for b, (at, length) in enumerate(zip(positions.tolist(), self.lengths.tolist())):
+                if not 0 <= at <= length or at + rows > slots:
+                    raise ValueError(f"positions[{b}] = {at}: expected 0 to the sequence's length {length} (a "
+                                     f"position past it leaves a gap), with positions + rows ({rows}) at most the "
+                                     f"cache's {slots} positions")
         page, cap = self.page_size, self.capacity
         start = positions.clamp(0, cap)
         where = (start[:, None] + torch.arange(rows, device=self.device)[None, :]).clamp(max=slots - 1)

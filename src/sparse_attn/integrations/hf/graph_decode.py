@@ -111,7 +111,7 @@ def page_decode_step(query: Tensor, key: Tensor, value: Tensor, kmin: Tensor, km
                       quantized=quantized)
     batch, rows, dim = query.shape[0], query.shape[2], query.shape[3]
     key = key.contiguous()
-    index.append_at(key, lengths.clone() if positions is None else positions, rows)
+    index.append_at(key, lengths.clone() if positions is None else positions, rows, check_values=False)
     pages, counts = page_selection(method, budget, sink, recent, scale)(query, index)
     if streaming or full:
         knobs = {"budget": budget, "sink": sink, "recent": recent}

@@ -529,7 +529,7 @@ def _sync_index(state: SparseState, layer: int, key: torch.Tensor, page: int, fr
     # have < 0: compiled decode steps appended to the index on the device; the host does not know its length.
     if fits and 0 <= start < have and kv_len - start <= 16 and kv_len <= index.capacity:
         positions = torch.full((index.batch,), start, dtype=torch.int64, device=index.device)
-        index.append_at(key, positions, kv_len - start)  # set back to start, then the new keys
+        index.append_at(key, positions, kv_len - start, check_values=False)  # set back to start, then the new keys
         state.gate_summaries.pop(layer, None)  # rebuilt from the cache when next read
     elif fits and have >= 0 and start >= have and 0 <= kv_len - have <= 16 and kv_len <= index.capacity:
         index.append(key[:, :, have:kv_len])
