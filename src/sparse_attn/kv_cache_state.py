@@ -83,11 +83,18 @@ class CacheFollower:
     rows for beam search, crops or appends) or changed it in place since."""
 
     def __init__(self) -> None:
-        self._seen, self._version = None, None
+        self._seen, self._pointer, self._version = None, None, None
 
     def follows(self, keys) -> bool:
         return keys is not None and self._seen is not None and self._seen() is keys and keys._version == self._version
 
+    def follows_or_cropped(self, keys) -> bool:
+        """:meth:`follows`, or ``keys`` is a view of the seen tensor's rows from their start, unchanged
+        (a crop: assisted decoding drops rejected candidates' positions, the earlier ones stay)."""
+        return self.follows(keys) or (keys is not None and self._seen is not None
+                                      and keys.data_ptr() == self._pointer and keys._version == self._version)
+
     def saw(self, keys) -> None:
         self._seen = None if keys is None else weakref.ref(keys)
+        self._pointer = None if keys is None else keys.data_ptr()
         self._version = None if keys is None else keys._version

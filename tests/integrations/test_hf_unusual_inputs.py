@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sparse_attn import patch, unpatch  # noqa: E402
+from utils import tiny_llama  # noqa: E402
 
 FORCED_DENSE = dict(method="dense", min_kv_len=0, fallback="never", record=True)
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
@@ -18,10 +19,6 @@ SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
 def _model(config, implementation="sdpa", cls=transformers.AutoModelForCausalLM):
     torch.manual_seed(0)
     return cls.from_config(config, attn_implementation=implementation).float().eval()
-
-
-def _llama():
-    return _model(transformers.LlamaConfig(num_key_value_heads=2, **SMALL))
 
 
 def _patched_vs_unpatched(model, run, **patch_kwargs):
@@ -41,7 +38,7 @@ def test_right_padded_prompt_in_a_static_cache(max_cache_len):
     """Every row ends in padding, so the mask does not tell the cache's filled length: the per-sequence
     run would place the queries past the prompt and return zeros; the mask's rows show they sit
     elsewhere, and the call runs dense, with the reason."""
-    model = _llama()
+    model = tiny_llama(96)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, 12:] = 0
@@ -59,7 +56,7 @@ def test_right_padded_prompt_in_a_static_cache(max_cache_len):
 
 def test_one_mask_row_broadcast_over_the_batch():
     """A (1, 1, T, T) mask (the first 5 keys masked, then causal) applies to every sequence of the batch."""
-    model = _llama()
+    model = tiny_llama(96)
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(24, 24, dtype=torch.bool).tril()
     mask[:, :5] = False

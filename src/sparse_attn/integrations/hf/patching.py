@@ -26,6 +26,7 @@ stays in the compiled graph (:mod:`.graph_decode`).
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 import weakref
@@ -34,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from ...kv_cache_state import CacheFollower, cache_layer_keys
 from ...methods import DecisionCache
 from ...methods.cost import attend
 from ...metrics import attention_recall
@@ -82,11 +84,11 @@ class SparseState:
     cache_ref: Optional[weakref.ref] = None
     index_caches: dict = field(default_factory=dict)
     hook_handles: list = field(default_factory=list)
-    # Per layer, the cache's key tensor after the layer's last indexed step (a weak reference, its
-    # data pointer and in-place version); the pre-hook compares the next forward's tensor with it and
-    # marks the layer ``moved`` where the rows were replaced or rewritten (beam search reorders them):
-    # its index is then rebuilt. A crop (assisted decoding) keeps the storage and is no move: the
-    # step's first position tells the index how far to set back.
+    # Per layer, a CacheFollower of the cache's key tensor after the layer's last indexed step; the
+    # pre-hook compares the next forward's tensor with it and marks the layer ``moved`` where the rows
+    # were replaced or rewritten (beam search reorders them): its index is then rebuilt. A crop
+    # (assisted decoding) keeps the rows and is no move: the step's first position tells the index
+    # how far to set back.
     index_keys: dict = field(default_factory=dict)
     moved: set = field(default_factory=set)
 
@@ -114,21 +116,15 @@ class SparseState:
         """The layer's page index (and gate summaries) now describe the running forward's cache, whose
         key tensor for the layer is ``key``."""
         self.index_caches[layer] = self.cache_ref
-        self.index_keys[layer] = (weakref.ref(key), key.data_ptr(), key._version)
+        self.index_keys.setdefault(layer, CacheFollower()).saw(key)
         self.moved.discard(layer)
 
     def check_moved(self, layer: int, keys: Optional[torch.Tensor]) -> None:
         """Mark ``layer`` moved unless ``keys``, the cache's key tensor before this forward's update,
-        is the tensor its index was last synced with, or a crop of it (same storage start, same version)."""
-        seen = self.index_keys.get(layer)
-        if seen is None or keys is None:
-            return
-        ref, pointer, version = seen
-        if ref() is keys and keys._version == version:
-            return
-        if keys.data_ptr() == pointer and keys._version == version:  # a view of the same rows: a crop
-            return
-        self.moved.add(layer)
+        is the tensor its index was last synced with, or a crop of it."""
+        follower = self.index_keys.get(layer)
+        if follower is not None and keys is not None and not follower.follows_or_cropped(keys):
+            self.moved.add(layer)
 
     def summary(self) -> list:
         """Per layer: calls, sparse calls, mean density and total estimation time over the sparse
@@ -179,8 +175,6 @@ def _note_cache(module, args, kwargs):
     state = getattr(module, "_sparse_attn_state", None)
     if state is None or torch.compiler.is_compiling():
         return
-    from ...kv_cache_state import cache_layer_keys
-
     cache = _find_cache(args, kwargs)
     try:
         state.cache_ref = None if cache is None else weakref.ref(cache)
@@ -346,8 +340,6 @@ def _own_attention(state: SparseState, module, query, key, value, attention_mask
     """The model's own attention: SDPA where the model ran SDPA before :func:`patch`, else the
     ``eager_attention_forward`` of its modeling module, given the boolean mask (which the patched model
     builds) as the additive float mask eager attention adds to its scores."""
-    import sys
-
     if state.original_implementation == "sdpa":
         return _dense(module, query, key, value, attention_mask, **kwargs)
     function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
