@@ -165,22 +165,25 @@ def test_triton_matches_golden(dtype, group, q_len, page_size):
 
 
 @pytest.mark.parametrize("page_size,lens", [(64, (300, 130)), (128, (300, 129)), (256, (600, 257))])
-def test_triton_pages_larger_than_a_tile(page_size, lens):
-    """Pages of 64..256 tokens are walked in 64-key tiles."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_triton_pages_larger_than_a_tile(page_size, lens, block_n):
+    """Pages of 64..256 tokens are walked in tiles of 64 or 128 keys."""
     case = make_case(group=2, q_len=3, dim=16, page_size=page_size, dtype=torch.float16, lens=lens, budget=3)
-    check(*run(case, "triton", page_size, scale=0.3), *golden(*case, page_size, 0.3), torch.float16)
+    out = triton_decode_attention(*case, page_size, 0.3, block_n=block_n)
+    check(*out, *golden(*case, page_size, 0.3), torch.float16)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_triton_many_pages_per_row(num_splits):
-    """Up to 14 pages of 16 tokens per row: several unmasked 4-page tiles, then the masked tail,
-    wherever the split boundaries fall."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_triton_many_pages_per_row(num_splits, block_n):
+    """Up to 14 pages of 16 tokens per row: several unmasked tiles of 4 or 8 pages, then the masked
+    tail, wherever the split boundaries fall."""
     case = make_case(group=2, q_len=2, dim=16, page_size=16, dtype=torch.float16, lens=(300, 170), budget=14,
                      empty=())
     q, k, v, pages, counts, lens = case
     counts[0, 0] = 14  # all but a few pages of the first row
     pages[0, 0, :14] = torch.tensor([0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13, 16, 18], dtype=torch.int32)
-    out = triton_decode_attention(q, k, v, pages, counts, lens, 16, 0.3, num_splits=num_splits)
+    out = triton_decode_attention(q, k, v, pages, counts, lens, 16, 0.3, num_splits=num_splits, block_n=block_n)
     check(*out, *golden(*case, 16, 0.3), torch.float16)
 
 

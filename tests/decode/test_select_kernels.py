@@ -172,3 +172,21 @@ def test_append_and_selection_kernels_on_the_gpu_at_a_long_context(page):
     shared = sum(len(set(a[:n]) & set(b[:n])) for a, b, n in
                  zip(pages.flatten(0, 1).tolist(), ref_pages.flatten(0, 1).tolist(), counts.flatten().tolist()))
     assert shared >= 0.98 * int(counts.sum())
+
+
+def test_topk_kernel_matches_pytorch_over_random_budgets_windows_and_ties():
+    """Random lengths, budgets, sinks and recent windows, with random queries and with zero queries
+    (every full page tied): the kernel's search gives PyTorch's pages and counts."""
+    gen = torch.Generator().manual_seed(11)
+    for case in range(24):
+        lengths = torch.randint(1, 400, (2,), generator=gen).tolist()
+        q, index = make(lengths, 4, 2, 1, 16, 16, torch.float16, capacity=400, seed=case)
+        if case % 3 == 0:
+            q = torch.zeros_like(q)
+        sink, recent, extra = (16 * int(torch.randint(0, n, (1,), generator=gen)) for n in (4, 6, 10))
+        knobs = dict(method="quest", budget=sink + recent + 16 + extra, sink=sink, recent=recent)
+        got = select_pages(q, index, kernel_options=TRITON, **knobs)
+        want = select_pages(q, index, kernel_options=TORCH, **knobs)
+        assert torch.equal(got[1], want[1]), (case, lengths, knobs)
+        assert torch.equal(got[0], want[0]), (case, lengths, knobs)
+

@@ -9,9 +9,9 @@
 * :func:`_select_pages_kernel`, one program per (sequence, KV head): softmax of each row's logits
   over the pages (normalized with the per-tile maxima and sums the score kernel wrote beside the
   logits), the group's score per page (sum or max of the rows' shares), sink and recent
-  pages forced in, and the ``width`` best pages found by a bisection on the top 16 bits of the
+  pages forced in, and the ``width`` best pages found by a search on the top 16 bits of the
   scores' float32 bit patterns (non-negative float32 values order as their int32 bits; 16 bits, a
-  bfloat16's precision, bound the search to 15 steps), written in increasing page order with the
+  bfloat16's precision, bound the search to 10 steps of two probes), written in increasing page order with the
   padding slots repeating the last page. The whole row of pages lives in registers, so the
   kernel takes indexes of up to :data:`.select.KERNEL_MAX_PAGES` pages.
 
@@ -187,33 +187,43 @@ def _select_pages_kernel(
     # Keys >= 0: their bits order as their values; the top 16 bits are compared (ties in page order).
     bits = tl.where(candidates, key.to(tl.int32, bitcast=True) >> 16, -1)
 
-    # Bisection for the width-th largest key's bits, keeping count(bits >= lo) >= width >
-    # count(bits >= hi); it stops early once exactly `width` keys are >= lo (or all candidates fit).
+    # Search for the width-th largest key's bits, keeping count(bits >= lo) >= width > count(bits >= hi)
+    # (at_lo, at_hi those counts): each step counts the keys at two probes splitting [lo, hi) in
+    # thirds with one reduction (the two counts packed in one int32, 15 bits each), so 16-bit keys
+    # take at most 10 steps; it stops early once exactly `width` keys are >= lo (or all candidates fit).
     lo = tl.zeros([], dtype=tl.int32)
     hi = lo + (INF_KEY + 1)
     at_lo = tl.sum((bits >= 0).to(tl.int32), 0)
+    at_hi = tl.zeros([], dtype=tl.int32)
     while (hi - lo > 1) & (at_lo > width):
-        mid = lo + (hi - lo) // 2
-        at_mid = tl.sum((bits >= mid).to(tl.int32), 0)
-        enough = at_mid >= width
-        lo = tl.where(enough, mid, lo)
-        at_lo = tl.where(enough, at_mid, at_lo)
-        hi = tl.where(enough, hi, mid)
-    above = bits > lo
-    take = width - tl.sum(above.to(tl.int32), 0)
-    ties = bits == lo
-    if take < tl.sum(ties.to(tl.int32), 0):  # more pages tie at the bound than fit: the first ones
-        chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= take))
-    else:
-        chosen = above | ties
+        third = hi - lo
+        probe1 = lo + tl.maximum(third // 3, 1)
+        probe2 = tl.maximum(lo + (2 * third) // 3, probe1)
+        packed = tl.sum((bits >= probe1).to(tl.int32) + ((bits >= probe2).to(tl.int32) << 15), 0)
+        at1 = packed & 0x7FFF
+        at2 = packed >> 15
+        upper = at2 >= width
+        middle = (at1 >= width) & (at2 < width)
+        new_lo = tl.where(upper, probe2, tl.where(middle, probe1, lo))
+        at_lo = tl.where(upper, at2, tl.where(middle, at1, at_lo))
+        hi = tl.where(upper, hi, tl.where(middle, probe2, probe1))
+        at_hi = tl.where(upper, at_hi, tl.where(middle, at2, at1))
+        lo = new_lo
+    if at_lo <= width:  # every key >= lo fits (the usual end)
+        chosen = bits >= lo
+        count = at_lo
+    else:  # hi == lo + 1 and more keys tie at lo than fit: the first ones in page order
+        ties = bits == lo
+        chosen = (bits >= hi) | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= width - at_hi))
+        count = width + 0 * at_lo
 
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    count = tl.sum(chosen.to(tl.int32), 0)
     out = PAGES + b * stride_pb + kvh * stride_ph
     tl.store(out + slot, offs, mask=chosen)
-    last = tl.max(tl.where(chosen, offs, 0), 0)
-    slots = tl.arange(0, W_P2)
-    tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
+    if count < width:  # fewer candidates than slots: the padding repeats the last page
+        last = tl.max(tl.where(chosen, offs, 0), 0)
+        slots = tl.arange(0, W_P2)
+        tl.store(out + slots, tl.zeros([W_P2], dtype=tl.int32) + last, mask=(slots >= count) & (slots < width))
     tl.store(COUNTS + b * stride_cb + kvh, count)
 
 
