@@ -308,8 +308,8 @@ def choose_num_splits(programs: int, max_pages: int, page_size: int, device: tor
 def choose_block_n(num_splits: int, width: int, page_size: int, rows: int) -> int:
     """Keys per tile of the split kernel: :data:`WIDE_BLOCK_N` where every split's keys (``ceil(width
     / num_splits)`` pages) fit one such tile and the query tile has at most :data:`WIDE_MAX_ROWS`
-    rows, so a split loads all its keys and values at once (on an H100 at 128K, batch 1, budget
-    2048, page 64: 7.2 us against 7.8 with 64-key tiles); else :data:`BLOCK_N`."""
+    rows, so a split issues the loads of all its keys and values at once (batch 1 at long context,
+    where a step is latency-bound); else :data:`BLOCK_N`."""
     keys = -(-width // max(num_splits, 1)) * page_size
     return WIDE_BLOCK_N if keys <= WIDE_BLOCK_N and rows <= WIDE_MAX_ROWS else BLOCK_N
 
