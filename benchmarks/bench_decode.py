@@ -6,14 +6,15 @@ bf16, one query row per sequence):
 * ``kernel``: our split-KV decode kernel over the selected pages (no checks, no selection), launched
   eagerly and replayed as a CUDA graph of 8 back-to-back launches, reported per launch (the graph
   shows the GPU time of launch-bound rows).
-* ``step``: the whole decode step: append the new key to the page index, ``select_pages`` (Quest
-  scores, one selection per KV group) and the kernel; eagerly, and as a CUDA graph of 8 successive
-  steps (each appends the next key and attends at the length it reaches) after one rewind of the
-  index's lengths, reported per step; on GPUs with programmatic dependent launch (Hopper and newer)
-  the kernel and the graph steps run with ``KernelOptions(dependent_launch=True)``, and the graph
-  steps are timed again without it. ``append`` and
-  ``select`` time those two parts alone as CUDA
-  graphs (8 calls each, per call), and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
+* ``step``: the whole decode step: ``PageSelection.append_and_select`` (the page-score kernel
+  appends the new key to the page index, then Quest scores and one selection per KV group) and the
+  kernel; eagerly, and as a CUDA graph of 8 successive steps (each appends the next key and attends
+  at the length it reaches) after one rewind of the index's lengths, reported per step; on GPUs
+  with programmatic dependent launch (Hopper and newer) the kernel and the graph steps run with
+  ``KernelOptions(dependent_launch=True)``, and the graph steps are timed again without it.
+  ``append kernel apart`` is the graph step with ``index.append`` as a kernel of its own before
+  the selection. ``append`` and ``select`` time those two parts alone as CUDA graphs (8 calls each,
+  per call), and ``same pages`` is the share of selected pages equal to the PyTorch selection's.
 * ``flash`` / ``cudnn``: dense SDPA over the whole cache (the group's query heads as query rows of
   their KV head, so K/V are read once, as GQA decode kernels do).
 * ``flex``: FlexAttention (compiled) on a BlockMask holding the same selection (page-sized KV
@@ -203,8 +204,9 @@ def kernel_rows(args, copy_gbs):
                     return index.append(new_key)
 
                 def step():
-                    append()
-                    p, c = selection(q, index)
+                    index.lengths.fill_(context - 1)
+                    index._length_bound = context - 1
+                    p, c = selection.append_and_select(q, index, new_key)
                     return triton_decode_attention(q, k, v, p, c, lens, page, scale, workspace=workspace)
 
                 # The CUDA-graph step: STEPS_PER_GRAPH successive steps (each appends the next key
@@ -213,13 +215,16 @@ def kernel_rows(args, copy_gbs):
                 next_keys = [k[:, :, firsts + i: firsts + i + 1].clone() for i in range(STEPS_PER_GRAPH)]
                 lens_after = [torch.full_like(lens, firsts + i + 1) for i in range(STEPS_PER_GRAPH)]
 
-                def steps(workspace=workspace, dependent=True):
+                def steps(workspace=workspace, dependent=True, append_in_select=True):
                     options = KernelOptions(dependent_launch=dependent)
                     index.lengths.fill_(firsts)
                     index._length_bound = firsts
                     for i in range(STEPS_PER_GRAPH):
-                        index.append(next_keys[i], kernel_options=options)
-                        p, c = selection(q, index, kernel_options=options)
+                        if append_in_select:  # the page-score kernel appends the key
+                            p, c = selection.append_and_select(q, index, next_keys[i], kernel_options=options)
+                        else:
+                            index.append(next_keys[i], kernel_options=options)
+                            p, c = selection(q, index, kernel_options=options)
                         out = triton_decode_attention(q, k, v, p, c, lens_after[i], page, scale, workspace=workspace,
                                                       dependent_launch=options.dependent_launch_on(q.device))
                     return out
@@ -230,6 +235,8 @@ def kernel_rows(args, copy_gbs):
                 try:
                     row["step_graph_ms"] = bench(graphed(lambda: steps)) / STEPS_PER_GRAPH
                     row["step_separate_merge_graph_ms"] = bench(graphed(lambda: lambda: steps(None))) / STEPS_PER_GRAPH
+                    row["step_append_then_select_graph_ms"] = bench(graphed(
+                        lambda: lambda: steps(append_in_select=False))) / STEPS_PER_GRAPH
                     if pdl:  # the same two without dependent launches
                         row["step_graph_no_dependent_launch_ms"] = bench(graphed(
                             lambda: lambda: steps(dependent=False))) / STEPS_PER_GRAPH
@@ -365,10 +372,11 @@ def kernel_table(rows, meta) -> str:
              f"({meta.get('bounds', 'exact')} bounds); "
              f"copy bandwidth {meta['copy_gbs']:.0f} GB/s; launches: {meta.get('launch', 'fast')}", "",
              "| context | batch | budget | flash ms | cuDNN ms | Flex ms | ours kernel ms | kernel, CUDA graph ms | "
-             "ours step ms | step, CUDA graph ms | step, separate merge | step / separate merge, no dependent launch | "
+             "ours step ms | step, CUDA graph ms | step, append kernel apart | step, separate merge | "
+             "step / separate merge, no dependent launch | "
              "append ms | select ms | dense/kernel | dense/step | Flex/kernel | "
              "kernel GB/s (of copy) | check | same pages |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['context']} | {r['batch']} | - | {r['skipped']} |")
@@ -380,6 +388,7 @@ def kernel_table(rows, meta) -> str:
         lines.append(
             f"| {r['context']} | {r['batch']} | {r['budget']} | {r['flash_ms']:.4f} | {r['cudnn_ms']:.4f} | {flex} | "
             f"{r['kernel_ms']:.4f} | {r['kernel_graph_ms']:.4f} | {r['step_ms']:.4f} | {graph} | "
+            f"{fmt(r.get('step_append_then_select_graph_ms'), '.4f')} | "
             f"{fmt(r.get('step_separate_merge_graph_ms'), '.4f')} | "
             f"{fmt(r.get('step_graph_no_dependent_launch_ms'), '.4f')} / "
             f"{fmt(r.get('step_separate_merge_no_dependent_launch_graph_ms'), '.4f')} | "

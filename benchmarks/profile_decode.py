@@ -1,5 +1,6 @@
-"""Where one sparse decode step's GPU time goes: every kernel of the step (index append, page
-scores, top-k selection, decode attention, which merges its splits itself) with its device time from the PyTorch
+"""Where one sparse decode step's GPU time goes: every kernel of the step (page scores, which append
+the new key to the index first, top-k selection, decode attention, which merges its splits itself:
+``PageSelection.append_and_select`` then the attention) with its device time from the PyTorch
 profiler, at each (context, batch, page); then the device time of the kernels' tuning choices, which all
 give the same result: the top-k kernel by warp count, and the decode attention by split count and
 software-pipelining stages.
@@ -110,8 +111,7 @@ def main(argv=None):
                 def step():
                     index.lengths.fill_(context - 1)
                     index._length_bound = context - 1
-                    index.append(new_key)
-                    p, c = selection(q, index)
+                    p, c = selection.append_and_select(q, index, new_key)
                     return triton_decode_attention(q, k, v, p, c, lens, page, 1.0 / math.sqrt(dim),
                                                    workspace=workspace)
 

@@ -30,6 +30,24 @@ REBUILD_CHUNK = tl.constexpr(4)  # cache keys per step when the append kernel re
 
 
 @triton.jit
+def quantized_bounds(low, high):
+    """``(qmin, qmax, scale)`` of pages' bounds ``low``/``high`` ``(pages, D)``, as
+    :func:`~.bounds.quantize_bounds` gives them: int8 ``floor(low / scale)`` and ``ceil(high / scale)``,
+    the float32 page scale ``max|bound| / 127`` rounded outward (0 for an all-zero page)."""
+    low = low.to(tl.float32)
+    high = high.to(tl.float32)
+    absmax = tl.max(tl.maximum(tl.abs(high), tl.abs(low)), 1)
+    magnitude = tl.maximum(absmax, SCALE_FLOOR)
+    levels = tl.full(absmax.shape, 127.0, tl.float32)
+    # Rounded divisions (a plain fp32 `/` is approximate on GPUs), as the PyTorch reference divides.
+    inv = tl.math.div_rn(levels, magnitude)
+    q_high = tl.minimum(tl.maximum(tl.ceil(high * inv[:, None]), -127.0), 127.0)
+    q_low = tl.minimum(tl.maximum(tl.floor(low * inv[:, None]), -127.0), 127.0)
+    page_scale = tl.where(absmax > 0, tl.math.div_rn(magnitude, levels) * SCALE_ROUND_UP, 0.0)
+    return q_low.to(tl.int8), q_high.to(tl.int8), page_scale
+
+
+@triton.jit
 def _append_kernel(
     K_NEW, COUNTS, KMIN, KMAX, KSUM, LENGTHS, QMIN, QMAX, QSCALE, CACHE, POSITIONS,
     stride_kb, stride_kh, stride_kt,
@@ -110,20 +128,11 @@ def _append_kernel(
         tl.store(KMIN + at, low, mask=ok)
         tl.store(KMAX + at, high, mask=ok)
         tl.store(KSUM + at_sum, old_sum + new_sum, mask=ok)
-        if INT8:  # the page's int8 bounds from the stored ones: scale max|bound| / 127, rounded outward
-            low = low.to(tl.float32)
-            high = high.to(tl.float32)
-            absmax = tl.max(tl.maximum(tl.abs(high), tl.abs(low)), 1)
-            magnitude = tl.maximum(absmax, SCALE_FLOOR)
-            levels = tl.full(absmax.shape, 127.0, tl.float32)
-            # Rounded divisions (a plain fp32 `/` is approximate on GPUs), as the PyTorch reference divides.
-            inv = tl.math.div_rn(levels, magnitude)
-            q_high = tl.minimum(tl.maximum(tl.ceil(high * inv[:, None]), -127.0), 127.0)
-            q_low = tl.minimum(tl.maximum(tl.floor(low * inv[:, None]), -127.0), 127.0)
-            tl.store(QMAX + at, q_high.to(tl.int8), mask=ok)
-            tl.store(QMIN + at, q_low.to(tl.int8), mask=ok)
+        if INT8:  # the page's int8 bounds from the stored ones
+            q_low, q_high, page_scale = quantized_bounds(low, high)
+            tl.store(QMAX + at, q_high, mask=ok)
+            tl.store(QMIN + at, q_low, mask=ok)
             at_scale = b * stride_cb + heads * stride_ch + page
-            page_scale = tl.where(absmax > 0, tl.math.div_rn(magnitude, levels) * SCALE_ROUND_UP, 0.0)
             tl.store(QSCALE + at_scale, page_scale, mask=head_ok & (page + heads * 0 < limit))
     tl.store(LENGTHS + b, tl.minimum(start + count, capacity))
 

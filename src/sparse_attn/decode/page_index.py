@@ -282,28 +282,12 @@ class PageIndex:
         up to :data:`KERNEL_MAX_NEW` new tokens and power-of-two head dims) or the PyTorch update (the
         reference).
         """
-        _check_keys("k_new", k_new)
+        counts_t, bound = self.check_append(k_new, counts)
         batch, kv_heads, new, dim = k_new.shape
-        if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim):
-            raise ValueError(f"k_new {tuple(k_new.shape)} does not fit the index: expected "
-                             f"({self.batch}, {self.kv_heads}, T, {self.head_dim})")
-        if k_new.dtype != self.dtype:
-            raise ValueError(f"k_new has dtype {k_new.dtype}, the index holds {self.dtype} keys")
-        if k_new.device != self.device:
-            raise ValueError(f"k_new is on device {k_new.device}, the index on device {self.device}")
         if new == 0:
             return self
-        # counts=None: every sequence takes all T tokens, and the Triton update needs no counts tensor.
-        counts_t = None if counts is None else _counts_tensor(counts, batch, new, self.device)
         page, cap = self.page_size, self.capacity
         start = self.lengths
-        bound = self._length_bound + new
-        if bound > cap and not _capturing(self.device):
-            longest = int((start + (new if counts_t is None else counts_t)).max())
-            if longest > cap:
-                raise ValueError(f"append: a sequence would reach {longest} tokens, past the index's "
-                                 f"capacity={cap}")
-            bound = longest
 
         # A window of whole pages from the page holding each sequence's next position: slot s holds
         # new token s - (lengths % page_size) where that is one of this step's real tokens.
@@ -353,6 +337,34 @@ class PageIndex:
         self.lengths.copy_((start + counts_t).clamp(max=cap))
         self._length_bound = min(bound, cap)
         return self
+
+    def check_append(self, k_new: Tensor, counts: Lengths = None) -> tuple[Optional[Tensor], int]:
+        """Check an :meth:`append` of ``k_new`` with ``counts`` (ValueError naming the argument);
+        returns ``(counts, bound)``: the counts as an int64 ``(B,)`` tensor (None for None: all ``T``
+        tokens) and the host-side bound on the lengths after it, which the appending code stores in
+        ``_length_bound``."""
+        _check_keys("k_new", k_new)
+        batch, kv_heads, new, dim = k_new.shape
+        if (batch, kv_heads, dim) != (self.batch, self.kv_heads, self.head_dim):
+            raise ValueError(f"k_new {tuple(k_new.shape)} does not fit the index: expected "
+                             f"({self.batch}, {self.kv_heads}, T, {self.head_dim})")
+        if k_new.dtype != self.dtype:
+            raise ValueError(f"k_new has dtype {k_new.dtype}, the index holds {self.dtype} keys")
+        if k_new.device != self.device:
+            raise ValueError(f"k_new is on device {k_new.device}, the index on device {self.device}")
+        if new == 0:
+            return None, self._length_bound
+        # counts=None: every sequence takes all T tokens, and the Triton update needs no counts tensor.
+        counts_t = None if counts is None else _counts_tensor(counts, batch, new, self.device)
+        cap = self.capacity
+        bound = self._length_bound + new
+        if bound > cap and not _capturing(self.device):
+            longest = int((self.lengths + (new if counts_t is None else counts_t)).max())
+            if longest > cap:
+                raise ValueError(f"append: a sequence would reach {longest} tokens, past the index's "
+                                 f"capacity={cap}")
+            bound = longest
+        return counts_t, bound
 
     def append_at(self, k_cache: Tensor, positions: Tensor, rows: int, *,
                   kernel_options: Optional[KernelOptions] = None, check_values: bool = True) -> "PageIndex":

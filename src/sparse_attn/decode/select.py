@@ -152,6 +152,41 @@ class PageSelection:
             score = score.nan_to_num(nan=0.0)
         return self._top_pages(score, index)
 
+    def append_and_select(self, q: Tensor, index: PageIndex, k_new: Tensor, counts=None,
+                          kernel_options: Optional[KernelOptions] = None) -> Tuple[Tensor, Tensor]:
+        """A decode step's index update and selection: appends the new tokens' keys ``k_new (B, Hkv,
+        T, D)`` to ``index`` (``counts`` as for :meth:`PageIndex.append`), then returns ``(pages,
+        page_counts)`` for ``q`` at the lengths after it; the index and the result are those of
+        ``index.append(k_new, counts)`` followed by ``self(q, index)``.
+
+        Where the Triton kernels score the pages (``quest`` or ``pooled``, within the kernels'
+        limits), the append runs inside the page-scoring kernel: one kernel launch fewer per step.
+        Elsewhere (``sink_window``, ``oracle``, the PyTorch path) it is the two calls."""
+        if self.method == "oracle":
+            raise ValueError(f"{OWNER}: the oracle selection reads the K cache: append the keys, then call the "
+                             f"selection with k_cache=")
+        _check_inputs(q, index, None, self.method)
+        page = index.page_size
+        self.check_budget(page)
+        counts_t, bound = index.check_append(k_new, counts)
+        if not (self.method != "sink_window" and k_new.shape[2] > 0 and self._kernel_runs(q, index, kernel_options)
+                and index._append_kernel_supports(k_new)):
+            index.append(k_new, counts, kernel_options=kernel_options)
+            return self(q, index, kernel_options=kernel_options)
+        options = resolve_kernel_options(kernel_options)
+        from .select_kernels import triton_page_logits, triton_select_pages
+
+        fast, dependent = options.fast_launch, options.dependent_launch_on(q.device)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else float(self.scale)
+        logits, stats, next_lengths = triton_page_logits(q, index, self.method, scale, with_stats=True,
+                                                         fast_launch=fast, dependent_launch=dependent,
+                                                         k_new=k_new, counts=counts_t)
+        index._length_bound = min(bound, index.capacity)
+        width = min(self.budget_pages(page), index.max_pages)
+        return triton_select_pages((logits, stats), index, width, self.sink_pages(page), self.recent,
+                                   group_max=self.group_score == "max", fast_launch=fast,
+                                   dependent_launch=dependent, next_lengths=next_lengths)
+
     def by_score(self, score: Tensor, index: PageIndex) -> Tuple[Tensor, Tensor]:
         """``(pages, page_counts)`` from given page scores ``score (B, Hkv, max_pages)`` (higher is
         better, e.g. a learned gate's share of attention mass per page) instead of the method's:

@@ -22,6 +22,8 @@ order.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,7 @@ from ..backends.triton.kernels import dot
 from ..backends.triton.launch import launch_jit
 from ..backends.triton.runtime import (cdiv, dependent_launch_meta, fp32_dot_operands, gdc_launch_dependents,
                                       gdc_wait, next_power_of_2)
+from .index_kernels import quantized_bounds
 
 PAGE_TILE = 64  # pages per program of the page-score kernel
 ROWS_TOGETHER_MAX = 16384  # the top-k kernel reads every query row's logits at once up to this many values
@@ -40,22 +43,35 @@ INF_KEY = tl.constexpr(0x7F80)  # the compared key of +inf (a forced page): the 
 @triton.jit
 def _page_logits_kernel(
     Q, KA, KB, KSCALE, LENGTHS, OUT, STATS,
+    K_NEW, COUNTS, KMIN, KMAX, KSUM, QMIN, QMAX, NEXT_LENGTHS,
     stride_qb, stride_qh, stride_qs,
     stride_ib, stride_ih, stride_ip,
     stride_cb, stride_ch,
     stride_ob, stride_oh, stride_or,
     stride_s0, stride_sb, stride_sh, stride_sr,
-    scale, max_pages,
+    stride_kb, stride_kh, stride_kt,
+    stride_mb, stride_mh, stride_mp,
+    stride_ub, stride_uh, stride_up,
+    scale, max_pages, capacity, new,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, QUEST: tl.constexpr,
     INT8: tl.constexpr, UPCAST: tl.constexpr, WRITE_STATS: tl.constexpr, PDL: tl.constexpr,
+    APPEND: tl.constexpr, HAS_COUNTS: tl.constexpr, T_P2: tl.constexpr, INDEX_INT8: tl.constexpr,
 ):
     """Logits of ``BLOCK_P`` pages of one (sequence, KV head) for every query row of its group
     (``KA`` = kmax and ``KB`` = kmin in the key dtype for Quest, or with ``INT8`` qmax and qmin in
     int8 with the page scales ``KSCALE``; ``KA`` = ksum in float32 for pooled). Pages past the
     sequence are not read. With ``WRITE_STATS``, also each row's softmax
     statistics over the tile: ``STATS[0]`` the largest logit, ``STATS[1]`` the sum of
-    ``exp(logit - largest)`` (0 for a tile without pages), at column ``pid_p``."""
+    ``exp(logit - largest)`` (0 for a tile without pages), at column ``pid_p``.
+
+    With ``APPEND``, first the index update of :meth:`~.page_index.PageIndex.append` for the new keys
+    ``K_NEW (B, Hkv, T, D)`` (the first ``COUNTS[b]`` real, or all ``new``): the program whose tile
+    holds the pages those keys fall in combines them with the stored ``KMIN``/``KMAX``/``KSUM`` (and
+    with int8 bounds ``QMIN``/``QMAX``/``KSCALE`` quantized anew) of its KV head, stores them and
+    scores the updated pages; every program scores at the length after the append, which program
+    ``(0, b, 0)`` writes to ``NEXT_LENGTHS[b]`` (``LENGTHS`` is left as it was: other programs read it;
+    the top-k kernel moves it on)."""
     if PDL:  # a dependent launch: the previous kernel's results are complete past this point
         gdc_wait()
     pid_p = tl.program_id(0)
@@ -69,31 +85,91 @@ def _page_logits_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     pages = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     length = tl.load(LENGTHS + b)
+    if APPEND:
+        start = length
+        if HAS_COUNTS:
+            count = tl.minimum(tl.maximum(tl.load(COUNTS + b), 0), new)
+        else:
+            count = new + 0 * start
+        length = tl.minimum(start + count, capacity)
+        first_page = start // PAGE_SIZE
+        last_page = tl.where(length > start, (length - 1) // PAGE_SIZE, -1)  # -1: no token is added
+        touched = (pages >= first_page) & (pages <= last_page)
+        tile_touched = (first_page < pid_p * BLOCK_P + BLOCK_P) & (last_page >= pid_p * BLOCK_P)
+        if (pid_p == 0) & (kvh == 0):
+            tl.store(NEXT_LENGTHS + b, length)
     tokens = tl.minimum(tl.maximum(length - pages.to(tl.int64) * PAGE_SIZE, 0), PAGE_SIZE)
     has = (tokens > 0) & (pages < max_pages)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     base = b * stride_ib + kvh * stride_ih + pages[:, None].to(tl.int64) * stride_ip + offs_d[None, :]
+    # The operands of the scores: Quest's bounds (int8 ones with the pages' scales) or the key sums.
+    if QUEST:
+        if INT8:
+            # int8 bounds are exact in the 16-bit query dtype; the page's scale multiplies the dots.
+            kmax = tl.load(KA + base, mask=has[:, None], other=0).to(tl.float32).to(Q.dtype.element_ty)
+            kmin = tl.load(KB + base, mask=has[:, None], other=0).to(tl.float32).to(Q.dtype.element_ty)
+            page_scale = tl.load(KSCALE + b * stride_cb + kvh * stride_ch + pages, mask=has, other=0.0)
+        else:
+            kmax = tl.load(KA + base, mask=has[:, None], other=0.0)
+            kmin = tl.load(KB + base, mask=has[:, None], other=0.0)
+    else:
+        ksum = tl.load(KA + base, mask=has[:, None], other=0.0)
+    if APPEND:
+        if tile_touched:
+            # The index update of the pages this step's keys fall in (PageIndex.append): min with
+            # min, max with max, sum plus sum; a page holding no token before the step starts afresh.
+            put = touched[:, None] & (offs_d[None, :] < HEAD_DIM)
+            base_s = b * stride_ub + kvh * stride_uh + pages[:, None].to(tl.int64) * stride_up + offs_d[None, :]
+            base_m = b * stride_mb + kvh * stride_mh + pages[:, None].to(tl.int64) * stride_mp + offs_d[None, :]
+            fresh = (pages.to(tl.int64) * PAGE_SIZE >= start)[:, None]
+            old_min = tl.where(fresh, float("inf"), tl.load(KMIN + base_m, mask=put, other=0.0).to(tl.float32))
+            old_max = tl.where(fresh, float("-inf"), tl.load(KMAX + base_m, mask=put, other=0.0).to(tl.float32))
+            old_sum = tl.where(fresh, 0.0, tl.load(KSUM + base_s, mask=put, other=0.0))
+            new_min = tl.full([BLOCK_P, HEAD_DIM], float("inf"), tl.float32)
+            new_max = tl.full([BLOCK_P, HEAD_DIM], float("-inf"), tl.float32)
+            new_sum = tl.zeros([BLOCK_P, HEAD_DIM], tl.float32)
+            for t in tl.static_range(T_P2):
+                real = (t < count) & (start + t < capacity)
+                k_t = tl.load(K_NEW + b * stride_kb + kvh * stride_kh + t * stride_kt + offs_d,
+                              mask=offs_d < tl.where(real, HEAD_DIM, 0), other=0.0).to(tl.float32)
+                hit = (pages == tl.where(real, (start + t) // PAGE_SIZE, -1))[:, None]
+                new_min = tl.where(hit, tl.minimum(new_min, k_t[None, :]), new_min)
+                new_max = tl.where(hit, tl.maximum(new_max, k_t[None, :]), new_max)
+                new_sum = tl.where(hit, new_sum + k_t[None, :], new_sum)
+            low = tl.minimum(old_min, new_min).to(KMIN.dtype.element_ty)
+            high = tl.maximum(old_max, new_max).to(KMAX.dtype.element_ty)
+            total = old_sum + new_sum
+            tl.store(KMIN + base_m, low, mask=put)
+            tl.store(KMAX + base_m, high, mask=put)
+            tl.store(KSUM + base_s, total, mask=put)
+            if INDEX_INT8:  # the index's int8 bounds of those pages, quantized anew
+                # (rows of other pages hold infinities: zeros stand in, and they are not stored)
+                q_low, q_high, new_scale = quantized_bounds(tl.where(put, low, 0.0), tl.where(put, high, 0.0))
+                tl.store(QMAX + base_m, q_high, mask=put)
+                tl.store(QMIN + base_m, q_low, mask=put)
+                tl.store(KSCALE + b * stride_cb + kvh * stride_ch + pages, new_scale, mask=touched)
+                if INT8:
+                    kmax = tl.where(put, q_high.to(tl.float32).to(Q.dtype.element_ty), kmax)
+                    kmin = tl.where(put, q_low.to(tl.float32).to(Q.dtype.element_ty), kmin)
+                    page_scale = tl.where(touched, new_scale, page_scale)
+            if QUEST:
+                if not INT8:
+                    kmax = tl.where(put, high, kmax)
+                    kmin = tl.where(put, low, kmin)
+            else:
+                ksum = tl.where(put, total, ksum)
     if QUEST:
         # The positive and negative parts of q, split in float32 (exact) and fed to the dots in
         # the query (= key) dtype.
         q32 = q.to(tl.float32)
         q_pos = tl.where(q32 > 0.0, q32, 0.0).to(Q.dtype.element_ty)
         q_neg = tl.where(q32 < 0.0, q32, 0.0).to(Q.dtype.element_ty)
+        score = dot(q_pos, tl.trans(kmax), UPCAST)
+        score = dot(q_neg, tl.trans(kmin), UPCAST, score)
         if INT8:
-            # int8 bounds are exact in the 16-bit query dtype; the page's scale multiplies the dots.
-            kmax = tl.load(KA + base, mask=has[:, None], other=0).to(tl.float32).to(q_pos.dtype)
-            kmin = tl.load(KB + base, mask=has[:, None], other=0).to(tl.float32).to(q_pos.dtype)
-            page_scale = tl.load(KSCALE + b * stride_cb + kvh * stride_ch + pages, mask=has, other=0.0)
-            score = dot(q_pos, tl.trans(kmax), UPCAST)
-            score = dot(q_neg, tl.trans(kmin), UPCAST, score) * page_scale[None, :]
-        else:
-            kmax = tl.load(KA + base, mask=has[:, None], other=0.0)
-            kmin = tl.load(KB + base, mask=has[:, None], other=0.0)
-            score = dot(q_pos, tl.trans(kmax), UPCAST)
-            score = dot(q_neg, tl.trans(kmin), UPCAST, score)
+            score = score * page_scale[None, :]
     else:
-        ksum = tl.load(KA + base, mask=has[:, None], other=0.0)
         mean = ksum / tl.maximum(tokens, 1).to(tl.float32)[:, None]
         score = dot(q, tl.trans(mean.to(Q.dtype.element_ty)), UPCAST)
     log_tokens = tl.log(tl.maximum(tokens, 1).to(tl.float32))
@@ -113,18 +189,20 @@ def _page_logits_kernel(
 
 @triton.jit
 def _select_pages_kernel(
-    LOGITS, STATS, LENGTHS, PAGES, COUNTS,
+    LOGITS, STATS, LENGTHS, PAGES, COUNTS, LENGTHS_OUT,
     stride_lb, stride_lh, stride_lr,
     stride_s0, stride_sb, stride_sh, stride_sr,
     stride_pb, stride_ph, stride_cb,
     max_pages, width, sink_pages, recent, tiles,
     KV_HEADS: tl.constexpr, ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, NP_P2: tl.constexpr,
     W_P2: tl.constexpr, TILES_P2: tl.constexpr, SCORED: tl.constexpr, GROUP_MAX: tl.constexpr,
-    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr,
+    ROWS_P2: tl.constexpr, ROWS_TOGETHER: tl.constexpr, PDL: tl.constexpr, WRITE_LENGTHS: tl.constexpr,
 ):
     """The ``width`` pages one (sequence, KV head) reads: sink and recent pages first (key
     ``+inf``), then the best group scores; an unscored selection (``SCORED=False``,
-    sink_window) takes every page of a sequence that fits the width, else the forced ones."""
+    sink_window) takes every page of a sequence that fits the width, else the forced ones. With
+    ``WRITE_LENGTHS`` (``LENGTHS``: the lengths after an append the score kernel made), program
+    ``(b, 0)`` stores sequence ``b``'s length in ``LENGTHS_OUT`` (the index's lengths)."""
     if PDL:  # a dependent launch: the previous kernel's results are complete past this point
         gdc_wait()
         gdc_launch_dependents()
@@ -133,6 +211,9 @@ def _select_pages_kernel(
     kvh = (pid % KV_HEADS).to(tl.int64)
     offs = tl.arange(0, NP_P2)
     length = tl.load(LENGTHS + b)
+    if WRITE_LENGTHS:
+        if kvh == 0:
+            tl.store(LENGTHS_OUT + b, length)
     num_pages = tl.minimum((length + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
     valid = offs < num_pages
     forced = offs < sink_pages
@@ -228,52 +309,81 @@ def _select_pages_kernel(
 
 
 def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: bool = False,
-                       fast_launch: bool = True, dependent_launch: bool = False):
+                       fast_launch: bool = True, dependent_launch: bool = False,
+                       k_new: Optional[Tensor] = None, counts: Optional[Tensor] = None):
     """``(B, Hkv, G * Sq, max_pages)`` float32 page logits (rows ordered query head, then query
     index) of ``method`` (``"quest"`` or ``"pooled"``) for the checked queries ``q (B, H, Sq, D)``
     against a :class:`~.page_index.PageIndex`; ``with_stats``: ``(logits, stats)`` with the rows'
     per-tile softmax statistics ``(2, B, Hkv, G * Sq, tiles)`` that :func:`triton_select_pages` reads.
     ``fast_launch`` (here and below): see :func:`~sparse_attn.backends.triton.launch.launch_jit`;
     ``dependent_launch`` (here and below): launch as a programmatic dependent launch
-    (:meth:`~sparse_attn.options.KernelOptions.dependent_launch_on`)."""
+    (:meth:`~sparse_attn.options.KernelOptions.dependent_launch_on`).
+
+    ``k_new (B, Hkv, T, D)`` (checked by the caller, ``counts`` int64 ``(B,)`` or None as for
+    :func:`~.index_kernels.triton_append`): the kernel first appends these keys to the index's
+    summaries and scores the pages at the lengths after it; then the return value gains a third
+    element, those lengths ``(B,)`` int64, which :func:`triton_select_pages` takes as
+    ``next_lengths`` and writes to the index (until then ``index.lengths`` is unchanged)."""
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
     rows = max(16, next_power_of_2(group * q_len))
     q = q if q.stride(-1) == 1 else q.contiguous()
     int8 = method == "quest" and index.bounds == "int8"
+    index_int8 = index.bounds == "int8"
     if int8:
-        first, second, page_scales = index.qmax, index.qmin, index.qscale
+        first, second = index.qmax, index.qmin
     elif method == "quest":
-        first, second, page_scales = index.kmax, index.kmin, index.lengths  # no scales: never read
+        first, second = index.kmax, index.kmin
     else:
         first = second = index.ksum
-        page_scales = index.lengths
+    page_scales = index.qscale if index_int8 else index.lengths  # no scales: never read
     out = torch.empty(batch, kv_heads, group * q_len, max_pages, device=q.device, dtype=torch.float32)
     tiles = cdiv(max_pages, PAGE_TILE)
     stats = torch.empty(2, batch, kv_heads, group * q_len, tiles, device=q.device, dtype=torch.float32) \
         if with_stats else out
+    append = k_new is not None
+    if append:
+        k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+        next_lengths = torch.empty_like(index.lengths)
+        new = k_new.shape[2]
+        # Without int8 bounds the kernel never writes QMIN/QMAX; the exact bounds stand in.
+        qmin, qmax = (index.qmin, index.qmax) if index.bounds == "int8" else (index.kmin, index.kmax)
+        append_args = (k_new, index.lengths if counts is None else counts.contiguous(), index.kmin, index.kmax,
+                       index.ksum, qmin, qmax, next_lengths)
+        append_strides = (*k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3])
+    else:  # placeholder pointers, never read
+        new = 0
+        append_args = (q, index.lengths, first, first, first, first, first, index.lengths)
+        append_strides = (0,) * 9
     launch_jit(_page_logits_kernel, (tiles, batch * kv_heads), (
-        q, first, second, page_scales, index.lengths, out, stats,
-        *q.stride()[:3], *first.stride()[:3], *(page_scales.stride()[:2] if int8 else (0, 0)),
-        *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4),
-        scale, max_pages,
+        q, first, second, page_scales, index.lengths, out, stats, *append_args,
+        *q.stride()[:3], *first.stride()[:3], *(page_scales.stride()[:2] if index_int8 else (0, 0)),
+        *out.stride()[:3], *(stats.stride()[:4] if with_stats else (0,) * 4), *append_strides,
+        scale, max_pages, index.capacity, new,
     ), dict(
         KV_HEADS=kv_heads, GROUP=group, SQ=q_len, HEAD_DIM=dim, PAGE_SIZE=index.page_size, ROWS=rows,
         BLOCK_P=PAGE_TILE, QUEST=method == "quest", INT8=int8, UPCAST=fp32_dot_operands(q.dtype),
-        WRITE_STATS=with_stats,
+        WRITE_STATS=with_stats, APPEND=append, HAS_COUNTS=append and counts is not None, INDEX_INT8=index_int8,
+        T_P2=next_power_of_2(max(new, 1)),
         **dependent_launch_meta(dependent_launch), num_warps=4 if rows * dim <= 64 * 128 else 8,
     ), fast_launch)
-    return (out, stats) if with_stats else out
+    result = (out, stats) if with_stats else (out,)
+    if append:
+        result = result + (next_lengths,)
+    return result if len(result) > 1 else out
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,
                         group_max: bool, fast_launch: bool = True, num_warps: int | None = None,
-                        dependent_launch: bool = False) -> tuple[Tensor, Tensor]:
+                        dependent_launch: bool = False,
+                        next_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(pages (B, Hkv, width) int32, counts (B, Hkv) int32)`` as
     :meth:`~.select.PageSelection.__call__` defines them, from the page logits ``(B, Hkv, R,
     max_pages)`` and their statistics, ``triton_page_logits(..., with_stats=True)`` (None: no
-    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count)."""
+    scores, the sink_window selection); ``num_warps`` overrides the kernel's (None: by the page count);
+    ``next_lengths``: the lengths after the append :func:`triton_page_logits` made (its third
+    result): pages are selected at them, and they are written to ``index.lengths``."""
     batch, kv_heads, max_pages = index.batch, index.kv_heads, index.max_pages
     device = index.device
     pages = torch.empty(batch, kv_heads, width, device=device, dtype=torch.int32)
@@ -288,14 +398,16 @@ def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int,
     np_p2 = next_power_of_2(max_pages)
     rows_p2 = next_power_of_2(max(rows, 1))
     together = rows_p2 * np_p2 <= ROWS_TOGETHER_MAX
+    lengths = index.lengths if next_lengths is None else next_lengths
     launch_jit(_select_pages_kernel, (batch * kv_heads,), (
-        logits, stats, index.lengths, pages, counts,
+        logits, stats, lengths, pages, counts, index.lengths,
         *strides, pages.stride(0), pages.stride(1), counts.stride(0),
         max_pages, width, sink_pages, recent, tiles,
     ), dict(
         KV_HEADS=kv_heads, ROWS=rows, PAGE_SIZE=index.page_size, NP_P2=np_p2,
         W_P2=next_power_of_2(width), TILES_P2=next_power_of_2(tiles), SCORED=scored,
-        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, **dependent_launch_meta(dependent_launch),
+        GROUP_MAX=group_max, ROWS_P2=rows_p2, ROWS_TOGETHER=together, WRITE_LENGTHS=next_lengths is not None,
+        **dependent_launch_meta(dependent_launch),
         # Warps by the values a program holds at once: the rows' logits together, or one row's (on an
         # H100, 4 rows of 2048 pages ran fastest with 8 warps: 7.7 us, against 8.7 with 16).
         num_warps=num_warps or max(4, min(16, rows_p2 * np_p2 // 1024 if together else np_p2 // 128)),
