@@ -333,6 +333,26 @@ def test_wilson_interval():
     assert wilson_interval(0.0, 4)[0] == 0.0 and wilson_interval(0.3, 0) == (0.0, 1.0)
 
 
+def test_paired_difference_and_the_vs_dense_column():
+    """The paired difference: mean of per-prompt differences with a normal 95% interval; the table's
+    ``vs dense`` cell gives it in points for rows scored on dense's prompts, ``-`` elsewhere."""
+    from sparse_attn.eval.report import markdown_table
+    from sparse_attn.eval.stats import paired_difference
+
+    assert paired_difference([1, 1, 0, 1], [1, 1, 1, 1]) == pytest.approx((-0.25, -0.74, 0.24), abs=0.01)
+    assert paired_difference([1, 0.5], [1, 0.5]) == (0.0, 0.0, 0.0)  # every prompt agrees
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1, 0], [1])
+    rows = _synthetic_rows()
+    rows[0]["scores"] = {"passkey": [1.0, 1.0, 1.0, 1.0]}
+    rows[1]["scores"] = {"passkey": [1.0, 0.0, 1.0, 1.0]}
+    rows[2]["scores"] = {"passkey": [1.0, 1.0]}  # other prompts: not compared
+    table = markdown_table(rows).splitlines()
+    assert "| 4 | - | passkey" in table[2]  # dense itself
+    assert "| 4 | -25.0 [-74.0, +24.0] | passkey" in table[3]
+    assert "| 4 | - | passkey" in table[4] and "| 4 | - | passkey" in table[5]
+
+
 def test_each_method_keeps_one_colour_and_marker_in_every_plot_and_length():
     mpl = pytest.importorskip("matplotlib")
     from matplotlib.colors import to_rgb

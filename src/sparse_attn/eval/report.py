@@ -21,7 +21,7 @@ import textwrap
 import zlib
 from pathlib import Path
 
-from .stats import wilson_interval
+from .stats import paired_difference, wilson_interval
 
 BENCHMARKS_DOC = "docs/benchmarks.md"
 NOISY = 0.25  # a row whose timed repeats spread over more than this share of their median is flagged
@@ -59,6 +59,10 @@ COLUMNS = [
                            "successes): with few prompts accuracy moves in large steps, and rows whose intervals "
                            "overlap are not shown to differ.")),
     ("prompts", "the number of prompts behind the accuracy (tasks x prompts per task)."),
+    ("vs dense [95% CI]", ("accuracy minus dense's on the same prompts (the mean of the per-prompt score "
+                           "differences, in points of accuracy x 100), with its 95% interval: paired, so it is "
+                           "much narrower than the accuracies' own intervals when most prompts score alike; `-` "
+                           "for dense and where the row has no per-prompt scores.")),
     ("per task", ("accuracy on each task's prompts alone (the prompts per task in brackets); these rest on "
                   "fewer prompts still, so their intervals are wider.")),
     ("recall", ("attention recall: the share of the exact softmax attention mass that the kept blocks hold, "
@@ -93,6 +97,10 @@ DECODE_COLUMNS = [
     ("accuracy [95% CI]", ("task accuracy, scored as in the prefill table (RULER's `string_match_all` over the "
                            "greedy continuation), with its 95% Wilson score interval over the prompt count.")),
     ("prompts", "the number of prompts behind the accuracy (tasks x prompts per task)."),
+    ("vs dense [95% CI]", ("accuracy minus dense's on the same prompts (the mean of the per-prompt score "
+                           "differences, in points of accuracy x 100), with its 95% interval: paired, so it is "
+                           "much narrower than the accuracies' own intervals when most prompts score alike; `-` "
+                           "for dense and where the row has no per-prompt scores.")),
     ("per task", "accuracy on each task's prompts alone (the prompts per task in brackets)."),
     ("same as dense", ("the share of prompts whose generated text equals the dense-decode row's at the same "
                        "length, character for character.")),
@@ -180,9 +188,24 @@ def markdown_table(rows: list) -> str:
             noise = "~" if r is not ref and low_ms <= ref_high and ref_low <= high_ms else ""
             ratio = f"{noise}{r['prefill_ms'] / ref['prefill_ms']:.2f}x"
         lines.append(f"| {r['length']} | {r['method']} | {_knobs(r['knobs'])} | {r['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] "
-                     f"| {r.get('samples', '?')} | {per_task} | {recall} | {density} | "
+                     f"| {r.get('samples', '?')} | {_versus(r, ref)} | {per_task} | {recall} | {density} | "
                      f"{r['estimate_ms_per_prefill']:.1f} | {prefill} | {ratio} |")
     return "\n".join(lines)
+
+
+def _prompt_scores(row: dict) -> list | None:
+    scores = row.get("scores")
+    return [v for task in sorted(scores) for v in scores[task]] if scores else None
+
+
+def _versus(row: dict, dense: dict | None) -> str:
+    """The ``vs dense`` cell: the paired accuracy difference to ``dense`` in points, or ``-``."""
+    mine, theirs = _prompt_scores(row), _prompt_scores(dense) if dense else None
+    if dense is None or row is dense or mine is None or theirs is None or len(mine) != len(theirs) \
+            or {t: len(v) for t, v in row["scores"].items()} != {t: len(v) for t, v in dense["scores"].items()}:
+        return "-"
+    mean, low, high = paired_difference(mine, theirs)
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def _device(rows: list, meta: dict) -> str:
