@@ -113,3 +113,24 @@ def tiny_llama(vocab_size: int, hidden_size: int = 64, intermediate_size: int = 
                                       num_attention_heads=heads, num_key_value_heads=kv_heads,
                                       max_position_embeddings=positions)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+
+
+def run_compile_script(script) -> dict:
+    """Run a kernel-compiling script (``tests/backends/compile_kernels.py``,
+    ``tests/decode/compile_decode_kernels.py``) in a fresh process with the interpreter off and
+    return the JSON its last line prints; skips where Triton has no NVIDIA backend, fails with the
+    script's error output where it fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 or not run.stdout.strip():
+        if "nvidia" in run.stderr.lower() and "backend" in run.stderr.lower():
+            pytest.skip(f"Triton has no NVIDIA backend here: {run.stderr[-300:]}")
+        pytest.fail(f"compile script failed ({run.returncode}): {run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -7,13 +7,10 @@ ships its NVIDIA backend and ``ptxas``, so CI compiles each kernel to a cubin wi
 (``tests/compile_kernels.py``, in its own process).
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from utils import run_compile_script
 
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
@@ -21,13 +18,7 @@ SCRIPT = Path(__file__).with_name("compile_kernels.py")
 
 @pytest.fixture(scope="module")
 def compile_results():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
-    if run.returncode != 0 or not run.stdout.strip():
-        if "nvidia" in run.stderr.lower() and "backend" in run.stderr.lower():
-            pytest.skip(f"Triton has no NVIDIA backend here: {run.stderr[-300:]}")
-        pytest.fail(f"compile script failed ({run.returncode}): {run.stderr[-2000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_compile_script(SCRIPT)
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
