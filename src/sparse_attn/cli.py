@@ -470,6 +470,22 @@ def train_gates_command(model_path, out, lengths, minutes, steps, text_path, blo
     click.echo(f"wrote {out}: patch(model, method='seer', gates={out!r}, block_size={block_size})")
 
 
+def _check_seer_gates(gates: str, model_path: str, block_size: int) -> None:
+    """BadParameter naming --gates unless ``gates`` is a gates file of ``block_size`` trained for the
+    model at ``model_path`` (read from its config alone)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from .methods import get_method
+
+    try:
+        get_method("seer", gates=gates, block_size=block_size).check_model(
+            SimpleNamespace(config=AutoConfig.from_pretrained(model_path)))
+    except ValueError as exc:  # not a gates file, another block size, another model's
+        raise click.BadParameter(str(exc), param_hint="--gates") from None
+
+
 @main.command("profile")
 @click.option("--model", "model_path", required=True,
               help="local transformers model directory, or 'canary' for the shipped canary model")
@@ -486,23 +502,34 @@ def train_gates_command(model_path, out, lengths, minutes, steps, text_path, blo
 @click.option("--block-size", default="64", show_default=True, type=click.Choice(["16", "32", "64", "128", "256"]))
 @click.option("--min-kv-len", default=None, type=click.IntRange(min=0),
               help="the config's min_kv_len (default: SparseConfig's)")
+@click.option("--gates", default=None,
+              help="seer's gates file, trained for this model (sparse-attn train-gates; 'canary': the canary's): "
+                   "needed when --methods names seer, whose threshold is then chosen per layer and KV head")
 @click.option("--device", default=None)
 def profile_command(model_path, out, methods, lengths, target_recall, samples, prompt_file, block_size, min_kv_len,
-                    device):
+                    gates, device):
     """Profile once, serve many: measure density and attention recall per layer and KV head at each
     value of each method's main knob, and write the cheapest SparseConfig meeting --target-recall."""
     import torch
     from transformers import AutoTokenizer
 
     from .integrations.hf import load_model
-    from .integrations.hf.profile import PROFILE_SWEEPS, calibration_prompts, profile_model, write_profile
+    from .integrations.hf.profile import PROFILE_SWEEPS, calibration_prompts, profile_model, seer_sweep, write_profile
 
-    method_list = _choices(methods, sorted(PROFILE_SWEEPS), "--methods")
+    method_list = _choices(methods, sorted([*PROFILE_SWEEPS, "seer"]), "--methods")
+    sweeps = dict(PROFILE_SWEEPS)
+    if "seer" in method_list:
+        if gates is None:
+            raise click.BadParameter("--methods names seer: give its gates file (--gates PATH, or 'canary')",
+                                     param_hint="--gates")
+        sweeps["seer"] = seer_sweep(gates)
     length_list = _lengths(lengths, example="4096,16384")
     _check_out_dir(out, "the profile")
     text = _read_text(prompt_file, "--prompt-file", "calibration")
     path, device = _model_dir(model_path), _device(device)
     _check_positions(path, length_list)
+    if "seer" in method_list:  # the gates checked against the model's config before its weights load
+        _check_seer_gates(gates, path, int(block_size))
     tokenizer = AutoTokenizer.from_pretrained(path)
     try:
         prompts = calibration_prompts(tokenizer, length_list, samples, text)
@@ -510,7 +537,7 @@ def profile_command(model_path, out, methods, lengths, target_recall, samples, p
         raise click.BadParameter(str(exc), param_hint="--prompt-file" if text is not None else "--lengths") from None
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_model(path, dtype=dtype, device=device)
-    profile = profile_model(model, prompts=prompts, methods=method_list, target_recall=target_recall,
+    profile = profile_model(model, prompts=prompts, methods=method_list, sweeps=sweeps, target_recall=target_recall,
                             block_size=int(block_size), min_kv_len=min_kv_len, progress=True, model_name=model_path)
     write_profile(profile, out)
     for layer in profile["layers"]:

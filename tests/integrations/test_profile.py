@@ -262,6 +262,8 @@ def test_cli_profile_writes_a_profile_patch_reads(tokenizer, tmp_path):
     (["--prompt-file", "SHORT", "--lengths", "512"], "--prompt-file"),
     (["--prompt-file", "MISSING"], "--prompt-file"),
     (["--out", "NODIR"], "--out"),
+    (["--methods", "seer"], "--gates"),
+    (["--methods", "seer", "--gates", "canary"], "--gates"),  # the canary's gates, another model
 ])
 def test_cli_profile_errors_name_the_option(tokenizer, tmp_path, args, option):
     (tmp_path / "empty.txt").write_text(" \n")
@@ -297,3 +299,61 @@ def test_profile_on_the_shipped_canary(tmp_path):
     write_profile(profile, tmp_path / "canary.json")
     state = patch(model, profile=tmp_path / "canary.json")
     assert state.config.to_dict()["layers"] == {int(k): v for k, v in profile["config"]["layers"].items()}
+
+
+def test_seer_profile_picks_a_threshold_per_kv_head_and_patches_it(tmp_path):
+    """``seer`` in the profile (its gates fixed, the threshold swept): per layer and KV head the
+    cheapest threshold meeting the target, which the patched model runs; gates of another model are
+    refused before anything runs."""
+    from sparse_attn.eval.canary import resolve_model
+    from sparse_attn.eval.tasks import make_sample
+    from sparse_attn.integrations.hf.profile import SEER_THRESHOLDS, seer_sweep
+    from sparse_attn.methods.seer_gate import GatesError
+
+    path = resolve_model("canary")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    sweeps = {"seer": seer_sweep("canary")}
+    profile = profile_model(model, tokenizer, methods=["seer"], sweeps=sweeps, target_recall=0.9,
+                            lengths=[1024], samples=1, block_size=64, min_kv_len=0)
+    assert profile["methods"]["seer"] == [{"gates": "canary", "threshold": t} for t in SEER_THRESHOLDS]
+    for layer in profile["layers"]:
+        assert min(layer["kv_head_recall"]) >= 0.9
+        if layer["method"] == "seer":
+            assert layer["knobs"]["gates"] == "canary"
+            thresholds = layer["knobs"]["threshold"]
+            per_head = thresholds if isinstance(thresholds, list) else [thresholds] * len(layer["kv_head_recall"])
+            rows = {row["knobs"]["threshold"]: row for row in layer["measurements"]}
+            for head, t in enumerate(per_head):  # each KV head: the sparsest threshold meeting the target
+                if head in layer["dense_heads"]:
+                    continue
+                assert rows[t]["kv_head_recall"][head] >= 0.9
+                sparser = [u for u in SEER_THRESHOLDS if u > t]
+                assert all(rows[u]["kv_head_recall"][head] < 0.9 or rows[u]["kv_head_density"][head]
+                           >= rows[t]["kv_head_density"][head] for u in sparser)
+    assert any(layer["method"] == "seer" for layer in profile["layers"])
+    write_profile(profile, tmp_path / "seer.json")
+    state = patch(model, profile=tmp_path / "seer.json")
+    state.config.record = True
+    ids = tokenizer(make_sample("passkey", tokenizer, 1024).prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model(ids)
+    unpatch(model)
+    profiled = {layer["layer"]: layer for layer in profile["layers"]}
+    for record in state.records:
+        if profiled[record["layer"]]["method"] == "seer":
+            assert record["sparse"] and record["density"] < 1.0
+    with pytest.raises((GatesError, ValueError), match="gates"):
+        profile_model(tiny_llama(300, hidden_size=96, heads=6, kv_heads=2), tokenizer, methods=["seer"], sweeps=sweeps,
+                      lengths=[256], samples=1, block_size=64)
+
+
+def test_cli_profile_with_seer_on_the_canary(tmp_path):
+    out = tmp_path / "seer.json"
+    result = CliRunner().invoke(main, ["profile", "--model", "canary", "--out", str(out), "--methods", "seer",
+                                       "--gates", "canary", "--lengths", "512", "--samples", "1",
+                                       "--target-recall", "0.9", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    config = SparseConfig.from_profile(out)
+    assert {spec["method"] for spec in config.layers.values()} <= {"seer", "dense"}
+    assert all(spec.get("gates") == "canary" for spec in config.layers.values() if spec["method"] == "seer")

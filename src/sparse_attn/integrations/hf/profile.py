@@ -51,6 +51,14 @@ PROFILE_SWEEPS = {
     "sliding_window": [{"window": w} for w in (0.05, 0.1, 0.25, 0.5)],
 }
 DEFAULT_METHODS = ("xattention", "flexprefill", "vertical_slash", "pooled_topp")
+SEER_THRESHOLDS = (0.1, 0.03, 0.01, 0.006, 0.003, 0.001)  # sparse to dense
+
+
+def seer_sweep(gates, thresholds=SEER_THRESHOLDS) -> list:
+    """The profile's settings of ``seer`` with the gates file ``gates`` (trained for the profiled model
+    by ``sparse-attn train-gates``; ``"canary"``: the canary's): one per ``threshold``. Pass it as
+    ``sweeps={"seer": seer_sweep(path)}``; the profile then picks a threshold per layer and KV head."""
+    return [{"gates": str(gates), "threshold": t} for t in thresholds]
 
 
 def calibration_prompts(tokenizer, lengths: Sequence[int], samples: int, text: Optional[str] = None) -> dict:
@@ -103,13 +111,14 @@ def _check(methods, sweeps, lengths, samples, target_recall, block_size) -> None
 
 
 def measure_layer(q: torch.Tensor, k: torch.Tensor, plan: list, block_size: int, num_rows: int = 64,
-                  scale: Optional[float] = None) -> list:
+                  scale: Optional[float] = None, layer_idx: Optional[int] = None) -> list:
     """Per ``(method, knobs)`` of ``plan``, the layout's density and attention recall per KV head:
-    a list of ``(density (Hkv,), recall (Hkv,))`` float tensors."""
+    a list of ``(density (Hkv,), recall (Hkv,))`` float tensors. ``layer_idx``: the layer (methods
+    with per-layer parameters, such as ``seer``'s gates, need it)."""
     kv_heads = k.shape[1]
     out = []
     for name, knobs in plan:
-        layout = get_method(name, block_size=block_size, **knobs).estimate(q, k, scale=scale)
+        layout = get_method(name, block_size=block_size, **knobs).estimate(q, k, layer_idx, scale=scale)
         recall = attention_recall(q, k, layout, num_rows=num_rows, scale=scale)
         out.append((per_kv_head(layout.density_per_head(), kv_heads).cpu(), per_kv_head(recall, kv_heads).cpu()))
     return out
@@ -135,7 +144,9 @@ def choose_layer(methods: Sequence[str], sweeps: dict, density: dict, recall: di
         # A KV head a setting does not serve runs dense under it: density and recall 1.
         cost, served = torch.where(ok, dens, torch.ones_like(dens)), torch.where(ok, rec, torch.ones_like(rec))
         specs = METHODS[name].knob_specs()
-        if all(specs[knob].per_head for knob in settings[0]):  # one setting per KV head
+        # Knobs that vary over the settings decide; the others (seer's gates) are the same in all.
+        varying = [knob for knob in settings[0] if any(s[knob] != settings[0][knob] for s in settings)]
+        if all(specs[knob].per_head for knob in varying):  # one setting per KV head
             picks = cost.argmin(0).tolist()
         else:  # one setting for the layer
             picks = [int(cost.mean(1).argmin())] * dens.shape[1]
@@ -172,6 +183,7 @@ def profile_model(model, tokenizer=None, *, prompts: Optional[dict] = None, text
     ``samples`` per length. ``sweeps`` (default :data:`PROFILE_SWEEPS`) gives each method's settings;
     ``block_size`` goes to every method; ``min_kv_len`` (None: SparseConfig's default) to the config.
     ``progress``: a bar on stderr (tqdm when installed). Bad arguments raise ValueError naming them.
+    ``seer`` needs its gates in its settings: ``sweeps={"seer": seer_sweep(path)}`` (:func:`seer_sweep`).
     """
     from .patching import _dense, is_patched
 
@@ -181,6 +193,11 @@ def profile_model(model, tokenizer=None, *, prompts: Optional[dict] = None, text
     _check(methods, sweeps, lengths, samples, target_recall, block_size)
     if is_patched(model):
         raise ValueError("profile an unpatched model: unpatch(model) first")
+    for name in methods:  # methods tied to a model (seer's gates) check it before anything runs
+        for knobs in sweeps[name]:
+            built = get_method(name, block_size=block_size, **knobs)
+            if hasattr(built, "check_model"):
+                built.check_model(model)
     if prompts is None:
         if tokenizer is None:
             raise ValueError("give a tokenizer (for the calibration prompts) or prompts={length: [ids, ...]}")
@@ -197,7 +214,8 @@ def profile_model(model, tokenizer=None, *, prompts: Optional[dict] = None, text
         if query.shape[2] > 1:
             kv_heads[layer] = key.shape[1]
             store = measured[current["length"]].setdefault(layer, {p: ([], []) for p in plan})
-            for p, (dens, rec) in zip(plan, measure_layer(query, key, settings, block_size, num_rows, scaling)):
+            for p, (dens, rec) in zip(plan, measure_layer(query, key, settings, block_size, num_rows, scaling,
+                                                          layer)):
                 store[p][0].append(dens)
                 store[p][1].append(rec)
         return _dense(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -244,8 +262,12 @@ def _build_profile(measured, kv_heads, methods, sweeps, lengths, prompts, target
         config_layers[layer] = spec
     used = Counter(spec["method"] for spec in config_layers.values() if spec["method"] != "dense")
     settings = {} if min_kv_len is None else {"min_kv_len": min_kv_len}
-    config = SparseConfig(method=used.most_common(1)[0][0] if used else "dense", knobs={"block_size": block_size},
-                          layers=config_layers, **settings)
+    method, knobs = "dense", {"block_size": block_size}
+    if used:  # the top-level method (every layer has its own): the most used one, as its first layer has it
+        method = used.most_common(1)[0][0]
+        first = next(spec for spec in config_layers.values() if spec["method"] == method)
+        knobs = {k: v for k, v in first.items() if k not in ("method", "dense_heads")}
+    config = SparseConfig(method=method, knobs=knobs, layers=config_layers, **settings)
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION, "model": model_name,
         "target_recall": target_recall, "lengths": list(lengths),
