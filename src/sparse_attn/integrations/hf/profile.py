@@ -51,7 +51,7 @@ PROFILE_SWEEPS = {
     "sliding_window": [{"window": w} for w in (0.05, 0.1, 0.25, 0.5)],
 }
 DEFAULT_METHODS = ("xattention", "flexprefill", "vertical_slash", "pooled_topp")
-SEER_THRESHOLDS = (0.1, 0.03, 0.01, 0.006, 0.003, 0.001)  # sparse to dense
+SEER_THRESHOLDS = (0.1, 0.03, 0.01, 0.006, 0.004, 0.003, 0.002, 0.001)  # sparse to dense
 
 
 def seer_sweep(gates, thresholds=SEER_THRESHOLDS) -> list:
