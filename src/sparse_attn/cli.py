@@ -358,9 +358,12 @@ def _sweeps(specs, method_list, defaults, block_size: int) -> dict:
 @click.option("--sweep", "sweep_specs", multiple=True, metavar="METHOD:KNOB=V1,V2,...",
               help="sweep these values of one knob of a method instead of its default range (its other knobs "
                    "as in its default range's first row), e.g. seer:threshold=0.005,0.002; repeatable")
+@click.option("--profiles", default="", show_default="none",
+              help="profiles (sparse-attn profile) to evaluate, each as a row of its own with its per-layer "
+                   "choices (comma-separated paths)")
 @click.pass_context
 def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, out, device, decode_methods,
-                 decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds, sweep_specs):
+                 decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds, sweep_specs, profiles):
     """Accuracy vs density vs speed: dense and each method over its knob range; with --decode-methods,
     also accuracy of sparse decode (after a dense prefill) per method and budget."""
     import datetime
@@ -369,8 +372,8 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     from transformers import AutoTokenizer
 
     from .eval.report import write_report
-    from .integrations.hf import load_model
     from .eval.runner import SWEEPS, evaluate
+    from .integrations.hf import SparseConfig, load_model
     from .eval.tasks import TASKS
 
     method_list = [] if methods == "none" else _choices(methods, sorted(SWEEPS), "--methods")
@@ -379,6 +382,12 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     length_list = _lengths(lengths)
     decode_list, budget_list = _decode_options(ctx, decode_methods, decode_budgets, decode_page, decode_sink,
                                                decode_recent, decode_bounds)
+    profile_list = [p.strip() for p in profiles.split(",") if p.strip()]
+    for profile in profile_list:  # each read now: a missing file or one that is no profile names --profiles
+        try:
+            SparseConfig.from_profile(profile)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--profiles") from None
     block_size = int(block_size)
     path, device = _model_dir(model_path), _device(device)
     limit = _position_limit(path)
@@ -398,7 +407,8 @@ def eval_command(ctx, model_path, methods, lengths, tasks, samples, block_size, 
     model = load_model(path, dtype=dtype, device=device)
     rows = evaluate(model, tokenizer, method_list, length_list, task_list, samples, block_size,  # progress on stderr
                     sweeps=sweeps, decode_methods=decode_list, decode_budgets=budget_list, decode_page=decode_page,
-                    decode_sink=decode_sink, decode_recent=decode_recent, decode_bounds=decode_bounds)
+                    decode_sink=decode_sink, decode_recent=decode_recent, decode_bounds=decode_bounds,
+                    profiles=profile_list)
     meta = {"model": model_path, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "date": datetime.date.today().isoformat(), "block_size": block_size, "samples_per_task": samples}
     if decode_list:

@@ -122,6 +122,37 @@ def test_eval_cli_on_a_local_model(tokenizer, tmp_path):
     assert "| 200 | power |" in result.output and (tmp_path / "r.json").exists()
 
 
+def test_a_profile_is_evaluated_as_a_row_of_its_own(tokenizer, tmp_path):
+    """``profiles=``: a profile's per-layer choices run as one row (method "profile"), sparse at every
+    length; through the CLI too, where a file that is no profile names --profiles."""
+    from click.testing import CliRunner
+
+    from sparse_attn.cli import main
+    from sparse_attn.integrations.hf import profile_model, write_profile
+    from sparse_attn.integrations.hf.profile import calibration_prompts
+
+    model = _tiny_model(tokenizer)
+    prompts = calibration_prompts(tokenizer, [256], 1)
+    path = tmp_path / "profile.json"
+    write_profile(profile_model(model, prompts=prompts, methods=["sliding_window"], target_recall=0.5,
+                                block_size=32, min_kv_len=4096), path)  # min_kv_len: the row runs sparse anyway
+    rows = evaluate(model, tokenizer, [], [256], tasks=["passkey"], samples=1, block_size=32, progress=False,
+                    profiles=[str(path)])
+    assert [r["method"] for r in rows] == ["dense", "profile"]
+    assert rows[1]["knobs"] == {"profile": str(path)} and rows[1]["density"] < 1.0
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    base = ["eval", "--model", str(tmp_path / "m"), "--methods", "none", "--lengths", "256", "--tasks", "passkey",
+            "--samples", "1", "--block-size", "32", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, base + ["--profiles", str(path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"| 256 | profile | profile={path} |" in result.output
+    (tmp_path / "no.json").write_text("{}")
+    for bad in (tmp_path / "no.json", tmp_path / "missing.json"):
+        result = CliRunner().invoke(main, base + ["--profiles", str(bad)])
+        assert result.exit_code == 2 and "--profiles" in result.output, result.output
+
+
 def test_missing_canary_weights_say_how_to_train_them(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -340,6 +371,7 @@ def test_paired_difference_and_the_vs_dense_column():
     from sparse_attn.eval.stats import paired_difference
 
     assert paired_difference([1, 1, 0, 1], [1, 1, 1, 1]) == pytest.approx((-0.25, -0.74, 0.24), abs=0.01)
+    assert paired_difference([0, 0, 1], [1, 1, 1])[1] == -1.0  # clipped: differences lie in [-1, 1]
     assert paired_difference([1, 0.5], [1, 0.5]) == (0.0, 0.0, 0.0)  # every prompt agrees
     with pytest.raises(ValueError, match="equally long"):
         paired_difference([1, 0], [1])

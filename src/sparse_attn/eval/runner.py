@@ -330,8 +330,13 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
              timing_repeats: int = 3, decode_methods: Sequence[str] = (),
              decode_budgets: Sequence[int] = DECODE_BUDGETS, decode_page: int = DECODE_PAGE,
              decode_sink: int | None = None, decode_recent: int | None = None,
-             decode_recall_every: int | None = DECODE_RECALL_EVERY, decode_bounds: str = "exact") -> list:
+             decode_recall_every: int | None = DECODE_RECALL_EVERY, decode_bounds: str = "exact",
+             profiles: Sequence[str] = ()) -> list:
     """Rows of results, one per (length, configuration), then the decode axis's rows.
+
+    ``profiles``: profile files (``sparse-attn profile``), each evaluated as a row of its own (method
+    ``"profile"``, knobs ``{"profile": path}``) with the per-layer methods and knobs it chose, as
+    ``patch(model, profile=path)`` runs them.
 
     ``progress``: True (default) shows progress per (length, method, knobs, prompt) with an ETA on
     stderr (a tqdm bar on a terminal, plain log lines otherwise: :mod:`.progress`); False or None shows
@@ -352,7 +357,9 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
         raise ValueError(f"no knob range for {unknown}; known: {sorted(sweeps)} (or pass sweeps=)")
     plan = decode_plan(decode_methods, decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds)
     device = next(model.parameters()).device
+    profile_configs = {str(path): SparseConfig.from_profile(path) for path in profiles}  # a bad file raises here
     configs = [("dense", {})] + [(m, knobs) for m in methods for knobs in sweeps[m]]
+    configs += [("profile", {"profile": path}) for path in profile_configs]
     hook = progress if callable(progress) else None
     prompts_per_length = len(tasks) * samples
     # Weights: each scored prompt, and each timing pass (a warm-up plus the timed repeats), by length.
@@ -374,8 +381,13 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
                     unpatch(model)
                     backend = {"backend": f"dense ({dense_impl})", "forward_kernel": dense_impl, "backend_skipped": []}
                 else:
-                    config = SparseConfig(method=name, knobs={"block_size": block_size, **knobs}, min_kv_len=0,
-                                          fallback="never", record=True, measure_recall=True)
+                    if name == "profile":  # its own methods and knobs per layer; sparse at every length
+                        config = SparseConfig.from_profile(knobs["profile"])
+                        config.min_kv_len, config.fallback = 0, "never"
+                        config.record = config.measure_recall = True
+                    else:
+                        config = SparseConfig(method=name, knobs={"block_size": block_size, **knobs}, min_kv_len=0,
+                                              fallback="never", record=True, measure_recall=True)
                     state = patch(model, config=config)
                     backend = attention_backend(model, length, block_size, config.backend)
                 correct, per_task = 0, {}

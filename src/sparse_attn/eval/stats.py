@@ -30,7 +30,8 @@ def paired_difference(scores: list, reference: list, z: float = Z95) -> tuple:
     configurations, with its 95% normal interval (``z`` standard errors of the paired differences
     either side). Comparing on the same prompts cancels how hard each prompt is, so the interval is
     much narrower than the two accuracies' own intervals when the configurations mostly agree; it is
-    ``(mean, mean, mean)`` when every difference is the same (all agree: 0). ValueError when the
+    ``(mean, mean, mean)`` when every difference is the same (all agree: 0), and clipped to ``[-1, 1]``
+    (scores lie in ``[0, 1]``). ValueError when the
     lists differ in length or are empty."""
     if len(scores) != len(reference) or not scores:
         raise ValueError(f"paired_difference needs two equally long, non-empty score lists, got {len(scores)} "
@@ -42,7 +43,8 @@ def paired_difference(scores: list, reference: list, z: float = Z95) -> tuple:
         return mean, mean, mean
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
     half = z * math.sqrt(var / n)
-    return mean, mean - half, mean + half
+    # Scores lie in [0, 1], so their differences in [-1, 1]: the interval is clipped to that.
+    return mean, max(mean - half, -1.0), min(mean + half, 1.0)
 
 
 def spread(times: list) -> dict:
