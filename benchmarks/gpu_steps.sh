@@ -15,6 +15,9 @@
 #   recipe       the canary recipe, part 1: base 5.5 minutes + first refine 2.2 minutes (~9.3 min)
 #   recipe_end   the canary recipe, part 2: the last refine, 2.2 minutes (~3.5 min)
 #   sweep        evaluation sweep of the shipped canary at 8K, 4K and 2K: accuracy, density, prefill (~8.5 min)
+#   seer_8k      the canary at 8K over 720 prompts: dense, seer at threshold 0.006 and seer with the thresholds its
+#                profile chose per layer and KV head (docs/results/profile_seer_canary_8k_cpu_2026-12-08.json),
+#                with each row's paired difference to dense (~8 min)
 #   prefill      canary prefill, patched vs dense flash/cuDNN, at 32K-128K (~5.5 min)
 #   attention_dense, attention_moba, attention_nsa
 #                the canary base trained 3 minutes with dense, MoBA or NSA attention, then evaluated at
@@ -136,6 +139,10 @@ for step in "${@:-attention}"; do
       [ -f "$work/canary/training_log.json" ] || { echo "refine 2 did not finish"; continue; }
       python3 -c "import json; l=json.load(open('$work/canary/training_log.json')); print('refine2', l['steps'], 'after', l['after'])"
       tar czf "$out/recipe_canary.tgz" -C "$work" canary ;;
+    seer_8k)
+      timeout 560 python3 -m sparse_attn eval --model canary --lengths 8192 --samples 180 --methods seer \
+        --sweep seer:threshold=0.006 --profiles docs/results/profile_seer_canary_8k_cpu_2026-12-08.json \
+        --out "$out/eval_seer_8k_profile" 2>&1 | grep -a "^|" ;;
     sweep)
       # Evaluation sweep of the canary in src/sparse_attn/eval/canary: dense and every method over
       # its knob range at 8K, 4K and 2K (one timeout per length, so a cut run keeps the lengths it
