@@ -98,6 +98,32 @@ def test_fused_append_up_to_the_capacity_and_successive_steps():
     _assert_same_index(fused, split)  # refused before anything changed
 
 
+@pytest.mark.skipif(not KERNELS, reason="needs a GPU or TRITON_INTERPRET=1")
+def test_fused_append_takes_steps_the_append_kernel_does_not(monkeypatch):
+    """32 KV heads x 16 tokens x 128 dims is past the append kernel's size (every KV head in one
+    program) but not the page-score kernel's (one KV head per program): the fused path runs, never
+    calling PageIndex.append, and matches the PyTorch append then the selection."""
+    from sparse_attn.decode.select_kernels import triton_page_logits
+
+    index = _index((20,), 32, 128, 16, torch.float16, "exact", capacity=64)
+    gen = torch.Generator().manual_seed(4)
+    k_new = torch.randn(1, 32, 16, 128, generator=gen).to(DEVICE, torch.float16)
+    q = torch.randn(1, 32, 1, 128, generator=gen).to(DEVICE, torch.float16)
+    selection = PageSelection(method="quest", budget=48, sink=16, recent=16)
+    split = _clone(index).append(k_new, kernel_options=TORCH)
+    want = selection(q, split, kernel_options=TRITON)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("PageIndex.append was called: the fused path did not run")
+
+    monkeypatch.setattr(PageIndex, "append", refuse)
+    got = selection.append_and_select(q, index, k_new, kernel_options=TRITON)
+    _assert_same_index(index, split, exact_sums=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="with_stats"):  # the append needs the top-k kernel to finish it
+        triton_page_logits(q, index, "quest", 0.1, with_stats=False, k_new=k_new)
+
+
 @pytest.mark.parametrize("method", ["quest", "pooled", "sink_window"])
 def test_without_kernels_it_is_append_then_select(method):
     index = _index((40, 7), 2, 16, 16, torch.float32, "exact", capacity=64)

@@ -437,12 +437,14 @@ class PageIndex:
         self._length_bound = cap
         return self
 
-    def _append_kernel_supports(self, k_new: Tensor) -> bool:
+    def _append_kernel_supports(self, k_new: Tensor, one_kv_head: bool = False) -> bool:
+        """Whether the Triton append takes ``k_new``: the append kernel (every KV head of a sequence in
+        one program), or with ``one_kv_head`` the page-score kernel's append (one KV head per program)."""
         kv_heads, new, dim = k_new.shape[1:]
         quantized = self.bounds != "int8" or (
             self.qmin.stride() == self.qmax.stride() == self.kmin.stride() and self.qscale.is_contiguous())
         return (new <= KERNEL_MAX_NEW and dim >= 16 and dim & (dim - 1) == 0
-                and kv_heads * new * dim <= 32768 and self.kmin.stride() == self.kmax.stride()
+                and (one_kv_head or kv_heads * new * dim <= 32768) and self.kmin.stride() == self.kmax.stride()
                 and self.kmin.stride(-1) == 1 and self.ksum.stride(-1) == 1 and quantized)
 
     def _quantize_pages(self, pages: slice) -> None:

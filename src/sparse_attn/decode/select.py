@@ -157,11 +157,15 @@ class PageSelection:
         """A decode step's index update and selection: appends the new tokens' keys ``k_new (B, Hkv,
         T, D)`` to ``index`` (``counts`` as for :meth:`PageIndex.append`), then returns ``(pages,
         page_counts)`` for ``q`` at the lengths after it; the index and the result are those of
-        ``index.append(k_new, counts)`` followed by ``self(q, index)``.
+        ``index.append(k_new, counts)`` followed by ``self(q, index)`` (but for the float32 key sums
+        of a step of 3 or more tokens, which may differ in their last bit: the new keys are added in
+        another order; pooled scores read those sums).
 
         Where the Triton kernels score the pages (``quest`` or ``pooled``, within the kernels'
         limits), the append runs inside the page-scoring kernel: one kernel launch fewer per step.
-        Elsewhere (``sink_window``, ``oracle``, the PyTorch path) it is the two calls."""
+        Elsewhere (``sink_window``, the PyTorch path) it is the two calls. ``oracle`` is refused (it
+        reads the K cache: append, then call the selection with ``k_cache=``). Bad input is refused
+        before the index changes."""
         if self.method == "oracle":
             raise ValueError(f"{OWNER}: the oracle selection reads the K cache: append the keys, then call the "
                              f"selection with k_cache=")
@@ -170,8 +174,8 @@ class PageSelection:
         self.check_budget(page)
         counts_t, bound = index.check_append(k_new, counts)
         if not (self.method != "sink_window" and k_new.shape[2] > 0 and self._kernel_runs(q, index, kernel_options)
-                and index._append_kernel_supports(k_new)):
-            index.append(k_new, counts, kernel_options=kernel_options)
+                and index._append_kernel_supports(k_new, one_kv_head=True)):
+            index.append(k_new, counts_t, kernel_options=kernel_options)
             return self(q, index, kernel_options=kernel_options)
         options = resolve_kernel_options(kernel_options)
         from .select_kernels import triton_page_logits, triton_select_pages

@@ -323,7 +323,12 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
     :func:`~.index_kernels.triton_append`): the kernel first appends these keys to the index's
     summaries and scores the pages at the lengths after it; then the return value gains a third
     element, those lengths ``(B,)`` int64, which :func:`triton_select_pages` takes as
-    ``next_lengths`` and writes to the index (until then ``index.lengths`` is unchanged)."""
+    ``next_lengths`` and writes to the index (until then ``index.lengths`` is unchanged: the two
+    launches go together, as :meth:`~.select.PageSelection.append_and_select` makes them, and need
+    ``with_stats``)."""
+    if k_new is not None and not with_stats:
+        raise ValueError("triton_page_logits: k_new (an append) needs with_stats=True: the top-k kernel that "
+                         "finishes the append reads the statistics")
     batch, heads, q_len, dim = q.shape
     kv_heads, max_pages = index.kv_heads, index.max_pages
     group = heads // kv_heads
