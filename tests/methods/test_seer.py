@@ -61,24 +61,6 @@ def test_top_p_density_grows_with_the_gate_mass_kept(trained):
         get_method("seer", gates=gates, block_size=16, top_p=0.9, top_k=4)
 
 
-def test_local_blocks_keep_the_blocks_before_each_query_block(trained):
-    """``local_blocks=3``: every query block keeps its own key block and the two before it, on top of
-    what the gate keeps; 1 (the default) keeps its own only."""
-    model, gates, ids = trained
-    q, k = _qk(model, ids)[1]
-    plain = get_method("seer", gates=gates, block_size=16, sink=0, threshold=0.5).estimate(q, k, 1).to_dense()
-    local = get_method("seer", gates=gates, block_size=16, sink=0, threshold=0.5, local_blocks=3)
-    got = local.estimate(q, k, 1).to_dense()
-    nq = got.shape[2]
-    band = torch.zeros(nq, got.shape[3], dtype=torch.bool)
-    for i in range(nq):
-        band[i, max(0, i - 2):i + 1] = True
-    assert torch.equal(got, plain | band)
-    assert not torch.equal(got, plain)  # the gate alone leaves out some of those blocks
-    with pytest.raises(KnobError, match="local_blocks"):
-        get_method("seer", gates=gates, block_size=16, local_blocks=0)
-
-
 def test_batches_and_chunked_prefill_keep_one_selection_per_sequence(trained):
     model, gates, ids = trained
     q, k = _qk(model, ids)[0]

@@ -41,9 +41,7 @@ class Seer(Method):
     ``top_k`` > 0, the ``top_k`` best key blocks per query block (a count, or a share of the key
     blocks). At most one of ``top_p`` and ``top_k`` is set. ``gates``: the gates file (``"canary"``:
     the ones shipped with the canary model); ``block_size`` must be the block size they were trained
-    at. ``local_blocks``: each query block keeps its own key block and the ``local_blocks - 1`` before
-    it whatever the gate says (1: its own only; the sink and diagonal blocks of every method are kept
-    too). Estimation cost: un-rotating the call's queries and keys, pooling them per block, and the
+    at. Estimation cost: un-rotating the call's queries and keys, pooling them per block, and the
     gate's ``NQ x NK`` scores of ``gate_dim`` (no ``S x S`` work)."""
 
     name = "seer"
@@ -53,13 +51,11 @@ class Seer(Method):
         "threshold": KnobSpec.real(0.0, 1.0, high_open=True, per_head=True),
         "top_k": KnobSpec.count(0, share_of="the key blocks", per_head=True),  # 0: threshold decides
         "top_p": KnobSpec.real(0.0, 1.0, per_head=True),  # 0: threshold decides
-        "local_blocks": KnobSpec.integer(1),
     }
     gates: Optional[str] = None
     threshold: Knob = 0.01
     top_k: Knob = 0
     top_p: Knob = 0.0
-    local_blocks: int = 1
 
     def check_knobs(self):
         if self._top_k_on() and self.knob_max(self.top_p) > 0:
@@ -128,10 +124,6 @@ class Seer(Method):
 
     def dense_knobs(self, grid, forced):
         return top_k_dense(self.top_k, grid) if self._top_k_on() else ()
-
-    def forced_blocks(self, grid):
-        forced = super().forced_blocks(grid)
-        return forced | grid.recent_blocks(self.local_blocks) if self.local_blocks > 1 else forced
 
 
 def decode_page_shares(gates: SeerGates, layer: int, q, k, index, summaries=None):
