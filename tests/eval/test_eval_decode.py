@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,9 @@ def test_decode_report_table_json_and_plot(decode_run):
         assert f"| {name} |" in header or header.startswith(f"| {name} |")
         assert f"* **{name}**: " in md.split("### Decode columns")[1]
     assert "| 256 | dense | - | - |" in table and "| 256 | quest | 64 | page=16, sink=16, recent=16 |" in table
+    assert all(line.count(" | ") == header.count(" | ") for line in table.splitlines()[2:])  # a cell per column
+    quest = next(line for line in table.splitlines() if "| quest | 64 |" in line)
+    assert re.search(r"\| [+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] \|", quest)  # paired to dense decode
     assert markdown_table(rows).count("\n") == 2  # the prefill table holds the prefill rows only
     assert "## Decode: dense prefill, sparse decode" in md and "dense attention" in md
     saved = json.loads(Path(prefix + ".json").read_text())

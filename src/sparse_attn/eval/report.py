@@ -390,6 +390,7 @@ def decode_table(rows: list) -> str:
     if not rows:
         return ""
     lines = ["| " + " | ".join(name for name, _ in DECODE_COLUMNS) + " |", "|" + "---|" * len(DECODE_COLUMNS)]
+    dense = {r["length"]: r for r in rows if r["method"] == "dense"}
     for r in rows:
         lo, hi = _interval(r)
         per_task_n = r.get("per_task_prompts", {})
@@ -401,7 +402,8 @@ def decode_table(rows: list) -> str:
         recall = "-" if r.get("decode_recall") is None else f"{r['decode_recall']:.3f}"
         budget = "-" if r.get("budget") is None else str(r["budget"])
         lines.append(f"| {r['length']} | {r['method']} | {budget} | {settings} | {r['accuracy']:.2f} [{lo:.2f}, "
-                     f"{hi:.2f}] | {r.get('samples', '?')} | {per_task} | {same} | {density} | {recall} |")
+                     f"{hi:.2f}] | {r.get('samples', '?')} | {_versus(r, dense.get(r['length']))} | {per_task} | "
+                     f"{same} | {density} | {recall} |")
     return "\n".join(lines)
 
 
