@@ -353,7 +353,7 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
         next_lengths = torch.empty_like(index.lengths)
         new = k_new.shape[2]
         # Without int8 bounds the kernel never writes QMIN/QMAX; the exact bounds stand in.
-        qmin, qmax = (index.qmin, index.qmax) if index.bounds == "int8" else (index.kmin, index.kmax)
+        qmin, qmax = (index.qmin, index.qmax) if index_int8 else (index.kmin, index.kmax)
         append_args = (k_new, index.lengths if counts is None else counts.contiguous(), index.kmin, index.kmax,
                        index.ksum, qmin, qmax, next_lengths)
         append_strides = (*k_new.stride()[:3], *index.kmin.stride()[:3], *index.ksum.stride()[:3])
@@ -373,10 +373,9 @@ def triton_page_logits(q: Tensor, index, method: str, scale: float, with_stats: 
         T_P2=next_power_of_2(max(new, 1)),
         **dependent_launch_meta(dependent_launch), num_warps=4 if rows * dim <= 64 * 128 else 8,
     ), fast_launch)
-    result = (out, stats) if with_stats else (out,)
     if append:
-        result = result + (next_lengths,)
-    return result if len(result) > 1 else out
+        return out, stats, next_lengths
+    return (out, stats) if with_stats else out
 
 
 def triton_select_pages(scores: tuple[Tensor, Tensor] | None, index, width: int, sink_pages: int, recent: int,

@@ -357,9 +357,10 @@ def evaluate(model, tokenizer, methods, lengths, tasks=TASKS, samples: int = 4, 
         raise ValueError(f"no knob range for {unknown}; known: {sorted(sweeps)} (or pass sweeps=)")
     plan = decode_plan(decode_methods, decode_budgets, decode_page, decode_sink, decode_recent, decode_bounds)
     device = next(model.parameters()).device
-    profile_configs = {str(path): SparseConfig.from_profile(path) for path in profiles}  # a bad file raises here
+    for path in profiles:  # a bad file raises here, before anything runs
+        SparseConfig.from_profile(path)
     configs = [("dense", {})] + [(m, knobs) for m in methods for knobs in sweeps[m]]
-    configs += [("profile", {"profile": path}) for path in profile_configs]
+    configs += [("profile", {"profile": str(path)}) for path in profiles]
     hook = progress if callable(progress) else None
     prompts_per_length = len(tasks) * samples
     # Weights: each scored prompt, and each timing pass (a warm-up plus the timed repeats), by length.
